@@ -1,0 +1,1 @@
+"""LeadStream leadstream."""

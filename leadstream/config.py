@@ -1,0 +1,77 @@
+"""Settings for every role, read once from LEADSTREAM_* environment variables.
+
+One flat, frozen object so that a newcomer finds every knob in one place; the README's configuration
+table is generated from the same names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"LEADSTREAM_{name.upper()}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, with its default. Env var = LEADSTREAM_ + the upper-cased field name."""
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = ""
+    partitions: int = 4
+    clickhouse_host: str = "127.0.0.1"
+    clickhouse_port: int = 9000
+    clickhouse_http_port: int = 8123
+    clickhouse_database: str = "leadstream"
+    clickhouse_user: str = "default"
+    clickhouse_password: str = ""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    stack_dir: str = str(REPO_ROOT / ".stack")
+    cache_dir: str = str(Path.home() / ".cache" / "leadstream")
+    kafka_version: str = "3.9.1"
+    worker_batch_size: int = 2000
+    worker_batch_ms: int = 100
+    sink_batch_size: int = 20000
+    sink_batch_ms: int = 1000
+    max_payload_bytes: int = 65536
+    session_inactivity_min: int = 30
+    session_grace_min: int = 60
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    web_port: int = 6066
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        values = {}
+        for f in fields(cls):
+            raw = _env(f.name, str(f.default))
+            values[f.name] = int(raw) if f.type in (int, "int") else raw
+        return cls(**values)
+
+    def topic(self, name: str) -> str:
+        """Full topic name: the configurable prefix + the logical name (events.raw, events.dlq, ...)."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.rsplit(":", 1)[1])
+
+    @property
+    def redis_port(self) -> int:
+        return int(self.redis_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+
+TOPICS = (
+    "events.raw",
+    "events.dlq",
+    "events.enriched",
+    "sessions",
+    "identity",
+    "leads.activity",
+)
+"""Logical topic names; all get `partitions` partitions so outputs can keep the input's partition."""
