@@ -1,11 +1,39 @@
-"""`leadstream` — one console script for every role (stack, migrate, worker, sink, api, demo, bench)."""
+"""`leadstream` — one console script for every role: stack, migrate, worker, sink, demo, bench."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
 import sys
 
 from leadstream.config import Settings
+
+
+def _run_sink(settings: Settings, tables: list[str]) -> int:
+    from sinks.table_sink import run_sinks
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_sinks(settings, tables, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    from leadstream.topics import ensure_topics
+    from sinks.clickhouse import migrate
+
+    print("Kafka topics:", flush=True)
+    asyncio.run(ensure_topics(settings))
+    print("ClickHouse schema:", flush=True)
+    migrate(settings)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,14 +41,44 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     stack = sub.add_parser("stack", help="local Kafka + ClickHouse + Redis as plain processes")
     stack.add_argument("action", choices=["up", "down", "status"])
+    sub.add_parser("migrate", help="create Kafka topics and apply ClickHouse migrations")
+    worker = sub.add_parser("worker", help="run a Faust stream-processing worker")
+    worker.add_argument("--name", default="worker", help="distinct name per worker process on one host")
+    worker.add_argument("--loglevel", default="warning")
+    sink = sub.add_parser("sink", help="run the ClickHouse sinks")
+    sink.add_argument("--tables", default="events,dlq,sessions", help="comma-separated: events,dlq,sessions")
+    demo = sub.add_parser("demo", help="the whole pipeline on the local stack with synthetic traffic")
+    demo.add_argument("--visitors", type=int, default=3000)
+    demo.add_argument("--seed", type=int, default=7)
+    bench = sub.add_parser("bench", help="throughput/latency/memory benchmark vs a raw aiokafka loop")
+    bench.add_argument("--events", type=int, default=200_000)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "stack":
         from leadstream.stack import main_stack
 
         return main_stack(args.action, settings)
-    return 0
+    if args.command == "migrate":
+        return _migrate(settings)
+    if args.command == "worker":
+        from processors.app import run_worker
+
+        sys.argv = [sys.argv[0]]  # Faust's Worker parses argv itself
+        run_worker(settings, args.name, args.loglevel)
+        return 0
+    if args.command == "sink":
+        return _run_sink(settings, [t.strip() for t in args.tables.split(",") if t.strip()])
+    if args.command == "demo":
+        from leadstream.demo import run_demo
+
+        return run_demo(settings, visitors=args.visitors, seed=args.seed)
+    if args.command == "bench":
+        from leadstream.bench import run_bench
+
+        return run_bench(settings, events=args.events)
+    return 2
 
 
 if __name__ == "__main__":

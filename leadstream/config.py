@@ -53,6 +53,14 @@ class Settings:
             values[f.name] = int(raw) if f.type in (int, "int") else raw
         return cls(**values)
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as LEADSTREAM_* variables, to hand to a child process."""
+        return {f"LEADSTREAM_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
+
+    def name(self, base: str) -> str:
+        """A consumer-group / app / key-space name, namespaced by the topic prefix (isolates tests)."""
+        return f"{self.topic_prefix}{base}"
+
     def topic(self, name: str) -> str:
         """Full topic name: the configurable prefix + the logical name (events.raw, events.dlq, ...)."""
         return f"{self.topic_prefix}{name}"

@@ -1,0 +1,111 @@
+"""Start roles as child processes, produce traffic, wait for ClickHouse to catch up.
+
+Shared by the demo, the benchmark and the integration tests so that all three drive the pipeline the
+way an operator would: real `leadstream worker` / `leadstream sink` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+from aiokafka import AIOKafkaProducer
+
+from leadstream.config import Settings
+from sinks import clickhouse
+
+
+class Role:
+    """One `leadstream <role>` child process with its log file."""
+
+    def __init__(self, settings: Settings, name: str, *args: str, env: dict[str, str] | None = None):
+        self.name = name
+        log_dir = Path(settings.stack_dir) / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{settings.name(name)}.log"
+        self.args = [sys.executable, "-m", "leadstream.cli", *args]
+        self.env = {**os.environ, **settings.as_env(), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Role":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the crash the exactly-once tests simulate."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+async def produce(settings: Settings, records: Iterable[tuple[bytes | None, bytes]], progress_every: int = 0,
+                  label: str = "sent") -> int:
+    """Send (key, value) records to events.raw as fast as the broker takes them; return the count."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=10, max_batch_size=512 * 1024,
+                                max_request_size=4 * 1024 * 1024, acks="all")
+    await producer.start()
+    sent, started, pending = 0, time.monotonic(), []
+    try:
+        topic = settings.topic("events.raw")
+        for key, value in records:
+            pending.append(await producer.send(topic, value=value, key=key))
+            sent += 1
+            if len(pending) >= 5000:
+                await asyncio.gather(*pending)
+                pending.clear()
+            if progress_every and sent % progress_every == 0:
+                rate = sent / max(time.monotonic() - started, 1e-6)
+                print(f"  {label} {sent:>9,} events  ({rate:,.0f}/s)", flush=True)
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return sent
+
+
+def count(settings: Settings, sql: str, params: dict | None = None) -> int:
+    return int(clickhouse.connect(settings).execute(sql, params or {})[0][0])
+
+
+def wait_for(settings: Settings, sql: str, expected: int, timeout_s: float, roles: Iterable[Role] = (),
+             params: dict | None = None, label: str = "rows", progress: bool = False) -> int:
+    """Poll a count query until it reaches `expected`; fail fast if a role died."""
+    deadline = time.monotonic() + timeout_s
+    last_print = 0.0
+    value = -1
+    while time.monotonic() < deadline:
+        value = count(settings, sql, params)
+        if value >= expected:
+            return value
+        for role in roles:
+            if not role.alive():
+                raise RuntimeError(f"{role.name} exited early:\n{role.log_tail()}")
+        if progress and time.monotonic() - last_print > 2:
+            print(f"  waiting for ClickHouse: {value:,}/{expected:,} {label}", flush=True)
+            last_print = time.monotonic()
+        time.sleep(0.3)
+    raise TimeoutError(f"timed out waiting for {expected} {label}; have {value}")

@@ -1,0 +1,99 @@
+"""Identity-graph records: the auditable identity events and the state the resolver keeps per visitor and lead.
+
+Slots dataclasses serialised with orjson: they travel on the `identity` topic and live in Redis, so they
+must be cheap to encode on the hot path. `from_json` ignores unknown keys so that older readers keep
+working when a newer writer extends a record (contracts change only by extension).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Self
+
+import orjson
+
+IdentityKind = Literal[
+    "visitor_linked", "lead_merged", "merge_refused", "id_refused", "lead_created", "account_linked"
+]
+VISITOR_LINKED: IdentityKind = "visitor_linked"
+LEAD_MERGED: IdentityKind = "lead_merged"
+MERGE_REFUSED: IdentityKind = "merge_refused"
+ID_REFUSED: IdentityKind = "id_refused"
+LEAD_CREATED: IdentityKind = "lead_created"
+ACCOUNT_LINKED: IdentityKind = "account_linked"
+
+
+class _JsonRecord:
+    """orjson round trip shared by the records below; unknown keys are dropped for forward compatibility."""
+
+    __slots__ = ()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        raw: dict[str, Any] = orjson.loads(data)
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})  # type: ignore[arg-type]
+
+
+@dataclass(slots=True, frozen=True)
+class IdentityEvent(_JsonRecord):
+    """One link, merge, refusal or creation in the identity graph, caused by exactly one input event.
+
+    Meaning per kind (downstream re-keys behaviour from these):
+    - lead_created: `lead_id` now exists (anonymous when `email` is empty), first seen on `visitor_id`.
+    - visitor_linked: `visitor_id` moved from `from_lead_id` to `lead_id`, history included: re-key the
+      visitor's past events to `lead_id`.
+    - lead_merged: anonymous `from_lead_id` was merged into `lead_id`; all its history belongs to `lead_id`.
+    - merge_refused: `visitor_id` (on `from_lead_id`) identified as another known contact `lead_id`; no
+      history moves. `reason` says whether the visitor now points to `lead_id` ("visitor_repointed") or
+      stayed because a newer identity already holds it ("older_identity").
+    - id_refused: an illegal visitor id or email; the refused value is in `visitor_id` or `email` and
+      `reason` is "<field>:<problem>".
+    - account_linked: `lead_id` belongs to account `account_domain`; `reason` is the hint source.
+    """
+
+    identity_event_id: str
+    site_id: str
+    kind: IdentityKind
+    event_id: str
+    ts_ms: int
+    visitor_id: str = ""
+    lead_id: str = ""
+    from_lead_id: str = ""
+    email: str = ""
+    account_domain: str = ""
+    reason: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class VisitorLink(_JsonRecord):
+    """Where a visitor's new events go. `since_ts_ms` is the event time of the identify that set the link,
+    so a late-arriving older identify cannot take a visitor away from a newer one (order independence)."""
+
+    lead_id: str
+    since_ts_ms: int
+
+
+@dataclass(slots=True)
+class LeadRecord(_JsonRecord):
+    """A lead as stored in the identity graph. Mutable so the resolver can update it in place within a batch
+    (it copies what it loads before touching it)."""
+
+    lead_id: str
+    site_id: str
+    email: str = ""  # '' while anonymous
+    visitors: list[str] = field(default_factory=list)  # kept sorted
+    account_domain: str = ""
+    merged_into: str = ""  # '' unless merged away into another lead
+    first_ts_ms: int = 0
+    last_ts_ms: int = 0
+    created_event_id: str = ""
+
+    def copy(self) -> LeadRecord:
+        """Independent copy (own visitors list); explicit because dataclasses.replace is slow on the hot path."""
+        return LeadRecord(
+            self.lead_id, self.site_id, self.email, list(self.visitors), self.account_domain,
+            self.merged_into, self.first_ts_ms, self.last_ts_ms, self.created_event_id,
+        )

