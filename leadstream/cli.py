@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--name", default="worker", help="distinct name per worker process on one host")
     worker.add_argument("--loglevel", default="warning")
     sink = sub.add_parser("sink", help="run the ClickHouse sinks")
-    sink.add_argument("--tables", default="events,dlq,sessions", help="comma-separated: events,dlq,sessions")
+    sink.add_argument("--tables", default="events,dlq,sessions,identity_events,visitor_leads,leads",
+                      help="comma-separated table names (default: all)")
     demo = sub.add_parser("demo", help="the whole pipeline on the local stack with synthetic traffic")
     demo.add_argument("--visitors", type=int, default=3000)
     demo.add_argument("--seed", type=int, default=7)

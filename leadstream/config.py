@@ -80,6 +80,8 @@ TOPICS = (
     "events.enriched",
     "sessions",
     "identity",
+    "identity.leads",
+    "identity.visitors",
     "leads.activity",
 )
 """Logical topic names; all get `partitions` partitions so outputs can keep the input's partition."""

@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 
 from leadstream.config import Settings
 from processors.pipeline import BatchProducer, Pipeline, adapt
+from processors.accounts import AccountsContext
+from processors.identity_store import IdentityGraphStore
 from processors.state import SessionStateStore
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,8 @@ def create_app(settings: Settings, worker_name: str = "worker") -> faust.App:
     )
     producer = BatchProducer(settings)
     redis = aioredis.from_url(settings.redis_url)
-    pipeline = Pipeline(settings, SessionStateStore(redis, prefix=settings.name("ls")), producer)
+    identity_store = IdentityGraphStore(redis, prefix=settings.name("ls"))
+    pipeline = Pipeline(settings, SessionStateStore(redis, prefix=settings.name("ls")), identity_store, producer)
     app.pipeline = pipeline  # type: ignore[attr-defined]  # for tests and stats
 
     @app.service
@@ -47,6 +50,7 @@ def create_app(settings: Settings, worker_name: str = "worker") -> faust.App:
 
         async def on_start(self) -> None:
             await producer.start()
+            pipeline.accounts = AccountsContext(await identity_store.load_ip_table())
 
         async def on_stop(self) -> None:
             await producer.stop()
@@ -66,6 +70,11 @@ def create_app(settings: Settings, worker_name: str = "worker") -> faust.App:
                     log.exception("batch failed; retrying in %.1fs", delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
+
+    @app.timer(interval=60.0)
+    async def reload_ip_ranges() -> None:
+        """Pick up a table loaded with `leadstream ip-ranges load` without a restart."""
+        pipeline.accounts = AccountsContext(await identity_store.load_ip_table())
 
     @app.timer(interval=2.0)
     async def close_idle_sessions() -> None:

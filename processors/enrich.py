@@ -90,6 +90,9 @@ def _compile_crawler_patterns(patterns: Iterable[str]) -> re.Pattern[str]:
 
 
 _CRAWLERS = _compile_crawler_patterns(entry["pattern"] for entry in crawleruseragents.CRAWLER_USER_AGENTS_DATA)
+# ua-parser's default parser (best resolver installed, its own small cache) is built lazily on first use;
+# building it at import keeps its ~0.2 s out of the first batch.
+_UA_PARSER = ua_parser.parser
 
 
 def _device_class(user_agent: str, os_family: str, device_family: str) -> str:
@@ -110,7 +113,7 @@ def classify_user_agent(user_agent: str) -> tuple[str, str, str, str, bool]:
     """(browser, browser major version, os, device class, is_bot). Headless browsers are on the crawler list."""
     if not user_agent:
         return "", "", "", "other", False
-    parsed = ua_parser.parse(user_agent).with_defaults()
+    parsed = _UA_PARSER.parse(user_agent).with_defaults()
     device_family = parsed.device.family
     is_bot = device_family == "Spider" or _CRAWLERS.search(user_agent) is not None
     browser, os_family = parsed.user_agent.family, parsed.os.family
@@ -207,6 +210,7 @@ def _json_text(mapping: dict[str, Any] | None) -> str:
 
 
 def _enrich(event: RawEvent, received_ms: int) -> EnrichedEvent | Rejection:
+    """Derives every enriched column from a validated event; optional inputs become "" (never None)."""
     texts = (
         event.url or "", event.referrer or "", event.title or "", event.ip or "",
         event.user_agent or "", event.email or "", event.name or "", event.campaign or "",
@@ -283,7 +287,8 @@ def _decode(value: bytes | None, limits: Limits) -> dict[str, Any] | Rejection:
             return Rejection("bad_encoding", f"payload is not valid UTF-8: {bad_bytes}")
         return Rejection("bad_json", f"payload is not valid JSON: {exc}")
     if type(document) is not dict:
-        return Rejection("not_an_object", f"expected a JSON object, got {_JSON_TYPE_NAMES.get(type(document), 'null')}")
+        got = _JSON_TYPE_NAMES.get(type(document), "null")
+        return Rejection("not_an_object", f"expected a JSON object, got {got}")
     return document
 
 
@@ -298,9 +303,11 @@ def _validate_and_enrich(
     except ValidationError as exc:
         return Rejection.from_validation_error(exc)
     if event.ts > newest_ms:
-        return Rejection("ts_in_future", f"field 'ts' is more than {limits.max_future_skew_ms / 3_600_000:g} h after receipt")
+        hours = limits.max_future_skew_ms / 3_600_000
+        return Rejection("ts_in_future", f"field 'ts' is more than {hours:g} h after the event was received")
     if event.ts < oldest_ms:
-        return Rejection("ts_too_old", f"field 'ts' is more than {limits.max_age_ms / 86_400_000:g} days before receipt")
+        days = limits.max_age_ms / 86_400_000
+        return Rejection("ts_too_old", f"field 'ts' is more than {days:g} days before the event was received")
     return _enrich(event, received_ms)
 
 
@@ -315,7 +322,8 @@ def enrich_batch(
         try:
             results.append(_validate_and_enrich(value, received_ms, limits, oldest_ms, newest_ms))
         except Exception as exc:  # a bug here must park the message in the DLQ, not crash-loop the worker
-            results.append(Rejection("internal_error", f"enrichment failed: {type(exc).__name__}: {exc}"[:1000]))
+            message = f"enrichment failed: {type(exc).__name__}: {exc}"[:1000]
+            results.append(Rejection("internal_error", message))
     return results
 
 

@@ -18,17 +18,23 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Sequence
 
+import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from leadstream.config import Settings
-from processors import sessionize
+from processors import identity, sessionize
+from processors.accounts import AccountsContext
+from processors.identity import IdentityChanges, InMemoryIdentityStore
+from processors.identity_store import IdentityGraphStore, version_now
 from processors.enrich import Limits, enrich_batch
 from processors.state import PartitionCommit, SessionStateStore
 from schemas.dead_letter import DeadLetter, Rejection
 from schemas.events import EnrichedEvent
+from schemas.identity import MERGE_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,13 @@ class BatchProducer:
     async def stop(self) -> None:
         await self.producer.stop()
 
+    def partition_for(self, key: bytes) -> int:
+        """Kafka's default (murmur2) partition for a key, so keyed outputs land where a keyed send would."""
+        all_partitions = list(range(self.settings.partitions))
+        return self._partitioner(key, all_partitions, all_partitions)
+
+    _partitioner = DefaultPartitioner()
+
     async def send(self, outputs: Outputs) -> None:
         futures = []
         for (topic, partition), records in outputs.records.items():
@@ -97,11 +110,14 @@ class BatchProducer:
 
 
 class Pipeline:
-    """Runs batches through enrich -> sessionize and keeps the per-partition stream clock for the timer."""
+    """Runs batches through enrich -> sessionize -> identity; keeps the per-partition stream clock for the timer."""
 
-    def __init__(self, settings: Settings, store: SessionStateStore, producer: BatchProducer):
+    def __init__(self, settings: Settings, store: SessionStateStore, identity_store: IdentityGraphStore,
+                 producer: BatchProducer):
         self.settings = settings
         self.store = store
+        self.identity = identity_store
+        self.accounts = AccountsContext()
         self.producer = producer
         self.policy = session_policy(settings)
         self.limits = Limits(max_payload_bytes=settings.max_payload_bytes)
@@ -133,8 +149,25 @@ class Pipeline:
                 accepted.append((message, result))
 
         commits = await self._sessionize(accepted, partitions, marks, fresh, outputs, rejected)
+        accepted = [(m, e) for m, e in accepted if e.raw_offset >= 0]  # duplicates went to the DLQ
+        await self.identity.acquire()
+        try:
+            changes = await self._resolve_identity(accepted, outputs)
+            self._add_events_and_dead_letters(fresh, accepted, rejected, received_ms, outputs)
+            await self.producer.send(outputs)
+            results_ok = await self.store.commit(commits, also=lambda pipe: self.identity.write_commands(pipe, changes))
+        finally:
+            await self.identity.release()
+        for commit, ok in zip(commits, results_ok):
+            if not ok:
+                log.warning("partition %s moved on under us (rebalance?): batch state not written", commit.partition)
+        self.processed += len(fresh)
+        return outputs
+
+    def _add_events_and_dead_letters(self, fresh, accepted, rejected, received_ms: int, outputs: Outputs) -> None:
+        """Enriched events and dead letters keep raw-offset order per partition: the sinks rely on it."""
         raw_topic = self.settings.topic("events.raw")
-        for i, message in enumerate(fresh):  # raw-offset order within each partition: the sinks rely on it
+        for i, message in enumerate(fresh):
             rejection = rejected.get(i)
             if rejection is not None:
                 letter = DeadLetter(
@@ -143,16 +176,40 @@ class Pipeline:
                 )
                 outputs.add("events.dlq", message.partition, None, letter.to_json())
         for message, event in accepted:
-            if event.raw_offset >= 0:
-                outputs.add("events.enriched", message.partition, event.visitor_id.encode(), event.to_json())
+            value = event.to_json()
+            outputs.add("events.enriched", message.partition, event.visitor_id.encode(), value)
+            if event.lead_id:  # humans only: bots and datacenter traffic never reach the lead stages
+                key = event.lead_id.encode()
+                outputs.add("leads.activity", self.producer.partition_for(key), key, value)
 
-        await self.producer.send(outputs)
-        results_ok = await self.store.commit(commits)
-        for commit, ok in zip(commits, results_ok):
-            if not ok:
-                log.warning("partition %s moved on under us (rebalance?): batch state not written", commit.partition)
-        self.processed += len(fresh)
-        return outputs
+    async def _resolve_identity(self, accepted, outputs: Outputs) -> IdentityChanges:
+        """Stamp lead ids, emit identity events, lead upserts and visitor->lead mapping rows."""
+        events = [e for _, e in accepted]
+        graph = await self.identity.prefetch(events, self.accounts)
+        view = InMemoryIdentityStore(graph)
+        result = identity.resolve(events, view, self.accounts)
+        partition_of_visitor = {}
+        for (message, event), lead_id in zip(accepted, result.lead_ids):
+            event.lead_id = lead_id
+            partition_of_visitor[event.site_id, event.visitor_id] = message.partition
+        changes = view.changes()
+        version = version_now()
+        repointed = {}
+        for ev in result.identity_events:
+            p = partition_of_visitor.get((ev.site_id, ev.visitor_id), 0)
+            outputs.add("identity", p, ev.visitor_id.encode(), ev.to_json())
+            if ev.kind == MERGE_REFUSED and ev.reason == "visitor_repointed":
+                repointed[ev.site_id, ev.visitor_id] = ev.ts_ms
+        for (site_id, visitor_id), link in changes.visitors.items():
+            row = {"site_id": site_id, "visitor_id": visitor_id, "lead_id": link.lead_id, "version": version,
+                   "since_ts_ms": repointed.get((site_id, visitor_id), 0)}
+            outputs.add("identity.visitors", partition_of_visitor.get((site_id, visitor_id), 0),
+                        visitor_id.encode(), orjson.dumps(row))
+        for lead in changes.leads.values():
+            key = lead.lead_id.encode()
+            row = {f.name: getattr(lead, f.name) for f in fields(lead)} | {"version": version}
+            outputs.add("identity.leads", self.producer.partition_for(key), key, orjson.dumps(row))
+        return changes
 
     async def _sessionize(self, accepted, partitions, marks, fresh, outputs: Outputs, rejected) -> list[PartitionCommit]:
         by_visitor: dict[str, list[EnrichedEvent]] = defaultdict(list)

@@ -150,12 +150,11 @@ class OpenSession:
             self.is_bot = True
 
     def absorb(self, other: OpenSession) -> None:
-        """Takes in another session's events (not its ids: the caller decides which id survives)."""
+        """Takes in the events of a session that starts later (its ids are the caller's business)."""
         self.event_ids |= other.event_ids
         self.end_ms = max(self.end_ms, other.end_ms)
         self.pageview_count += other.pageview_count
         self.is_bot = self.is_bot or other.is_bot
-        self.first = min(self.first, other.first)
         self.landing = _earliest(self.landing, other.landing)
         self.exit = _latest(self.exit, other.exit)
         self.last_touch = _latest(self.last_touch, other.last_touch)

@@ -12,8 +12,10 @@ partition after a rebalance because the state lives outside the process.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 _COMMIT = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -72,9 +74,12 @@ class SessionStateStore:
             p: (int(values[2 * i] or -1), int(values[2 * i + 1] or 0)) for i, p in enumerate(partitions)
         }
 
-    async def commit(self, commits: list[PartitionCommit]) -> list[bool]:
-        """Apply every partition's commit in one round trip; False where the watermark had moved."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+    async def commit(self, commits: list[PartitionCommit], also: Callable[[Pipeline], None] | None = None) -> list[bool]:
+        """Apply every partition's commit in one atomic round trip (MULTI/EXEC); False where the watermark
+        had moved. `also` queues further writes (the identity graph's) into the same transaction."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if also is not None:
+                also(pipe)
             for c in commits:
                 keys = [self._marks_key, self._deadlines_key(c.partition), *c.states]
                 args: list = [str(c.partition), str(c.expected_offset), str(c.applied_offset), str(c.stream_time_ms)]
@@ -83,7 +88,7 @@ class SessionStateStore:
                     args += [blob, "" if deadline is None else str(deadline)]
                 await self._commit(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
-        return [bool(r) for r in results]
+        return [bool(r) for r in results[-len(commits):]] if commits else []
 
     async def due(self, partition: int, until_ms: int, limit: int = 5000) -> list[str]:
         keys = await self.redis.zrangebyscore(self._deadlines_key(partition), "-inf", until_ms, start=0, num=limit)

@@ -47,7 +47,8 @@ class Rejection:
         if kind == "missing":
             return cls("missing_field", f"missing required field '{field}'")
         if kind == "literal_error" and field == "type" and type(first["input"]) is str:
-            return cls("unknown_event_type", f"unknown event type {first['input'][:64]!r}: {first['msg']}")
+            unknown = first["input"][:64]
+            return cls("unknown_event_type", f"field 'type': unknown event type {unknown!r}; {first['msg']}")
         if kind in _REASON_CODES:
             reason = kind
         elif kind.endswith("_type") or kind == "literal_error":

@@ -41,6 +41,7 @@ _RFC3339 = re.compile(
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ONE_MS = timedelta(milliseconds=1)
+Scalar = str | int | float | bool | None
 _SCALAR_TYPES = (str, int, float, bool, type(None))
 
 
@@ -81,13 +82,13 @@ def _epoch_ms(value: Any) -> int:
     raise PydanticCustomError("wrong_type", "must be an RFC 3339 string or epoch milliseconds (number)")
 
 
-def _clean_properties(value: Any) -> dict[str, str | int | float | bool | None]:
+def _clean_properties(value: Any) -> dict[str, Scalar]:
     """Flat string -> scalar map: anything nested would need a schema the columnar store does not have."""
     if value is None:
         return {}
     if type(value) is not dict:
         raise PydanticCustomError("wrong_type", "must be an object of string to scalar")
-    cleaned: dict[str, str | int | float | bool | None] = {}
+    cleaned: dict[str, Scalar] = {}
     for key, item in value.items():
         if type(key) is not str or len(key) > PROPERTY_KEY_MAX_CHARS:
             raise PydanticCustomError(
@@ -130,9 +131,7 @@ class RawEvent(BaseModel):
     email: _text(EMAIL_MAX_CHARS) = None
     name: _text(NAME_MAX_CHARS) = None
     campaign: _text(CAMPAIGN_MAX_CHARS) = None
-    properties: Annotated[dict[str, str | int | float | bool | None], PlainValidator(_clean_properties)] = Field(
-        default_factory=dict
-    )
+    properties: Annotated[dict[str, Scalar], PlainValidator(_clean_properties)] = Field(default_factory=dict)
 
 
 @dataclass(slots=True)

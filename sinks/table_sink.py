@@ -8,7 +8,7 @@ Exactly-once rows: every event/DLQ row carries the (raw_partition, raw_offset) o
 it came from, and the worker writes the output of raw partition p to partition p of its output topics.
 So one sink consumer sees raw offsets of a raw partition in increasing order, and anything at or below
 the highest raw offset already in the table is a redelivery (a sink restart, or a worker replaying a
-batch it had produced before a crash) and is skipped. Upsert tables (sessions) need no watermark: a
+batch it had produced before a crash) and is skipped. Upsert tables (sessions, identity) need no watermark: a
 ReplacingMergeTree collapses identical versions.
 """
 
@@ -70,10 +70,25 @@ SESSION_COLUMNS = (
     "is_bot", "email", "is_closed", "merged_into", "version",
 )
 
+IDENTITY_EVENT_COLUMNS = (
+    "identity_event_id", "site_id", "kind", "event_id", "ts_ms", "visitor_id", "lead_id", "from_lead_id", "email",
+    "account_domain", "reason",
+)
+VISITOR_LEAD_COLUMNS = ("site_id", "visitor_id", "since_ts_ms", "lead_id", "version")
+LEAD_COLUMNS = (
+    "lead_id", "site_id", "email", "visitors", "account_domain", "merged_into", "first_ts_ms", "last_ts_ms",
+    "created_event_id", "version",
+)
+
 TABLES = {
     "events": TableSpec("events", "events.enriched", EVENT_COLUMNS, _dict_row(EVENT_COLUMNS), watermarked=True),
     "dlq": TableSpec("dlq", "events.dlq", DLQ_COLUMNS, _dead_letter_row, watermarked=True),
     "sessions": TableSpec("sessions", "sessions", SESSION_COLUMNS, _dict_row(SESSION_COLUMNS), watermarked=False),
+    "identity_events": TableSpec("identity_events", "identity", IDENTITY_EVENT_COLUMNS,
+                                 _dict_row(IDENTITY_EVENT_COLUMNS), watermarked=False),
+    "visitor_leads": TableSpec("visitor_leads", "identity.visitors", VISITOR_LEAD_COLUMNS,
+                               _dict_row(VISITOR_LEAD_COLUMNS), watermarked=False),
+    "leads": TableSpec("leads", "identity.leads", LEAD_COLUMNS, _dict_row(LEAD_COLUMNS), watermarked=False),
 }
 
 

@@ -133,6 +133,24 @@ def test_late_event_is_flagged_and_never_reopens_closed_history():
     assert (result.late, result.session_ids, result.upserts) == ([True], [""], [])
 
 
+def test_stream_clock_closes_sessions_before_the_batch_is_placed():
+    a, b = at("a", 0), at("b", 20)
+    state = apply(None, [a], POLICY).state
+    result = apply(state, [b], POLICY, now_ms=90 * MIN)
+    assert result.late == [True]
+    assert [(s.session_id, s.is_closed) for s in result.upserts] == [(sid(a), True)]
+
+
+def test_event_past_its_own_deadline_that_touches_no_closed_session_is_final_at_once():
+    a, b, c = at("a", 0), at("b", 200), at("c", 100)
+    state = apply(None, [a, b], POLICY).state
+    result = apply(state, [c], POLICY)
+    upserts = by_id(result.upserts)
+    assert result.late == [False]
+    assert (upserts[sid(c)].session_index, upserts[sid(c)].is_closed) == (1, True)
+    assert (upserts[sid(b)].session_index, upserts[sid(b)].previous_session_id) == (2, sid(c))
+
+
 def test_duplicate_delivery_is_flagged_and_counted_once():
     a, b = at("a", 0), at("b", 5)
     state = apply(None, [a], POLICY).state

@@ -1,0 +1,988 @@
+"""Deterministic, realistic synthetic tracking traffic (input contract v1) for the demo and the benchmark.
+
+Why a small simulation rather than random rows: the pipeline's hard parts are only exercised by traffic
+that has their shape. People come back over several days and sometimes on a second device; companies
+have several employees (anonymous behind an office IP, known after a form or an email click); free-mail
+people fill in forms; campaign emails are opened in a mail client and clicked through with ?lb_email=;
+crawlers and datacenter scrapers never identify; and a trickle of broken messages must reach the DLQ,
+each with the reason it was built to have.
+
+Same arguments, same bytes: all randomness comes from seeded `random.Random` instances and nothing reads
+the clock. Messages come out as one global stream ordered by arrival (event time plus, now and then, a
+few seconds of delivery delay), so each visitor's events are in event-time order except for small swaps.
+Every IP address is in a documentation range (RFC 5737, RFC 3849): never a real public address.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import time
+import unicodedata
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from operator import itemgetter
+from random import Random
+from typing import NamedTuple
+from urllib.parse import quote
+
+import orjson
+
+from schemas.events import EVENT_TYPES
+
+MINUTE = 60_000
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+DEFAULT_START_MS = 1_793_520_000_000  # 2026-11-01T08:00:00Z (a Sunday)
+_SPAWN_HOURS = 5 * 24  # people first show up during the first five days...
+_HISTORY_MS = 5 * DAY  # ...and keep coming back for at most five days after that
+_UNKNOWN_NOW_MS = 4_102_444_800_000  # 2100-01-01: stands in for the receiver's clock when it is not given
+
+MALFORMED_REASONS: tuple[str, ...] = (
+    "bad_json", "missing_field", "wrong_type", "unknown_event_type", "ts_in_future", "oversized", "invalid_value",
+)  # fmt: skip
+_DUPLICATE = "duplicate"
+_TAGS = (*EVENT_TYPES, *MALFORMED_REASONS, _DUPLICATE)  # what each yielded message is counted as
+_OVERSIZED_TEXT = "0123456789abcdef" * 6400  # 100 KiB: over the default 64 KiB payload limit
+
+# --------------------------------------------------------------------------------------------------
+# Reference data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Company:
+    """A fictitious company whose employees visit the site. `domain` is registrable: the account key."""
+
+    name: str
+    domain: str
+    email_subdomains: tuple[str, ...]  # some staff mail from e.g. eu.globex.io; the account is still globex.io
+    office_v4: str  # CIDR in a documentation range: feeds the IP-range table
+    office_v6: str
+
+
+_COMPANY_ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Acme Robotics", "acme-robotics.com", ()),
+    ("Globex", "globex.io", ("eu.", "us.")),
+    ("Initech", "initech.co.uk", ()),
+    ("Umbrella Biotech", "umbrella-bio.com", ()),
+    ("Stark Logistics", "stark-logistics.de", ()),
+    ("Wayne Analytics", "wayneanalytics.com", ()),
+    ("Cyberdyne Systems", "cyberdyne.ai", ()),
+    ("Soylent Foods", "soylentfoods.com.au", ()),
+    ("Tyrell Engineering", "tyrell-eng.co.jp", ()),
+    ("Wonka Confectionery", "wonka.co.nz", ()),
+    ("Vandelay Industries", "vandelay.com", ()),
+    ("Pied Piper", "piedpiper.net", ()),
+    ("Massive Dynamic", "massivedynamic.com", ("research.",)),
+    ("Oscorp Materials", "oscorp.com.br", ()),
+    ("Aperture Science", "aperturescience.co.uk", ()),
+    ("Black Mesa Research", "blackmesa-research.com", ()),
+    ("Hyperion Freight", "hyperionfreight.com.sg", ()),
+    ("Nakatomi Trading", "nakatomi.co.jp", ()),
+    ("Gringotts Finance", "gringotts-finance.ch", ()),
+    ("Dunder Mifflin Paper", "dundermifflin.com", ()),
+    ("Sterling Cooper", "sterling-cooper.com", ()),
+    ("Prestige Worldwide", "prestigeworldwide.co", ()),
+    ("Bluth Property", "bluthcompany.com", ()),
+    ("Monarch Solutions", "monarch-solutions.fr", ()),
+    ("Rekall Travel", "rekall.es", ()),
+    ("Virtucon", "virtucon.com", ()),
+    ("Octan Energy", "octan-energy.nl", ()),
+    ("Krusty Foods", "krustyfoods.ca", ()),
+    ("Sirius Cybernetics", "siriuscybernetics.co.za", ()),
+    ("Ollivander Instruments", "ollivanders.ie", ()),
+    ("Blue Sun Shipping", "bluesun.com.cn", ()),
+    ("Weyland Aerospace", "weyland-aero.com", ()),
+    ("Contoso", "contoso.com", ()),
+    ("Fabrikam", "fabrikam.co.in", ("in.",)),
+    ("Northwind Traders", "northwindtraders.com.mx", ()),
+    ("Tailspin Toys", "tailspintoys.se", ()),
+    ("Adventure Works", "adventure-works.it", ()),
+    ("Litware", "litware.pl", ()),
+    ("Proseware", "proseware.co.kr", ()),
+    ("Wingtip Solutions", "wingtip.com.tr", ()),
+)
+
+
+def _office_v4(index: int) -> str:
+    """40 /29 office blocks: 32 in 198.51.100.0/24, 8 in 203.0.113.0/26."""
+    return f"198.51.100.{index * 8}/29" if index < 32 else f"203.0.113.{(index - 32) * 8}/29"
+
+
+COMPANIES: tuple[Company, ...] = tuple(
+    Company(name, domain, subdomains, _office_v4(index), f"2001:db8:{0x100 + index:x}::/48")
+    for index, (name, domain, subdomains) in enumerate(_COMPANY_ROWS)
+)
+
+# Non-company networks, as (cidr, owner, kind) rows of the IP-range table.
+_NETWORKS: tuple[tuple[str, str, str], ...] = (
+    ("192.0.2.0/24", "Example Broadband", "isp"),
+    ("203.0.113.64/26", "Example Mobile", "isp"),
+    ("203.0.113.128/26", "Example Cable", "isp"),
+    ("203.0.113.192/26", "Example Cloud", "datacenter"),
+    ("2001:db8:4000::/34", "Example Broadband", "isp"),
+    ("2001:db8:ffff::/48", "Example Cloud", "datacenter"),
+)
+
+
+def _hosts(*cidrs: str) -> tuple[str, ...]:
+    return tuple(str(host) for cidr in cidrs for host in ipaddress.ip_network(cidr).hosts())
+
+
+_OFFICE_V4_HOSTS = tuple(_hosts(company.office_v4) for company in COMPANIES)
+_OFFICE_V6_PREFIXES = tuple(company.office_v6.split("::")[0] for company in COMPANIES)
+_HOME_V4_HOSTS = _hosts("192.0.2.0/24", "203.0.113.128/26")
+_MOBILE_V4_HOSTS = _hosts("203.0.113.64/26")
+_DATACENTER_V4_HOSTS = _hosts("203.0.113.192/26")
+
+FIRST_NAMES: tuple[str, ...] = (
+    "James", "Mary", "Sophie", "Liam", "Emma", "Noah", "Olivia", "Lucas", "Mia", "Ethan", "Ava", "Daniel",
+    "Hannah", "Mateo", "Sara", "Arjun", "Priya", "Wei", "Mei", "Yuki", "Kenji", "Fatima", "Omar", "Aisha",
+    "Kwame", "Amara", "Lars", "Ingrid", "Pieter", "Anouk", "Luca", "Giulia", "Tomasz", "Agnieszka", "Olga",
+    "Dmitri", "Sean", "Niamh", "Zoë", "José", "Björn", "Chloé", "Renée", "Jürgen", "Inés", "François",
+)  # fmt: skip
+LAST_NAMES: tuple[str, ...] = (
+    "Smith", "Jones", "Williams", "Brown", "Taylor", "Martin", "Schmidt", "Müller", "Fischer", "Dubois",
+    "Moreau", "Rossi", "García", "Lopez", "Silva", "Costa", "Kowalski", "Novak", "Ivanova", "Johansson",
+    "Andersen", "van der Berg", "O'Brien", "Murphy", "Walsh", "Nguyen", "Chen", "Kim", "Park", "Tanaka",
+    "Sato", "Patel", "Singh", "Okafor", "Mensah", "Haddad", "Cohen", "Yilmaz", "Hughes", "Clarke",
+)  # fmt: skip
+JOB_TITLES: tuple[str, ...] = (
+    "VP Marketing", "Head of Growth", "Marketing Manager", "Demand Generation Lead", "Sales Director",
+    "Account Executive", "SDR Team Lead", "CTO", "CEO", "COO", "Data Engineer", "Marketing Operations",
+    "RevOps Manager", "Product Manager", "Procurement Specialist", "Founder",
+)  # fmt: skip
+_EMAIL_LOCAL_PATTERNS = ("{first}.{last}", "{f}{last}", "{first}", "{first}_{last}")
+FREE_MAIL_DOMAINS: tuple[str, ...] = (
+    "gmail.com", "gmail.com", "gmail.com", "gmail.com", "yahoo.com", "yahoo.com", "outlook.com", "outlook.com",
+    "hotmail.com", "hotmail.com", "icloud.com", "yahoo.co.uk", "gmx.de", "proton.me",
+)  # fmt: skip
+DISPOSABLE_DOMAINS: tuple[str, ...] = ("mailinator.com", "yopmail.com", "10minutemail.com", "guerrillamail.com")
+_WEBMAIL_REFERRERS = {
+    "gmail.com": "https://mail.google.com/",
+    "outlook.com": "https://outlook.live.com/",
+    "hotmail.com": "https://outlook.live.com/",
+    "yahoo.com": "https://mail.yahoo.com/",
+}
+_JUNK_IDS = ("undefined", "null", "guest", "", "anonymous", "[object Object]")  # broken client code, seen in the wild
+_HOSTILE_FORM_VALUES = (  # valid input that must be stored and shown safely
+    ("first_name", "<script>alert(1)</script>"),
+    ("company", "Robert'); DROP TABLE leads;--"),
+    ("job_title", "Growth \u202ehacker"),
+    ("message", "Hi,\nplease call me back.\r\nThanks\x07"),
+    ("company", "🚀 Rocket Growth GmbH"),
+)
+
+DESKTOP_USER_AGENTS: tuple[str, ...] = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.0.0 Safari/537.36 Edg/130.0.0.0",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Safari/605.1.15",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:132.0) Gecko/20100101 Firefox/132.0",
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:132.0) Gecko/20100101 Firefox/132.0",
+)
+MOBILE_USER_AGENTS: tuple[str, ...] = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) CriOS/131.0.6778.73 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 10; K) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 14; SM-S918B) AppleWebKit/537.36 (KHTML, like Gecko) SamsungBrowser/26.0 Chrome/122.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (iPad; CPU OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 Safari/604.1",
+)
+MAIL_CLIENT_USER_AGENTS: tuple[str, ...] = (
+    "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.18129; Pro)",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:128.0) Gecko/20100101 Thunderbird/128.4.0",
+)
+CRAWLER_USER_AGENTS: tuple[str, ...] = (
+    "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; Googlebot/2.1; +http://www.google.com/bot.html) Chrome/130.0.6723.69 Safari/537.36",
+    "Mozilla/5.0 (Linux; Android 6.0.1; Nexus 5X Build/MMB29P) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0.6723.69 Mobile Safari/537.36 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+    "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; bingbot/2.0; +http://www.bing.com/bingbot.htm) Chrome/116.0.1938.76 Safari/537.36",
+    "Mozilla/5.0 (compatible; AhrefsBot/7.0; +http://ahrefs.com/robot/)",
+    "Mozilla/5.0 (compatible; SemrushBot/7~bl; +http://www.semrush.com/bot.html)",
+)
+HEADLESS_USER_AGENT = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/130.0.6723.58 Safari/537.36"
+)
+_SDK_EXTRAS = ({"lib": "leadstream-js/2.4.1"}, {"lib": "leadstream-js/2.3.0", "screen": "1920x1080"})
+
+
+class _Page(NamedTuple):
+    path: str
+    title: str
+    custom_events: tuple[tuple[str, dict[str, str | int]], ...]  # (name, properties) this page can fire
+
+
+_VIDEO = (("video_play", {"video": "product-tour", "position_s": 0}),)
+_SCROLL = (("scroll_depth", {"percent": 50}), ("scroll_depth", {"percent": 75}), ("scroll_depth", {"percent": 100}))
+_CHAT = ("chat_opened", {"widget": "sales"})
+
+# (page, weight when browsing, weight when evaluating the product). Weight 0: reached only as a landing.
+_PAGE_ROWS: tuple[tuple[_Page, float, float], ...] = (
+    (_Page("/", "Example – Turn anonymous visitors into qualified leads", _VIDEO), 10, 6),
+    (_Page("/pricing", "Pricing – Example", (
+        ("pricing_calculator", {"seats": 10, "plan": "starter"}),
+        ("pricing_calculator", {"seats": 50, "plan": "growth"}), _CHAT)), 5, 14),
+    (_Page("/features/lead-scoring", "Lead scoring – Example", _VIDEO), 4, 8),
+    (_Page("/features/visitor-identification", "Visitor identification – Example", _VIDEO), 4, 8),
+    (_Page("/features/email-tracking", "Email tracking – Example", ()), 3, 6),
+    (_Page("/features/leadboards", "LeadBoards – Example", _VIDEO), 3, 7),
+    (_Page("/integrations/hubspot", "HubSpot integration – Example", ()), 2, 4),
+    (_Page("/integrations/salesforce", "Salesforce integration – Example", ()), 2, 4),
+    (_Page("/customers", "Customer stories – Example", ()), 2, 5),
+    (_Page("/customers/northwind-traders", "How Northwind doubled its demo requests – Example", _SCROLL), 1, 4),
+    (_Page("/blog/", "Blog – Example", ()), 4, 2),
+    (_Page("/blog/what-is-lead-scoring", "What is lead scoring? – Example", _SCROLL), 6, 2),
+    (_Page("/blog/b2b-intent-data-explained", "B2B intent data, explained – Example", _SCROLL), 5, 2),
+    (_Page("/blog/kanban-for-sales-pipelines", "Kanban for sales pipelines – Example", _SCROLL), 4, 1),
+    (_Page("/blog/first-party-cookies-and-gdpr", "First-party cookies and the GDPR – Example", _SCROLL), 4, 1),
+    (_Page("/blog/account-based-marketing-playbook", "The ABM playbook – Example", _SCROLL), 4, 2),
+    (_Page("/resources/lead-scoring-guide", "The lead scoring guide (PDF) – Example",
+           (("download", {"asset": "lead-scoring-guide.pdf"}),)), 1, 3),
+    (_Page("/docs/getting-started", "Getting started – Example docs", ()), 2, 3),
+    (_Page("/security", "Security & GDPR – Example", ()), 1, 3),
+    (_Page("/about", "About us – Example", ()), 2, 1),
+    (_Page("/careers", "Careers – Example", ()), 2, 0.5),
+    (_Page("/legal/privacy", "Privacy policy – Example", ()), 1, 0.5),
+    (_Page("/demo", "Book a demo – Example", (("cta_click", {"cta": "pick-a-time"}),)), 1, 4),
+    (_Page("/contact", "Contact sales – Example", (_CHAT,)), 1, 3),
+    (_Page("/login", "Log in – Example", ()), 1, 1),
+    (_Page("/lp/lead-scoring", "Lead scoring software for B2B teams – Example", (("cta_click", {"cta": "hero"}),)), 0, 0),
+    (_Page("/thank-you", "Thank you – Example", ()), 0, 0),
+)  # fmt: skip
+_PAGES = {page.path: page for page, _, _ in _PAGE_ROWS}
+_PAGE_LIST = tuple(page for page, _, _ in _PAGE_ROWS)
+_BROWSE_CUM = tuple(itertools.accumulate(browse for _, browse, _ in _PAGE_ROWS))
+_EVALUATE_CUM = tuple(itertools.accumulate(evaluate for _, _, evaluate in _PAGE_ROWS))
+_CRAWLABLE = tuple(page for page, browse, _ in _PAGE_ROWS if browse)
+_FORMS = (("/demo", "demo-request"), ("/demo", "demo-request"), ("/contact", "contact-sales"),
+          ("/resources/lead-scoring-guide", "gated-content"))  # fmt: skip
+
+
+class _Source(NamedTuple):
+    """Where a session comes from: the referrers it shows and the pages it lands on."""
+
+    weight: float
+    referrers: tuple[str | None, ...]  # None: no referrer field at all; "": an empty one
+    landings: tuple[str, ...]
+    utm: str = ""  # query string carried by the landing URL
+    click_id: tuple[str, str, int] | None = None  # (parameter, token prefix, token length)
+
+
+_BLOG_LANDINGS = ("/blog/what-is-lead-scoring", "/blog/b2b-intent-data-explained", "/blog/kanban-for-sales-pipelines",
+                  "/blog/first-party-cookies-and-gdpr", "/blog/account-based-marketing-playbook")  # fmt: skip
+_DIRECT = _Source(22, (None, ""), ("/", "/", "/pricing", "/login", "/docs/getting-started"))
+_SOURCES: tuple[_Source, ...] = (
+    _DIRECT,
+    _Source(24, ("https://www.google.com/", "https://www.google.co.uk/", "https://www.google.de/"),
+            (*_BLOG_LANDINGS, "/", "/features/lead-scoring", "/features/visitor-identification")),
+    _Source(5, ("https://www.bing.com/",), (*_BLOG_LANDINGS, "/", "/pricing")),
+    _Source(3, ("https://duckduckgo.com/",), (*_BLOG_LANDINGS, "/")),
+    _Source(7, ("https://www.linkedin.com/", "https://lnkd.in/"), _BLOG_LANDINGS,
+            "utm_source=linkedin&utm_medium=social&utm_campaign=thought-leadership"),
+    _Source(3, ("https://t.co/",), _BLOG_LANDINGS),
+    _Source(3, ("https://l.facebook.com/", "https://www.facebook.com/"), _BLOG_LANDINGS),
+    _Source(9, ("https://www.g2.com/products/example/reviews", "https://www.capterra.com/p/184562/example/",
+                "https://zapier.com/apps/example/integrations", "https://news.ycombinator.com/item?id=41022313"),
+            ("/", "/integrations/hubspot", "/integrations/salesforce", "/customers")),
+    _Source(8, ("https://www.google.com/",), ("/lp/lead-scoring", "/pricing", "/demo"),
+            "utm_source=google&utm_medium=cpc&utm_campaign=brand-search&utm_term=lead+scoring+software",
+            ("gclid", "Cj0KCQiA", 72)),
+    _Source(2, ("https://www.bing.com/",), ("/lp/lead-scoring", "/pricing"),
+            "utm_source=bing&utm_medium=cpc&utm_campaign=competitor-terms", ("msclkid", "", 32)),
+    _Source(4, ("https://www.linkedin.com/",), ("/lp/lead-scoring", "/demo"),
+            "utm_source=linkedin&utm_medium=paid_social&utm_campaign=abm-q4", ("li_fat_id", "", 36)),
+    _Source(2, ("https://l.facebook.com/",), ("/lp/lead-scoring",),
+            "utm_source=facebook&utm_medium=paid_social&utm_campaign=retargeting", ("fbclid", "IwAR", 60)),
+)  # fmt: skip
+_SOURCE_CUM = tuple(itertools.accumulate(source.weight for source in _SOURCES))
+_TOKEN_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+
+
+class _Campaign(NamedTuple):
+    id: str
+    path: str  # where its main link goes
+    send_offset_ms: int  # sent this long after start_ms
+
+
+_CAMPAIGNS: tuple[_Campaign, ...] = (
+    _Campaign("webinar-invite-q4", "/blog/account-based-marketing-playbook", 90 * MINUTE),
+    _Campaign("product-update-november", "/features/leadboards", DAY + 6 * HOUR),
+    _Campaign("case-study-northwind", "/customers/northwind-traders", 2 * DAY + 2 * HOUR),
+    _Campaign("pricing-update", "/pricing", 3 * DAY + 8 * HOUR),
+)
+
+# How event times are written, per visitor (one tracker version per browser): None = epoch ms,
+# else (UTC offset in minutes, with milliseconds). Repeats are weights.
+_TS_STYLES: tuple[tuple[int, bool] | None, ...] = (
+    None, None, None, (0, True), (0, True), (60, True), (-300, True), (330, False), (0, False),
+)  # fmt: skip
+_EMAIL_TOOL_TS_STYLE = (0, True)
+
+# UTC hour-of-day traffic weights (Europe's and the Americas' working hours overlap in the afternoon).
+_HOUR_WEIGHTS = (2, 1, 1, 1, 1, 2, 4, 7, 10, 12, 12, 11, 11, 12, 13, 13, 12, 10, 8, 6, 5, 4, 3, 2)
+_WEEKEND_FACTOR = 0.35
+
+
+# --------------------------------------------------------------------------------------------------
+# The population: who visits, decided up front so that plan() can say what events() will send
+# --------------------------------------------------------------------------------------------------
+
+
+class _Spec(NamedTuple):
+    """One person as `_people` draws them: just what fixes how many visitor ids they bring."""
+
+    kind: str  # employee | freemail | anonymous | bot
+    variant: str  # freemail: free | disposable; anonymous: "" | junk_identify; bot: crawler | headless | scraper
+    company: int  # index into COMPANIES, or -1
+    devices: int  # browser visitors: 1, or 2 (a computer and a phone)
+    recipient: bool  # on the mailing list: adds a mail-client visitor that opens the campaign
+
+
+_COMPANY_CUM = tuple(itertools.accumulate(1 / (rank + 1) ** 0.8 for rank in range(len(COMPANIES))))  # Zipf-like
+_COMPANY_INDEXES = range(len(COMPANIES))
+
+
+def _people(visitors: int, seed: int) -> Iterator[_Spec]:
+    """Exactly `visitors` visitor ids' worth of people. Replayable: plan() counts it, events() walks it."""
+    rng = Random(seed)
+    remaining = visitors
+    while remaining > 0:
+        roll = rng.random()
+        if roll < 0.08:
+            spec = _Spec("bot", rng.choice(("crawler", "crawler", "headless", "scraper")), -1, 1, False)
+        elif roll < 0.48:
+            spec = _Spec("anonymous", "junk_identify" if rng.random() < 0.02 else "", -1, 1, False)
+        elif roll < 0.88:
+            company = rng.choices(_COMPANY_INDEXES, cum_weights=_COMPANY_CUM)[0]
+            spec = _Spec("employee", "", company, 1 + (rng.random() < 0.2), rng.random() < 0.35)
+        else:
+            variant = "disposable" if rng.random() < 0.06 else "free"
+            spec = _Spec("freemail", variant, -1, 1 + (rng.random() < 0.2), rng.random() < 0.5)
+        while spec.devices + spec.recipient > remaining:
+            spec = spec._replace(recipient=False) if spec.recipient else spec._replace(devices=1)
+        remaining -= spec.devices + spec.recipient
+        yield spec
+
+
+@dataclass(frozen=True)
+class TrafficMix:
+    """What a generator will send, by scenario (people and visitor ids, not events)."""
+
+    visitors: int = 0  # distinct visitor ids, mail clients included
+    people: int = 0
+    companies: int = 0  # distinct companies with at least one visiting employee
+    company_employees: int = 0
+    freemail_leads: int = 0  # personal address, fill in a form
+    disposable_signups: int = 0  # of which use a throwaway address
+    anonymous: int = 0  # humans who never identify
+    junk_identifies: int = 0  # of which send an illegal id ("undefined", "null", ...)
+    bots: int = 0  # crawlers, headless browsers and datacenter scrapers
+    datacenter_scrapers: int = 0  # of which hide behind a browser user agent
+    email_recipients: int = 0  # each adds a mail-client visitor
+    multi_device_people: int = 0
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in asdict(self).items())
+
+
+_VARIANT_FIELDS = {"disposable": "disposable_signups", "junk_identify": "junk_identifies", "scraper": "datacenter_scrapers"}
+_KIND_FIELDS = {"employee": "company_employees", "freemail": "freemail_leads", "anonymous": "anonymous", "bot": "bots"}
+
+
+def plan(visitors: int, seed: int = 7) -> TrafficMix:
+    """The scenario counts `TrafficGenerator(visitors, seed)` will produce, without generating events."""
+    counts = dict.fromkeys(_KIND_FIELDS.values(), 0) | dict.fromkeys(_VARIANT_FIELDS.values(), 0)
+    people = recipients = multi_device = 0
+    companies: set[int] = set()
+    for spec in _people(visitors, seed):
+        people += 1
+        counts[_KIND_FIELDS[spec.kind]] += 1
+        if spec.variant in _VARIANT_FIELDS:
+            counts[_VARIANT_FIELDS[spec.variant]] += 1
+        recipients += spec.recipient
+        multi_device += spec.devices > 1
+        if spec.company >= 0:
+            companies.add(spec.company)
+    return TrafficMix(visitors=visitors, people=people, companies=len(companies), email_recipients=recipients,
+                      multi_device_people=multi_device, **counts)  # fmt: skip
+
+
+def _arrival_times(rng: Random, count: int, start_ms: int) -> Iterator[int]:
+    """`count` first-visit times in ascending order, denser in working hours and on weekdays.
+
+    Sorted uniforms drawn one at a time (Bentley & Saxe), mapped through the cumulative hourly
+    intensity: a million people need neither a list nor a sort.
+    """
+    first_hour = start_ms // HOUR
+    weights = [
+        _HOUR_WEIGHTS[(first_hour + offset) % 24] * (_WEEKEND_FACTOR if ((first_hour + offset) // 24 + 3) % 7 >= 5 else 1)
+        for offset in range(_SPAWN_HOURS)
+    ]  # (epoch day + 3) % 7 is the weekday, Monday = 0
+    cumulative = list(itertools.accumulate(weights))
+    total = cumulative[-1]
+    position = 0.0
+    for left in range(count, 0, -1):
+        position = 1.0 - (1.0 - position) * rng.random() ** (1.0 / left)
+        target = position * total
+        hour = min(bisect_right(cumulative, target), _SPAWN_HOURS - 1)
+        before = cumulative[hour - 1] if hour else 0.0
+        yield start_ms + int((hour + min((target - before) / weights[hour], 1.0)) * HOUR)
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting helpers (hot path)
+# --------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1024)
+def _date_prefix(epoch_day: int) -> str:
+    return time.strftime("%Y-%m-%dT", time.gmtime(epoch_day * 86_400))
+
+
+@lru_cache(maxsize=16)
+def _zone(offset_minutes: int) -> str:
+    if not offset_minutes:
+        return "Z"
+    hours, minutes = divmod(abs(offset_minutes), 60)
+    return f"{'-' if offset_minutes < 0 else '+'}{hours:02d}:{minutes:02d}"
+
+
+def rfc3339(ms: int, offset_minutes: int = 0, with_millis: bool = True) -> str:
+    """Epoch ms as RFC 3339 local time with its UTC offset; without millis the time is truncated to seconds."""
+    day, rest = divmod(ms + offset_minutes * MINUTE, DAY)
+    hours, rest = divmod(rest, HOUR)
+    minutes, rest = divmod(rest, MINUTE)
+    seconds, millis = divmod(rest, 1000)
+    if with_millis:
+        return f"{_date_prefix(day)}{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}{_zone(offset_minutes)}"
+    return f"{_date_prefix(day)}{hours:02d}:{minutes:02d}:{seconds:02d}{_zone(offset_minutes)}"
+
+
+_UUID_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
+def _ascii_slug(text: str) -> str:
+    """What a name becomes in an email address: "van der Berg" -> "vanderberg", "Zoë" -> "zoe"."""
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return "".join(char for char in plain.lower() if char.isalnum())
+
+
+# --------------------------------------------------------------------------------------------------
+# The simulation
+# --------------------------------------------------------------------------------------------------
+
+
+class _Person:
+    """Who is behind one or more visitor ids. Anonymous people and bots leave the identity fields empty."""
+
+    __slots__ = ("kind", "first_name", "last_name", "email", "company", "job_title", "evaluating", "campaign")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.first_name = self.last_name = self.email = self.company = self.job_title = ""
+        self.evaluating = False  # evaluating the product: reads pricing and features rather than the blog
+        self.campaign: _Campaign | None = None
+
+
+class _Visitor:
+    """One visitor id (a browser, a mail client or a bot) and its schedule."""
+
+    __slots__ = ("visitor_id", "key", "site_id", "base_url", "person", "role", "user_agent", "ts_style", "extra",
+                 "home_ip", "office", "referrer_events", "sessions_left", "sessions_done", "history_end",
+                 "actions", "known", "email_landing")  # fmt: skip
+
+    def __init__(self, visitor_id: str, site_id: str, base_url: str, person: _Person, role: str, history_end: int):
+        self.visitor_id = visitor_id
+        self.key = visitor_id.encode()
+        self.site_id = site_id
+        self.base_url = base_url
+        self.person = person
+        self.role = role  # browser | mail | bot
+        self.user_agent = ""
+        self.ts_style: tuple[int, bool] | None = None
+        self.extra: dict[str, str] | None = None  # unknown top-level fields some tracker versions send
+        self.home_ip = ""
+        self.office = -1  # company index whose office network this visitor is usually on
+        self.referrer_events = False  # this tracker version also sends a `referrer` event on landing
+        self.sessions_left = 1
+        self.sessions_done = 0
+        self.history_end = history_end
+        self.actions: dict[int, str] = {}  # session index -> form | login | junk_identify
+        self.known = False  # has identified: the tracker re-identifies it now and then
+        self.email_landing: tuple[str, str | None] | None = None  # first session is an email click: (url, referrer)
+
+
+_SPAWN, _SESSION, _EMIT = 0, 1, 2
+_ARRIVAL = itemgetter(0)
+
+
+class TrafficGenerator:
+    """Realistic tracking traffic as (key = visitor_id bytes, value = JSON bytes) messages.
+
+    Counters fill in as messages are yielded: `valid` (duplicates included), `duplicates` (re-sent copies
+    of a valid event, same bytes, which the pipeline must drop), `malformed` (by the DLQ reason each was
+    built to get) and `by_type` (distinct valid events). Calling `events()` again restarts them and
+    yields the same bytes.
+    """
+
+    def __init__(
+        self,
+        visitors: int,
+        seed: int = 7,
+        site_ids: Sequence[str] = ("demo",),
+        start_ms: int = DEFAULT_START_MS,
+        malformed_ratio: float = 0.002,
+        duplicate_ratio: float = 0.001,
+        now_ms: int | None = None,
+    ) -> None:
+        """`now_ms` is the receiver's clock, for the ts_in_future messages (3 days past it); unknown, they
+        are dated 2100, in the future whenever the traffic is sent."""
+        if visitors < 0:
+            raise ValueError("visitors must be >= 0")
+        if not site_ids:
+            raise ValueError("at least one site id is needed")
+        if not (0 <= malformed_ratio < 1 and 0 <= duplicate_ratio < 1 and malformed_ratio + duplicate_ratio < 1):
+            raise ValueError("malformed_ratio and duplicate_ratio must be in [0, 1) and sum to less than 1")
+        self.visitors = visitors
+        self.seed = seed
+        self.site_ids = tuple(site_ids)
+        self.start_ms = start_ms
+        self.malformed_ratio = malformed_ratio
+        self.duplicate_ratio = duplicate_ratio
+        self.site_urls = {site: f"https://{_site_host(index)}" for index, site in enumerate(self.site_ids)}
+        self.mix = plan(visitors, seed)
+        self._future_ms = (_UNKNOWN_NOW_MS if now_ms is None else now_ms) + 3 * DAY
+        self._counts = dict.fromkeys(_TAGS, 0)
+        self._rng = Random()
+        self._heap: list[tuple[int, int, int, object]] = []  # the simulation's agenda, see events()
+        self._tick = itertools.count()  # heap tie-breaker: equal times keep insertion order
+
+    @property
+    def by_type(self) -> dict[str, int]:
+        return {event_type: self._counts[event_type] for event_type in EVENT_TYPES}
+
+    @property
+    def duplicates(self) -> int:
+        return self._counts[_DUPLICATE]
+
+    @property
+    def valid(self) -> int:
+        return sum(self.by_type.values()) + self.duplicates
+
+    @property
+    def malformed(self) -> dict[str, int]:
+        return {reason: self._counts[reason] for reason in MALFORMED_REASONS}
+
+    def events(self) -> Iterator[tuple[bytes, bytes]]:
+        """All messages in arrival order: a discrete-event simulation over people, sessions and events.
+
+        The heap holds the next person to appear, visitors waiting for their next session and the
+        not-yet-sent events of open sessions, so memory follows the number of concurrently active
+        visitors, not the size of the run.
+        """
+        self._counts = counts = dict.fromkeys(_TAGS, 0)
+        self._rng = rng = Random(f"{self.seed}|{'|'.join(self.site_ids)}")  # ids differ per site, mix does not
+        people = _people(self.visitors, self.seed)
+        arrivals = _arrival_times(rng, self.mix.people, self.start_ms)
+        self._heap = heap = []
+        self._tick = itertools.count()
+        first = next(arrivals, None)
+        if first is not None:
+            self._push(first, _SPAWN, None)
+        while heap:
+            when, order, action, payload = heap[0]
+            if action == _EMIT:  # payload: the session's remaining messages, latest first
+                _, key, value, tag = payload.pop()  # type: ignore[attr-defined]
+                counts[tag] += 1
+                yield key, value
+                if payload:
+                    heapq.heapreplace(heap, (payload[-1][0], order, _EMIT, payload))  # type: ignore[index]
+                else:
+                    heapq.heappop(heap)
+                continue
+            heapq.heappop(heap)
+            if action == _SESSION:
+                self._run_session(payload, when)  # type: ignore[arg-type]
+            else:
+                self._spawn(next(people), when)
+                arrival = next(arrivals, None)
+                if arrival is not None:
+                    self._push(arrival, _SPAWN, None)
+
+    def _push(self, at: int, action: int, payload: object) -> None:
+        heapq.heappush(self._heap, (at, next(self._tick), action, payload))
+
+    # -- people and visitors -------------------------------------------------------------------------
+
+    def _spawn(self, spec: _Spec, now: int) -> None:
+        rng = self._rng
+        site_id = rng.choice(self.site_ids)
+        base_url = self.site_urls[site_id]
+        person = _Person(spec.kind)
+        history_end = now + _HISTORY_MS
+
+        def visitor(role: str) -> _Visitor:
+            return _Visitor(self._uuid(), site_id, base_url, person, role, history_end)
+
+        if spec.kind == "bot":
+            bot = visitor("bot")
+            if spec.variant == "crawler":
+                bot.user_agent = rng.choice(CRAWLER_USER_AGENTS)
+            elif spec.variant == "headless":
+                bot.user_agent = HEADLESS_USER_AGENT
+            else:  # a scraper posing as a browser: only its datacenter address gives it away
+                bot.user_agent = rng.choice(DESKTOP_USER_AGENTS)
+            bot.sessions_left = rng.randint(1, 3)
+            self._push(now, _SESSION, bot)
+            return
+
+        main = visitor("browser")
+        self._equip_browser(main, spec, mobile=rng.random() < (0.5 if spec.kind == "anonymous" else 0.2))
+        if spec.kind == "anonymous":
+            main.sessions_left = 1 + (rng.random() < 0.25) + (rng.random() < 0.08)
+            if spec.variant == "junk_identify":
+                main.actions[0] = "junk_identify"
+            self._push(now, _SESSION, main)
+            return
+
+        self._name(person, spec)
+        person.evaluating = rng.random() < (0.45 if spec.kind == "employee" else 0.6)
+        main.sessions_left = 1 + min(int(rng.expovariate(1 / (2.2 if spec.kind == "employee" else 1.4))), 7)
+        if spec.kind == "freemail" or rng.random() < 0.3:
+            main.actions[rng.randrange(main.sessions_left)] = "form"
+        first_session = now
+        if spec.recipient:
+            first_session = self._spawn_recipient(person, visitor("mail"), main, now)
+        self._push(first_session, _SESSION, main)
+        if spec.devices > 1:
+            phone = visitor("browser")
+            self._equip_browser(phone, spec, mobile=True)
+            phone.sessions_left = 1 + (rng.random() < 0.4)
+            if rng.random() < 0.6:
+                phone.actions[phone.sessions_left - 1] = "login"
+            self._push(now + rng.randrange(HOUR, 3 * DAY), _SESSION, phone)
+
+    def _spawn_recipient(self, person: _Person, mail: _Visitor, main: _Visitor, now: int) -> int:
+        """Campaign opens from a mail-client visitor; some click through. Returns `main`'s first session."""
+        rng = self._rng
+        sent = [self.start_ms + campaign.send_offset_ms for campaign in _CAMPAIGNS]
+        latest = bisect_right(sent, now) - 1
+        person.campaign = _CAMPAIGNS[max(latest, 0)]
+        opened = now if latest >= 0 else max(now, sent[0] + rng.randrange(2 * MINUTE, 3 * HOUR))
+        mail.user_agent = rng.choice(MAIL_CLIENT_USER_AGENTS)
+        mail.ts_style = _EMAIL_TOOL_TS_STYLE
+        mail.home_ip, mail.office = main.home_ip, main.office
+        mail.sessions_left = 1 + (rng.random() < 0.3)
+        self._push(opened, _SESSION, mail)
+        if rng.random() >= 0.45:
+            return now
+        campaign = person.campaign
+        url = (f"{main.base_url}{campaign.path}?utm_source=newsletter&utm_medium=email"
+               f"&utm_campaign={campaign.id}&lb_email={quote(person.email, safe='')}")  # fmt: skip
+        main.email_landing = (url, _WEBMAIL_REFERRERS.get(person.email.rpartition("@")[2]))
+        return opened + rng.randrange(15_000, 20 * MINUTE)
+
+    def _equip_browser(self, v: _Visitor, spec: _Spec, mobile: bool) -> None:
+        rng = self._rng
+        v.user_agent = rng.choice(MOBILE_USER_AGENTS if mobile else DESKTOP_USER_AGENTS)
+        v.ts_style = rng.choice(_TS_STYLES)
+        v.extra = rng.choice(_SDK_EXTRAS) if rng.random() < 0.3 else None
+        v.referrer_events = rng.random() < 0.4
+        if mobile:
+            v.home_ip = rng.choice(_MOBILE_V4_HOSTS) if rng.random() < 0.7 else self._v6("2001:db8:5{:03x}", 0x1000)
+        else:
+            v.home_ip = rng.choice(_HOME_V4_HOSTS) if rng.random() < 0.85 else self._v6("2001:db8:4{:03x}", 0x1000)
+            if spec.kind == "employee" and rng.random() < 0.75:
+                v.office = spec.company
+
+    def _v6(self, prefix_pattern: str, prefix_span: int) -> str:
+        rng = self._rng
+        return f"{prefix_pattern.format(rng.randrange(prefix_span))}:{rng.getrandbits(16):x}::{rng.randrange(1, 0x10000):x}"
+
+    def _name(self, person: _Person, spec: _Spec) -> None:
+        rng = self._rng
+        person.first_name, person.last_name = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        first, last = _ascii_slug(person.first_name), _ascii_slug(person.last_name)
+        if spec.kind == "employee":
+            company = COMPANIES[spec.company]
+            local = _EMAIL_LOCAL_PATTERNS[spec.company % len(_EMAIL_LOCAL_PATTERNS)].format(first=first, f=first[0], last=last)
+            subdomain = rng.choice(company.email_subdomains) if company.email_subdomains and rng.random() < 0.4 else ""
+            person.email = f"{local}@{subdomain}{company.domain}"
+            person.company = company.name
+        else:
+            domain = rng.choice(DISPOSABLE_DOMAINS if spec.variant == "disposable" else FREE_MAIL_DOMAINS)
+            person.email = f"{first}.{last}{rng.randrange(100)}@{domain}" if rng.random() < 0.6 else f"{first}{last}@{domain}"
+            person.company = rng.choice(("", "Freelance", f"{person.last_name} Consulting", rng.choice(COMPANIES).name))
+        person.job_title = rng.choice(JOB_TITLES)
+
+    # -- sessions ------------------------------------------------------------------------------------
+
+    def _run_session(self, v: _Visitor, start: int) -> None:
+        items: list[tuple[int, bytes, bytes, str]] = []
+        if v.role == "browser":
+            self._browse(v, start, items)
+        elif v.role == "mail":
+            self._mail_open(v, start, items)
+        else:
+            self._crawl(v, start, items)
+        items.sort(key=_ARRIVAL)
+        end = items[-1][0]
+        items.reverse()
+        self._push(items[-1][0], _EMIT, items)
+        v.sessions_done += 1
+        v.sessions_left -= 1
+        if v.sessions_left:
+            next_start = end + self._gap()
+            if next_start < v.history_end:
+                self._push(next_start, _SESSION, v)
+
+    def _gap(self) -> int:
+        """Time between sessions: always beyond the 30 min inactivity timeout."""
+        rng = self._rng
+        roll = rng.random()
+        if roll < 0.45:
+            return rng.randrange(35 * MINUTE, 5 * HOUR)
+        if roll < 0.85:
+            return rng.randrange(16 * HOUR, 30 * HOUR)
+        return rng.randrange(40 * HOUR, 80 * HOUR)
+
+    def _dwell(self) -> int:
+        """Time on a page: log-normal, median ~30 s, never near the inactivity timeout."""
+        return int(min(max(self._rng.lognormvariate(3.4, 0.9), 2.0), 900.0) * 1000)
+
+    def _session_ip(self, v: _Visitor) -> str:
+        rng = self._rng
+        if v.office < 0 or rng.random() < 0.2:  # working from home now and then
+            return v.home_ip
+        if v.office % 5 == 0 and rng.random() < 0.5:  # every fifth company's office also has IPv6
+            return f"{_OFFICE_V6_PREFIXES[v.office]}:{rng.getrandbits(16):x}::{rng.randrange(1, 0x10000):x}"
+        return rng.choice(_OFFICE_V4_HOSTS[v.office])
+
+    def _landing(self, v: _Visitor) -> tuple[_Page, str, str | None]:
+        """(landing page, its URL, external referrer) for a session that does not start with an email click."""
+        rng = self._rng
+        source = _DIRECT if v.sessions_done and rng.random() < 0.35 else rng.choices(_SOURCES, cum_weights=_SOURCE_CUM)[0]
+        page = _PAGES[rng.choice(source.landings)]
+        query = source.utm
+        if source.click_id is not None:
+            name, prefix, length = source.click_id
+            token = prefix + "".join(rng.choices(_TOKEN_ALPHABET, k=length - len(prefix)))
+            query = f"{query}&{name}={token}" if query else f"{name}={token}"
+        return page, f"{v.base_url}{page.path}?{query}" if query else v.base_url + page.path, rng.choice(source.referrers)
+
+    def _browse(self, v: _Visitor, start: int, items: list) -> None:
+        rng = self._rng
+        person = v.person
+        action = v.actions.get(v.sessions_done)
+        ip = self._session_ip(v)
+        ts = start
+        if v.email_landing is not None and v.sessions_done == 0:
+            landing_url, referrer = v.email_landing
+            click = self._base(v, "email_click", ts)
+            click.update(url=landing_url, campaign=person.campaign.id, ip=ip, user_agent=v.user_agent)  # type: ignore[union-attr]
+            if rng.random() < 0.5:  # else the address is only in ?lb_email=
+                click["email"] = person.email
+            self._add(items, v.key, click, ts)
+            v.known = True
+            ts += rng.randrange(300, 2500)
+            pages = [_PAGES[person.campaign.path]]  # type: ignore[union-attr]
+        else:
+            landing, landing_url, referrer = self._landing(v)
+            pages = [landing]
+        cumulative = _EVALUATE_CUM if person.evaluating else _BROWSE_CUM
+        extra_pages = min(int(rng.expovariate(1 / (3.0 if person.evaluating else 1.3))), 14)
+        pages += rng.choices(_PAGE_LIST, cum_weights=cumulative, k=extra_pages)
+        form = rng.choice(_FORMS) if action == "form" else None
+        if form is not None:
+            pages.append(_PAGES[form[0]])
+        elif action == "login":
+            pages.insert(1, _PAGES["/login"])
+
+        if v.known and rng.random() < 0.4:
+            self._identify(items, v, ts, landing_url, ip, "returning")
+            ts += rng.randrange(5, 200)
+        previous = referrer
+        for index, page in enumerate(pages):
+            if index:
+                ts += self._dwell()
+            url = landing_url if index == 0 else v.base_url + page.path
+            self._pageview(items, v, ts, url, previous, page.title, ip)
+            if index == 0 and referrer and v.referrer_events:
+                event = self._base(v, "referrer", ts + 3)
+                event.update(url=url, referrer=referrer, ip=ip, user_agent=v.user_agent)
+                self._add(items, v.key, event, ts + 3)
+            if page.custom_events and rng.random() < 0.15:
+                self._custom(items, v, ts + rng.randrange(2000, 30_000), url, ip, *rng.choice(page.custom_events))
+            if action == "login" and page.path == "/login":
+                ts += rng.randrange(4000, 20_000)
+                self._identify(items, v, ts, url, ip, "login")
+            elif action == "junk_identify" and index == 0:
+                event = self._base(v, "identify", ts + 50)
+                event.update(url=url, email=rng.choice(_JUNK_IDS), ip=ip, user_agent=v.user_agent)
+                self._add(items, v.key, event, ts + 50)
+            previous = url
+        if form is not None:
+            ts += rng.randrange(20_000, 120_000)
+            self._form_submit(items, v, ts, previous, ip, form[1])  # type: ignore[arg-type]
+            ts += rng.randrange(800, 2500)
+            thanks = _PAGES["/thank-you"]
+            self._pageview(items, v, ts, v.base_url + thanks.path, previous, thanks.title, ip)
+            previous = v.base_url + thanks.path
+        if rng.random() < 0.7:
+            ts += self._dwell()
+            event = self._base(v, "exit", ts)
+            event.update(url=previous, ip=ip, user_agent=v.user_agent, properties={"time_on_page_s": rng.randrange(2, 600)})
+            self._add(items, v.key, event, ts)
+
+    def _mail_open(self, v: _Visitor, start: int, items: list) -> None:
+        event = self._base(v, "email_open", start)
+        event.update(email=v.person.email, campaign=v.person.campaign.id,  # type: ignore[union-attr]
+                     ip=self._session_ip(v), user_agent=v.user_agent)  # fmt: skip
+        self._add(items, v.key, event, start)
+
+    def _crawl(self, v: _Visitor, start: int, items: list) -> None:
+        """Many pages, seconds apart, from a datacenter; only headless browsers send a referrer."""
+        rng = self._rng
+        ip = rng.choice(_DATACENTER_V4_HOSTS) if rng.random() < 0.8 else self._v6("2001:db8:ffff:{:x}", 0x10000)
+        with_referrer = v.user_agent == HEADLESS_USER_AGENT or v.user_agent in DESKTOP_USER_AGENTS
+        ts, previous = start, None
+        for page in rng.choices(_CRAWLABLE, k=rng.randint(5, 40)):
+            url = v.base_url + page.path
+            self._pageview(items, v, ts, url, previous if with_referrer else None, page.title, ip)
+            previous = url
+            ts += rng.randrange(300, 6000)
+
+    # -- events --------------------------------------------------------------------------------------
+
+    def _uuid(self) -> str:
+        digits = "%032x" % self._rng.getrandbits(128)
+        return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{_UUID_VARIANT[digits[16]]}{digits[17:20]}-{digits[20:]}"
+
+    def _base(self, v: _Visitor, event_type: str, ts: int) -> dict:
+        style = v.ts_style
+        event = {
+            "event_id": self._uuid(),
+            "site_id": v.site_id,
+            "type": event_type,
+            "ts": ts if style is None else rfc3339(ts, *style),
+            "visitor_id": v.visitor_id,
+        }
+        if v.extra:
+            event.update(v.extra)
+        return event
+
+    def _pageview(self, items: list, v: _Visitor, ts: int, url: str, referrer: str | None, title: str, ip: str) -> None:
+        event = self._base(v, "pageview", ts)
+        event["url"] = url
+        if referrer is not None:
+            event["referrer"] = referrer
+        event["title"] = title
+        event["ip"] = ip
+        event["user_agent"] = v.user_agent
+        self._add(items, v.key, event, ts)
+
+    def _identify(self, items: list, v: _Visitor, ts: int, url: str, ip: str, source: str) -> None:
+        event = self._base(v, "identify", ts)
+        event.update(url=url, email=v.person.email, ip=ip, user_agent=v.user_agent, properties={"source": source})
+        self._add(items, v.key, event, ts)
+        v.known = True
+
+    def _custom(self, items: list, v: _Visitor, ts: int, url: str, ip: str, name: str, properties: dict) -> None:
+        event = self._base(v, "custom", ts)
+        event.update(url=url, name=name, ip=ip, user_agent=v.user_agent, properties=properties)
+        self._add(items, v.key, event, ts)
+
+    def _form_submit(self, items: list, v: _Visitor, ts: int, url: str, ip: str, form: str) -> None:
+        rng = self._rng
+        person = v.person
+        email = person.email
+        roll = rng.random()
+        if roll < 0.08:
+            email = email.title()  # typed with capitals: the pipeline must normalise
+        elif roll < 0.11:
+            email = f" {email} "
+        properties: dict[str, str | bool] = {
+            "form": form,
+            "first_name": person.first_name,
+            "last_name": person.last_name,
+            "company": person.company,
+            "job_title": person.job_title,
+            "consent": True,
+        }
+        if rng.random() < 0.03:
+            field, value = rng.choice(_HOSTILE_FORM_VALUES)
+            properties[field] = value
+        event = self._base(v, "form_submit", ts)
+        event.update(url=url, email=email, ip=ip, user_agent=v.user_agent, properties=properties)
+        self._add(items, v.key, event, ts)
+        v.known = True
+
+    def _add(self, items: list, key: bytes, event: dict, ts: int) -> None:
+        """Queue one event; now and then delivered late, sent twice, or followed by a broken sibling."""
+        rng = self._rng
+        value = orjson.dumps(event)
+        arrival = ts + rng.randrange(500, 4000) if rng.random() < 0.05 else ts
+        items.append((arrival, key, value, event["type"]))
+        roll = rng.random()
+        if roll < self.duplicate_ratio:
+            items.append((arrival + rng.randrange(300, 15_000), key, value, _DUPLICATE))
+        elif roll < self.duplicate_ratio + self.malformed_ratio:
+            items.append(self._malformed(event, key, arrival + rng.randrange(1, 2000)))
+
+    def _malformed(self, event: dict, key: bytes, arrival: int) -> tuple[int, bytes, bytes, str]:
+        """A broken copy of `event` (with its own event_id) that the pipeline must refuse with `reason`."""
+        rng = self._rng
+        reason = rng.choice(MALFORMED_REASONS)
+        broken = {**event, "event_id": self._uuid()}
+        if reason == "bad_json":
+            text = orjson.dumps(broken)[:-1]
+            return arrival, key, text if rng.random() < 0.5 else text + b",}", reason  # truncated, or a trailing comma
+        if reason == "missing_field":
+            del broken[rng.choice(("event_id", "event_id", "event_id", "ts", "site_id", "type"))]
+        elif reason == "wrong_type":
+            broken["ts"] = rng.choice((True, [broken["ts"]], {"$date": broken["ts"]}))
+        elif reason == "unknown_event_type":
+            broken["type"] = rng.choice(("page_view", "click", "purchase", "session_start"))
+        elif reason == "ts_in_future":
+            broken["ts"] = self._future_ms + rng.randrange(HOUR)
+        elif reason == "oversized":
+            broken["properties"] = {"debug_dump": _OVERSIZED_TEXT}
+        else:  # invalid_value: control characters in the visitor id (and so in the key)
+            visitor_id = broken["visitor_id"]
+            broken["visitor_id"] = f"{visitor_id[:8]}\x00\x1b[2J{visitor_id[8:]}"
+            key = broken["visitor_id"].encode()
+        return arrival, key, orjson.dumps(broken), reason
+
+
+def _site_host(index: int) -> str:
+    """Documentation domains (RFC 2606) for the tracked sites themselves."""
+    return ("www.example.com", "www.example.net", "www.example.org")[index] if index < 3 else f"site{index}.example.com"
+
+
+def generate(
+    visitors: int,
+    seed: int = 7,
+    site_ids: Sequence[str] = ("demo",),
+    start_ms: int = DEFAULT_START_MS,
+    malformed_ratio: float = 0.002,
+) -> Iterator[tuple[bytes, bytes]]:
+    """Just the messages, for callers that need no counters."""
+    return TrafficGenerator(visitors, seed, site_ids, start_ms, malformed_ratio).events()
+
+
+def ip_range_table_lines() -> list[str]:
+    """The IP-range table for this traffic (cidr,domain,company_name,kind), as `IpRangeTable.from_lines`
+    reads it: load it and anonymous office visitors resolve to their company's account."""
+    lines = ["cidr,domain,company_name,kind"]
+    for company in COMPANIES:
+        lines.append(f"{company.office_v4},{company.domain},{company.name},company")
+        lines.append(f"{company.office_v6},{company.domain},{company.name},company")
+    lines.extend(f"{cidr},,{owner},{kind}" for cidr, owner, kind in _NETWORKS)
+    return lines
