@@ -15,13 +15,14 @@ Every IP address is in a documentation range (RFC 5737, RFC 3849): never a real 
 
 from __future__ import annotations
 
+import base64
 import heapq
 import ipaddress
 import itertools
 import time
 import unicodedata
 from bisect import bisect_right
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from operator import itemgetter
@@ -302,7 +303,6 @@ _SOURCES: tuple[_Source, ...] = (
             "utm_source=facebook&utm_medium=paid_social&utm_campaign=retargeting", ("fbclid", "IwAR", 60)),
 )  # fmt: skip
 _SOURCE_CUM = tuple(itertools.accumulate(source.weight for source in _SOURCES))
-_TOKEN_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 
 
 class _Campaign(NamedTuple):
@@ -317,13 +317,6 @@ _CAMPAIGNS: tuple[_Campaign, ...] = (
     _Campaign("case-study-northwind", "/customers/northwind-traders", 2 * DAY + 2 * HOUR),
     _Campaign("pricing-update", "/pricing", 3 * DAY + 8 * HOUR),
 )
-
-# How event times are written, per visitor (one tracker version per browser): None = epoch ms,
-# else (UTC offset in minutes, with milliseconds). Repeats are weights.
-_TS_STYLES: tuple[tuple[int, bool] | None, ...] = (
-    None, None, None, (0, True), (0, True), (60, True), (-300, True), (330, False), (0, False),
-)  # fmt: skip
-_EMAIL_TOOL_TS_STYLE = (0, True)
 
 # UTC hour-of-day traffic weights (Europe's and the Americas' working hours overlap in the afternoon).
 _HOUR_WEIGHTS = (2, 1, 1, 1, 1, 2, 4, 7, 10, 12, 12, 11, 11, 12, 13, 13, 12, 10, 8, 6, 5, 4, 3, 2)
@@ -441,33 +434,49 @@ def _arrival_times(rng: Random, count: int, start_ms: int) -> Iterator[int]:
 # --------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=16)
+def _rfc3339_writer(offset_minutes: int, with_millis: bool) -> Callable[[int], str]:
+    """Epoch ms -> RFC 3339 in one fixed style, built once per style so that formatting only divides."""
+    hours, minutes = divmod(abs(offset_minutes), 60)
+    zone = f"{'-' if offset_minutes < 0 else '+'}{hours:02d}:{minutes:02d}" if offset_minutes else "Z"
+    shift = offset_minutes * MINUTE
+
+    def write(ms: int) -> str:
+        day, rest = divmod(ms + shift, DAY)
+        minute, millis = divmod(rest, MINUTE)
+        if with_millis:
+            return _date_prefix(day) + _HOURS_MINUTES[minute] + "%02d.%03d" % divmod(millis, 1000) + zone
+        return _date_prefix(day) + _HOURS_MINUTES[minute] + "%02d" % (millis // 1000) + zone  # truncated to the second
+
+    return write
+
+
+@lru_cache(maxsize=64)
 def _date_prefix(epoch_day: int) -> str:
     return time.strftime("%Y-%m-%dT", time.gmtime(epoch_day * 86_400))
 
 
-@lru_cache(maxsize=16)
-def _zone(offset_minutes: int) -> str:
-    if not offset_minutes:
-        return "Z"
-    hours, minutes = divmod(abs(offset_minutes), 60)
-    return f"{'-' if offset_minutes < 0 else '+'}{hours:02d}:{minutes:02d}"
+_HOURS_MINUTES = tuple(f"{hour:02d}:{minute:02d}:" for hour in range(24) for minute in range(60))
 
 
 def rfc3339(ms: int, offset_minutes: int = 0, with_millis: bool = True) -> str:
-    """Epoch ms as RFC 3339 local time with its UTC offset; without millis the time is truncated to seconds."""
-    day, rest = divmod(ms + offset_minutes * MINUTE, DAY)
-    hours, rest = divmod(rest, HOUR)
-    minutes, rest = divmod(rest, MINUTE)
-    seconds, millis = divmod(rest, 1000)
-    if with_millis:
-        return f"{_date_prefix(day)}{hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}{_zone(offset_minutes)}"
-    return f"{_date_prefix(day)}{hours:02d}:{minutes:02d}:{seconds:02d}{_zone(offset_minutes)}"
+    """Epoch ms as RFC 3339 local time with its UTC offset."""
+    return _rfc3339_writer(offset_minutes, with_millis)(ms)
 
 
-_UUID_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+def _epoch_ms(ms: int) -> int:
+    return ms
 
 
+# How event times are written, per visitor (one tracker version per browser); repeats are weights.
+_TS_WRITERS: tuple[Callable[[int], int | str], ...] = (
+    _epoch_ms, _epoch_ms, _epoch_ms, _rfc3339_writer(0, True), _rfc3339_writer(0, True), _rfc3339_writer(60, True),
+    _rfc3339_writer(-300, True), _rfc3339_writer(330, False), _rfc3339_writer(0, False),
+)  # fmt: skip
+_EMAIL_TOOL_TS_WRITER = _rfc3339_writer(0, True)
+
+
+@lru_cache(maxsize=256)
 def _ascii_slug(text: str) -> str:
     """What a name becomes in an email address: "van der Berg" -> "vanderberg", "Zoë" -> "zoe"."""
     plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
@@ -494,7 +503,7 @@ class _Person:
 class _Visitor:
     """One visitor id (a browser, a mail client or a bot) and its schedule."""
 
-    __slots__ = ("visitor_id", "key", "site_id", "base_url", "person", "role", "user_agent", "ts_style", "extra",
+    __slots__ = ("visitor_id", "key", "site_id", "base_url", "person", "role", "user_agent", "write_ts", "extra",
                  "home_ip", "office", "referrer_events", "sessions_left", "sessions_done", "history_end",
                  "actions", "known", "email_landing")  # fmt: skip
 
@@ -506,7 +515,7 @@ class _Visitor:
         self.person = person
         self.role = role  # browser | mail | bot
         self.user_agent = ""
-        self.ts_style: tuple[int, bool] | None = None
+        self.write_ts: Callable[[int], int | str] = _epoch_ms
         self.extra: dict[str, str] | None = None  # unknown top-level fields some tracker versions send
         self.home_ip = ""
         self.office = -1  # company index whose office network this visitor is usually on
@@ -597,18 +606,17 @@ class TrafficGenerator:
         if first is not None:
             self._push(first, _SPAWN, None)
         while heap:
-            when, order, action, payload = heap[0]
+            when, order, action, payload = heapq.heappop(heap)
             if action == _EMIT:  # payload: the session's remaining messages, latest first
-                _, key, value, tag = payload.pop()  # type: ignore[attr-defined]
-                counts[tag] += 1
-                yield key, value
-                if payload:
-                    heapq.heapreplace(heap, (payload[-1][0], order, _EMIT, payload))  # type: ignore[index]
-                else:
-                    heapq.heappop(heap)
-                continue
-            heapq.heappop(heap)
-            if action == _SESSION:
+                until = heap[0][0] if heap else payload[0][0]  # type: ignore[index]  # no heap work until then
+                while payload:
+                    if payload[-1][0] > until:  # type: ignore[index]
+                        heapq.heappush(heap, (payload[-1][0], order, _EMIT, payload))  # type: ignore[index]
+                        break
+                    _, key, value, tag = payload.pop()  # type: ignore[attr-defined]
+                    counts[tag] += 1
+                    yield key, value
+            elif action == _SESSION:
                 self._run_session(payload, when)  # type: ignore[arg-type]
             else:
                 self._spawn(next(people), when)
@@ -677,7 +685,7 @@ class TrafficGenerator:
         person.campaign = _CAMPAIGNS[max(latest, 0)]
         opened = now if latest >= 0 else max(now, sent[0] + rng.randrange(2 * MINUTE, 3 * HOUR))
         mail.user_agent = rng.choice(MAIL_CLIENT_USER_AGENTS)
-        mail.ts_style = _EMAIL_TOOL_TS_STYLE
+        mail.write_ts = _EMAIL_TOOL_TS_WRITER
         mail.home_ip, mail.office = main.home_ip, main.office
         mail.sessions_left = 1 + (rng.random() < 0.3)
         self._push(opened, _SESSION, mail)
@@ -692,7 +700,7 @@ class TrafficGenerator:
     def _equip_browser(self, v: _Visitor, spec: _Spec, mobile: bool) -> None:
         rng = self._rng
         v.user_agent = rng.choice(MOBILE_USER_AGENTS if mobile else DESKTOP_USER_AGENTS)
-        v.ts_style = rng.choice(_TS_STYLES)
+        v.write_ts = rng.choice(_TS_WRITERS)
         v.extra = rng.choice(_SDK_EXTRAS) if rng.random() < 0.3 else None
         v.referrer_events = rng.random() < 0.4
         if mobile:
@@ -754,8 +762,8 @@ class TrafficGenerator:
         return rng.randrange(40 * HOUR, 80 * HOUR)
 
     def _dwell(self) -> int:
-        """Time on a page: log-normal, median ~30 s, never near the inactivity timeout."""
-        return int(min(max(self._rng.lognormvariate(3.4, 0.9), 2.0), 900.0) * 1000)
+        """Time on a page: 2 s to 4 min, mostly short (median ~30 s), far below the inactivity timeout."""
+        return 2000 + int(self._rng.random() ** 3 * 240_000)
 
     def _session_ip(self, v: _Visitor) -> str:
         rng = self._rng
@@ -773,7 +781,7 @@ class TrafficGenerator:
         query = source.utm
         if source.click_id is not None:
             name, prefix, length = source.click_id
-            token = prefix + "".join(rng.choices(_TOKEN_ALPHABET, k=length - len(prefix)))
+            token = prefix + base64.urlsafe_b64encode(rng.randbytes(length)).decode()[: length - len(prefix)]
             query = f"{query}&{name}={token}" if query else f"{name}={token}"
         return page, f"{v.base_url}{page.path}?{query}" if query else v.base_url + page.path, rng.choice(source.referrers)
 
@@ -785,8 +793,8 @@ class TrafficGenerator:
         ts = start
         if v.email_landing is not None and v.sessions_done == 0:
             landing_url, referrer = v.email_landing
-            click = self._base(v, "email_click", ts)
-            click.update(url=landing_url, campaign=person.campaign.id, ip=ip, user_agent=v.user_agent)  # type: ignore[union-attr]
+            click = self._event(v, "email_click", ts, landing_url, ip)
+            click["campaign"] = person.campaign.id  # type: ignore[union-attr]
             if rng.random() < 0.5:  # else the address is only in ?lb_email=
                 click["email"] = person.email
             self._add(items, v.key, click, ts)
@@ -815,8 +823,8 @@ class TrafficGenerator:
             url = landing_url if index == 0 else v.base_url + page.path
             self._pageview(items, v, ts, url, previous, page.title, ip)
             if index == 0 and referrer and v.referrer_events:
-                event = self._base(v, "referrer", ts + 3)
-                event.update(url=url, referrer=referrer, ip=ip, user_agent=v.user_agent)
+                event = self._event(v, "referrer", ts + 3, url, ip)
+                event["referrer"] = referrer
                 self._add(items, v.key, event, ts + 3)
             if page.custom_events and rng.random() < 0.15:
                 self._custom(items, v, ts + rng.randrange(2000, 30_000), url, ip, *rng.choice(page.custom_events))
@@ -824,8 +832,8 @@ class TrafficGenerator:
                 ts += rng.randrange(4000, 20_000)
                 self._identify(items, v, ts, url, ip, "login")
             elif action == "junk_identify" and index == 0:
-                event = self._base(v, "identify", ts + 50)
-                event.update(url=url, email=rng.choice(_JUNK_IDS), ip=ip, user_agent=v.user_agent)
+                event = self._event(v, "identify", ts + 50, url, ip)
+                event["email"] = rng.choice(_JUNK_IDS)
                 self._add(items, v.key, event, ts + 50)
             previous = url
         if form is not None:
@@ -837,14 +845,14 @@ class TrafficGenerator:
             previous = v.base_url + thanks.path
         if rng.random() < 0.7:
             ts += self._dwell()
-            event = self._base(v, "exit", ts)
-            event.update(url=previous, ip=ip, user_agent=v.user_agent, properties={"time_on_page_s": rng.randrange(2, 600)})
+            event = self._event(v, "exit", ts, previous, ip)
+            event["properties"] = {"time_on_page_s": rng.randrange(2, 600)}
             self._add(items, v.key, event, ts)
 
     def _mail_open(self, v: _Visitor, start: int, items: list) -> None:
-        event = self._base(v, "email_open", start)
-        event.update(email=v.person.email, campaign=v.person.campaign.id,  # type: ignore[union-attr]
-                     ip=self._session_ip(v), user_agent=v.user_agent)  # fmt: skip
+        event = self._event(v, "email_open", start, None, self._session_ip(v))
+        event["email"] = v.person.email
+        event["campaign"] = v.person.campaign.id  # type: ignore[union-attr]
         self._add(items, v.key, event, start)
 
     def _crawl(self, v: _Visitor, start: int, items: list) -> None:
@@ -857,46 +865,49 @@ class TrafficGenerator:
             url = v.base_url + page.path
             self._pageview(items, v, ts, url, previous if with_referrer else None, page.title, ip)
             previous = url
-            ts += rng.randrange(300, 6000)
+            ts += 300 + int(rng.random() * 5700)
 
     # -- events --------------------------------------------------------------------------------------
 
     def _uuid(self) -> str:
         digits = "%032x" % self._rng.getrandbits(128)
-        return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-{_UUID_VARIANT[digits[16]]}{digits[17:20]}-{digits[20:]}"
+        return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
-    def _base(self, v: _Visitor, event_type: str, ts: int) -> dict:
-        style = v.ts_style
+    def _event(self, v: _Visitor, event_type: str, ts: int, url: str | None, ip: str) -> dict:
+        """The fields every event of `v` carries; callers add the ones of their type."""
         event = {
-            "event_id": self._uuid(),
+            "event_id": "%032x" % self._rng.getrandbits(128),  # unique; cheaper than UUID dashes
             "site_id": v.site_id,
             "type": event_type,
-            "ts": ts if style is None else rfc3339(ts, *style),
+            "ts": v.write_ts(ts),
             "visitor_id": v.visitor_id,
+            "ip": ip,
+            "user_agent": v.user_agent,
         }
+        if url is not None:
+            event["url"] = url
         if v.extra:
             event.update(v.extra)
         return event
 
     def _pageview(self, items: list, v: _Visitor, ts: int, url: str, referrer: str | None, title: str, ip: str) -> None:
-        event = self._base(v, "pageview", ts)
-        event["url"] = url
+        event = self._event(v, "pageview", ts, url, ip)
         if referrer is not None:
             event["referrer"] = referrer
         event["title"] = title
-        event["ip"] = ip
-        event["user_agent"] = v.user_agent
         self._add(items, v.key, event, ts)
 
     def _identify(self, items: list, v: _Visitor, ts: int, url: str, ip: str, source: str) -> None:
-        event = self._base(v, "identify", ts)
-        event.update(url=url, email=v.person.email, ip=ip, user_agent=v.user_agent, properties={"source": source})
+        event = self._event(v, "identify", ts, url, ip)
+        event["email"] = v.person.email
+        event["properties"] = {"source": source}
         self._add(items, v.key, event, ts)
         v.known = True
 
     def _custom(self, items: list, v: _Visitor, ts: int, url: str, ip: str, name: str, properties: dict) -> None:
-        event = self._base(v, "custom", ts)
-        event.update(url=url, name=name, ip=ip, user_agent=v.user_agent, properties=properties)
+        event = self._event(v, "custom", ts, url, ip)
+        event["name"] = name
+        event["properties"] = properties
         self._add(items, v.key, event, ts)
 
     def _form_submit(self, items: list, v: _Visitor, ts: int, url: str, ip: str, form: str) -> None:
@@ -919,8 +930,9 @@ class TrafficGenerator:
         if rng.random() < 0.03:
             field, value = rng.choice(_HOSTILE_FORM_VALUES)
             properties[field] = value
-        event = self._base(v, "form_submit", ts)
-        event.update(url=url, email=email, ip=ip, user_agent=v.user_agent, properties=properties)
+        event = self._event(v, "form_submit", ts, url, ip)
+        event["email"] = email
+        event["properties"] = properties
         self._add(items, v.key, event, ts)
         v.known = True
 
@@ -940,7 +952,7 @@ class TrafficGenerator:
         """A broken copy of `event` (with its own event_id) that the pipeline must refuse with `reason`."""
         rng = self._rng
         reason = rng.choice(MALFORMED_REASONS)
-        broken = {**event, "event_id": self._uuid()}
+        broken = {**event, "event_id": "%032x" % rng.getrandbits(128)}
         if reason == "bad_json":
             text = orjson.dumps(broken)[:-1]
             return arrival, key, text if rng.random() < 0.5 else text + b",}", reason  # truncated, or a trailing comma

@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Sequence
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 
 from leadstream.config import Settings
 from processors import identity, sessionize
@@ -76,7 +76,8 @@ class BatchProducer:
         self.producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        """Created here, inside the running event loop, as aiokafka requires."""
+        """Created here, inside the running event loop, as aiokafka requires. Idempotence keeps each
+        partition's records in send order even across retries: the sinks' raw-offset watermark needs it."""
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap, enable_idempotence=True, linger_ms=5,
             max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024,
@@ -87,11 +88,9 @@ class BatchProducer:
         await self.producer.stop()
 
     def partition_for(self, key: bytes) -> int:
-        """Kafka's default (murmur2) partition for a key, so keyed outputs land where a keyed send would."""
-        all_partitions = list(range(self.settings.partitions))
-        return self._partitioner(key, all_partitions, all_partitions)
-
-    _partitioner = DefaultPartitioner()
+        """Partition of a lead-keyed record. crc32 (C speed) rather than Kafka's murmur2, which is pure
+        Python in aiokafka and cost ~15 us per record; readers only need "same key, same partition"."""
+        return zlib.crc32(key) % self.settings.partitions
 
     async def send(self, outputs: Outputs) -> None:
         futures = []

@@ -1,0 +1,321 @@
+"""Lead Profile read model: who a lead is, where they came from, and their click-stream 5 sessions at a time.
+
+Read straight from ClickHouse in four queries, each narrowed by a primary-key prefix:
+1. `LEAD_SQL`: the lead (a lead id that was merged away resolves to the surviving lead) and the size of
+   its account.
+2. `LEAD_LINKS_SQL`: every visitor -> lead row of the visitors that point to the lead. A visitor belongs
+   to a lead from its row's `since_ts_ms` until the visitor's next row (a shared computer that identified
+   as a second contact has two rows), so ownership is a set of time intervals per visitor.
+3. `SESSIONS_SQL`: the sessions of those visitors; a session belongs to the lead when it overlaps one of
+   the intervals. First touch, last touch, the total and the page come from this one list.
+4. `EVENTS_SQL`: the events of the page's sessions, by (site_id, visitor_id, ts_ms) range.
+Everything between the queries is pure Python over their rows, so it is tested without a server.
+
+Every SQL text is a module-level constant: docs/queries.md quotes them and its test checks they match.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Literal, Protocol, Sequence
+
+PAGE_SIZE = 5
+FOREVER_MS = 2**64 - 1  # open end of a visitor's last ownership interval (UInt64 max, as in ClickHouse)
+
+_CURRENT_LEAD_ID = (
+    "(SELECT if(merged_into = '', lead_id, merged_into) FROM leads FINAL"
+    " WHERE site_id = %(site_id)s AND lead_id = %(lead_id)s)"
+)
+
+LEAD_SQL = f"""SELECT lead_id, email, account_domain, first_ts_ms, last_ts_ms,
+    (SELECT count() FROM leads FINAL
+     WHERE site_id = %(site_id)s AND merged_into = '' AND account_domain != ''
+       AND account_domain IN (SELECT account_domain FROM leads FINAL
+                              WHERE site_id = %(site_id)s AND lead_id IN {_CURRENT_LEAD_ID})) AS account_leads
+FROM leads FINAL
+WHERE site_id = %(site_id)s AND lead_id IN {_CURRENT_LEAD_ID}"""
+
+LEAD_LINKS_SQL = """SELECT visitor_id, since_ts_ms, lead_id
+FROM visitor_leads FINAL
+WHERE site_id = %(site_id)s
+  AND visitor_id IN (SELECT visitor_id FROM visitor_leads WHERE site_id = %(site_id)s AND lead_id = %(lead_id)s)
+ORDER BY visitor_id, since_ts_ms"""
+
+SESSION_COLUMNS = (
+    "session_id", "visitor_id", "session_index", "start_ms", "end_ms", "duration_ms", "event_count",
+    "pageview_count", "landing_url", "exit_url", "referrer", "channel", "utm_source", "utm_medium",
+    "utm_campaign", "device", "browser", "os",
+)  # fmt: skip
+
+SESSIONS_SQL = f"""SELECT {', '.join(SESSION_COLUMNS)}
+FROM sessions FINAL
+WHERE site_id = %(site_id)s AND visitor_id IN %(visitors)s AND merged_into = ''
+ORDER BY start_ms DESC, session_id DESC"""
+
+EVENTS_SQL = """SELECT visitor_id, ts_ms, type, url, title, name
+FROM events
+WHERE site_id = %(site_id)s AND visitor_id IN %(visitors)s AND ts_ms >= %(from_ms)s AND ts_ms <= %(to_ms)s
+ORDER BY ts_ms, event_id"""
+
+ACCOUNT_LEADS_SQL = """SELECT lead_id, email, length(visitors) AS visitor_count, first_ts_ms, last_ts_ms
+FROM leads FINAL
+WHERE site_id = %(site_id)s AND account_domain = %(domain)s AND merged_into = ''
+ORDER BY last_ts_ms DESC, lead_id"""
+
+# A visitor's ownership intervals [since_ts_ms, until_ts_ms) as rows; pasted into the lead-level analyst
+# queries too (ClickHouse 18.16 has no CTEs). The first link of a visitor is taken to cover its whole
+# earlier history, as in `ownership` below.
+OWNERSHIP_SQL = """SELECT visitor_id, lead_id, since_ts_ms, until_ts_ms
+FROM (
+    SELECT visitor_id,
+           arraySort(groupArray((since_ts_ms, lead_id))) AS links,
+           arrayMap(link -> tupleElement(link, 1), links) AS starts
+    FROM visitor_leads FINAL
+    WHERE site_id = %(site_id)s
+    GROUP BY visitor_id
+)
+ARRAY JOIN
+    arrayMap(link -> tupleElement(link, 2), links) AS lead_id,
+    arrayPushFront(arrayPopFront(starts), toUInt64(0)) AS since_ts_ms,
+    arrayPushBack(arrayPopFront(starts), toUInt64(18446744073709551615)) AS until_ts_ms"""
+
+LEADS_BY_CHANNEL_SQL = f"""SELECT channel, countIf(touch = 'first') AS first_touch_leads, countIf(touch = 'last') AS last_touch_leads
+FROM (
+    SELECT lead_id, argMin(channel, (start_ms, session_id)) AS first_channel,
+           argMax(channel, (start_ms, session_id)) AS last_channel
+    FROM (
+        SELECT visitor_id, session_id, start_ms, channel FROM sessions FINAL
+        WHERE site_id = %(site_id)s AND merged_into = '' AND is_bot = 0
+    )
+    ALL INNER JOIN ({OWNERSHIP_SQL}) USING visitor_id
+    WHERE start_ms >= since_ts_ms AND start_ms < until_ts_ms
+    GROUP BY lead_id
+)
+ARRAY JOIN [first_channel, last_channel] AS channel, ['first', 'last'] AS touch
+GROUP BY channel
+ORDER BY first_touch_leads DESC, channel"""
+
+
+class Client(Protocol):
+    """What we need of clickhouse_driver.Client (tests pass a chdb-backed stand-in)."""
+
+    def execute(self, query: str, params: dict[str, Any] | None = None) -> list[tuple]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """`merged_from` is the requested lead id when it had been merged into `lead_id`, else ''."""
+
+    lead_id: str
+    email: str
+    known: bool
+    visitors: tuple[str, ...]
+    merged_from: str
+    first_seen_ms: int
+    last_seen_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    domain: str
+    other_leads: int
+
+
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """How the lead arrived in its first (or latest) session, across all of its visitors."""
+
+    ts_ms: int
+    channel: str
+    referrer: str
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    landing_url: str
+    visitor_id: str
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileEvent:
+    ts_ms: int
+    type: str
+    url: str
+    title: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSession:
+    """One row of SESSIONS_SQL (same field order as SESSION_COLUMNS) plus its events in time order."""
+
+    session_id: str
+    visitor_id: str
+    session_index: int
+    start_ms: int
+    end_ms: int
+    duration_ms: int
+    event_count: int
+    pageview_count: int
+    landing_url: str
+    exit_url: str
+    referrer: str
+    channel: str
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    device: str
+    browser: str
+    os: str
+    events: tuple[ProfileEvent, ...] = ()
+
+
+assert tuple(f.name for f in fields(ProfileSession))[:-1] == SESSION_COLUMNS
+
+
+@dataclass(frozen=True, slots=True)
+class LeadProfile:
+    """The Lead Profile page: JSON-ready (orjson.dumps serialises it as is)."""
+
+    identity: Identity
+    account: Account | None
+    first_touch: Touch | None
+    last_touch: Touch | None
+    session_count: int
+    page: int
+    page_size: int
+    sessions: tuple[ProfileSession, ...]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AccountLead:
+    lead_id: str
+    email: str
+    known: bool
+    visitor_count: int
+    first_seen_ms: int
+    last_seen_ms: int
+
+
+Intervals = dict[str, list[tuple[int, int]]]
+
+
+def ownership(links: Iterable[tuple[str, int, str]], lead_id: str) -> Intervals:
+    """Per visitor, the [since, until) intervals in which it belongs to `lead_id`.
+
+    `links` are (visitor_id, since_ts_ms, lead_id) sorted by visitor then since. A visitor's first link
+    starts at 0: whatever it did before it was first linked is the same person's history.
+    """
+    by_visitor: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for visitor_id, since_ts_ms, owner in links:
+        by_visitor[visitor_id].append((since_ts_ms, owner))
+    owned: Intervals = {}
+    for visitor_id, rows in by_visitor.items():
+        intervals: list[tuple[int, int]] = []
+        for i, (since, owner) in enumerate(rows):
+            if owner != lead_id:
+                continue
+            start = 0 if i == 0 else since
+            until = rows[i + 1][0] if i + 1 < len(rows) else FOREVER_MS
+            if intervals and intervals[-1][1] == start:  # consecutive links to the same lead
+                start = intervals.pop()[0]
+            intervals.append((start, until))
+        if intervals:
+            owned[visitor_id] = intervals
+    return owned
+
+
+def _overlaps(intervals: Sequence[tuple[int, int]], start_ms: int, end_ms: int) -> bool:
+    return any(since <= end_ms and start_ms < until for since, until in intervals)
+
+
+def _touch(session: ProfileSession) -> Touch:
+    s = session
+    return Touch(s.start_ms, s.channel, s.referrer, s.utm_source, s.utm_medium, s.utm_campaign, s.landing_url,
+                 s.visitor_id, s.session_id)
+
+
+def owned_sessions(rows: Iterable[Sequence], owned: Intervals) -> list[ProfileSession]:
+    """SESSIONS_SQL rows that overlap the lead's ownership, newest first (the query's order is kept)."""
+    sessions = (ProfileSession(*row) for row in rows)
+    return [s for s in sessions if _overlaps(owned.get(s.visitor_id, ()), s.start_ms, s.end_ms)]
+
+
+def attach_events(page: Sequence[ProfileSession], event_rows: Iterable[Sequence], owned: Intervals) -> tuple[ProfileSession, ...]:
+    """Give each session of the page its events: same visitor, inside the session's time span and inside
+    the lead's ownership (a shared computer's session may hold another contact's events)."""
+    by_visitor: dict[str, list[tuple[int, ProfileEvent]]] = defaultdict(list)
+    for visitor_id, ts_ms, type_, url, title, name in event_rows:
+        if any(since <= ts_ms < until for since, until in owned.get(visitor_id, ())):
+            by_visitor[visitor_id].append((ts_ms, ProfileEvent(ts_ms, type_, url, title, name)))
+    filled = []
+    for session in page:
+        timeline = by_visitor.get(session.visitor_id, [])  # sorted by ts: EVENTS_SQL orders by ts_ms
+        times = [ts for ts, _ in timeline]
+        lo, hi = bisect_left(times, session.start_ms), bisect_right(times, session.end_ms)
+        events = tuple(event for _, event in timeline[lo:hi])
+        filled.append(_replace_events(session, events))
+    return tuple(filled)
+
+
+def _replace_events(session: ProfileSession, events: tuple[ProfileEvent, ...]) -> ProfileSession:
+    return ProfileSession(*(getattr(session, name) for name in SESSION_COLUMNS), events=events)
+
+
+def lead_profile(client: Client, site_id: str, lead_id: str, page: int = 0, page_size: int = PAGE_SIZE) -> LeadProfile | None:
+    """The profile of `lead_id` (or of the lead it was merged into) with sessions page `page`, newest first.
+    None if the site has no such lead."""
+    if page < 0 or page_size < 1:
+        raise ValueError("page must be >= 0 and page_size >= 1")
+    lead_rows = client.execute(LEAD_SQL, {"site_id": site_id, "lead_id": lead_id})
+    if not lead_rows:
+        return None
+    current_id, email, domain, first_seen_ms, last_seen_ms, account_leads = lead_rows[0]
+    owned = ownership(client.execute(LEAD_LINKS_SQL, {"site_id": site_id, "lead_id": current_id}), current_id)
+    visitors = tuple(sorted(owned))
+    sessions = (
+        owned_sessions(client.execute(SESSIONS_SQL, {"site_id": site_id, "visitors": visitors}), owned)
+        if visitors else []
+    )
+    start = page * page_size
+    page_sessions = sessions[start:start + page_size]
+    if page_sessions:
+        params = {
+            "site_id": site_id,
+            "visitors": tuple(sorted({s.visitor_id for s in page_sessions})),
+            "from_ms": min(s.start_ms for s in page_sessions),
+            "to_ms": max(s.end_ms for s in page_sessions),
+        }
+        page_sessions = attach_events(page_sessions, client.execute(EVENTS_SQL, params), owned)
+    identity = Identity(
+        current_id, email, bool(email), visitors, lead_id if lead_id != current_id else "", first_seen_ms, last_seen_ms
+    )
+    return LeadProfile(
+        identity=identity,
+        account=Account(domain, max(account_leads - 1, 0)) if domain else None,
+        first_touch=_touch(sessions[-1]) if sessions else None,
+        last_touch=_touch(sessions[0]) if sessions else None,
+        session_count=len(sessions),
+        page=page,
+        page_size=page_size,
+        sessions=tuple(page_sessions),
+        has_more=len(sessions) > start + page_size,
+    )
+
+
+def account_leads(client: Client, site_id: str, domain: str) -> list[AccountLead]:
+    """An account's current leads, most recently active first."""
+    rows = client.execute(ACCOUNT_LEADS_SQL, {"site_id": site_id, "domain": domain})
+    return [AccountLead(lead, email, bool(email), visitors, first, last) for lead, email, visitors, first, last in rows]
+
+
+def leads_by_channel(client: Client, site_id: str, touch: Literal["first", "last"] = "first") -> dict[str, int]:
+    """How many leads each channel brought, by the channel of their first (or latest) session."""
+    if touch not in ("first", "last"):
+        raise ValueError("touch must be 'first' or 'last'")
+    column = 1 if touch == "first" else 2
+    rows = client.execute(LEADS_BY_CHANNEL_SQL, {"site_id": site_id})
+    return {row[0]: row[column] for row in sorted(rows, key=lambda r: (-r[column], r[0])) if row[column]}
