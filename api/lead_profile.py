@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from textwrap import indent
 from typing import Any, Iterable, Literal, Protocol, Sequence
 
 PAGE_SIZE = 5
@@ -42,17 +43,6 @@ FROM visitor_leads FINAL
 WHERE site_id = %(site_id)s
   AND visitor_id IN (SELECT visitor_id FROM visitor_leads WHERE site_id = %(site_id)s AND lead_id = %(lead_id)s)
 ORDER BY visitor_id, since_ts_ms"""
-
-SESSION_COLUMNS = (
-    "session_id", "visitor_id", "session_index", "start_ms", "end_ms", "duration_ms", "event_count",
-    "pageview_count", "landing_url", "exit_url", "referrer", "channel", "utm_source", "utm_medium",
-    "utm_campaign", "device", "browser", "os",
-)  # fmt: skip
-
-SESSIONS_SQL = f"""SELECT {', '.join(SESSION_COLUMNS)}
-FROM sessions FINAL
-WHERE site_id = %(site_id)s AND visitor_id IN %(visitors)s AND merged_into = ''
-ORDER BY start_ms DESC, session_id DESC"""
 
 EVENTS_SQL = """SELECT visitor_id, ts_ms, type, url, title, name
 FROM events
@@ -89,7 +79,9 @@ FROM (
         SELECT visitor_id, session_id, start_ms, channel FROM sessions FINAL
         WHERE site_id = %(site_id)s AND merged_into = '' AND is_bot = 0
     )
-    ALL INNER JOIN ({OWNERSHIP_SQL}) USING visitor_id
+    ALL INNER JOIN (
+{indent(OWNERSHIP_SQL, ' ' * 8)}
+    ) USING visitor_id
     WHERE start_ms >= since_ts_ms AND start_ms < until_ts_ms
     GROUP BY lead_id
 )
@@ -98,7 +90,7 @@ GROUP BY channel
 ORDER BY first_touch_leads DESC, channel"""
 
 
-class Client(Protocol):
+class QueryClient(Protocol):
     """What we need of clickhouse_driver.Client (tests pass a chdb-backed stand-in)."""
 
     def execute(self, query: str, params: dict[str, Any] | None = None) -> list[tuple]: ...
@@ -149,7 +141,7 @@ class ProfileEvent:
 
 @dataclass(frozen=True, slots=True)
 class ProfileSession:
-    """One row of SESSIONS_SQL (same field order as SESSION_COLUMNS) plus its events in time order."""
+    """A session as SESSIONS_SQL selects it (its columns are these fields, in order) plus its events."""
 
     session_id: str
     visitor_id: str
@@ -172,7 +164,11 @@ class ProfileSession:
     events: tuple[ProfileEvent, ...] = ()
 
 
-assert tuple(f.name for f in fields(ProfileSession))[:-1] == SESSION_COLUMNS
+SESSION_COLUMNS = tuple(f.name for f in fields(ProfileSession) if f.name != "events")
+SESSIONS_SQL = f"""SELECT {', '.join(SESSION_COLUMNS)}
+FROM sessions FINAL
+WHERE site_id = %(site_id)s AND visitor_id IN %(visitors)s AND merged_into = ''
+ORDER BY start_ms DESC, session_id DESC"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,15 +253,11 @@ def attach_events(page: Sequence[ProfileSession], event_rows: Iterable[Sequence]
         times = [ts for ts, _ in timeline]
         lo, hi = bisect_left(times, session.start_ms), bisect_right(times, session.end_ms)
         events = tuple(event for _, event in timeline[lo:hi])
-        filled.append(_replace_events(session, events))
+        filled.append(replace(session, events=events))
     return tuple(filled)
 
 
-def _replace_events(session: ProfileSession, events: tuple[ProfileEvent, ...]) -> ProfileSession:
-    return ProfileSession(*(getattr(session, name) for name in SESSION_COLUMNS), events=events)
-
-
-def lead_profile(client: Client, site_id: str, lead_id: str, page: int = 0, page_size: int = PAGE_SIZE) -> LeadProfile | None:
+def lead_profile(client: QueryClient, site_id: str, lead_id: str, page: int = 0, page_size: int = PAGE_SIZE) -> LeadProfile | None:
     """The profile of `lead_id` (or of the lead it was merged into) with sessions page `page`, newest first.
     None if the site has no such lead."""
     if page < 0 or page_size < 1:
@@ -306,13 +298,13 @@ def lead_profile(client: Client, site_id: str, lead_id: str, page: int = 0, page
     )
 
 
-def account_leads(client: Client, site_id: str, domain: str) -> list[AccountLead]:
+def account_leads(client: QueryClient, site_id: str, domain: str) -> list[AccountLead]:
     """An account's current leads, most recently active first."""
     rows = client.execute(ACCOUNT_LEADS_SQL, {"site_id": site_id, "domain": domain})
     return [AccountLead(lead, email, bool(email), visitors, first, last) for lead, email, visitors, first, last in rows]
 
 
-def leads_by_channel(client: Client, site_id: str, touch: Literal["first", "last"] = "first") -> dict[str, int]:
+def leads_by_channel(client: QueryClient, site_id: str, touch: Literal["first", "last"] = "first") -> dict[str, int]:
     """How many leads each channel brought, by the channel of their first (or latest) session."""
     if touch not in ("first", "last"):
         raise ValueError("touch must be 'first' or 'last'")

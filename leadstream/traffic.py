@@ -529,6 +529,8 @@ class _Visitor:
 
 
 _SPAWN, _SESSION, _EMIT = 0, 1, 2
+# Time on a page: 2 s + this * U³, i.e. 2 s to 4 min, mostly short (median ~32 s); far below the 30 min timeout.
+_DWELL_SPAN_MS = 240_000
 _ARRIVAL = itemgetter(0)
 
 
@@ -568,6 +570,7 @@ class TrafficGenerator:
         self.site_urls = {site: f"https://{_site_host(index)}" for index, site in enumerate(self.site_ids)}
         self.mix = plan(visitors, seed)
         self._future_ms = (_UNKNOWN_NOW_MS if now_ms is None else now_ms) + 3 * DAY
+        self._broken_below = duplicate_ratio + malformed_ratio
         self._counts = dict.fromkeys(_TAGS, 0)
         self._rng = Random()
         self._heap: list[tuple[int, int, int, object]] = []  # the simulation's agenda, see events()
@@ -761,10 +764,6 @@ class TrafficGenerator:
             return rng.randrange(16 * HOUR, 30 * HOUR)
         return rng.randrange(40 * HOUR, 80 * HOUR)
 
-    def _dwell(self) -> int:
-        """Time on a page: 2 s to 4 min, mostly short (median ~30 s), far below the inactivity timeout."""
-        return 2000 + int(self._rng.random() ** 3 * 240_000)
-
     def _session_ip(self, v: _Visitor) -> str:
         rng = self._rng
         if v.office < 0 or rng.random() < 0.2:  # working from home now and then
@@ -816,25 +815,25 @@ class TrafficGenerator:
         if v.known and rng.random() < 0.4:
             self._identify(items, v, ts, landing_url, ip, "returning")
             ts += rng.randrange(5, 200)
-        previous = referrer
+        if referrer and v.referrer_events:
+            event = self._event(v, "referrer", ts + 3, landing_url, ip)
+            event["referrer"] = referrer
+            self._add(items, v.key, event, ts + 3)
+        if action == "junk_identify":
+            event = self._event(v, "identify", ts + 50, landing_url, ip)
+            event["email"] = rng.choice(_JUNK_IDS)
+            self._add(items, v.key, event, ts + 50)
+        previous, url, base_url, random = referrer, landing_url, v.base_url, rng.random
         for index, page in enumerate(pages):
             if index:
-                ts += self._dwell()
-            url = landing_url if index == 0 else v.base_url + page.path
+                ts += 2000 + int(random() ** 3 * _DWELL_SPAN_MS)
+                url = base_url + page.path
             self._pageview(items, v, ts, url, previous, page.title, ip)
-            if index == 0 and referrer and v.referrer_events:
-                event = self._event(v, "referrer", ts + 3, url, ip)
-                event["referrer"] = referrer
-                self._add(items, v.key, event, ts + 3)
-            if page.custom_events and rng.random() < 0.15:
+            if page.custom_events and random() < 0.15:
                 self._custom(items, v, ts + rng.randrange(2000, 30_000), url, ip, *rng.choice(page.custom_events))
-            if action == "login" and page.path == "/login":
+            if page.path == "/login" and action == "login":
                 ts += rng.randrange(4000, 20_000)
                 self._identify(items, v, ts, url, ip, "login")
-            elif action == "junk_identify" and index == 0:
-                event = self._event(v, "identify", ts + 50, url, ip)
-                event["email"] = rng.choice(_JUNK_IDS)
-                self._add(items, v.key, event, ts + 50)
             previous = url
         if form is not None:
             ts += rng.randrange(20_000, 120_000)
@@ -843,11 +842,11 @@ class TrafficGenerator:
             thanks = _PAGES["/thank-you"]
             self._pageview(items, v, ts, v.base_url + thanks.path, previous, thanks.title, ip)
             previous = v.base_url + thanks.path
-        if rng.random() < 0.7:
-            ts += self._dwell()
-            event = self._event(v, "exit", ts, previous, ip)
-            event["properties"] = {"time_on_page_s": rng.randrange(2, 600)}
-            self._add(items, v.key, event, ts)
+        if random() < 0.7:
+            dwell = 2000 + int(random() ** 3 * _DWELL_SPAN_MS)
+            event = self._event(v, "exit", ts + dwell, previous, ip)
+            event["properties"] = {"time_on_page_s": dwell // 1000}
+            self._add(items, v.key, event, ts + dwell)
 
     def _mail_open(self, v: _Visitor, start: int, items: list) -> None:
         event = self._event(v, "email_open", start, None, self._session_ip(v))
@@ -945,7 +944,7 @@ class TrafficGenerator:
         roll = rng.random()
         if roll < self.duplicate_ratio:
             items.append((arrival + rng.randrange(300, 15_000), key, value, _DUPLICATE))
-        elif roll < self.duplicate_ratio + self.malformed_ratio:
+        elif roll < self._broken_below:
             items.append(self._malformed(event, key, arrival + rng.randrange(1, 2000)))
 
     def _malformed(self, event: dict, key: bytes, arrival: int) -> tuple[int, bytes, bytes, str]:

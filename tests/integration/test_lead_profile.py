@@ -1,0 +1,346 @@
+"""Lead Profile read model, analyst queries (docs/queries.md) and the profile benchmark.
+
+One small known dataset is loaded twice: into the real ClickHouse 18.16 server (integration tests) and into
+chdb, an in-process current ClickHouse (plain tests), so every query is proven on both engines.
+
+Dataset (site "demo"): lead-ada (ada@acme.com) owns visitors va1 and va2 with 7 sessions; lead-anon was
+merged into her. lead-bob (acme.com too) and lead-cyd share the computer "vs": it was Bob's until Cyd
+identified on it at SHARED_MS, in the middle of a session.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import orjson
+import pytest
+from clickhouse_driver.util.escape import escape_param, escape_params
+from hypothesis import given
+from hypothesis import strategies as st
+
+from api import lead_profile as lp
+from leadstream.bench_profile import run_profile_bench
+from sinks import clickhouse
+
+SITE = "demo"
+HOUR_MS = 3_600_000
+MINUTE_MS = 60_000
+BASE_MS = (int(time.time()) // 86_400 - 3) * 86_400_000  # midnight UTC three days ago: inside "last 30 days"
+SHARED_MS = BASE_MS + 30 * HOUR_MS
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "queries.md"
+
+Insert = Callable[[str, Sequence[str], list[tuple]], None]
+
+# (session id, visitor, start, channel, referrer, utm_source, utm_medium, utm_campaign, [(type, path), ...])
+ADA_SESSIONS = [
+    ("s-ada-1", "va2", BASE_MS, "organic", "https://www.google.com/", "", "", "", [("pageview", "/"), ("pageview", "/blog")]),
+    ("s-ada-2", "va1", BASE_MS + 2 * HOUR_MS, "direct", "", "", "", "", [("pageview", "/blog/kafka")]),
+    ("s-ada-3", "va1", BASE_MS + 4 * HOUR_MS, "social", "https://t.co/", "", "", "", [("pageview", "/"), ("pageview", "/about")]),
+    ("s-ada-4", "va2", BASE_MS + 6 * HOUR_MS, "referral", "https://news.ycombinator.com/", "", "", "",
+     [("pageview", "/"), ("pageview", "/pricing"), ("form_submit", "/pricing"), ("identify", "/pricing")]),
+    ("s-ada-5", "va1", BASE_MS + 8 * HOUR_MS, "email", "", "newsletter", "email", "march", [("pageview", "/pricing")]),
+    ("s-ada-6", "va2", BASE_MS + 10 * HOUR_MS, "organic", "https://www.bing.com/", "", "", "", [("pageview", "/docs"), ("pageview", "/docs/api")]),
+    ("s-ada-7", "va1", BASE_MS + 12 * HOUR_MS, "paid", "https://www.google.com/", "google", "cpc", "spring",
+     [("pageview", "/pricing"), ("pageview", "/signup"), ("custom", "/signup")]),
+]
+SHARED_SESSIONS = [
+    ("s-bob-1", "vb", BASE_MS + 20 * HOUR_MS, "direct", "", "", "", "", [("pageview", "/")]),
+    ("s-vs-1", "vs", SHARED_MS - 5 * HOUR_MS, "referral", "https://example.org/", "", "", "", [("pageview", "/docs")]),
+    ("s-vs-3", "vs", SHARED_MS + 3 * HOUR_MS, "email", "", "digest", "email", "april", [("pageview", "/pricing")]),
+]
+# straddles SHARED_MS: the first event is Bob's, the identify and what follows are Cyd's
+STRADDLING = ("s-vs-2", "vs", SHARED_MS - 10 * MINUTE_MS, "organic", "https://duckduckgo.com/", "", "", "",
+              [("pageview", "/"), ("identify", "/"), ("pageview", "/pricing")])
+SESSION_SPECS = ADA_SESSIONS + SHARED_SESSIONS + [STRADDLING]
+
+EVENT_COLUMNS = ("event_id", "site_id", "type", "ts_ms", "visitor_id", "url", "url_path", "title", "name",
+                 "channel", "email", "session_id", "referrer", "utm_source", "utm_medium", "utm_campaign")
+SESSION_COLUMNS = ("session_id", "site_id", "visitor_id", "session_index", "start_ms", "end_ms", "duration_ms",
+                   "event_count", "pageview_count", "landing_url", "exit_url", "referrer", "channel", "utm_source",
+                   "utm_medium", "utm_campaign", "device", "browser", "os", "email", "merged_into", "version")
+
+
+def _event_times(spec) -> list[int]:
+    session_id, _, start, *_, steps = spec
+    if session_id == "s-vs-2":
+        return [start, SHARED_MS, SHARED_MS + 10 * MINUTE_MS]
+    return [start + i * MINUTE_MS for i in range(len(steps))]
+
+
+def _email(visitor: str, type_: str) -> str:
+    if type_ not in ("identify", "form_submit"):
+        return ""
+    return "cyd@globex.com" if visitor == "vs" else "ada@acme.com"
+
+
+def _session_row(**values: Any) -> tuple:
+    defaults = {"site_id": SITE, "device": "desktop", "browser": "Chrome", "os": "Linux", "version": 2}
+    return tuple({**defaults, **values}.get(column, "" if column not in _NUMERIC else 0) for column in SESSION_COLUMNS)
+
+
+_NUMERIC = {"session_index", "start_ms", "end_ms", "duration_ms", "event_count", "pageview_count", "version"}
+
+
+def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
+    """Every table's rows, including superseded versions that only FINAL / argMax hide."""
+    events, sessions = [], []
+    for spec in SESSION_SPECS:
+        session_id, visitor, start, channel, referrer, source, medium, campaign, steps = spec
+        times = _event_times(spec)
+        urls = [f"https://acme.com{path}" for _, path in steps]
+        for i, ((type_, path), ts, url) in enumerate(zip(steps, times, urls)):
+            events.append((f"{session_id}-e{i}", SITE, type_, ts, visitor, url, path, f"Acme {path}",
+                           "signup_click" if type_ == "custom" else "", channel, _email(visitor, type_), session_id,
+                           referrer, source, medium, campaign))
+        sessions.append(_session_row(
+            session_id=session_id, visitor_id=visitor, start_ms=start, end_ms=times[-1], duration_ms=times[-1] - start,
+            session_index=sum(1 for other in SESSION_SPECS if other[1] == visitor and other[2] <= start),
+            event_count=len(steps), pageview_count=sum(t == "pageview" for t, _ in steps), landing_url=urls[0],
+            exit_url=urls[-1], referrer=referrer, channel=channel, utm_source=source, utm_medium=medium,
+            utm_campaign=campaign, email=next((_email(visitor, t) for t, _ in steps if _email(visitor, t)), ""),
+        ))
+    latest = dict(zip(SESSION_COLUMNS, next(s for s in sessions if s[0] == "s-ada-7")))
+    superseded_start = BASE_MS + 2 * HOUR_MS - MINUTE_MS
+    sessions += [
+        _session_row(**latest | {"channel": "direct", "version": 1}),  # an older version of s-ada-7
+        _session_row(session_id="s-ada-0", visitor_id="va1", start_ms=superseded_start, end_ms=superseded_start,
+                     event_count=1, channel="direct", version=1),  # ... became s-ada-2: only its tombstone is current
+        _session_row(session_id="s-ada-0", visitor_id="va1", start_ms=superseded_start, merged_into="s-ada-2", version=3),
+    ]
+    ada_first, ada_last = BASE_MS, BASE_MS + 12 * HOUR_MS + 2 * MINUTE_MS
+    leads = [
+        ("lead-ada", SITE, "ada@acme.com", ["va1", "va2"], "acme.com", "", ada_first, ada_last, 2),
+        ("lead-anon", SITE, "", ["va2"], "", "", ada_first, BASE_MS + 6 * HOUR_MS, 1),
+        ("lead-anon", SITE, "", [], "", "lead-ada", ada_first, BASE_MS + 6 * HOUR_MS, 2),
+        ("lead-bob", SITE, "bob@acme.com", ["vb"], "acme.com", "", BASE_MS + 20 * HOUR_MS, SHARED_MS - 10 * MINUTE_MS, 1),
+        ("lead-cyd", SITE, "cyd@globex.com", ["vs"], "globex.com", "", SHARED_MS, SHARED_MS + 3 * HOUR_MS, 1),
+    ]
+    visitor_leads = [
+        (SITE, "va1", 0, "lead-ada", 2), (SITE, "va2", 0, "lead-anon", 1), (SITE, "va2", 0, "lead-ada", 2),
+        (SITE, "vb", 0, "lead-bob", 1), (SITE, "vs", 0, "lead-bob", 1), (SITE, "vs", SHARED_MS, "lead-cyd", 1),
+    ]
+    dlq = [("bad_json", "Expecting value", "{not json", "events.raw", 0, 1, BASE_MS),
+           ("bad_json", "Expecting value", "[", "events.raw", 0, 2, BASE_MS + 1),
+           ("missing_field", "event_id: field required", "{}", "events.raw", 1, 7, BASE_MS + 2)]
+    return {
+        "events": (EVENT_COLUMNS, events),
+        "sessions": (SESSION_COLUMNS, sessions),
+        "leads": (("lead_id", "site_id", "email", "visitors", "account_domain", "merged_into", "first_ts_ms",
+                   "last_ts_ms", "version"), leads),
+        "visitor_leads": (("site_id", "visitor_id", "since_ts_ms", "lead_id", "version"), visitor_leads),
+        "dlq": (("reason", "message", "raw", "topic", "raw_partition", "raw_offset", "received_ms"), dlq),
+    }
+
+
+def load_dataset(insert: Insert) -> None:
+    for table, (columns, rows) in dataset_rows().items():
+        for row in rows:  # one insert per row: each version lands in its own part, as in production
+            insert(table, columns, [row])
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+
+class ChdbClient:
+    """clickhouse_driver.Client's `execute` over a chdb session (current ClickHouse, in process)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def execute(self, query: str, params: dict[str, Any] | None = None) -> list[tuple]:
+        if params is not None:
+            query = query % escape_params(params, None)
+        result = self.session.query(query, "JSONCompact")
+        payload = result.bytes()
+        return [tuple(row) for row in orjson.loads(payload)["data"]] if payload else []
+
+    def insert(self, table: str, columns: Sequence[str], rows: list[tuple]) -> None:
+        values = ", ".join("(" + ", ".join(str(escape_param(v, None)) for v in row) + ")" for row in rows)
+        self.session.query(f"INSERT INTO {table} ({', '.join(columns)}) VALUES {values}")
+
+
+@pytest.fixture(scope="module")
+def chdb_client():
+    from chdb import session as chdb_session
+
+    sess = chdb_session.Session()
+    client = ChdbClient(sess)
+    client.execute("CREATE DATABASE lp")
+    client.execute("USE lp")
+    client.execute("SET output_format_json_quote_64bit_integers = 0")
+    for _, path in clickhouse.migration_files():
+        for statement in clickhouse.split_statements(path.read_text()):
+            client.execute(statement.rstrip(";"))
+    load_dataset(client.insert)
+    yield client
+    sess.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ch_settings(stack_settings):
+    """One fresh database on the real ClickHouse 18.16 for this module, with the dataset loaded."""
+    settings = replace(stack_settings, clickhouse_database=f"lstest_lp_{uuid.uuid4().hex[:8]}")
+    clickhouse.migrate(settings, verbose=False)
+    client = clickhouse.connect(settings)
+    load_dataset(lambda table, columns, rows: clickhouse.insert_columnar(client, table, columns, rows))
+    yield settings
+    admin = clickhouse.connect(settings, database="default")
+    for database in (settings.clickhouse_database, f"{settings.clickhouse_database}_bench"):
+        admin.execute(f"DROP DATABASE IF EXISTS {database}")
+
+
+@pytest.fixture(scope="module")
+def ch_client(ch_settings):
+    return clickhouse.connect(ch_settings)
+
+
+# ------------------------------------------------------------------------------------- shared checks
+
+
+def check_ada_profile(client) -> None:
+    first = lp.lead_profile(client, SITE, "lead-ada")
+    assert first is not None
+    assert first.identity == lp.Identity("lead-ada", "ada@acme.com", True, ("va1", "va2"), "",
+                                         BASE_MS, BASE_MS + 12 * HOUR_MS + 2 * MINUTE_MS)
+    assert first.account == lp.Account("acme.com", 1)
+    assert first.first_touch == lp.Touch(BASE_MS, "organic", "https://www.google.com/", "", "", "",
+                                         "https://acme.com/", "va2", "s-ada-1")
+    assert first.last_touch == lp.Touch(BASE_MS + 12 * HOUR_MS, "paid", "https://www.google.com/", "google", "cpc",
+                                        "spring", "https://acme.com/pricing", "va1", "s-ada-7")
+    assert first.session_count == 7
+    assert [s.session_id for s in first.sessions] == ["s-ada-7", "s-ada-6", "s-ada-5", "s-ada-4", "s-ada-3"]
+    assert first.has_more
+    newest = first.sessions[0]
+    assert (newest.channel, newest.session_index, newest.event_count) == ("paid", 4, 3)
+    assert [(e.type, e.url, e.name) for e in newest.events] == [
+        ("pageview", "https://acme.com/pricing", ""), ("pageview", "https://acme.com/signup", ""),
+        ("custom", "https://acme.com/signup", "signup_click")]
+    assert [e.ts_ms for e in newest.events] == sorted(e.ts_ms for e in newest.events)
+    assert [e.type for e in first.sessions[3].events] == ["pageview", "pageview", "form_submit", "identify"]
+
+    second = lp.lead_profile(client, SITE, "lead-ada", page=1)
+    assert [s.session_id for s in second.sessions] == ["s-ada-2", "s-ada-1"]
+    assert not second.has_more
+    assert [e.title for e in second.sessions[1].events] == ["Acme /", "Acme /blog"]
+    assert lp.lead_profile(client, SITE, "lead-ada", page=2).sessions == ()
+    orjson.dumps(first)  # JSON-ready as is
+
+
+def check_merged_and_shared(client) -> None:
+    merged = lp.lead_profile(client, SITE, "lead-anon")
+    assert (merged.identity.lead_id, merged.identity.merged_from) == ("lead-ada", "lead-anon")
+    assert merged.session_count == 7
+    assert lp.lead_profile(client, SITE, "no-such-lead") is None
+    assert lp.lead_profile(client, "other-site", "lead-ada") is None
+
+    bob = lp.lead_profile(client, SITE, "lead-bob")
+    assert bob.identity.visitors == ("vb", "vs")
+    assert [s.session_id for s in bob.sessions] == ["s-vs-2", "s-vs-1", "s-bob-1"]
+    assert [e.type for e in bob.sessions[0].events] == ["pageview"]  # Cyd's part of the session is hers
+    cyd = lp.lead_profile(client, SITE, "lead-cyd")
+    assert (cyd.identity.visitors, cyd.account) == (("vs",), lp.Account("globex.com", 0))
+    assert [s.session_id for s in cyd.sessions] == ["s-vs-3", "s-vs-2"]
+    assert [e.type for e in cyd.sessions[1].events] == ["identify", "pageview"]
+    assert cyd.first_touch.session_id == "s-vs-2"
+
+
+def check_helpers(client) -> None:
+    leads = lp.account_leads(client, SITE, "acme.com")
+    assert [(a.lead_id, a.known, a.visitor_count) for a in leads] == [("lead-bob", True, 1), ("lead-ada", True, 2)]
+    assert lp.leads_by_channel(client, SITE, "first") == {"direct": 1, "email": 1, "organic": 1}
+    assert lp.leads_by_channel(client, SITE, "last") == {"email": 1, "organic": 1, "paid": 1}
+
+
+def docs_sql_blocks() -> list[str]:
+    return re.findall(r"```sql\n(.*?)```", DOCS.read_text(), flags=re.S)
+
+
+DOC_PARAMS = {"site_id": SITE, "lead_id": "lead-ada", "domain": "acme.com", "visitors": ("va1", "va2"),
+              "from_ms": BASE_MS, "to_ms": BASE_MS + 24 * HOUR_MS}
+
+
+def run_docs_queries(client) -> list[int]:
+    """Row count of every ```sql block of docs/queries.md; %(name)s parameters get DOC_PARAMS."""
+    counts = []
+    for block in docs_sql_blocks():
+        counts.append(len(client.execute(block, DOC_PARAMS if "%(" in block else None)))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- tests
+
+
+def _normalised(sql: str) -> str:
+    return " ".join(sql.split())
+
+
+class TestPureCore:
+    def test_docs_quote_every_module_query(self):
+        docs = {_normalised(block) for block in docs_sql_blocks()}
+        constants = [name for name in dir(lp) if name.endswith("_SQL")]
+        assert len(constants) >= 7
+        assert [name for name in constants if _normalised(getattr(lp, name)) not in docs] == []
+
+    @given(st.lists(st.tuples(st.integers(0, 10**13), st.sampled_from("ABC")), min_size=1, max_size=6,
+                    unique_by=lambda link: link[0]))
+    def test_ownership_partitions_a_visitors_time(self, links):
+        rows = [("v", since, lead) for since, lead in sorted(links)]
+        owned = {lead: lp.ownership(rows, lead).get("v", []) for lead in "ABC"}
+        probes = [0, 10**13 + 1] + [since for since, _ in links] + [since - 1 for since, _ in links if since]
+        for ts in probes:
+            owners = [lead for lead, intervals in owned.items() if any(a <= ts < b for a, b in intervals)]
+            expected = max(((since, lead) for since, lead in sorted(links) if since <= ts), default=sorted(links)[0])[1]
+            assert owners == [expected]
+
+    def test_page_events_stay_inside_their_session_and_ownership(self):
+        owned = {"v": [(0, 1_000)]}
+        rows = [("s1", "v", 1, 900, 990, 90, 2, 2, "", "", "", "direct", "", "", "", "", "", ""),
+                ("s0", "v", 0, 100, 200, 100, 1, 1, "", "", "", "direct", "", "", "", "", "", "")]
+        page = lp.owned_sessions(rows, owned)
+        events = [("v", ts, "pageview", f"u{ts}", "", "") for ts in (100, 150, 300, 900, 995, 1_000)]
+        filled = lp.attach_events(page, events, owned)
+        assert [[e.ts_ms for e in s.events] for s in filled] == [[900], [100, 150]]
+
+
+class TestOnChdb:
+    """The same SQL on a current ClickHouse engine."""
+
+    def test_profile(self, chdb_client):
+        check_ada_profile(chdb_client)
+
+    def test_merged_and_shared_computer(self, chdb_client):
+        check_merged_and_shared(chdb_client)
+
+    def test_helpers(self, chdb_client):
+        check_helpers(chdb_client)
+
+    def test_docs_queries(self, chdb_client):
+        counts = run_docs_queries(chdb_client)
+        assert len(counts) >= 12 and all(counts), counts
+
+
+@pytest.mark.integration
+class TestOnClickHouse18:
+    def test_profile(self, ch_client):
+        check_ada_profile(ch_client)
+
+    def test_merged_and_shared_computer(self, ch_client):
+        check_merged_and_shared(ch_client)
+
+    def test_helpers(self, ch_client):
+        check_helpers(ch_client)
+
+    def test_docs_queries_match_chdb(self, ch_client, chdb_client):
+        counts = run_docs_queries(ch_client)
+        assert all(counts), counts
+        assert counts == run_docs_queries(chdb_client)
+
+    def test_tiny_profile_bench(self, ch_settings, capsys):
+        assert run_profile_bench(ch_settings, events=20_000) == 0
+        out = capsys.readouterr().out
+        assert "lead profile" in out and "funnel" in out and "p99" in out
