@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="run a Faust stream-processing worker")
     worker.add_argument("--name", default="worker", help="distinct name per worker process on one host")
     worker.add_argument("--loglevel", default="warning")
+    sub.add_parser("api", help="run the read API and dashboard (LEADSTREAM_API_KEYS=site:key,...)")
     sink = sub.add_parser("sink", help="run the ClickHouse sinks")
     sink.add_argument("--tables", default="events,dlq,sessions,identity_events,visitor_leads,leads",
                       help="comma-separated table names (default: all)")
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "sink":
         return _run_sink(settings, [t.strip() for t in args.tables.split(",") if t.strip()])
+    if args.command == "api":
+        from api.app import run_api
+
+        run_api(settings)
+        return 0
     if args.command == "demo":
         from leadstream.demo import run_demo
 

@@ -6,7 +6,9 @@ Each run uses its own site id (demo-<time>) so repeated runs never mix in the su
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+import urllib.request
 
 from leadstream.config import Settings
 from leadstream.runner import Role, produce, wait_for
@@ -34,19 +36,45 @@ def summary(settings: Settings, site_id: str, since_ms: int) -> str:
         "SELECT channel, count() AS n, uniqExact(visitor_id) AS visitors FROM events"
         " WHERE site_id = %(site)s AND is_bot = 0 GROUP BY channel ORDER BY n DESC"), ("channel", "events", "visitors")))
     out.append(_table("Sessions", q(
-        "SELECT channel, count() AS sessions, round(avg(duration_ms) / 1000) AS avg_s, sum(is_closed) AS closed"
+        "SELECT channel, count() AS sessions, toUInt64(avg(duration_ms) / 1000) AS avg_s, sum(is_closed) AS closed"
         " FROM sessions FINAL WHERE site_id = %(site)s AND merged_into = '' AND is_bot = 0"
         " GROUP BY channel ORDER BY sessions DESC"), ("channel", "sessions", "avg length s", "closed")))
     out.append(_table("Top landing pages", q(
         "SELECT landing_url, count() AS n FROM sessions FINAL WHERE site_id = %(site)s AND merged_into = ''"
-        " AND is_bot = 0 GROUP BY landing_url ORDER BY n DESC LIMIT 5"), ("landing page", "sessions")))
+        " AND is_bot = 0 AND landing_url != '' GROUP BY landing_url ORDER BY n DESC LIMIT 5"), ("landing page", "sessions")))
     out.append(_table("Bots (stored, flagged)", q(
-        "SELECT browser, count() FROM events WHERE site_id = %(site)s AND is_bot = 1 GROUP BY browser ORDER BY 2 DESC LIMIT 5"),
+        "SELECT browser, count() AS n FROM events WHERE site_id = %(site)s AND is_bot = 1 GROUP BY browser"
+        " ORDER BY n DESC LIMIT 5"),
         ("agent", "events")))
+    out.append(_table("Leads", q(
+        "SELECT if(email = '', 'anonymous', 'known') AS kind, count() FROM leads FINAL WHERE site_id = %(site)s"
+        " AND merged_into = '' GROUP BY kind ORDER BY kind"), ("lead", "count")))
+    out.append(_table("Top accounts", q(
+        "SELECT account_domain, count() AS leads, countIf(email != '') AS known FROM leads FINAL"
+        " WHERE site_id = %(site)s AND merged_into = '' AND account_domain != ''"
+        " GROUP BY account_domain ORDER BY leads DESC, account_domain LIMIT 8"), ("account", "leads", "known")))
+    out.append(_table("Identity events", q(
+        "SELECT kind, count() AS n FROM identity_events FINAL WHERE site_id = %(site)s GROUP BY kind ORDER BY n DESC"),
+        ("kind", "events")))
     out.append(_table("Dead letters of this run, by reason", q(
         "SELECT reason, count() AS n FROM dlq WHERE received_ms >= %(since)s GROUP BY reason ORDER BY n DESC"),
         ("reason", "messages")))
     return "\n".join(out)
+
+
+def _start_api(settings: Settings, site_id: str) -> str:
+    """(Re)start the API in the background with a key for this demo site; return the dashboard URL."""
+    key = secrets.token_urlsafe(12)
+    Role(settings, "api", "api", env={"LEADSTREAM_API_KEYS": f"{site_id}:{key}"}).start_detached()
+    base = f"http://{settings.api_host}:{settings.api_port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=1):
+                break
+        except OSError:
+            time.sleep(0.3)
+    return f"{base}/?site={site_id}&key={key}"
 
 
 def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
@@ -70,6 +98,8 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
                  params={"since": since_ms}, label="dead letters", progress=True)
         print(f"  all {sent:,} events accounted for in {time.monotonic() - started:.1f}s", flush=True)
         print(summary(settings, site_id, since_ms))
+        url = _start_api(settings, site_id)
+        print(f"\nDashboard (API keeps running; ./dev down stops everything):\n  {url}")
         print(f"\nQuery it yourself: clickhouse-client --port {settings.clickhouse_port} -d {settings.clickhouse_database}"
               f" -q \"SELECT type, count() FROM events WHERE site_id = '{site_id}' GROUP BY type\"")
     finally:

@@ -26,6 +26,7 @@ class Role:
 
     def __init__(self, settings: Settings, name: str, *args: str, env: dict[str, str] | None = None):
         self.name = name
+        self.settings = settings
         log_dir = Path(settings.stack_dir) / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{settings.name(name)}.log"
@@ -37,6 +38,15 @@ class Role:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         log.close()
+        return self
+
+    def start_detached(self) -> "Role":
+        """Start a role that outlives this command (the demo's API); `leadstream stack down` stops it."""
+        pid_file = detached_pid_file(self.settings, self.name)
+        if pid_file.exists():
+            stop_detached(pid_file)
+        self.start()
+        pid_file.write_text(str(self.proc.pid))
         return self
 
     def kill(self) -> None:
@@ -61,6 +71,20 @@ class Role:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def detached_pid_file(settings: Settings, name: str) -> Path:
+    directory = Path(settings.stack_dir) / "roles"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / f"{name}.pid"
+
+
+def stop_detached(pid_file: Path) -> None:
+    try:
+        os.killpg(int(pid_file.read_text().strip()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+    pid_file.unlink(missing_ok=True)
 
 
 async def produce(settings: Settings, records: Iterable[tuple[bytes | None, bytes]], progress_every: int = 0,

@@ -286,6 +286,11 @@ def up(settings: Settings) -> None:
 
 
 def down(settings: Settings) -> None:
+    from leadstream.runner import stop_detached
+
+    for pid_file in sorted((Path(settings.stack_dir) / "roles").glob("*.pid")):
+        stop_detached(pid_file)
+        print(f"  {pid_file.stem:<10} stopped", flush=True)
     for server in reversed(servers(settings)):
         server.down()
 

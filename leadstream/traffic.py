@@ -22,6 +22,7 @@ import itertools
 import time
 import unicodedata
 from bisect import bisect_right
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -528,7 +529,7 @@ class _Visitor:
         self.email_landing: tuple[str, str | None] | None = None  # first session is an email click: (url, referrer)
 
 
-_SPAWN, _SESSION, _EMIT = 0, 1, 2
+_WINDOW_MS = MINUTE  # messages are collected per minute of arrival, then sorted and sent
 # Time on a page: 2 s + this * U³, i.e. 2 s to 4 min, mostly short (median ~32 s); far below the 30 min timeout.
 _DWELL_SPAN_MS = 240_000
 _ARRIVAL = itemgetter(0)
@@ -571,10 +572,12 @@ class TrafficGenerator:
         self.mix = plan(visitors, seed)
         self._future_ms = (_UNKNOWN_NOW_MS if now_ms is None else now_ms) + 3 * DAY
         self._broken_below = duplicate_ratio + malformed_ratio
+        self._campaign_sends = [start_ms + campaign.send_offset_ms for campaign in _CAMPAIGNS]
         self._counts = dict.fromkeys(_TAGS, 0)
         self._rng = Random()
-        self._heap: list[tuple[int, int, int, object]] = []  # the simulation's agenda, see events()
-        self._tick = itertools.count()  # heap tie-breaker: equal times keep insertion order
+        self._agenda: list[tuple[int, int, _Visitor | None]] = []  # see events()
+        self._tick = itertools.count()  # agenda tie-breaker: equal times keep insertion order
+        self._outbox: defaultdict[int, list[tuple[int, bytes, bytes, str]]] = defaultdict(list)
 
     @property
     def by_type(self) -> dict[str, int]:
@@ -593,42 +596,46 @@ class TrafficGenerator:
         return {reason: self._counts[reason] for reason in MALFORMED_REASONS}
 
     def events(self) -> Iterator[tuple[bytes, bytes]]:
-        """All messages in arrival order: a discrete-event simulation over people, sessions and events.
+        """All messages in arrival order: a discrete-event simulation, one minute of arrivals at a time.
 
-        The heap holds the next person to appear, visitors waiting for their next session and the
-        not-yet-sent events of open sessions, so memory follows the number of concurrently active
-        visitors, not the size of the run.
+        The agenda (a heap) holds the next person to appear (visitor None) and the visitors waiting for
+        their next session. A session is generated whole when it starts; its messages go to the outbox
+        under their minute of arrival. Once every session starting before a minute's end has run, that
+        minute is complete: sort it, send it. Memory follows the visitors active at once, not the run.
         """
         self._counts = counts = dict.fromkeys(_TAGS, 0)
         self._rng = rng = Random(f"{self.seed}|{'|'.join(self.site_ids)}")  # ids differ per site, mix does not
+        self._agenda = agenda = []
+        self._tick = itertools.count()
+        self._outbox = outbox = defaultdict(list)
         people = _people(self.visitors, self.seed)
         arrivals = _arrival_times(rng, self.mix.people, self.start_ms)
-        self._heap = heap = []
-        self._tick = itertools.count()
         first = next(arrivals, None)
         if first is not None:
-            self._push(first, _SPAWN, None)
-        while heap:
-            when, order, action, payload = heapq.heappop(heap)
-            if action == _EMIT:  # payload: the session's remaining messages, latest first
-                until = heap[0][0] if heap else payload[0][0]  # type: ignore[index]  # no heap work until then
-                while payload:
-                    if payload[-1][0] > until:  # type: ignore[index]
-                        heapq.heappush(heap, (payload[-1][0], order, _EMIT, payload))  # type: ignore[index]
-                        break
-                    _, key, value, tag = payload.pop()  # type: ignore[attr-defined]
-                    counts[tag] += 1
-                    yield key, value
-            elif action == _SESSION:
-                self._run_session(payload, when)  # type: ignore[arg-type]
-            else:
+            self._schedule(first, None)
+        while agenda or outbox:
+            window = min(outbox) if outbox else agenda[0][0] // _WINDOW_MS
+            if agenda:
+                window = min(window, agenda[0][0] // _WINDOW_MS)
+            window_end = (window + 1) * _WINDOW_MS
+            while agenda and agenda[0][0] < window_end:
+                when, _, visitor = heapq.heappop(agenda)
+                if visitor is not None:
+                    self._run_session(visitor, when)
+                    continue
                 self._spawn(next(people), when)
                 arrival = next(arrivals, None)
                 if arrival is not None:
-                    self._push(arrival, _SPAWN, None)
+                    self._schedule(arrival, None)
+            messages = outbox.pop(window, None)
+            if messages:
+                messages.sort(key=_ARRIVAL)
+                for _, key, value, tag in messages:
+                    counts[tag] += 1
+                    yield key, value
 
-    def _push(self, at: int, action: int, payload: object) -> None:
-        heapq.heappush(self._heap, (at, next(self._tick), action, payload))
+    def _schedule(self, at: int, visitor: _Visitor | None) -> None:
+        heapq.heappush(self._agenda, (at, next(self._tick), visitor))
 
     # -- people and visitors -------------------------------------------------------------------------
 
@@ -651,7 +658,7 @@ class TrafficGenerator:
             else:  # a scraper posing as a browser: only its datacenter address gives it away
                 bot.user_agent = rng.choice(DESKTOP_USER_AGENTS)
             bot.sessions_left = rng.randint(1, 3)
-            self._push(now, _SESSION, bot)
+            self._schedule(now, bot)
             return
 
         main = visitor("browser")
@@ -660,7 +667,7 @@ class TrafficGenerator:
             main.sessions_left = 1 + (rng.random() < 0.25) + (rng.random() < 0.08)
             if spec.variant == "junk_identify":
                 main.actions[0] = "junk_identify"
-            self._push(now, _SESSION, main)
+            self._schedule(now, main)
             return
 
         self._name(person, spec)
@@ -671,19 +678,19 @@ class TrafficGenerator:
         first_session = now
         if spec.recipient:
             first_session = self._spawn_recipient(person, visitor("mail"), main, now)
-        self._push(first_session, _SESSION, main)
+        self._schedule(first_session, main)
         if spec.devices > 1:
             phone = visitor("browser")
             self._equip_browser(phone, spec, mobile=True)
             phone.sessions_left = 1 + (rng.random() < 0.4)
             if rng.random() < 0.6:
                 phone.actions[phone.sessions_left - 1] = "login"
-            self._push(now + rng.randrange(HOUR, 3 * DAY), _SESSION, phone)
+            self._schedule(now + rng.randrange(HOUR, 3 * DAY), phone)
 
     def _spawn_recipient(self, person: _Person, mail: _Visitor, main: _Visitor, now: int) -> int:
         """Campaign opens from a mail-client visitor; some click through. Returns `main`'s first session."""
         rng = self._rng
-        sent = [self.start_ms + campaign.send_offset_ms for campaign in _CAMPAIGNS]
+        sent = self._campaign_sends
         latest = bisect_right(sent, now) - 1
         person.campaign = _CAMPAIGNS[max(latest, 0)]
         opened = now if latest >= 0 else max(now, sent[0] + rng.randrange(2 * MINUTE, 3 * HOUR))
@@ -691,7 +698,7 @@ class TrafficGenerator:
         mail.write_ts = _EMAIL_TOOL_TS_WRITER
         mail.home_ip, mail.office = main.home_ip, main.office
         mail.sessions_left = 1 + (rng.random() < 0.3)
-        self._push(opened, _SESSION, mail)
+        self._schedule(opened, mail)
         if rng.random() >= 0.45:
             return now
         campaign = person.campaign
@@ -736,26 +743,22 @@ class TrafficGenerator:
     # -- sessions ------------------------------------------------------------------------------------
 
     def _run_session(self, v: _Visitor, start: int) -> None:
-        items: list[tuple[int, bytes, bytes, str]] = []
         if v.role == "browser":
-            self._browse(v, start, items)
+            end = self._browse(v, start)
         elif v.role == "mail":
-            self._mail_open(v, start, items)
+            end = self._mail_open(v, start)
         else:
-            self._crawl(v, start, items)
-        items.sort(key=_ARRIVAL)
-        end = items[-1][0]
-        items.reverse()
-        self._push(items[-1][0], _EMIT, items)
+            end = self._crawl(v, start)
         v.sessions_done += 1
         v.sessions_left -= 1
         if v.sessions_left:
             next_start = end + self._gap()
             if next_start < v.history_end:
-                self._push(next_start, _SESSION, v)
+                self._schedule(next_start, v)
 
     def _gap(self) -> int:
-        """Time between sessions: always beyond the 30 min inactivity timeout."""
+        """From a session's last page to the next session: beyond the 30 min inactivity timeout even
+        counting the custom events and late deliveries that trail the last page by up to a minute."""
         rng = self._rng
         roll = rng.random()
         if roll < 0.45:
@@ -784,7 +787,8 @@ class TrafficGenerator:
             query = f"{query}&{name}={token}" if query else f"{name}={token}"
         return page, f"{v.base_url}{page.path}?{query}" if query else v.base_url + page.path, rng.choice(source.referrers)
 
-    def _browse(self, v: _Visitor, start: int, items: list) -> None:
+    def _browse(self, v: _Visitor, start: int) -> int:
+        """A human session; returns the time of its last page."""
         rng = self._rng
         person = v.person
         action = v.actions.get(v.sessions_done)
@@ -792,14 +796,15 @@ class TrafficGenerator:
         ts = start
         if v.email_landing is not None and v.sessions_done == 0:
             landing_url, referrer = v.email_landing
-            click = self._event(v, "email_click", ts, landing_url, ip)
-            click["campaign"] = person.campaign.id  # type: ignore[union-attr]
+            campaign = person.campaign
+            assert campaign is not None
+            click = {"campaign": campaign.id}
             if rng.random() < 0.5:  # else the address is only in ?lb_email=
                 click["email"] = person.email
-            self._add(items, v.key, click, ts)
+            self._emit(v, "email_click", ts, landing_url, ip, click)
             v.known = True
             ts += rng.randrange(300, 2500)
-            pages = [_PAGES[person.campaign.path]]  # type: ignore[union-attr]
+            pages = [_PAGES[campaign.path]]
         else:
             landing, landing_url, referrer = self._landing(v)
             pages = [landing]
@@ -813,48 +818,45 @@ class TrafficGenerator:
             pages.insert(1, _PAGES["/login"])
 
         if v.known and rng.random() < 0.4:
-            self._identify(items, v, ts, landing_url, ip, "returning")
+            self._identify(v, ts, landing_url, ip, "returning")
             ts += rng.randrange(5, 200)
         if referrer and v.referrer_events:
-            event = self._event(v, "referrer", ts + 3, landing_url, ip)
-            event["referrer"] = referrer
-            self._add(items, v.key, event, ts + 3)
+            self._emit(v, "referrer", ts + 3, landing_url, ip, {"referrer": referrer})
         if action == "junk_identify":
-            event = self._event(v, "identify", ts + 50, landing_url, ip)
-            event["email"] = rng.choice(_JUNK_IDS)
-            self._add(items, v.key, event, ts + 50)
+            self._emit(v, "identify", ts + 50, landing_url, ip, {"email": rng.choice(_JUNK_IDS)})
         previous, url, base_url, random = referrer, landing_url, v.base_url, rng.random
         for index, page in enumerate(pages):
             if index:
                 ts += 2000 + int(random() ** 3 * _DWELL_SPAN_MS)
                 url = base_url + page.path
-            self._pageview(items, v, ts, url, previous, page.title, ip)
+            self._emit(v, "pageview", ts, url, ip,
+                       {"title": page.title} if previous is None else {"referrer": previous, "title": page.title})
             if page.custom_events and random() < 0.15:
-                self._custom(items, v, ts + rng.randrange(2000, 30_000), url, ip, *rng.choice(page.custom_events))
+                name, properties = rng.choice(page.custom_events)
+                self._emit(v, "custom", ts + rng.randrange(2000, 30_000), url, ip, {"name": name, "properties": properties})
             if page.path == "/login" and action == "login":
                 ts += rng.randrange(4000, 20_000)
-                self._identify(items, v, ts, url, ip, "login")
+                self._identify(v, ts, url, ip, "login")
             previous = url
         if form is not None:
             ts += rng.randrange(20_000, 120_000)
-            self._form_submit(items, v, ts, previous, ip, form[1])  # type: ignore[arg-type]
+            self._form_submit(v, ts, previous, ip, form[1])  # type: ignore[arg-type]
             ts += rng.randrange(800, 2500)
-            thanks = _PAGES["/thank-you"]
-            self._pageview(items, v, ts, v.base_url + thanks.path, previous, thanks.title, ip)
-            previous = v.base_url + thanks.path
+            thanks = base_url + "/thank-you"
+            self._emit(v, "pageview", ts, thanks, ip, {"referrer": previous, "title": _PAGES["/thank-you"].title})
+            previous = thanks
         if random() < 0.7:
             dwell = 2000 + int(random() ** 3 * _DWELL_SPAN_MS)
-            event = self._event(v, "exit", ts + dwell, previous, ip)
-            event["properties"] = {"time_on_page_s": dwell // 1000}
-            self._add(items, v.key, event, ts + dwell)
+            self._emit(v, "exit", ts + dwell, previous, ip, {"properties": {"time_on_page_s": dwell // 1000}})
+        return ts
 
-    def _mail_open(self, v: _Visitor, start: int, items: list) -> None:
-        event = self._event(v, "email_open", start, None, self._session_ip(v))
-        event["email"] = v.person.email
-        event["campaign"] = v.person.campaign.id  # type: ignore[union-attr]
-        self._add(items, v.key, event, start)
+    def _mail_open(self, v: _Visitor, start: int) -> int:
+        campaign = v.person.campaign
+        assert campaign is not None
+        self._emit(v, "email_open", start, None, self._session_ip(v), {"email": v.person.email, "campaign": campaign.id})
+        return start
 
-    def _crawl(self, v: _Visitor, start: int, items: list) -> None:
+    def _crawl(self, v: _Visitor, start: int) -> int:
         """Many pages, seconds apart, from a datacenter; only headless browsers send a referrer."""
         rng = self._rng
         ip = rng.choice(_DATACENTER_V4_HOSTS) if rng.random() < 0.8 else self._v6("2001:db8:ffff:{:x}", 0x10000)
@@ -862,9 +864,11 @@ class TrafficGenerator:
         ts, previous = start, None
         for page in rng.choices(_CRAWLABLE, k=rng.randint(5, 40)):
             url = v.base_url + page.path
-            self._pageview(items, v, ts, url, previous if with_referrer else None, page.title, ip)
+            self._emit(v, "pageview", ts, url, ip,
+                       {"referrer": previous, "title": page.title} if previous and with_referrer else {"title": page.title})
             previous = url
             ts += 300 + int(rng.random() * 5700)
+        return ts
 
     # -- events --------------------------------------------------------------------------------------
 
@@ -872,44 +876,11 @@ class TrafficGenerator:
         digits = "%032x" % self._rng.getrandbits(128)
         return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
-    def _event(self, v: _Visitor, event_type: str, ts: int, url: str | None, ip: str) -> dict:
-        """The fields every event of `v` carries; callers add the ones of their type."""
-        event = {
-            "event_id": "%032x" % self._rng.getrandbits(128),  # unique; cheaper than UUID dashes
-            "site_id": v.site_id,
-            "type": event_type,
-            "ts": v.write_ts(ts),
-            "visitor_id": v.visitor_id,
-            "ip": ip,
-            "user_agent": v.user_agent,
-        }
-        if url is not None:
-            event["url"] = url
-        if v.extra:
-            event.update(v.extra)
-        return event
-
-    def _pageview(self, items: list, v: _Visitor, ts: int, url: str, referrer: str | None, title: str, ip: str) -> None:
-        event = self._event(v, "pageview", ts, url, ip)
-        if referrer is not None:
-            event["referrer"] = referrer
-        event["title"] = title
-        self._add(items, v.key, event, ts)
-
-    def _identify(self, items: list, v: _Visitor, ts: int, url: str, ip: str, source: str) -> None:
-        event = self._event(v, "identify", ts, url, ip)
-        event["email"] = v.person.email
-        event["properties"] = {"source": source}
-        self._add(items, v.key, event, ts)
+    def _identify(self, v: _Visitor, ts: int, url: str, ip: str, source: str) -> None:
+        self._emit(v, "identify", ts, url, ip, {"email": v.person.email, "properties": {"source": source}})
         v.known = True
 
-    def _custom(self, items: list, v: _Visitor, ts: int, url: str, ip: str, name: str, properties: dict) -> None:
-        event = self._event(v, "custom", ts, url, ip)
-        event["name"] = name
-        event["properties"] = properties
-        self._add(items, v.key, event, ts)
-
-    def _form_submit(self, items: list, v: _Visitor, ts: int, url: str, ip: str, form: str) -> None:
+    def _form_submit(self, v: _Visitor, ts: int, url: str, ip: str, form: str) -> None:
         rng = self._rng
         person = v.person
         email = person.email
@@ -929,23 +900,38 @@ class TrafficGenerator:
         if rng.random() < 0.03:
             field, value = rng.choice(_HOSTILE_FORM_VALUES)
             properties[field] = value
-        event = self._event(v, "form_submit", ts, url, ip)
-        event["email"] = email
-        event["properties"] = properties
-        self._add(items, v.key, event, ts)
+        self._emit(v, "form_submit", ts, url, ip, {"email": email, "properties": properties})
         v.known = True
 
-    def _add(self, items: list, key: bytes, event: dict, ts: int) -> None:
-        """Queue one event; now and then delivered late, sent twice, or followed by a broken sibling."""
+    def _emit(self, v: _Visitor, event_type: str, ts: int, url: str | None, ip: str, fields: dict) -> None:
+        """Build one event (what every event of `v` carries, plus `fields`) and queue it under its minute
+        of arrival: now and then delivered a few seconds late, sent twice, or followed by a broken copy."""
         rng = self._rng
+        event = {
+            "event_id": "%032x" % rng.getrandbits(128),  # unique; cheaper than UUID dashes
+            "site_id": v.site_id,
+            "type": event_type,
+            "ts": v.write_ts(ts),
+            "visitor_id": v.visitor_id,
+            "ip": ip,
+            "user_agent": v.user_agent,
+        }
+        if url is not None:
+            event["url"] = url
+        event.update(fields)
+        if v.extra:
+            event.update(v.extra)
         value = orjson.dumps(event)
         arrival = ts + rng.randrange(500, 4000) if rng.random() < 0.05 else ts
-        items.append((arrival, key, value, event["type"]))
+        outbox = self._outbox
+        outbox[arrival // _WINDOW_MS].append((arrival, v.key, value, event_type))
         roll = rng.random()
         if roll < self.duplicate_ratio:
-            items.append((arrival + rng.randrange(300, 15_000), key, value, _DUPLICATE))
+            arrival += rng.randrange(300, 15_000)
+            outbox[arrival // _WINDOW_MS].append((arrival, v.key, value, _DUPLICATE))
         elif roll < self._broken_below:
-            items.append(self._malformed(event, key, arrival + rng.randrange(1, 2000)))
+            arrival += rng.randrange(1, 2000)
+            outbox[arrival // _WINDOW_MS].append(self._malformed(event, v.key, arrival))
 
     def _malformed(self, event: dict, key: bytes, arrival: int) -> tuple[int, bytes, bytes, str]:
         """A broken copy of `event` (with its own event_id) that the pipeline must refuse with `reason`."""

@@ -82,7 +82,9 @@ def insert_columnar(client: Client, table: str, columns: Sequence[str], rows: Se
     client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True, types_check=False)
 
 
-def raw_offset_watermarks(client: Client, table: str) -> dict[int, int]:
+def raw_offset_watermarks(client: Client, table: str, raw_topic: str) -> dict[int, int]:
     """Highest events.raw offset stored per raw partition: the sink's dedup watermark."""
-    rows = client.execute(f"SELECT raw_partition, max(raw_offset) FROM {table} GROUP BY raw_partition")
+    where = "WHERE topic = %(topic)s " if table == "dlq" else ""  # the dlq also keeps sink-side decode errors
+    rows = client.execute(
+        f"SELECT raw_partition, max(raw_offset) FROM {table} {where}GROUP BY raw_partition", {"topic": raw_topic})
     return {int(partition): int(offset) for partition, offset in rows}

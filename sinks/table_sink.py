@@ -95,6 +95,7 @@ TABLES = {
 @dataclass
 class _Pending:
     rows: list = field(default_factory=list)
+    poison: list = field(default_factory=list)  # undecodable records, stored in the dlq table
     offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
 
@@ -146,8 +147,16 @@ class TableSink:
 
     def _add(self, tp: TopicPartition, messages) -> None:
         to_row = self.spec.to_row
+        rows = self.pending.rows
         for message in messages:
-            self.pending.rows.append(to_row(message.value))
+            try:
+                rows.append(to_row(message.value))
+            except Exception as err:  # a record no LeadStream writer produced: keep it, don't crash-loop
+                log.error("undecodable record in %s[%s]@%s: %s", tp.topic, tp.partition, message.offset, err)
+                self.pending.poison.append([
+                    "sink_decode_error", f"{self.spec.table}: {err}", message.value or b"", tp.topic,
+                    tp.partition, message.offset, int(time.time() * 1000),
+                ])
         self.pending.offsets[tp] = messages[-1].offset + 1
 
     def _deduplicated(self, rows: list) -> list:
@@ -176,6 +185,7 @@ class TableSink:
         while True:
             try:
                 await asyncio.to_thread(clickhouse.insert_columnar, self.client, self.spec.table, self.spec.columns, rows)
+                await asyncio.to_thread(clickhouse.insert_columnar, self.client, "dlq", DLQ_COLUMNS, batch.poison)
                 break
             except Exception as err:  # ClickHouse down or restarting: keep the batch, back off, retry.
                 log.warning("insert into %s failed (%s); retrying in %.1fs", self.spec.table, err, delay)
@@ -189,7 +199,8 @@ class TableSink:
 
     async def reload_watermarks(self) -> None:
         if self.spec.watermarked:
-            self.watermarks = await asyncio.to_thread(clickhouse.raw_offset_watermarks, self.client, self.spec.table)
+            self.watermarks = await asyncio.to_thread(
+                clickhouse.raw_offset_watermarks, self.client, self.spec.table, self.settings.topic("events.raw"))
 
 
 class _Rebalance(ConsumerRebalanceListener):

@@ -1,0 +1,300 @@
+"""`leadstream bench-profile`: ClickHouse read latency of the Lead Profile and of a 4-step funnel.
+
+Targets (DESIGN.md): a Lead Profile page (last 5 sessions with their events) under 50 ms, and a 4-step
+funnel under 1 s over 10 M events. The pipeline is not involved: a synthetic site is written straight into
+a separate database, `<database>_bench` (dropped and re-created on every run), so that only reads are timed.
+Data is generated with plain lists and reused column values (no numpy), and sent as columnar inserts of
+CHUNK_ROWS rows, so 10 M events load in minutes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from math import ceil
+
+from api.lead_profile import lead_profile
+from leadstream.config import Settings
+from sinks import clickhouse
+
+SITE = "bench"
+CHUNK_ROWS = 500_000
+EVENTS_PER_VISITOR = 50  # ~10 sessions of ~5 events
+VISITORS_PER_LEAD = 4
+LEADS_PER_ACCOUNT = 10
+PROFILE_SAMPLES = 200
+FUNNEL_RUNS = 5
+PROFILE_TARGET_MS = 50.0
+FUNNEL_TARGET_MS = 1000.0
+BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00Z, fixed so that every run writes the same data
+HOUR_MS = 3_600_000
+SEED = 7
+
+FUNNEL_SQL = """SELECT countIf(level >= 1) AS home, countIf(level >= 2) AS pricing,
+       countIf(level >= 3) AS form_submit, countIf(level >= 4) AS identify
+FROM (
+    SELECT visitor_id,
+           windowFunnel(604800)(ts, type = 'pageview' AND url_path = '/', type = 'pageview' AND url_path = '/pricing',
+                                type = 'form_submit', type = 'identify') AS level
+    FROM events
+    WHERE site_id = %(site_id)s
+      AND (type IN ('form_submit', 'identify') OR (type = 'pageview' AND url_path IN ('/', '/pricing')))
+    GROUP BY visitor_id
+)"""
+
+EVENT_COLUMNS = (
+    "event_id", "site_id", "type", "ts_ms", "visitor_id", "url", "url_path", "title", "name", "channel",
+    "referrer", "utm_source", "utm_medium", "utm_campaign", "email", "session_id", "lead_id",
+)  # fmt: skip
+SESSION_COLUMNS = (
+    "session_id", "site_id", "visitor_id", "session_index", "start_ms", "end_ms", "duration_ms", "event_count",
+    "pageview_count", "landing_url", "exit_url", "referrer", "channel", "utm_source", "utm_medium",
+    "utm_campaign", "device", "browser", "os", "email", "is_closed", "version",
+)  # fmt: skip
+LEAD_COLUMNS = (
+    "lead_id", "site_id", "email", "visitors", "account_domain", "merged_into", "first_ts_ms", "last_ts_ms", "version"
+)
+VISITOR_LEAD_COLUMNS = ("site_id", "visitor_id", "since_ts_ms", "lead_id", "version")
+
+# (channel, referrer, utm_source, utm_medium, utm_campaign), repeated to weight them
+SOURCES = (
+    [("direct", "", "", "", "")] * 4
+    + [("organic", "https://www.google.com/", "", "", "")] * 4
+    + [("organic", "https://www.bing.com/", "", "", "")]
+    + [("social", "https://www.linkedin.com/", "", "", "")] * 2
+    + [("referral", "https://news.ycombinator.com/", "", "", "")]
+    + [("email", "", "newsletter", "email", "monthly")] * 2
+    + [("paid", "https://www.google.com/", "google", "cpc", "brand")] * 2
+)
+PAGES = ("/", "/pricing", "/features", "/docs", "/docs/install", "/blog", "/blog/kafka-sessions", "/about",
+         "/customers", "/contact")
+DEVICES = (("desktop", "Chrome", "Windows"), ("desktop", "Firefox", "Linux"), ("mobile", "Safari", "iOS"),
+           ("desktop", "Safari", "Mac OS X"), ("mobile", "Chrome Mobile", "Android"))
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """One session's event columns; the values are shared string objects, so generating is list extends."""
+
+    types: tuple[str, ...]
+    paths: tuple[str, ...]
+    urls: tuple[str, ...]
+    titles: tuple[str, ...]
+    names: tuple[str, ...]
+    offsets_ms: tuple[int, ...]
+    identifies: tuple[bool, ...]
+
+    def __len__(self) -> int:
+        return len(self.types)
+
+    def prefix(self, n: int) -> Template:
+        return Template(*(column[:n] for column in (self.types, self.paths, self.urls, self.titles, self.names,
+                                                   self.offsets_ms, self.identifies)))
+
+
+def _template(steps: Sequence[tuple[str, str]], rng: random.Random) -> Template:
+    urls = {path: f"https://bench.example{path}" for path in PAGES}
+    titles = {path: f"Bench {path}" for path in PAGES}
+    offsets, at = [], 0
+    for _ in steps:
+        offsets.append(at)
+        at += rng.randrange(5_000, 240_000)
+    types = tuple(t for t, _ in steps)
+    return Template(types, tuple(p for _, p in steps), tuple(urls[p] for _, p in steps),
+                    tuple(titles[p] for _, p in steps), tuple("cta_click" if t == "custom" else "" for t in types),
+                    tuple(offsets), tuple(t in ("form_submit", "identify") for t in types))
+
+
+def session_templates(rng: random.Random, count: int = 200) -> list[Template]:
+    """Sessions of 1-9 events (5 on average); a third start on "/", some of those go on to the funnel."""
+    templates = []
+    for _ in range(count):
+        length = rng.choice((1, 2, 3, 4, 5, 5, 6, 7, 8, 9))
+        steps = [("pageview", "/" if rng.random() < 0.33 else rng.choice(PAGES))]
+        if steps[0][1] == "/" and length >= 2 and rng.random() < 0.5:
+            steps.append(("pageview", "/pricing"))
+            if length >= 3 and rng.random() < 0.3:
+                steps.append(("form_submit", "/pricing"))
+                if length >= 4 and rng.random() < 0.6:
+                    steps.append(("identify", "/pricing"))
+        while len(steps) < length:
+            steps.append(("custom", steps[-1][1]) if rng.random() < 0.05 else ("pageview", rng.choice(PAGES)))
+        templates.append(_template(steps, rng))
+    return templates
+
+
+class Columns:
+    """Column lists for one table, flushed to ClickHouse every CHUNK_ROWS rows."""
+
+    def __init__(self, client, table: str, names: Sequence[str], total: int, chunk_rows: int = CHUNK_ROWS):
+        self.client, self.table, self.names, self.total, self.chunk_rows = client, table, names, total, chunk_rows
+        self.columns: dict[str, list] = {name: [] for name in names}
+        self.written = 0
+        self.started = time.perf_counter()
+
+    def maybe_flush(self) -> None:
+        if len(self.columns[self.names[0]]) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        rows = len(self.columns[self.names[0]])
+        if not rows:
+            return
+        # columnar straight from the lists: sinks.clickhouse.insert_columnar takes rows, transposing 10 M would cost more
+        self.client.execute(f"INSERT INTO {self.table} ({', '.join(self.names)}) VALUES",
+                            [self.columns[name] for name in self.names], columnar=True, types_check=False)
+        self.written += rows
+        for column in self.columns.values():
+            column.clear()
+        rate = self.written / max(time.perf_counter() - self.started, 1e-9)
+        print(f"  {self.table:<14} {self.written:>12,} / ~{self.total:,} rows  ({rate:,.0f} rows/s)", flush=True)
+
+
+@dataclass
+class Generated:
+    events: int
+    sessions: int
+    visitors: int
+    leads: list[str]  # every lead id, merged-away ones included: the profile resolves them
+
+
+def generate(client, events: int, seed: int = SEED) -> Generated:
+    """Write `events` events with their sessions, visitor->lead links and leads into the bench database."""
+    rng = random.Random(seed)
+    templates = session_templates(rng)
+    n_visitors = max(events // EVENTS_PER_VISITOR, 1)
+    n_leads = max(n_visitors // VISITORS_PER_LEAD, 1)
+    n_accounts = max(n_leads // LEADS_PER_ACCOUNT, 1)
+    span_ms = 40 * 24 * HOUR_MS
+    suffixes = [f"-{k}" for k in range(max(len(t) for t in templates))]
+    ev = Columns(client, "events", EVENT_COLUMNS, events)
+    se = Columns(client, "sessions", SESSION_COLUMNS, events // 5)
+    e, s = ev.columns, se.columns
+    lead_ids = [f"L{k:07d}" for k in range(n_leads)]
+    emails = [f"user{k}@company{k % n_accounts}.example" if k % 2 == 0 else "" for k in range(n_leads)]
+    first_seen = [BASE_MS + span_ms] * n_leads
+    last_seen = [0] * n_leads
+    sessions_written = 0
+    for v in range(n_visitors):
+        visitor_id, lead = f"v{v:07d}", v % n_leads
+        lead_id, email = lead_ids[lead], emails[lead]
+        device, browser, os = DEVICES[v % len(DEVICES)]
+        quota = events // n_visitors + (1 if v < events % n_visitors else 0)
+        start = BASE_MS + rng.randrange(span_ms // 2)
+        first_seen[lead] = min(first_seen[lead], start)
+        index = 0
+        while quota > 0:
+            template = rng.choice(templates)
+            if len(template) > quota:
+                template = template.prefix(quota)
+            n = len(template)
+            quota -= n
+            index += 1
+            session_id = f"{visitor_id}-s{index}"
+            channel, referrer, source, medium, campaign = rng.choice(SOURCES)
+            times = [start + offset for offset in template.offsets_ms]
+            e["event_id"] += [session_id + suffix for suffix in suffixes[:n]]
+            e["site_id"] += [SITE] * n
+            e["type"] += template.types
+            e["ts_ms"] += times
+            e["visitor_id"] += [visitor_id] * n
+            e["url"] += template.urls
+            e["url_path"] += template.paths
+            e["title"] += template.titles
+            e["name"] += template.names
+            for name, value in (("channel", channel), ("referrer", referrer), ("utm_source", source),
+                                ("utm_medium", medium), ("utm_campaign", campaign), ("session_id", session_id),
+                                ("lead_id", lead_id)):
+                e[name] += [value] * n
+            e["email"] += [email if identifies else "" for identifies in template.identifies]
+            for name, value in zip(SESSION_COLUMNS, (
+                session_id, SITE, visitor_id, index, start, times[-1], times[-1] - start, n,
+                template.types.count("pageview"), template.urls[0], template.urls[-1], referrer, channel, source,
+                medium, campaign, device, browser, os, email if any(template.identifies) else "", 1, 1,
+            )):
+                s[name].append(value)
+            sessions_written += 1
+            last_seen[lead] = max(last_seen[lead], times[-1])
+            start = times[-1] + rng.randrange(HOUR_MS, 72 * HOUR_MS)
+            ev.maybe_flush()
+            se.maybe_flush()
+    ev.flush()
+    se.flush()
+
+    links = Columns(client, "visitor_leads", VISITOR_LEAD_COLUMNS, n_visitors)
+    for v in range(n_visitors):
+        for name, value in zip(VISITOR_LEAD_COLUMNS, (SITE, f"v{v:07d}", 0, lead_ids[v % n_leads], 1)):
+            links.columns[name].append(value)
+        links.maybe_flush()
+    links.flush()
+
+    leads = Columns(client, "leads", LEAD_COLUMNS, n_leads + n_leads // 20)
+    merged_ids = []
+    for k, lead_id in enumerate(lead_ids):
+        visitors = [f"v{v:07d}" for v in range(k, n_visitors, n_leads)]
+        domain = f"company{k % n_accounts}.example" if emails[k] or k % 4 == 1 else ""
+        rows = [(lead_id, SITE, emails[k], visitors, domain, "", first_seen[k], last_seen[k], 1)]
+        if emails[k] and k % 10 == 0:  # an anonymous lead that was merged into this known one
+            merged_ids.append(f"M{k:07d}")
+            rows.append((merged_ids[-1], SITE, "", [], "", lead_id, first_seen[k], first_seen[k], 2))
+        for row in rows:
+            for name, value in zip(LEAD_COLUMNS, row):
+                leads.columns[name].append(value)
+        leads.maybe_flush()
+    leads.flush()
+    return Generated(events, sessions_written, n_visitors, lead_ids + merged_ids)
+
+
+def percentile(sorted_ms: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    return sorted_ms[min(len(sorted_ms) - 1, max(ceil(q * len(sorted_ms)) - 1, 0))]
+
+
+def timed(calls: Iterable[Callable[[], object]]) -> list[float]:
+    """Wall time of each call in ms, ascending."""
+    times = []
+    for call in calls:
+        started = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - started) * 1000)
+    return sorted(times)
+
+
+def report_line(name: str, times_ms: Sequence[float], target_ms: float) -> str:
+    cells = [percentile(times_ms, q) for q in (0.5, 0.95, 0.99)] + [times_ms[-1]]
+    verdict = "ok" if percentile(times_ms, 0.99) < target_ms else "MISSED"
+    return (f"{name:<34}{len(times_ms):>6}" + "".join(f"{c:>10.1f}" for c in cells)
+            + f"{'< ' + format(target_ms, 'g'):>10}  {verdict}")
+
+
+def run_profile_bench(settings: Settings, events: int = 10_000_000) -> int:
+    bench = replace(settings, clickhouse_database=f"{settings.clickhouse_database}_bench")
+    clickhouse.connect(settings, database="default").execute(f"DROP DATABASE IF EXISTS {bench.clickhouse_database}")
+    clickhouse.migrate(bench, verbose=False)
+    client = clickhouse.connect(bench)
+    print(f"Generating {events:,} events into {bench.clickhouse_database} ...", flush=True)
+    started = time.perf_counter()
+    data = generate(client, events)
+    load_s = time.perf_counter() - started
+    print(f"Loaded {data.events:,} events, {data.sessions:,} sessions, {data.visitors:,} visitors and "
+          f"{len(data.leads):,} leads in {load_s:.1f} s ({data.events / load_s:,.0f} events/s)", flush=True)
+
+    rng = random.Random(SEED)
+    sample = rng.choices(data.leads, k=PROFILE_SAMPLES)
+    for lead_id in sample[:5]:  # warm-up: first-query costs (connection, caches) are not what we measure
+        lead_profile(client, SITE, lead_id)
+    profile_ms = timed(partial(lead_profile, client, SITE, lead_id) for lead_id in sample)
+    funnel = client.execute(FUNNEL_SQL, {"site_id": SITE})[0]
+    funnel_ms = timed([partial(client.execute, FUNNEL_SQL, {"site_id": SITE})] * FUNNEL_RUNS)
+
+    print()
+    print(f"ClickHouse reads over {data.events:,} events ({bench.clickhouse_database}), times in ms")
+    print(f"{'query':<34}{'runs':>6}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}{'target':>10}")
+    print(report_line("lead profile (5 sessions + events)", profile_ms, PROFILE_TARGET_MS))
+    print(report_line("4-step funnel (windowFunnel)", funnel_ms, FUNNEL_TARGET_MS))
+    print(f"funnel visitors: / {funnel[0]:,} -> /pricing {funnel[1]:,} -> form_submit {funnel[2]:,} "
+          f"-> identify {funnel[3]:,}", flush=True)
+    return 0
