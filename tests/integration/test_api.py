@@ -1,0 +1,68 @@
+"""The read API on the real ClickHouse: site-scoped keys, problem+json errors, lead profile, outage = 503."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app, parse_api_keys
+from sinks.clickhouse import connect, insert_columnar
+from sinks.table_sink import LEAD_COLUMNS, VISITOR_LEAD_COLUMNS
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(settings, monkeypatch):
+    monkeypatch.setenv("LEADSTREAM_API_KEYS", "acme:k-acme,other:k-other")
+    ch = connect(settings)
+    insert_columnar(ch, "leads", LEAD_COLUMNS, [
+        ["lead_1", "acme", "ann@acme.com", ["v1"], "acme.com", "", 1000, 2000, "e1", 1],
+        ["lead_2", "acme", "", ["v2"], "", "", 1000, 3000, "e2", 1],
+    ])
+    insert_columnar(ch, "visitor_leads", VISITOR_LEAD_COLUMNS, [["acme", "v1", 0, "lead_1", 1]])
+    return TestClient(create_app(settings))
+
+
+def test_keys_are_scoped_to_one_site(client):
+    assert client.get("/v1/sites/acme/summary").status_code == 401
+    forbidden = client.get("/v1/sites/acme/summary", headers={"X-API-Key": "k-other"})
+    assert forbidden.status_code == 403
+    assert forbidden.headers["content-type"].startswith("application/problem+json")
+    assert forbidden.json()["title"] == "this API key is not for this site"
+    ok = client.get("/v1/sites/acme/summary", headers={"X-API-Key": "k-acme"})
+    assert ok.status_code == 200
+    assert ok.json()["leads"] == [["anonymous", 1], ["known", 1]]
+
+
+def test_bad_input_is_4xx_with_a_problem_body(client):
+    assert client.get("/v1/sites/ac me!/summary", headers={"X-API-Key": "k-acme"}).status_code == 400
+    bad_page = client.get("/v1/sites/acme/leads/lead_1?page=-3", headers={"X-API-Key": "k-acme"})
+    assert bad_page.status_code == 400 and "page" in bad_page.json()["detail"]
+    missing = client.get("/v1/sites/acme/leads/nope", headers={"X-API-Key": "k-acme"})
+    assert missing.status_code == 404 and missing.json()["title"] == "no such lead"
+
+
+def test_recent_leads_and_profile(client):
+    leads = client.get("/v1/sites/acme/leads", headers={"X-API-Key": "k-acme"}).json()
+    assert [lead["email"] for lead in leads] == ["ann@acme.com"]
+    profile = client.get("/v1/sites/acme/leads/lead_1", headers={"X-API-Key": "k-acme"}).json()
+    assert profile["identity"]["email"] == "ann@acme.com"
+    assert profile["account"]["domain"] == "acme.com"
+    assert client.get("/", headers={}).status_code == 200
+
+
+def test_database_outage_is_503_not_500(settings, monkeypatch):
+    monkeypatch.setenv("LEADSTREAM_API_KEYS", "acme:k")
+    down = TestClient(create_app(replace(settings, clickhouse_port=1)))
+    response = down.get("/v1/sites/acme/summary", headers={"X-API-Key": "k"})
+    assert response.status_code == 503
+    assert response.json()["title"] == "analytics store unavailable"
+
+
+def test_api_key_config_is_validated():
+    assert parse_api_keys("a:1, b:2") == {"1": "a", "2": "b"}
+    with pytest.raises(ValueError):
+        parse_api_keys("justakey")
