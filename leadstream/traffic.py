@@ -465,13 +465,9 @@ def rfc3339(ms: int, offset_minutes: int = 0, with_millis: bool = True) -> str:
     return _rfc3339_writer(offset_minutes, with_millis)(ms)
 
 
-def _epoch_ms(ms: int) -> int:
-    return ms
-
-
-# How event times are written, per visitor (one tracker version per browser); repeats are weights.
-_TS_WRITERS: tuple[Callable[[int], int | str], ...] = (
-    _epoch_ms, _epoch_ms, _epoch_ms, _rfc3339_writer(0, True), _rfc3339_writer(0, True), _rfc3339_writer(60, True),
+# How event times are written, per visitor (one tracker version per browser); None: epoch ms. Repeats are weights.
+_TS_WRITERS: tuple[Callable[[int], str] | None, ...] = (
+    None, None, None, _rfc3339_writer(0, True), _rfc3339_writer(0, True), _rfc3339_writer(60, True),
     _rfc3339_writer(-300, True), _rfc3339_writer(330, False), _rfc3339_writer(0, False),
 )  # fmt: skip
 _EMAIL_TOOL_TS_WRITER = _rfc3339_writer(0, True)
@@ -504,7 +500,7 @@ class _Person:
 class _Visitor:
     """One visitor id (a browser, a mail client or a bot) and its schedule."""
 
-    __slots__ = ("visitor_id", "key", "site_id", "base_url", "person", "role", "user_agent", "write_ts", "extra",
+    __slots__ = ("visitor_id", "key", "site_id", "base_url", "person", "role", "user_agent", "write_ts", "common_fields", "extra",
                  "home_ip", "office", "referrer_events", "sessions_left", "sessions_done", "history_end",
                  "actions", "known", "email_landing")  # fmt: skip
 
@@ -516,7 +512,8 @@ class _Visitor:
         self.person = person
         self.role = role  # browser | mail | bot
         self.user_agent = ""
-        self.write_ts: Callable[[int], int | str] = _epoch_ms
+        self.write_ts: Callable[[int], str] | None = None  # None: epoch ms
+        self.common_fields: dict[str, str] = {}  # what all its events carry; set when its first session starts
         self.extra: dict[str, str] | None = None  # unknown top-level fields some tracker versions send
         self.home_ip = ""
         self.office = -1  # company index whose office network this visitor is usually on
@@ -743,6 +740,8 @@ class TrafficGenerator:
     # -- sessions ------------------------------------------------------------------------------------
 
     def _run_session(self, v: _Visitor, start: int) -> None:
+        if not v.sessions_done:  # everything about the visitor is settled by now
+            v.common_fields = {"site_id": v.site_id, "visitor_id": v.visitor_id, "user_agent": v.user_agent, **(v.extra or {})}
         if v.role == "browser":
             end = self._browse(v, start)
         elif v.role == "mail":
@@ -798,10 +797,10 @@ class TrafficGenerator:
             landing_url, referrer = v.email_landing
             campaign = person.campaign
             assert campaign is not None
-            click = {"campaign": campaign.id}
+            click = {"url": landing_url, "campaign": campaign.id}
             if rng.random() < 0.5:  # else the address is only in ?lb_email=
                 click["email"] = person.email
-            self._emit(v, "email_click", ts, landing_url, ip, click)
+            self._emit(v, "email_click", ts, ip, click)
             v.known = True
             ts += rng.randrange(300, 2500)
             pages = [_PAGES[campaign.path]]
@@ -821,19 +820,19 @@ class TrafficGenerator:
             self._identify(v, ts, landing_url, ip, "returning")
             ts += rng.randrange(5, 200)
         if referrer and v.referrer_events:
-            self._emit(v, "referrer", ts + 3, landing_url, ip, {"referrer": referrer})
+            self._emit(v, "referrer", ts + 3, ip, {"url": landing_url, "referrer": referrer})
         if action == "junk_identify":
-            self._emit(v, "identify", ts + 50, landing_url, ip, {"email": rng.choice(_JUNK_IDS)})
+            self._emit(v, "identify", ts + 50, ip, {"url": landing_url, "email": rng.choice(_JUNK_IDS)})
         previous, url, base_url, random = referrer, landing_url, v.base_url, rng.random
         for index, page in enumerate(pages):
             if index:
                 ts += 2000 + int(random() ** 3 * _DWELL_SPAN_MS)
                 url = base_url + page.path
-            self._emit(v, "pageview", ts, url, ip,
-                       {"title": page.title} if previous is None else {"referrer": previous, "title": page.title})
+            self._emit(v, "pageview", ts, ip, {"url": url, "title": page.title} if previous is None else
+                       {"url": url, "referrer": previous, "title": page.title})  # fmt: skip
             if page.custom_events and random() < 0.15:
                 name, properties = rng.choice(page.custom_events)
-                self._emit(v, "custom", ts + rng.randrange(2000, 30_000), url, ip, {"name": name, "properties": properties})
+                self._emit(v, "custom", ts + rng.randrange(2000, 30_000), ip, {"url": url, "name": name, "properties": properties})
             if page.path == "/login" and action == "login":
                 ts += rng.randrange(4000, 20_000)
                 self._identify(v, ts, url, ip, "login")
@@ -843,17 +842,17 @@ class TrafficGenerator:
             self._form_submit(v, ts, previous, ip, form[1])  # type: ignore[arg-type]
             ts += rng.randrange(800, 2500)
             thanks = base_url + "/thank-you"
-            self._emit(v, "pageview", ts, thanks, ip, {"referrer": previous, "title": _PAGES["/thank-you"].title})
+            self._emit(v, "pageview", ts, ip, {"url": thanks, "referrer": previous, "title": _PAGES["/thank-you"].title})
             previous = thanks
         if random() < 0.7:
             dwell = 2000 + int(random() ** 3 * _DWELL_SPAN_MS)
-            self._emit(v, "exit", ts + dwell, previous, ip, {"properties": {"time_on_page_s": dwell // 1000}})
+            self._emit(v, "exit", ts + dwell, ip, {"url": previous, "properties": {"time_on_page_s": dwell // 1000}})
         return ts
 
     def _mail_open(self, v: _Visitor, start: int) -> int:
         campaign = v.person.campaign
         assert campaign is not None
-        self._emit(v, "email_open", start, None, self._session_ip(v), {"email": v.person.email, "campaign": campaign.id})
+        self._emit(v, "email_open", start, self._session_ip(v), {"email": v.person.email, "campaign": campaign.id})
         return start
 
     def _crawl(self, v: _Visitor, start: int) -> int:
@@ -864,8 +863,8 @@ class TrafficGenerator:
         ts, previous = start, None
         for page in rng.choices(_CRAWLABLE, k=rng.randint(5, 40)):
             url = v.base_url + page.path
-            self._emit(v, "pageview", ts, url, ip,
-                       {"referrer": previous, "title": page.title} if previous and with_referrer else {"title": page.title})
+            self._emit(v, "pageview", ts, ip, {"url": url, "referrer": previous, "title": page.title}
+                       if previous and with_referrer else {"url": url, "title": page.title})  # fmt: skip
             previous = url
             ts += 300 + int(rng.random() * 5700)
         return ts
@@ -877,7 +876,7 @@ class TrafficGenerator:
         return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
 
     def _identify(self, v: _Visitor, ts: int, url: str, ip: str, source: str) -> None:
-        self._emit(v, "identify", ts, url, ip, {"email": v.person.email, "properties": {"source": source}})
+        self._emit(v, "identify", ts, ip, {"url": url, "email": v.person.email, "properties": {"source": source}})
         v.known = True
 
     def _form_submit(self, v: _Visitor, ts: int, url: str, ip: str, form: str) -> None:
@@ -900,27 +899,22 @@ class TrafficGenerator:
         if rng.random() < 0.03:
             field, value = rng.choice(_HOSTILE_FORM_VALUES)
             properties[field] = value
-        self._emit(v, "form_submit", ts, url, ip, {"email": email, "properties": properties})
+        self._emit(v, "form_submit", ts, ip, {"url": url, "email": email, "properties": properties})
         v.known = True
 
-    def _emit(self, v: _Visitor, event_type: str, ts: int, url: str | None, ip: str, fields: dict) -> None:
+    def _emit(self, v: _Visitor, event_type: str, ts: int, ip: str, fields: dict) -> None:
         """Build one event (what every event of `v` carries, plus `fields`) and queue it under its minute
         of arrival: now and then delivered a few seconds late, sent twice, or followed by a broken copy."""
         rng = self._rng
+        write_ts = v.write_ts
         event = {
             "event_id": "%032x" % rng.getrandbits(128),  # unique; cheaper than UUID dashes
-            "site_id": v.site_id,
             "type": event_type,
-            "ts": v.write_ts(ts),
-            "visitor_id": v.visitor_id,
+            "ts": ts if write_ts is None else write_ts(ts),
             "ip": ip,
-            "user_agent": v.user_agent,
+            **v.common_fields,
+            **fields,
         }
-        if url is not None:
-            event["url"] = url
-        event.update(fields)
-        if v.extra:
-            event.update(v.extra)
         value = orjson.dumps(event)
         arrival = ts + rng.randrange(500, 4000) if rng.random() < 0.05 else ts
         outbox = self._outbox
