@@ -141,6 +141,11 @@ _HOME_V4_HOSTS = _hosts("192.0.2.0/24", "203.0.113.128/26")
 _MOBILE_V4_HOSTS = _hosts("203.0.113.64/26")
 _DATACENTER_V4_HOSTS = _hosts("203.0.113.192/26")
 
+
+def _residential_v6_prefix(rng: Random) -> str:
+    """A home or mobile /48 inside the ISP's 2001:db8:4000::/34."""
+    return f"2001:db8:{rng.randrange(0x4000, 0x8000):x}"
+
 FIRST_NAMES: tuple[str, ...] = (
     "James", "Mary", "Sophie", "Liam", "Emma", "Noah", "Olivia", "Lucas", "Mia", "Ethan", "Ava", "Daniel",
     "Hannah", "Mateo", "Sara", "Arjun", "Priya", "Wei", "Mei", "Yuki", "Kenji", "Fatima", "Omar", "Aisha",
@@ -255,7 +260,8 @@ _PAGE_ROWS: tuple[tuple[_Page, float, float], ...] = (
     (_Page("/demo", "Book a demo – Example", (("cta_click", {"cta": "pick-a-time"}),)), 1, 4),
     (_Page("/contact", "Contact sales – Example", (_CHAT,)), 1, 3),
     (_Page("/login", "Log in – Example", ()), 1, 1),
-    (_Page("/lp/lead-scoring", "Lead scoring software for B2B teams – Example", (("cta_click", {"cta": "hero"}),)), 0, 0),
+    (_Page("/lp/lead-scoring", "Lead scoring software for B2B teams – Example",
+           (("cta_click", {"cta": "hero"}),)), 0, 0),
     (_Page("/thank-you", "Thank you – Example", ()), 0, 0),
 )  # fmt: skip
 _PAGES = {page.path: page for page, _, _ in _PAGE_ROWS}
@@ -263,6 +269,7 @@ _PAGE_LIST = tuple(page for page, _, _ in _PAGE_ROWS)
 _BROWSE_CUM = tuple(itertools.accumulate(browse for _, browse, _ in _PAGE_ROWS))
 _EVALUATE_CUM = tuple(itertools.accumulate(evaluate for _, _, evaluate in _PAGE_ROWS))
 _CRAWLABLE = tuple(page for page, browse, _ in _PAGE_ROWS if browse)
+_THANK_YOU_TITLE = _PAGES["/thank-you"].title
 _FORMS = (("/demo", "demo-request"), ("/demo", "demo-request"), ("/contact", "contact-sales"),
           ("/resources/lead-scoring-guide", "gated-content"))  # fmt: skip
 
@@ -386,7 +393,9 @@ class TrafficMix:
         return ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in asdict(self).items())
 
 
-_VARIANT_FIELDS = {"disposable": "disposable_signups", "junk_identify": "junk_identifies", "scraper": "datacenter_scrapers"}
+_VARIANT_FIELDS = {
+    "disposable": "disposable_signups", "junk_identify": "junk_identifies", "scraper": "datacenter_scrapers",
+}  # fmt: skip
 _KIND_FIELDS = {"employee": "company_employees", "freemail": "freemail_leads", "anonymous": "anonymous", "bot": "bots"}
 
 
@@ -416,9 +425,9 @@ def _arrival_times(rng: Random, count: int, start_ms: int) -> Iterator[int]:
     """
     first_hour = start_ms // HOUR
     weights = [
-        _HOUR_WEIGHTS[(first_hour + offset) % 24] * (_WEEKEND_FACTOR if ((first_hour + offset) // 24 + 3) % 7 >= 5 else 1)
-        for offset in range(_SPAWN_HOURS)
-    ]  # (epoch day + 3) % 7 is the weekday, Monday = 0
+        _HOUR_WEIGHTS[hour % 24] * (_WEEKEND_FACTOR if (hour // 24 + 3) % 7 >= 5 else 1)  # 1970-01-01 was a Thursday
+        for hour in range(first_hour, first_hour + _SPAWN_HOURS)
+    ]
     cumulative = list(itertools.accumulate(weights))
     total = cumulative[-1]
     position = 0.0
@@ -500,9 +509,9 @@ class _Person:
 class _Visitor:
     """One visitor id (a browser, a mail client or a bot) and its schedule."""
 
-    __slots__ = ("visitor_id", "key", "site_id", "base_url", "person", "role", "user_agent", "write_ts", "common_fields", "extra",
-                 "home_ip", "office", "referrer_events", "sessions_left", "sessions_done", "history_end",
-                 "actions", "known", "email_landing")  # fmt: skip
+    __slots__ = ("visitor_id", "key", "site_id", "base_url", "person", "role", "user_agent", "write_ts", "extra",
+                 "common_fields", "home_ip", "office", "referrer_events", "sessions_left", "sessions_done",
+                 "history_end", "actions", "known", "email_landing")  # fmt: skip
 
     def __init__(self, visitor_id: str, site_id: str, base_url: str, person: _Person, role: str, history_end: int):
         self.visitor_id = visitor_id
@@ -627,9 +636,9 @@ class TrafficGenerator:
             messages = outbox.pop(window, None)
             if messages:
                 messages.sort(key=_ARRIVAL)
-                for _, key, value, tag in messages:
+                for _, key, message, tag in messages:
                     counts[tag] += 1
-                    yield key, value
+                    yield key, message if type(message) is bytes else orjson.dumps(message)
 
     def _schedule(self, at: int, visitor: _Visitor | None) -> None:
         heapq.heappush(self._agenda, (at, next(self._tick), visitor))
@@ -711,15 +720,16 @@ class TrafficGenerator:
         v.extra = rng.choice(_SDK_EXTRAS) if rng.random() < 0.3 else None
         v.referrer_events = rng.random() < 0.4
         if mobile:
-            v.home_ip = rng.choice(_MOBILE_V4_HOSTS) if rng.random() < 0.7 else self._v6("2001:db8:5{:03x}", 0x1000)
+            v.home_ip = rng.choice(_MOBILE_V4_HOSTS) if rng.random() < 0.7 else self._v6(_residential_v6_prefix(rng))
         else:
-            v.home_ip = rng.choice(_HOME_V4_HOSTS) if rng.random() < 0.85 else self._v6("2001:db8:4{:03x}", 0x1000)
+            v.home_ip = rng.choice(_HOME_V4_HOSTS) if rng.random() < 0.85 else self._v6(_residential_v6_prefix(rng))
             if spec.kind == "employee" and rng.random() < 0.75:
                 v.office = spec.company
 
-    def _v6(self, prefix_pattern: str, prefix_span: int) -> str:
+    def _v6(self, prefix: str) -> str:
+        """A host address in the /48 whose first three groups are `prefix`."""
         rng = self._rng
-        return f"{prefix_pattern.format(rng.randrange(prefix_span))}:{rng.getrandbits(16):x}::{rng.randrange(1, 0x10000):x}"
+        return f"{prefix}:{rng.getrandbits(16):x}::{rng.randrange(1, 0x10000):x}"
 
     def _name(self, person: _Person, spec: _Spec) -> None:
         rng = self._rng
@@ -727,13 +737,15 @@ class TrafficGenerator:
         first, last = _ascii_slug(person.first_name), _ascii_slug(person.last_name)
         if spec.kind == "employee":
             company = COMPANIES[spec.company]
-            local = _EMAIL_LOCAL_PATTERNS[spec.company % len(_EMAIL_LOCAL_PATTERNS)].format(first=first, f=first[0], last=last)
+            pattern = _EMAIL_LOCAL_PATTERNS[spec.company % len(_EMAIL_LOCAL_PATTERNS)]  # one convention per company
+            local = pattern.format(first=first, f=first[0], last=last)
             subdomain = rng.choice(company.email_subdomains) if company.email_subdomains and rng.random() < 0.4 else ""
             person.email = f"{local}@{subdomain}{company.domain}"
             person.company = company.name
         else:
             domain = rng.choice(DISPOSABLE_DOMAINS if spec.variant == "disposable" else FREE_MAIL_DOMAINS)
-            person.email = f"{first}.{last}{rng.randrange(100)}@{domain}" if rng.random() < 0.6 else f"{first}{last}@{domain}"
+            local = f"{first}.{last}{rng.randrange(100)}" if rng.random() < 0.6 else first + last
+            person.email = f"{local}@{domain}"
             person.company = rng.choice(("", "Freelance", f"{person.last_name} Consulting", rng.choice(COMPANIES).name))
         person.job_title = rng.choice(JOB_TITLES)
 
@@ -741,7 +753,8 @@ class TrafficGenerator:
 
     def _run_session(self, v: _Visitor, start: int) -> None:
         if not v.sessions_done:  # everything about the visitor is settled by now
-            v.common_fields = {"site_id": v.site_id, "visitor_id": v.visitor_id, "user_agent": v.user_agent, **(v.extra or {})}
+            v.common_fields = {"site_id": v.site_id, "visitor_id": v.visitor_id, "user_agent": v.user_agent}
+            v.common_fields.update(v.extra or {})
         if v.role == "browser":
             end = self._browse(v, start)
         elif v.role == "mail":
@@ -771,20 +784,22 @@ class TrafficGenerator:
         if v.office < 0 or rng.random() < 0.2:  # working from home now and then
             return v.home_ip
         if v.office % 5 == 0 and rng.random() < 0.5:  # every fifth company's office also has IPv6
-            return f"{_OFFICE_V6_PREFIXES[v.office]}:{rng.getrandbits(16):x}::{rng.randrange(1, 0x10000):x}"
+            return self._v6(_OFFICE_V6_PREFIXES[v.office])
         return rng.choice(_OFFICE_V4_HOSTS[v.office])
 
     def _landing(self, v: _Visitor) -> tuple[_Page, str, str | None]:
         """(landing page, its URL, external referrer) for a session that does not start with an email click."""
         rng = self._rng
-        source = _DIRECT if v.sessions_done and rng.random() < 0.35 else rng.choices(_SOURCES, cum_weights=_SOURCE_CUM)[0]
+        returning_direct = v.sessions_done and rng.random() < 0.35  # bookmarks and typed URLs
+        source = _DIRECT if returning_direct else rng.choices(_SOURCES, cum_weights=_SOURCE_CUM)[0]
         page = _PAGES[rng.choice(source.landings)]
         query = source.utm
         if source.click_id is not None:
             name, prefix, length = source.click_id
             token = prefix + base64.urlsafe_b64encode(rng.randbytes(length)).decode()[: length - len(prefix)]
             query = f"{query}&{name}={token}" if query else f"{name}={token}"
-        return page, f"{v.base_url}{page.path}?{query}" if query else v.base_url + page.path, rng.choice(source.referrers)
+        url = f"{v.base_url}{page.path}?{query}" if query else v.base_url + page.path
+        return page, url, rng.choice(source.referrers)
 
     def _browse(self, v: _Visitor, start: int) -> int:
         """A human session; returns the time of its last page."""
@@ -809,7 +824,8 @@ class TrafficGenerator:
             pages = [landing]
         cumulative = _EVALUATE_CUM if person.evaluating else _BROWSE_CUM
         extra_pages = min(int(rng.expovariate(1 / (3.0 if person.evaluating else 1.3))), 14)
-        pages += rng.choices(_PAGE_LIST, cum_weights=cumulative, k=extra_pages)
+        if extra_pages:  # half the sessions bounce
+            pages += rng.choices(_PAGE_LIST, cum_weights=cumulative, k=extra_pages)
         form = rng.choice(_FORMS) if action == "form" else None
         if form is not None:
             pages.append(_PAGES[form[0]])
@@ -832,7 +848,8 @@ class TrafficGenerator:
                        {"url": url, "referrer": previous, "title": page.title})  # fmt: skip
             if page.custom_events and random() < 0.15:
                 name, properties = rng.choice(page.custom_events)
-                self._emit(v, "custom", ts + rng.randrange(2000, 30_000), ip, {"url": url, "name": name, "properties": properties})
+                custom = {"url": url, "name": name, "properties": properties}
+                self._emit(v, "custom", ts + rng.randrange(2000, 30_000), ip, custom)
             if page.path == "/login" and action == "login":
                 ts += rng.randrange(4000, 20_000)
                 self._identify(v, ts, url, ip, "login")
@@ -842,7 +859,7 @@ class TrafficGenerator:
             self._form_submit(v, ts, previous, ip, form[1])  # type: ignore[arg-type]
             ts += rng.randrange(800, 2500)
             thanks = base_url + "/thank-you"
-            self._emit(v, "pageview", ts, ip, {"url": thanks, "referrer": previous, "title": _PAGES["/thank-you"].title})
+            self._emit(v, "pageview", ts, ip, {"url": thanks, "referrer": previous, "title": _THANK_YOU_TITLE})
             previous = thanks
         if random() < 0.7:
             dwell = 2000 + int(random() ** 3 * _DWELL_SPAN_MS)
@@ -856,12 +873,12 @@ class TrafficGenerator:
         return start
 
     def _crawl(self, v: _Visitor, start: int) -> int:
-        """Many pages, seconds apart, from a datacenter; only headless browsers send a referrer."""
+        """Many distinct pages, seconds apart, from a datacenter; crawlers send no referrer."""
         rng = self._rng
-        ip = rng.choice(_DATACENTER_V4_HOSTS) if rng.random() < 0.8 else self._v6("2001:db8:ffff:{:x}", 0x10000)
+        ip = rng.choice(_DATACENTER_V4_HOSTS) if rng.random() < 0.8 else self._v6("2001:db8:ffff")
         with_referrer = v.user_agent == HEADLESS_USER_AGENT or v.user_agent in DESKTOP_USER_AGENTS
         ts, previous = start, None
-        for page in rng.choices(_CRAWLABLE, k=rng.randint(5, 40)):
+        for page in rng.sample(_CRAWLABLE, rng.randint(5, len(_CRAWLABLE))):
             url = v.base_url + page.path
             self._emit(v, "pageview", ts, ip, {"url": url, "referrer": previous, "title": page.title}
                        if previous and with_referrer else {"url": url, "title": page.title})  # fmt: skip
@@ -911,18 +928,17 @@ class TrafficGenerator:
             "event_id": "%032x" % rng.getrandbits(128),  # unique; cheaper than UUID dashes
             "type": event_type,
             "ts": ts if write_ts is None else write_ts(ts),
-            "ip": ip,
             **v.common_fields,
+            "ip": ip,
             **fields,
         }
-        value = orjson.dumps(event)
         arrival = ts + rng.randrange(500, 4000) if rng.random() < 0.05 else ts
         outbox = self._outbox
-        outbox[arrival // _WINDOW_MS].append((arrival, v.key, value, event_type))
+        outbox[arrival // _WINDOW_MS].append((arrival, v.key, event, event_type))
         roll = rng.random()
         if roll < self.duplicate_ratio:
             arrival += rng.randrange(300, 15_000)
-            outbox[arrival // _WINDOW_MS].append((arrival, v.key, value, _DUPLICATE))
+            outbox[arrival // _WINDOW_MS].append((arrival, v.key, event, _DUPLICATE))
         elif roll < self._broken_below:
             arrival += rng.randrange(1, 2000)
             outbox[arrival // _WINDOW_MS].append(self._malformed(event, v.key, arrival))
