@@ -34,6 +34,7 @@ class Settings:
     stack_dir: str = str(REPO_ROOT / ".stack")
     cache_dir: str = str(Path.home() / ".cache" / "leadstream")
     kafka_version: str = "3.9.1"
+    worker_engine: str = "aiokafka"
     worker_batch_size: int = 2000
     worker_batch_ms: int = 100
     sink_batch_size: int = 20000

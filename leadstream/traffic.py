@@ -497,10 +497,9 @@ def _ascii_slug(text: str) -> str:
 class _Person:
     """Who is behind one or more visitor ids. Anonymous people and bots leave the identity fields empty."""
 
-    __slots__ = ("kind", "first_name", "last_name", "email", "company", "job_title", "evaluating", "campaign")
+    __slots__ = ("first_name", "last_name", "email", "company", "job_title", "evaluating", "campaign")
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self) -> None:
         self.first_name = self.last_name = self.email = self.company = self.job_title = ""
         self.evaluating = False  # evaluating the product: reads pricing and features rather than the blog
         self.campaign: _Campaign | None = None
@@ -636,9 +635,9 @@ class TrafficGenerator:
             messages = outbox.pop(window, None)
             if messages:
                 messages.sort(key=_ARRIVAL)
-                for _, key, message, tag in messages:
+                for _, key, value, tag in messages:
                     counts[tag] += 1
-                    yield key, message if type(message) is bytes else orjson.dumps(message)
+                    yield key, value
 
     def _schedule(self, at: int, visitor: _Visitor | None) -> None:
         heapq.heappush(self._agenda, (at, next(self._tick), visitor))
@@ -646,10 +645,11 @@ class TrafficGenerator:
     # -- people and visitors -------------------------------------------------------------------------
 
     def _spawn(self, spec: _Spec, now: int) -> None:
+        """A person shows up: their visitor ids are created and each one's first session is scheduled."""
         rng = self._rng
         site_id = rng.choice(self.site_ids)
         base_url = self.site_urls[site_id]
-        person = _Person(spec.kind)
+        person = _Person()
         history_end = now + _HISTORY_MS
 
         def visitor(role: str) -> _Visitor:
@@ -932,13 +932,14 @@ class TrafficGenerator:
             "ip": ip,
             **fields,
         }
+        value = orjson.dumps(event)
         arrival = ts + rng.randrange(500, 4000) if rng.random() < 0.05 else ts
         outbox = self._outbox
-        outbox[arrival // _WINDOW_MS].append((arrival, v.key, event, event_type))
+        outbox[arrival // _WINDOW_MS].append((arrival, v.key, value, event_type))
         roll = rng.random()
         if roll < self.duplicate_ratio:
             arrival += rng.randrange(300, 15_000)
-            outbox[arrival // _WINDOW_MS].append((arrival, v.key, event, _DUPLICATE))
+            outbox[arrival // _WINDOW_MS].append((arrival, v.key, value, _DUPLICATE))
         elif roll < self._broken_below:
             arrival += rng.randrange(1, 2000)
             outbox[arrival // _WINDOW_MS].append(self._malformed(event, v.key, arrival))

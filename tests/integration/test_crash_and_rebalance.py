@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 
@@ -55,7 +56,9 @@ def expected_graph(events: list[EnrichedEvent]) -> tuple[dict, dict]:
     return visitor_lead, lead_email
 
 
-def test_two_workers_rebalance_and_sigkill_converge_to_the_pure_result(settings, roles):
+@pytest.mark.parametrize("engine", ["aiokafka", "faust"])
+def test_two_workers_rebalance_and_sigkill_converge_to_the_pure_result(settings, roles, engine):
+    settings = replace(settings, worker_engine=engine)
     traffic = TrafficGenerator(visitors=600, seed=5, site_ids=("it",), malformed_ratio=0.0)
     records = list(traffic.events())
     events = _enriched(records)
