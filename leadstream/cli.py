@@ -49,6 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     sink = sub.add_parser("sink", help="run the ClickHouse sinks")
     sink.add_argument("--tables", default="events,dlq,sessions,identity_events,visitor_leads,leads",
                       help="comma-separated table names (default: all)")
+    ip_ranges = sub.add_parser("ip-ranges", help="load the IP-range -> company table (CSV: cidr,domain,company_name[,kind])")
+    ip_ranges.add_argument("action", choices=["load"])
+    ip_ranges.add_argument("path")
+    account = sub.add_parser("account", help="add an account by hand, by domain")
+    account.add_argument("action", choices=["add"])
+    account.add_argument("domain")
+    account.add_argument("--site", required=True)
+    account.add_argument("--name", default="", help="company name")
     demo = sub.add_parser("demo", help="the whole pipeline on the local stack with synthetic traffic")
     demo.add_argument("--visitors", type=int, default=3000)
     demo.add_argument("--seed", type=int, default=7)
@@ -72,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "sink":
         return _run_sink(settings, [t.strip() for t in args.tables.split(",") if t.strip()])
+    if args.command == "ip-ranges":
+        from leadstream.admin import load_ip_ranges
+
+        return load_ip_ranges(settings, args.path)
+    if args.command == "account":
+        from leadstream.admin import add_account
+
+        return add_account(settings, args.site, args.domain, args.name)
     if args.command == "api":
         from api.app import run_api
 

@@ -38,7 +38,7 @@ class Settings:
     worker_batch_size: int = 2000
     worker_batch_ms: int = 100
     sink_batch_size: int = 20000
-    sink_batch_ms: int = 1000
+    sink_batch_ms: int = 500
     max_payload_bytes: int = 65536
     session_inactivity_min: int = 30
     session_grace_min: int = 60

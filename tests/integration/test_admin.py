@@ -1,0 +1,41 @@
+"""Operator commands on the real stack: IP-range table published to workers, accounts added by hand."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aioredis
+
+from leadstream.admin import add_account, load_ip_ranges
+from processors.identity_store import IdentityGraphStore
+from sinks.clickhouse import connect
+
+pytestmark = pytest.mark.integration
+
+
+def test_ip_ranges_are_validated_and_published(settings, tmp_path, capsys):
+    csv = tmp_path / "ranges.csv"
+    csv.write_text("cidr,domain,company_name,kind\n203.0.113.0/24,acme.com,Acme,company\nnot-a-cidr,x,y\n"
+                   "198.51.100.0/24,,Hetzner,datacenter\n")
+    assert load_ip_ranges(settings, str(csv)) == 0
+    assert "line 3" in capsys.readouterr().out
+
+    async def published():
+        redis = aioredis.from_url(settings.redis_url)
+        try:
+            return await IdentityGraphStore(redis, settings.name("ls")).load_ip_table()
+        finally:
+            await redis.aclose()
+
+    table = asyncio.run(published())
+    assert table.lookup("203.0.113.9").domain == "acme.com"
+    assert table.lookup("198.51.100.1").kind == "datacenter"
+    assert load_ip_ranges(settings, str(tmp_path / "missing.csv")) == 2
+
+
+def test_accounts_added_by_hand_are_normalised_and_never_free_mail(settings):
+    assert add_account(settings, "acme", "https://www.Globex.io/pricing", "Globex") == 0
+    assert add_account(settings, "acme", "gmail.com") == 2
+    rows = connect(settings).execute("SELECT site_id, domain, company_name FROM manual_accounts FINAL")
+    assert rows == [("acme", "globex.io", "Globex")]
