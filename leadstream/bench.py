@@ -137,7 +137,9 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
     records: list[tuple[bytes, bytes]] = []
     seed = 11
     while len(records) < events:  # ~9 events per visitor; top up with more seeds until K
-        traffic = TrafficGenerator(visitors=max(events // 8, 100), seed=seed, site_ids=("bench",), malformed_ratio=0.001)
+        now_ms = int(time.time() * 1000)
+        traffic = TrafficGenerator(visitors=max(events // 8, 100), seed=seed, site_ids=("bench",), malformed_ratio=0.001,
+                                   start_ms=now_ms - 14 * 86_400_000, now_ms=now_ms)
         records.extend(itertools.islice(traffic.events(), events - len(records)))
         seed += 1
     started = time.perf_counter()

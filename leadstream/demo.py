@@ -84,7 +84,9 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
     roles = [Role(settings, "demo-worker", "worker", "--name", "demo-worker").start(),
              Role(settings, "demo-sink", "sink").start()]
     try:
-        traffic = TrafficGenerator(visitors=visitors, seed=seed, site_ids=(site_id,))
+        now_ms = int(time.time() * 1000)  # traffic of the last ~2 weeks, whenever the demo runs
+        traffic = TrafficGenerator(visitors=visitors, seed=seed, site_ids=(site_id,), start_ms=now_ms - 14 * 86_400_000,
+                                   now_ms=now_ms)
         print("Sending synthetic traffic to Kafka (events.raw):", flush=True)
         started = time.monotonic()
         sent = asyncio.run(produce(settings, traffic.events(), progress_every=20_000))
