@@ -106,7 +106,7 @@ class TableSink:
         self.spec = spec
         self.settings = settings
         self.client = clickhouse.connect(settings)
-        self.watermarks: dict[int, int] = {}
+        self.watermarks: dict[int, int] | None = None  # None: read from ClickHouse before the next insert
         self.pending = _Pending()
         self.lock = asyncio.Lock()
         self.rows_written = 0
@@ -175,32 +175,36 @@ class TableSink:
         return fresh
 
     async def _flush(self) -> None:
-        """Insert the pending rows (retrying until ClickHouse takes them), then commit their offsets."""
+        """Insert the pending rows, retrying with backoff until ClickHouse takes them, then commit offsets.
+
+        After any failure the watermarks are re-read from ClickHouse before retrying, so an insert that
+        landed although its reply was lost is not inserted twice.
+        """
         if not self.pending.offsets:
             return
         batch, self.pending = self.pending, _Pending()
-        before = dict(self.watermarks)
-        rows = self._deduplicated(batch.rows)
         delay = 0.5
         while True:
             try:
+                if self.watermarks is None:
+                    self.watermarks = await asyncio.to_thread(
+                        clickhouse.raw_offset_watermarks, self.client, self.spec.table, self.settings.topic("events.raw"))
+                rows = self._deduplicated(batch.rows)
                 await asyncio.to_thread(clickhouse.insert_columnar, self.client, self.spec.table, self.spec.columns, rows)
                 await asyncio.to_thread(clickhouse.insert_columnar, self.client, "dlq", DLQ_COLUMNS, batch.poison)
                 break
             except Exception as err:  # ClickHouse down or restarting: keep the batch, back off, retry.
                 log.warning("insert into %s failed (%s); retrying in %.1fs", self.spec.table, err, delay)
                 self.client.disconnect()
+                self.forget_watermarks()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-                self.watermarks = dict(before)
-                rows = self._deduplicated(batch.rows)
         self.rows_written += len(rows)
         await self.consumer.commit(batch.offsets)
 
-    async def reload_watermarks(self) -> None:
-        if self.spec.watermarked:
-            self.watermarks = await asyncio.to_thread(
-                clickhouse.raw_offset_watermarks, self.client, self.spec.table, self.settings.topic("events.raw"))
+    def forget_watermarks(self) -> None:
+        """Watermarked tables re-read theirs from ClickHouse before the next insert."""
+        self.watermarks = None if self.spec.watermarked else {}
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -214,7 +218,7 @@ class _Rebalance(ConsumerRebalanceListener):
             await self.sink._flush()
 
     async def on_partitions_assigned(self, assigned) -> None:
-        await self.sink.reload_watermarks()
+        self.sink.forget_watermarks()
 
 
 async def run_sinks(settings: Settings, tables: Sequence[str], stop: asyncio.Event) -> list[TableSink]:

@@ -78,12 +78,12 @@ def _email(visitor: str, type_: str) -> str:
     return "cyd@globex.com" if visitor == "vs" else "ada@acme.com"
 
 
+_NUMERIC = {"session_index", "start_ms", "end_ms", "duration_ms", "event_count", "pageview_count", "version"}
+
+
 def _session_row(**values: Any) -> tuple:
     defaults = {"site_id": SITE, "device": "desktop", "browser": "Chrome", "os": "Linux", "version": 2}
-    return tuple({**defaults, **values}.get(column, "" if column not in _NUMERIC else 0) for column in SESSION_COLUMNS)
-
-
-_NUMERIC = {"session_index", "start_ms", "end_ms", "duration_ms", "event_count", "pageview_count", "version"}
+    return tuple({**defaults, **values}.get(column, 0 if column in _NUMERIC else "") for column in SESSION_COLUMNS)
 
 
 def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
@@ -341,6 +341,6 @@ class TestOnClickHouse18:
         assert counts == run_docs_queries(chdb_client)
 
     def test_tiny_profile_bench(self, ch_settings, capsys):
-        assert run_profile_bench(ch_settings, events=20_000) == 0
+        assert run_profile_bench(ch_settings, events=20_000, profile_samples=20) == 0
         out = capsys.readouterr().out
         assert "lead profile" in out and "funnel" in out and "p99" in out
