@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=7)
     bench = sub.add_parser("bench", help="throughput/latency/memory benchmark vs a raw aiokafka loop")
     bench.add_argument("--events", type=int, default=200_000)
+    bench.add_argument("--open-sessions", type=int, default=100_000)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from leadstream.bench import run_bench
 
-        return run_bench(settings, events=args.events)
+        return run_bench(settings, events=args.events, open_sessions=args.open_sessions)
     return 2
 
 
