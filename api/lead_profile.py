@@ -205,7 +205,9 @@ ARRAY JOIN
     arrayPushFront(arrayPopFront(starts), toUInt64(0)) AS since_ts_ms,
     arrayPushBack(arrayPopFront(starts), toUInt64(18446744073709551615)) AS until_ts_ms"""
 
-LEADS_BY_CHANNEL_SQL = f"""SELECT channel, countIf(touch = 'first') AS first_touch_leads, countIf(touch = 'last') AS last_touch_leads
+LEADS_BY_CHANNEL_SQL = f"""SELECT channel,
+       countIf(touch = 'first') AS first_touch_leads,
+       countIf(touch = 'last') AS last_touch_leads
 FROM (
     SELECT lead_id,
            argMin(channel, (start_ms, session_id)) AS first_channel,
@@ -261,7 +263,9 @@ def owned_sessions(rows: Iterable[Sequence], owned: Intervals) -> list[ProfileSe
     ]
 
 
-def attach_events(page: Sequence[ProfileSession], event_rows: Iterable[Sequence], owned: Intervals) -> tuple[ProfileSession, ...]:
+def attach_events(
+    page: Sequence[ProfileSession], event_rows: Iterable[Sequence], owned: Intervals
+) -> tuple[ProfileSession, ...]:
     """Each session of the page with its events: same visitor, inside the session's time span and inside
     the lead's ownership (on a shared computer, part of a session may be another contact's)."""
     timelines: dict[str, list[tuple[int, ProfileEvent]]] = defaultdict(list)
@@ -282,7 +286,9 @@ def _touch(s: ProfileSession) -> Touch:
                  s.visitor_id, s.session_id)
 
 
-def lead_profile(client: QueryClient, site_id: str, lead_id: str, page: int = 0, page_size: int = PAGE_SIZE) -> LeadProfile | None:
+def lead_profile(
+    client: QueryClient, site_id: str, lead_id: str, page: int = 0, page_size: int = PAGE_SIZE
+) -> LeadProfile | None:
     """The profile of `lead_id` (or of the lead it was merged into) with sessions page `page`, newest
     first; None if the site has no such lead."""
     if page < 0 or page_size < 1:

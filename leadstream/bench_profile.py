@@ -41,7 +41,7 @@ FROM (
            windowFunnel(604800)(ts, type = 'pageview' AND url_path = '/', type = 'pageview' AND url_path = '/pricing',
                                 type = 'form_submit', type = 'identify') AS level
     FROM events
-    WHERE site_id = %(site_id)s
+    WHERE site_id = %(site_id)s AND is_bot = 0
     GROUP BY visitor_id
 )"""
 
@@ -95,17 +95,20 @@ class Template:
                                                    self.offsets_ms, self.identifies)))
 
 
+_URLS = {path: f"https://bench.example{path}" for path in PAGES}
+_TITLES = {path: f"Bench {path}" for path in PAGES}
+
+
 def _template(steps: Sequence[tuple[str, str]], rng: random.Random) -> Template:
-    urls = {path: f"https://bench.example{path}" for path in PAGES}
-    titles = {path: f"Bench {path}" for path in PAGES}
     offsets, at = [], 0
     for _ in steps:
         offsets.append(at)
         at += rng.randrange(5_000, 240_000)
     types = tuple(t for t, _ in steps)
-    return Template(types, tuple(p for _, p in steps), tuple(urls[p] for _, p in steps),
-                    tuple(titles[p] for _, p in steps), tuple("cta_click" if t == "custom" else "" for t in types),
-                    tuple(offsets), tuple(t in ("form_submit", "identify") for t in types))
+    paths = tuple(p for _, p in steps)
+    return Template(types, paths, tuple(_URLS[p] for p in paths), tuple(_TITLES[p] for p in paths),
+                    tuple("cta_click" if t == "custom" else "" for t in types), tuple(offsets),
+                    tuple(t in ("form_submit", "identify") for t in types))
 
 
 def session_templates(rng: random.Random, count: int = 200) -> list[Template]:
@@ -127,28 +130,37 @@ def session_templates(rng: random.Random, count: int = 200) -> list[Template]:
 
 
 class Columns:
-    """Column lists for one table, flushed to ClickHouse every CHUNK_ROWS rows."""
+    """One table's rows as column lists, sent as a columnar INSERT every CHUNK_ROWS rows."""
 
-    def __init__(self, client, table: str, names: Sequence[str], total: int, chunk_rows: int = CHUNK_ROWS):
-        self.client, self.table, self.names, self.total, self.chunk_rows = client, table, names, total, chunk_rows
-        self.columns: dict[str, list] = {name: [] for name in names}
+    def __init__(self, client, table: str, names: Sequence[str], expected_rows: int | None = None):
+        self.client, self.table, self.names, self.expected_rows = client, table, names, expected_rows
+        self.lists: list[list] = [[] for _ in names]
         self.written = 0
 
-    def maybe_flush(self) -> None:
-        if len(self.columns[self.names[0]]) >= self.chunk_rows:
+    def append(self, row: Sequence) -> None:
+        for column, value in zip(self.lists, row):
+            column.append(value)
+        if len(self.lists[0]) >= CHUNK_ROWS:
+            self.flush()
+
+    def extend(self, columns: Sequence[Sequence]) -> None:
+        """Many rows at once, given column by column (equal lengths, in `names` order)."""
+        for column, values in zip(self.lists, columns):
+            column += values
+        if len(self.lists[0]) >= CHUNK_ROWS:
             self.flush()
 
     def flush(self) -> None:
-        rows = len(self.columns[self.names[0]])
+        rows = len(self.lists[0])
         if not rows:
             return
-        # columnar straight from the lists: sinks.clickhouse.insert_columnar takes rows, transposing 10 M would cost more
-        self.client.execute(f"INSERT INTO {self.table} ({', '.join(self.names)}) VALUES",
-                            [self.columns[name] for name in self.names], columnar=True, types_check=False)
+        # straight from the column lists: sinks.clickhouse.insert_columnar takes rows, and transposing costs
+        self.client.execute(f"INSERT INTO {self.table} ({', '.join(self.names)}) VALUES", self.lists,
+                            columnar=True, types_check=False)
         self.written += rows
-        for column in self.columns.values():
-            column.clear()
-        print(f"  {self.table:<14} {self.written:>12,} / ~{self.total:,} rows", flush=True)
+        self.lists = [[] for _ in self.names]
+        of = f" / {self.expected_rows:,}" if self.expected_rows else ""
+        print(f"  {self.table:<14} {self.written:>12,}{of} rows", flush=True)
 
 
 @dataclass
@@ -159,28 +171,54 @@ class Generated:
     leads: list[str]  # every lead id, merged-away ones included: the profile resolves them
 
 
-def generate(client, events: int, seed: int = SEED) -> Generated:
-    """Write `events` events with their sessions, visitor->lead links and leads into the bench database."""
-    rng = random.Random(seed)
+@dataclass(frozen=True)
+class Shape:
+    """How many visitors, leads and accounts a run of `events` events has."""
+
+    events: int
+
+    @property
+    def visitors(self) -> int:
+        return max(self.events // EVENTS_PER_VISITOR, 1)
+
+    @property
+    def leads(self) -> int:
+        return max(self.visitors // VISITORS_PER_LEAD, 1)
+
+    @property
+    def accounts(self) -> int:
+        return max(self.leads // LEADS_PER_ACCOUNT, 1)
+
+    def visitor_id(self, v: int) -> str:
+        return f"v{v:07d}"
+
+    def lead_id(self, lead: int) -> str:
+        return f"L{lead:07d}"
+
+    def lead_of(self, v: int) -> int:
+        """Visitors v, v + leads, v + 2 * leads, ... share a lead: far apart in the tables' key order."""
+        return v % self.leads
+
+    def email(self, lead: int) -> str:
+        """Even leads are known contacts."""
+        return f"user{lead}@company{lead % self.accounts}.example" if lead % 2 == 0 else ""
+
+
+def write_click_stream(client, shape: Shape, rng: random.Random) -> tuple[int, list[int], list[int]]:
+    """Events and sessions of every visitor; returns the session count and each lead's first / last ms."""
     templates = session_templates(rng)
-    n_visitors = max(events // EVENTS_PER_VISITOR, 1)
-    n_leads = max(n_visitors // VISITORS_PER_LEAD, 1)
-    n_accounts = max(n_leads // LEADS_PER_ACCOUNT, 1)
-    span_ms = 40 * 24 * HOUR_MS
     suffixes = [f"-{k}" for k in range(max(len(t) for t in templates))]
-    ev = Columns(client, "events", EVENT_COLUMNS, events)
-    se = Columns(client, "sessions", SESSION_COLUMNS, events // 5)
-    e, s = ev.columns, se.columns
-    lead_ids = [f"L{k:07d}" for k in range(n_leads)]
-    emails = [f"user{k}@company{k % n_accounts}.example" if k % 2 == 0 else "" for k in range(n_leads)]
-    first_seen = [BASE_MS + span_ms] * n_leads
-    last_seen = [0] * n_leads
-    sessions_written = 0
-    for v in range(n_visitors):
-        visitor_id, lead = f"v{v:07d}", v % n_leads
-        lead_id, email = lead_ids[lead], emails[lead]
-        device, browser, os = DEVICES[v % len(DEVICES)]
-        quota = events // n_visitors + (1 if v < events % n_visitors else 0)
+    span_ms = 40 * 24 * HOUR_MS
+    events = Columns(client, "events", EVENT_COLUMNS, shape.events)
+    sessions = Columns(client, "sessions", SESSION_COLUMNS)
+    first_seen = [BASE_MS + span_ms] * shape.leads
+    last_seen = [0] * shape.leads
+    session_count = 0
+    for v in range(shape.visitors):
+        visitor_id, lead = shape.visitor_id(v), shape.lead_of(v)
+        lead_id, email = shape.lead_id(lead), shape.email(lead)
+        device, browser, os_name = DEVICES[v % len(DEVICES)]
+        quota = shape.events // shape.visitors + (1 if v < shape.events % shape.visitors else 0)
         start = BASE_MS + rng.randrange(span_ms // 2)
         first_seen[lead] = min(first_seen[lead], start)
         index = 0
@@ -194,56 +232,52 @@ def generate(client, events: int, seed: int = SEED) -> Generated:
             session_id = f"{visitor_id}-s{index}"
             channel, referrer, source, medium, campaign = rng.choice(SOURCES)
             times = [start + offset for offset in template.offsets_ms]
-            e["event_id"] += [session_id + suffix for suffix in suffixes[:n]]
-            e["site_id"] += [SITE] * n
-            e["type"] += template.types
-            e["ts_ms"] += times
-            e["visitor_id"] += [visitor_id] * n
-            e["url"] += template.urls
-            e["url_path"] += template.paths
-            e["title"] += template.titles
-            e["name"] += template.names
-            for name, value in (("channel", channel), ("referrer", referrer), ("utm_source", source),
-                                ("utm_medium", medium), ("utm_campaign", campaign), ("session_id", session_id),
-                                ("lead_id", lead_id)):
-                e[name] += [value] * n
-            e["email"] += [email if identifies else "" for identifies in template.identifies]
-            for name, value in zip(SESSION_COLUMNS, (
+            events.extend((  # EVENT_COLUMNS order
+                [session_id + suffix for suffix in suffixes[:n]], [SITE] * n, template.types, times,
+                [visitor_id] * n, template.urls, template.paths, template.titles, template.names, [channel] * n,
+                [referrer] * n, [source] * n, [medium] * n, [campaign] * n,
+                [email if identifies else "" for identifies in template.identifies], [session_id] * n,
+                [lead_id] * n,
+            ))
+            sessions.append((  # SESSION_COLUMNS order
                 session_id, SITE, visitor_id, index, start, times[-1], times[-1] - start, n,
                 template.types.count("pageview"), template.urls[0], template.urls[-1], referrer, channel, source,
-                medium, campaign, device, browser, os, email if any(template.identifies) else "", 1, 1,
-            )):
-                s[name].append(value)
-            sessions_written += 1
+                medium, campaign, device, browser, os_name, email if any(template.identifies) else "", 1, 1,
+            ))
+            session_count += 1
             last_seen[lead] = max(last_seen[lead], times[-1])
             start = times[-1] + rng.randrange(HOUR_MS, 72 * HOUR_MS)
-            ev.maybe_flush()
-            se.maybe_flush()
-    ev.flush()
-    se.flush()
+    events.flush()
+    sessions.flush()
+    return session_count, first_seen, last_seen
 
-    links = Columns(client, "visitor_leads", VISITOR_LEAD_COLUMNS, n_visitors)
-    for v in range(n_visitors):
-        for name, value in zip(VISITOR_LEAD_COLUMNS, (SITE, f"v{v:07d}", 0, lead_ids[v % n_leads], 1)):
-            links.columns[name].append(value)
-        links.maybe_flush()
+
+def write_identity(client, shape: Shape, first_seen: Sequence[int], last_seen: Sequence[int]) -> list[str]:
+    """visitor_leads and leads rows (every tenth known lead absorbed an anonymous one); returns all lead ids."""
+    links = Columns(client, "visitor_leads", VISITOR_LEAD_COLUMNS, shape.visitors)
+    for v in range(shape.visitors):
+        links.append((SITE, shape.visitor_id(v), 0, shape.lead_id(shape.lead_of(v)), 1))
     links.flush()
-
-    leads = Columns(client, "leads", LEAD_COLUMNS, n_leads + n_leads // 20)
-    merged_ids = []
-    for k, lead_id in enumerate(lead_ids):
-        visitors = [f"v{v:07d}" for v in range(k, n_visitors, n_leads)]
-        domain = f"company{k % n_accounts}.example" if emails[k] or k % 4 == 1 else ""
-        rows = [(lead_id, SITE, emails[k], visitors, domain, "", first_seen[k], last_seen[k], 1)]
-        if emails[k] and k % 10 == 0:  # an anonymous lead that was merged into this known one
-            merged_ids.append(f"M{k:07d}")
-            rows.append((merged_ids[-1], SITE, "", [], "", lead_id, first_seen[k], first_seen[k], 2))
-        for row in rows:
-            for name, value in zip(LEAD_COLUMNS, row):
-                leads.columns[name].append(value)
-        leads.maybe_flush()
+    leads = Columns(client, "leads", LEAD_COLUMNS)
+    lead_ids = []
+    for k in range(shape.leads):
+        lead_id, email = shape.lead_id(k), shape.email(k)
+        visitors = [shape.visitor_id(v) for v in range(k, shape.visitors, shape.leads)]
+        domain = f"company{k % shape.accounts}.example" if email or k % 4 == 1 else ""
+        leads.append((lead_id, SITE, email, visitors, domain, "", first_seen[k], last_seen[k], 1))
+        lead_ids.append(lead_id)
+        if email and k % 10 == 0:
+            lead_ids.append("M" + lead_id[1:])
+            leads.append((lead_ids[-1], SITE, "", [], "", lead_id, first_seen[k], first_seen[k], 2))
     leads.flush()
-    return Generated(events, sessions_written, n_visitors, lead_ids + merged_ids)
+    return lead_ids
+
+
+def generate(client, events: int, seed: int = SEED) -> Generated:
+    """Write `events` events with their sessions, visitor->lead links and leads into the bench database."""
+    shape = Shape(events)
+    session_count, first_seen, last_seen = write_click_stream(client, shape, random.Random(seed))
+    return Generated(events, session_count, shape.visitors, write_identity(client, shape, first_seen, last_seen))
 
 
 def percentile(sorted_ms: Sequence[float], q: float) -> float:

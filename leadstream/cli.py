@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="throughput/latency/memory benchmark vs a raw aiokafka loop")
     bench.add_argument("--events", type=int, default=200_000)
     bench.add_argument("--open-sessions", type=int, default=100_000)
+    bench_profile = sub.add_parser("bench-profile", help="Lead Profile and funnel latency over N events in ClickHouse")
+    bench_profile.add_argument("--events", type=int, default=10_000_000)
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         from leadstream.bench import run_bench
 
         return run_bench(settings, events=args.events, open_sessions=args.open_sessions)
+    if args.command == "bench-profile":
+        from leadstream.bench_profile import run_profile_bench
+
+        return run_profile_bench(settings, events=args.events)
     return 2
 
 

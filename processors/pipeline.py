@@ -34,7 +34,6 @@ from processors.enrich import Limits, enrich_batch
 from processors.state import PartitionCommit, SessionStateStore
 from schemas.dead_letter import DeadLetter, Rejection
 from schemas.events import EnrichedEvent
-from schemas.identity import MERGE_REFUSED
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +162,21 @@ class Pipeline:
         self.processed += len(fresh)
         return outputs
 
+    @staticmethod
+    def _mapping_since(graph, site_id: str, visitor_id: str, link) -> int | None:
+        """From when a visitor's events belong to its new lead, for the `visitor_leads` row (None: no new row).
+
+        A new visitor, or one leaving an anonymous lead, takes its whole history along (0). A visitor
+        moving from one known contact to another (a shared computer) changes owner from the identify on.
+        """
+        previous = graph.visitors.get((site_id, visitor_id))
+        if previous is None:
+            return 0
+        if previous.lead_id == link.lead_id:
+            return None
+        previous_lead = graph.leads.get((site_id, previous.lead_id))
+        return link.since_ts_ms if previous_lead is not None and previous_lead.email else 0
+
     def _add_events_and_dead_letters(self, fresh, accepted, rejected, received_ms: int, outputs: Outputs) -> None:
         """Enriched events and dead letters keep raw-offset order per partition: the sinks rely on it."""
         raw_topic = self.settings.topic("events.raw")
@@ -193,15 +207,15 @@ class Pipeline:
             partition_of_visitor[event.site_id, event.visitor_id] = message.partition
         changes = view.changes()
         version = version_now()
-        repointed = {}
         for ev in result.identity_events:
             p = partition_of_visitor.get((ev.site_id, ev.visitor_id), 0)
             outputs.add("identity", p, ev.visitor_id.encode(), ev.to_json())
-            if ev.kind == MERGE_REFUSED and ev.reason == "visitor_repointed":
-                repointed[ev.site_id, ev.visitor_id] = ev.ts_ms
         for (site_id, visitor_id), link in changes.visitors.items():
+            since = self._mapping_since(graph, site_id, visitor_id, link)
+            if since is None:
+                continue
             row = {"site_id": site_id, "visitor_id": visitor_id, "lead_id": link.lead_id, "version": version,
-                   "since_ts_ms": repointed.get((site_id, visitor_id), 0)}
+                   "since_ts_ms": since}
             outputs.add("identity.visitors", partition_of_visitor.get((site_id, visitor_id), 0),
                         visitor_id.encode(), orjson.dumps(row))
         for lead in changes.leads.values():

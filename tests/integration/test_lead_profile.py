@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from api import lead_profile as lp
-from leadstream.bench_profile import run_profile_bench
+from leadstream.bench_profile import percentile, run_profile_bench
 from sinks import clickhouse
 
 SITE = "demo"
@@ -38,13 +38,16 @@ Insert = Callable[[str, Sequence[str], list[tuple]], None]
 
 # (session id, visitor, start, channel, referrer, utm_source, utm_medium, utm_campaign, [(type, path), ...])
 ADA_SESSIONS = [
-    ("s-ada-1", "va2", BASE_MS, "organic", "https://www.google.com/", "", "", "", [("pageview", "/"), ("pageview", "/blog")]),
+    ("s-ada-1", "va2", BASE_MS, "organic", "https://www.google.com/", "", "", "",
+     [("pageview", "/"), ("pageview", "/blog")]),
     ("s-ada-2", "va1", BASE_MS + 2 * HOUR_MS, "direct", "", "", "", "", [("pageview", "/blog/kafka")]),
-    ("s-ada-3", "va1", BASE_MS + 4 * HOUR_MS, "social", "https://t.co/", "", "", "", [("pageview", "/"), ("pageview", "/about")]),
+    ("s-ada-3", "va1", BASE_MS + 4 * HOUR_MS, "social", "https://t.co/", "", "", "",
+     [("pageview", "/"), ("pageview", "/about")]),
     ("s-ada-4", "va2", BASE_MS + 6 * HOUR_MS, "referral", "https://news.ycombinator.com/", "", "", "",
      [("pageview", "/"), ("pageview", "/pricing"), ("form_submit", "/pricing"), ("identify", "/pricing")]),
     ("s-ada-5", "va1", BASE_MS + 8 * HOUR_MS, "email", "", "newsletter", "email", "march", [("pageview", "/pricing")]),
-    ("s-ada-6", "va2", BASE_MS + 10 * HOUR_MS, "organic", "https://www.bing.com/", "", "", "", [("pageview", "/docs"), ("pageview", "/docs/api")]),
+    ("s-ada-6", "va2", BASE_MS + 10 * HOUR_MS, "organic", "https://www.bing.com/", "", "", "",
+     [("pageview", "/docs"), ("pageview", "/docs/api")]),
     ("s-ada-7", "va1", BASE_MS + 12 * HOUR_MS, "paid", "https://www.google.com/", "google", "cpc", "spring",
      [("pageview", "/pricing"), ("pageview", "/signup"), ("custom", "/signup")]),
 ]
@@ -98,7 +101,8 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
                            "signup_click" if type_ == "custom" else "", channel, _email(visitor, type_), session_id,
                            referrer, source, medium, campaign))
         sessions.append(_session_row(
-            session_id=session_id, visitor_id=visitor, start_ms=start, end_ms=times[-1], duration_ms=times[-1] - start,
+            session_id=session_id, visitor_id=visitor, start_ms=start, end_ms=times[-1],
+            duration_ms=times[-1] - start,
             session_index=sum(1 for other in SESSION_SPECS if other[1] == visitor and other[2] <= start),
             event_count=len(steps), pageview_count=sum(t == "pageview" for t, _ in steps), landing_url=urls[0],
             exit_url=urls[-1], referrer=referrer, channel=channel, utm_source=source, utm_medium=medium,
@@ -110,14 +114,16 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
         _session_row(**latest | {"channel": "direct", "version": 1}),  # an older version of s-ada-7
         _session_row(session_id="s-ada-0", visitor_id="va1", start_ms=superseded_start, end_ms=superseded_start,
                      event_count=1, channel="direct", version=1),  # ... became s-ada-2: only its tombstone is current
-        _session_row(session_id="s-ada-0", visitor_id="va1", start_ms=superseded_start, merged_into="s-ada-2", version=3),
+        _session_row(session_id="s-ada-0", visitor_id="va1", start_ms=superseded_start, merged_into="s-ada-2",
+                     version=3),
     ]
     ada_first, ada_last = BASE_MS, BASE_MS + 12 * HOUR_MS + 2 * MINUTE_MS
     leads = [
         ("lead-ada", SITE, "ada@acme.com", ["va1", "va2"], "acme.com", "", ada_first, ada_last, 2),
         ("lead-anon", SITE, "", ["va2"], "", "", ada_first, BASE_MS + 6 * HOUR_MS, 1),
         ("lead-anon", SITE, "", [], "", "lead-ada", ada_first, BASE_MS + 6 * HOUR_MS, 2),
-        ("lead-bob", SITE, "bob@acme.com", ["vb"], "acme.com", "", BASE_MS + 20 * HOUR_MS, SHARED_MS - 10 * MINUTE_MS, 1),
+        ("lead-bob", SITE, "bob@acme.com", ["vb"], "acme.com", "", BASE_MS + 20 * HOUR_MS,
+         SHARED_MS - 10 * MINUTE_MS, 1),
         ("lead-cyd", SITE, "cyd@globex.com", ["vs"], "globex.com", "", SHARED_MS, SHARED_MS + 3 * HOUR_MS, 1),
     ]
     visitor_leads = [
@@ -305,6 +311,22 @@ class TestPureCore:
         events = [("v", ts, "pageview", f"u{ts}", "", "") for ts in (100, 150, 300, 900, 995, 1_000)]
         filled = lp.attach_events(page, events, owned)
         assert [[e.ts_ms for e in s.events] for s in filled] == [[900], [100, 150]]
+
+
+    def test_arguments_are_checked_before_any_query(self):
+        class NoServer:
+            def execute(self, query, params=None):
+                raise AssertionError("no query expected")
+
+        with pytest.raises(ValueError):
+            lp.lead_profile(NoServer(), SITE, "lead-ada", page=-1)
+        with pytest.raises(ValueError):
+            lp.leads_by_channel(NoServer(), SITE, "middle")  # type: ignore[arg-type]
+
+    def test_percentile_is_nearest_rank(self):
+        times = [float(ms) for ms in range(1, 101)]
+        assert [percentile(times, q) for q in (0.5, 0.95, 0.99, 1.0)] == [50.0, 95.0, 99.0, 100.0]
+        assert percentile([7.0], 0.99) == 7.0
 
 
 class TestOnChdb:
