@@ -23,7 +23,7 @@ from dataclasses import replace
 import orjson
 import psutil
 import redis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from leadstream.config import Settings
 from leadstream.runner import Role, count, produce, wait_for
@@ -105,21 +105,29 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
                 break
             time.sleep(0.1)
 
-    def paced():
-        started = time.time()
-        for i in range(total):
-            target = started + i / rate
-            delay = target - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            sent = int(time.time() * 1000)
-            event = {"event_id": f"lat{i}", "site_id": site, "type": "pageview", "visitor_id": f"lv{i % 500}",
-                     "ts": sent, "url": "https://bench.example/pricing", "properties": {"sent_ms": sent}}
-            yield f"lv{i % 500}".encode(), orjson.dumps(event)
+    async def paced() -> None:
+        """Send each event when it is due (ticks of 10 ms), letting the producer flush in between: a
+        generator that sleeps synchronously would hold events in the client and measure the client."""
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=0)
+        await producer.start()
+        try:
+            started, sent_count = time.time(), 0
+            while sent_count < total:
+                due = min(total, int((time.time() - started) * rate) + 1)
+                for i in range(sent_count, due):
+                    sent = int(time.time() * 1000)
+                    event = {"event_id": f"lat{i}", "site_id": site, "type": "pageview", "visitor_id": f"lv{i % 500}",
+                             "ts": sent, "url": "https://bench.example/pricing", "properties": {"sent_ms": sent}}
+                    await producer.send(settings.topic("events.raw"), orjson.dumps(event), key=f"lv{i % 500}".encode())
+                sent_count = due
+                await asyncio.sleep(0.01)
+            await producer.flush()
+        finally:
+            await producer.stop()
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    asyncio.run(produce(settings, paced()))
+    asyncio.run(paced())
     done.set()
     poller.join(timeout=120)
     return latencies
