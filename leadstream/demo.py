@@ -10,9 +10,12 @@ import secrets
 import time
 import urllib.request
 
+import redis.asyncio as aioredis
+
 from leadstream.config import Settings
 from leadstream.runner import Role, produce, wait_for
-from leadstream.traffic import TrafficGenerator
+from leadstream.traffic import TrafficGenerator, ip_range_table_lines
+from processors.identity_store import IdentityGraphStore
 from sinks import clickhouse
 
 
@@ -77,10 +80,21 @@ def _start_api(settings: Settings, site_id: str) -> str:
     return f"{base}/?site={site_id}&key={key}"
 
 
+async def _publish_ip_ranges(settings: Settings, csv_text: str) -> None:
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        await IdentityGraphStore(redis, settings.name("ls")).save_ip_ranges(csv_text)
+    finally:
+        await redis.aclose()
+
+
 def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
     site_id = f"demo-{int(time.time())}"
     since_ms = int(time.time() * 1000)
     print(f"\nLeadStream demo — site '{site_id}', {visitors:,} visitors", flush=True)
+    ranges = ip_range_table_lines()
+    asyncio.run(_publish_ip_ranges(settings, "\n".join(ranges)))
+    print(f"Loaded the demo's IP-range table ({len(ranges) - 1} ranges: company offices, ISPs, datacenters)", flush=True)
     roles = [Role(settings, "demo-worker", "worker", "--name", "demo-worker").start(),
              Role(settings, "demo-sink", "sink").start()]
     try:
