@@ -120,8 +120,6 @@ class Pipeline:
         self.policy = session_policy(settings)
         self.limits = Limits(max_payload_bytes=settings.max_payload_bytes)
         self.lock = asyncio.Lock()  # one batch or timer tick at a time per process
-        self.processed = 0
-        self.skipped = 0
         self._clock_seen: dict[int, tuple[int, int]] = {}  # partition -> (stream time, wall time it was seen)
 
     async def process(self, messages: Sequence[RawMessage]) -> Outputs:
@@ -133,7 +131,9 @@ class Pipeline:
         partitions = sorted({m.partition for m in messages})
         marks = await self.store.partition_marks(partitions)
         fresh = [m for m in messages if m.offset > marks[m.partition][0]]
-        self.skipped += len(messages) - len(fresh)
+        if len(fresh) < len(messages):
+            log.info("skipped %d messages already applied (a replay after a crash or rebalance)",
+                     len(messages) - len(fresh))
         results = enrich_batch([m.value for m in fresh], received_ms, self.limits)
 
         outputs = Outputs()
@@ -159,7 +159,6 @@ class Pipeline:
         for commit, ok in zip(commits, results_ok):
             if not ok:
                 log.warning("partition %s moved on under us (rebalance?): batch state not written", commit.partition)
-        self.processed += len(fresh)
         return outputs
 
     @staticmethod

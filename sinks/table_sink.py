@@ -134,6 +134,7 @@ class TableSink:
             async with self.lock:
                 await self._flush()
             await self.consumer.stop()
+            log.info("%s: wrote %d rows, skipped %d redelivered", self.spec.table, self.rows_written, self.rows_skipped)
 
     async def _collect(self, stop: asyncio.Event) -> None:
         deadline = time.monotonic() + self.settings.sink_batch_ms / 1000
