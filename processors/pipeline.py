@@ -1,12 +1,13 @@
 """The worker's batch step: events.raw messages in, enriched events / dead letters / session upserts out.
 
-Thin adapter around the pure cores (enrich, sessionize). Order of effects per batch, which is what
-makes at-least-once delivery safe:
+Thin adapter around the pure cores (enrich, sessionize, identity). Order of effects per batch, which
+is what makes at-least-once delivery safe:
   1. skip messages at or below the partition's applied-offset watermark (already fully handled);
   2. compute everything from the stored state (pure, deterministic);
   3. produce all outputs and wait for the broker's acks;
-  4. commit the new visitor states + watermark in one compare-and-set Lua call;
-  5. return, so Faust acks the messages and commits their offsets.
+  4. commit the new visitor states, identity-graph changes and watermark in one Redis transaction
+     whose Lua step is a compare-and-set on the watermark;
+  5. return, so the ingest commits the messages' Kafka offsets.
 A crash before 4 replays the batch from the same state and produces the same outputs again (the
 ClickHouse sink drops them by raw offset; session upserts collapse by version). A crash after 4 skips
 the batch in step 1: its outputs were already acknowledged in step 3.
@@ -146,7 +147,7 @@ class Pipeline:
                 result.raw_partition, result.raw_offset = message.partition, message.offset
                 accepted.append((message, result))
 
-        commits = await self._sessionize(accepted, partitions, marks, fresh, outputs, rejected)
+        commits = await self._sessionize(accepted, partitions, marks, fresh, outputs, rejected, received_ms)
         accepted = [(m, e) for m, e in accepted if e.raw_offset >= 0]  # duplicates went to the DLQ
         await self.identity.acquire()
         try:
@@ -223,7 +224,8 @@ class Pipeline:
             outputs.add("identity.leads", self.producer.partition_for(key), key, orjson.dumps(row))
         return changes
 
-    async def _sessionize(self, accepted, partitions, marks, fresh, outputs: Outputs, rejected) -> list[PartitionCommit]:
+    async def _sessionize(self, accepted, partitions, marks, fresh, outputs: Outputs, rejected,
+                          received_ms: int) -> list[PartitionCommit]:
         by_visitor: dict[str, list[EnrichedEvent]] = defaultdict(list)
         partition_of: dict[str, int] = {}
         for message, event in accepted:
@@ -261,7 +263,9 @@ class Pipeline:
             offsets = [m.offset for m in fresh if m.partition == p]
             if not offsets:
                 continue
-            stream_time = max((e.ts_ms for m, e in accepted if m.partition == p and not e.is_late), default=0)
+            # capped at arrival time: one client with a fast clock must not close a partition's sessions
+            stream_time = max((min(e.ts_ms, received_ms) for m, e in accepted if m.partition == p and not e.is_late),
+                              default=0)
             commits.append(PartitionCommit(p, marks[p][0], max(offsets), stream_time, states[p], deadlines[p]))
         return commits
 
