@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
 import orjson
@@ -25,6 +25,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from leadstream.config import Settings
 from schemas.dead_letter import DeadLetter
+from schemas.events import EnrichedEvent
+from schemas.identity import IdentityEvent, LeadRecord
+from schemas.session import Session
 from sinks import clickhouse
 
 log = logging.getLogger(__name__)
@@ -54,31 +57,17 @@ def _dead_letter_row(value: bytes) -> Sequence:
     return [d.reason, d.message, d.raw, d.topic, d.partition, d.offset, d.received_ms]
 
 
-EVENT_COLUMNS = (
-    "event_id", "site_id", "type", "ts_ms", "received_ms", "visitor_id", "url", "url_host", "url_path",
-    "url_domain", "referrer", "referrer_host", "referrer_domain", "channel", "search_engine", "utm_source",
-    "utm_medium", "utm_campaign", "utm_term", "utm_content", "click_id_type", "click_id", "title", "ip",
-    "user_agent", "browser", "browser_version", "os", "device", "is_bot", "email", "email_domain", "name",
-    "campaign", "properties", "extra", "raw_partition", "raw_offset", "session_id", "is_late", "lead_id",
-)
-DLQ_COLUMNS = ("reason", "message", "raw", "topic", "raw_partition", "raw_offset", "received_ms")
-SESSION_COLUMNS = (
-    "session_id", "site_id", "visitor_id", "session_index", "previous_session_id", "start_ms", "end_ms",
-    "duration_ms", "event_count", "pageview_count", "landing_url", "exit_url", "referrer", "channel",
-    "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "click_id_type", "click_id",
-    "utm_source_last", "utm_medium_last", "utm_campaign_last", "click_id_last", "device", "browser", "os",
-    "is_bot", "email", "is_closed", "merged_into", "version",
-)
+def _columns(record_type) -> tuple[str, ...]:
+    """A table's columns are its record's fields, in order: the schema is the one place they are listed."""
+    return tuple(f.name for f in fields(record_type))
 
-IDENTITY_EVENT_COLUMNS = (
-    "identity_event_id", "site_id", "kind", "event_id", "ts_ms", "visitor_id", "lead_id", "from_lead_id", "email",
-    "account_domain", "reason",
-)
+
+EVENT_COLUMNS = _columns(EnrichedEvent)
+DLQ_COLUMNS = ("reason", "message", "raw", "topic", "raw_partition", "raw_offset", "received_ms")
+SESSION_COLUMNS = _columns(Session)
+IDENTITY_EVENT_COLUMNS = _columns(IdentityEvent)
 VISITOR_LEAD_COLUMNS = ("site_id", "visitor_id", "since_ts_ms", "lead_id", "version")
-LEAD_COLUMNS = (
-    "lead_id", "site_id", "email", "visitors", "account_domain", "merged_into", "first_ts_ms", "last_ts_ms",
-    "created_event_id", "version",
-)
+LEAD_COLUMNS = _columns(LeadRecord) + ("version",)  # lead upserts carry the version they were written at
 
 TABLES = {
     "events": TableSpec("events", "events.enriched", EVENT_COLUMNS, _dict_row(EVENT_COLUMNS), watermarked=True),
