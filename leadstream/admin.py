@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from leadstream.config import Settings
 from processors.accounts import AccountRefused, IpRangeTable, manual_account
-from processors.identity_store import IdentityGraphStore
+from processors.identity_store import publish_ip_ranges
 from sinks import clickhouse
 
 
@@ -22,6 +22,10 @@ def load_ip_ranges(settings: Settings, path: str) -> int:
     except OSError as err:
         print(f"leadstream ip-ranges load: cannot read {path}: {err.strerror}", file=sys.stderr)
         return 2
+    return publish_ip_table(settings, text)
+
+
+def publish_ip_table(settings: Settings, text: str) -> int:
     table, bad = IpRangeTable.from_lines(text.splitlines())
     for line in bad[:20]:
         print(f"  line {line.line_no}: {line.reason}: {line.text[:80]!r}")
@@ -31,7 +35,7 @@ def load_ip_ranges(settings: Settings, path: str) -> int:
     async def publish() -> None:
         redis = aioredis.from_url(settings.redis_url)
         try:
-            await IdentityGraphStore(redis, settings.name("ls")).save_ip_ranges(text)
+            await publish_ip_ranges(redis, settings.name("ls"), text)
         finally:
             await redis.aclose()
 
@@ -48,7 +52,7 @@ def add_account(settings: Settings, site_id: str, domain: str, company_name: str
         print(f"leadstream account add: refused {domain!r}: {err}", file=sys.stderr)
         return 2
     clickhouse.insert_columnar(
-        clickhouse.connect(settings), "manual_accounts", ("site_id", "domain", "company_name", "added_ms"),
+        clickhouse.connect(settings.clickhouse()), "manual_accounts", ("site_id", "domain", "company_name", "added_ms"),
         [(site_id, hint.domain, company_name, int(time.time() * 1000))],
     )
     print(f"account {hint.domain} added to site {site_id}")

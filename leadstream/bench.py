@@ -23,28 +23,26 @@ from dataclasses import replace
 import orjson
 import psutil
 import redis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
+from leadstream.bench_profile import percentile
 from leadstream.config import Settings
 from leadstream.runner import Role, count, produce, wait_for
 from leadstream.topics import ensure_topics
 from leadstream.traffic import TrafficGenerator
+from processors.runtime.ingest import consumer as kafka_consumer
+from schemas.topics import EVENTS_RAW
 from sinks import clickhouse
 
 
 def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return percentile(sorted(values), q) if values else float("nan")
 
 
 async def _baseline(settings: Settings, expected: int) -> float:
     """Raw aiokafka consume + orjson decode of every event; returns events/s."""
-    topic = settings.topic("events.raw")
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024,
-                                fetch_max_bytes=64 * 1024 * 1024)
+    topic = settings.topic(EVENTS_RAW.name)
+    consumer = kafka_consumer(settings.kafka(), group=None)
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, p) for p in range(settings.partitions)])
@@ -91,7 +89,7 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
     done = threading.Event()
 
     def poll() -> None:
-        ch = clickhouse.connect(settings)
+        ch = clickhouse.connect(settings.clickhouse())
         seen: set[str] = set()
         while not done.is_set() or len(seen) < total:
             now = time.time() * 1000
@@ -118,7 +116,7 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
                     sent = int(time.time() * 1000)
                     event = {"event_id": f"lat{i}", "site_id": site, "type": "pageview", "visitor_id": f"lv{i % 500}",
                              "ts": sent, "url": "https://bench.example/pricing", "properties": {"sent_ms": sent}}
-                    await producer.send(settings.topic("events.raw"), orjson.dumps(event), key=f"lv{i % 500}".encode())
+                    await producer.send(settings.topic(EVENTS_RAW.name), orjson.dumps(event), key=f"lv{i % 500}".encode())
                 sent_count = due
                 await asyncio.sleep(0.01)
             await producer.flush()
@@ -138,8 +136,8 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
     uid = int(time.time())
     s = replace(settings, topic_prefix=f"bench{uid}.", clickhouse_database=f"leadstream_bench{uid}")
     print(f"LeadStream benchmark — {events:,} events, {s.partitions} partitions, namespace {s.topic_prefix}", flush=True)
-    asyncio.run(ensure_topics(s, verbose=False))
-    clickhouse.migrate(s, verbose=False)
+    asyncio.run(ensure_topics(s.kafka(), verbose=False))
+    clickhouse.migrate(s.clickhouse(), verbose=False)
     r = redis.Redis.from_url(s.redis_url)
 
     records: list[tuple[bytes, bytes]] = []
@@ -240,5 +238,5 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     print("=" * (width + 24))
-    clickhouse.connect(s, database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
+    clickhouse.connect(s.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
     return 0

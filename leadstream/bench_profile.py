@@ -331,9 +331,9 @@ def measure_reads(client, lead_ids: Sequence[str], events: int, profile_samples:
 
 def run_profile_bench(settings: Settings, events: int = 10_000_000, profile_samples: int = PROFILE_SAMPLES) -> int:
     bench = replace(settings, clickhouse_database=f"{settings.clickhouse_database}_bench")
-    clickhouse.connect(settings, database="default").execute(f"DROP DATABASE IF EXISTS {bench.clickhouse_database}")
-    clickhouse.migrate(bench, verbose=False)
-    client = clickhouse.connect(bench)
+    clickhouse.connect(settings.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {bench.clickhouse_database}")
+    clickhouse.migrate(bench.clickhouse(), verbose=False)
+    client = clickhouse.connect(bench.clickhouse())
     print(f"Generating {events:,} events into {bench.clickhouse_database} ...", flush=True)
     started = time.perf_counter()
     data = generate(client, events)

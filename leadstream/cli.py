@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from leadstream.config import Settings
+from leadstream.config import BatchConfig, Settings
 
 
 def _run_sink(settings: Settings, tables: list[str]) -> int:
@@ -19,7 +19,8 @@ def _run_sink(settings: Settings, tables: list[str]) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_sinks(settings, tables, stop)
+        await run_sinks(settings.kafka(), settings.clickhouse(),
+                        BatchConfig(settings.sink_batch_size, settings.sink_batch_ms), tables, stop)
 
     asyncio.run(main())
     return 0
@@ -30,9 +31,9 @@ def _migrate(settings: Settings) -> int:
     from sinks.clickhouse import migrate
 
     print("Kafka topics:", flush=True)
-    asyncio.run(ensure_topics(settings))
+    asyncio.run(ensure_topics(settings.kafka()))
     print("ClickHouse schema:", flush=True)
-    migrate(settings)
+    migrate(settings.clickhouse())
     return 0
 
 
@@ -47,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--loglevel", default="warning")
     sub.add_parser("api", help="run the read API and dashboard (LEADSTREAM_API_KEYS=site:key,...)")
     sink = sub.add_parser("sink", help="run the ClickHouse sinks")
-    sink.add_argument("--tables", default="events,dlq,sessions,identity_events,visitor_leads,leads",
-                      help="comma-separated table names (default: all)")
+    sink.add_argument("--tables", default="", help="comma-separated table names (default: all)")
     ip_ranges = sub.add_parser("ip-ranges", help="load the IP-range -> company table (CSV: cidr,domain,company_name[,kind])")
     ip_ranges.add_argument("action", choices=["load"])
     ip_ranges.add_argument("path")
@@ -82,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(settings, args.name, args.loglevel)
         return 0
     if args.command == "sink":
-        return _run_sink(settings, [t.strip() for t in args.tables.split(",") if t.strip()])
+        from sinks.table_sink import TABLES
+
+        tables = [t.strip() for t in args.tables.split(",") if t.strip()] or list(TABLES)
+        unknown = sorted(set(tables) - set(TABLES))
+        if unknown:
+            parser.error(f"unknown table(s) {', '.join(unknown)}; known: {', '.join(TABLES)}")
+        return _run_sink(settings, tables)
     if args.command == "ip-ranges":
         from leadstream.admin import load_ip_ranges
 

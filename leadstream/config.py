@@ -34,7 +34,6 @@ class Settings:
     stack_dir: str = str(REPO_ROOT / ".stack")
     cache_dir: str = str(Path.home() / ".cache" / "leadstream")
     kafka_version: str = "3.9.1"
-    worker_engine: str = "aiokafka"
     worker_batch_size: int = 2000
     worker_batch_ms: int = 100
     sink_batch_size: int = 20000
@@ -44,7 +43,7 @@ class Settings:
     session_grace_min: int = 60
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    web_port: int = 6066
+    api_keys: str = ""  # "site:key" (read-write) or "site:key:ro" (read-only), comma-separated
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -66,6 +65,16 @@ class Settings:
         """Full topic name: the configurable prefix + the logical name (events.raw, events.dlq, ...)."""
         return f"{self.topic_prefix}{name}"
 
+    def kafka(self) -> KafkaConfig:
+        return KafkaConfig(self.kafka_bootstrap, self.topic_prefix, self.partitions)
+
+    def clickhouse(self) -> ClickHouseConfig:
+        return ClickHouseConfig(self.clickhouse_host, self.clickhouse_port, self.clickhouse_database,
+                                self.clickhouse_user, self.clickhouse_password)
+
+    def batch(self) -> BatchConfig:
+        return BatchConfig(self.worker_batch_size, self.worker_batch_ms)
+
     @property
     def kafka_port(self) -> int:
         return int(self.kafka_bootstrap.rsplit(":", 1)[1])
@@ -75,14 +84,35 @@ class Settings:
         return int(self.redis_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
-TOPICS = (
-    "events.raw",
-    "events.dlq",
-    "events.enriched",
-    "sessions",
-    "identity",
-    "identity.leads",
-    "identity.visitors",
-    "leads.activity",
-)
-"""Logical topic names; all get `partitions` partitions so outputs can keep the input's partition."""
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """What the Kafka adapters need: where the broker is and how topics are named and partitioned."""
+
+    bootstrap: str
+    topic_prefix: str = ""
+    partitions: int = 4
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, base: str) -> str:
+        return f"{self.topic_prefix}{base}"
+
+
+@dataclass(frozen=True)
+class ClickHouseConfig:
+    host: str
+    port: int
+    database: str
+    user: str = "default"
+    password: str = ""
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """How much a stage takes from Kafka at once: at most `size` messages, waiting at most `wait_ms`."""
+
+    size: int = 2000
+    wait_ms: int = 100

@@ -10,12 +10,11 @@ import secrets
 import time
 import urllib.request
 
-import redis.asyncio as aioredis
-
 from leadstream.config import Settings
 from leadstream.runner import Role, produce, wait_for
 from leadstream.traffic import TrafficGenerator, ip_range_table_lines
-from processors.identity_store import IdentityGraphStore
+from api.site_summary import SUMMARY
+from leadstream.admin import publish_ip_table
 from sinks import clickhouse
 
 
@@ -30,35 +29,9 @@ def _table(title: str, rows: list[tuple], headers: tuple[str, ...]) -> str:
 
 
 def summary(settings: Settings, site_id: str, since_ms: int) -> str:
-    ch = clickhouse.connect(settings)
+    ch = clickhouse.connect(settings.clickhouse())
     q = lambda sql: ch.execute(sql, {"site": site_id, "since": since_ms})  # noqa: E731
-    out = []
-    out.append(_table("Events by type", q(
-        "SELECT type, count() AS n FROM events WHERE site_id = %(site)s GROUP BY type ORDER BY n DESC"), ("type", "events")))
-    out.append(_table("Events by channel (humans only)", q(
-        "SELECT channel, count() AS n, uniqExact(visitor_id) AS visitors FROM events"
-        " WHERE site_id = %(site)s AND is_bot = 0 GROUP BY channel ORDER BY n DESC"), ("channel", "events", "visitors")))
-    out.append(_table("Sessions", q(
-        "SELECT channel, count() AS sessions, toUInt64(avg(duration_ms) / 1000) AS avg_s, sum(is_closed) AS closed"
-        " FROM sessions FINAL WHERE site_id = %(site)s AND merged_into = '' AND is_bot = 0"
-        " GROUP BY channel ORDER BY sessions DESC"), ("channel", "sessions", "avg length s", "closed")))
-    out.append(_table("Top landing pages", q(
-        "SELECT landing_url, count() AS n FROM sessions FINAL WHERE site_id = %(site)s AND merged_into = ''"
-        " AND is_bot = 0 AND landing_url != '' GROUP BY landing_url ORDER BY n DESC LIMIT 5"), ("landing page", "sessions")))
-    out.append(_table("Bots (stored, flagged)", q(
-        "SELECT browser, count() AS n FROM events WHERE site_id = %(site)s AND is_bot = 1 GROUP BY browser"
-        " ORDER BY n DESC LIMIT 5"),
-        ("agent", "events")))
-    out.append(_table("Leads", q(
-        "SELECT if(email = '', 'anonymous', 'known') AS kind, count() FROM leads FINAL WHERE site_id = %(site)s"
-        " AND merged_into = '' GROUP BY kind ORDER BY kind"), ("lead", "count")))
-    out.append(_table("Top accounts", q(
-        "SELECT account_domain, count() AS leads, countIf(email != '') AS known FROM leads FINAL"
-        " WHERE site_id = %(site)s AND merged_into = '' AND account_domain != ''"
-        " GROUP BY account_domain ORDER BY leads DESC, account_domain LIMIT 8"), ("account", "leads", "known")))
-    out.append(_table("Identity events", q(
-        "SELECT kind, count() AS n FROM identity_events FINAL WHERE site_id = %(site)s GROUP BY kind ORDER BY n DESC"),
-        ("kind", "events")))
+    out = [_table(query.title, q(query.sql), query.headers) for query in SUMMARY]
     out.append(_table("Dead letters of this run, by reason", q(
         "SELECT reason, count() AS n FROM dlq WHERE received_ms >= %(since)s GROUP BY reason ORDER BY n DESC"),
         ("reason", "messages")))
@@ -80,21 +53,13 @@ def _start_api(settings: Settings, site_id: str) -> str:
     return f"{base}/?site={site_id}&key={key}"
 
 
-async def _publish_ip_ranges(settings: Settings, csv_text: str) -> None:
-    redis = aioredis.from_url(settings.redis_url)
-    try:
-        await IdentityGraphStore(redis, settings.name("ls")).save_ip_ranges(csv_text)
-    finally:
-        await redis.aclose()
-
-
 def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
     site_id = f"demo-{int(time.time())}"
     since_ms = int(time.time() * 1000)
     print(f"\nLeadStream demo — site '{site_id}', {visitors:,} visitors", flush=True)
     ranges = ip_range_table_lines()
-    asyncio.run(_publish_ip_ranges(settings, "\n".join(ranges)))
-    print(f"Loaded the demo's IP-range table ({len(ranges) - 1} ranges: company offices, ISPs, datacenters)", flush=True)
+    print("Loading the demo's IP-range table (company offices, ISPs, datacenters):", flush=True)
+    publish_ip_table(settings, "\n".join(ranges))
     roles = [Role(settings, "demo-worker", "worker", "--name", "demo-worker").start(),
              Role(settings, "demo-sink", "sink").start()]
     try:

@@ -18,6 +18,7 @@ from typing import Iterable
 from aiokafka import AIOKafkaProducer
 
 from leadstream.config import Settings
+from schemas.topics import EVENTS_RAW
 from sinks import clickhouse
 
 
@@ -95,7 +96,7 @@ async def produce(settings: Settings, records: Iterable[tuple[bytes | None, byte
     await producer.start()
     sent, started, pending = 0, time.monotonic(), []
     try:
-        topic = settings.topic("events.raw")
+        topic = settings.topic(EVENTS_RAW.name)
         for key, value in records:
             pending.append(await producer.send(topic, value=value, key=key))
             sent += 1
@@ -112,7 +113,7 @@ async def produce(settings: Settings, records: Iterable[tuple[bytes | None, byte
 
 
 def count(settings: Settings, sql: str, params: dict | None = None) -> int:
-    return int(clickhouse.connect(settings).execute(sql, params or {})[0][0])
+    return int(clickhouse.connect(settings.clickhouse()).execute(sql, params or {})[0][0])
 
 
 def wait_for(settings: Settings, sql: str, expected: int, timeout_s: float, roles: Iterable[Role] = (),

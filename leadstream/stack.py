@@ -179,13 +179,7 @@ def _kafka(settings: Settings, root: Path) -> Server:
                 controller_port=controller_port, partitions=settings.partitions)
         shutil.copy(DEPLOY_LOCAL / "kafka-log4j.properties", data / "log4j.properties")
         if not (data / "kafka-logs" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            result = subprocess.run(
-                ["java", "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
-                capture_output=True, text=True,
-            )
-            if result.returncode != 0:
-                raise StackError(f"formatting Kafka storage failed: {result.stderr.strip() or result.stdout.strip()}")
+            format_kafka_storage(libs, props, base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
 
     def command() -> list[str]:
         return [
@@ -199,6 +193,18 @@ def _kafka(settings: Settings, root: Path) -> Server:
 
     return Server("kafka", settings.kafka_port, install, command, ready, data, startup_timeout_s=120)
 
+
+
+def format_kafka_storage(libs: Path, props: Path, cluster_id: str) -> None:
+    """Format KRaft storage. `--cluster-id=ID` in one argument: a random id may start with '-', which the
+    storage tool would otherwise read as an option."""
+    result = subprocess.run(
+        ["java", "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+         "-c", str(props)],
+        capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise StackError(f"formatting Kafka storage failed: {result.stderr.strip() or result.stdout.strip()}")
 
 def _kafka_answers(bootstrap: str) -> bool:
     """True when the broker serves metadata (the port alone opens before the controller is elected)."""

@@ -1,30 +1,31 @@
-"""Create LeadStream's Kafka topics with the configured partition count.
+"""Create LeadStream's Kafka topics (the catalog in schemas/topics.py) with the configured partition count.
 
 Every topic has as many partitions as events.raw: the worker writes the outputs of raw partition p to
-partition p of each output topic, which is what lets the sinks deduplicate by raw offset.
+partition p of each `input`-partitioned topic, which is what lets the sinks deduplicate by raw offset.
 """
 
 from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from leadstream.config import TOPICS, Settings
+from leadstream.config import KafkaConfig
+from schemas.topics import CATALOG
 
 
-async def ensure_topics(settings: Settings, verbose: bool = True) -> dict[str, int]:
+async def ensure_topics(kafka: KafkaConfig, verbose: bool = True) -> dict[str, int]:
     """Create missing topics; return partitions per topic. Refuses mismatched partition counts."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
     await admin.start()
     try:
-        names = [settings.topic(t) for t in TOPICS]
+        names = [kafka.topic(t.name) for t in CATALOG]
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
             await admin.create_topics(
-                [NewTopic(n, num_partitions=settings.partitions, replication_factor=1) for n in missing]
+                [NewTopic(n, num_partitions=kafka.partitions, replication_factor=1) for n in missing]
             )
             if verbose:
-                print(f"  created topics {', '.join(missing)} ({settings.partitions} partitions)", flush=True)
+                print(f"  created topics {', '.join(missing)} ({kafka.partitions} partitions)", flush=True)
         described = await admin.describe_topics(names)
         counts = {d["topic"]: len(d["partitions"]) for d in described}
     finally:

@@ -84,7 +84,6 @@ class IdentityInput(Protocol):
 
 class IdentityReader(Protocol):
     def get_visitor_lead(self, site_id: str, visitor_id: str) -> VisitorLink | None: ...
-    def get_email_lead(self, site_id: str, email: str) -> str | None: ...
     def get_lead(self, site_id: str, lead_id: str) -> LeadRecord | None: ...
 
 
@@ -93,7 +92,6 @@ class IdentityStore(IdentityReader, Protocol):
     own keys. `put_lead` takes ownership of the record."""
 
     def set_visitor_lead(self, site_id: str, visitor_id: str, link: VisitorLink) -> None: ...
-    def set_email_lead(self, site_id: str, email: str, lead_id: str) -> None: ...
     def put_lead(self, lead: LeadRecord) -> None: ...
 
 
@@ -102,7 +100,6 @@ class IdentityChanges:
     """Everything written since the store was created: the exact set of keys to write back."""
 
     visitors: dict[Key, VisitorLink] = field(default_factory=dict)
-    emails: dict[Key, str] = field(default_factory=dict)
     leads: dict[Key, LeadRecord] = field(default_factory=dict)
 
 
@@ -113,12 +110,11 @@ class InMemoryIdentityStore:
     """A dict store that reads through to an optional backing reader (e.g. Redis, prefetched per batch)
     and records its writes, so the adapter can persist exactly `changes()` atomically. Use one per batch."""
 
-    __slots__ = ("_backing", "_visitors", "_emails", "_leads", "_changes")
+    __slots__ = ("_backing", "_visitors", "_leads", "_changes")
 
     def __init__(self, backing: IdentityReader | None = None) -> None:
         self._backing = backing
         self._visitors: dict[Key, VisitorLink | None] = {}
-        self._emails: dict[Key, str | None] = {}
         self._leads: dict[Key, LeadRecord | None] = {}
         self._changes = IdentityChanges()
 
@@ -132,24 +128,18 @@ class InMemoryIdentityStore:
     def get_visitor_lead(self, site_id: str, visitor_id: str) -> VisitorLink | None:
         return self._read(self._visitors, (site_id, visitor_id), self._backing and self._backing.get_visitor_lead)
 
-    def get_email_lead(self, site_id: str, email: str) -> str | None:
-        return self._read(self._emails, (site_id, email), self._backing and self._backing.get_email_lead)
-
     def get_lead(self, site_id: str, lead_id: str) -> LeadRecord | None:
         return self._read(self._leads, (site_id, lead_id), self._backing and self._backing.get_lead)
 
     def set_visitor_lead(self, site_id: str, visitor_id: str, link: VisitorLink) -> None:
         self._visitors[site_id, visitor_id] = self._changes.visitors[site_id, visitor_id] = link
 
-    def set_email_lead(self, site_id: str, email: str, lead_id: str) -> None:
-        self._emails[site_id, email] = self._changes.emails[site_id, email] = lead_id
-
     def put_lead(self, lead: LeadRecord) -> None:
         key = (lead.site_id, lead.lead_id)
         self._leads[key] = self._changes.leads[key] = lead
 
     def changes(self) -> IdentityChanges:
-        return IdentityChanges(dict(self._changes.visitors), dict(self._changes.emails), dict(self._changes.leads))
+        return IdentityChanges(dict(self._changes.visitors), dict(self._changes.leads))
 
 
 def _digest(*parts: str) -> str:
@@ -443,8 +433,6 @@ class _Resolution:
             lead = LeadRecord(
                 lead_id, site_id, email, visitors, "", "", event.ts_ms, event.ts_ms, event.event_id
             )
-            if email:
-                self.store.set_email_lead(site_id, email, lead_id)
             self.emit(LEAD_CREATED, event, lead_id, visitor_id=event.visitor_id, lead_id=lead_id, email=email)
             self.find_account(lead, event)  # now, so that an email account beats one adopted in a merge
         self.leads[site_id, lead_id] = lead
@@ -462,6 +450,8 @@ class _Resolution:
         self.store.set_visitor_lead(site_id, visitor_id, link)
 
     def emit(self, kind: IdentityKind, event: IdentityInput, subject: str, **details: str) -> None:
+        """Every identity event names a visitor: the one whose event caused it, unless `details` says which."""
+        details.setdefault("visitor_id", _clip(event.visitor_id or ""))
         self.emitted.append(
             IdentityEvent(
                 identity_event_id=identity_event_id(event.site_id, event.event_id, kind, subject),

@@ -1,16 +1,14 @@
 """Identity-graph records: the auditable identity events and the state the resolver keeps per visitor and lead.
 
-Slots dataclasses serialised with orjson: they travel on the `identity` topic and live in Redis, so they
-must be cheap to encode on the hot path. `from_json` ignores unknown keys so that older readers keep
-working when a newer writer extends a record (contracts change only by extension).
+They travel on the `identity` topics and live in Redis (see schemas.records for the JSON round trip).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Self
+from dataclasses import dataclass, field
+from typing import Literal
 
-import orjson
+from schemas.records import JsonRecord
 
 IdentityKind = Literal[
     "visitor_linked", "lead_merged", "merge_refused", "id_refused", "lead_created", "account_linked"
@@ -23,22 +21,8 @@ LEAD_CREATED: IdentityKind = "lead_created"
 ACCOUNT_LINKED: IdentityKind = "account_linked"
 
 
-class _JsonRecord:
-    """orjson round trip shared by the records below; unknown keys are dropped for forward compatibility."""
-
-    __slots__ = ()
-
-    def to_json(self) -> bytes:
-        return orjson.dumps(self)
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Self:
-        raw: dict[str, Any] = orjson.loads(data)
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})  # type: ignore[arg-type]
-
-
 @dataclass(slots=True, frozen=True)
-class IdentityEvent(_JsonRecord):
+class IdentityEvent(JsonRecord):
     """One link, merge, refusal or creation in the identity graph, caused by exactly one input event.
 
     Meaning per kind (downstream re-keys behaviour from these):
@@ -68,7 +52,7 @@ class IdentityEvent(_JsonRecord):
 
 
 @dataclass(slots=True, frozen=True)
-class VisitorLink(_JsonRecord):
+class VisitorLink(JsonRecord):
     """Where a visitor's new events go. `since_ts_ms` is the event time of the identify that set the link,
     so a late-arriving older identify cannot take a visitor away from a newer one (order independence)."""
 
@@ -77,7 +61,7 @@ class VisitorLink(_JsonRecord):
 
 
 @dataclass(slots=True)
-class LeadRecord(_JsonRecord):
+class LeadRecord(JsonRecord):
     """A lead as stored in the identity graph. Mutable so the resolver can update it in place within a batch
     (it copies what it loads before touching it)."""
 
@@ -97,3 +81,27 @@ class LeadRecord(_JsonRecord):
             self.lead_id, self.site_id, self.email, list(self.visitors), self.account_domain,
             self.merged_into, self.first_ts_ms, self.last_ts_ms, self.created_event_id,
         )
+
+
+@dataclass(slots=True)
+class LeadRow(LeadRecord):
+    """A lead upsert on `identity.leads`: the lead as stored, at the version it was written (rows of one
+    lead collapse by version in ClickHouse)."""
+
+    version: int = 0
+
+    @classmethod
+    def of(cls, lead: LeadRecord, version: int) -> LeadRow:
+        return cls(lead.lead_id, lead.site_id, lead.email, lead.visitors, lead.account_domain, lead.merged_into,
+                   lead.first_ts_ms, lead.last_ts_ms, lead.created_event_id, version)
+
+
+@dataclass(slots=True, frozen=True)
+class VisitorLeadRow(JsonRecord):
+    """A visitor's owner from `since_ts_ms` on, on `identity.visitors` (see VisitorLink)."""
+
+    site_id: str
+    visitor_id: str
+    since_ts_ms: int
+    lead_id: str
+    version: int

@@ -6,28 +6,30 @@ text: with clickhouse-driver against ClickHouse 18.16 such an INSERT hangs and s
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from clickhouse_driver import Client
 
-from leadstream.config import REPO_ROOT, Settings
+from leadstream.config import ClickHouseConfig
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = REPO_ROOT / "deploy" / "clickhouse" / "migrations"
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")  # package data: works from an installed wheel
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 
-def connect(settings: Settings, database: str | None = None) -> Client:
+def connect(config: ClickHouseConfig, database: str | None = None) -> Client:
     return Client(
-        host=settings.clickhouse_host,
-        port=settings.clickhouse_port,
-        database=settings.clickhouse_database if database is None else database,
-        user=settings.clickhouse_user,
-        password=settings.clickhouse_password,
+        host=config.host,
+        port=config.port,
+        database=config.database if database is None else database,
+        user=config.user,
+        password=config.password,
         connect_timeout=5,
         send_receive_timeout=120,
         settings={"strings_as_bytes": False},
@@ -50,10 +52,10 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, Path]]:
     return found
 
 
-def migrate(settings: Settings, verbose: bool = True) -> list[str]:
+def migrate(config: ClickHouseConfig, verbose: bool = True) -> list[str]:
     """Create the database and apply every migration not yet recorded in `schema_migrations`."""
-    connect(settings, database="default").execute(f"CREATE DATABASE IF NOT EXISTS {settings.clickhouse_database}")
-    client = connect(settings)
+    connect(config, database="default").execute(f"CREATE DATABASE IF NOT EXISTS {config.database}")
+    client = connect(config)
     client.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, applied_at DateTime DEFAULT now())"
         " ENGINE = MergeTree ORDER BY version"
@@ -88,3 +90,28 @@ def raw_offset_watermarks(client: Client, table: str, raw_topic: str) -> dict[in
     rows = client.execute(
         f"SELECT raw_partition, max(raw_offset) FROM {table} {where}GROUP BY raw_partition", {"topic": raw_topic})
     return {int(partition): int(offset) for partition, offset in rows}
+
+
+class ClientPool:
+    """The API's ClickHouse connections: one pool per app, a client per concurrent request (a driver
+    client is not thread-safe), reconnecting after a failure."""
+
+    def __init__(self, config: ClickHouseConfig, size: int = 8):
+        self.config = config
+        self._idle: queue.LifoQueue[Client] = queue.LifoQueue(maxsize=size)
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[Client]:
+        try:
+            client = self._idle.get_nowait()
+        except queue.Empty:
+            client = connect(self.config)
+        try:
+            yield client
+        except BaseException:
+            client.disconnect()
+            raise
+        try:
+            self._idle.put_nowait(client)
+        except queue.Full:
+            client.disconnect()

@@ -1,15 +1,16 @@
 """Kafka topic -> ClickHouse table, batched, at-least-once delivery made exactly-once by watermarks.
 
-Why a plain aiokafka consumer and not a Faust agent: the sink must commit a Kafka offset only after
-the ClickHouse insert that covers it succeeded, flush before a partition is revoked and reload its
-watermark when one is assigned. aiokafka's manual commits and rebalance listener say that directly.
+Runs on the shared ingest loop (processors/runtime/ingest.py) in `fill` mode: up to `sink_batch_size`
+rows or `sink_batch_ms` per insert. A batch's Kafka offsets are committed only after the insert that
+covers it succeeded; a failed insert is retried with backoff until ClickHouse takes it.
 
 Exactly-once rows: every event/DLQ row carries the (raw_partition, raw_offset) of the events.raw message
 it came from, and the worker writes the output of raw partition p to partition p of its output topics.
 So one sink consumer sees raw offsets of a raw partition in increasing order, and anything at or below
 the highest raw offset already in the table is a redelivery (a sink restart, or a worker replaying a
-batch it had produced before a crash) and is skipped. Upsert tables (sessions, identity) need no watermark: a
-ReplacingMergeTree collapses identical versions.
+batch it had produced before a crash) and is skipped. After any failed insert the watermarks are re-read
+from ClickHouse, so an insert that landed although its reply was lost is not inserted twice. Upsert
+tables (sessions, identity) need no watermark: a ReplacingMergeTree collapses identical versions.
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from leadstream.config import Settings
+from leadstream.config import BatchConfig, ClickHouseConfig, KafkaConfig
+from processors.runtime.ingest import BatchIngest, Message
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
-from schemas.identity import IdentityEvent, LeadRecord
+from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.session import Session
+from schemas.topics import (EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
+                            SESSIONS, Topic)
 from sinks import clickhouse
 
 log = logging.getLogger(__name__)
@@ -38,13 +41,18 @@ class TableSpec:
     """Which topic feeds which table, how a message becomes a row, and whether rows are watermarked."""
 
     table: str
-    topic: str
+    topic: Topic
     columns: tuple[str, ...]
     to_row: Callable[[bytes], Sequence]
     watermarked: bool
 
 
-def _dict_row(columns: tuple[str, ...]) -> Callable[[bytes], Sequence]:
+def _columns(record_type) -> tuple[str, ...]:
+    """A table's columns are its record's fields, in order: the schema is the one place they are listed."""
+    return tuple(f.name for f in fields(record_type))
+
+
+def _record_row(columns: tuple[str, ...]) -> Callable[[bytes], Sequence]:
     def to_row(value: bytes) -> Sequence:
         record = orjson.loads(value)
         return [record[name] for name in columns]
@@ -57,161 +65,97 @@ def _dead_letter_row(value: bytes) -> Sequence:
     return [d.reason, d.message, d.raw, d.topic, d.partition, d.offset, d.received_ms]
 
 
-def _columns(record_type) -> tuple[str, ...]:
-    """A table's columns are its record's fields, in order: the schema is the one place they are listed."""
-    return tuple(f.name for f in fields(record_type))
-
-
-EVENT_COLUMNS = _columns(EnrichedEvent)
 DLQ_COLUMNS = ("reason", "message", "raw", "topic", "raw_partition", "raw_offset", "received_ms")
-SESSION_COLUMNS = _columns(Session)
-IDENTITY_EVENT_COLUMNS = _columns(IdentityEvent)
-VISITOR_LEAD_COLUMNS = ("site_id", "visitor_id", "since_ts_ms", "lead_id", "version")
-LEAD_COLUMNS = _columns(LeadRecord) + ("version",)  # lead upserts carry the version they were written at
-
-TABLES = {
-    "events": TableSpec("events", "events.enriched", EVENT_COLUMNS, _dict_row(EVENT_COLUMNS), watermarked=True),
-    "dlq": TableSpec("dlq", "events.dlq", DLQ_COLUMNS, _dead_letter_row, watermarked=True),
-    "sessions": TableSpec("sessions", "sessions", SESSION_COLUMNS, _dict_row(SESSION_COLUMNS), watermarked=False),
-    "identity_events": TableSpec("identity_events", "identity", IDENTITY_EVENT_COLUMNS,
-                                 _dict_row(IDENTITY_EVENT_COLUMNS), watermarked=False),
-    "visitor_leads": TableSpec("visitor_leads", "identity.visitors", VISITOR_LEAD_COLUMNS,
-                               _dict_row(VISITOR_LEAD_COLUMNS), watermarked=False),
-    "leads": TableSpec("leads", "identity.leads", LEAD_COLUMNS, _dict_row(LEAD_COLUMNS), watermarked=False),
-}
 
 
-@dataclass
-class _Pending:
-    rows: list = field(default_factory=list)
-    poison: list = field(default_factory=list)  # undecodable records, stored in the dlq table
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+def _spec(table: str, topic: Topic, record_type, watermarked: bool = False) -> TableSpec:
+    columns = _columns(record_type)
+    return TableSpec(table, topic, columns, _record_row(columns), watermarked)
+
+
+TABLES = {spec.table: spec for spec in (
+    _spec("events", EVENTS_ENRICHED, EnrichedEvent, watermarked=True),
+    TableSpec("dlq", EVENTS_DLQ, DLQ_COLUMNS, _dead_letter_row, watermarked=True),
+    _spec("sessions", SESSIONS, Session),
+    _spec("identity_events", IDENTITY, IdentityEvent),
+    _spec("visitor_leads", IDENTITY_VISITORS, VisitorLeadRow),
+    _spec("leads", IDENTITY_LEADS, LeadRow),
+)}
 
 
 class TableSink:
     """Consumes one topic into one table. Several processes may run it: partitions are shared out."""
 
-    def __init__(self, spec: TableSpec, settings: Settings):
+    def __init__(self, spec: TableSpec, kafka: KafkaConfig, ch: ClickHouseConfig, batch: BatchConfig):
         self.spec = spec
-        self.settings = settings
-        self.client = clickhouse.connect(settings)
+        self.kafka = kafka
+        self.client = clickhouse.connect(ch)
         self.watermarks: dict[int, int] | None = None  # None: read from ClickHouse before the next insert
-        self.pending = _Pending()
-        self.lock = asyncio.Lock()
         self.rows_written = 0
         self.rows_skipped = 0
-        self.consumer: AIOKafkaConsumer | None = None
+        self.ingest = BatchIngest(kafka, spec.topic.name, f"leadstream-sink-{spec.table}", batch, self.insert,
+                                  fill=True, on_assigned=lambda partitions: self.forget_watermarks())
 
     async def run(self, stop: asyncio.Event) -> None:
-        s = self.settings
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
-            group_id=s.name(f"leadstream-sink-{self.spec.table}"),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024,
-        )
-        self.consumer.subscribe([s.topic(self.spec.topic)], listener=_Rebalance(self))
-        await self.consumer.start()
+        await self.ingest.start()
         try:
-            while not stop.is_set():
-                await self._collect(stop)
-                async with self.lock:
-                    await self._flush()
+            await self.ingest.run(stop.is_set)
         finally:
-            async with self.lock:
-                await self._flush()
-            await self.consumer.stop()
+            await self.ingest.stop()
             log.info("%s: wrote %d rows, skipped %d redelivered", self.spec.table, self.rows_written, self.rows_skipped)
 
-    async def _collect(self, stop: asyncio.Event) -> None:
-        deadline = time.monotonic() + self.settings.sink_batch_ms / 1000
-        while len(self.pending.rows) < self.settings.sink_batch_size and not stop.is_set():
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                break
-            batches = await self.consumer.getmany(timeout_ms=left_ms, max_records=self.settings.sink_batch_size)
-            for tp, messages in batches.items():
-                self._add(tp, messages)
+    async def insert(self, messages: Sequence[Message]) -> None:
+        """One insert for the batch (and one into dlq for records no LeadStream writer produced)."""
+        rows, poison = self._rows(messages)
+        try:
+            if self.watermarks is None and self.spec.watermarked:
+                self.watermarks = await asyncio.to_thread(
+                    clickhouse.raw_offset_watermarks, self.client, self.spec.table, self.kafka.topic(EVENTS_RAW.name))
+            fresh = self._deduplicated(rows)
+            await asyncio.to_thread(clickhouse.insert_columnar, self.client, self.spec.table, self.spec.columns, fresh)
+            await asyncio.to_thread(clickhouse.insert_columnar, self.client, "dlq", DLQ_COLUMNS, poison)
+        except Exception:  # ClickHouse down or restarting: the ingest backs off and hands the batch over again
+            self.client.disconnect()
+            self.forget_watermarks()
+            raise
+        self.rows_written += len(fresh)
+        self.rows_skipped += len(rows) - len(fresh)
 
-    def _add(self, tp: TopicPartition, messages) -> None:
+    def _rows(self, messages: Sequence[Message]) -> tuple[list, list]:
         to_row = self.spec.to_row
-        rows = self.pending.rows
+        rows, poison = [], []
+        topic = self.kafka.topic(self.spec.topic.name)
         for message in messages:
             try:
                 rows.append(to_row(message.value))
             except Exception as err:  # a record no LeadStream writer produced: keep it, don't crash-loop
-                log.error("undecodable record in %s[%s]@%s: %s", tp.topic, tp.partition, message.offset, err)
-                self.pending.poison.append([
-                    "sink_decode_error", f"{self.spec.table}: {err}", message.value or b"", tp.topic,
-                    tp.partition, message.offset, int(time.time() * 1000),
-                ])
-        self.pending.offsets[tp] = messages[-1].offset + 1
+                log.error("undecodable record in %s[%s]@%s: %s", topic, message.partition, message.offset, err)
+                poison.append(["sink_decode_error", f"{self.spec.table}: {err}", message.value or b"", topic,
+                               message.partition, message.offset, int(time.time() * 1000)])
+        return rows, poison
 
     def _deduplicated(self, rows: list) -> list:
         if not self.spec.watermarked:
             return rows
         p_idx = self.spec.columns.index("raw_partition")
         o_idx = p_idx + 1
-        marks = self.watermarks
+        marks = dict(self.watermarks)
         fresh = []
         for row in rows:
             partition, offset = row[p_idx], row[o_idx]
             if offset > marks.get(partition, -1):
                 marks[partition] = offset
                 fresh.append(row)
-        self.rows_skipped += len(rows) - len(fresh)
+        self.watermarks = marks  # only once this batch's rows are chosen; a failed insert forgets them anyway
         return fresh
-
-    async def _flush(self) -> None:
-        """Insert the pending rows, retrying with backoff until ClickHouse takes them, then commit offsets.
-
-        After any failure the watermarks are re-read from ClickHouse before retrying, so an insert that
-        landed although its reply was lost is not inserted twice.
-        """
-        if not self.pending.offsets:
-            return
-        batch, self.pending = self.pending, _Pending()
-        delay = 0.5
-        while True:
-            try:
-                if self.watermarks is None:
-                    self.watermarks = await asyncio.to_thread(
-                        clickhouse.raw_offset_watermarks, self.client, self.spec.table, self.settings.topic("events.raw"))
-                rows = self._deduplicated(batch.rows)
-                await asyncio.to_thread(clickhouse.insert_columnar, self.client, self.spec.table, self.spec.columns, rows)
-                await asyncio.to_thread(clickhouse.insert_columnar, self.client, "dlq", DLQ_COLUMNS, batch.poison)
-                break
-            except Exception as err:  # ClickHouse down or restarting: keep the batch, back off, retry.
-                log.warning("insert into %s failed (%s); retrying in %.1fs", self.spec.table, err, delay)
-                self.client.disconnect()
-                self.forget_watermarks()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        self.rows_written += len(rows)
-        await self.consumer.commit(batch.offsets)
 
     def forget_watermarks(self) -> None:
         """Watermarked tables re-read theirs from ClickHouse before the next insert."""
-        self.watermarks = None if self.spec.watermarked else {}
+        self.watermarks = None
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """Flush before giving partitions away; re-read watermarks when getting new ones."""
-
-    def __init__(self, sink: TableSink):
-        self.sink = sink
-
-    async def on_partitions_revoked(self, revoked) -> None:
-        async with self.sink.lock:
-            await self.sink._flush()
-
-    async def on_partitions_assigned(self, assigned) -> None:
-        self.sink.forget_watermarks()
-
-
-async def run_sinks(settings: Settings, tables: Sequence[str], stop: asyncio.Event) -> list[TableSink]:
-    sinks = [TableSink(TABLES[name], settings) for name in tables]
+async def run_sinks(kafka: KafkaConfig, ch: ClickHouseConfig, batch: BatchConfig, tables: Sequence[str],
+                    stop: asyncio.Event) -> list[TableSink]:
+    sinks = [TableSink(TABLES[name], kafka, ch, batch) for name in tables]
     await asyncio.gather(*(sink.run(stop) for sink in sinks))
     return sinks

@@ -88,11 +88,10 @@ def visitor_lead(store: InMemoryIdentityStore, visitor_id: str) -> str:
     return link.lead_id
 
 
-def graph(changes: IdentityChanges) -> tuple[dict, dict, dict]:
-    """The order-independent part of a store built from empty: visitor->lead, email->lead, live leads."""
+def graph(changes: IdentityChanges) -> tuple[dict, dict]:
+    """The order-independent part of a store built from empty: visitor->lead, live leads."""
     return (
         {key: link.lead_id for key, link in changes.visitors.items()},
-        dict(changes.emails),
         {key: (r.email, tuple(r.visitors)) for key, r in changes.leads.items() if not r.merged_into},
     )
 
@@ -120,7 +119,6 @@ def test_identify_merges_the_anonymous_lead_and_links_history() -> None:
     assert (account.account_domain, account.reason) == ("acme.com", "email")
     assert lead(store, anonymous).merged_into == known
     assert lead(store, known) == LeadRecord(known, SITE, "bob@acme.com", ["v1"], "acme.com", "", 1_000, 2_000, "e2")
-    assert store.get_email_lead(SITE, "bob@acme.com") == known
 
 
 @pytest.mark.parametrize("kind", ["form_submit", "identify", "email_click", "email_open"])
@@ -133,7 +131,7 @@ def test_an_email_on_a_pageview_does_not_identify() -> None:
     """A shared URL may carry someone else's ?email=; only identifying event types link."""
     result, store = run([identify("e1", "v1", 1, "ann@initech.io", kind="pageview")])
     assert result.lead_ids == [anonymous_lead_id(SITE, "v1")]
-    assert store.get_email_lead(SITE, "ann@initech.io") is None
+    assert store.get_lead(SITE, known_lead_id(SITE, "ann@initech.io")) is None
 
 
 def test_two_devices_of_one_person_share_the_known_lead() -> None:
@@ -209,7 +207,7 @@ def test_illegal_emails_are_refused_and_the_visitor_stays_anonymous(raw: str, pr
     if raw.strip():
         assert of_kind(result, "id_refused")[0].reason == "email:" + problem
     assert normalise_email(raw) == ("", problem)
-    assert store.changes().emails == {}
+    assert all(not lead.email for lead in store.changes().leads.values())
 
 
 def test_emails_are_normalised_to_one_contact() -> None:
@@ -261,7 +259,7 @@ def test_read_through_store_writes_back_only_what_changed() -> None:
     known = known_lead_id(SITE, "ann@initech.io")
     assert result.lead_ids == [known]
     changes = overlay.changes()
-    assert (changes.visitors, changes.emails, list(changes.leads)) == ({}, {}, [(SITE, known)])
+    assert (changes.visitors, list(changes.leads)) == ({}, [(SITE, known)])
     assert changes.leads[SITE, known].last_ts_ms == 3
     assert lead(base, known).last_ts_ms == 1  # the backing store is never mutated
 
@@ -282,9 +280,6 @@ def test_keys_needed_plus_linked_leads_cover_every_read() -> None:
         def get_visitor_lead(self, site_id: str, visitor_id: str) -> VisitorLink | None:
             self.visitors.append((site_id, visitor_id))
             return base.get_visitor_lead(site_id, visitor_id)
-
-        def get_email_lead(self, site_id: str, email: str) -> str | None:
-            raise AssertionError("the resolver never reads the email index")
 
         def get_lead(self, site_id: str, lead_id: str) -> LeadRecord | None:
             self.leads.append((site_id, lead_id))

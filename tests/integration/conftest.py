@@ -33,10 +33,10 @@ def settings(stack_settings: Settings):
     uid = uuid.uuid4().hex[:8]
     s = replace(stack_settings, topic_prefix=f"t{uid}.", clickhouse_database=f"lstest_{uid}",
                 sink_batch_ms=300, worker_batch_ms=50)
-    asyncio.run(ensure_topics(s, verbose=False))
-    clickhouse.migrate(s, verbose=False)
+    asyncio.run(ensure_topics(s.kafka(), verbose=False))
+    clickhouse.migrate(s.clickhouse(), verbose=False)
     yield s
-    clickhouse.connect(s, database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
+    clickhouse.connect(s.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
     r = redis.Redis.from_url(s.redis_url)
     keys = list(r.scan_iter(match=f"{s.topic_prefix}*", count=10_000))
     for i in range(0, len(keys), 1000):

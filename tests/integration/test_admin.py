@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from leadstream.admin import add_account, load_ip_ranges
-from processors.identity_store import IdentityGraphStore
+from processors.identity_store import load_ip_table
 from sinks.clickhouse import connect
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def test_ip_ranges_are_validated_and_published(settings, tmp_path, capsys):
     async def published():
         redis = aioredis.from_url(settings.redis_url)
         try:
-            return await IdentityGraphStore(redis, settings.name("ls")).load_ip_table()
+            return await load_ip_table(redis, settings.name("ls"))
         finally:
             await redis.aclose()
 
@@ -37,5 +37,5 @@ def test_ip_ranges_are_validated_and_published(settings, tmp_path, capsys):
 def test_accounts_added_by_hand_are_normalised_and_never_free_mail(settings):
     assert add_account(settings, "acme", "https://www.Globex.io/pricing", "Globex") == 0
     assert add_account(settings, "acme", "gmail.com") == 2
-    rows = connect(settings).execute("SELECT site_id, domain, company_name FROM manual_accounts FINAL")
+    rows = connect(settings.clickhouse()).execute("SELECT site_id, domain, company_name FROM manual_accounts FINAL")
     assert rows == [("acme", "globex.io", "Globex")]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from dataclasses import replace
 
 import pytest
 
@@ -16,7 +15,7 @@ from processors import identity, sessionize
 from processors.accounts import AccountsContext
 from processors.enrich import enrich_batch
 from processors.identity import InMemoryIdentityStore
-from processors.pipeline import session_policy
+from processors.app import session_policy
 from schemas.events import EnrichedEvent
 from sinks.clickhouse import connect
 
@@ -56,9 +55,7 @@ def expected_graph(events: list[EnrichedEvent]) -> tuple[dict, dict]:
     return visitor_lead, lead_email
 
 
-@pytest.mark.parametrize("engine", ["aiokafka", "faust"])
-def test_two_workers_rebalance_and_sigkill_converge_to_the_pure_result(settings, roles, engine):
-    settings = replace(settings, worker_engine=engine)
+def test_two_workers_rebalance_and_sigkill_converge_to_the_pure_result(settings, roles):
     traffic = TrafficGenerator(visitors=600, seed=5, site_ids=("it",), malformed_ratio=0.0)
     records = list(traffic.events())
     events = _enriched(records)
@@ -85,7 +82,7 @@ def test_two_workers_rebalance_and_sigkill_converge_to_the_pure_result(settings,
     assert count(settings, "SELECT uniqExact(raw_partition, raw_offset) FROM events") == expected_events
 
     want_sessions = expected_sessions(settings, events)
-    ch = connect(settings)
+    ch = connect(settings.clickhouse())
     deadline = time.monotonic() + 120
     while True:
         got = set(ch.execute(f"SELECT {', '.join(SESSION_FIELDS)} FROM sessions FINAL WHERE merged_into = ''"))

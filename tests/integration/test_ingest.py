@@ -61,12 +61,12 @@ def test_valid_rows_and_dead_letters_exactly_once(settings, roles):
     assert count(settings, "SELECT uniqExact(event_id) FROM events") == n
     from sinks.clickhouse import connect
 
-    reasons = dict(connect(settings).execute("SELECT reason, count() FROM dlq GROUP BY reason"))
+    reasons = dict(connect(settings.clickhouse()).execute("SELECT reason, count() FROM dlq GROUP BY reason"))
     assert reasons == {reason: 1 for _, reason in INVALID}
     # the original bytes are kept untouched
-    raw = connect(settings).execute("SELECT hex(raw) FROM dlq WHERE reason = 'bad_json'")[0][0]
+    raw = connect(settings.clickhouse()).execute("SELECT hex(raw) FROM dlq WHERE reason = 'bad_json'")[0][0]
     assert bytes.fromhex(raw) == b"{not json"
-    enriched = connect(settings).execute(
+    enriched = connect(settings.clickhouse()).execute(
         "SELECT channel, utm_source, url_domain, browser FROM events WHERE event_id = 'e1'")[0]
     assert enriched == ("email", "news", "acme.com", "Chrome")
 

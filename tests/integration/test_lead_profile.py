@@ -191,18 +191,18 @@ def chdb_client():
 def ch_settings(stack_settings):
     """One fresh database on the real ClickHouse 18.16 for this module, with the dataset loaded."""
     settings = replace(stack_settings, clickhouse_database=f"lstest_lp_{uuid.uuid4().hex[:8]}")
-    clickhouse.migrate(settings, verbose=False)
-    client = clickhouse.connect(settings)
+    clickhouse.migrate(settings.clickhouse(), verbose=False)
+    client = clickhouse.connect(settings.clickhouse())
     load_dataset(lambda table, columns, rows: clickhouse.insert_columnar(client, table, columns, rows))
     yield settings
-    admin = clickhouse.connect(settings, database="default")
+    admin = clickhouse.connect(settings.clickhouse(), database="default")
     for database in (settings.clickhouse_database, f"{settings.clickhouse_database}_bench"):
         admin.execute(f"DROP DATABASE IF EXISTS {database}")
 
 
 @pytest.fixture(scope="module")
 def ch_client(ch_settings):
-    return clickhouse.connect(ch_settings)
+    return clickhouse.connect(ch_settings.clickhouse())
 
 
 # ------------------------------------------------------------------------------------- shared checks

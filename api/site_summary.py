@@ -1,0 +1,46 @@
+"""The site summary read model: what the demo prints and `GET /v1/sites/{site}/summary` returns.
+
+Named SQL constants, one list: the demo and the API show the same figures. Sort and group by aliases,
+never by position: ClickHouse 18.16 reads `ORDER BY 2` as a constant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SummaryQuery:
+    name: str
+    title: str
+    headers: tuple[str, ...]
+    sql: str
+
+
+SUMMARY = (
+    SummaryQuery("events_by_type", "Events by type", ("type", "events"),
+                 "SELECT type, count() AS n FROM events WHERE site_id = %(site)s GROUP BY type ORDER BY n DESC"),
+    SummaryQuery("events_by_channel", "Events by channel (humans only)", ("channel", "events", "visitors"),
+                 "SELECT channel, count() AS n, uniqExact(visitor_id) AS visitors FROM events"
+                 " WHERE site_id = %(site)s AND is_bot = 0 GROUP BY channel ORDER BY n DESC"),
+    SummaryQuery("sessions_by_channel", "Sessions", ("channel", "sessions", "avg length s", "closed"),
+                 "SELECT channel, count() AS sessions, toUInt64(avg(duration_ms) / 1000) AS avg_s,"
+                 " sum(is_closed) AS closed FROM sessions FINAL WHERE site_id = %(site)s AND merged_into = ''"
+                 " AND is_bot = 0 GROUP BY channel ORDER BY sessions DESC"),
+    SummaryQuery("landing_pages", "Top landing pages", ("landing page", "sessions"),
+                 "SELECT landing_url, count() AS n FROM sessions FINAL WHERE site_id = %(site)s AND merged_into = ''"
+                 " AND is_bot = 0 AND landing_url != '' GROUP BY landing_url ORDER BY n DESC LIMIT 5"),
+    SummaryQuery("bots", "Bots (stored, flagged)", ("agent", "events"),
+                 "SELECT browser, count() AS n FROM events WHERE site_id = %(site)s AND is_bot = 1 GROUP BY browser"
+                 " ORDER BY n DESC LIMIT 5"),
+    SummaryQuery("leads", "Leads", ("lead", "count"),
+                 "SELECT if(email = '', 'anonymous', 'known') AS kind, count() AS n FROM leads FINAL"
+                 " WHERE site_id = %(site)s AND merged_into = '' GROUP BY kind ORDER BY kind"),
+    SummaryQuery("top_accounts", "Top accounts", ("account", "leads", "known"),
+                 "SELECT account_domain, count() AS leads, countIf(email != '') AS known FROM leads FINAL"
+                 " WHERE site_id = %(site)s AND merged_into = '' AND account_domain != ''"
+                 " GROUP BY account_domain ORDER BY leads DESC, account_domain LIMIT 8"),
+    SummaryQuery("identity_events", "Identity events", ("kind", "events"),
+                 "SELECT kind, count() AS n FROM identity_events FINAL WHERE site_id = %(site)s"
+                 " GROUP BY kind ORDER BY n DESC"),
+)

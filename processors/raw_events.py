@@ -1,0 +1,209 @@
+"""The raw-events stage: events.raw in; enriched events, dead letters, sessions, identity and the lead feed out.
+
+A pure step (enrich -> sessionize -> resolve identity) run by the shared `StageRunner`, which owns the order
+of effects (skip applied offsets, produce, compare-and-set commit). State: one sessionizer blob per
+visitor (partition-owned, with its idle-close deadline) and the site's identity graph (global, under the
+identity lock, written in the same transaction).
+
+Outputs keep per-key order: events, dead letters and sessions stay on the raw message's partition (the
+sinks deduplicate by raw offset); identity rows and the lead feed are keyed by visitor and lead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import AsyncContextManager, Sequence
+
+from processors import identity, sessionize
+from processors.accounts import AccountsContext
+from processors.enrich import Limits, enrich_batch
+from processors.identity import IdentityChanges, InMemoryIdentityStore
+from processors.identity_store import IdentityGraphStore, version_now
+from processors.runtime.ingest import Message
+from processors.runtime.producer import Outputs
+from processors.runtime.stage import Step
+from processors.runtime.state import StateStore
+from schemas.dead_letter import DeadLetter, Rejection
+from schemas.events import EnrichedEvent
+from schemas.identity import LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
+from schemas.topics import (EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
+                            LEADS_ACTIVITY, SESSIONS)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RawEventsConfig:
+    raw_topic: str  # full name, recorded in each dead letter
+    partitions: int
+    session_policy: sessionize.SessionPolicy
+    limits: Limits
+
+
+class RawEventsStage:
+    name = "raw-events"
+
+    def __init__(self, config: RawEventsConfig, store: StateStore, identity_graph: IdentityGraphStore, prefix: str):
+        self.config = config
+        self.store = store
+        self.identity = identity_graph
+        self.prefix = prefix
+        self.accounts = AccountsContext()
+
+    def visitor_key(self, site_id: str, visitor_id: str) -> str:
+        # \x1f cannot occur in ids: validation rejects control characters.
+        return f"{self.prefix}:v:{site_id}\x1f{visitor_id}"
+
+    def exclusive(self) -> AsyncContextManager:
+        return self.identity.locked()
+
+    async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
+        step = Step(Outputs(self.config.partitions))
+        results = enrich_batch([m.value for m in messages], received_ms, self.config.limits)
+        accepted: list[tuple[Message, EnrichedEvent]] = []
+        rejected: dict[int, Rejection] = {}
+        for i, (message, result) in enumerate(zip(messages, results)):
+            if isinstance(result, Rejection):
+                rejected[i] = result
+            else:
+                result.raw_partition, result.raw_offset = message.partition, message.offset
+                accepted.append((message, result))
+
+        await self._sessionize(accepted, messages, rejected, received_ms, step)
+        accepted = [(m, e) for m, e in accepted if e.raw_offset >= 0]  # duplicates went to the DLQ
+        changes, feed = await self._resolve_identity(accepted, step.outputs)
+        self._add_events_and_dead_letters(messages, accepted, rejected, received_ms, feed, step.outputs)
+        step.also = lambda pipe: self.identity.write_commands(pipe, changes)
+        return step
+
+    async def tick(self, clocks: dict[int, int]) -> Step | None:
+        """Close sessions whose idle deadline passed on the partition's stream clock."""
+        step = Step(Outputs(self.config.partitions))
+        policy = self.config.session_policy
+        for p, clock in clocks.items():
+            due = await self.store.due(p, clock)
+            if not due:
+                continue
+            changes = step.partition(p)
+            for key, blob in (await self.store.load(due)).items():
+                if not blob:
+                    continue
+                state, upserts = sessionize.close_idle(sessionize.load_state(blob), clock, policy)
+                changes.states[key] = sessionize.dump_state(state)
+                changes.deadlines[key] = sessionize.next_deadline(state, policy)
+                for session in upserts:
+                    step.outputs.add(SESSIONS, session.visitor_id.encode(), session.to_json(), p)
+        return step if step.changes else None
+
+    async def _sessionize(self, accepted, messages, rejected: dict[int, Rejection], received_ms: int,
+                          step: Step) -> None:
+        by_visitor: dict[str, list[EnrichedEvent]] = defaultdict(list)
+        partition_of: dict[str, int] = {}
+        for message, event in accepted:
+            key = self.visitor_key(event.site_id, event.visitor_id)
+            by_visitor[key].append(event)
+            partition_of[key] = message.partition
+        blobs = await self.store.load(list(by_visitor))
+
+        policy = self.config.session_policy
+        duplicate_ids: set[tuple[int, int]] = set()
+        for key, events in by_visitor.items():
+            blob = blobs.get(key)
+            result = sessionize.apply(sessionize.load_state(blob) if blob else None, events, policy)
+            for event, session_id, late, duplicate in zip(events, result.session_ids, result.late, result.duplicate):
+                event.session_id, event.is_late = session_id, late
+                if duplicate:
+                    duplicate_ids.add((event.raw_partition, event.raw_offset))
+            p = partition_of[key]
+            changes = step.partition(p)
+            changes.states[key] = sessionize.dump_state(result.state)
+            changes.deadlines[key] = sessionize.next_deadline(result.state, policy)
+            for session in result.upserts:
+                step.outputs.add(SESSIONS, session.visitor_id.encode(), session.to_json(), p)
+
+        if duplicate_ids:
+            index_of = {(m.partition, m.offset): i for i, m in enumerate(messages)}
+            for _, event in accepted:
+                coords = (event.raw_partition, event.raw_offset)
+                if coords in duplicate_ids:
+                    rejected[index_of[coords]] = Rejection("duplicate_event", f"event_id {event.event_id!r} was already received")
+                    event.raw_offset = -1  # not emitted as an enriched event
+
+        for _, event in accepted:
+            if event.raw_offset >= 0 and not event.is_late:
+                # capped at arrival time: one client with a fast clock must not close a partition's sessions
+                changes = step.partition(event.raw_partition)
+                changes.stream_time_ms = max(changes.stream_time_ms, min(event.ts_ms, received_ms))
+
+    async def _resolve_identity(self, accepted, outputs: Outputs) -> tuple[IdentityChanges, dict[str, list[IdentityEvent]]]:
+        """Stamp lead ids; emit identity events, lead upserts and visitor->lead rows. Returns the graph
+        changes to commit and, per event id, the identity changes the lead feed must carry after it."""
+        events = [e for _, e in accepted]
+        graph = await self.identity.prefetch(events, self.accounts)
+        view = InMemoryIdentityStore(graph)
+        result = identity.resolve(events, view, self.accounts)
+        for event, lead_id in zip(events, result.lead_ids):
+            event.lead_id = lead_id
+        changes = view.changes()
+        version = version_now()
+        feed: dict[str, list[IdentityEvent]] = defaultdict(list)
+        for ev in result.identity_events:
+            outputs.add(IDENTITY, ev.visitor_id.encode(), ev.to_json())
+            if ev.lead_id and ev.kind in LEAD_FEED_KINDS:
+                feed[ev.event_id].append(ev)
+        for (site_id, visitor_id), link in changes.visitors.items():
+            since = _owner_since(graph, site_id, visitor_id, link)
+            if since is not None:
+                row = VisitorLeadRow(site_id, visitor_id, since, link.lead_id, version)
+                outputs.add(IDENTITY_VISITORS, visitor_id.encode(), row.to_json())
+        for lead in changes.leads.values():
+            outputs.add(IDENTITY_LEADS, lead.lead_id.encode(), LeadRow.of(lead, version).to_json())
+        return changes, feed
+
+    def _add_events_and_dead_letters(self, messages, accepted, rejected, received_ms: int,
+                                     feed: dict[str, list[IdentityEvent]], outputs: Outputs) -> None:
+        """Enriched events and dead letters keep raw-offset order per partition: the sinks rely on it.
+        The lead feed carries each human event, then the identity changes it caused, keyed by lead."""
+        for i, message in enumerate(messages):
+            rejection = rejected.get(i)
+            if rejection is not None:
+                letter = DeadLetter(
+                    reason=rejection.reason, message=rejection.message, raw=message.value or b"",
+                    topic=self.config.raw_topic, partition=message.partition, offset=message.offset,
+                    received_ms=received_ms,
+                )
+                outputs.add(EVENTS_DLQ, None, letter.to_json(), message.partition)
+        for message, event in accepted:
+            value = event.to_json()
+            outputs.add(EVENTS_ENRICHED, event.visitor_id.encode(), value, message.partition)
+            if event.lead_id:  # humans only: bots and datacenter traffic never reach the lead stages
+                outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value)
+            for change in feed.get(event.event_id, ()):
+                outputs.add(LEADS_ACTIVITY, lead_feed_key(change), change.to_json())
+
+
+LEAD_FEED_KINDS = frozenset({"lead_merged", "visitor_linked", "account_linked", "merge_refused"})
+"""Identity changes the lead stages act on: a merge moves a lead's state, an account link moves its card."""
+
+
+def lead_feed_key(change: IdentityEvent) -> bytes:
+    """A merge travels with the absorbed lead's records (after its last event), everything else with the
+    lead it names — so each lead's feed is in order."""
+    return (change.from_lead_id if change.kind == LEAD_MERGED else change.lead_id).encode()
+
+
+def _owner_since(graph, site_id: str, visitor_id: str, link) -> int | None:
+    """From when a visitor's events belong to its new lead, for the `visitor_leads` row (None: no new row).
+
+    A new visitor, or one leaving an anonymous lead, takes its whole history along (0). A visitor moving
+    from one known contact to another (a shared computer) changes owner from the identify on.
+    """
+    previous = graph.visitors.get((site_id, visitor_id))
+    if previous is None:
+        return 0
+    if previous.lead_id == link.lead_id:
+        return None
+    previous_lead = graph.leads.get((site_id, previous.lead_id))
+    return link.since_ts_ms if previous_lead is not None and previous_lead.email else 0

@@ -1,0 +1,133 @@
+"""`StageRunner`: runs a stage's pure step on a batch in the order of effects that makes replays harmless.
+
+Per batch:
+  1. skip messages at or below their partition's applied-offset watermark (already fully handled);
+  2. the stage computes outputs and new state from the stored state (deterministic);
+  3. produce every output and wait for the broker's acks;
+  4. commit the new states, deadlines and watermarks in one transaction that applies only if every
+     partition's watermark is unchanged (compare-and-set); otherwise raise StaleBatch, and the ingest
+     hands the batch over again;
+  5. return, so the ingest commits the messages' Kafka offsets.
+A crash before 4 replays the batch from the same state and produces the same outputs again (the sinks
+drop them by raw offset or collapse them by version). A crash after 4 skips the batch in step 1: its
+outputs were acknowledged in step 3. A zombie that lost its partition fails the compare-and-set.
+Timer ticks follow the same order with the partition's stream clock instead of new messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncContextManager, Callable, Protocol, Sequence
+
+from processors.runtime.clock import StreamClock
+from processors.runtime.ingest import Message
+from processors.runtime.producer import Outputs
+from processors.runtime.state import PartitionCommit, StateStore, Writes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PartitionChanges:
+    """What a step changes in one partition's state: key -> state blob (b'' deletes), key -> deadline."""
+
+    states: dict[str, bytes] = field(default_factory=dict)
+    deadlines: dict[str, int | None] = field(default_factory=dict)
+    stream_time_ms: int = 0
+
+
+@dataclass
+class Step:
+    outputs: Outputs
+    changes: dict[int, PartitionChanges] = field(default_factory=dict)
+    also: Callable[[Writes], None] | None = None  # further writes in the same transaction
+
+    def partition(self, partition: int) -> PartitionChanges:
+        return self.changes.setdefault(partition, PartitionChanges())
+
+
+class StaleBatch(Exception):
+    """The batch was computed from state another worker has since changed: retry it from the new state
+    (its already-applied messages are then skipped). Its outputs may have been produced: harmless, the
+    sinks drop or collapse replays."""
+
+
+class Stage(Protocol):
+    name: str
+
+    def exclusive(self) -> AsyncContextManager:
+        """Held from computing a step to its commit (e.g. the identity graph's lock); usually a no-op."""
+
+    async def step(self, messages: Sequence[Message], received_ms: int) -> Step: ...
+
+    async def tick(self, clocks: dict[int, int]) -> Step | None:
+        """Timer work for owned partitions at their stream-clock times; None when nothing is due."""
+
+
+class Producer(Protocol):
+    async def send(self, outputs: Outputs) -> None: ...
+
+
+class StageRunner:
+    def __init__(self, stage: Stage, store: StateStore, producer: Producer):
+        self.stage = stage
+        self.store = store
+        self.producer = producer
+        self.clock = StreamClock()
+        self.lock = asyncio.Lock()  # one batch or timer tick at a time per process
+
+    async def process(self, messages: Sequence[Message]) -> Outputs | None:
+        async with self.lock:
+            received_ms = int(time.time() * 1000)
+            partitions = sorted({m.partition for m in messages})
+            marks = await self.store.partition_marks(partitions)
+            fresh = [m for m in messages if m.offset > marks[m.partition][0]]
+            if len(fresh) < len(messages):
+                log.info("%s: skipped %d messages already applied (a replay after a crash or rebalance)",
+                         self.stage.name, len(messages) - len(fresh))
+            if not fresh:
+                return None
+            applied = {}
+            for m in fresh:
+                applied[m.partition] = max(applied.get(m.partition, -1), m.offset)
+            async with self.stage.exclusive():
+                step = await self.stage.step(fresh, received_ms)
+                await self.producer.send(step.outputs)
+                commits = [self._commit(p, marks[p][0], offset, step.changes.get(p)) for p, offset in applied.items()]
+                if not await self.store.commit(commits, also=step.also):
+                    raise StaleBatch(f"{self.stage.name}: a partition of this batch moved on under us "
+                                     f"(rebalance?); nothing was written, the batch is recomputed")
+            return step.outputs
+
+    async def tick(self, partitions: Sequence[int], wall_now_ms: int | None = None) -> Outputs | None:
+        wall_now_ms = int(time.time() * 1000) if wall_now_ms is None else wall_now_ms
+        async with self.lock:
+            marks = await self.store.partition_marks(sorted(partitions))
+            clocks = {p: self.clock.now(p, stream_time, wall_now_ms)
+                      for p, (applied, stream_time) in marks.items() if applied >= 0}
+            if not clocks:
+                return None
+            async with self.stage.exclusive():
+                step = await self.stage.tick(clocks)
+                if step is None:
+                    return None
+                await self.producer.send(step.outputs)
+                commits = [self._commit(p, marks[p][0], marks[p][0], changes) for p, changes in step.changes.items()]
+                if not await self.store.commit(commits, also=step.also):
+                    log.info("%s: a partition moved on during a timer tick; the next tick redoes it", self.stage.name)
+                    return None
+            return step.outputs
+
+    @staticmethod
+    def _commit(partition: int, expected: int, applied: int, changes: PartitionChanges | None) -> PartitionCommit:
+        changes = changes or PartitionChanges()
+        return PartitionCommit(partition, expected, applied, changes.stream_time_ms, changes.states, changes.deadlines)
+
+
+
+def no_lock() -> AsyncContextManager:
+    return contextlib.nullcontext()

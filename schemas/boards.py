@@ -1,0 +1,160 @@
+"""LeadBoards (contract v1): board definitions as users write them, the card as the board shows it, and
+the stage change — the one event every move of a card emits.
+
+Card ids: `account:<registrable domain>` or `lead:<lead_id>`. A board's stages are ordered left to right;
+the entry stage takes every non-bot lead of the site (or, with account cards, its account).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.records import JsonRecord
+
+DEFINITION_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+CardKind = Literal["account", "lead"]
+
+
+class StageDefinition(BaseModel):
+    """One column. Conditions are alternatives: a card meets the stage when any given condition holds.
+    A stage with no condition is reached only by hand (or by a rule's move_card action)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=DEFINITION_ID)
+    name: str = Field(min_length=1, max_length=128)
+    entry: bool = False
+    when_tag: str | None = Field(default=None, min_length=1, max_length=128)
+    when_score_at_least: int | None = Field(default=None, ge=0, le=100)
+
+
+class BoardDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=DEFINITION_ID)
+    name: str = Field(min_length=1, max_length=128)
+    card: CardKind = "account"
+    stages: list[StageDefinition] = Field(min_length=1, max_length=50)
+
+    @model_validator(mode="after")
+    def _one_entry_unique_ids(self) -> "BoardDefinition":
+        ids = [s.id for s in self.stages]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"stage ids must be unique, repeated: {', '.join(dupes)}")
+        entries = [s.id for s in self.stages if s.entry]
+        if len(entries) > 1:
+            raise ValueError(f"at most one entry stage, found: {', '.join(entries)}")
+        return self
+
+    def stage_index(self, stage_id: str) -> int:
+        for i, stage in enumerate(self.stages):
+            if stage.id == stage_id:
+                return i
+        raise KeyError(stage_id)
+
+
+def account_card_id(domain: str) -> str:
+    return f"account:{domain}"
+
+
+def lead_card_id(lead_id: str) -> str:
+    return f"lead:{lead_id}"
+
+
+CARD_ID = re.compile(r"^(account|lead):[^\x00-\x1f\x7f]{1,255}$")
+
+
+@dataclass(slots=True)
+class CardView(JsonRecord):
+    """A card as the board-state API and the dashboard show it (DESIGN.md: `GET boards/{board}`)."""
+
+    card_id: str
+    stage_id: str
+    title: str = ""
+    tags: list[str] = field(default_factory=list)
+    score: int = 0
+    last_activity_ms: int = 0
+    entered_stage_ms: int = 0
+    owner: str = ""
+    notes_count: int = 0
+    archived: bool = False
+    lead_ids: list[str] = field(default_factory=list)  # an account card lists its first leads only
+    lead_count: int = 0  # all of the card's leads
+
+
+Actor = str  # "rule:<rule_id>@<version>" | "user:<name or key id>" | "import" | "system"
+
+
+@dataclass(slots=True, frozen=True)
+class StageChange(JsonRecord):
+    """One move of one card: on `board.stage-changes`, in ClickHouse `stage_changes`, in the board's Redis
+    feed. `from_stage` is '' when the card enters the board. `seq` is the card's move number on this board
+    (1 for entering it, then 2, 3, ...): deterministic, so a replayed move re-derives the same
+    (board_id, card_id, seq) and is stored once. The board's own version (its ETag) lives in Redis."""
+
+    site_id: str
+    board_id: str
+    card_id: str
+    from_stage: str
+    to_stage: str
+    actor: Actor
+    rule_id: str = ""
+    event_id: str = ""
+    reason: str = ""
+    ts_ms: int = 0
+    seq: int = 0
+    stage_change_id: str = ""  # deterministic (hash of its cause): replays re-derive it and are skipped
+
+
+CommandKind = Literal["move", "add", "note", "owner", "archive", "unarchive"]
+
+
+@dataclass(slots=True, frozen=True)
+class BoardCommand(JsonRecord):
+    """A person's (or an import's) request on `board.commands`, keyed by card_id. The board stage decides
+    it with the same stage machine as every automatic move and stores its outcome under `command_id`
+    (derived from the request's Idempotency-Key), so a retried request acts once."""
+
+    command_id: str
+    site_id: str
+    board_id: str
+    card_id: str
+    kind: CommandKind
+    actor: Actor
+    to_stage: str = ""
+    force: bool = False
+    reason: str = ""
+    text: str = ""  # the note (kind note), the owner (kind owner), the company name (kind add)
+    if_match: int = -1  # the board version the person saw; -1: no precondition
+    ts_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class CardNote(JsonRecord):
+    """A person's note on a card, on one board (the Account Panel shows the latest ones)."""
+
+    ts_ms: int
+    actor: Actor
+    text: str
+
+
+@dataclass(slots=True, frozen=True)
+class CommandResult(JsonRecord):
+    """The outcome of one BoardCommand, stored under its command_id for the API to answer with.
+    `code` is '' when the command changed something, `noop` when there was nothing to do (a retry, a move
+    to the card's own stage), else a refusal: stage_regression (HTTP 409), unknown_stage, unknown_board,
+    not_on_board, card_merged, wrong_card_kind, empty_note, archived."""
+
+    command_id: str
+    site_id: str
+    board_id: str
+    card_id: str
+    ok: bool
+    code: str = ""
+    message: str = ""
+    stage_change_id: str = ""  # the move this command made, if any

@@ -1,0 +1,28 @@
+"""The JSON round trip shared by every record that travels on a topic or lives in Redis.
+
+Slots dataclasses serialised with orjson: cheap to encode on the hot path. `from_json` ignores unknown
+keys so that older readers keep working when a newer writer extends a record (contracts change only by
+extension).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Self
+
+import orjson
+
+
+class JsonRecord:
+    __slots__ = ()
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Self:
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})  # type: ignore[arg-type]
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Self:
+        return cls.from_dict(orjson.loads(data))

@@ -1,0 +1,68 @@
+"""The topic catalog: every Kafka topic LeadStream uses, declared once — name, record, key, partitioner.
+
+Nothing else spells a topic name: producers, sinks, admin and tests take a `Topic` from here.
+
+Partitioners:
+- `input`: a record goes to the same partition number as the events.raw message it came from. The
+  ClickHouse sinks deduplicate by (raw partition, raw offset), which needs each raw partition's records
+  in one output partition, in order.
+- `key`: `partition_for_key` (crc32 of the key bytes). Every producer of lead-keyed or card-keyed records
+  uses it, so one lead's (or card's) records are in one partition, in order. crc32 rather than Kafka's
+  murmur2: aiokafka's murmur2 is pure Python (~15 us a record); readers only need "same key, same
+  partition", which any producer can reproduce with `zlib.crc32(key) % partitions`.
+- `client`: chosen by the sending site's producer (events.raw is keyed by visitor_id; Kafka's default
+  partitioner is fine).
+All topics have the same partition count (the `input` partitioner needs it).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Literal
+
+from schemas.boards import BoardCommand, StageChange
+from schemas.dead_letter import DeadLetter
+from schemas.events import EnrichedEvent
+from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
+from schemas.session import Session
+
+Partitioner = Literal["input", "key", "client"]
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    record: type | tuple[type, ...]
+    key: str
+    partitioner: Partitioner
+
+
+def partition_for_key(key: bytes, partitions: int) -> int:
+    """The one partitioner for lead- and card-keyed topics (see module docstring)."""
+    return zlib.crc32(key) % partitions
+
+
+EVENTS_RAW = Topic("events.raw", bytes, "visitor_id", "client")  # v1 JSON contract, validated by enrichment
+EVENTS_DLQ = Topic("events.dlq", DeadLetter, "none", "input")
+EVENTS_ENRICHED = Topic("events.enriched", EnrichedEvent, "visitor_id", "input")
+SESSIONS = Topic("sessions", Session, "visitor_id", "input")
+IDENTITY = Topic("identity", IdentityEvent, "visitor_id", "key")
+IDENTITY_LEADS = Topic("identity.leads", LeadRow, "lead_id", "key")
+IDENTITY_VISITORS = Topic("identity.visitors", VisitorLeadRow, "visitor_id", "key")
+LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent), "lead_id", "key")
+BOARD_COMMANDS = Topic("board.commands", BoardCommand, "card_id", "key")
+BOARD_STAGE_CHANGES = Topic("board.stage-changes", StageChange, "card_id", "key")
+
+CATALOG: tuple[Topic, ...] = (
+    EVENTS_RAW, EVENTS_DLQ, EVENTS_ENRICHED, SESSIONS, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
+    LEADS_ACTIVITY, BOARD_COMMANDS, BOARD_STAGE_CHANGES,
+)
+
+
+def decode_lead_activity(value: bytes) -> EnrichedEvent | IdentityEvent:
+    """A leads.activity record is a lead's event or one of its identity changes (a merge, a visitor
+    re-pointed, an account linked). An IdentityEvent's JSON always starts with its first field."""
+    if value.startswith(b'{"identity_event_id"'):
+        return IdentityEvent.from_json(value)
+    return EnrichedEvent.from_json(value)
