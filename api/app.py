@@ -1,65 +1,77 @@
-"""Thin read API over ClickHouse (and the dashboard page that uses it).
+"""Thin API over ClickHouse and the board store (and the pages that use it).
 
 Every /v1 call belongs to one site: an API key (header `X-API-Key` or `?key=`) is scoped to exactly one
-site_id, configured as LEADSTREAM_API_KEYS="site:key,site2:key2". Errors are JSON problem bodies
-(RFC 9457) with a 4xx status; a database outage is a 503, never a 500 with a stack trace.
+site_id, configured as LEADSTREAM_API_KEYS="site:key,site2:key2:ro" (`:ro`: a read-only key, GET only).
+Errors are JSON problem bodies (RFC 9457) with a 4xx status; a database outage is a 503, never a 500 with
+a stack trace. The board API (api/boards.py) adds LeadBoards, rules and the kanban page at /board.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.lead_profile import account_leads, lead_profile, leads_by_channel
+from api.site_summary import SUMMARY
 from leadstream.config import Settings
 from sinks import clickhouse
 
 _SITE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DASHBOARD = Path(__file__).with_name("dashboard.html")
+STATIC = Path(__file__).with_name("static")
+READ_ONLY_METHODS = frozenset(("GET", "HEAD"))
 
 
 class Problem(Exception):
-    def __init__(self, status: int, title: str, detail: str = ""):
-        self.status, self.title, self.detail = status, title, detail
+    """A 4xx/503 answer. `code` is a machine-readable reason (also the problem `type`, as a URN); `extra`
+    adds members to the body (e.g. the command id of a refused command)."""
+
+    def __init__(self, status: int, title: str, detail: str = "", code: str = "", **extra):
+        self.status, self.title, self.detail, self.code, self.extra = status, title, detail, code, extra
 
 
-def _problem(status: int, title: str, detail: str = "") -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+def _problem(status: int, title: str, detail: str = "", code: str = "", **extra) -> JSONResponse:
+    body = {"type": f"urn:leadstream:problem:{code}" if code else "about:blank", "title": title,
+            "status": status, "detail": detail}
+    if code:
+        body["code"] = code
+    return JSONResponse(body | extra, status_code=status, media_type="application/problem+json")
 
 
-def parse_api_keys(text: str) -> dict[str, str]:
-    """"site:key,site2:key2" -> {key: site}."""
+class SiteGrant(str):
+    """The site an API key is for. A str (equal to the site id), so that the key table reads as
+    {key: site}; `read_only` keys may only GET."""
+
+    read_only: bool
+
+    def __new__(cls, site: str, read_only: bool = False) -> "SiteGrant":
+        grant = super().__new__(cls, site)
+        grant.read_only = read_only
+        return grant
+
+
+def parse_api_keys(text: str) -> dict[str, SiteGrant]:
+    """"site:key,site2:key2:ro" -> {key: site}; a `:ro` suffix makes the key read-only."""
     keys = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         site, _, key = item.partition(":")
+        key, read_only = (key[:-3], True) if key.endswith(":ro") else (key, False)
         if not site or not key:
-            raise ValueError(f"LEADSTREAM_API_KEYS entry {item!r} is not site:key")
-        keys[key] = site
+            raise ValueError(f"LEADSTREAM_API_KEYS entry {item!r} is not site:key or site:key:ro")
+        keys[key] = SiteGrant(site, read_only)
     return keys
 
 
 # Sort and group by aliases, never by position: ClickHouse 18.16 reads `ORDER BY 2` as a constant.
-SUMMARY_QUERIES = {
-    "events_by_type": "SELECT type, count() AS n FROM events WHERE site_id = %(site)s GROUP BY type ORDER BY n DESC",
-    "events_by_channel": "SELECT channel, count() AS n FROM events WHERE site_id = %(site)s AND is_bot = 0"
-                         " GROUP BY channel ORDER BY n DESC",
-    "sessions_by_channel": "SELECT channel, count() AS n FROM sessions FINAL WHERE site_id = %(site)s"
-                           " AND merged_into = '' AND is_bot = 0 GROUP BY channel ORDER BY n DESC",
-    "leads": "SELECT if(email = '', 'anonymous', 'known') AS kind, count() AS n FROM leads FINAL"
-             " WHERE site_id = %(site)s AND merged_into = '' GROUP BY kind ORDER BY kind",
-    "top_accounts": "SELECT account_domain, count() AS n FROM leads FINAL WHERE site_id = %(site)s AND merged_into = ''"
-                    " AND account_domain != '' GROUP BY account_domain ORDER BY n DESC, account_domain LIMIT 10",
-    "bots": "SELECT 'bot events', count() FROM events WHERE site_id = %(site)s AND is_bot = 1",
-}
-
 RECENT_LEADS_SQL = """SELECT lead_id, email, account_domain, length(visitors), last_ts_ms
 FROM leads FINAL WHERE site_id = %(site)s AND merged_into = '' AND email != ''
 ORDER BY last_ts_ms DESC LIMIT %(limit)s"""
@@ -67,12 +79,25 @@ ORDER BY last_ts_ms DESC LIMIT %(limit)s"""
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    api_keys = parse_api_keys(os.environ.get("LEADSTREAM_API_KEYS", ""))
-    app = FastAPI(title="LeadStream API", version="1")
+    api_keys = parse_api_keys(settings.api_keys)
+    clickhouse_pool = clickhouse.ClientPool(settings.clickhouse())
+    from api.boards import BoardServices, board_router  # here: api.boards imports Problem from this module
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with BoardServices.running(settings) as services:
+            app.state.board_services = services
+            yield
+
+    app = FastAPI(title="LeadStream API", version="1", lifespan=lifespan)
 
     @app.exception_handler(Problem)
     async def on_problem(_: Request, exc: Problem):
-        return _problem(exc.status, exc.title, exc.detail)
+        return _problem(exc.status, exc.title, exc.detail, exc.code, **exc.extra)
+
+    @app.exception_handler(RedisError)
+    async def on_redis_down(_: Request, exc: RedisError):
+        return _problem(503, "board store unavailable", type(exc).__name__)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException):
@@ -80,22 +105,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, exc: RequestValidationError):
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return _problem(400, "invalid request", detail)
+        """400 for a malformed request (path, query, headers, unparsable JSON); 422 for a well-formed JSON
+        body whose content is wrong, naming the field."""
+        errors = exc.errors()
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+        in_body = all(e["loc"][:1] == ("body",) and e["type"] != "json_invalid" for e in errors)
+        return _problem(422 if errors and in_body else 400, "invalid request", detail)
 
-    def authorise(request: Request, site_id: str) -> None:
+    def authorise(request: Request, site_id: str) -> str:
+        """The request's API key, once it is known to be for `site_id` (and allowed to write, unless the
+        request only reads)."""
         if not _SITE.match(site_id):
             raise Problem(400, "invalid site id", "letters, digits, '.', '_' and '-' only, at most 64")
         key = request.headers.get("x-api-key") or request.query_params.get("key")
         if not key:
             raise Problem(401, "API key required", "send it as the X-API-Key header")
-        if api_keys.get(key) != site_id:
+        grant = api_keys.get(key)
+        if grant != site_id:
             raise Problem(403, "this API key is not for this site")
+        if grant.read_only and request.method not in READ_ONLY_METHODS:
+            raise Problem(403, "this API key is read-only", f"{request.method} needs a read-write key")
+        return key
 
     def read(fn, *args, **kwargs):
         """Run a read against ClickHouse; any driver or network error is an outage to the caller (503)."""
         try:
-            return fn(clickhouse.connect(settings), *args, **kwargs)
+            with clickhouse_pool.client() as client:
+                return fn(client, *args, **kwargs)
         except Problem:
             raise
         except Exception as err:  # noqa: BLE001
@@ -111,7 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/v1/sites/{site_id}/summary")
     def summary(site_id: str, request: Request) -> dict:
         authorise(request, site_id)
-        return {name: [list(row) for row in query(sql, {"site": site_id})] for name, sql in SUMMARY_QUERIES.items()}
+        return {q.name: [list(row) for row in query(q.sql, {"site": site_id})] for q in SUMMARY}
 
     @app.get("/v1/sites/{site_id}/leads")
     def recent_leads(site_id: str, request: Request, limit: int = Query(20, ge=1, le=200)) -> list[dict]:
@@ -141,6 +177,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def dashboard() -> str:
         return DASHBOARD.read_text()
 
+    @app.get("/board", response_class=FileResponse, include_in_schema=False)
+    def board_page() -> FileResponse:
+        return FileResponse(STATIC / "board.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.include_router(board_router(api_keys, authorise, read))
     return app
 
 

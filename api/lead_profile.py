@@ -1,4 +1,5 @@
-"""Lead Profile read model: who a lead is, where they came from, and their click-stream 5 sessions at a time.
+"""Lead Profile and Account Panel read models: who a lead (or an account) is, where they came from, and
+their click-stream 5 sessions at a time.
 
 Read straight from ClickHouse in four queries, each narrowed by a primary key:
 1. `LEAD_SQL`: the lead (a lead id that was merged away resolves to the surviving lead) and the number of
@@ -11,6 +12,10 @@ Read straight from ClickHouse in four queries, each narrowed by a primary key:
 4. `EVENTS_SQL`: the events of the page's sessions, by (site_id, visitor_id, ts_ms) range; each session
    shows the events inside its time span and inside the lead's ownership.
 Everything between the queries is pure Python over their rows, so it is tested without a server.
+
+The Account Panel (a LeadBoard card of an account) runs the same steps over all of the account's leads:
+`MANUAL_ACCOUNT_SQL` (the name it was added under by hand), `ACCOUNT_LEADS_SQL`, `ACCOUNT_LINKS_SQL` (the
+links of every visitor that ever pointed to one of those leads), then the same sessions and events queries.
 
 The profile collapses row versions with argMax(column, version) ... GROUP BY key, not FINAL: a point
 lookup reads a whole 8192-row granule per visitor, and ClickHouse 18.16 runs FINAL over every row read
@@ -25,7 +30,7 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, fields, replace
 from textwrap import indent
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Collection, Iterable, Literal, Protocol, Sequence
 
 PAGE_SIZE = 5
 FOREVER_MS = 2**64 - 1  # open end of a visitor's last ownership interval (UInt64 max, as in the SQL)
@@ -130,6 +135,43 @@ class AccountLead:
     last_seen_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class AccountSession(ProfileSession):
+    """A session of an account's click-stream, with the lead it belongs to."""
+
+    lead_id: str = ""
+
+    @classmethod
+    def of(cls, session: ProfileSession, lead_id: str) -> "AccountSession":
+        return cls(**{f.name: getattr(session, f.name) for f in fields(session)}, lead_id=lead_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountDetails:
+    """`added_ms` is when the account was last added by hand, 0 when it comes only from leads' evidence."""
+
+    domain: str
+    company_name: str
+    added_ms: int
+    known_leads: int
+    anonymous_leads: int
+    first_seen_ms: int
+    last_seen_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountPanel:
+    """The Account Panel of a LeadBoard card; JSON-ready like LeadProfile."""
+
+    account: AccountDetails
+    leads: tuple[AccountLead, ...]
+    session_count: int
+    page: int
+    page_size: int
+    sessions: tuple[AccountSession, ...]
+    has_more: bool
+
+
 # Each profile query reads a few granules: let them come from ClickHouse's cache of decompressed blocks
 # (off by default, meant for short queries like these; measured ~25% faster on 10 M events).
 _SHORT_QUERY = "SETTINGS use_uncompressed_cache = 1"
@@ -189,6 +231,23 @@ FROM leads FINAL
 WHERE site_id = %(site_id)s AND account_domain = %(domain)s AND merged_into = ''
 ORDER BY last_ts_ms DESC, lead_id"""
 
+# No GROUP BY: always one row ('' and 0 for an account never added by hand).
+MANUAL_ACCOUNT_SQL = """SELECT argMax(company_name, added_ms), max(added_ms)
+FROM manual_accounts
+WHERE site_id = %(site_id)s AND domain = %(domain)s"""
+
+ACCOUNT_LINKS_SQL = f"""SELECT visitor_id, since_ts_ms, argMax(lead_id, version) AS owner
+FROM visitor_leads
+WHERE site_id = %(site_id)s
+  AND visitor_id IN (
+      SELECT visitor_id FROM visitor_leads
+      WHERE site_id = %(site_id)s AND lead_id IN (
+          SELECT lead_id FROM leads FINAL
+          WHERE site_id = %(site_id)s AND account_domain = %(domain)s AND merged_into = ''))
+GROUP BY visitor_id, since_ts_ms
+ORDER BY visitor_id, since_ts_ms
+{_SHORT_QUERY}"""
+
 # Visitor ownership intervals as rows, for whole-site queries (the profile computes them in Python, see
 # `ownership`). Pasted into lead-level queries as a subquery: ClickHouse 18.16 has no CTEs.
 OWNERSHIP_SQL = """SELECT visitor_id, lead_id, since_ts_ms, until_ts_ms
@@ -235,23 +294,26 @@ def ownership(links: Iterable[tuple[str, int, str]], lead_id: str) -> Intervals:
     `links` are (visitor_id, since_ts_ms, lead_id) sorted by visitor, then since. A visitor's first link
     starts at 0: whatever it did before it was first linked is the same person's history.
     """
+    return ownership_by_lead(links, {lead_id}).get(lead_id, {})
+
+
+def ownership_by_lead(links: Iterable[tuple[str, int, str]], lead_ids: Collection[str]) -> dict[str, Intervals]:
+    """`ownership` for several leads at once (an account's), in one pass over the links."""
     by_visitor: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for visitor_id, since_ts_ms, owner in links:
         by_visitor[visitor_id].append((since_ts_ms, owner))
-    owned: Intervals = {}
+    owned: dict[str, Intervals] = defaultdict(dict)
     for visitor_id, rows in by_visitor.items():
-        intervals: list[tuple[int, int]] = []
         for i, (since, owner) in enumerate(rows):
-            if owner != lead_id:
+            if owner not in lead_ids:
                 continue
             start = 0 if i == 0 else since
             until = rows[i + 1][0] if i + 1 < len(rows) else FOREVER_MS
+            intervals = owned[owner].setdefault(visitor_id, [])
             if intervals and intervals[-1][1] == start:  # consecutive links to the same lead
                 start = intervals.pop()[0]
             intervals.append((start, until))
-        if intervals:
-            owned[visitor_id] = intervals
-    return owned
+    return dict(owned)
 
 
 def owned_sessions(rows: Iterable[Sequence], owned: Intervals) -> list[ProfileSession]:
@@ -286,18 +348,10 @@ def _touch(s: ProfileSession) -> Touch:
                  s.visitor_id, s.session_id)
 
 
-def lead_profile(
-    client: QueryClient, site_id: str, lead_id: str, page: int = 0, page_size: int = PAGE_SIZE
-) -> LeadProfile | None:
-    """The profile of `lead_id` (or of the lead it was merged into) with sessions page `page`, newest
-    first; None if the site has no such lead."""
-    if page < 0 or page_size < 1:
-        raise ValueError("page must be >= 0 and page_size >= 1")
-    lead_rows = client.execute(LEAD_SQL, {"site_id": site_id, "lead_id": lead_id})
-    if not lead_rows:
-        return None
-    current_id, email, domain, first_seen_ms, last_seen_ms, account_leads = lead_rows[0]
-    owned = ownership(client.execute(LEAD_LINKS_SQL, {"site_id": site_id, "lead_id": current_id}), current_id)
+def _click_stream_page(
+    client: QueryClient, site_id: str, owned: Intervals, page: int, page_size: int
+) -> tuple[list[ProfileSession], tuple[ProfileSession, ...]]:
+    """All sessions the ownership covers (newest first) and page `page` of them with their events."""
     visitors = tuple(sorted(owned))
     sessions = (
         owned_sessions(client.execute(SESSIONS_SQL, {"site_id": site_id, "visitors": visitors}), owned)
@@ -305,26 +359,101 @@ def lead_profile(
     )
     start = page * page_size
     page_sessions = sessions[start:start + page_size]
-    if page_sessions:
-        events = client.execute(EVENTS_SQL, {
-            "site_id": site_id,
-            "visitors": tuple(sorted({s.visitor_id for s in page_sessions})),
-            "from_ms": min(s.start_ms for s in page_sessions),
-            "to_ms": max(s.end_ms for s in page_sessions),
-        })
-        page_sessions = attach_events(page_sessions, events, owned)
+    if not page_sessions:
+        return sessions, ()
+    events = client.execute(EVENTS_SQL, {
+        "site_id": site_id,
+        "visitors": tuple(sorted({s.visitor_id for s in page_sessions})),
+        "from_ms": min(s.start_ms for s in page_sessions),
+        "to_ms": max(s.end_ms for s in page_sessions),
+    })
+    return sessions, attach_events(page_sessions, events, owned)
+
+
+def _check_page(page: int, page_size: int) -> None:
+    if page < 0 or page_size < 1:
+        raise ValueError("page must be >= 0 and page_size >= 1")
+
+
+def lead_profile(
+    client: QueryClient, site_id: str, lead_id: str, page: int = 0, page_size: int = PAGE_SIZE
+) -> LeadProfile | None:
+    """The profile of `lead_id` (or of the lead it was merged into) with sessions page `page`, newest
+    first; None if the site has no such lead."""
+    _check_page(page, page_size)
+    lead_rows = client.execute(LEAD_SQL, {"site_id": site_id, "lead_id": lead_id})
+    if not lead_rows:
+        return None
+    current_id, email, domain, first_seen_ms, last_seen_ms, account_leads = lead_rows[0]
+    owned = ownership(client.execute(LEAD_LINKS_SQL, {"site_id": site_id, "lead_id": current_id}), current_id)
+    sessions, page_sessions = _click_stream_page(client, site_id, owned, page, page_size)
     return LeadProfile(
-        identity=Identity(current_id, email, bool(email), visitors, lead_id if lead_id != current_id else "",
-                          first_seen_ms, last_seen_ms),
+        identity=Identity(current_id, email, bool(email), tuple(sorted(owned)),
+                          lead_id if lead_id != current_id else "", first_seen_ms, last_seen_ms),
         account=Account(domain, max(account_leads - 1, 0)) if domain else None,
         first_touch=_touch(sessions[-1]) if sessions else None,
         last_touch=_touch(sessions[0]) if sessions else None,
         session_count=len(sessions),
         page=page,
         page_size=page_size,
-        sessions=tuple(page_sessions),
-        has_more=len(sessions) > start + page_size,
+        sessions=page_sessions,
+        has_more=len(sessions) > (page + 1) * page_size,
     )
+
+
+def merge_intervals(owned_by_lead: dict[str, Intervals]) -> Intervals:
+    """The union of several leads' ownership (disjoint: a visitor belongs to one lead at a time)."""
+    merged: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for owned in owned_by_lead.values():
+        for visitor_id, intervals in owned.items():
+            merged[visitor_id].extend(intervals)
+    return {visitor_id: sorted(intervals) for visitor_id, intervals in merged.items()}
+
+
+def session_owner(session: ProfileSession, owned_by_lead: dict[str, Intervals]) -> str:
+    """The lead that owned the session's visitor when the session started; on a shared computer that
+    changed hands before that, the first lead whose ownership the session overlaps."""
+    candidates = [(lead_id, owned.get(session.visitor_id, ())) for lead_id, owned in sorted(owned_by_lead.items())]
+    for lead_id, intervals in candidates:
+        if any(since <= session.start_ms < until for since, until in intervals):
+            return lead_id
+    for lead_id, intervals in candidates:
+        if any(since <= session.end_ms and session.start_ms < until for since, until in intervals):
+            return lead_id
+    return ""
+
+
+def account_panel(
+    client: QueryClient, site_id: str, domain: str, page: int = 0, page_size: int = PAGE_SIZE
+) -> AccountPanel:
+    """The account `domain`: how it was added, its current leads (known contacts and anonymous employees)
+    and their click-stream merged, page `page` of 5 sessions, newest first. An account nobody has visited
+    from yet (added by hand) has no leads and no sessions."""
+    _check_page(page, page_size)
+    params = {"site_id": site_id, "domain": domain}
+    company_name, added_ms = hand_added_account(client, site_id, domain)
+    leads = account_leads(client, site_id, domain)
+    links = client.execute(ACCOUNT_LINKS_SQL, params) if leads else []
+    owned_by_lead = ownership_by_lead(links, {lead.lead_id for lead in leads})
+    sessions, page_sessions = _click_stream_page(client, site_id, merge_intervals(owned_by_lead), page, page_size)
+    known = sum(lead.known for lead in leads)
+    return AccountPanel(
+        account=AccountDetails(domain, company_name, added_ms, known, len(leads) - known,
+                               min((lead.first_seen_ms for lead in leads), default=0),
+                               max((lead.last_seen_ms for lead in leads), default=0)),
+        leads=tuple(leads),
+        session_count=len(sessions),
+        page=page,
+        page_size=page_size,
+        sessions=tuple(AccountSession.of(s, session_owner(s, owned_by_lead)) for s in page_sessions),
+        has_more=len(sessions) > (page + 1) * page_size,
+    )
+
+
+def hand_added_account(client: QueryClient, site_id: str, domain: str) -> tuple[str, int]:
+    """(company name, added_ms) of an account added by hand; ('', 0) if it never was."""
+    company_name, added_ms = client.execute(MANUAL_ACCOUNT_SQL, {"site_id": site_id, "domain": domain})[0]
+    return company_name, added_ms
 
 
 def account_leads(client: QueryClient, site_id: str, domain: str) -> list[AccountLead]:

@@ -43,4 +43,21 @@ SUMMARY = (
     SummaryQuery("identity_events", "Identity events", ("kind", "events"),
                  "SELECT kind, count() AS n FROM identity_events FINAL WHERE site_id = %(site)s"
                  " GROUP BY kind ORDER BY n DESC"),
+    SummaryQuery("rule_firings", "Rule firings", ("rule", "firings", "leads"),
+                 "SELECT rule_id, count() AS firings, uniqExact(lead_id) AS leads FROM rule_executions FINAL"
+                 " WHERE site_id = %(site)s GROUP BY rule_id ORDER BY firings DESC, rule_id"),
+    SummaryQuery("lead_tags", "Leads by tag", ("tag", "leads"),
+                 "SELECT tag, count() AS leads FROM lead_state FINAL ARRAY JOIN tags AS tag"
+                 " WHERE site_id = %(site)s AND merged_into = '' GROUP BY tag ORDER BY leads DESC, tag"),
+    SummaryQuery("score_distribution", "Lead scores", ("score", "leads"),
+                 "SELECT concat(toString(intDiv(least(score, 99), 20) * 20), '-',"
+                 " toString(intDiv(least(score, 99), 20) * 20 + if(score >= 80, 20, 19))) AS band, count() AS leads"
+                 " FROM lead_state FINAL WHERE site_id = %(site)s AND merged_into = '' GROUP BY band ORDER BY min(score)"),
+    SummaryQuery("cards_per_stage", "Cards per stage (each board)", ("board", "stage", "cards"),
+                 "SELECT board_id, stage, count() AS cards FROM (SELECT board_id, card_id,"
+                 " argMax(to_stage, seq) AS stage FROM stage_changes FINAL WHERE site_id = %(site)s"
+                 " GROUP BY board_id, card_id) WHERE stage != '' GROUP BY board_id, stage ORDER BY board_id, cards DESC"),
+    SummaryQuery("stage_changes_by_cause", "Stage changes by cause", ("actor", "changes"),
+                 "SELECT if(actor LIKE 'rule:%%', concat('rule ', rule_id), actor) AS cause, count() AS changes"
+                 " FROM stage_changes FINAL WHERE site_id = %(site)s GROUP BY cause ORDER BY changes DESC, cause"),
 )

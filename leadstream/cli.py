@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="run a Faust stream-processing worker")
     worker.add_argument("--name", default="worker", help="distinct name per worker process on one host")
     worker.add_argument("--loglevel", default="warning")
+    worker.add_argument("--stages", default="", help="comma-separated subset of raw,lead,board,webhooks (default: all)")
     sub.add_parser("api", help="run the read API and dashboard (LEADSTREAM_API_KEYS=site:key,...)")
     sink = sub.add_parser("sink", help="run the ClickHouse sinks")
     sink.add_argument("--tables", default="", help="comma-separated table names (default: all)")
@@ -57,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     account.add_argument("domain")
     account.add_argument("--site", required=True)
     account.add_argument("--name", default="", help="company name")
+    for kind in ("rules", "boards"):
+        definitions = sub.add_parser(kind, help=f"workflow-automation {kind}: apply a YAML/JSON file, list them")
+        definitions.add_argument("action", choices=["apply", "list"])
+        definitions.add_argument("path", nargs="?", help="the YAML or JSON file (apply)")
+        definitions.add_argument("--site", required=True)
+    hooks = sub.add_parser("webhooks", help="webhook deliveries: replay one with the same webhook-id")
+    hooks.add_argument("action", choices=["replay"])
+    hooks.add_argument("webhook_id")
     demo = sub.add_parser("demo", help="the whole pipeline on the local stack with synthetic traffic")
     demo.add_argument("--visitors", type=int, default=3000)
     demo.add_argument("--seed", type=int, default=7)
@@ -76,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return _migrate(settings)
     if args.command == "worker":
-        from processors.app import run_worker
+        from processors.app import STAGES, run_worker
 
+        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) or STAGES
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            parser.error(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
         sys.argv = [sys.argv[0]]  # Faust's Worker parses argv itself
-        run_worker(settings, args.name, args.loglevel)
+        run_worker(settings, args.name, args.loglevel, stages)
         return 0
     if args.command == "sink":
         from sinks.table_sink import TABLES
@@ -97,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         from leadstream.admin import add_account
 
         return add_account(settings, args.site, args.domain, args.name)
+    if args.command in ("rules", "boards"):
+        from leadstream.admin import apply_definitions, list_definitions
+
+        if args.action == "list":
+            return list_definitions(settings, args.site)
+        if not args.path:
+            parser.error(f"{args.command} apply needs a FILE")
+        return apply_definitions(settings, args.path, args.site, args.command)
+    if args.command == "webhooks":
+        from leadstream.admin import replay_webhook
+
+        return replay_webhook(settings, args.webhook_id)
     if args.command == "api":
         from api.app import run_api
 

@@ -6,15 +6,21 @@ Each run uses its own site id (demo-<time>) so repeated runs never mix in the su
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
+import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from leadstream.config import Settings
-from leadstream.runner import Role, produce, wait_for
+from leadstream.runner import Role, count, produce, wait_for
 from leadstream.traffic import TrafficGenerator, ip_range_table_lines
+from processors import webhooks
 from api.site_summary import SUMMARY
-from leadstream.admin import publish_ip_table
+from leadstream.admin import apply_definitions, publish_ip_table
 from sinks import clickhouse
 
 
@@ -38,6 +44,55 @@ def summary(settings: Settings, site_id: str, since_ms: int) -> str:
     return "\n".join(out)
 
 
+DEMO_DEFINITIONS = Path(__file__).with_name("demo_assets") / "pipeline.yaml"
+WEBHOOK_PORT = 8765  # the demo's rules post to http://127.0.0.1:8765/crm-hook
+
+
+class _WebhookReceiver(ThreadingHTTPServer):
+    """A stand-in CRM on 127.0.0.1 that checks each webhook's Standard Webhooks signature and counts them."""
+
+    def __init__(self, secret: str):
+        self.secret = secret
+        self.valid: set[str] = set()
+        self.invalid = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server hook name
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                try:
+                    webhooks.verify(receiver.secret, dict(self.headers.items()), body)
+                    receiver.valid.add(self.headers["webhook-id"])
+                    self.send_response(204)
+                except webhooks.WebhookVerificationError:
+                    receiver.invalid += 1
+                    self.send_response(401)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", WEBHOOK_PORT), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _wait_until_settled(settings: Settings, site_id: str, roles, timeout_s: float = 180) -> None:
+    """The lead and board stages run behind the events: wait until stage changes stop arriving."""
+    sql = "SELECT count() FROM stage_changes FINAL WHERE site_id = %(site)s"
+    deadline, last, steady_since = time.monotonic() + timeout_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        for role in roles:
+            if not role.alive():
+                raise RuntimeError(f"{role.name} exited early:\n{role.log_tail()}")
+        now = count(settings, sql, {"site": site_id})
+        if now != last:
+            last, steady_since = now, time.monotonic()
+            print(f"  stage changes so far: {now:,}", flush=True)
+        elif now > 0 and time.monotonic() - steady_since > 5:
+            return
+        time.sleep(1)
+
+
 def _start_api(settings: Settings, site_id: str) -> str:
     """(Re)start the API in the background with a key for this demo site; return the dashboard URL."""
     key = secrets.token_urlsafe(12)
@@ -50,7 +105,7 @@ def _start_api(settings: Settings, site_id: str) -> str:
                 break
         except OSError:
             time.sleep(0.3)
-    return f"{base}/?site={site_id}&key={key}"
+    return f"{base}/board#site={site_id}&key={key}"
 
 
 def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
@@ -60,7 +115,17 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
     ranges = ip_range_table_lines()
     print("Loading the demo's IP-range table (company offices, ISPs, datacenters):", flush=True)
     publish_ip_table(settings, "\n".join(ranges))
-    roles = [Role(settings, "demo-worker", "worker", "--name", "demo-worker").start(),
+    print("Applying the demo's rules and LeadBoard (leadstream/demo_assets/pipeline.yaml):", flush=True)
+    if apply_definitions(settings, str(DEMO_DEFINITIONS), site_id, "rules") != 0:
+        return 2
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    try:
+        receiver = _WebhookReceiver(secret)
+    except OSError as err:
+        print(f"cannot start the demo's webhook receiver on 127.0.0.1:{WEBHOOK_PORT}: {err.strerror}", file=sys.stderr)
+        return 2
+    roles = [Role(settings, "demo-worker", "worker", "--name", "demo-worker",
+                  env={"DEMO_WEBHOOK_SECRET": secret}).start(),
              Role(settings, "demo-sink", "sink").start()]
     try:
         now_ms = int(time.time() * 1000)  # traffic of the last ~2 weeks, whenever the demo runs
@@ -78,12 +143,17 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
                  sum(traffic.malformed.values()) + traffic.duplicates, timeout_s=120, roles=roles,
                  params={"since": since_ms}, label="dead letters", progress=True)
         print(f"  all {sent:,} events accounted for in {time.monotonic() - started:.1f}s", flush=True)
+        print("Workflow automation and the LeadBoard (lead stage -> board stage):", flush=True)
+        _wait_until_settled(settings, site_id, roles)
         print(summary(settings, site_id, since_ms))
+        print(f"\nWebhooks received by the demo's CRM stand-in on 127.0.0.1:{WEBHOOK_PORT}: {len(receiver.valid):,}"
+              f" with a valid signature, {receiver.invalid} refused")
         url = _start_api(settings, site_id)
-        print(f"\nDashboard (API keeps running; ./dev down stops everything):\n  {url}")
+        print(f"\nLeadBoard (API keeps running; ./dev down stops everything):\n  {url}")
         print(f"\nQuery it yourself: clickhouse-client --port {settings.clickhouse_port} -d {settings.clickhouse_database}"
               f" -q \"SELECT type, count() FROM events WHERE site_id = '{site_id}' GROUP BY type\"")
     finally:
         for role in roles:
             role.stop()
+        receiver.shutdown()
     return 0

@@ -2,11 +2,17 @@
 
 Faust is the application host — services, timers, signal handling, logging. Each stage's input comes
 through `BatchIngest` (a plain aiokafka consumer group; see processors/runtime/ingest.py for why the hot
-path bypasses Faust's per-message stream machinery) and runs through a `StageRunner`.
+path bypasses Faust's per-message stream machinery) and runs through a `StageRunner`:
+- raw: events.raw -> enrich, sessionize, resolve identity -> events, sessions, identity, leads.activity;
+- lead: leads.activity -> workflow automation -> leads.changes, leads.state, rules.executions, cards;
+- board: board.commands -> the stage machine -> board.stage-changes and the board state in Redis;
+- webhooks: delivers what the lead stage queued.
+Each stage has its own watermarks and timers (a state-store namespace) and its own consumer group.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -17,13 +23,19 @@ from leadstream.config import Settings
 from processors import sessionize
 from processors.accounts import AccountsContext
 from processors.enrich import Limits
+from processors.board_stage import BoardStage
+from processors.board_store import BoardStore
+from processors.definitions_store import DefinitionsStore
 from processors.identity_store import IdentityGraphStore, load_ip_table
+from processors.lead_stage import LeadStage
 from processors.raw_events import RawEventsConfig, RawEventsStage
 from processors.runtime.ingest import BatchIngest
 from processors.runtime.producer import BatchProducer
 from processors.runtime.stage import StageRunner
 from processors.runtime.state import RedisStateStore
-from schemas.topics import EVENTS_RAW
+from processors.site_definitions import SiteDefinitionsCache
+from processors.webhooks import WebhookQueue, run_dispatcher
+from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +65,14 @@ class IngestService(faust.Service):
         await self.ingest.run(lambda: self.should_stop)
 
 
-def create_app(settings: Settings, worker_name: str = "worker") -> faust.App:
+STAGES = ("raw", "lead", "board", "webhooks")
+"""What `leadstream worker` runs by default: every stage in one process; `--stages` runs a subset."""
+
+
+def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[str, ...] = STAGES) -> faust.App:
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
     datadir = Path(settings.stack_dir) / "faust" / settings.name(worker_name)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -70,13 +89,30 @@ def create_app(settings: Settings, worker_name: str = "worker") -> faust.App:
     producer = BatchProducer(kafka)
     redis = aioredis.from_url(settings.redis_url)
     store = RedisStateStore(redis, prefix)
+    sites = SiteDefinitionsCache(DefinitionsStore(redis, prefix))
     raw_events = RawEventsStage(
         RawEventsConfig(kafka.topic(EVENTS_RAW.name), kafka.partitions, session_policy(settings),
                         Limits(max_payload_bytes=settings.max_payload_bytes)),
         store, IdentityGraphStore(store, prefix), prefix,
     )
-    raw_runner = StageRunner(raw_events, store, producer)
-    raw_ingest = BatchIngest(kafka, EVENTS_RAW.name, "leadstream-worker", settings.batch(), raw_runner.process)
+    runners: dict[str, tuple[StageRunner, BatchIngest]] = {}
+
+    def add_stage(name: str, stage, topic, group: str) -> None:
+        runner = StageRunner(stage, RedisStateStore(redis, prefix, namespace=f"{stage.name}:") if name != "raw"
+                             else store, producer)
+        ingest = BatchIngest(kafka, topic.name, group, settings.batch(), runner.process)
+        runners[name] = (runner, ingest)
+        app.service(IngestService(ingest))
+
+    if "raw" in stages:
+        add_stage("raw", raw_events, EVENTS_RAW, "leadstream-worker")
+    if "lead" in stages:
+        webhooks = WebhookQueue(redis, prefix)
+        add_stage("lead", LeadStage(kafka.partitions, store, sites, webhooks, prefix), LEADS_ACTIVITY,
+                  "leadstream-lead-stage")
+    if "board" in stages:
+        add_stage("board", BoardStage(kafka.partitions, store, BoardStore(redis, prefix), sites), BOARD_COMMANDS,
+                  "leadstream-board-stage")
 
     @app.service
     class OutputProducer(faust.Service):
@@ -90,26 +126,54 @@ def create_app(settings: Settings, worker_name: str = "worker") -> faust.App:
             await producer.stop()
             await redis.aclose()
 
-    app.service(IngestService(raw_ingest))
+    if "webhooks" in stages:
+        app.service(WebhookService(settings))
 
     @app.timer(interval=60.0)
     async def reload_ip_ranges() -> None:
         """Pick up a table loaded with `leadstream ip-ranges load` without a restart."""
         raw_events.accounts = AccountsContext(await load_ip_table(redis, prefix))
 
+    @app.timer(interval=1.0)
+    async def reload_definitions() -> None:
+        """Rules and boards changed by the CLI or the API take effect within about a second."""
+        try:
+            await sites.refresh()
+        except Exception:
+            log.exception("reloading rules and boards failed; next tick retries")
+
     @app.timer(interval=2.0)
-    async def close_idle_sessions() -> None:
-        partitions = raw_ingest.assigned_partitions()
-        if partitions:
-            try:
-                await raw_runner.tick(partitions)
-            except Exception:
-                log.exception("closing idle sessions failed; next tick retries")
+    async def stage_timers() -> None:
+        """Idle sessions close; due leads get their hourly pass (each stage on its own owned partitions)."""
+        for name, (runner, ingest) in runners.items():
+            partitions = ingest.assigned_partitions()
+            if partitions:
+                try:
+                    await runner.tick(partitions)
+                except Exception:
+                    log.exception("%s timer failed; next tick retries", name)
 
     return app
 
 
-def run_worker(settings: Settings, worker_name: str = "worker", loglevel: str = "warning") -> None:
-    app = create_app(settings, worker_name)
+class WebhookService(faust.Service):
+    """Delivers queued webhooks (Standard Webhooks) beside the stages; a slow endpoint delays none of them."""
+
+    def __init__(self, settings: Settings, **kwargs):
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.stopped = asyncio.Event()
+
+    async def on_stop(self) -> None:
+        self.stopped.set()
+
+    @faust.Service.task
+    async def _deliver(self) -> None:
+        await run_dispatcher(self.settings, self.stopped)
+
+
+def run_worker(settings: Settings, worker_name: str = "worker", loglevel: str = "warning",
+               stages: tuple[str, ...] = STAGES) -> None:
+    app = create_app(settings, worker_name, stages)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -165,7 +165,8 @@ class RawEventsStage:
     def _add_events_and_dead_letters(self, messages, accepted, rejected, received_ms: int,
                                      feed: dict[str, list[IdentityEvent]], outputs: Outputs) -> None:
         """Enriched events and dead letters keep raw-offset order per partition: the sinks rely on it.
-        The lead feed carries each human event, then the identity changes it caused, keyed by lead."""
+        The lead feed carries the identity changes each human event caused, then the event, keyed by lead
+        (so a form that identifies a lead is seen by the rules as coming from a known lead)."""
         for i, message in enumerate(messages):
             rejection = rejected.get(i)
             if rejection is not None:
@@ -178,14 +179,15 @@ class RawEventsStage:
         for message, event in accepted:
             value = event.to_json()
             outputs.add(EVENTS_ENRICHED, event.visitor_id.encode(), value, message.partition)
-            if event.lead_id:  # humans only: bots and datacenter traffic never reach the lead stages
-                outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value)
             for change in feed.get(event.event_id, ()):
                 outputs.add(LEADS_ACTIVITY, lead_feed_key(change), change.to_json())
+            if event.lead_id:  # humans only: bots and datacenter traffic never reach the lead stages
+                outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value)
 
 
-LEAD_FEED_KINDS = frozenset({"lead_merged", "visitor_linked", "account_linked", "merge_refused"})
-"""Identity changes the lead stages act on: a merge moves a lead's state, an account link moves its card."""
+LEAD_FEED_KINDS = frozenset({"lead_created", "lead_merged", "visitor_linked", "account_linked", "merge_refused"})
+"""Identity changes on the lead feed: a known lead's creation gives it its email, a merge moves a lead's
+state, an account link moves its card; re-pointed visitors are there for completeness."""
 
 
 def lead_feed_key(change: IdentityEvent) -> bytes:

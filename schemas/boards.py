@@ -158,3 +158,38 @@ class CommandResult(JsonRecord):
     code: str = ""
     message: str = ""
     stage_change_id: str = ""  # the move this command made, if any
+
+
+CardUpdateKind = Literal["facts", "move", "merge", "handover"]
+
+
+@dataclass(slots=True, frozen=True)
+class CardUpdate(JsonRecord):
+    """The lead stage's word to the board stage, on `board.commands` keyed by card_id.
+
+    - facts: lead `lead_id` of this card now has `tags` and `score` (absolute values); `left`: it no
+      longer belongs to this card.
+    - move: a rule's move_card to `to_stage` on `board_id` (forward only, decided by the stage machine).
+    - merge: this card folds into `into_card_id` (its anonymous lead merged into a known one, or its
+      lead joined an account); the board stage hands the card's state over to that card.
+    - handover: `card_state` is the state of a card that folded into this one.
+    update_id is deterministic, so a re-sent update is recognised."""
+
+    update_id: str
+    site_id: str
+    card_id: str
+    kind: CardUpdateKind
+    actor: Actor
+    lead_id: str = ""
+    tags: list[str] | None = None
+    score: int | None = None
+    title: str = ""
+    activity_ms: int = 0
+    left: bool = False
+    board_id: str = ""
+    to_stage: str = ""
+    into_card_id: str = ""
+    card_state: str = ""
+    rule_id: str = ""
+    event_id: str = ""
+    ts_ms: int = 0

@@ -21,10 +21,11 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal
 
-from schemas.boards import BoardCommand, StageChange
+from schemas.boards import BoardCommand, CardUpdate, StageChange
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
+from schemas.rules import LeadChange, LeadHandover, LeadSnapshot, RuleExecution
 from schemas.session import Session
 
 Partitioner = Literal["input", "key", "client"]
@@ -50,19 +51,32 @@ SESSIONS = Topic("sessions", Session, "visitor_id", "input")
 IDENTITY = Topic("identity", IdentityEvent, "visitor_id", "key")
 IDENTITY_LEADS = Topic("identity.leads", LeadRow, "lead_id", "key")
 IDENTITY_VISITORS = Topic("identity.visitors", VisitorLeadRow, "visitor_id", "key")
-LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent), "lead_id", "key")
-BOARD_COMMANDS = Topic("board.commands", BoardCommand, "card_id", "key")
+LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent, LeadHandover), "lead_id", "key")
+LEADS_CHANGES = Topic("leads.changes", LeadChange, "lead_id", "key")
+LEADS_STATE = Topic("leads.state", LeadSnapshot, "lead_id", "key")
+RULE_EXECUTIONS = Topic("rules.executions", RuleExecution, "lead_id", "key")
+BOARD_COMMANDS = Topic("board.commands", (BoardCommand, CardUpdate), "card_id", "key")
 BOARD_STAGE_CHANGES = Topic("board.stage-changes", StageChange, "card_id", "key")
 
 CATALOG: tuple[Topic, ...] = (
     EVENTS_RAW, EVENTS_DLQ, EVENTS_ENRICHED, SESSIONS, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
-    LEADS_ACTIVITY, BOARD_COMMANDS, BOARD_STAGE_CHANGES,
+    LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, BOARD_COMMANDS, BOARD_STAGE_CHANGES,
 )
 
 
-def decode_lead_activity(value: bytes) -> EnrichedEvent | IdentityEvent:
-    """A leads.activity record is a lead's event or one of its identity changes (a merge, a visitor
-    re-pointed, an account linked). An IdentityEvent's JSON always starts with its first field."""
+def decode_lead_activity(value: bytes) -> EnrichedEvent | IdentityEvent | LeadHandover:
+    """A leads.activity record is a lead's event, one of its identity changes (a merge, a visitor
+    re-pointed, an account linked) or a merged lead's handover. Each record's JSON starts with its first
+    field, which tells them apart without a second parse."""
     if value.startswith(b'{"identity_event_id"'):
         return IdentityEvent.from_json(value)
+    if value.startswith(b'{"handover_id"'):
+        return LeadHandover.from_json(value)
     return EnrichedEvent.from_json(value)
+
+
+def decode_board_input(value: bytes) -> BoardCommand | CardUpdate:
+    """A board.commands record is a person's command (from the API) or the lead stage's card update."""
+    if value.startswith(b'{"update_id"'):
+        return CardUpdate.from_json(value)
+    return BoardCommand.from_json(value)

@@ -25,12 +25,14 @@ import orjson
 
 from leadstream.config import BatchConfig, ClickHouseConfig, KafkaConfig
 from processors.runtime.ingest import BatchIngest, Message
+from schemas.boards import StageChange
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
+from schemas.rules import LeadChange, LeadSnapshot, RuleExecution
 from schemas.session import Session
-from schemas.topics import (EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
-                            SESSIONS, Topic)
+from schemas.topics import (BOARD_STAGE_CHANGES, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY, IDENTITY_LEADS,
+                            IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, SESSIONS, Topic)
 from sinks import clickhouse
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,10 @@ TABLES = {spec.table: spec for spec in (
     _spec("identity_events", IDENTITY, IdentityEvent),
     _spec("visitor_leads", IDENTITY_VISITORS, VisitorLeadRow),
     _spec("leads", IDENTITY_LEADS, LeadRow),
+    _spec("lead_changes", LEADS_CHANGES, LeadChange),
+    _spec("lead_state", LEADS_STATE, LeadSnapshot),
+    _spec("rule_executions", RULE_EXECUTIONS, RuleExecution),
+    _spec("stage_changes", BOARD_STAGE_CHANGES, StageChange),
 )}
 
 

@@ -9,21 +9,20 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app, parse_api_keys
 from sinks.clickhouse import connect, insert_columnar
-from sinks.table_sink import LEAD_COLUMNS, VISITOR_LEAD_COLUMNS
+from sinks.table_sink import TABLES
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def client(settings, monkeypatch):
-    monkeypatch.setenv("LEADSTREAM_API_KEYS", "acme:k-acme,other:k-other")
-    ch = connect(settings)
-    insert_columnar(ch, "leads", LEAD_COLUMNS, [
+def client(settings):
+    ch = connect(settings.clickhouse())
+    insert_columnar(ch, "leads", TABLES["leads"].columns, [
         ["lead_1", "acme", "ann@acme.com", ["v1"], "acme.com", "", 1000, 2000, "e1", 1],
         ["lead_2", "acme", "", ["v2"], "", "", 1000, 3000, "e2", 1],
     ])
-    insert_columnar(ch, "visitor_leads", VISITOR_LEAD_COLUMNS, [["acme", "v1", 0, "lead_1", 1]])
-    return TestClient(create_app(settings))
+    insert_columnar(ch, "visitor_leads", TABLES["visitor_leads"].columns, [["acme", "v1", 0, "lead_1", 1]])
+    return TestClient(create_app(replace(settings, api_keys="acme:k-acme,other:k-other")))
 
 
 def test_keys_are_scoped_to_one_site(client):
@@ -54,9 +53,8 @@ def test_recent_leads_and_profile(client):
     assert client.get("/", headers={}).status_code == 200
 
 
-def test_database_outage_is_503_not_500(settings, monkeypatch):
-    monkeypatch.setenv("LEADSTREAM_API_KEYS", "acme:k")
-    down = TestClient(create_app(replace(settings, clickhouse_port=1)))
+def test_database_outage_is_503_not_500(settings):
+    down = TestClient(create_app(replace(settings, clickhouse_port=1, api_keys="acme:k")))
     response = down.get("/v1/sites/acme/summary", headers={"X-API-Key": "k"})
     assert response.status_code == 503
     assert response.json()["title"] == "analytics store unavailable"

@@ -1,0 +1,441 @@
+// LeadBoard page: renders a board from the /v1 board API, moves cards by drag and drop, opens the Account
+// Panel, adds accounts by domain, and follows the board's live stream. No framework, no external requests.
+"use strict";
+
+const STORE = { site: "leadstream.site", key: "leadstream.key", board: "leadstream.board" };
+const state = {
+  site: "", key: "", board: null, version: 0, lastEventId: "", source: null, reconnectTimer: 0,
+  cards: new Map(), // card_id -> card view as the API sent it
+  panel: { cardId: "", page: 0 },
+};
+
+// ---------------------------------------------------------------- small DOM helpers (no innerHTML: every value is text)
+
+function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === false || value === null || value === undefined) continue;
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (name === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  node.append(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+  return node;
+}
+const $ = (selector) => document.querySelector(selector);
+const enc = encodeURIComponent;
+
+function say(message, isError = false) {
+  const status = $("#status");
+  status.textContent = message;
+  status.classList.toggle("error", isError);
+}
+
+function ago(ms) {
+  if (!ms) return "";
+  const minutes = Math.max(0, Math.floor((Date.now() - ms) / 60000));
+  if (minutes < 60) return `${minutes}m`;
+  if (minutes < 48 * 60) return `${Math.floor(minutes / 60)}h`;
+  return `${Math.floor(minutes / 1440)}d`;
+}
+const when = (ms) => (ms ? new Date(ms).toLocaleString() : "");
+
+function randomKey() {
+  // crypto.randomUUID needs a secure context; getRandomValues works on plain http too.
+  return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// ---------------------------------------------------------------- credentials: URL fragment or a form, kept per tab
+
+function readCredentials() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (fragment.get("site") && fragment.get("key")) {
+    sessionStorage.setItem(STORE.site, fragment.get("site"));
+    sessionStorage.setItem(STORE.key, fragment.get("key"));
+    history.replaceState(null, "", location.pathname + location.search);  // the key leaves the address bar
+  }
+  state.site = sessionStorage.getItem(STORE.site) || "";
+  state.key = sessionStorage.getItem(STORE.key) || "";
+  return Boolean(state.site && state.key);
+}
+
+function askForCredentials(message) {
+  sessionStorage.removeItem(STORE.key);
+  closeStream();
+  $("#login").hidden = false;
+  $("#board-choice").hidden = $("#add-account").hidden = true;
+  say(message || "Enter the site and an API key for it.", Boolean(message));
+}
+
+// ---------------------------------------------------------------- API calls: problem+json errors become ApiProblem
+
+class ApiProblem extends Error {
+  constructor(status, body) {
+    super(body.detail ? `${body.title}: ${body.detail}` : body.title || `HTTP ${status}`);
+    this.status = status;
+    this.code = body.code || "";
+    this.body = body;
+  }
+}
+
+async function api(path, { method = "GET", body, headers = {} } = {}) {
+  const response = await fetch(`/v1/sites/${enc(state.site)}${path}`, {
+    method,
+    headers: { "X-API-Key": state.key, ...(body ? { "Content-Type": "application/json" } : {}), ...headers },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const text = await response.text();
+  const data = text ? JSON.parse(text) : null;
+  if (response.status === 401 || (response.status === 403 && method === "GET")) {  // (a read-only key may GET)
+    askForCredentials(data && data.title ? data.title : "This API key is not valid for this site.");
+  }
+  if (!response.ok) throw new ApiProblem(response.status, data || {});
+  return { status: response.status, data, etag: response.headers.get("ETag") || "" };
+}
+
+/** The board version to send as If-Match: the newest seen, from an ETag or the stream (they may arrive out of order). */
+function noteVersion(version) {
+  const seen = Number(String(version).replaceAll('"', ""));
+  if (Number.isInteger(seen) && seen >= state.version) state.version = seen;
+}
+
+const boardPath = (suffix = "") => `/boards/${enc(state.board.id)}${suffix}`;
+const cardPath = (cardId, suffix = "") => boardPath(`/cards/${enc(cardId)}${suffix}`);
+
+// ---------------------------------------------------------------- boards
+
+async function loadBoards() {
+  const { data } = await api("/boards");
+  const select = $("#board-select");
+  select.replaceChildren(...data.boards.map((b) => h("option", { value: b.id }, b.name)));
+  $("#login").hidden = true;
+  $("#board-choice").hidden = false;
+  if (!data.boards.length) {
+    say("This site has no boards yet: PUT one to /v1/sites/{site}/boards/{id}.");
+    return;
+  }
+  const remembered = sessionStorage.getItem(STORE.board);
+  select.value = data.boards.some((b) => b.id === remembered) ? remembered : data.boards[0].id;
+  await openBoard(select.value);
+}
+
+async function openBoard(boardId) {
+  sessionStorage.setItem(STORE.board, boardId);
+  state.board = { id: boardId };
+  closePanel();
+  await loadBoard();
+}
+
+/** Load a snapshot of the board and follow its stream from exactly that snapshot's feed position. */
+async function loadBoard() {
+  closeStream();
+  const { data } = await api(boardPath());
+  state.board = { ...data.board, stages: data.stages.map(({ id, name }) => ({ id, name })) };
+  state.version = data.version;
+  state.lastEventId = data.feed_id;
+  state.cards.clear();
+  $("#add-account").hidden = data.board.card !== "account";
+  $("#board").replaceChildren(...data.stages.map(renderColumn));
+  say(`${data.board.name}: ${data.stages.reduce((n, s) => n + s.count, 0)} cards`);
+  connectStream();
+}
+
+function renderColumn(stage) {
+  const list = h("ol", { class: "cards", "aria-label": `${stage.name} cards` });
+  const column = h("section", { class: "column", dataset: { stage: stage.id }, "aria-labelledby": `stage-${stage.id}` },
+    h("h2", { id: `stage-${stage.id}` }, h("span", {}, stage.name),
+      h("span", { class: "count", "aria-label": "cards in this stage" }, String(stage.count))),
+    list);
+  for (const card of stage.cards) list.append(renderCard(card));
+  if (stage.next_cursor) column.append(moreButton(stage));
+  column.addEventListener("dragover", (e) => { e.preventDefault(); column.classList.add("drop-target"); });
+  column.addEventListener("dragleave", () => column.classList.remove("drop-target"));
+  column.addEventListener("drop", (e) => {
+    e.preventDefault();
+    column.classList.remove("drop-target");
+    const cardId = e.dataTransfer.getData("text/plain");
+    if (cardId && state.cards.has(cardId) && state.cards.get(cardId).stage_id !== stage.id) moveCard(cardId, stage.id);
+  });
+  return column;
+}
+
+function moreButton(stage) {
+  const button = h("button", { type: "button", class: "more secondary" }, `Show more ${stage.name}`);
+  button.addEventListener("click", async () => {
+    const { data } = await api(boardPath(`?stage=${enc(stage.id)}&cursor=${enc(stage.next_cursor)}`));
+    const page = data.stages[0];
+    const list = button.parentElement.querySelector(".cards");
+    for (const card of page.cards) if (!state.cards.has(card.card_id)) list.append(renderCard(card));
+    if (page.next_cursor) stage.next_cursor = page.next_cursor; else button.remove();
+  });
+  return button;
+}
+
+function renderCard(card) {
+  state.cards.set(card.card_id, card);
+  const node = h("li", {
+    class: card.archived ? "card archived" : "card", draggable: "true", tabindex: "0", dataset: { card: card.card_id },
+    "aria-label": `${card.title || card.card_id}, score ${card.score}${card.archived ? ", archived" : ""}`,
+    ondragstart: (e) => { e.dataTransfer.setData("text/plain", card.card_id); e.dataTransfer.effectAllowed = "move"; },
+    onclick: () => openPanel(card.card_id),
+    onkeydown: (e) => { if (e.key === "Enter") openPanel(card.card_id); },
+  },
+  h("div", { class: "title" }, card.title || card.card_id),
+  h("div", { class: "tags" }, (card.tags || []).map((t) => h("span", { class: "tag" }, t))),
+  h("div", { class: "meta" },
+    h("span", { class: "score", title: "score" }, `score ${card.score}`),
+    h("span", { class: "in-stage", title: "time in stage", dataset: { since: card.entered_stage_ms } },
+      ago(card.entered_stage_ms)),
+    card.owner ? h("span", { class: "owner" }, card.owner) : null));
+  return node;
+}
+
+function removeCard(cardId) {
+  const previous = state.cards.get(cardId);
+  if (!previous) return;
+  cardNode(cardId)?.remove();
+  bumpCount(previous.stage_id, -1);  // it left the board without a stage change (merged into another card)
+  state.cards.delete(cardId);
+}
+
+function cardNode(cardId) {
+  return document.querySelector(`.card[data-card="${CSS.escape(cardId)}"]`);
+}
+
+function columnOf(stageId) {
+  return document.querySelector(`.column[data-stage="${CSS.escape(stageId)}"]`);
+}
+
+function bumpCount(stageId, delta) {
+  const count = columnOf(stageId)?.querySelector(".count");
+  if (count) count.textContent = String(Math.max(0, Number(count.textContent) + delta));
+}
+
+/** Show a card's latest view in its column. Counts change only with stage changes (a column may hold more
+ * cards than the page shows, so a card appearing in the page is not necessarily a new card in the stage). */
+function placeCard(card) {
+  const old = cardNode(card.card_id);
+  const column = columnOf(card.stage_id);
+  if (!column) return;
+  const node = renderCard(card);
+  if (old && old.parentElement === column.querySelector(".cards")) old.replaceWith(node);
+  else { old?.remove(); column.querySelector(".cards").prepend(node); }
+}
+
+function applyStageChange(change) {
+  if (change.from_stage) bumpCount(change.from_stage, -1);
+  bumpCount(change.to_stage, +1);
+  const title = state.cards.get(change.card_id)?.title || change.card_id;
+  say(`${title}: ${change.from_stage || "(new)"} → ${change.to_stage} (${change.actor})`);
+}
+
+// ---------------------------------------------------------------- commands: move (with the 409 force flow), add, notes
+
+async function sendCommand(path, body, what) {
+  try {
+    const { status, data, etag } = await api(path, {
+      method: "POST", body, headers: { "Idempotency-Key": randomKey(), "If-Match": `"${state.version}"` },
+    });
+    if (etag) noteVersion(etag);
+    if (data.card) placeCard(data.card);
+    say(status === 202 ? `${what}: sent (${data.command_id}); the board shows it when it is applied.` : `${what}: done.`);
+    return data;
+  } catch (err) {
+    if (!(err instanceof ApiProblem)) { say(`${what}: ${err.message}`, true); return null; }
+    if (err.status === 412) {
+      await loadBoard();
+      say(`${what}: the board changed since you loaded it. It is reloaded: please try again.`, true);
+      return null;
+    }
+    throw err;
+  }
+}
+
+async function moveCard(cardId, to, force = false, reason = "") {
+  const card = state.cards.get(cardId);
+  const what = `Move ${card ? card.title || cardId : cardId} to ${to}`;
+  cardNode(cardId)?.classList.add("moving");
+  try {
+    return await sendCommand(cardPath(cardId, "/move"), { to, force, reason }, what);
+  } catch (err) {
+    if (err.code === "stage_regression" && !force) return askToForce(cardId, to, err.message);
+    say(`${what}: ${err.message}`, true);
+    return null;
+  } finally {
+    cardNode(cardId)?.classList.remove("moving");
+  }
+}
+
+function askToForce(cardId, to, message) {
+  const dialog = $("#force-dialog");
+  const form = dialog.querySelector("form");
+  form.reset();
+  $("#force-message").textContent = message;
+  say(message, true);
+  dialog.returnValue = "";  // Escape closes it with the previous value otherwise
+  dialog.onclose = () => {
+    if (dialog.returnValue === "force") moveCard(cardId, to, true, form.elements.reason.value.trim());
+  };
+  dialog.showModal();
+}
+
+async function command(cardId, suffix, body, what) {
+  try { return await sendCommand(cardPath(cardId, suffix), body, what); }
+  catch (err) { say(`${what}: ${err.message}`, true); return null; }
+}
+
+async function addAccount(event) {
+  event.preventDefault();
+  const form = event.target;
+  const domain = form.elements.domain.value.trim();
+  try {
+    await sendCommand(boardPath("/cards"), { domain }, `Add ${domain}`);
+    form.reset();
+  } catch (err) { say(`Add ${domain}: ${err.message}`, true); }
+}
+
+// ---------------------------------------------------------------- the live stream (EventSource cannot send headers:
+// it opens with a short-lived token for this board, and resumes from the last event id it saw)
+
+async function connectStream() {
+  closeStream();
+  const boardId = state.board.id;
+  let token;
+  try { token = (await api(boardPath("/stream-token"))).data.token; }
+  catch (err) { scheduleReconnect(); return; }
+  if (!state.board || state.board.id !== boardId) return;
+  const params = new URLSearchParams({ token });
+  if (state.lastEventId) params.set("last_event_id", state.lastEventId);
+  const source = new EventSource(`/v1/sites/${enc(state.site)}${boardPath("/stream")}?${params}`);
+  state.source = source;
+  const live = $("#live");
+  source.onopen = () => { live.textContent = "live"; live.classList.add("on"); };
+  source.onerror = () => {
+    live.textContent = "reconnecting…";
+    live.classList.remove("on");
+    if (source.readyState === EventSource.CLOSED) scheduleReconnect();  // e.g. the token expired: get a new one
+  };
+  const follow = (handler) => (e) => {
+    if (e.lastEventId) state.lastEventId = e.lastEventId;
+    handler(JSON.parse(e.data));
+  };
+  source.addEventListener("stage_change", follow(applyStageChange));
+  source.addEventListener("card", follow(placeCard));  // the card's new view follows its stage change
+  source.addEventListener("card_removed", follow((gone) => removeCard(gone.card_id)));
+  source.addEventListener("version", follow((v) => noteVersion(v.version)));
+  source.addEventListener("reset", follow(() => loadBoard()));
+}
+
+function scheduleReconnect() {
+  clearTimeout(state.reconnectTimer);
+  state.reconnectTimer = setTimeout(connectStream, 2000);
+}
+
+function closeStream() {
+  clearTimeout(state.reconnectTimer);
+  if (state.source) state.source.close();
+  state.source = null;
+}
+
+// ---------------------------------------------------------------- the Account Panel
+
+async function openPanel(cardId, page = 0) {
+  const panel = $("#panel");
+  state.panel = { cardId, page };
+  let data;
+  try { data = (await api(cardPath(cardId, `?page=${page}`))).data; }
+  catch (err) { say(`Account panel: ${err.message}`, true); return; }
+  if (page === 0) {
+    $("#panel-title").textContent = data.card.title || cardId;
+    $("#panel-body").replaceChildren(...renderPanel(data));
+    panel.hidden = false;
+    panel.querySelector(".close").focus();
+  }
+  const sessions = $("#panel-body .sessions");
+  sessions.append(...data.sessions.map(renderSession));
+  const more = $("#panel-body .more");
+  more.hidden = !data.has_more;
+  more.onclick = () => openPanel(cardId, page + 1);
+}
+
+function closePanel() {
+  $("#panel").hidden = true;
+  state.panel = { cardId: "", page: 0 };
+}
+
+function renderPanel(data) {
+  const card = data.card;
+  const facts = data.kind === "account"
+    ? [["Domain", data.account.domain], ["Company", data.account.company_name || card.title],
+       ["Known contacts", data.account.known_leads], ["Anonymous leads", data.account.anonymous_leads],
+       ["First seen", when(data.account.first_seen_ms)], ["Last seen", when(data.account.last_seen_ms)]]
+    : [["Email", data.identity.email || "(anonymous)"], ["Account", data.account ? data.account.domain : ""],
+       ["First seen", when(data.identity.first_seen_ms)], ["Last seen", when(data.identity.last_seen_ms)]];
+  facts.push(["Stage", card.stage_id], ["Score", card.score], ["Tags", (card.tags || []).join(", ")],
+    ["Owner", card.owner || "(nobody)"], ["Sessions", data.session_count]);
+  const stages = state.board.stages || [];
+  const moveSelect = h("select", { name: "to", "aria-label": "Move to stage" },
+    stages.map((s) => h("option", { value: s.id, selected: s.id === card.stage_id }, s.name)));
+  const leads = data.kind === "account"
+    ? [h("h3", {}, `Leads (${data.leads.length})`),
+       h("ul", { class: "leads" }, data.leads.map((l) =>
+         h("li", {}, l.known ? l.email : `anonymous (${l.lead_id})`,
+           h("span", { class: "muted" }, ` · ${l.visitor_count} visitor(s) · last seen ${when(l.last_seen_ms)}`))))]
+    : [];
+  const notes = (data.notes || []).map((n) => h("li", {}, n.text, h("span", { class: "muted" }, ` · ${n.actor} · ${when(n.ts_ms)}`)));
+  return [
+    h("dl", {}, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v ?? ""))])),
+    h("h3", {}, "Actions"),
+    h("div", { class: "actions" },
+      h("form", { class: "inline", onsubmit: (e) => { e.preventDefault(); moveCard(card.card_id, moveSelect.value); } },
+        h("label", {}, "Stage", moveSelect), h("button", { type: "submit" }, "Move")),
+      h("form", { class: "inline", onsubmit: (e) => {
+        e.preventDefault(); command(card.card_id, "/owner", { owner: e.target.elements.owner.value.trim() }, "Set owner");
+      } }, h("label", {}, "Owner", h("input", { name: "owner", value: card.owner || "", maxlength: "128" })),
+        h("button", { type: "submit" }, "Set owner")),
+      h("form", { class: "inline", onsubmit: (e) => {
+        e.preventDefault(); command(card.card_id, "/notes", { text: e.target.elements.text.value.trim() }, "Add note");
+        e.target.reset();
+      } }, h("label", {}, "Note", h("input", { name: "text", required: true, maxlength: "5000" })),
+        h("button", { type: "submit" }, "Add note")),
+      card.archived
+        ? h("button", { type: "button", class: "secondary", onclick: () => command(card.card_id, "/unarchive", {}, "Unarchive") },
+          "Unarchive card")
+        : h("button", { type: "button", class: "secondary", onclick: () => command(card.card_id, "/archive", {}, "Archive") },
+          "Archive card")),
+    notes.length ? [h("h3", {}, "Notes"), h("ul", { class: "leads" }, notes)] : null,
+    leads,
+    h("h3", {}, "Sessions"),
+    h("ol", { class: "sessions", "aria-label": "Sessions, newest first" }),
+    h("button", { type: "button", class: "more secondary" }, "5 more sessions"),
+  ].flat();
+}
+
+function renderSession(s) {
+  return h("li", { class: "session", dataset: { session: s.session_id } },
+    h("div", { class: "head" }, `${when(s.start_ms)} · ${s.channel}`, s.lead_id ? ` · ${s.lead_id}` : ""),
+    h("div", { class: "muted" }, `${s.event_count} events · ${Math.round(s.duration_ms / 60000)} min · ${s.landing_url}`),
+    h("ul", { class: "events" }, s.events.map((e) =>
+      h("li", {}, h("span", { class: "type" }, e.type), e.url || e.name || e.title))));
+}
+
+// ---------------------------------------------------------------- start
+
+function start() {
+  $("#login").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sessionStorage.setItem(STORE.site, e.target.elements.site.value.trim());
+    sessionStorage.setItem(STORE.key, e.target.elements.key.value);
+    e.target.elements.key.value = "";
+    start();
+  });
+  $("#board-select").onchange = (e) => openBoard(e.target.value);
+  $("#add-account").onsubmit = addAccount;
+  $("#panel .close").onclick = closePanel;
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape" && !$("#panel").hidden) closePanel(); });
+  setInterval(() => document.querySelectorAll(".in-stage").forEach((n) => { n.textContent = ago(Number(n.dataset.since)); }), 60000);
+  if (!readCredentials()) { askForCredentials(); return; }
+  loadBoards().catch((err) => say(err.message, true));
+}
+
+start();

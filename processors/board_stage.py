@@ -1,0 +1,160 @@
+"""The board stage: LeadBoards on `board.commands`, one card at a time, in each card's order.
+
+A thin adapter around the pure stage machine (processors/boards.py) on the shared `StageRunner`: state is
+one `CardState` blob per card (under the board store's card key), committed with the partition's
+watermark; the board views, the live feed, the board versions and command results are written by the
+board store in the same transaction. So a move is in Redis exactly when its card state is, and the stage
+change record on `board.stage-changes` (produced before the commit, deterministic ids) is collapsed by
+ClickHouse if a replay produces it again.
+
+Inputs, all keyed by card: the lead stage's facts updates, rule moves and merges (`CardUpdate`), and
+people's commands from the API (`BoardCommand`). A merge is two hops, each in its card's own order: the
+absorbed card retires (it leaves the boards) and hands its state over; the survivor merges it once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import AsyncContextManager, Sequence
+
+from processors.board_store import BoardStore
+from processors.boards import (CardState, Cause, FactsUpdate, MoveRequest, ViewChange, apply_command, apply_move,
+                               apply_updates, merge_cards)
+from processors.rules import digest
+from processors.runtime.ingest import Message
+from processors.runtime.producer import Outputs
+from processors.runtime.stage import Step, no_lock
+from processors.runtime.state import StateStore
+from processors.site_definitions import SiteDefinitionsCache
+from schemas.boards import BoardCommand, CardUpdate, CommandResult, StageChange
+from schemas.topics import BOARD_COMMANDS, BOARD_STAGE_CHANGES, decode_board_input
+
+log = logging.getLogger(__name__)
+
+UPDATE_IDS_KEPT = 64
+
+
+@dataclass
+class _Card:
+    key: str
+    partition: int
+    loaded: bytes | None
+    state: CardState
+
+
+@dataclass
+class _Batch:
+    step: Step
+    cards: dict[tuple[str, str], _Card] = field(default_factory=dict)
+    stage_changes: dict[str, list[StageChange]] = field(default_factory=lambda: defaultdict(list))
+    views: dict[str, list[ViewChange]] = field(default_factory=lambda: defaultdict(list))
+    results: list[CommandResult] = field(default_factory=list)
+
+
+class BoardStage:
+    name = "board"
+
+    def __init__(self, partitions: int, store: StateStore, boards: BoardStore, sites: SiteDefinitionsCache):
+        self.partitions = partitions
+        self.store = store
+        self.board_store = boards
+        self.sites = sites
+        self.undecodable = 0
+
+    def exclusive(self) -> AsyncContextManager:
+        return no_lock()
+
+    async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
+        records: list[tuple[int, BoardCommand | CardUpdate]] = []
+        for message in messages:
+            try:
+                records.append((message.partition, decode_board_input(message.value)))
+            except Exception as err:  # noqa: BLE001 - not a record LeadStream wrote: skip it, never stall
+                self.undecodable += 1
+                log.error("board stage: undecodable record at partition %s offset %s skipped: %s",
+                          message.partition, message.offset, err)
+        await self.sites.prepare(record.site_id for _, record in records)
+        batch = _Batch(Step(Outputs(self.partitions)))
+        wanted = {(r.site_id, r.card_id): p for p, r in records}
+        keys = {self.board_store.card_state_key(site, card): (site, card) for site, card in wanted}
+        loaded = await self.store.load(list(keys))
+        for key, (site, card_id) in keys.items():
+            blob = loaded.get(key)
+            state = CardState.from_json(blob) if blob else CardState(card_id, site)
+            batch.cards[site, card_id] = _Card(key, wanted[site, card_id], blob, state)
+        for _, record in records:
+            self._apply(record, batch, received_ms)
+        self._finish(batch)
+        return batch.step
+
+    async def tick(self, clocks: dict[int, int]) -> Step | None:
+        return None  # cards move on facts and commands; time triggers live in the lead stage's hourly pass
+
+    def _apply(self, record: BoardCommand | CardUpdate, batch: _Batch, now_ms: int) -> None:
+        card = batch.cards[record.site_id, record.card_id]
+        boards = self.sites[record.site_id].boards
+        before = card.state
+        if isinstance(record, BoardCommand):
+            card.state, result, changes, views = apply_command(boards, before, record, now_ms)
+            batch.results.append(result)
+        elif record.update_id in before.command_ids:
+            return  # a re-sent update (its producer replayed a batch): acted on already
+        elif record.kind == "facts":
+            cause = Cause(record.actor, record.ts_ms, rule_id=record.rule_id, event_id=record.event_id)
+            update = FactsUpdate(cause, record.lead_id, record.tags, record.score, record.title, record.activity_ms,
+                                 record.left)
+            card.state, changes, views = apply_updates(boards, before, [update])
+        elif record.kind == "move":
+            cause = Cause(record.actor, record.ts_ms, rule_id=record.rule_id, event_id=record.event_id)
+            card.state, _, changes, views = apply_move(boards, before, record.board_id,
+                                                       MoveRequest(cause, record.to_stage))
+        elif record.kind == "merge":
+            card.state, changes, views = self._retire(record, before, boards, batch)
+        else:
+            card.state, changes, views = self._take_over(record, before, boards)
+        if not isinstance(record, BoardCommand):
+            card.state.command_ids = [*card.state.command_ids, record.update_id][-UPDATE_IDS_KEPT:]
+        batch.stage_changes[record.site_id] += changes
+        batch.views[record.site_id] += views
+
+    def _retire(self, record: CardUpdate, card: CardState, boards, batch: _Batch):
+        """This card folds into `into_card_id`: it leaves the boards here, and its state goes there."""
+        if card.merged_into or card.account_card_id == record.into_card_id:
+            return card, [], []
+        cause = Cause(record.actor, record.ts_ms, event_id=record.event_id)
+        _, retired, _, views = merge_cards(boards, CardState(record.into_card_id, card.site_id), card, cause)
+        handover = CardUpdate("cu_" + digest(record.update_id, "handover"), card.site_id, record.into_card_id,
+                              "handover", record.actor, card_state=card.to_json().decode(), event_id=record.event_id,
+                              ts_ms=record.ts_ms)
+        batch.step.outputs.add(BOARD_COMMANDS, record.into_card_id.encode(), handover.to_json())
+        return retired, [], [v for v in views if v.card_id == card.card_id]
+
+    @staticmethod
+    def _take_over(record: CardUpdate, card: CardState, boards):
+        """The survivor merges a retired card's state. Facts it already has for a lead are newer than the
+        handed-over ones (they were sent after the lead joined), so they stay."""
+        absorbed = CardState.from_json(record.card_state)
+        kept = dict(card.facts)
+        cause = Cause(record.actor, record.ts_ms, event_id=record.event_id)
+        survivor, _, changes, views = merge_cards(boards, card, absorbed, cause)
+        survivor.facts.update({lead: facts for lead, facts in kept.items() if lead in survivor.facts})
+        return survivor, changes, [v for v in views if v.card_id == card.card_id]
+
+    def _finish(self, batch: _Batch) -> None:
+        for card in batch.cards.values():
+            blob = card.state.to_json()
+            if blob != card.loaded:
+                batch.step.partition(card.partition).states[card.key] = blob
+        for changes in batch.stage_changes.values():
+            for change in changes:
+                batch.step.outputs.add(BOARD_STAGE_CHANGES, change.card_id.encode(), change.to_json())
+        store, stage_changes, views, results = self.board_store, dict(batch.stage_changes), dict(batch.views), batch.results
+        if stage_changes or views or results:
+            def write(pipe) -> None:
+                for site in stage_changes.keys() | views.keys():
+                    store.queue_changes(pipe, site, stage_changes.get(site, []), views.get(site, []))
+                for result in results:
+                    store.queue_command_result(pipe, result)
+            batch.step.also = write

@@ -1,0 +1,208 @@
+"""Redis adapter for a site's rules and boards (the definitions), with versions a running stage can poll.
+
+One hash per site holds everything: field `version` (the site's definitions version, bumped by every
+change), `rule:<id>` and `board:<id>` (JSON `{"version", "definition"}`). A single HGETALL is therefore an
+atomic snapshot, and HGET of `version` is the cheap poll. An entry's version is the site version at which
+it last changed: it only grows, and a deleted then re-created rule never reuses an old version.
+
+Writes are optimistic: WATCH the site hash, read, validate the whole resulting set of definitions
+(a rule's move_card must name an existing board and stage), then MULTI/EXEC; a concurrent writer makes
+EXEC fail and the write is recomputed. Nothing is written unless everything is valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from schemas.boards import BoardDefinition
+from schemas.definitions import KINDS, DefinitionsError, DefinitionsFile, duplicate_problems, move_card_problems
+from schemas.rules import Rule
+
+MAX_WRITE_ATTEMPTS = 20
+_VERSION = b"version"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBoard:
+    board: BoardDefinition
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SiteDefinitions:
+    """A consistent snapshot of one site. Rules carry their versions; both lists are in id order."""
+
+    version: int
+    rules: list[Rule]
+    boards: list[StoredBoard]
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """versions: every entry of the file ('rule:<id>' / 'board:<id>') -> its version after the write.
+    changed: the entries that were new or different (only those got a new version)."""
+
+    site_version: int
+    versions: dict[str, int]
+    changed: list[str]
+
+
+Definition = Rule | BoardDefinition
+Plan = Callable[["SiteDefinitions"], tuple[dict[str, Definition], list[str]]]
+
+
+def _content(entry: Definition) -> dict[str, Any]:
+    """As written (what GET shows), without the version."""
+    return entry.content() if isinstance(entry, Rule) else entry.model_dump(mode="json", exclude_unset=True)
+
+
+def _meaning(entry: Definition) -> dict[str, Any]:
+    """What 'changed' is compared on: defaults filled in, so `once: per_lead` equals leaving it out."""
+    return entry.model_dump(mode="json", exclude={"version"} if isinstance(entry, Rule) else None)
+
+
+def _decode(fields: dict[bytes, bytes]) -> SiteDefinitions:
+    rules, boards = [], []
+    for name, raw in sorted(fields.items()):
+        if name == _VERSION:
+            continue
+        stored = orjson.loads(raw)
+        kind, _, _ = name.decode().partition(":")
+        if kind == "rule":
+            rules.append(Rule.model_validate({**stored["definition"], "version": stored["version"]}))
+        else:
+            boards.append(StoredBoard(BoardDefinition.model_validate(stored["definition"]), stored["version"]))
+    return SiteDefinitions(int(fields.get(_VERSION, 0)), rules, boards)
+
+
+class DefinitionsStore:
+    def __init__(self, redis: aioredis.Redis, prefix: str):
+        self.redis = redis
+        self.prefix = prefix
+
+    def _site_key(self, site: str) -> str:
+        return f"{self.prefix}:defs:site:{site}"
+
+    @property
+    def _sites_key(self) -> str:
+        return f"{self.prefix}:defs:sites"
+
+    async def site_version(self, site: str) -> int:
+        """The cheap poll: 0 for a site that never had definitions."""
+        return int(await self.redis.hget(self._site_key(site), "version") or 0)
+
+    async def load(self, site: str) -> SiteDefinitions:
+        return _decode(await self.redis.hgetall(self._site_key(site)))
+
+    async def sites(self) -> list[str]:
+        return sorted(site.decode() for site in await self.redis.smembers(self._sites_key))
+
+    async def get_rule(self, site: str, rule_id: str) -> Rule | None:
+        raw = await self.redis.hget(self._site_key(site), f"rule:{rule_id}")
+        if raw is None:
+            return None
+        stored = orjson.loads(raw)
+        return Rule.model_validate({**stored["definition"], "version": stored["version"]})
+
+    async def get_board(self, site: str, board_id: str) -> StoredBoard | None:
+        raw = await self.redis.hget(self._site_key(site), f"board:{board_id}")
+        if raw is None:
+            return None
+        stored = orjson.loads(raw)
+        return StoredBoard(BoardDefinition.model_validate(stored["definition"]), stored["version"])
+
+    async def list_rules(self, site: str) -> list[Rule]:
+        return (await self.load(site)).rules
+
+    async def list_boards(self, site: str) -> list[StoredBoard]:
+        return (await self.load(site)).boards
+
+    async def apply(self, site: str, definitions: DefinitionsFile) -> ApplyResult:
+        """Upserts every rule and board of the file (entries not in the file stay). Refuses the whole file
+        with DefinitionsError if any rule would then move cards to a board or stage that does not exist."""
+        problems = duplicate_problems({kind: [{"id": e.id} for e in getattr(definitions, kind)] for kind in KINDS})
+        if problems:
+            raise DefinitionsError(problems)
+        entries = {f"rule:{rule.id}": rule for rule in definitions.rules}
+        entries.update({f"board:{board.id}": board for board in definitions.boards})
+
+        def plan(current: SiteDefinitions) -> tuple[dict[str, Definition], list[str]]:
+            stored: dict[str, Definition] = {f"rule:{r.id}": r for r in current.rules}
+            stored.update({f"board:{b.board.id}": b.board for b in current.boards})
+            rules = [(name, entry) for name, entry in (stored | entries).items() if isinstance(entry, Rule)]
+            boards = {entry.id: entry for entry in (stored | entries).values() if isinstance(entry, BoardDefinition)}
+            self._check_references(rules, boards)
+            changed = [name for name, entry in entries.items()
+                       if name not in stored or _meaning(stored[name]) != _meaning(entry)]
+            return {name: entries[name] for name in changed}, []
+
+        return await self._write(site, plan, versions_of=list(entries))
+
+    async def put_rule(self, site: str, rule: Rule) -> int:
+        """Creates or replaces one rule; returns its version (unchanged when the rule is the same)."""
+        return (await self.apply(site, DefinitionsFile(rules=[rule]))).versions[f"rule:{rule.id}"]
+
+    async def put_board(self, site: str, board: BoardDefinition) -> int:
+        return (await self.apply(site, DefinitionsFile(boards=[board]))).versions[f"board:{board.id}"]
+
+    async def delete_rule(self, site: str, rule_id: str) -> bool:
+        """True if the rule existed (and is now deleted)."""
+        return await self._delete(site, f"rule:{rule_id}")
+
+    async def delete_board(self, site: str, board_id: str) -> bool:
+        """Refused (DefinitionsError) while a rule still moves cards on the board."""
+        return await self._delete(site, f"board:{board_id}")
+
+    async def _delete(self, site: str, name: str) -> bool:
+        def plan(current: SiteDefinitions) -> tuple[dict[str, Definition], list[str]]:
+            rules = [(f"rule:{r.id}", r) for r in current.rules if f"rule:{r.id}" != name]
+            boards = {b.board.id: b.board for b in current.boards if f"board:{b.board.id}" != name}
+            self._check_references(rules, boards)
+            return {}, [name]
+
+        result = await self._write(site, plan, versions_of=[])
+        return name in result.changed
+
+    @staticmethod
+    def _check_references(rules: list[tuple[str, Rule]], boards: dict[str, BoardDefinition]) -> None:
+        labelled = [(name.replace("rule:", "rule ", 1), rule) for name, rule in rules]
+        problems = move_card_problems(labelled, boards, unknown_board_ok=False)
+        if problems:
+            raise DefinitionsError(problems)
+
+    async def _write(self, site: str, plan: Plan, versions_of: list[str]) -> ApplyResult:
+        """Runs `plan(current) -> (entries to write, names to delete)` under WATCH and writes its result
+        in one MULTI/EXEC, bumping the site version when anything changes."""
+        key = self._site_key(site)
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(key)
+                    fields = await pipe.hgetall(key)
+                    current = _decode(fields)
+                    writes, deletes = plan(current)
+                    deletes = [name for name in deletes if name.encode() in fields]
+                    version = current.version + 1 if writes or deletes else current.version
+                    pipe.multi()
+                    if writes or deletes:
+                        pipe.hset(key, mapping={
+                            "version": version,
+                            **{name: orjson.dumps({"version": version, "definition": _content(entry)})
+                               for name, entry in writes.items()},
+                        })
+                        if deletes:
+                            pipe.hdel(key, *deletes)
+                        pipe.sadd(self._sites_key, site)
+                    await pipe.execute()
+                except WatchError:
+                    continue
+            stored_versions = {name: orjson.loads(raw)["version"] for name, raw in fields.items() if name != _VERSION}
+            versions = {name: version if name in writes else stored_versions[name.encode()] for name in versions_of}
+            return ApplyResult(version, versions, sorted([*writes, *deletes]))
+        raise RuntimeError(f"definitions of site {site!r} changed {MAX_WRITE_ATTEMPTS} times during one write")

@@ -1,0 +1,257 @@
+"""The lead stage: workflow automation on `leads.activity`, one lead at a time, in each lead's order.
+
+A thin adapter around the pure rule engine (processors/rules.py) on the shared `StageRunner`: state is one
+`LeadState` blob per lead, committed with the partition's watermark; the hourly pass is the runtime's
+timer over a due-index (each lead's next hour with something to do), never a scan of all leads.
+
+Per record of the feed:
+- an event runs the site's rules (bots never get here: the raw-events stage keeps them off the feed);
+- a known lead's creation or an account link tells the rules who the lead is;
+- a merge (arriving on the absorbed lead's feed, after its last event) retires the absorbed lead and
+  hands its state to the survivor as a `LeadHandover`, which the survivor's partition merges once;
+- an event for a retired lead (in flight during its merge) is forwarded to the survivor.
+Outputs: `leads.changes` (every tag/score/property change), `leads.state` (the lead's current state),
+`rules.executions`, card updates for the board stage on `board.commands`, and webhooks queued in the same
+transaction as the state (so a firing is enqueued exactly when it is committed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncContextManager, Sequence
+
+import orjson
+
+from processors.rules import (LeadState, Outcome, apply_event, digest, hour_start, hourly_pass, merge,
+                              next_due_ms, set_identity)
+from processors.runtime.ingest import Message
+from processors.runtime.producer import Outputs
+from processors.runtime.stage import Step, no_lock
+from processors.runtime.state import StateStore
+from processors.site_definitions import SiteDefinitionsCache, SiteSetup
+from processors.webhooks import WebhookQueue
+from schemas.boards import CardUpdate, account_card_id, lead_card_id
+from schemas.events import EnrichedEvent
+from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent
+from schemas.rules import LeadHandover, LeadSnapshot, WebhookRequest
+from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, decode_lead_activity
+
+log = logging.getLogger(__name__)
+
+Record = EnrichedEvent | IdentityEvent | LeadHandover
+
+
+def _subject(record: Record) -> tuple[str, str]:
+    """(site, lead) whose state a record changes: the lead whose feed it arrived on."""
+    if isinstance(record, LeadHandover):
+        return record.site_id, record.to_lead_id
+    if isinstance(record, IdentityEvent):
+        return record.site_id, record.from_lead_id if record.kind == LEAD_MERGED else record.lead_id
+    return record.site_id, record.lead_id
+
+
+@dataclass
+class _Lead:
+    """One lead's state through a batch: as loaded, as now, and what the board should hear."""
+
+    key: str
+    partition: int
+    loaded: LeadState | None
+    state: LeadState
+    card_actor: str = "system"
+    card_rule_id: str = ""
+    card_event_id: str = ""
+    card_ts_ms: int = 0
+
+
+@dataclass
+class _Batch:
+    step: Step
+    leads: dict[str, _Lead] = field(default_factory=dict)
+    webhooks: list[WebhookRequest] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> Outputs:
+        return self.step.outputs
+
+
+class LeadStage:
+    name = "lead"
+
+    def __init__(self, partitions: int, store: StateStore, sites: SiteDefinitionsCache, webhooks: WebhookQueue | None,
+                 prefix: str):
+        self.partitions = partitions
+        self.store = store
+        self.sites = sites
+        self.webhooks = webhooks
+        self.prefix = prefix
+        self.undecodable = 0
+
+    def lead_key(self, site_id: str, lead_id: str) -> str:
+        return f"{self.prefix}:lead:{site_id}\x1f{lead_id}"
+
+    def exclusive(self) -> AsyncContextManager:
+        return no_lock()
+
+    async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
+        records: list[tuple[int, Record]] = []
+        for message in messages:
+            try:
+                records.append((message.partition, decode_lead_activity(message.value)))
+            except Exception as err:  # noqa: BLE001 - not a record LeadStream wrote: skip it, never stall
+                self.undecodable += 1
+                log.error("lead stage: undecodable record at partition %s offset %s skipped: %s",
+                          message.partition, message.offset, err)
+        await self.sites.prepare(record.site_id for _, record in records)
+        batch = _Batch(Step(Outputs(self.partitions)))
+        subjects = {self.lead_key(*_subject(record)): (partition, *_subject(record)) for partition, record in records}
+        loaded = await self.store.load(list(subjects))
+        for key, (partition, site_id, lead_id) in subjects.items():
+            blob = loaded.get(key)
+            state = LeadState.from_json(blob) if blob else None
+            batch.leads[key] = _Lead(key, partition, state, state or LeadState(lead_id, site_id))
+        for _, record in records:
+            self._apply(record, batch)
+        self._finish(batch)
+        return batch.step
+
+    async def tick(self, clocks: dict[int, int]) -> Step | None:
+        """The hourly pass for the leads that are due: time triggers and score decay."""
+        batch = _Batch(Step(Outputs(self.partitions)))
+        for partition, clock in clocks.items():
+            due = await self.store.due(partition, clock)
+            if not due:
+                continue
+            for key, blob in (await self.store.load(due)).items():
+                state = LeadState.from_json(blob) if blob else None
+                if state is None:
+                    batch.step.partition(partition).deadlines[key] = None
+                    continue
+                await self.sites.prepare([state.site_id])
+                lead = batch.leads[key] = _Lead(key, partition, state, state)
+                self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, clock), batch)
+        if not batch.leads and not batch.step.changes:
+            return None
+        self._finish(batch)
+        return batch.step
+
+    def _apply(self, record: Record, batch: _Batch) -> None:
+        site_id, lead_id = _subject(record)
+        lead = batch.leads[self.lead_key(site_id, lead_id)]
+        setup = self.sites[site_id]
+        state = lead.state
+        if isinstance(record, EnrichedEvent):
+            if state.merged_into:  # in flight while its lead merged: the survivor's rules see it
+                record.lead_id = state.merged_into
+                batch.outputs.add(LEADS_ACTIVITY, state.merged_into.encode(), record.to_json())
+                return
+            self._take(lead, apply_event(setup.rules, state, record), batch)
+        elif isinstance(record, LeadHandover):
+            absorbed = LeadState.from_json(record.state)
+            self._take(lead, merge(setup.rules, state, absorbed, record.ts_ms, record.event_id), batch)
+        elif record.kind == LEAD_CREATED and record.email:
+            self._take(lead, set_identity(setup.rules, state, record.ts_ms, email=record.email,
+                                          event_id=record.event_id), batch)
+        elif record.kind == ACCOUNT_LINKED and record.account_domain != state.account_domain:
+            self._link_account(lead, record, setup, batch)
+        elif record.kind == LEAD_MERGED and not state.merged_into:
+            self._retire(lead, record, batch)
+
+    def _link_account(self, lead: _Lead, record: IdentityEvent, setup: SiteSetup, batch: _Batch) -> None:
+        """The lead's card folds into its account's card (and leaves a previous account's card)."""
+        before = lead.state
+        self._take(lead, set_identity(setup.rules, before, record.ts_ms, account_domain=record.account_domain,
+                                      event_id=record.event_id), batch)
+        actor = "system"
+        if before.account_domain:
+            self._card(batch, account_card_id(before.account_domain), "facts", actor, record, lead_id=before.lead_id,
+                       left=True)
+        self._card(batch, lead_card_id(before.lead_id), "merge", actor, record,
+                   into_card_id=account_card_id(record.account_domain))
+
+    def _retire(self, lead: _Lead, record: IdentityEvent, batch: _Batch) -> None:
+        """This (anonymous) lead merged into `record.lead_id`: everything it had goes there, once."""
+        absorbed = lead.state
+        handover = LeadHandover("ho_" + digest(record.identity_event_id), absorbed.site_id, absorbed.lead_id,
+                                record.lead_id, absorbed.to_json().decode(), record.event_id, record.ts_ms)
+        batch.outputs.add(LEADS_ACTIVITY, record.lead_id.encode(), handover.to_json())
+        lead.state = LeadState(absorbed.lead_id, absorbed.site_id, merged_into=record.lead_id)
+        if absorbed.account_domain:
+            self._card(batch, account_card_id(absorbed.account_domain), "facts", "system", record,
+                       lead_id=absorbed.lead_id, left=True)
+        self._card(batch, lead_card_id(absorbed.lead_id), "merge", "system", record,
+                   into_card_id=lead_card_id(record.lead_id))
+
+    def _take(self, lead: _Lead, outcome: Outcome, batch: _Batch) -> None:
+        lead.state = outcome.state
+        for change in outcome.changes:
+            batch.outputs.add(LEADS_CHANGES, change.lead_id.encode(), change.to_json())
+            if change.kind != "property_set":
+                lead.card_actor = f"rule:{change.rule_id}@{change.rule_version}" if change.rule_id else "system"
+                lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = change.rule_id, change.event_id, change.ts_ms
+        for execution in outcome.executions:
+            batch.outputs.add(RULE_EXECUTIONS, execution.lead_id.encode(), execution.to_json())
+        batch.webhooks.extend(outcome.webhooks)
+        setup = self.sites[lead.state.site_id]
+        for move in outcome.card_moves:
+            board = setup.board(move.board)
+            card_id = (account_card_id(lead.state.account_domain)
+                       if board is not None and board.card == "account" and lead.state.account_domain
+                       else lead_card_id(lead.state.lead_id))
+            update = CardUpdate("cu_" + digest(move.request_id, card_id), move.site_id, card_id, "move",
+                                f"rule:{move.rule_id}@{move.rule_version}", lead_id=move.lead_id,
+                                board_id=move.board, to_stage=move.stage, rule_id=move.rule_id,
+                                event_id=move.event_id, ts_ms=move.ts_ms)
+            batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json())
+
+    def _card(self, batch: _Batch, card_id: str, kind: str, actor: str, record: IdentityEvent, **fields) -> None:
+        update = CardUpdate("cu_" + digest(record.identity_event_id, card_id, kind), record.site_id, card_id, kind,
+                            actor, event_id=record.event_id, ts_ms=record.ts_ms, **fields)
+        batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json())
+
+    def _finish(self, batch: _Batch) -> None:
+        """Per touched lead: its state and next due hour, its snapshot, and what its cards should show."""
+        version = time.time_ns() // 1000
+        for lead in batch.leads.values():
+            state = lead.state
+            if lead.loaded is not None and state.to_json() == lead.loaded.to_json():
+                continue
+            changes = batch.step.partition(lead.partition)
+            changes.states[lead.key] = state.to_json()
+            changes.deadlines[lead.key] = next_due_ms(self.sites[state.site_id].rules, state)
+            snapshot = LeadSnapshot(
+                state.site_id, state.lead_id, state.email, state.account_domain, sorted(state.tags),
+                orjson.dumps(state.tags).decode(), state.score, orjson.dumps(state.properties).decode(),
+                state.first_ts_ms, state.last_activity_ms, state.merged_into, version,
+            )
+            batch.outputs.add(LEADS_STATE, state.lead_id.encode(), snapshot.to_json())
+            if not state.merged_into and self._board_should_hear(lead):
+                self._facts(lead, batch)
+        if batch.webhooks and self.webhooks is not None:
+            queue, requests = self.webhooks, list(batch.webhooks)
+            batch.step.also = lambda pipe: [queue.queue_enqueue(pipe, request) for request in requests]
+
+    @staticmethod
+    def _board_should_hear(lead: _Lead) -> bool:
+        """New leads, changed tags or score, and activity once an hour: a card shows them; every single
+        pageview would only churn the board."""
+        before, after = lead.loaded, lead.state
+        return (before is None or sorted(before.tags) != sorted(after.tags) or before.score != after.score
+                or before.account_domain != after.account_domain
+                or hour_start(before.last_activity_ms) != hour_start(after.last_activity_ms))
+
+    def _facts(self, lead: _Lead, batch: _Batch) -> None:
+        state = lead.state
+        cards = [(lead_card_id(state.lead_id), state.email or f"Anonymous lead {state.lead_id[-6:]}")]
+        if state.account_domain:
+            cards.append((account_card_id(state.account_domain), state.account_domain))
+        for card_id, title in cards:
+            update = CardUpdate(
+                "cu_" + digest(card_id, state.lead_id, str(state.last_activity_ms), state.to_json().decode()),
+                state.site_id, card_id, "facts", lead.card_actor, lead_id=state.lead_id, tags=sorted(state.tags),
+                score=state.score, title=title, activity_ms=state.last_activity_ms, rule_id=lead.card_rule_id,
+                event_id=lead.card_event_id, ts_ms=lead.card_ts_ms or state.last_activity_ms,
+            )
+            batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json())

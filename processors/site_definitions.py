@@ -1,0 +1,55 @@
+"""Each site's rules (compiled) and boards as the running stages see them.
+
+A stage asks for the sites of a batch before computing it; a timer polls each known site's definitions
+version (one cheap read) and reloads a site whose version moved. A reload replaces the site's entry
+whole, between batches: a batch never sees half old, half new definitions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from processors.definitions_store import DefinitionsStore
+from processors.rules import RuleSet
+from schemas.boards import BoardDefinition
+
+
+@dataclass(frozen=True)
+class SiteSetup:
+    version: int
+    rules: RuleSet
+    boards: tuple[BoardDefinition, ...]
+
+    def board(self, board_id: str) -> BoardDefinition | None:
+        return next((b for b in self.boards if b.id == board_id), None)
+
+
+EMPTY = SiteSetup(0, RuleSet.compile([]), ())
+
+
+class SiteDefinitionsCache:
+    def __init__(self, store: DefinitionsStore):
+        self.store = store
+        self.sites: dict[str, SiteSetup] = {}
+
+    def __getitem__(self, site: str) -> SiteSetup:
+        return self.sites.get(site, EMPTY)
+
+    async def prepare(self, sites: Iterable[str]) -> None:
+        """Load the sites this batch needs and has never seen."""
+        for site in set(sites) - self.sites.keys():
+            await self._load(site)
+
+    async def refresh(self) -> list[str]:
+        """Reload the sites whose definitions changed; returns them."""
+        changed = [site for site, setup in list(self.sites.items())
+                   if await self.store.site_version(site) != setup.version]
+        for site in changed:
+            await self._load(site)
+        return changed
+
+    async def _load(self, site: str) -> None:
+        loaded = await self.store.load(site)
+        self.sites[site] = SiteSetup(loaded.version, RuleSet.compile(loaded.rules, loaded.version),
+                                     tuple(stored.board for stored in loaded.boards))

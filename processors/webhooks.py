@@ -1,0 +1,685 @@
+"""Webhook delivery by the Standard Webhooks spec: signed, retried with backoff, durable, replayable.
+
+Why the lead stage never waits for a delivery: it only queues one, with `WebhookQueue.queue_enqueue`, in
+the same Redis transaction that records the rule firing. The firing and its webhook are then committed
+together or not at all, and a replayed firing finds its `webhook_id` already queued and adds nothing.
+A separate loop (`WebhookDispatcher.run`, one or more per deployment) claims due deliveries with a lease,
+posts them and writes one delivery-log row per attempt to ClickHouse (`webhook_deliveries`).
+
+Redis keys, under the pipeline's prefix (`settings.name("ls")`):
+  {prefix}:wh:req       hash  webhook_id -> QueuedWebhook JSON (pending and finished ones)
+  {prefix}:wh:due       zset  webhook_id -> next attempt (epoch ms); while claimed: the lease expiry
+  {prefix}:wh:lease     hash  webhook_id -> token of the dispatcher that claimed it
+  {prefix}:wh:finished  zset  webhook_id -> when it was delivered or failed (for replay, then pruned)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, fields, replace
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import Literal, Mapping
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+from clickhouse_driver import Client
+from redis.exceptions import RedisError
+
+from leadstream.config import Settings
+from schemas.records import JsonRecord
+from schemas.rules import WebhookRequest
+from sinks import clickhouse
+
+log = logging.getLogger(__name__)
+
+SECRET_PREFIX = "whsec_"
+SIGNATURE_TOLERANCE_S = 300
+USER_AGENT = "LeadStream-Webhooks/1"
+EVENT_TYPE = "rule.fired"
+DELIVERY_TABLE = "webhook_deliveries"
+
+Outcome = Literal["delivered", "retrying", "failed", "circuit_open"]
+
+
+# --- signing (pure) -------------------------------------------------------------------------------
+
+
+class InvalidSecret(ValueError):
+    """The configured secret cannot be used as a key."""
+
+
+class WebhookVerificationError(ValueError):
+    """A received webhook does not carry a valid, fresh signature."""
+
+
+def secret_key(secret: str | bytes) -> bytes:
+    """The HMAC key of a secret: `whsec_<base64>` (the spec's form) is base64-decoded; any other string is
+    used as its raw UTF-8 bytes, so a secret pasted from a system without the prefix still works."""
+    if isinstance(secret, bytes):
+        key = secret
+    elif secret.startswith(SECRET_PREFIX):
+        try:
+            key = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+        except binascii.Error as exc:
+            raise InvalidSecret("a whsec_ secret must be followed by valid base64") from exc
+    else:
+        key = secret.encode()
+    if not key:
+        raise InvalidSecret("the secret is empty")
+    return key
+
+
+def sign(secret: str | bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
+    """`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, the value of `webhook-signature`."""
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(secret_key(secret), signed, hashlib.sha256).digest()).decode()
+
+
+def signed_headers(secret: str | bytes, webhook_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    return {
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, webhook_id, timestamp, body),
+    }
+
+
+def verify(secret: str | bytes, headers: Mapping[str, str], body: bytes, *,
+           tolerance_s: int = SIGNATURE_TOLERANCE_S, now_s: float | None = None) -> None:
+    """Raise WebhookVerificationError unless one `v1` signature matches and the timestamp is within
+    `tolerance_s` of now (a stale timestamp means a replayed capture). Use it in receivers."""
+    lowered = {name.lower(): value for name, value in headers.items()}
+    webhook_id = lowered.get("webhook-id")
+    timestamp = lowered.get("webhook-timestamp")
+    signatures = lowered.get("webhook-signature")
+    if not webhook_id or not timestamp or not signatures:
+        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature header")
+    try:
+        sent_at = int(timestamp)
+    except ValueError:
+        raise WebhookVerificationError("webhook-timestamp is not an integer") from None
+    now = time.time() if now_s is None else now_s
+    if abs(now - sent_at) > tolerance_s:
+        raise WebhookVerificationError("webhook-timestamp is outside the tolerance window")
+    expected = sign(secret, webhook_id, sent_at, body).split(",", 1)[1]
+    for candidate in signatures.split():
+        version, _, value = candidate.partition(",")
+        if version == "v1" and hmac.compare_digest(value, expected):
+            return
+    raise WebhookVerificationError("no matching signature")
+
+
+def request_body(request: WebhookRequest, fired_ms: int) -> bytes:
+    """The spec's recommended envelope (type, timestamp, data) around the rule's payload, plus the site and
+    rule so a receiver can route it. Built once, at enqueue: every attempt and replay sends these bytes."""
+    fired_at = datetime.fromtimestamp(fired_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
+    envelope = {"type": EVENT_TYPE, "timestamp": fired_at.replace("+00:00", "Z"), "site_id": request.site_id,
+                "rule_id": request.rule_id, "data": request.payload}
+    return orjson.dumps(envelope, default=str, option=orjson.OPT_NON_STR_KEYS)
+
+
+# --- what an attempt means (pure) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """One attempt, classified. `retryable` failures also count against the endpoint's circuit breaker."""
+
+    kind: Literal["success", "retryable", "permanent"]
+    status_code: int = 0  # 0: no HTTP response
+    error: str = ""
+    retry_after_s: float | None = None
+
+
+def parse_retry_after(value: str | None, now_s: float) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now_s)
+    except (TypeError, ValueError):
+        return None
+
+
+def classify_response(status_code: int, headers: Mapping[str, str], body_start: str, now_s: float) -> AttemptResult:
+    """2xx delivered; 408, 429 and 5xx retried (honouring Retry-After); anything else (other 4xx, and 3xx:
+    redirects are not followed) fails for good, since sending the same request again cannot help."""
+    if 200 <= status_code < 300:
+        return AttemptResult("success", status_code)
+    error = f"HTTP {status_code}" + (f": {body_start}" if body_start else "")
+    if status_code in (408, 429) or status_code >= 500:
+        return AttemptResult("retryable", status_code, error, parse_retry_after(headers.get("retry-after"), now_s))
+    return AttemptResult("permanent", status_code, error)
+
+
+def classify_exception(exc: BaseException) -> AttemptResult:
+    """Timeouts and network errors are retried; a URL httpx cannot send to at all fails for good."""
+    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL)):
+        return AttemptResult("permanent", error=f"invalid url: {exc}")
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return AttemptResult("retryable", error="timeout")
+    return AttemptResult("retryable", error=f"{type(exc).__name__}: {exc}"[:500])
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: retry n waits uniform(0, min(max_delay_s, first_delay_s *
+    multiplier**(n-1))), and at least what Retry-After asked for. A delivery fails after `max_attempts`,
+    or when its next attempt would start more than `total_budget_s` after the first attempt."""
+
+    first_delay_s: float = 5.0
+    multiplier: float = 6.0  # ceilings 5 s, 30 s, 3 min, 18 min, 1 h 48 min, then 2 h
+    max_delay_s: float = 7200.0
+    max_attempts: int = 10
+    total_budget_s: float = 86400.0
+
+    def ceiling_s(self, retry_number: int) -> float:
+        return min(self.max_delay_s, self.first_delay_s * self.multiplier ** (retry_number - 1))
+
+    def next_delay_s(self, attempts_made: int, elapsed_s: float, rng: random.Random,
+                     retry_after_s: float | None = None) -> float | None:
+        """Seconds until the next attempt, or None: give up."""
+        if attempts_made >= self.max_attempts:
+            return None
+        delay = max(rng.uniform(0, self.ceiling_s(attempts_made)), retry_after_s or 0.0)
+        return None if elapsed_s + delay > self.total_budget_s else delay
+
+
+class CircuitBreaker:
+    """One endpoint's breaker, so a dead endpoint costs one probe per cool-down instead of a request per
+    pending delivery. Closed: requests go. After `failure_threshold` consecutive retryable failures it opens:
+    nothing goes for `cooldown_s`. Then half-open: exactly one probe goes; success closes it, failure
+    re-opens it for another cool-down."""
+
+    def __init__(self, failure_threshold: int = 5, cooldown_s: float = 60.0):
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.consecutive_failures = 0
+        self.opened_at_s: float | None = None
+        self.probe_in_flight = False
+
+    def state(self, now_s: float) -> Literal["closed", "open", "half_open"]:
+        if self.opened_at_s is None:
+            return "closed"
+        return "half_open" if now_s >= self.opened_at_s + self.cooldown_s else "open"
+
+    def allow(self, now_s: float) -> bool:
+        """May a request go now? In half-open state this hands out the single probe."""
+        state = self.state(now_s)
+        if state == "closed":
+            return True
+        if state == "half_open" and not self.probe_in_flight:
+            self.probe_in_flight = True
+            return True
+        return False
+
+    def retry_at_s(self, now_s: float) -> float:
+        """When a request refused now should ask again."""
+        if self.state(now_s) == "open":
+            return self.opened_at_s + self.cooldown_s  # type: ignore[operator]
+        return now_s + self.cooldown_s  # half-open with its probe out: wait for the probe's verdict
+
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+        self.opened_at_s = None
+        self.probe_in_flight = False
+
+    def record_failure(self, now_s: float) -> None:
+        self.consecutive_failures += 1
+        if self.probe_in_flight or self.consecutive_failures >= self.failure_threshold:
+            self.opened_at_s = now_s
+        self.probe_in_flight = False
+
+
+# --- records --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class QueuedWebhook(JsonRecord):
+    """A delivery as Redis keeps it, from enqueue until it is pruned after finishing."""
+
+    webhook_id: str
+    site_id: str
+    rule_id: str
+    url: str
+    secret_env: str
+    body: str  # the exact JSON body, frozen at enqueue
+    enqueued_ms: int
+    status: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: int = 0  # over all rounds: numbers the delivery-log rows
+    round_attempts: int = 0  # in the current round (a replay starts a new one, with a fresh retry budget)
+    round_started_ms: int = 0  # first attempt of the current round; 0 before it
+    last_error: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class WebhookDelivery(JsonRecord):
+    """One row of the delivery log (ClickHouse `webhook_deliveries`): an attempt, or a deferral while the
+    endpoint's circuit breaker was open (outcome circuit_open, no request sent, attempt = the one deferred)."""
+
+    webhook_id: str
+    site_id: str
+    rule_id: str
+    url: str
+    attempt: int
+    status_code: int  # 0: no HTTP response
+    outcome: Outcome
+    error: str
+    duration_ms: int
+    ts_ms: int  # when the attempt started
+    next_attempt_ms: int = 0  # with retrying / circuit_open: when it will be tried again
+
+
+DELIVERY_COLUMNS = tuple(f.name for f in fields(WebhookDelivery))
+
+
+def next_step(delivery: QueuedWebhook, result: AttemptResult, policy: RetryPolicy, now_ms: int,
+              rng: random.Random) -> tuple[QueuedWebhook, Outcome, int | None]:
+    """After an attempt made at now_ms: the updated delivery, the outcome, and when to try next (None: done)."""
+    round_started_ms = delivery.round_started_ms or now_ms
+    attempted = replace(delivery, attempts=delivery.attempts + 1, round_attempts=delivery.round_attempts + 1,
+                        round_started_ms=round_started_ms, last_error=result.error)
+    if result.kind == "success":
+        return replace(attempted, status="delivered"), "delivered", None
+    if result.kind == "retryable":
+        delay = policy.next_delay_s(attempted.round_attempts, (now_ms - round_started_ms) / 1000, rng,
+                                    result.retry_after_s)
+        if delay is not None:
+            return attempted, "retrying", now_ms + int(delay * 1000)
+        gave_up = f"gave up after {attempted.round_attempts} attempts: {result.error}"
+        return replace(attempted, status="failed", last_error=gave_up), "failed", None
+    return replace(attempted, status="failed"), "failed", None
+
+
+# --- Redis queue ----------------------------------------------------------------------------------
+
+_ENQUEUE = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+"""
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
+local claimed = {}
+for _, id in ipairs(ids) do
+  local record = redis.call('HGET', KEYS[2], id)
+  if record then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    redis.call('HSET', KEYS[3], id, ARGV[3])
+    table.insert(claimed, record)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return claimed
+"""
+_SETTLE = """
+if redis.call('HGET', KEYS[3], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+if ARGV[4] == '' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+end
+return 1
+"""
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+_PRUNE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+for _, id in ipairs(ids) do
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('ZREM', KEYS[1], id)
+end
+return #ids
+"""
+
+
+class UnknownWebhook(KeyError):
+    """No delivery with this webhook_id is queued or kept (never enqueued, or pruned after retention)."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class WebhookQueue:
+    """The durable queue in Redis. Each step is one Lua call, so a crash between steps loses nothing: an
+    unsettled claim simply becomes due again when its lease expires."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str):
+        self.redis = redis
+        self.requests_key = f"{prefix}:wh:req"
+        self.due_key = f"{prefix}:wh:due"
+        self.leases_key = f"{prefix}:wh:lease"
+        self.finished_key = f"{prefix}:wh:finished"
+        self._claim = redis.register_script(_CLAIM)
+        self._settle = redis.register_script(_SETTLE)
+        self._requeue = redis.register_script(_REQUEUE)
+        self._prune = redis.register_script(_PRUNE)
+
+    def queue_enqueue(self, pipe, request: WebhookRequest) -> None:
+        """Queue the delivery on a pipeline (e.g. the stage's MULTI commit); sends nothing itself. A
+        webhook_id already known (pending, or finished within retention) makes it a no-op: the queued
+        EVAL returns 1 when it queued a new delivery, 0 otherwise. The body's timestamp is the firing's
+        `ts_ms` (the time of enqueue when that is 0)."""
+        now_ms = _now_ms()
+        delivery = QueuedWebhook(
+            webhook_id=request.webhook_id, site_id=request.site_id, rule_id=request.rule_id, url=request.url,
+            secret_env=request.secret_env, body=request_body(request, request.ts_ms or now_ms).decode(),
+            enqueued_ms=now_ms)
+        pipe.eval(_ENQUEUE, 2, self.requests_key, self.due_key, request.webhook_id, delivery.to_json(), now_ms)
+
+    async def enqueue(self, request: WebhookRequest) -> bool:
+        """Enqueue outside any other transaction; False when the webhook_id was already known."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.queue_enqueue(pipe, request)
+            (queued,) = await pipe.execute()
+        return bool(queued)
+
+    async def get(self, webhook_id: str) -> QueuedWebhook | None:
+        raw = await self.redis.hget(self.requests_key, webhook_id)
+        return QueuedWebhook.from_json(raw) if raw else None
+
+    async def claim(self, token: str, now_ms: int, lease_ms: int, limit: int) -> list[QueuedWebhook]:
+        """Take up to `limit` due deliveries for `lease_ms`: until then no other dispatcher sees them."""
+        raw = await self._claim(keys=[self.due_key, self.requests_key, self.leases_key],
+                                args=[now_ms, now_ms + lease_ms, token, limit])
+        return [QueuedWebhook.from_json(record) for record in raw]
+
+    async def settle(self, token: str, delivery: QueuedWebhook, next_attempt_ms: int | None, now_ms: int) -> bool:
+        """Store the delivery after an attempt and schedule it (None: finished). False when the lease was
+        lost to another dispatcher, which then owns the delivery; nothing is written."""
+        done = await self._settle(
+            keys=[self.due_key, self.requests_key, self.leases_key, self.finished_key],
+            args=[delivery.webhook_id, token, delivery.to_json(),
+                  "" if next_attempt_ms is None else next_attempt_ms, now_ms])
+        return bool(done)
+
+    async def replay(self, webhook_id: str) -> Literal["requeued", "already_pending"]:
+        """Send a delivered or failed webhook again, with the same webhook-id and body (receivers dedupe on
+        the id) and a fresh retry budget; attempt numbers continue, so the log keeps every attempt."""
+        while True:
+            raw = await self.redis.hget(self.requests_key, webhook_id)
+            if raw is None:
+                raise UnknownWebhook(webhook_id)
+            delivery = QueuedWebhook.from_json(raw)
+            if delivery.status == "pending":
+                return "already_pending"
+            again = replace(delivery, status="pending", round_attempts=0, round_started_ms=0, last_error="")
+            if await self._requeue(keys=[self.requests_key, self.due_key, self.finished_key],
+                                   args=[webhook_id, raw, again.to_json(), _now_ms()]):
+                return "requeued"
+
+    async def prune_finished(self, before_ms: int) -> int:
+        """Forget up to 1,000 deliveries finished before `before_ms` (they can no longer be replayed)."""
+        return int(await self._prune(keys=[self.finished_key, self.requests_key], args=[before_ms]))
+
+
+# --- delivery log ---------------------------------------------------------------------------------
+
+
+class DeliveryLog:
+    """Buffers delivery-log rows and writes them to ClickHouse in columnar batches. A failed insert keeps
+    its rows for the next flush (up to `max_buffered` rows, oldest dropped first), so a ClickHouse outage
+    never stops deliveries."""
+
+    def __init__(self, client: Client, max_buffered: int = 100_000):
+        self.client = client
+        self.max_buffered = max_buffered
+        self.rows: list[WebhookDelivery] = []
+
+    def add(self, row: WebhookDelivery) -> None:
+        self.rows.append(row)
+
+    async def flush(self) -> None:
+        batch, self.rows = self.rows, []
+        if not batch:
+            return
+        try:
+            await asyncio.to_thread(clickhouse.insert_columnar, self.client, DELIVERY_TABLE, DELIVERY_COLUMNS,
+                                    [[getattr(row, column) for column in DELIVERY_COLUMNS] for row in batch])
+        except Exception as exc:  # noqa: BLE001 - any driver error: keep the rows and try again later
+            self.rows = (batch + self.rows)[-self.max_buffered:]
+            log.warning("webhook delivery log: insert of %d rows failed, will retry: %s", len(batch), exc)
+
+
+# --- dispatcher -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DispatchOptions:
+    """How hard one dispatcher process pushes. `lease_s` must exceed `request_timeout_s` (a hard deadline
+    per attempt), so a claim never expires while its attempt is still running."""
+
+    max_in_flight: int = 64
+    per_endpoint: int = 4  # concurrent attempts per URL: a slow endpoint holds at most this many slots
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 15.0
+    lease_s: float = 60.0
+    poll_s: float = 0.2
+    log_flush_s: float = 1.0
+    log_batch_size: int = 5000
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 60.0
+    finished_retention_s: float = 30 * 86400.0
+    prune_every_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.lease_s <= self.request_timeout_s:
+            raise ValueError("lease_s must be longer than request_timeout_s")
+
+
+class WebhookDispatcher:
+    """Claims due deliveries and posts them, each attempt in its own task so a slow or dead endpoint only
+    ever holds its own `per_endpoint` slots. Safe to run in several processes on one queue."""
+
+    def __init__(self, queue: WebhookQueue, delivery_log: DeliveryLog, *, policy: RetryPolicy = RetryPolicy(),
+                 options: DispatchOptions = DispatchOptions(), environ: Mapping[str, str] = os.environ,
+                 rng: random.Random | None = None):
+        self.queue = queue
+        self.delivery_log = delivery_log
+        self.policy = policy
+        self.options = options
+        self.environ = environ
+        self.rng = rng or random.Random()
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self._in_flight: set[asyncio.Task] = set()
+        self._per_endpoint: Counter[str] = Counter()
+
+    def breaker(self, url: str) -> CircuitBreaker:
+        if url not in self.breakers:
+            self.breakers[url] = CircuitBreaker(self.options.breaker_failures, self.options.breaker_cooldown_s)
+        return self.breakers[url]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until `stop` is set, then let running attempts finish and flush the log. The log is
+        flushed in the background, so a slow or unreachable ClickHouse never holds up deliveries."""
+        timeout = httpx.Timeout(self.options.request_timeout_s, connect=self.options.connect_timeout_s)
+        limits = httpx.Limits(max_connections=self.options.max_in_flight)
+        flushing: asyncio.Task | None = None
+        last_flush = last_prune = 0.0
+        async with httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False) as http:
+            try:
+                while not stop.is_set():
+                    started, idle_s = 0, self.options.poll_s
+                    try:
+                        started = await self._claim_and_start(http)
+                        if time.monotonic() - last_prune >= self.options.prune_every_s:
+                            last_prune = time.monotonic()
+                            await self.queue.prune_finished(_now_ms() - int(self.options.finished_retention_s * 1000))
+                    except (RedisError, OSError) as exc:
+                        idle_s = max(idle_s, 1.0)
+                        log.warning("webhook dispatcher: Redis unavailable, retrying: %s", exc)
+                    flush_due = (time.monotonic() - last_flush >= self.options.log_flush_s
+                                 or len(self.delivery_log.rows) >= self.options.log_batch_size)
+                    if flush_due and (flushing is None or flushing.done()):
+                        last_flush = time.monotonic()
+                        flushing = asyncio.create_task(self.delivery_log.flush())
+                    if not started:
+                        try:
+                            await asyncio.wait_for(stop.wait(), idle_s)
+                        except TimeoutError:
+                            pass
+                if self._in_flight:
+                    await asyncio.wait(set(self._in_flight))
+            finally:
+                for task in list(self._in_flight):
+                    task.cancel()
+                if flushing is not None:
+                    await flushing
+                await self.delivery_log.flush()
+
+    async def _claim_and_start(self, http: httpx.AsyncClient) -> int:
+        """Claim what this process has room for and start an attempt for each; returns how many started."""
+        room = self.options.max_in_flight - len(self._in_flight)
+        if room <= 0:
+            return 0
+        now_ms = _now_ms()
+        claimed = await self.queue.claim(self.token, now_ms, int(self.options.lease_s * 1000), room)
+        busy = []
+        for delivery in claimed:
+            if self._per_endpoint[delivery.url] >= self.options.per_endpoint:
+                busy.append(delivery)
+                continue
+            self._per_endpoint[delivery.url] += 1
+            task = asyncio.create_task(self._attempt(http, delivery))
+            self._in_flight.add(task)
+            task.add_done_callback(lambda done, url=delivery.url: self._finished(done, url))
+        # A busy endpoint's deliveries go back for a moment instead of waiting here: others come first.
+        back_at_ms = now_ms + int(self.options.poll_s * 1000)
+        await asyncio.gather(*(self.queue.settle(self.token, d, back_at_ms, now_ms) for d in busy))
+        return len(claimed) - len(busy)
+
+    def _finished(self, task: asyncio.Task, url: str) -> None:
+        self._in_flight.discard(task)
+        self._per_endpoint[url] -= 1
+        if self._per_endpoint[url] <= 0:
+            del self._per_endpoint[url]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook attempt crashed; it will be retried when its lease expires",
+                      exc_info=task.exception())
+
+    def _signing_key(self, delivery: QueuedWebhook) -> tuple[bytes | None, str]:
+        """The endpoint's key from the environment, or why there is none (a permanent failure: fix the
+        variable, then replay)."""
+        secret = self.environ.get(delivery.secret_env)
+        if not secret:
+            return None, f"secret env var {delivery.secret_env} is not set"
+        try:
+            return secret_key(secret), ""
+        except InvalidSecret as exc:
+            return None, f"secret env var {delivery.secret_env}: {exc}"
+
+    async def _attempt(self, http: httpx.AsyncClient, delivery: QueuedWebhook) -> None:
+        now_s = time.time()
+        now_ms = int(now_s * 1000)
+        key, problem = self._signing_key(delivery)
+        if key is None:
+            await self._record(delivery, AttemptResult("permanent", error=problem), now_ms, 0)
+            return
+        breaker = self.breaker(delivery.url)
+        if not breaker.allow(now_s):
+            await self._defer(delivery, int(breaker.retry_at_s(now_s) * 1000), now_ms)
+            return
+        started = time.monotonic()
+        body = delivery.body.encode()
+        headers = signed_headers(key, delivery.webhook_id, int(now_s), body)
+        headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
+        try:
+            async with asyncio.timeout(self.options.request_timeout_s):
+                async with http.stream("POST", delivery.url, content=body, headers=headers) as response:
+                    body_start = await _read_start(response)
+            result = classify_response(response.status_code, response.headers, body_start, time.time())
+        except Exception as exc:  # noqa: BLE001 - every failure of the request is an outcome to log
+            result = classify_exception(exc)
+        if result.kind == "retryable":
+            breaker.record_failure(time.time())
+        else:
+            breaker.record_success()
+        await self._record(delivery, result, now_ms, int((time.monotonic() - started) * 1000))
+
+    async def _record(self, delivery: QueuedWebhook, result: AttemptResult, now_ms: int, duration_ms: int) -> None:
+        updated, outcome, next_ms = next_step(delivery, result, self.policy, now_ms, self.rng)
+        self.delivery_log.add(WebhookDelivery(
+            webhook_id=delivery.webhook_id, site_id=delivery.site_id, rule_id=delivery.rule_id, url=delivery.url,
+            attempt=updated.attempts, status_code=result.status_code, outcome=outcome,
+            error=updated.last_error, duration_ms=duration_ms, ts_ms=now_ms, next_attempt_ms=next_ms or 0))
+        if not await self.queue.settle(self.token, updated, next_ms, _now_ms()):
+            log.warning("webhook %s: lease lost before the attempt was recorded", delivery.webhook_id)
+
+    async def _defer(self, delivery: QueuedWebhook, retry_at_ms: int, now_ms: int) -> None:
+        """The endpoint's breaker is open: no request and no attempt used, but the retry budget runs (from
+        the first deferral when nothing was tried yet), so a dead endpoint's backlog fails in the end."""
+        deferred = replace(delivery, round_started_ms=delivery.round_started_ms or now_ms)
+        budget_end_ms = deferred.round_started_ms + int(self.policy.total_budget_s * 1000)
+        if retry_at_ms > budget_end_ms:
+            reason = "circuit breaker open past the retry budget"
+            if delivery.last_error:
+                reason += f"; last error: {delivery.last_error}"
+            await self._record(deferred, AttemptResult("permanent", error=reason), now_ms, 0)
+            return
+        self.delivery_log.add(WebhookDelivery(
+            webhook_id=delivery.webhook_id, site_id=delivery.site_id, rule_id=delivery.rule_id, url=delivery.url,
+            attempt=delivery.attempts + 1, status_code=0, outcome="circuit_open",
+            error="circuit breaker open for this endpoint", duration_ms=0, ts_ms=now_ms,
+            next_attempt_ms=retry_at_ms))
+        await self.queue.settle(self.token, deferred, retry_at_ms, now_ms)
+
+
+async def _read_start(response: httpx.Response, limit: int = 512) -> str:
+    """The first bytes of a response, for the log: an endpoint's huge reply is never read whole."""
+    chunk = b""
+    async for part in response.aiter_bytes():
+        chunk += part
+        if len(chunk) >= limit:
+            break
+    return chunk[:limit].decode("utf-8", "replace").strip()
+
+
+# --- entry points for the CLI and the worker --------------------------------------------------------
+
+
+async def run_dispatcher(settings: Settings, stop: asyncio.Event, *, policy: RetryPolicy = RetryPolicy(),
+                         options: DispatchOptions = DispatchOptions()) -> None:
+    """The `webhooks` role: one dispatcher on the configured Redis and ClickHouse until `stop` is set."""
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        dispatcher = WebhookDispatcher(WebhookQueue(redis, settings.name("ls")),
+                                       DeliveryLog(clickhouse.connect(settings.clickhouse())), policy=policy, options=options)
+        await dispatcher.run(stop)
+    finally:
+        await redis.aclose()
+
+
+async def replay(settings: Settings, webhook_id: str) -> Literal["requeued", "already_pending"]:
+    """`leadstream webhooks replay ID`: raises UnknownWebhook when the id is not known."""
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        return await WebhookQueue(redis, settings.name("ls")).replay(webhook_id)
+    finally:
+        await redis.aclose()

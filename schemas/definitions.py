@@ -1,0 +1,179 @@
+"""A definitions file (contract v1): `rules:` and/or `boards:` in YAML or JSON, validated whole.
+
+Every problem in a file is reported, each naming its entry and field (`rules[2] (id: hot-lead): when.url:
+...`), and a file with any problem is refused whole: callers validate before they write anything.
+
+YAML is read with YAML 1.2 booleans (only true/false): in YAML 1.1 `on: account` would be the key True and
+`no` would be False. A key given twice in one mapping is an error rather than silently the last value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from schemas.boards import BoardDefinition
+from schemas.rules import PATTERN_MEANINGS, Rule
+
+MAX_FILE_CHARS = 1_000_000
+KINDS = ("rules", "boards")
+
+
+class DefinitionsError(ValueError):
+    """A refused definitions file or entry. `problems` holds one line per problem; str() joins them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class DefinitionsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[Rule] = Field(default_factory=list)
+    boards: list[BoardDefinition] = Field(default_factory=list)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans and refusing duplicate keys."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    result: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in result:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+        result[key] = loader.construct_object(value_node, deep=True)
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def _parse(text: str, source: str) -> Any:
+    if len(text) > MAX_FILE_CHARS:
+        raise DefinitionsError([f"{source}: larger than {MAX_FILE_CHARS} characters"])
+    if source.endswith(".json"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DefinitionsError([f"{source}: not valid JSON: {error}"]) from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise DefinitionsError([f"{source}: {where}{error.problem or error.context}"]) from None
+    except yaml.YAMLError as error:
+        raise DefinitionsError([f"{source}: not valid YAML: {error}"]) from None
+
+
+def entry_label(kind: str, index: int, raw: Any) -> str:
+    """`rules[2] (id: hot-lead)`: how an entry is named in every message."""
+    entry_id = raw.get("id") if isinstance(raw, dict) else None
+    return f"{kind}[{index}]" + (f" (id: {entry_id})" if isinstance(entry_id, str) and entry_id else "")
+
+
+def _field_path(loc: Iterable[Any]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown field"
+    if error["type"] == "missing":
+        return "required field missing"
+    if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] in PATTERN_MEANINGS:
+        return PATTERN_MEANINGS[error["ctx"]["pattern"]]
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _problems(error: ValidationError, data: dict[str, Any], source: str) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = item["loc"]
+        if len(loc) >= 2 and loc[0] in KINDS and isinstance(loc[1], int):
+            where, rest = entry_label(loc[0], loc[1], data[loc[0]][loc[1]]), loc[2:]
+        else:
+            where, rest = source, loc
+        problems.append(f"{where}: {_field_path(rest) + ': ' if rest else ''}{_message(item)}")
+    return problems
+
+
+def duplicate_problems(data: Mapping[str, Any]) -> list[str]:
+    """Ids repeated within a kind. Reads raw entries (`{"rules": [{"id": ...}, ...]}`), so a file's
+    repeated ids are reported alongside its other problems."""
+    problems = []
+    for kind in KINDS:
+        entries = data.get(kind)
+        first: dict[str, int] = {}
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+            entry_id = entry.get("id") if isinstance(entry, dict) else None
+            if not isinstance(entry_id, str):
+                continue
+            if entry_id in first:
+                problems.append(f"{entry_label(kind, index, entry)}: id: already used by {kind}[{first[entry_id]}]")
+            first.setdefault(entry_id, index)
+    return problems
+
+
+def move_card_problems(rules: Iterable[tuple[str, Rule]], boards: Mapping[str, BoardDefinition], *,
+                       unknown_board_ok: bool) -> list[str]:
+    """Each labelled rule's move_card actions must name a stage of a board in `boards`. A file alone cannot
+    know the stored boards, so it passes `unknown_board_ok` and leaves those to the store."""
+    problems = []
+    for label, rule in rules:
+        for index, action in enumerate(rule.then):
+            move = action.move_card
+            if move is None:
+                continue
+            board = boards.get(move.board)
+            if board is None:
+                if not unknown_board_ok:
+                    problems.append(f"{label}: then[{index}].move_card.board: no board {move.board!r}")
+            elif all(stage.id != move.stage for stage in board.stages):
+                stages = ", ".join(stage.id for stage in board.stages)
+                problems.append(f"{label}: then[{index}].move_card.stage: board {move.board!r} has no stage "
+                                f"{move.stage!r} (stages: {stages})")
+    return problems
+
+
+def load_definitions(text: str, source: str) -> DefinitionsFile:
+    """Parses and validates a whole file; raises DefinitionsError listing every problem."""
+    data = _parse(text, source)
+    if data is None:
+        raise DefinitionsError([f"{source}: empty file: expected rules: and/or boards:"])
+    if not isinstance(data, dict):
+        raise DefinitionsError([f"{source}: expected a mapping with rules: and/or boards:"])
+    duplicates = duplicate_problems(data)
+    try:
+        definitions = DefinitionsFile.model_validate(data)
+    except ValidationError as error:
+        raise DefinitionsError(_problems(error, data, source) + duplicates) from None
+    if not definitions.rules and not definitions.boards:
+        raise DefinitionsError([f"{source}: no rules and no boards"])
+    problems = duplicates + move_card_problems(
+        ((entry_label("rules", i, {"id": rule.id}), rule) for i, rule in enumerate(definitions.rules)),
+        {board.id: board for board in definitions.boards}, unknown_board_ok=True)
+    if problems:
+        raise DefinitionsError(problems)
+    return definitions

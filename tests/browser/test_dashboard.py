@@ -1,0 +1,186 @@
+"""The LeadBoard page in a real browser: columns, cards and counts; live updates over the stream without a
+reload; drag to move (the command reaches Kafka; without the board stage running the API answers 202, and
+the test applies the command as the stage does); a refused backward move shown and forced with a reason;
+the Account Panel and its "5 more sessions"; adding an account by domain; the key kept out of URLs. The last
+test runs the real board stage (`leadstream worker --stages board`): drag, stage, Redis, stream, page.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from leadstream.runner import Role
+from tests.browser.board_seed import KEY, SITE, expected_partition, read_commands, seed_account_click_stream
+
+pytestmark = pytest.mark.integration
+
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+CARDS = (
+    ("account:acme.com", "Acme", ("Consideration",), 40),
+    ("account:hooli.com", "Hooli", ("Consideration",), 35),
+    ("account:globex.com", "Globex", ("Consideration", "Decision"), 80),
+    ("account:initech.com", "Initech", (), 5),
+    ("account:umbrella.com", "Umbrella", (), 12),
+)
+MORE_CARDS = (
+    ("account:wonka.com", "Wonka Industries", ("Consideration", "Decision", "Trial"), 95),
+    ("account:tyrell.com", "Tyrell Corp", ("Consideration", "Enterprise"), 55),
+    ("account:stark.com", "Stark Industries", ("Decision",), 72),
+    ("account:soylent.com", "Soylent", (), 8),
+    ("account:cyberdyne.com", "Cyberdyne Systems", ("Webinar",), 18),
+)
+
+
+def card(page: Page, card_id: str, stage: str | None = None):
+    column = f'.column[data-stage="{stage}"] ' if stage else ""
+    return page.locator(f'{column}.card[data-card="{card_id}"]')
+
+
+def count(page: Page, stage: str):
+    return page.locator(f'.column[data-stage="{stage}"] .count')
+
+
+def open_board(page: Page, dashboard) -> None:
+    dashboard.seeder.show(*CARDS)
+    page.goto(dashboard.url())
+    expect(page.locator("#live")).to_have_text("live")  # the stream is open: nothing after this is missed
+
+
+def test_board_shows_columns_cards_and_counts(page, dashboard):
+    seed_account_click_stream(dashboard.settings)
+    open_board(page, dashboard)
+    expect(page.locator(".column h2 span:first-child")).to_have_text(["New", "Consideration", "Decision", "Customer"])
+    for stage, n in (("new", "2"), ("consideration", "2"), ("decision", "1"), ("customer", "0")):
+        expect(count(page, stage)).to_have_text(n)
+    globex = card(page, "account:globex.com", "decision")
+    expect(globex.locator(".title")).to_have_text("Globex")
+    expect(globex.locator(".tag")).to_have_text(["Consideration", "Decision"])
+    expect(globex.locator(".score")).to_have_text("score 80")
+    expect(globex.locator(".in-stage")).to_have_text("3h")
+    assert KEY not in page.url  # the fragment with the key is gone from the address bar
+    assert page.evaluate("sessionStorage.getItem('leadstream.key')") == KEY
+    dashboard.seeder.show(*MORE_CARDS)  # arrive live, then one is won by hand: the picture for the docs
+    dashboard.seeder.move("account:wonka.com", "customer")
+    expect(count(page, "customer")).to_have_text("1")
+    expect(count(page, "new")).to_have_text("4")
+    page.set_viewport_size({"width": 1200, "height": 480})
+    page.screenshot(path=str(SCREENSHOT))
+
+
+def test_live_updates_arrive_without_a_reload(page, dashboard):
+    open_board(page, dashboard)
+    page.evaluate("window.notReloaded = true")
+    dashboard.seeder.show(("account:initech.com", "Initech", ("Decision",), 70))  # as the board stage writes it
+    expect(card(page, "account:initech.com", "decision")).to_be_visible()
+    expect(card(page, "account:initech.com", "new")).to_have_count(0)
+    expect(count(page, "new")).to_have_text("1")
+    expect(count(page, "decision")).to_have_text("2")
+    dashboard.seeder.show(("account:newco.com", "Newco", (), 1))
+    expect(card(page, "account:newco.com", "new")).to_be_visible()
+    expect(count(page, "new")).to_have_text("2")
+    assert page.evaluate("window.notReloaded") is True
+
+
+def test_drag_to_another_column_sends_the_move(page, dashboard):
+    open_board(page, dashboard)
+    version = dashboard.http.get(f"/v1/sites/{SITE}/boards/pipeline").json()["version"]
+    page.drag_and_drop('.card[data-card="account:acme.com"]', '.column[data-stage="decision"]')
+    expect(page.locator("#status")).to_contain_text("Move Acme to decision: sent")
+    [(partition, command)] = read_commands(dashboard.settings, 1)
+    assert (command.kind, command.card_id, command.to_stage, command.if_match) == (
+        "move", "account:acme.com", "decision", version)
+    assert partition == expected_partition(dashboard.settings, "account:acme.com")
+    assert dashboard.seeder.command(command).ok  # what the board stage will do with it
+    expect(card(page, "account:acme.com", "decision")).to_be_visible()
+    expect(count(page, "consideration")).to_have_text("1")
+    expect(count(page, "decision")).to_have_text("2")
+
+
+def test_a_refused_backward_move_is_shown_and_can_be_forced_with_a_reason(page, dashboard):
+    open_board(page, dashboard)
+    page.drag_and_drop('.card[data-card="account:globex.com"]', '.column[data-stage="new"]')
+    dialog = page.locator("#force-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog.locator("#force-message")).to_contain_text("moving back from decision to new needs force and a reason")
+    expect(page.locator("#status")).to_have_class("error")
+    expect(card(page, "account:globex.com", "decision")).to_be_visible()  # not moved
+    dialog.get_by_label("Reason for moving this card back").fill("budget frozen until Q3")
+    dialog.get_by_role("button", name="Force move with reason").click()
+    expect(page.locator("#status")).to_contain_text("Move Globex to new: sent")
+    [(_, command)] = read_commands(dashboard.settings, 1)
+    assert (command.to_stage, command.force, command.reason) == ("new", True, "budget frozen until Q3")
+
+
+def test_the_account_panel_opens_and_pages_five_sessions_at_a_time(page, dashboard):
+    seed_account_click_stream(dashboard.settings, sessions=7)
+    open_board(page, dashboard)
+    card(page, "account:acme.com").click()
+    panel = page.get_by_role("complementary", name="Acme")
+    expect(panel).to_be_visible()
+    expect(panel.locator("dd").nth(1)).to_have_text("Acme Corporation")
+    expect(panel.locator(".leads li")).to_have_count(2)
+    sessions = panel.locator(".session")
+    expect(sessions).to_have_count(5)
+    expect(sessions.first.locator(".events .type")).to_have_text(
+        ["referrer", "pageview", "pageview", "email_open", "email_click", "exit"])
+    more = panel.get_by_role("button", name="5 more sessions")
+    more.click()
+    expect(sessions).to_have_count(7)
+    expect(more).to_be_hidden()
+    expect(sessions.last).to_have_attribute("data-session", "s-0")
+    panel.get_by_role("button", name="Close account panel").click()
+    expect(panel).to_be_hidden()
+
+
+def test_add_an_account_by_domain(page, dashboard):
+    open_board(page, dashboard)
+    domain = page.get_by_label("Add account by domain")
+    domain.fill("gmail.com")
+    domain.press("Enter")
+    expect(page.locator("#status")).to_contain_text("free-mail or disposable")
+    expect(page.locator("#status")).to_have_class("error")
+    domain.fill("https://www.Initrode.com/about")
+    domain.press("Enter")
+    expect(page.locator("#status")).to_contain_text("sent")
+    [(_, command)] = read_commands(dashboard.settings, 1)
+    assert (command.kind, command.card_id) == ("add", "account:initrode.com")
+
+
+def test_the_key_is_asked_once_and_never_put_in_a_url(page, dashboard):
+    dashboard.seeder.show(*CARDS)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{dashboard.base_url}/board")
+    login = page.locator("#login")
+    expect(login).to_be_visible()
+    login.get_by_label("Site").fill(SITE)
+    login.get_by_label("API key").fill(KEY)
+    login.get_by_role("button", name="Open").click()
+    expect(count(page, "new")).to_have_text("2")
+    expect(page.locator("#live")).to_have_text("live")
+    page.reload()  # same tab: the key is remembered for the session
+    expect(count(page, "new")).to_have_text("2")
+    assert requested and not [url for url in requested if KEY in url]
+    assert any("/stream?token=" in url for url in requested)
+
+
+def test_with_the_board_stage_running_moves_are_applied_and_shown(page, dashboard, roles):
+    roles.append(Role(dashboard.settings, "board-stage", "worker", "--stages", "board").start())
+    open_board(page, dashboard)
+    page.drag_and_drop('.card[data-card="account:acme.com"]', '.column[data-stage="decision"]')
+    expect(card(page, "account:acme.com", "decision")).to_be_visible(timeout=60_000)  # the stage applied it
+    expect(count(page, "decision")).to_have_text("2")
+    page.drag_and_drop('.card[data-card="account:acme.com"]', '.column[data-stage="new"]')
+    dialog = page.locator("#force-dialog")
+    dialog.get_by_label("Reason for moving this card back").fill("wrong company")
+    dialog.get_by_role("button", name="Force move with reason").click()
+    expect(card(page, "account:acme.com", "new")).to_be_visible(timeout=30_000)
+    expect(count(page, "new")).to_have_text("3")
+    expect(count(page, "decision")).to_have_text("1")
+    moves = [c for _, c in read_commands(dashboard.settings, 2)]
+    outcomes = [dashboard.http.get(f"/v1/sites/{SITE}/boards/pipeline/commands/{c.command_id}").json() for c in moves]
+    assert [(o["ok"], o["code"]) for o in outcomes] == [(True, ""), (True, "")]
+    assert all(o["stage_change_id"] for o in outcomes)

@@ -1,0 +1,89 @@
+"""Kafka in -> raw, lead and board stages -> ClickHouse, Redis and the board API out, on the real stack:
+a pageview fires a rule, the tag moves the account's card, and every move is one stage change."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from leadstream.runner import Role, count, produce, wait_for
+from processors.definitions_store import DefinitionsStore
+from schemas.definitions import load_definitions
+from sinks.clickhouse import connect
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DEFINITIONS = """
+rules:
+- id: viewed-pricing
+  when: {event: pageview, url: "*/pricing*"}
+  then: [{add_tag: Consideration}, {add_score: 15}]
+- id: requested-a-demo
+  when: {event: form_submit}
+  if: [{field: event.properties.form, op: is, value: demo-request}]
+  then: [{add_tag: Decision}, {add_score: 30}]
+boards:
+- id: pipeline
+  name: Sales pipeline
+  card: account
+  stages:
+  - {id: new, name: New, entry: true}
+  - {id: consideration, name: Consideration, when_tag: Consideration}
+  - {id: decision, name: Decision, when_tag: Decision}
+  - {id: customer, name: Customer}
+"""
+BASE_MS = int(time.time() * 1000) - 600_000
+
+
+def raw(i: int, visitor: str, kind: str = "pageview", path: str = "/", **extra) -> tuple[bytes, bytes]:
+    event = {"event_id": f"e{i}", "site_id": "it", "type": kind, "visitor_id": visitor, "ts": BASE_MS + i * 1000,
+             "url": f"https://example.com{path}", "ip": "192.0.2.7",
+             "user_agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0"
+                           " Safari/537.36", **extra}
+    return visitor.encode(), orjson.dumps(event)
+
+
+async def _apply(settings, text: str) -> None:
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        await DefinitionsStore(redis, settings.name("ls")).apply("it", load_definitions(text, "pipeline.yaml"))
+    finally:
+        await redis.aclose()
+
+
+def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles):
+    asyncio.run(_apply(settings, DEFINITIONS))
+    roles += [Role(settings, "worker", "worker").start(), Role(settings, "sink", "sink").start()]
+    asyncio.run(produce(settings, [
+        raw(1, "v1"),
+        raw(2, "v1", "form_submit", "/resources/guide", email="ann@acme.com", properties={"form": "guide"}),
+        raw(3, "v1", path="/pricing"),
+        raw(4, "v2", "form_submit", "/demo", email="bob@globex.io", properties={"form": "demo-request"}),
+    ]))
+    ch = connect(settings.clickhouse())
+    wait_for(settings, "SELECT count() FROM stage_changes FINAL WHERE to_stage = 'consideration'", 1, 120, roles)
+    wait_for(settings, "SELECT count() FROM stage_changes FINAL WHERE to_stage = 'decision'", 1, 60, roles)
+
+    acme = ch.execute("SELECT from_stage, to_stage, actor, rule_id, seq FROM stage_changes FINAL"
+                      " WHERE card_id = 'account:acme.com' ORDER BY seq")
+    assert acme[-1][1:4] == ("consideration", "rule:viewed-pricing@1", "viewed-pricing")
+    assert [row[4] for row in acme] == list(range(1, len(acme) + 1))  # one stage change per move, in order
+    assert all(a[1] == b[0] for a, b in zip(acme, acme[1:]))  # each move starts where the last ended
+    tags = dict(ch.execute("SELECT lead_id, tags FROM lead_state FINAL WHERE email = 'ann@acme.com'"))
+    assert list(tags.values()) == [["Consideration"]]
+    assert count(settings, "SELECT count() FROM rule_executions FINAL WHERE rule_id = 'viewed-pricing'") == 1
+
+    client = TestClient(create_app(replace(settings, api_keys="it:k,other:k-other")))
+    with client:
+        board = client.get("/v1/sites/it/boards/pipeline", headers={"X-API-Key": "k"})
+        assert board.status_code == 200 and board.headers["etag"]
+        columns = {stage["id"]: [card["card_id"] for card in stage["cards"]] for stage in board.json()["stages"]}
+        assert "account:acme.com" in columns["consideration"] and "account:globex.io" in columns["decision"]
+        assert client.get("/v1/sites/it/boards/pipeline", headers={"X-API-Key": "k-other"}).status_code in (403, 404)

@@ -1,0 +1,81 @@
+"""The definitions store on the real Redis: apply, versions that bump only on change, a refused file that
+changes nothing, deletes, and the snapshot a running stage reloads from."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from processors.definitions_store import DefinitionsStore
+from processors.rules import RuleSet
+from schemas.definitions import DefinitionsError, load_definitions
+from tests.test_definitions import DESIGN_EXAMPLE
+
+pytestmark = pytest.mark.integration
+SITE = "site-a"
+
+
+@pytest.fixture
+async def store(settings):
+    redis = aioredis.from_url(settings.redis_url)
+    yield DefinitionsStore(redis, settings.name("ls"))
+    await redis.aclose()
+
+
+async def test_apply_then_versions_bump_only_on_change(store):
+    definitions = load_definitions(DESIGN_EXAMPLE, "rules.yaml")
+    first = await store.apply(SITE, definitions)
+    assert first.site_version == 1 and set(first.versions.values()) == {1} and len(first.changed) == 4
+    again = await store.apply(SITE, definitions)
+    assert again.site_version == 1 and again.changed == []
+
+    edited = load_definitions(DESIGN_EXAMPLE.replace("score_at_least: 60", "score_at_least: 70"), "rules.yaml")
+    third = await store.apply(SITE, edited)
+    assert third.site_version == 2 and third.changed == ["rule:hot-lead"]
+    assert third.versions == {"rule:viewed-pricing": 1, "rule:hot-lead": 2, "rule:gone-quiet": 1, "board:pipeline": 1}
+
+    snapshot = await store.load(SITE)
+    assert snapshot.version == 2 == await store.site_version(SITE)
+    assert [(r.id, r.version) for r in snapshot.rules] == [("gone-quiet", 1), ("hot-lead", 2), ("viewed-pricing", 1)]
+    assert (await store.get_rule(SITE, "hot-lead")).when.score_at_least == 70
+    assert (await store.get_board(SITE, "pipeline")).board.stages[0].entry is True
+    assert RuleSet.compile(snapshot.rules, snapshot.version).state_rules[0].version == 2
+    assert await store.sites() == [SITE]
+    assert await store.site_version("other-site") == 0 and await store.list_rules("other-site") == []
+
+
+async def test_put_with_defaults_spelled_out_is_not_a_change(store):
+    rule = load_definitions(DESIGN_EXAMPLE, "rules.yaml").rules[2]
+    assert await store.put_rule(SITE, rule) == 1
+    spelled = load_definitions(
+        "rules:\n- {id: gone-quiet, when: {inactive_for: 14d}, once: per_lead, then: [{remove_tag: {tag: Consideration, on: lead}}]}\n",
+        "r.yaml").rules[0]
+    assert await store.put_rule(SITE, spelled) == 1 and await store.site_version(SITE) == 1
+
+
+async def test_a_refused_file_changes_nothing(store):
+    await store.apply(SITE, load_definitions(DESIGN_EXAMPLE, "rules.yaml"))
+    before = await store.load(SITE)
+    bad = load_definitions(
+        "rules:\n- {id: hot-lead, when: {score_at_least: 10}, then: [{add_tag: X}]}\n"
+        "- {id: mover, when: {event: pageview}, then: [{move_card: {board: nowhere, stage: new}}]}\n", "bad.yaml")
+    with pytest.raises(DefinitionsError) as refused:
+        await store.apply(SITE, bad)
+    assert refused.value.problems == ["rule mover: then[0].move_card.board: no board 'nowhere'"]
+    assert await store.load(SITE) == before
+
+
+async def test_deletes(store):
+    definitions = load_definitions(
+        DESIGN_EXAMPLE.replace("- {add_tag: Decision}", "- {move_card: {board: pipeline, stage: decision}}"), "r.yaml")
+    await store.apply(SITE, definitions)
+    with pytest.raises(DefinitionsError, match="rule hot-lead: then\\[0\\].move_card.board: no board 'pipeline'"):
+        await store.delete_board(SITE, "pipeline")
+    assert await store.delete_rule(SITE, "hot-lead") is True
+    assert await store.site_version(SITE) == 2
+    assert await store.delete_rule(SITE, "hot-lead") is False and await store.site_version(SITE) == 2
+    assert await store.delete_board(SITE, "pipeline") is True
+    assert await store.get_board(SITE, "pipeline") is None and await store.list_boards(SITE) == []
+    assert [r.id for r in await store.list_rules(SITE)] == ["gone-quiet", "viewed-pricing"]
+    recreated = await store.put_rule(SITE, definitions.rules[1].model_copy(update={"then": definitions.rules[2].then}))
+    assert recreated == 4  # a re-created rule never reuses an old version

@@ -1,0 +1,136 @@
+"""The lead stage on the shared runtime without servers: rules fire once per lead across replays and
+batch boundaries, merges hand state over once, and every change reaches the board stage's feed."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from processors.lead_stage import LeadStage
+from processors.rules import RuleSet
+from processors.runtime.ingest import Message
+from processors.runtime.producer import MemoryProducer, Outputs
+from processors.runtime.stage import StageRunner
+from processors.runtime.state import MemoryStateStore
+from processors.site_definitions import SiteDefinitionsCache, SiteSetup
+from schemas.boards import CardUpdate
+from schemas.definitions import load_definitions
+from schemas.events import EnrichedEvent
+from schemas.identity import IdentityEvent
+from schemas.rules import LeadSnapshot, RuleExecution
+from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_STATE, RULE_EXECUTIONS
+
+NOW = int(time.time() * 1000)
+RULES = """
+rules:
+- id: viewed-pricing
+  when: {event: pageview, url: "*/pricing*"}
+  then: [{add_tag: Consideration}, {add_score: 40}]
+- id: hot
+  when: {score_at_least: 60}
+  then: [{add_tag: Decision}]
+boards:
+- id: pipeline
+  name: Pipeline
+  card: account
+  stages:
+  - {id: new, name: New, entry: true}
+  - {id: consideration, name: Consideration, when_tag: Consideration}
+  - {id: decision, name: Decision, when_tag: Decision}
+"""
+
+
+def setup(definitions, version: int) -> SiteSetup:
+    """As the definitions store would hand them out: every rule at the site's version."""
+    rules = [rule.model_copy(update={"version": version}) for rule in definitions.rules]
+    return SiteSetup(version, RuleSet.compile(rules, version), tuple(definitions.boards))
+
+
+class _NoStore:
+    async def load(self, site):  # every site the tests use is already in the cache
+        raise AssertionError(f"unexpected load of {site}")
+
+
+def stage_runner(store: MemoryStateStore | None = None) -> tuple[StageRunner, MemoryStateStore, MemoryProducer]:
+    definitions = load_definitions(RULES, "rules.yaml")
+    cache = SiteDefinitionsCache(_NoStore())  # type: ignore[arg-type]
+    cache.sites["s"] = setup(definitions, 1)
+    store = store or MemoryStateStore()
+    producer = MemoryProducer()
+    return StageRunner(LeadStage(4, store, cache, None, "ls"), store, producer), store, producer
+
+
+def event(i: int, lead: str = "lead_a", url: str = "https://acme.com/pricing") -> bytes:
+    fields = dict.fromkeys(f for f in EnrichedEvent.__dataclass_fields__)
+    record = {name: "" for name in fields} | {
+        "event_id": f"e{i}", "site_id": "s", "type": "pageview", "ts_ms": NOW + i, "received_ms": NOW + i,
+        "visitor_id": "v1", "url": url, "is_bot": False, "properties": "{}", "extra": "{}", "raw_partition": 0,
+        "raw_offset": i, "is_late": False, "lead_id": lead}
+    return orjson.dumps(record)
+
+
+def identity(kind: str, lead: str, from_lead: str = "", **fields) -> bytes:
+    return IdentityEvent(f"ie-{kind}-{lead}-{from_lead}", "s", kind, "e0", NOW, visitor_id="v1", lead_id=lead,
+                         from_lead_id=from_lead, **fields).to_json()
+
+
+def feed(values: list[bytes], first_offset: int = 0) -> list[Message]:
+    return [Message(0, first_offset + i, None, v) for i, v in enumerate(values)]
+
+
+def executions(outputs: Outputs) -> list[str]:
+    return [RuleExecution.from_json(v).rule_id for v in outputs.values(RULE_EXECUTIONS)]
+
+
+async def test_a_rule_fires_once_and_its_chain_runs_in_the_same_pass():
+    run, store, producer = stage_runner()
+    outputs = await run.process(feed([identity("account_linked", "lead_a", account_domain="acme.com"),
+                                      event(1), event(2)]))
+    assert executions(outputs) == ["viewed-pricing"]  # per_lead: the second pricing view fires nothing
+    second = await run.process(feed([event(3), event(4)], first_offset=3))
+    assert executions(second) == []
+    snapshot = LeadSnapshot.from_json(outputs.values(LEADS_STATE)[-1])
+    assert snapshot.tags == ["Consideration"] and snapshot.score == 40 and snapshot.account_domain == "acme.com"
+    updates = [CardUpdate.from_json(v) for v in outputs.values(BOARD_COMMANDS)]
+    assert {(u.card_id, u.kind) for u in updates} >= {("lead:lead_a", "merge"), ("account:acme.com", "facts")}
+    facts = [u for u in updates if u.kind == "facts" and u.card_id == "account:acme.com"][-1]
+    assert facts.tags == ["Consideration"] and facts.actor == "rule:viewed-pricing@1"
+
+
+async def test_replaying_a_batch_changes_nothing():
+    run, store, producer = stage_runner()
+    batch = feed([event(1), event(2, url="https://acme.com/blog")])
+    await run.process(batch)
+    before = dict(store.values)
+    assert await run.process(batch) is None and store.values == before
+
+
+async def test_a_merge_hands_the_anonymous_leads_state_to_the_known_lead_once():
+    run, store, producer = stage_runner()
+    await run.process(feed([event(1, lead="lead_anon")]))
+    merged = await run.process(feed([identity("lead_merged", "lead_known", from_lead="lead_anon")], first_offset=1))
+    handovers = [v for v in merged.values(LEADS_ACTIVITY)]
+    assert len(handovers) == 1
+    taken = await run.process(feed(handovers + handovers + [event(5, lead="lead_known")], first_offset=2))
+    snapshot = LeadSnapshot.from_json(taken.values(LEADS_STATE)[-1])
+    assert snapshot.lead_id == "lead_known" and snapshot.tags == ["Consideration"] and snapshot.score == 40
+    assert executions(taken) == []  # the known lead inherited the firing: viewing pricing again fires nothing
+
+
+async def test_an_event_in_flight_for_a_merged_lead_goes_to_the_survivor():
+    run, store, producer = stage_runner()
+    await run.process(feed([event(1, lead="lead_anon", url="https://acme.com/blog")]))
+    await run.process(feed([identity("lead_merged", "lead_known", from_lead="lead_anon")], first_offset=1))
+    late = await run.process(feed([event(9, lead="lead_anon")], first_offset=2))
+    forwarded = [orjson.loads(v) for v in late.values(LEADS_ACTIVITY)]
+    assert [(r["event_id"], r["lead_id"]) for r in forwarded] == [("e9", "lead_known")]
+
+
+async def test_score_reaching_the_threshold_chains_into_the_state_rule():
+    run, store, producer = stage_runner()
+    twice = load_definitions(RULES.replace("add_score: 40", "add_score: 70"), "rules.yaml")
+    run.stage.sites.sites["s"] = setup(twice, 2)
+    outputs = await run.process(feed([event(1)]))
+    assert executions(outputs) == ["viewed-pricing", "hot"]
+    assert LeadSnapshot.from_json(outputs.values(LEADS_STATE)[-1]).tags == ["Consideration", "Decision"]
