@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.automation_queries import lead_state
 from api.lead_profile import account_leads, lead_profile, leads_by_channel
 from api.site_summary import SUMMARY
 from leadstream.config import Settings
@@ -161,7 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         found = read(lead_profile, site_id, lead_id, page=page)
         if found is None:
             raise Problem(404, "no such lead", lead_id)
-        return dataclasses.asdict(found)
+        return dataclasses.asdict(found) | read(lead_state, site_id, found.identity.lead_id)
 
     @app.get("/v1/sites/{site_id}/accounts/{domain}/leads")
     def account(site_id: str, domain: str, request: Request) -> list[dict]:

@@ -9,12 +9,24 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
 from leadstream.config import Settings
 from processors import webhooks
+from processors.app import BOARD_STAGE_GROUP
+from processors.board_stage import BoardStage
+from processors.board_store import BoardStore
 from processors.definitions_store import ApplyResult, DefinitionsStore
+from processors.runtime.ingest import Message
+from processors.runtime.ingest import consumer as kafka_consumer
+from processors.runtime.stage import StageRunner
+from processors.runtime.state import RedisStateStore
+from processors.site_definitions import SiteDefinitionsCache
 from processors.accounts import AccountRefused, IpRangeTable, manual_account
 from processors.identity_store import publish_ip_ranges
 from schemas.definitions import DefinitionsError, load_definitions
+from schemas.topics import BOARD_COMMANDS
 from sinks import clickhouse
 
 
@@ -131,3 +143,69 @@ def replay_webhook(settings: Settings, webhook_id: str) -> int:
         return 2
     print(f"webhook {webhook_id}: {outcome.replace('_', ' ')}")
     return 0
+
+
+class _Discard:
+    """Where a rebuild's outputs go: they are in Kafka already, from the run being replayed."""
+
+    async def send(self, outputs) -> None:
+        pass
+
+
+def rebuild_boards(settings: Settings) -> int:
+    """`leadstream boards rebuild`: the board state in Redis recomputed from `board.commands` in Kafka.
+
+    For when Redis was lost or a board's state is in doubt. Stop the workers' board stage first (this
+    refuses while it runs) and, if Redis was lost, re-apply the rules and boards file. Every card, column,
+    live feed and command result is rebuilt by replaying the stage's whole input through the same stage
+    machine; the board versions keep growing, so no stale If-Match matches afterwards."""
+    return asyncio.run(_rebuild_boards(settings))
+
+
+async def _rebuild_boards(settings: Settings) -> int:
+    kafka, prefix = settings.kafka(), settings.name("ls")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        group = kafka.group(BOARD_STAGE_GROUP)
+        described = await admin.describe_consumer_groups([group])
+        if any(g[1] == group and g[5] for response in described for g in response.groups):
+            print("leadstream boards rebuild: the board stage is running (its consumer group has members);"
+                  " stop the workers, or run them without it (--stages raw,lead,webhooks), first", file=sys.stderr)
+            return 2
+    finally:
+        await admin.close()
+    redis = aioredis.from_url(settings.redis_url)
+    consumer = kafka_consumer(kafka, group=None)
+    try:
+        definitions, boards = DefinitionsStore(redis, prefix), BoardStore(redis, prefix)
+        for site in await definitions.sites():
+            for stored in await definitions.list_boards(site):
+                await boards.clear_board(site, stored.board.id)
+        for pattern in (f"{prefix}:board-card:*", f"{prefix}:board-result:*", f"{prefix}:board:wm",
+                        f"{prefix}:board:due:*"):
+            async for key in redis.scan_iter(match=pattern, count=10_000):
+                await redis.delete(key)
+        store = RedisStateStore(redis, prefix, namespace="board:")
+        runner = StageRunner(BoardStage(kafka.partitions, store, boards, SiteDefinitionsCache(definitions)), store,
+                             _Discard())
+        await consumer.start()
+        partitions = [TopicPartition(kafka.topic(BOARD_COMMANDS.name), p) for p in range(kafka.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        total, replayed = sum(ends.values()), 0
+        print(f"replaying {total:,} board commands and card updates ...", flush=True)
+        while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+            fetched = await consumer.getmany(timeout_ms=1000, max_records=settings.worker_batch_size)
+            messages = [Message(m.partition, m.offset, m.key, m.value) for tp, ms in fetched.items()
+                        for m in ms if m.offset < ends[tp]]
+            if messages:
+                await runner.process(messages)
+                replayed += len(messages)
+                print(f"  {replayed:,}/{total:,}", flush=True)
+        print(f"boards rebuilt from {replayed:,} records; start the board stage again to go on from there")
+        return 0
+    finally:
+        await consumer.stop()
+        await redis.aclose()

@@ -10,33 +10,164 @@ Phases, all in one run on the same stack and the same data:
   5. memory and state: peak RSS of the worker, Redis bytes per visitor with state; then N (100,000)
      new visitors each with one open session, Redis bytes per open session, and the time a restarted
      worker needs to process the next event with all that state in place.
+Workflow automation and LeadBoards, on the same run:
+  - before any traffic the bench sites get the demo's rules and board plus generated filler rules, 100
+    rules in all, so the lead stage evaluates a realistic rule set on every event;
+  - after phase 3 the worker is given time to drain its lead and board stages too (whole-worker rate);
+  - board latency: a paced stream at the latency rate in which some visitors identify with a company email
+    and then view the pricing page; for each, the time from producing that pageview to the account card
+    being in the Consideration column of `GET /v1/sites/{site}/boards/pipeline` (polled) and to its
+    `stage_change` arriving on the board's SSE stream. The API runs as its own `leadstream api` process;
+  - lead stage alone: the run's leads.activity, copied to a fresh namespace, replayed by a separate
+    `leadstream worker --stages lead` with nothing else running; rate between its first and last commit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import itertools
+import json
+import secrets
+import socket
+import tempfile
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+import httpx
 import orjson
 import psutil
 import redis
+import yaml
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from leadstream.admin import apply_definitions
 from leadstream.bench_profile import percentile
 from leadstream.config import Settings
+from leadstream.demo import DEMO_DEFINITIONS
 from leadstream.runner import Role, count, produce, wait_for
 from leadstream.topics import ensure_topics
 from leadstream.traffic import TrafficGenerator
 from processors.runtime.ingest import consumer as kafka_consumer
-from schemas.topics import EVENTS_RAW
+from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
 from sinks import clickhouse
+
+RULES_PER_SITE = 100
+BOARD = "pipeline"  # the demo's board: account cards, Consideration when the lead has that tag
+PROBE_EVERY = 100  # one in this many events of the board-latency stream is a probe (20/s at 2,000/s)
+BOARD_POLL_S = 0.05
+BOARD_PAGE = 100  # cards of the Consideration column per poll: most recently entered first
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+# The board-latency stream's other visitors: every rule runs on their pageviews, but they never view
+# pricing, so the Consideration column holds only probes and one page of it shows every new arrival.
+BACKGROUND_PATHS = ("/", "/features/lead-scoring", "/blog/what-is-lead-scoring", "/docs/getting-started", "/careers",
+                    "/integrations/hubspot", "/customers", "/features/leadboards")
+RARELY_VISITED_PATHS = ("/careers", "/legal/privacy", "/security", "/about", "/integrations/hubspot",
+                        "/integrations/salesforce", "/customers/northwind-traders", "/login")
 
 
 def _percentile(values: list[float], q: float) -> float:
     return percentile(sorted(values), q) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------- pure helpers
+
+
+def latency_rows(label: str, latencies_ms: Sequence[float], counted: str = "events") -> list[tuple[str, str]]:
+    """p50/p95/p99/max rows of one latency figure, the way the final table prints them; the max row says
+    how many were measured ("1,234 events", or e.g. counted="of 280 probes")."""
+    values = list(latencies_ms)
+    return [
+        (f"{label}: p50", f"{_percentile(values, 0.5):,.0f} ms"),
+        ("  p95", f"{_percentile(values, 0.95):,.0f} ms"),
+        ("  p99", f"{_percentile(values, 0.99):,.0f} ms"),
+        ("  max", f"{max(values, default=float('nan')):,.0f} ms  ({len(values):,} {counted})"),
+    ]
+
+
+def filler_rules(count: int) -> list[dict]:
+    """`count` rules that stand in for a site's long tail of automation: a few state rules that never
+    become true, tag rules on pages the traffic visits now and then, and score rules on paths it never
+    visits. All of them are evaluated on every event of their trigger; few of them fire."""
+    rules: list[dict] = []
+    for n in range(count):
+        if n < 8:
+            trigger = {"tag": f"Watch list {n}"} if n % 2 else {"score_at_least": 60 + n}
+            rules.append({"id": f"filler-state-{n}", "when": trigger,
+                          "if": [{"field": "lead.email", "op": "contains", "value": "@never.invalid"}],
+                          "then": [{"add_tag": f"Filler state {n}"}]})
+        elif n < 8 + len(RARELY_VISITED_PATHS):
+            path = RARELY_VISITED_PATHS[n - 8]
+            rules.append({"id": f"filler-interest-{n}", "when": {"event": "pageview", "url": f"*{path}*"},
+                          "then": [{"add_tag": f"Interest {path}"}]})
+        else:
+            rule = {"id": f"filler-page-{n}", "when": {"event": "pageview", "url": f"*/kb/topic-{n}/*"},
+                    "once": "per_event", "then": [{"add_score": 1 + n % 5, "decays_after": "30d"}]}
+            if n % 3 == 0:
+                rule["if"] = [{"field": "event.channel", "op": "is", "value": "organic"}]
+            rules.append(rule)
+    return rules
+
+
+def bench_definitions(demo_yaml: str, total_rules: int = RULES_PER_SITE) -> dict:
+    """The demo's rules and board, topped up with filler rules to `total_rules`."""
+    definitions = yaml.safe_load(demo_yaml)
+    definitions["rules"] += filler_rules(total_rules - len(definitions["rules"]))
+    return definitions
+
+
+def describe_rules(rules: Iterable[dict]) -> str:
+    """'100 rules: 86 run on every pageview, 9 state triggers, ...' for the bench's log."""
+    rules = list(rules)
+    on_pageview = sum(rule["when"].get("event") in ("pageview", "any") for rule in rules)
+    state = sum("score_at_least" in rule["when"] or "tag" in rule["when"] for rule in rules)
+    timed = sum("inactive_for" in rule["when"] for rule in rules)
+    other_events = len(rules) - on_pageview - state - timed
+    return (f"{len(rules)} rules: {on_pageview} run on every pageview, {state} state triggers checked after every"
+            f" event, {other_events} on other event types, {timed} time triggers")
+
+
+def stage_watermarks(fields: dict[bytes | str, bytes | str]) -> dict[int, int]:
+    """A stage's `{prefix}:{stage}:wm` hash (partition -> last applied offset, and st:P stream times) as
+    partition -> last applied offset."""
+    marks = {}
+    for key, value in fields.items():
+        key = key.decode() if isinstance(key, bytes) else key
+        if key.isdigit():
+            marks[int(key)] = int(value)
+    return marks
+
+
+def records_applied(marks: dict[int, int], start_offsets: dict[int, int] | None = None) -> int:
+    """How many records the watermarks cover (offsets from `start_offsets`, else from 0)."""
+    start_offsets = start_offsets or {}
+    return sum(max(0, offset + 1 - start_offsets.get(partition, 0)) for partition, offset in marks.items())
+
+
+def caught_up(marks: dict[int, int], end_offsets: dict[int, int]) -> bool:
+    """Every record before `end_offsets` (Kafka's next offsets) is applied."""
+    return all(marks.get(partition, -1) >= end - 1 for partition, end in end_offsets.items())
+
+
+class SseParser:
+    """Server-sent events from a stream of lines: feed each line, get an event at each blank line."""
+
+    def __init__(self) -> None:
+        self.fields: dict[str, str] = {}
+
+    def feed(self, line: str) -> dict[str, str] | None:
+        if line == "":
+            event, self.fields = self.fields, {}
+            return event if event.get("event") or event.get("data") else None
+        if not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            self.fields[name] = self.fields[name] + "\n" + value if name == "data" and name in self.fields else value
+        return None
 
 
 async def _baseline(settings: Settings, expected: int) -> float:
@@ -131,14 +262,282 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
     return latencies
 
 
+# ------------------------------------------------------------------------------------- automation phases
+
+
+def _apply_bench_rules(settings: Settings, site_id: str) -> list[dict]:
+    """Store the bench rule set for a site the way an operator would (`leadstream rules apply FILE`);
+    returns the rules. The command's per-rule listing is left out of the bench's output."""
+    definitions = bench_definitions(DEMO_DEFINITIONS.read_text())
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bench-rules.json"
+        path.write_text(json.dumps(definitions))
+        with contextlib.redirect_stdout(io.StringIO()):
+            refused = apply_definitions(settings, str(path), site_id, "rules")
+    if refused:
+        raise RuntimeError(f"the bench rule set was refused for site {site_id} (see above)")
+    return definitions["rules"]
+
+
+async def _end_offsets(consumer, topic: str, partitions: int) -> dict[int, int]:
+    ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+    return {tp.partition: offset for tp, offset in ends.items()}
+
+
+def _watermarks(r: redis.Redis, settings: Settings, stage: str) -> dict[int, int]:
+    return stage_watermarks(r.hgetall(f"{settings.name('ls')}:{stage}:wm"))
+
+
+def _drain_automation(settings: Settings, r: redis.Redis, roles: list[Role], timeout_s: float = 600
+                      ) -> dict[int, int]:
+    """Wait until the lead and board stages have applied everything on their input topics (twice in a row,
+    since each stage also writes to them); returns leads.activity's end offsets at that point."""
+    async def drain() -> dict[int, int]:
+        consumer = kafka_consumer(settings.kafka(), group=None)
+        await consumer.start()
+        try:
+            deadline, settled_once = time.monotonic() + timeout_s, False
+            while time.monotonic() < deadline:
+                activity = await _end_offsets(consumer, settings.topic(LEADS_ACTIVITY.name), settings.partitions)
+                commands = await _end_offsets(consumer, settings.topic(BOARD_COMMANDS.name), settings.partitions)
+                if caught_up(_watermarks(r, settings, "lead"), activity) and \
+                        caught_up(_watermarks(r, settings, "board"), commands):
+                    if settled_once:
+                        return activity
+                    settled_once = True
+                else:
+                    settled_once = False
+                for role in roles:
+                    if not role.alive():
+                        raise RuntimeError(f"{role.name} exited:\n{role.log_tail()}")
+                await asyncio.sleep(0.25)
+            raise TimeoutError(f"the lead and board stages did not catch up within {timeout_s:.0f}s")
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(drain())
+
+
+async def _copy_lead_activity(source: Settings, target: Settings, until: dict[int, int]) -> dict[int, int]:
+    """Copy leads.activity up to `until` into the target namespace, partition for partition, leaving out
+    merge handovers (the lead stage writes those itself, so a replay re-creates them); returns the target's
+    end offsets."""
+    topic = source.topic(LEADS_ACTIVITY.name)
+    consumer = kafka_consumer(source.kafka(), group=None)
+    producer = AIOKafkaProducer(bootstrap_servers=target.kafka_bootstrap, linger_ms=10, max_batch_size=512 * 1024,
+                                acks="all")
+    await consumer.start()
+    await producer.start()
+    try:
+        wanted = [TopicPartition(topic, p) for p, end in until.items() if end > 0]
+        consumer.assign(wanted)
+        await consumer.seek_to_beginning(*wanted)
+        remaining, pending = {tp.partition for tp in wanted}, []
+        while remaining:
+            for tp, messages in (await consumer.getmany(timeout_ms=500, max_records=10_000)).items():
+                for message in messages:
+                    if message.offset < until[tp.partition] and not message.value.startswith(b'{"handover_id"'):
+                        pending.append(await producer.send(target.topic(LEADS_ACTIVITY.name), message.value,
+                                                           key=message.key, partition=tp.partition))
+                if messages and messages[-1].offset >= until[tp.partition] - 1:
+                    remaining.discard(tp.partition)
+            await asyncio.gather(*pending)
+            pending.clear()
+        return await _end_offsets(consumer, target.topic(LEADS_ACTIVITY.name), target.partitions)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def _lead_stage_alone(settings: Settings, r: redis.Redis, activity_ends: dict[int, int], uid: int
+                      ) -> tuple[int, float]:
+    """(records, records/s) of a lone `leadstream worker --stages lead` over a copy of the run's
+    leads.activity in a fresh namespace with the same rules: from its first committed batch to its last, so
+    neither process start-up nor the consumer-group join is counted."""
+    lone = replace(settings, topic_prefix=f"bench{uid}lead.")
+    asyncio.run(ensure_topics(lone.kafka(), verbose=False))
+    _apply_bench_rules(lone, "bench")
+    ends = asyncio.run(_copy_lead_activity(settings, lone, activity_ends))
+    total = sum(ends.values())
+    print(f"  lead stage alone: copied {total:,} leads.activity records; starting `worker --stages lead` ...",
+          flush=True)
+    worker = Role(lone, "bench-lead-stage", "worker", "--name", "bench-lead-stage", "--stages", "lead").start()
+    try:
+        first: tuple[float, int] | None = None
+        deadline = time.monotonic() + 900
+        while True:
+            marks, now = _watermarks(r, lone, "lead"), time.perf_counter()
+            if first is None and marks:
+                first = (now, records_applied(marks))
+            if caught_up(marks, ends):
+                break
+            if not worker.alive():
+                raise RuntimeError(f"{worker.name} exited:\n{worker.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the lone lead stage did not finish within 15 minutes")
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    started, applied_at_start = first
+    return total, (total - applied_at_start) / max(now - started, 1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class BoardLatency:
+    """Produce time of each probe's pricing pageview, and when its card was seen in Consideration."""
+
+    sent_ms: dict[str, float] = field(default_factory=dict)  # card id -> produce time
+    on_board_ms: dict[str, float] = field(default_factory=dict)  # first board API poll showing it
+    on_stream_ms: dict[str, float] = field(default_factory=dict)  # arrival of its stage_change on the stream
+
+    def latencies(self, seen: dict[str, float]) -> list[float]:
+        return [at - self.sent_ms[card] for card, at in seen.items() if card in self.sent_ms]
+
+
+def _raise_if_failed(tasks: Iterable[asyncio.Task]) -> None:
+    """A watcher that stopped early stops the phase with its own error."""
+    for task in tasks:
+        if task.done():
+            task.result()
+
+
+def _start_api(settings: Settings, site_id: str) -> tuple[Role, str, str]:
+    """A `leadstream api` process of its own on a free port, with a key for the site: (role, url, key)."""
+    key = secrets.token_urlsafe(16)
+    api = replace(settings, api_port=_free_port(), api_keys=f"{site_id}:{key}")
+    role = Role(api, "bench-api", "api").start()
+    base = f"http://127.0.0.1:{api.api_port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return role, base, key
+        except httpx.TransportError:
+            pass
+        if not role.alive() or time.monotonic() > deadline:
+            role.stop()
+            raise RuntimeError(f"the API did not start:\n{role.log_tail()}")
+        time.sleep(0.2)
+
+
+def _board_latency(settings: Settings, rate: int, seconds: int, uid: int) -> BoardLatency:
+    """Paced traffic on a site of its own with the bench rule set; one event in PROBE_EVERY is a probe: a
+    new visitor identifies with the email of a company of its own, and one second later views the pricing
+    page, which tags the lead Consideration and so moves the account's card there."""
+    site = f"boards-{uid}"
+    _apply_bench_rules(settings, site)
+    api, base, key = _start_api(settings, site)
+    board_url = f"/v1/sites/{site}/boards/{BOARD}"
+    total = rate * seconds
+    pricing_lag = rate + PROBE_EVERY // 2  # a probe views pricing a second after identifying, between identifies
+    result = BoardLatency()
+    time.sleep(1.5)  # the worker loads a site's definitions on its first event; the API on the first request
+
+    def event(i: int) -> tuple[bytes, dict]:
+        now = int(time.time() * 1000)
+        common = {"event_id": f"bl{i}", "site_id": site, "ts": now, "ip": f"192.0.2.{i % 250 + 1}",
+                  "user_agent": CHROME}
+        if i % PROBE_EVERY == 0:
+            probe = i // PROBE_EVERY
+            return f"bp{probe}".encode(), common | {
+                "type": "identify", "visitor_id": f"bp{probe}", "url": "https://bench.example/demo",
+                "email": f"buyer@bench-account-{probe}.com"}
+        if i >= pricing_lag and (i - pricing_lag) % PROBE_EVERY == 0:
+            probe = (i - pricing_lag) // PROBE_EVERY
+            result.sent_ms[f"account:bench-account-{probe}.com"] = time.time() * 1000
+            return f"bp{probe}".encode(), common | {
+                "type": "pageview", "visitor_id": f"bp{probe}", "url": "https://bench.example/pricing"}
+        visitor = f"bg{i % 1000}"  # each of them on the next page of BACKGROUND_PATHS at each visit
+        path = BACKGROUND_PATHS[(i + i // 1000) % len(BACKGROUND_PATHS)]
+        return visitor.encode(), common | {"type": "pageview", "visitor_id": visitor,
+                                           "url": f"https://bench.example{path}"}
+
+    def all_seen() -> bool:
+        return all(card in result.on_board_ms and card in result.on_stream_ms for card in result.sent_ms)
+
+    async def paced(producer: AIOKafkaProducer) -> None:
+        started, sent_count = time.time(), 0
+        while sent_count < total:
+            due = min(total, int((time.time() - started) * rate) + 1)
+            for i in range(sent_count, due):
+                key_bytes, value = event(i)
+                await producer.send(settings.topic(EVENTS_RAW.name), orjson.dumps(value), key=key_bytes)
+            sent_count = due
+            await asyncio.sleep(0.01)
+        await producer.flush()
+
+    async def poll_board(http: httpx.AsyncClient) -> None:
+        while True:
+            page = await http.get(board_url, params={"stage": "consideration", "limit": BOARD_PAGE})
+            now = time.time() * 1000
+            for column in page.raise_for_status().json()["stages"]:
+                for card in column["cards"]:
+                    result.on_board_ms.setdefault(card["card_id"], now)
+            await asyncio.sleep(BOARD_POLL_S)
+
+    async def read_stream(http: httpx.AsyncClient, connected: asyncio.Event) -> None:
+        token = (await http.get(f"{board_url}/stream-token")).raise_for_status().json()["token"]
+        snapshot = (await http.get(board_url, params={"limit": 1})).raise_for_status().json()["feed_id"]
+        parser = SseParser()
+        async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10, read=None)) as keyless:
+            async with keyless.stream("GET", f"{board_url}/stream",
+                                      params={"token": token, "last_event_id": snapshot}) as stream:
+                stream.raise_for_status()
+                connected.set()
+                async for line in stream.aiter_lines():
+                    sse = parser.feed(line)
+                    if sse and sse.get("event") == "stage_change":
+                        change = orjson.loads(sse["data"])
+                        if change["to_stage"] == "consideration":
+                            result.on_stream_ms.setdefault(change["card_id"], time.time() * 1000)
+
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=0)
+        await producer.start()
+        async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=10) as http:
+            connected = asyncio.Event()
+            watchers = [asyncio.create_task(read_stream(http, connected)), asyncio.create_task(poll_board(http))]
+            try:
+                deadline = time.monotonic() + 30
+                while not connected.is_set():
+                    _raise_if_failed(watchers)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the board stream did not open within 30 s")
+                    await asyncio.sleep(0.05)
+                await paced(producer)
+                deadline = time.monotonic() + 30  # then report whatever was seen
+                while not all_seen() and time.monotonic() < deadline:
+                    _raise_if_failed(watchers)
+                    await asyncio.sleep(0.1)
+            finally:
+                for watcher in watchers:
+                    watcher.cancel()
+                await asyncio.gather(*watchers, return_exceptions=True)
+                await producer.stop()
+
+    try:
+        asyncio.run(run())
+    finally:
+        api.stop()
+    return result
+
+
 def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 2000, latency_seconds: int = 15,
-              open_sessions: int = 100_000) -> int:
+              open_sessions: int = 100_000, board_latency_seconds: int = 15) -> int:
     uid = int(time.time())
     s = replace(settings, topic_prefix=f"bench{uid}.", clickhouse_database=f"leadstream_bench{uid}")
     print(f"LeadStream benchmark — {events:,} events, {s.partitions} partitions, namespace {s.topic_prefix}", flush=True)
     asyncio.run(ensure_topics(s.kafka(), verbose=False))
     clickhouse.migrate(s.clickhouse(), verbose=False)
     r = redis.Redis.from_url(s.redis_url)
+    rules = _apply_bench_rules(s, "bench")
+    print(f"  rule set for the bench sites: {describe_rules(rules)}", flush=True)
 
     records: list[tuple[bytes, bytes]] = []
     seed = 11
@@ -186,9 +585,19 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         steady_rate = (sent * 0.8) / max(hi - lo, 1e-6)
         pipeline_rate = sent / max(total_s - first, 1e-6)
         print(f"  pipeline done in {total_s:.1f}s (first rows after {first:.1f}s)", flush=True)
+        activity_ends = _drain_automation(s, r, roles)
+        drained_s = time.perf_counter() - started
+        drained_rate = sent / max(drained_s - first, 1e-6)
+        print(f"  lead and board stages caught up after {drained_s:.1f}s", flush=True)
 
         print(f"  latency phase: {latency_rate:,} events/s for {latency_seconds}s ...", flush=True)
         latencies = _latency(s, latency_rate, latency_seconds)
+
+        _drain_automation(s, r, roles)
+        print(f"  board latency phase: {latency_rate:,} events/s for {board_latency_seconds}s, one in {PROBE_EVERY}"
+              " a probe (identify, then pricing) ...", flush=True)
+        board = _board_latency(s, latency_rate, board_latency_seconds, uid)
+        board_latencies, stream_latencies = board.latencies(board.on_board_ms), board.latencies(board.on_stream_ms)
 
         state_keys = list(r.scan_iter(match=f"{s.name('ls')}:v:*", count=10_000))
         state_bytes = sum(r.memory_usage(k) or 0 for k in state_keys[:20_000])
@@ -217,15 +626,25 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         for role in roles:
             role.stop()
 
+    lead_records, lead_alone_rate = _lead_stage_alone(s, r, activity_ends, uid)
+    load = ", ".join(f"{value:.2f}" for value in psutil.getloadavg())
+
     rows = [
         ("raw aiokafka consume + orjson decode", f"{baseline_rate:,.0f} events/s"),
         ("pipeline, whole run (worker+sink, into ClickHouse)", f"{pipeline_rate:,.0f} events/s"),
         ("pipeline, steady 10%..90%", f"{steady_rate:,.0f} events/s"),
         ("pipeline / raw baseline", f"{100 * steady_rate / baseline_rate:.1f} %"),
-        (f"latency produce -> ClickHouse at {latency_rate:,}/s: p50", f"{_percentile(latencies, 0.5):,.0f} ms"),
-        ("  p95", f"{_percentile(latencies, 0.95):,.0f} ms"),
-        ("  p99", f"{_percentile(latencies, 0.99):,.0f} ms"),
-        ("  max", f"{max(latencies, default=float('nan')):,.0f} ms  ({len(latencies):,} events)"),
+        ("rules on each bench site (demo's 8 + generated filler)", describe_rules(rules)),
+        ("worker, whole run until lead+board stages drained too", f"{drained_rate:,.0f} events/s"),
+        ("lead stage alone: own `worker --stages lead` replaying", f"{lead_alone_rate:,.0f} records/s"),
+        ("  the run's leads.activity, first to last commit", f"({lead_records:,} records, nothing else running)"),
+        ("lead stage alone / raw baseline", f"{100 * lead_alone_rate / baseline_rate:.1f} %"),
+        *latency_rows(f"latency produce -> ClickHouse at {latency_rate:,}/s", latencies),
+        *latency_rows(f"latency produce -> card in Consideration, board API polled every"
+                      f" {BOARD_POLL_S * 1000:.0f} ms, at {latency_rate:,}/s", board_latencies,
+                      f"of {len(board.sent_ms):,} probes"),
+        *latency_rows(f"latency produce -> stage_change on the board's SSE stream at {latency_rate:,}/s",
+                      stream_latencies, f"of {len(board.sent_ms):,} probes"),
         ("worker peak RSS", f"{sampler.peak / 2**20:,.0f} MiB"),
         ("visitors with sessionizer state in Redis", f"{len(state_keys):,}"),
         ("Redis bytes per visitor (session state key)", f"{per_visitor:,.0f} B"),
@@ -233,6 +652,7 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         ("open sessions in Redis at restart", f"{open_now:,}"),
         ("worker restart -> next event in ClickHouse", f"{restart_s:.1f} s  (no state restore: it is in Redis)"),
     ]
+    rows.append(("load average (1, 5, 15 min) at the end", load))
     width = max(len(k) for k, _ in rows)
     print("\n" + "=" * (width + 24))
     for key, value in rows:

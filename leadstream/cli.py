@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     account.add_argument("domain")
     account.add_argument("--site", required=True)
     account.add_argument("--name", default="", help="company name")
-    for kind in ("rules", "boards"):
-        definitions = sub.add_parser(kind, help=f"workflow-automation {kind}: apply a YAML/JSON file, list them")
-        definitions.add_argument("action", choices=["apply", "list"])
+    for kind, extra in (("rules", []), ("boards", ["rebuild"])):
+        definitions = sub.add_parser(kind, help=f"{kind}: apply a YAML/JSON file, list them"
+                                     + (", rebuild the board state from Kafka" if extra else ""))
+        definitions.add_argument("action", choices=["apply", "list", *extra])
         definitions.add_argument("path", nargs="?", help="the YAML or JSON file (apply)")
-        definitions.add_argument("--site", required=True)
+        definitions.add_argument("--site", help="the site (apply, list)")
     hooks = sub.add_parser("webhooks", help="webhook deliveries: replay one with the same webhook-id")
     hooks.add_argument("action", choices=["replay"])
     hooks.add_argument("webhook_id")
@@ -111,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return add_account(settings, args.site, args.domain, args.name)
     if args.command in ("rules", "boards"):
-        from leadstream.admin import apply_definitions, list_definitions
+        from leadstream.admin import apply_definitions, list_definitions, rebuild_boards
 
+        if args.action == "rebuild":
+            return rebuild_boards(settings)
+        if not args.site:
+            parser.error(f"{args.command} {args.action} needs --site")
         if args.action == "list":
             return list_definitions(settings, args.site)
         if not args.path:

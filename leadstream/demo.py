@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from leadstream.config import Settings
-from leadstream.runner import Role, count, produce, wait_for
+from leadstream.runner import Role, produce, wait_drained, wait_for
 from leadstream.traffic import TrafficGenerator, ip_range_table_lines
 from processors import webhooks
 from api.site_summary import SUMMARY
@@ -76,23 +76,6 @@ class _WebhookReceiver(ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
-def _wait_until_settled(settings: Settings, site_id: str, roles, timeout_s: float = 180) -> None:
-    """The lead and board stages run behind the events: wait until stage changes stop arriving."""
-    sql = "SELECT count() FROM stage_changes FINAL WHERE site_id = %(site)s"
-    deadline, last, steady_since = time.monotonic() + timeout_s, -1, time.monotonic()
-    while time.monotonic() < deadline:
-        for role in roles:
-            if not role.alive():
-                raise RuntimeError(f"{role.name} exited early:\n{role.log_tail()}")
-        now = count(settings, sql, {"site": site_id})
-        if now != last:
-            last, steady_since = now, time.monotonic()
-            print(f"  stage changes so far: {now:,}", flush=True)
-        elif now > 0 and time.monotonic() - steady_since > 5:
-            return
-        time.sleep(1)
-
-
 def _start_api(settings: Settings, site_id: str) -> str:
     """(Re)start the API in the background with a key for this demo site; return the dashboard URL."""
     key = secrets.token_urlsafe(12)
@@ -144,7 +127,7 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
                  params={"since": since_ms}, label="dead letters", progress=True)
         print(f"  all {sent:,} events accounted for in {time.monotonic() - started:.1f}s", flush=True)
         print("Workflow automation and the LeadBoard (lead stage -> board stage):", flush=True)
-        _wait_until_settled(settings, site_id, roles)
+        wait_drained(settings, timeout_s=300, roles=roles, progress=True)
         print(summary(settings, site_id, since_ms))
         print(f"\nWebhooks received by the demo's CRM stand-in on 127.0.0.1:{WEBHOOK_PORT}: {len(receiver.valid):,}"
               f" with a valid signature, {receiver.invalid} refused")

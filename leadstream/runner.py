@@ -13,13 +13,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from aiokafka import AIOKafkaProducer
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from leadstream.config import Settings
-from schemas.topics import EVENTS_RAW
+from processors.runtime.ingest import consumer as kafka_consumer
+from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
 from sinks import clickhouse
+from sinks.table_sink import TABLES
 
 
 class Role:
@@ -134,3 +138,58 @@ def wait_for(settings: Settings, sql: str, expected: int, timeout_s: float, role
             last_print = time.monotonic()
         time.sleep(0.3)
     raise TimeoutError(f"timed out waiting for {expected} {label}; have {value}")
+
+
+STAGE_INPUTS = (("lead", LEADS_ACTIVITY), ("board", BOARD_COMMANDS))
+
+
+async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
+    """Records the lead and board stages' watermarks do not yet cover, plus records of the given tables'
+    topics their sinks have not yet committed."""
+    kafka = settings.kafka()
+    consumer = kafka_consumer(kafka, group=None)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await consumer.start()
+    await admin.start()
+    redis = aioredis.from_url(settings.redis_url)
+
+    async def ends(topic) -> dict[TopicPartition, int]:
+        return await consumer.end_offsets([TopicPartition(kafka.topic(topic.name), p) for p in range(kafka.partitions)])
+
+    try:
+        backlog = 0
+        for stage, topic in STAGE_INPUTS:
+            marks = await redis.hgetall(f"{settings.name('ls')}:{stage}:wm")
+            for tp, end in (await ends(topic)).items():
+                backlog += max(0, end - 1 - int(marks.get(str(tp.partition).encode(), -1)))
+        for table in sink_tables:
+            committed = await admin.list_consumer_group_offsets(kafka.group(f"leadstream-sink-{table}"))
+            for tp, end in (await ends(TABLES[table].topic)).items():
+                backlog += max(0, end - (committed[tp].offset if tp in committed else 0))
+        return backlog
+    finally:
+        await consumer.stop()
+        await admin.close()
+        await redis.aclose()
+
+
+def wait_drained(settings: Settings, timeout_s: float, roles: Iterable[Role] = (), progress: bool = False,
+                 sink_tables: Sequence[str] = ("lead_state", "rule_executions", "stage_changes")) -> None:
+    """Wait until the lead and board stages have applied every record of their inputs and the sinks of
+    `sink_tables` have stored theirs (the board stage feeds itself merge handovers, so the backlog must
+    stay at zero for two looks in a row)."""
+    deadline = time.monotonic() + timeout_s
+    quiet, last_print = 0, 0.0
+    while time.monotonic() < deadline:
+        for role in roles:
+            if not role.alive():
+                raise RuntimeError(f"{role.name} exited early:\n{role.log_tail()}")
+        backlog = asyncio.run(_backlog(settings, sink_tables))
+        quiet = quiet + 1 if backlog == 0 else 0
+        if quiet >= 2:
+            return
+        if progress and backlog and time.monotonic() - last_print > 2:
+            print(f"  lead and board stages, sinks: {backlog:,} records to go", flush=True)
+            last_print = time.monotonic()
+        time.sleep(0.5)
+    raise TimeoutError("timed out waiting for the lead and board stages to catch up")

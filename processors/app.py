@@ -66,6 +66,7 @@ class IngestService(faust.Service):
 
 
 STAGES = ("raw", "lead", "board", "webhooks")
+BOARD_STAGE_GROUP = "leadstream-board-stage"
 """What `leadstream worker` runs by default: every stage in one process; `--stages` runs a subset."""
 
 
@@ -112,7 +113,7 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
                   "leadstream-lead-stage")
     if "board" in stages:
         add_stage("board", BoardStage(kafka.partitions, store, BoardStore(redis, prefix), sites), BOARD_COMMANDS,
-                  "leadstream-board-stage")
+                  BOARD_STAGE_GROUP)
 
     @app.service
     class OutputProducer(faust.Service):

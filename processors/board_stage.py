@@ -21,7 +21,7 @@ from typing import AsyncContextManager, Sequence
 
 from processors.board_store import BoardStore
 from processors.boards import (CardState, Cause, FactsUpdate, MoveRequest, ViewChange, apply_command, apply_move,
-                               apply_updates, merge_cards)
+                               apply_updates, merge_cards, view_changes)
 from processors.rules import digest
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
@@ -97,7 +97,8 @@ class BoardStage:
         boards = self.sites[record.site_id].boards
         before = card.state
         if isinstance(record, BoardCommand):
-            card.state, result, changes, views = apply_command(boards, before, record, now_ms)
+            # the request's own time, not the time of this batch: a replay (or a rebuild) gives the same board
+            card.state, result, changes, views = apply_command(boards, before, record, record.ts_ms or now_ms)
             batch.results.append(result)
         elif record.update_id in before.command_ids:
             return  # a re-sent update (its producer replayed a batch): acted on already
@@ -133,14 +134,15 @@ class BoardStage:
 
     @staticmethod
     def _take_over(record: CardUpdate, card: CardState, boards):
-        """The survivor merges a retired card's state. Facts it already has for a lead are newer than the
-        handed-over ones (they were sent after the lead joined), so they stay."""
+        """The survivor takes a retired card's places (the further-right stage, owner, notes). Not its facts:
+        the lead stage sends the survivor those itself, in the lead's own order, while a handover may
+        arrive after a newer update (or after the lead has left again) and would bring stale tags back."""
         absorbed = CardState.from_json(record.card_state)
-        kept = dict(card.facts)
+        absorbed.facts = {}
         cause = Cause(record.actor, record.ts_ms, event_id=record.event_id)
-        survivor, _, changes, views = merge_cards(boards, card, absorbed, cause)
-        survivor.facts.update({lead: facts for lead, facts in kept.items() if lead in survivor.facts})
-        return survivor, changes, [v for v in views if v.card_id == card.card_id]
+        survivor, _, changes, _ = merge_cards(boards, card, absorbed, cause)
+        survivor.facts = card.copy().facts
+        return survivor, changes, view_changes(boards, card, survivor)
 
     def _finish(self, batch: _Batch) -> None:
         for card in batch.cards.values():

@@ -318,7 +318,7 @@ def card_views(boards: Iterable[BoardDefinition], card: CardState) -> list[ViewC
     ]
 
 
-def _view_changes(boards: Iterable[BoardDefinition], before: CardState, after: CardState) -> list[ViewChange]:
+def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: CardState) -> list[ViewChange]:
     """One ViewChange per board whose view of the card differs between two states of it."""
     changes = []
     for board in boards:
@@ -371,7 +371,7 @@ def apply_updates(boards: Sequence[BoardDefinition], card: CardState, updates: I
         for update in updates:
             _fold_facts(after, update)
             changes += _move_everywhere(boards, after, update.cause)
-    return after, changes, _view_changes(boards, card, after)
+    return after, changes, view_changes(boards, card, after)
 
 
 def apply_move(boards: Sequence[BoardDefinition], card: CardState, board_id: str, request: MoveRequest
@@ -385,7 +385,7 @@ def apply_move(boards: Sequence[BoardDefinition], card: CardState, board_id: str
         return card, decision, [], []
     after = card.copy()
     change = _move(board, after, decision.to_stage, request.cause)
-    return after, decision, [change], _view_changes(boards, card, after)
+    return after, decision, [change], view_changes(boards, card, after)
 
 
 def _edit(board: BoardDefinition, card: CardState, command: BoardCommand, now_ms: int) -> Decision:
@@ -446,7 +446,7 @@ def apply_command(boards: Sequence[BoardDefinition], card: CardState, command: B
     else:
         decision = _edit(board, after, command, now_ms)
     change_id = changes[0].stage_change_id if changes else ""
-    return after, result(decision, change_id), changes, _view_changes(boards, card, after)
+    return after, result(decision, change_id), changes, view_changes(boards, card, after)
 
 
 def _fold_place(survivor: BoardPlace, absorbed: BoardPlace, survivor_on_board: bool) -> None:
@@ -496,7 +496,7 @@ def merge_cards(boards: Sequence[BoardDefinition], survivor: CardState, absorbed
         if target > _stage_index(board, place.stage_id):
             changes.append(_move(board, new_survivor, board.stages[target].id, cause))
     changes += _move_everywhere(boards, new_survivor, cause)  # its merged facts may take it further elsewhere
-    views = _view_changes(boards, survivor, new_survivor) + _view_changes(boards, absorbed, new_absorbed)
+    views = view_changes(boards, survivor, new_survivor) + view_changes(boards, absorbed, new_absorbed)
     return new_survivor, new_absorbed, changes, views
 
 
@@ -511,4 +511,4 @@ def delete_stage(board_old: BoardDefinition, board_new: BoardDefinition, card: C
     target = next((s.id for s in reversed(left_of) if s.id in kept), board_new.stages[0].id)
     after = card.copy()
     change = _move(board_new, after, target, replace(cause, reason=cause.reason or f"stage {stage} deleted"))
-    return after, [change], _view_changes([board_new], card, after)
+    return after, [change], view_changes([board_new], card, after)

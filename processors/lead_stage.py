@@ -60,6 +60,7 @@ class _Lead:
     partition: int
     loaded: LeadState | None
     state: LeadState
+    on_boards: bool = False  # its cards have heard of it (it had a state before this batch, or facts were sent)
     card_actor: str = "system"
     card_rule_id: str = ""
     card_event_id: str = ""
@@ -111,7 +112,7 @@ class LeadStage:
         for key, (partition, site_id, lead_id) in subjects.items():
             blob = loaded.get(key)
             state = LeadState.from_json(blob) if blob else None
-            batch.leads[key] = _Lead(key, partition, state, state or LeadState(lead_id, site_id))
+            batch.leads[key] = _Lead(key, partition, state, state or LeadState(lead_id, site_id), state is not None)
         for _, record in records:
             self._apply(record, batch)
         self._finish(batch)
@@ -130,8 +131,9 @@ class LeadStage:
                     batch.step.partition(partition).deadlines[key] = None
                     continue
                 await self.sites.prepare([state.site_id])
-                lead = batch.leads[key] = _Lead(key, partition, state, state)
+                lead = batch.leads[key] = _Lead(key, partition, state, state, True)
                 self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, clock), batch)
+                self._tell_boards(lead, state, batch)
         if not batch.leads and not batch.step.changes:
             return None
         self._finish(batch)
@@ -140,7 +142,13 @@ class LeadStage:
     def _apply(self, record: Record, batch: _Batch) -> None:
         site_id, lead_id = _subject(record)
         lead = batch.leads[self.lead_key(site_id, lead_id)]
-        setup = self.sites[site_id]
+        before = lead.state
+        lead.card_actor, lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = "system", "", "", 0
+        self._apply_to(lead, record, batch)
+        self._tell_boards(lead, before, batch)
+
+    def _apply_to(self, lead: _Lead, record: Record, batch: _Batch) -> None:
+        setup = self.sites[record.site_id]
         state = lead.state
         if isinstance(record, EnrichedEvent):
             if state.merged_into:  # in flight while its lead merged: the survivor's rules see it
@@ -227,20 +235,25 @@ class LeadStage:
                 state.first_ts_ms, state.last_activity_ms, state.merged_into, version,
             )
             batch.outputs.add(LEADS_STATE, state.lead_id.encode(), snapshot.to_json())
-            if not state.merged_into and self._board_should_hear(lead):
-                self._facts(lead, batch)
         if batch.webhooks and self.webhooks is not None:
             queue, requests = self.webhooks, list(batch.webhooks)
             batch.step.also = lambda pipe: [queue.queue_enqueue(pipe, request) for request in requests]
 
-    @staticmethod
-    def _board_should_hear(lead: _Lead) -> bool:
-        """New leads, changed tags or score, and activity once an hour: a card shows them; every single
-        pageview would only churn the board."""
-        before, after = lead.loaded, lead.state
-        return (before is None or sorted(before.tags) != sorted(after.tags) or before.score != after.score
-                or before.account_domain != after.account_domain
-                or hour_start(before.last_activity_ms) != hour_start(after.last_activity_ms))
+    def _tell_boards(self, lead: _Lead, before: LeadState, batch: _Batch) -> None:
+        """After each record, not once per batch, so the cards hear the same updates however the feed was
+        cut into batches (and a replay gives the same stage changes). They hear of a new lead, changed tags
+        or score, and activity once an hour: every single pageview would only churn the board."""
+        after = lead.state
+        if after.merged_into:
+            return
+        if (lead.on_boards and before.tags.keys() == after.tags.keys() and before.score == after.score
+                and before.account_domain == after.account_domain
+                and hour_start(before.last_activity_ms) == hour_start(after.last_activity_ms)):
+            return
+        if not after.last_activity_ms and not after.tags:
+            return  # not active yet (e.g. only its email is known so far): no card until it does something
+        lead.on_boards = True
+        self._facts(lead, batch)
 
     def _facts(self, lead: _Lead, batch: _Batch) -> None:
         state = lead.state

@@ -8,6 +8,7 @@ tests error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from dataclasses import replace
 
@@ -28,19 +29,29 @@ def stack_settings() -> Settings:
     return settings
 
 
-@pytest.fixture
-def settings(stack_settings: Settings):
+@contextlib.contextmanager
+def namespace(stack_settings: Settings):
+    """A namespace of its own — topic prefix, consumer groups, Redis key prefix and ClickHouse database —
+    created, migrated, and removed afterwards."""
     uid = uuid.uuid4().hex[:8]
     s = replace(stack_settings, topic_prefix=f"t{uid}.", clickhouse_database=f"lstest_{uid}",
                 sink_batch_ms=300, worker_batch_ms=50)
     asyncio.run(ensure_topics(s.kafka(), verbose=False))
     clickhouse.migrate(s.clickhouse(), verbose=False)
-    yield s
-    clickhouse.connect(s.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
-    r = redis.Redis.from_url(s.redis_url)
-    keys = list(r.scan_iter(match=f"{s.topic_prefix}*", count=10_000))
-    for i in range(0, len(keys), 1000):
-        r.delete(*keys[i:i + 1000])
+    try:
+        yield s
+    finally:
+        clickhouse.connect(s.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
+        r = redis.Redis.from_url(s.redis_url)
+        keys = list(r.scan_iter(match=f"{s.topic_prefix}*", count=10_000))
+        for i in range(0, len(keys), 1000):
+            r.delete(*keys[i:i + 1000])
+
+
+@pytest.fixture
+def settings(stack_settings: Settings):
+    with namespace(stack_settings) as s:
+        yield s
 
 
 @pytest.fixture

@@ -87,3 +87,9 @@ def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles):
         columns = {stage["id"]: [card["card_id"] for card in stage["cards"]] for stage in board.json()["stages"]}
         assert "account:acme.com" in columns["consideration"] and "account:globex.io" in columns["decision"]
         assert client.get("/v1/sites/it/boards/pipeline", headers={"X-API-Key": "k-other"}).status_code in (403, 404)
+        ann = next(iter(tags))
+        profile = client.get(f"/v1/sites/it/leads/{ann}", headers={"X-API-Key": "k"}).json()
+        assert profile["score"] == 15 and isinstance(profile["score"], int)
+        assert [(t["tag"], t["source"], t["rule_id"]) for t in profile["tags"]] == \
+            [("Consideration", "rule", "viewed-pricing")]
+        assert profile["properties"] == {}
