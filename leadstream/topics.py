@@ -33,3 +33,17 @@ async def ensure_topics(kafka: KafkaConfig, verbose: bool = True) -> dict[str, i
     if len(set(counts.values())) > 1:
         raise RuntimeError(f"topics must all have the same partition count, found {counts}")
     return counts
+
+
+async def delete_topics(kafka: KafkaConfig) -> None:
+    """Delete every catalog topic under this prefix (a test namespace or a benchmark's, when done): each
+    partition keeps files open in the broker, and thousands of stale ones exhaust its file handles."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        names = [kafka.topic(t.name) for t in CATALOG if kafka.topic(t.name) in existing]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()

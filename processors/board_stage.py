@@ -14,10 +14,9 @@ absorbed card retires (it leaves the boards) and hands its state over; the survi
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import AsyncContextManager, Sequence
+from typing import Sequence
 
 from processors.board_store import BoardStore
 from processors.boards import (CardState, Cause, FactsUpdate, MoveRequest, ViewChange, apply_command, apply_move,
@@ -25,13 +24,11 @@ from processors.boards import (CardState, Cause, FactsUpdate, MoveRequest, ViewC
 from processors.rules import digest
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
-from processors.runtime.stage import Step, no_lock
+from processors.runtime.stage import Step, decode_batch
 from processors.runtime.state import StateStore
 from processors.site_definitions import SiteDefinitionsCache
 from schemas.boards import BoardCommand, CardUpdate, CommandResult, StageChange
 from schemas.topics import BOARD_COMMANDS, BOARD_STAGE_CHANGES, decode_board_input
-
-log = logging.getLogger(__name__)
 
 UPDATE_IDS_KEPT = 64
 
@@ -61,20 +58,9 @@ class BoardStage:
         self.store = store
         self.board_store = boards
         self.sites = sites
-        self.undecodable = 0
-
-    def exclusive(self) -> AsyncContextManager:
-        return no_lock()
 
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
-        records: list[tuple[int, BoardCommand | CardUpdate]] = []
-        for message in messages:
-            try:
-                records.append((message.partition, decode_board_input(message.value)))
-            except Exception as err:  # noqa: BLE001 - not a record LeadStream wrote: skip it, never stall
-                self.undecodable += 1
-                log.error("board stage: undecodable record at partition %s offset %s skipped: %s",
-                          message.partition, message.offset, err)
+        records = decode_batch(messages, decode_board_input, self.name)
         await self.sites.prepare(record.site_id for _, record in records)
         batch = _Batch(Step(Outputs(self.partitions)))
         wanted = {(r.site_id, r.card_id): p for p, r in records}

@@ -17,10 +17,9 @@ transaction as the state (so a firing is enqueued exactly when it is committed).
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncContextManager, Sequence
+from typing import Sequence
 
 import orjson
 
@@ -28,7 +27,7 @@ from processors.rules import (LeadState, Outcome, apply_event, digest, hour_star
                               next_due_ms, set_identity)
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
-from processors.runtime.stage import Step, no_lock
+from processors.runtime.stage import Step, decode_batch
 from processors.runtime.state import StateStore
 from processors.site_definitions import SiteDefinitionsCache, SiteSetup
 from processors.webhooks import WebhookQueue
@@ -38,9 +37,15 @@ from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, Identity
 from schemas.rules import LeadHandover, LeadSnapshot, WebhookRequest
 from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, decode_lead_activity
 
-log = logging.getLogger(__name__)
-
 Record = EnrichedEvent | IdentityEvent | LeadHandover
+
+
+def _record_id(record: Record) -> str:
+    if isinstance(record, LeadHandover):
+        return record.handover_id
+    if isinstance(record, IdentityEvent):
+        return record.identity_event_id
+    return record.event_id
 
 
 def _subject(record: Record) -> tuple[str, str]:
@@ -58,9 +63,10 @@ class _Lead:
 
     key: str
     partition: int
-    loaded: LeadState | None
+    loaded: bytes | None
     state: LeadState
     on_boards: bool = False  # its cards have heard of it (it had a state before this batch, or facts were sent)
+    cause_id: str = ""  # the record being applied: what a card update it causes is named after
     card_actor: str = "system"
     card_rule_id: str = ""
     card_event_id: str = ""
@@ -88,31 +94,20 @@ class LeadStage:
         self.sites = sites
         self.webhooks = webhooks
         self.prefix = prefix
-        self.undecodable = 0
 
     def lead_key(self, site_id: str, lead_id: str) -> str:
         return f"{self.prefix}:lead:{site_id}\x1f{lead_id}"
 
-    def exclusive(self) -> AsyncContextManager:
-        return no_lock()
-
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
-        records: list[tuple[int, Record]] = []
-        for message in messages:
-            try:
-                records.append((message.partition, decode_lead_activity(message.value)))
-            except Exception as err:  # noqa: BLE001 - not a record LeadStream wrote: skip it, never stall
-                self.undecodable += 1
-                log.error("lead stage: undecodable record at partition %s offset %s skipped: %s",
-                          message.partition, message.offset, err)
+        records = decode_batch(messages, decode_lead_activity, self.name)
         await self.sites.prepare(record.site_id for _, record in records)
         batch = _Batch(Step(Outputs(self.partitions)))
         subjects = {self.lead_key(*_subject(record)): (partition, *_subject(record)) for partition, record in records}
         loaded = await self.store.load(list(subjects))
         for key, (partition, site_id, lead_id) in subjects.items():
             blob = loaded.get(key)
-            state = LeadState.from_json(blob) if blob else None
-            batch.leads[key] = _Lead(key, partition, state, state or LeadState(lead_id, site_id), state is not None)
+            state = LeadState.from_json(blob) if blob else LeadState(lead_id, site_id)
+            batch.leads[key] = _Lead(key, partition, blob, state, blob is not None)
         for _, record in records:
             self._apply(record, batch)
         self._finish(batch)
@@ -131,7 +126,7 @@ class LeadStage:
                     batch.step.partition(partition).deadlines[key] = None
                     continue
                 await self.sites.prepare([state.site_id])
-                lead = batch.leads[key] = _Lead(key, partition, state, state, True)
+                lead = batch.leads[key] = _Lead(key, partition, blob, state, True, f"hour:{clock}")
                 self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, clock), batch)
                 self._tell_boards(lead, state, batch)
         if not batch.leads and not batch.step.changes:
@@ -143,6 +138,7 @@ class LeadStage:
         site_id, lead_id = _subject(record)
         lead = batch.leads[self.lead_key(site_id, lead_id)]
         before = lead.state
+        lead.cause_id = _record_id(record)
         lead.card_actor, lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = "system", "", "", 0
         self._apply_to(lead, record, batch)
         self._tell_boards(lead, before, batch)
@@ -224,10 +220,11 @@ class LeadStage:
         version = time.time_ns() // 1000
         for lead in batch.leads.values():
             state = lead.state
-            if lead.loaded is not None and state.to_json() == lead.loaded.to_json():
+            blob = state.to_json()
+            if blob == lead.loaded:
                 continue
             changes = batch.step.partition(lead.partition)
-            changes.states[lead.key] = state.to_json()
+            changes.states[lead.key] = blob
             changes.deadlines[lead.key] = next_due_ms(self.sites[state.site_id].rules, state)
             snapshot = LeadSnapshot(
                 state.site_id, state.lead_id, state.email, state.account_domain, sorted(state.tags),
@@ -262,7 +259,7 @@ class LeadStage:
             cards.append((account_card_id(state.account_domain), state.account_domain))
         for card_id, title in cards:
             update = CardUpdate(
-                "cu_" + digest(card_id, state.lead_id, str(state.last_activity_ms), state.to_json().decode()),
+                "cu_" + digest(card_id, state.lead_id, lead.cause_id),
                 state.site_id, card_id, "facts", lead.card_actor, lead_id=state.lead_id, tags=sorted(state.tags),
                 score=state.score, title=title, activity_ms=state.last_activity_ms, rule_id=lead.card_rule_id,
                 event_id=lead.card_event_id, ts_ms=lead.card_ts_ms or state.last_activity_ms,

@@ -2,8 +2,9 @@
 
 A pure step (enrich -> sessionize -> resolve identity) run by the shared `StageRunner`, which owns the order
 of effects (skip applied offsets, produce, compare-and-set commit). State: one sessionizer blob per
-visitor (partition-owned, with its idle-close deadline) and the site's identity graph (global, under the
-identity lock, written in the same transaction).
+visitor (partition-owned, with its idle-close deadline) and the identity graph (global, written in the
+same transaction). Only identity takes the graph's lock — from resolving through produce and commit —
+so several workers enrich and sessionize in parallel and take turns just for that part.
 
 Outputs keep per-key order: events, dead letters and sessions stay on the raw message's partition (the
 sinks deduplicate by raw offset); identity rows and the lead feed are keyed by visitor and lead.
@@ -11,10 +12,11 @@ sinks deduplicate by raw offset); identity rows and the lead feed are keyed by v
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import AsyncContextManager, Sequence
+from typing import Sequence
 
 from processors import identity, sessionize
 from processors.accounts import AccountsContext
@@ -56,9 +58,6 @@ class RawEventsStage:
         # \x1f cannot occur in ids: validation rejects control characters.
         return f"{self.prefix}:v:{site_id}\x1f{visitor_id}"
 
-    def exclusive(self) -> AsyncContextManager:
-        return self.identity.locked()
-
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
         step = Step(Outputs(self.config.partitions))
         results = enrich_batch([m.value for m in messages], received_ms, self.config.limits)
@@ -73,8 +72,14 @@ class RawEventsStage:
 
         await self._sessionize(accepted, messages, rejected, received_ms, step)
         accepted = [(m, e) for m, e in accepted if e.raw_offset >= 0]  # duplicates went to the DLQ
-        changes, feed = await self._resolve_identity(accepted, step.outputs)
-        self._add_events_and_dead_letters(messages, accepted, rejected, received_ms, feed, step.outputs)
+        step.held = contextlib.AsyncExitStack()
+        await step.held.enter_async_context(self.identity.locked())  # until the commit: the graph is global
+        try:
+            changes, feed = await self._resolve_identity(accepted, step.outputs)
+            self._add_events_and_dead_letters(messages, accepted, rejected, received_ms, feed, step.outputs)
+        except BaseException:
+            await step.held.aclose()
+            raise
         step.also = lambda pipe: self.identity.write_commands(pipe, changes)
         return step
 

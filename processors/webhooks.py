@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 
 from leadstream.config import Settings
 from schemas.records import JsonRecord
-from schemas.rules import WebhookRequest
+from schemas.rules import WebhookRequest, signing_secret_allowed
 from sinks import clickhouse
 
 log = logging.getLogger(__name__)
@@ -587,6 +587,8 @@ class WebhookDispatcher:
     def _signing_key(self, delivery: QueuedWebhook) -> tuple[bytes | None, str]:
         """The endpoint's key from the environment, or why there is none (a permanent failure: fix the
         variable, then replay)."""
+        if not signing_secret_allowed(delivery.secret_env):
+            return None, f"secret env var {delivery.secret_env} is one of LeadStream's own settings"
         secret = self.environ.get(delivery.secret_env)
         if not secret:
             return None, f"secret env var {delivery.secret_env} is not set"

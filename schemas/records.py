@@ -8,6 +8,7 @@ extension).
 from __future__ import annotations
 
 from dataclasses import fields
+from functools import cache
 from typing import Any, Self
 
 import orjson
@@ -21,8 +22,13 @@ class JsonRecord:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Self:
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})  # type: ignore[arg-type]
+        return cls(**{name: raw[name] for name in _field_names(cls) if name in raw})  # type: ignore[arg-type]
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Self:
         return cls.from_dict(orjson.loads(data))
+
+
+@cache
+def _field_names(record_type: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(record_type))

@@ -258,9 +258,25 @@ class MoveCard(_Definition):
     stage: str = Field(pattern=DEFINITION_ID)
 
 
+RESERVED_ENV_PREFIX = "LEADSTREAM_"
+
+
+def signing_secret_allowed(env_name: str) -> bool:
+    """A rule names the variable holding its endpoint's secret; LeadStream's own settings (passwords among
+    them) are never signing secrets, or anyone who may write rules could have them used as one."""
+    return not env_name.upper().startswith(RESERVED_ENV_PREFIX)
+
+
 class Webhook(_Definition):
     url: str = Field(pattern=HTTP_URL, max_length=2048)
     secret_env: str = Field(pattern=ENV_NAME)
+
+    @field_validator("secret_env")
+    @classmethod
+    def _not_a_setting(cls, value: str) -> str:
+        if not signing_secret_allowed(value):
+            raise ValueError(f"must not name one of LeadStream's own settings ({RESERVED_ENV_PREFIX}*)")
+        return value
 
 
 ACTION_KEYS = ("add_tag", "remove_tag", "add_score", "set_property", "move_card", "webhook")

@@ -146,3 +146,15 @@ def test_move_card_must_name_a_stage_of_a_board_in_the_same_file():
 def test_bad_file_is_refused(text, expected):
     found = problems(text)
     assert found[0].startswith(expected), found
+
+
+def test_a_webhook_may_not_sign_with_one_of_leadstreams_own_settings():
+    text = """
+rules:
+- id: leak
+  when: {event: pageview}
+  then: [{webhook: {url: "https://example.com/hook", secret_env: LEADSTREAM_CLICKHOUSE_PASSWORD}}]
+"""
+    with pytest.raises(DefinitionsError) as refused:
+        load_definitions(text, "rules.yaml")
+    assert "rules[0] (id: leak)" in str(refused.value) and "secret_env" in str(refused.value)

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncContextManager, Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 from processors.runtime.clock import StreamClock
 from processors.runtime.ingest import Message
@@ -45,9 +45,26 @@ class Step:
     outputs: Outputs
     changes: dict[int, PartitionChanges] = field(default_factory=dict)
     also: Callable[[Writes], None] | None = None  # further writes in the same transaction
+    held: contextlib.AsyncExitStack | None = None  # locks the step took: released after its commit
 
     def partition(self, partition: int) -> PartitionChanges:
         return self.changes.setdefault(partition, PartitionChanges())
+
+
+R = TypeVar("R")
+
+
+def decode_batch(messages: Sequence[Message], decode: Callable[[bytes], R], stage: str) -> list[tuple[int, R]]:
+    """(partition, record) for every message of an internal topic. A record LeadStream did not write is
+    logged and skipped: it must never stall the partition."""
+    records = []
+    for message in messages:
+        try:
+            records.append((message.partition, decode(message.value)))
+        except Exception as err:  # noqa: BLE001
+            log.error("%s: undecodable record at partition %s offset %s skipped: %s", stage, message.partition,
+                      message.offset, err)
+    return records
 
 
 class StaleBatch(Exception):
@@ -59,10 +76,8 @@ class StaleBatch(Exception):
 class Stage(Protocol):
     name: str
 
-    def exclusive(self) -> AsyncContextManager:
-        """Held from computing a step to its commit (e.g. the identity graph's lock); usually a no-op."""
-
-    async def step(self, messages: Sequence[Message], received_ms: int) -> Step: ...
+    async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
+        """A lock the step needs until its commit (the identity graph's) goes into `Step.held`."""
 
     async def tick(self, clocks: dict[int, int]) -> Step | None:
         """Timer work for owned partitions at their stream-clock times; None when nothing is due."""
@@ -94,8 +109,8 @@ class StageRunner:
             applied = {}
             for m in fresh:
                 applied[m.partition] = max(applied.get(m.partition, -1), m.offset)
-            async with self.stage.exclusive():
-                step = await self.stage.step(fresh, received_ms)
+            step = await self.stage.step(fresh, received_ms)
+            async with step.held or contextlib.nullcontext():
                 await self.producer.send(step.outputs)
                 commits = [self._commit(p, marks[p][0], offset, step.changes.get(p)) for p, offset in applied.items()]
                 if not await self.store.commit(commits, also=step.also):
@@ -111,10 +126,10 @@ class StageRunner:
                       for p, (applied, stream_time) in marks.items() if applied >= 0}
             if not clocks:
                 return None
-            async with self.stage.exclusive():
-                step = await self.stage.tick(clocks)
-                if step is None:
-                    return None
+            step = await self.stage.tick(clocks)
+            if step is None:
+                return None
+            async with step.held or contextlib.nullcontext():
                 await self.producer.send(step.outputs)
                 commits = [self._commit(p, marks[p][0], marks[p][0], changes) for p, changes in step.changes.items()]
                 if not await self.store.commit(commits, also=step.also):
@@ -128,6 +143,3 @@ class StageRunner:
         return PartitionCommit(partition, expected, applied, changes.stream_time_ms, changes.states, changes.deadlines)
 
 
-
-def no_lock() -> AsyncContextManager:
-    return contextlib.nullcontext()

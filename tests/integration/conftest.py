@@ -18,7 +18,7 @@ import redis
 from leadstream import stack
 from leadstream.config import Settings
 from leadstream.runner import Role
-from leadstream.topics import ensure_topics
+from leadstream.topics import delete_topics, ensure_topics
 from sinks import clickhouse
 
 
@@ -32,7 +32,7 @@ def stack_settings() -> Settings:
 @contextlib.contextmanager
 def namespace(stack_settings: Settings):
     """A namespace of its own — topic prefix, consumer groups, Redis key prefix and ClickHouse database —
-    created, migrated, and removed afterwards."""
+    created, migrated, and removed afterwards (topics too: the broker keeps files open per partition)."""
     uid = uuid.uuid4().hex[:8]
     s = replace(stack_settings, topic_prefix=f"t{uid}.", clickhouse_database=f"lstest_{uid}",
                 sink_batch_ms=300, worker_batch_ms=50)
@@ -41,6 +41,7 @@ def namespace(stack_settings: Settings):
     try:
         yield s
     finally:
+        asyncio.run(delete_topics(s.kafka()))
         clickhouse.connect(s.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
         r = redis.Redis.from_url(s.redis_url)
         keys = list(r.scan_iter(match=f"{s.topic_prefix}*", count=10_000))
