@@ -43,14 +43,14 @@ import orjson
 import psutil
 import redis
 import yaml
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from leadstream.admin import apply_definitions
 from leadstream.bench_profile import percentile
 from leadstream.config import Settings
 from leadstream.demo import DEMO_DEFINITIONS
 from leadstream.runner import Role, count, produce, wait_for
-from leadstream.topics import ensure_topics
+from leadstream.topics import delete_topics, ensure_topics
 from leadstream.traffic import TrafficGenerator
 from processors.runtime.ingest import consumer as kafka_consumer
 from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
@@ -279,7 +279,8 @@ def _apply_bench_rules(settings: Settings, site_id: str) -> list[dict]:
     return definitions["rules"]
 
 
-async def _end_offsets(consumer, topic: str, partitions: int) -> dict[int, int]:
+async def _end_offsets(consumer: AIOKafkaConsumer, topic: str, partitions: int) -> dict[int, int]:
+    """partition -> the offset the next record will get."""
     ends = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
     return {tp.partition: offset for tp, offset in ends.items()}
 
@@ -378,6 +379,7 @@ def _lead_stage_alone(settings: Settings, r: redis.Redis, activity_ends: dict[in
             time.sleep(0.05)
     finally:
         worker.stop()
+        asyncio.run(delete_topics(lone.kafka()))
     started, applied_at_start = first
     return total, (total - applied_at_start) / max(now - started, 1e-6)
 
@@ -659,4 +661,5 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         print(f"{key:<{width}}  {value}")
     print("=" * (width + 24))
     clickhouse.connect(s.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
+    asyncio.run(delete_topics(s.kafka()))
     return 0

@@ -98,9 +98,12 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
     )
     runners: dict[str, tuple[StageRunner, BatchIngest]] = {}
 
+    def stage_store(stage: str) -> RedisStateStore:
+        """Each stage's watermarks and timer index under a namespace of its own."""
+        return RedisStateStore(redis, prefix, namespace=f"{stage}:")
+
     def add_stage(name: str, stage, topic, group: str) -> None:
-        runner = StageRunner(stage, RedisStateStore(redis, prefix, namespace=f"{stage.name}:") if name != "raw"
-                             else store, producer)
+        runner = StageRunner(stage, stage.store, producer)  # the stage's own store: its watermarks and timers
         ingest = BatchIngest(kafka, topic.name, group, settings.batch(), runner.process)
         runners[name] = (runner, ingest)
         app.service(IngestService(ingest))
@@ -109,11 +112,11 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
         add_stage("raw", raw_events, EVENTS_RAW, "leadstream-worker")
     if "lead" in stages:
         webhooks = WebhookQueue(redis, prefix)
-        add_stage("lead", LeadStage(kafka.partitions, store, sites, webhooks, prefix), LEADS_ACTIVITY,
+        add_stage("lead", LeadStage(kafka.partitions, stage_store("lead"), sites, webhooks, prefix), LEADS_ACTIVITY,
                   "leadstream-lead-stage")
     if "board" in stages:
-        add_stage("board", BoardStage(kafka.partitions, store, BoardStore(redis, prefix), sites), BOARD_COMMANDS,
-                  BOARD_STAGE_GROUP)
+        add_stage("board", BoardStage(kafka.partitions, stage_store("board"), BoardStore(redis, prefix), sites),
+                  BOARD_COMMANDS, BOARD_STAGE_GROUP)
 
     @app.service
     class OutputProducer(faust.Service):

@@ -108,8 +108,11 @@ class LeadStage:
             blob = loaded.get(key)
             state = LeadState.from_json(blob) if blob else LeadState(lead_id, site_id)
             batch.leads[key] = _Lead(key, partition, blob, state, blob is not None)
-        for _, record in records:
+        for partition, record in records:
             self._apply(record, batch)
+            if isinstance(record, EnrichedEvent):  # the stream clock of the hourly pass: event time, capped
+                changes = batch.step.partition(partition)  # at arrival (one fast client clock must not run it)
+                changes.stream_time_ms = max(changes.stream_time_ms, min(record.ts_ms, received_ms))
         self._finish(batch)
         return batch.step
 

@@ -169,3 +169,23 @@ def test_the_same_feed_gives_the_same_outputs_whatever_the_batch_boundaries(even
         return asyncio.run(go())
 
     assert run_in(cuts, replay=False) == run_in([len(records)], replay=False) == run_in(cuts, replay=True)
+
+
+async def test_the_hourly_pass_fires_time_triggers_for_due_leads_once():
+    run, store, producer = stage_runner()
+    quiet = load_definitions("""
+rules:
+- id: viewed-pricing
+  when: {event: pageview, url: "*/pricing*"}
+  then: [{add_tag: Consideration}]
+- id: gone-quiet
+  when: {inactive_for: 2h}
+  then: [{remove_tag: Consideration}]
+""", "rules.yaml")
+    run.stage.sites.sites["s"] = setup(quiet, 3)
+    await run.process(feed([event(1)]))
+    assert await run.tick([0], wall_now_ms=NOW) is None  # the clock starts at the last event's time
+    outputs = await run.tick([0], wall_now_ms=NOW + 3 * 3_600_000)  # three quiet hours later
+    assert executions(outputs) == ["gone-quiet"]
+    assert LeadSnapshot.from_json(outputs.values(LEADS_STATE)[-1]).tags == []
+    assert await run.tick([0], wall_now_ms=NOW + 5 * 3_600_000) is None  # fired once: nothing due any more
