@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from processors.board_store import BoardStore
-from processors.boards import (CardState, Cause, FactsUpdate, MoveRequest, ViewChange, apply_command, apply_move,
-                               apply_updates, merge_cards, view_changes)
+from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveRequest, ViewChange, apply_command,
+                               apply_move, apply_updates, merge_cards, view_changes)
 from processors.rules import digest
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
@@ -93,6 +93,11 @@ class BoardStage:
             update = FactsUpdate(cause, record.lead_id, record.tags, record.score, record.title, record.activity_ms,
                                  record.left)
             card.state, changes, views = apply_updates(boards, before, [update])
+        elif record.kind == "account_tag":
+            own = set(before.facts[OWN_FACTS].tags) if OWN_FACTS in before.facts else set()
+            tags = own - set(record.tags or ()) if record.left else own | set(record.tags or ())
+            cause = Cause(record.actor, record.ts_ms, rule_id=record.rule_id, event_id=record.event_id)
+            card.state, changes, views = apply_updates(boards, before, [FactsUpdate(cause, OWN_FACTS, sorted(tags))])
         elif record.kind == "move":
             cause = Cause(record.actor, record.ts_ms, rule_id=record.rule_id, event_id=record.event_id)
             card.state, _, changes, views = apply_move(boards, before, record.board_id,

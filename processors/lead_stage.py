@@ -48,6 +48,12 @@ def _record_id(record: Record) -> str:
     return record.event_id
 
 
+def _on_boards(state: LeadState) -> bool:
+    """Whether the lead's cards have heard of it: a function of its state alone, so that what the boards
+    hear does not depend on where a batch began."""
+    return bool(state.last_activity_ms or state.tags)
+
+
 def _subject(record: Record) -> tuple[str, str]:
     """(site, lead) whose state a record changes: the lead whose feed it arrived on."""
     if isinstance(record, LeadHandover):
@@ -65,7 +71,6 @@ class _Lead:
     partition: int
     loaded: bytes | None
     state: LeadState
-    on_boards: bool = False  # its cards have heard of it (it had a state before this batch, or facts were sent)
     cause_id: str = ""  # the record being applied: what a card update it causes is named after
     card_actor: str = "system"
     card_rule_id: str = ""
@@ -107,7 +112,7 @@ class LeadStage:
         for key, (partition, site_id, lead_id) in subjects.items():
             blob = loaded.get(key)
             state = LeadState.from_json(blob) if blob else LeadState(lead_id, site_id)
-            batch.leads[key] = _Lead(key, partition, blob, state, blob is not None)
+            batch.leads[key] = _Lead(key, partition, blob, state)
         for partition, record in records:
             self._apply(record, batch)
             if isinstance(record, EnrichedEvent):  # the stream clock of the hourly pass: event time, capped
@@ -129,7 +134,7 @@ class LeadStage:
                     batch.step.partition(partition).deadlines[key] = None
                     continue
                 await self.sites.prepare([state.site_id])
-                lead = batch.leads[key] = _Lead(key, partition, blob, state, True, f"hour:{clock}")
+                lead = batch.leads[key] = _Lead(key, partition, blob, state, f"hour:{clock}")
                 self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, clock), batch)
                 self._tell_boards(lead, state, batch)
         if not batch.leads and not batch.step.changes:
@@ -195,6 +200,13 @@ class LeadStage:
         lead.state = outcome.state
         for change in outcome.changes:
             batch.outputs.add(LEADS_CHANGES, change.lead_id.encode(), change.to_json())
+            if change.on == "account" and change.kind in ("tag_added", "tag_removed"):
+                card_id = account_card_id(change.account_domain or lead.state.account_domain)
+                update = CardUpdate("cu_" + digest(change.change_id, card_id), change.site_id, card_id, "account_tag",
+                                    f"rule:{change.rule_id}@{change.rule_version}", tags=[change.name],
+                                    left=change.kind == "tag_removed", rule_id=change.rule_id,
+                                    event_id=change.event_id, ts_ms=change.ts_ms)
+                batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json())
             if change.kind != "property_set":
                 lead.card_actor = f"rule:{change.rule_id}@{change.rule_version}" if change.rule_id else "system"
                 lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = change.rule_id, change.event_id, change.ts_ms
@@ -244,15 +256,12 @@ class LeadStage:
         cut into batches (and a replay gives the same stage changes). They hear of a new lead, changed tags
         or score, and activity once an hour: every single pageview would only churn the board."""
         after = lead.state
-        if after.merged_into:
-            return
-        if (lead.on_boards and before.tags.keys() == after.tags.keys() and before.score == after.score
+        if after.merged_into or not _on_boards(after):
+            return  # retired, or not active yet (e.g. only its email is known so far): no card until it acts
+        if (_on_boards(before) and before.tags.keys() == after.tags.keys() and before.score == after.score
                 and before.account_domain == after.account_domain
                 and hour_start(before.last_activity_ms) == hour_start(after.last_activity_ms)):
             return
-        if not after.last_activity_ms and not after.tags:
-            return  # not active yet (e.g. only its email is known so far): no card until it does something
-        lead.on_boards = True
         self._facts(lead, batch)
 
     def _facts(self, lead: _Lead, batch: _Batch) -> None:

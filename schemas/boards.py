@@ -160,7 +160,7 @@ class CommandResult(JsonRecord):
     stage_change_id: str = ""  # the move this command made, if any
 
 
-CardUpdateKind = Literal["facts", "move", "merge", "handover"]
+CardUpdateKind = Literal["facts", "account_tag", "move", "merge", "handover"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -169,6 +169,7 @@ class CardUpdate(JsonRecord):
 
     - facts: lead `lead_id` of this card now has `tags` and `score` (absolute values); `left`: it no
       longer belongs to this card.
+    - account_tag: a rule tagged the account itself: `tags` holds the one tag, `left` means removed.
     - move: a rule's move_card to `to_stage` on `board_id` (forward only, decided by the stage machine).
     - merge: this card folds into `into_card_id` (its anonymous lead merged into a known one, or its
       lead joined an account); the board stage hands the card's state over to that card.

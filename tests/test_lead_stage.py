@@ -140,15 +140,22 @@ async def test_score_reaching_the_threshold_chains_into_the_state_rule():
 
 
 @given(st.lists(st.tuples(st.sampled_from(["lead_a", "lead_b", "lead_c"]),
-                          st.sampled_from(["/pricing", "/blog", "/features/x", "/"]),
+                          st.sampled_from(["/pricing", "/blog", "/features/x", "/", "known", "account"]),
                           st.integers(0, 3 * 3_600_000)), min_size=1, max_size=25),
        st.lists(st.integers(1, 6), min_size=1, max_size=25))
 @settings(max_examples=60)
 def test_the_same_feed_gives_the_same_outputs_whatever_the_batch_boundaries(events, cuts):
     """Rule firings, lead changes and every card update (what the board stage sees) do not depend on how
     the feed was cut into batches, nor on replays of a batch."""
-    records = [event(i, lead, f"https://acme.com{path}") for i, (lead, path, _) in enumerate(events)]
-    records = [orjson.dumps(orjson.loads(r) | {"ts_ms": NOW + offset}) for r, (_, _, offset) in zip(records, events)]
+    def record(i: int, lead: str, what: str, offset: int) -> bytes:
+        """A pageview, or an identity change (the lead's email becomes known; it joins an account)."""
+        if what == "known":
+            return identity("lead_created", lead, email=f"{lead}@acme.com")
+        if what == "account":
+            return identity("account_linked", lead, account_domain=f"{lead}.example")
+        return orjson.dumps(orjson.loads(event(i, lead, f"https://acme.com{what}")) | {"ts_ms": NOW + offset})
+
+    records = [record(i, *e) for i, e in enumerate(events)]
 
     def run_in(batches: list[int], replay: bool) -> dict:
         async def go():

@@ -28,7 +28,7 @@ rules:
 - id: requested-a-demo
   when: {event: form_submit}
   if: [{field: event.properties.form, op: is, value: demo-request}]
-  then: [{add_tag: Decision}, {add_score: 30}]
+  then: [{add_tag: Decision}, {add_score: 30}, {add_tag: {tag: Demo requested, on: account}}]
 boards:
 - id: pipeline
   name: Sales pipeline
@@ -86,6 +86,9 @@ def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles):
         assert board.status_code == 200 and board.headers["etag"]
         columns = {stage["id"]: [card["card_id"] for card in stage["cards"]] for stage in board.json()["stages"]}
         assert "account:acme.com" in columns["consideration"] and "account:globex.io" in columns["decision"]
+        globex = next(card for stage in board.json()["stages"] for card in stage["cards"]
+                      if card["card_id"] == "account:globex.io")
+        assert globex["tags"] == ["Decision", "Demo requested"]  # the lead's tag and the account's own
         assert client.get("/v1/sites/it/boards/pipeline", headers={"X-API-Key": "k-other"}).status_code in (403, 404)
         ann = next(iter(tags))
         profile = client.get(f"/v1/sites/it/leads/{ann}", headers={"X-API-Key": "k"}).json()
