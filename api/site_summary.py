@@ -53,10 +53,6 @@ SUMMARY = (
                  "SELECT concat(toString(intDiv(least(score, 99), 20) * 20), '-',"
                  " toString(intDiv(least(score, 99), 20) * 20 + if(score >= 80, 20, 19))) AS band, count() AS leads"
                  " FROM lead_state FINAL WHERE site_id = %(site)s AND merged_into = '' GROUP BY band ORDER BY min(score)"),
-    SummaryQuery("cards_per_stage", "Cards per stage (each board)", ("board", "stage", "cards"),
-                 "SELECT board_id, stage, count() AS cards FROM (SELECT board_id, card_id,"
-                 " argMax(to_stage, seq) AS stage FROM stage_changes FINAL WHERE site_id = %(site)s"
-                 " GROUP BY board_id, card_id) WHERE stage != '' GROUP BY board_id, stage ORDER BY board_id, cards DESC"),
     SummaryQuery("stage_changes_by_cause", "Stage changes by cause", ("actor", "changes"),
                  "SELECT if(actor LIKE 'rule:%%', concat('rule ', rule_id), actor) AS cause, count() AS changes"
                  " FROM stage_changes FINAL WHERE site_id = %(site)s GROUP BY cause ORDER BY changes DESC, cause"),

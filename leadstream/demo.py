@@ -15,12 +15,16 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
+from api.site_summary import SUMMARY
+from leadstream.admin import apply_definitions, publish_ip_table
 from leadstream.config import Settings
 from leadstream.runner import Role, produce, wait_drained, wait_for
 from leadstream.traffic import TrafficGenerator, ip_range_table_lines
 from processors import webhooks
-from api.site_summary import SUMMARY
-from leadstream.admin import apply_definitions, publish_ip_table
+from processors.board_store import BoardStore
+from processors.definitions_store import DefinitionsStore
 from sinks import clickhouse
 
 
@@ -38,10 +42,26 @@ def summary(settings: Settings, site_id: str, since_ms: int) -> str:
     ch = clickhouse.connect(settings.clickhouse())
     q = lambda sql: ch.execute(sql, {"site": site_id, "since": since_ms})  # noqa: E731
     out = [_table(query.title, q(query.sql), query.headers) for query in SUMMARY]
+    out.append(_table("The LeadBoard now (cards per stage, from the live board state)",
+                      asyncio.run(_board_columns(settings, site_id)), ("board", "stage", "cards")))
     out.append(_table("Dead letters of this run, by reason", q(
         "SELECT reason, count() AS n FROM dlq WHERE received_ms >= %(since)s GROUP BY reason ORDER BY n DESC"),
         ("reason", "messages")))
     return "\n".join(out)
+
+
+async def _board_columns(settings: Settings, site_id: str) -> list[tuple]:
+    """Cards per stage as the board shows them (ClickHouse's stage changes also hold cards that later
+    folded into another card: a lead that joined its account)."""
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        rows = []
+        for stored in await DefinitionsStore(redis, settings.name("ls")).list_boards(site_id):
+            page = await BoardStore(redis, settings.name("ls")).board(site_id, stored.board, limit_per_stage=0)
+            rows += [(stored.board.id, column.name, column.count) for column in page.columns]
+        return rows
+    finally:
+        await redis.aclose()
 
 
 DEMO_DEFINITIONS = Path(__file__).with_name("demo_assets") / "pipeline.yaml"
