@@ -21,13 +21,13 @@ from typing import Sequence
 from processors.board_store import BoardStore
 from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveRequest, ViewChange, apply_command,
                                apply_move, apply_updates, merge_cards, view_changes)
-from processors.rules import digest
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
 from processors.runtime.stage import Step, decode_batch
 from processors.runtime.state import StateStore
 from processors.site_definitions import SiteDefinitionsCache
 from schemas.boards import BoardCommand, CardUpdate, CommandResult, StageChange
+from schemas.records import digest
 from schemas.topics import BOARD_COMMANDS, BOARD_STAGE_CHANGES, decode_board_input
 
 UPDATE_IDS_KEPT = 64
@@ -132,7 +132,7 @@ class BoardStage:
         absorbed.facts = {}
         cause = Cause(record.actor, record.ts_ms, event_id=record.event_id)
         survivor, _, changes, _ = merge_cards(boards, card, absorbed, cause)
-        survivor.facts = card.copy().facts
+        survivor.facts = dict(card.facts)  # merge_cards copied the card: these are the facts it had
         return survivor, changes, view_changes(boards, card, survivor)
 
     def _finish(self, batch: _Batch) -> None:

@@ -26,7 +26,6 @@ card views to write (`ViewChange`, one per board whose view changed).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
@@ -40,7 +39,7 @@ from schemas.boards import (
     CommandResult,
     StageChange,
 )
-from schemas.records import JsonRecord
+from schemas.records import JsonRecord, digest
 
 OWN_FACTS = ""  # key of the card's own facts: the account's tags, or the lead's own tags and score
 NOTES_KEPT = 20
@@ -275,14 +274,8 @@ def decide(board: BoardDefinition, card: CardState, request: MoveRequest) -> Dec
     return Decision(to_stage=request.to_stage)
 
 
-def _digest(*parts: str) -> str:
-    """Length-prefixed so that no two different part lists hash the same text."""
-    text = "".join(f"{len(part)}:{part}" for part in parts)
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
-
-
 def stage_change_id(site_id: str, board_id: str, card_id: str, seq: int, cause: Cause) -> str:
-    return "sc_" + _digest(site_id, board_id, card_id, str(seq), cause.actor, cause.event_id, str(cause.ts_ms))
+    return "sc_" + digest(site_id, board_id, card_id, str(seq), cause.actor, cause.event_id, str(cause.ts_ms))
 
 
 def _move(board: BoardDefinition, card: CardState, to_stage: str, cause: Cause) -> StageChange:

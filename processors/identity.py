@@ -23,7 +23,6 @@ State lives in an `IdentityStore`; the adapter backs `InMemoryIdentityStore` wit
 from __future__ import annotations
 
 import functools
-import hashlib
 from bisect import insort
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from schemas.identity import (
     LeadRecord,
     VisitorLink,
 )
+from schemas.records import digest
 
 IDENTIFYING_TYPES: frozenset[str] = frozenset(("form_submit", "identify", "email_click", "email_open"))
 PLACEHOLDER_VALUES: frozenset[str] = frozenset(
@@ -142,26 +142,20 @@ class InMemoryIdentityStore:
         return IdentityChanges(dict(self._changes.visitors), dict(self._changes.leads))
 
 
-def _digest(*parts: str) -> str:
-    """Length-prefixed so that no two different part lists hash the same text."""
-    text = "".join(f"{len(part)}:{part}" for part in parts)
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
-
-
 @functools.lru_cache(maxsize=131072)
 def anonymous_lead_id(site_id: str, visitor_id: str) -> str:
-    return "lead_" + _digest("anonymous", site_id, visitor_id)
+    return "lead_" + digest("anonymous", site_id, visitor_id)
 
 
 @functools.lru_cache(maxsize=131072)
 def known_lead_id(site_id: str, email: str) -> str:
     """`email` must already be normalised (see normalise_email)."""
-    return "lead_" + _digest("email", site_id, email)
+    return "lead_" + digest("email", site_id, email)
 
 
 def identity_event_id(site_id: str, cause_event_id: str, kind: str, subject: str) -> str:
     """Deterministic, so a replayed input event re-emits identical identity events (sinks dedup)."""
-    return "ie_" + _digest(site_id, cause_event_id, kind, subject)
+    return "ie_" + digest(site_id, cause_event_id, kind, subject)
 
 
 @functools.lru_cache(maxsize=131072)

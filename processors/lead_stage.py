@@ -23,7 +23,7 @@ from typing import Sequence
 
 import orjson
 
-from processors.rules import (LeadState, Outcome, apply_event, digest, hour_start, hourly_pass, merge,
+from processors.rules import (LeadState, Outcome, apply_event, hour_start, hourly_pass, merge,
                               next_due_ms, set_identity)
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
@@ -34,6 +34,7 @@ from processors.webhooks import WebhookQueue
 from schemas.boards import CardUpdate, account_card_id, lead_card_id
 from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent
+from schemas.records import digest
 from schemas.rules import LeadHandover, LeadSnapshot, WebhookRequest
 from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, decode_lead_activity
 
@@ -107,7 +108,8 @@ class LeadStage:
         records = decode_batch(messages, decode_lead_activity, self.name)
         await self.sites.prepare(record.site_id for _, record in records)
         batch = _Batch(Step(Outputs(self.partitions)))
-        subjects = {self.lead_key(*_subject(record)): (partition, *_subject(record)) for partition, record in records}
+        subjects = {self.lead_key(site, lead): (partition, site, lead)
+                    for partition, record in records for site, lead in (_subject(record),)}
         loaded = await self.store.load(list(subjects))
         for key, (partition, site_id, lead_id) in subjects.items():
             blob = loaded.get(key)

@@ -33,7 +33,7 @@ from operator import attrgetter
 from typing import Any, Literal, Self
 
 from schemas.events import EVENT_TYPES, EnrichedEvent
-from schemas.records import JsonRecord
+from schemas.records import JsonRecord, digest
 from schemas.rules import (
     Action,
     CardMoveRequest,
@@ -123,12 +123,6 @@ class Outcome:
     webhooks: list[WebhookRequest] = field(default_factory=list)
     card_moves: list[CardMoveRequest] = field(default_factory=list)
     retired: LeadState | None = None
-
-
-def digest(*parts: str) -> str:
-    """Length-prefixed so that no two different part lists hash the same text."""
-    text = "".join(f"{len(part)}:{part}" for part in parts)
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
 def _seen_digest(event_id: str) -> str:

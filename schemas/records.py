@@ -7,11 +7,19 @@ extension).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import fields
 from functools import cache
 from typing import Any, Self
 
 import orjson
+
+
+def digest(*parts: str) -> str:
+    """The hash every deterministic id is made of (leads, identity events, firings, stage changes, ...):
+    length-prefixed, so that no two different part lists hash the same text. A replay re-derives it."""
+    text = "".join(f"{len(part)}:{part}" for part in parts)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
 class JsonRecord:
