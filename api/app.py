@@ -1,15 +1,19 @@
 """Thin API over ClickHouse and the board store (and the pages that use it).
 
-Every /v1 call belongs to one site: an API key (header `X-API-Key` or `?key=`) is scoped to exactly one
+Every /v1 call belongs to one site: an API key, sent in the `X-API-Key` header, is scoped to exactly one
 site_id, configured as LEADSTREAM_API_KEYS="site:key,site2:key2:ro" (`:ro`: a read-only key, GET only).
-Errors are JSON problem bodies (RFC 9457) with a 4xx status; a database outage is a 503, never a 500 with
-a stack trace. The board API (api/boards.py) adds LeadBoards, rules and the kanban page at /board.
+A key in the URL is refused (URLs end up in access logs and browser history). Errors are JSON problem
+bodies (RFC 9457) with a 4xx status; an outage of a store is a 503 whose body names only what is
+unavailable and a request id, under which the server log has the cause. The board API (api/boards.py)
+adds LeadBoards, rules and the kanban page at /board.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,7 +28,10 @@ from api.automation_queries import lead_state
 from api.lead_profile import account_leads, lead_profile, leads_by_channel
 from api.site_summary import SUMMARY
 from leadstream.config import Settings
+from processors.accounts import normalise_host
 from sinks import clickhouse
+
+log = logging.getLogger(__name__)
 
 _SITE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DASHBOARD = Path(__file__).with_name("dashboard.html")
@@ -38,6 +45,22 @@ class Problem(Exception):
 
     def __init__(self, status: int, title: str, detail: str = "", code: str = "", **extra):
         self.status, self.title, self.detail, self.code, self.extra = status, title, detail, code, extra
+
+
+def _log_cause(what: str, cause: BaseException | str) -> str:
+    """Logs why a request failed under a new request id, which the answer carries instead of the cause (an
+    exception's class and text tell a caller about the internals)."""
+    request_id = uuid.uuid4().hex[:16]
+    log.error("%s [request %s]: %s", what, request_id, cause if isinstance(cause, str) else repr(cause),
+              exc_info=cause if isinstance(cause, BaseException) else None)
+    return request_id
+
+
+def unavailable(what: str, cause: BaseException | str) -> Problem:
+    """A 503 naming only `what` is unavailable; the cause goes to the server log."""
+    request_id = _log_cause(f"503 {what}", cause)
+    return Problem(503, what, f"try again later; the server log has the cause under request id {request_id}",
+                   "unavailable", request_id=request_id)
 
 
 def _problem(status: int, title: str, detail: str = "", code: str = "", **extra) -> JSONResponse:
@@ -97,8 +120,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return _problem(exc.status, exc.title, exc.detail, exc.code, **exc.extra)
 
     @app.exception_handler(RedisError)
-    async def on_redis_down(_: Request, exc: RedisError):
-        return _problem(503, "board store unavailable", type(exc).__name__)
+    async def on_redis_down(request: Request, exc: RedisError):
+        return await on_problem(request, unavailable("board store unavailable", exc))
+
+    @app.exception_handler(Exception)
+    async def on_bug(_: Request, exc: Exception):
+        """A bug: a 500 with a request id; the traceback goes to the server log, never to the caller."""
+        request_id = _log_cause("500 internal error", exc)
+        return _problem(500, "internal error", f"the server log has the cause under request id {request_id}",
+                        request_id=request_id)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, exc: StarletteHTTPException):
@@ -118,7 +148,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request only reads)."""
         if not _SITE.match(site_id):
             raise Problem(400, "invalid site id", "letters, digits, '.', '_' and '-' only, at most 64")
-        key = request.headers.get("x-api-key") or request.query_params.get("key")
+        if "key" in request.query_params:
+            raise Problem(401, "API key in the URL", "send it as the X-API-Key header, never in the URL (URLs "
+                          "end up in logs); the board stream takes a token from .../stream-token")
+        key = request.headers.get("x-api-key")
         if not key:
             raise Problem(401, "API key required", "send it as the X-API-Key header")
         grant = api_keys.get(key)
@@ -136,7 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except Problem:
             raise
         except Exception as err:  # noqa: BLE001
-            raise Problem(503, "analytics store unavailable", type(err).__name__) from err
+            raise unavailable("analytics store unavailable", err) from err
 
     def query(sql: str, params: dict) -> list:
         return read(lambda client: client.execute(sql, params))
@@ -166,8 +199,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/sites/{site_id}/accounts/{domain}/leads")
     def account(site_id: str, domain: str, request: Request) -> list[dict]:
+        """`domain` as typed (`bücher.de`) finds the account stored as `xn--bcher-kva.de`."""
         authorise(request, site_id)
-        return [dataclasses.asdict(lead) for lead in read(account_leads, site_id, domain)]
+        return [dataclasses.asdict(lead) for lead in read(account_leads, site_id, normalise_host(domain) or domain)]
 
     @app.get("/v1/sites/{site_id}/leads-by-channel")
     def by_channel(site_id: str, request: Request, touch: str = Query("first", pattern="^(first|last)$")) -> dict:

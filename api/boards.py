@@ -40,7 +40,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from api import automation_queries
-from api.app import Problem, SiteGrant
+from api.app import Problem, SiteGrant, unavailable
 from api.lead_profile import (
     Account,
     AccountDetails,
@@ -309,11 +309,15 @@ def check_stream_token(token: str, api_keys: dict[str, SiteGrant], site_id: str,
 
 
 def company_from_ip_ranges(csv_text: str, domain: str) -> str:
-    """The company name an IP-range table (`cidr,domain,company_name[,kind]`) gives `domain`, or ''."""
+    """The company name an IP-range table (`cidr,domain,company_name[,kind]`) gives `domain` (an account
+    domain; the table's domains are read as the table loader reads them), or ''."""
     for cells in csv.reader(csv_text.splitlines()):
-        if len(cells) >= 3 and cells[1].strip().lower() == domain and cells[2].strip():
-            if len(cells) < 4 or cells[3].strip().lower() in ("", "company"):
-                return cells[2].strip()
+        if len(cells) >= 3 and cells[2].strip() and (len(cells) < 4 or cells[3].strip().lower() in ("", "company")):
+            try:
+                if manual_account(cells[1]).domain == domain:
+                    return cells[2].strip()
+            except AccountRefused:
+                continue
     return ""
 
 
@@ -365,7 +369,7 @@ class BoardServices:
             outputs.add(BOARD_COMMANDS, command.card_id.encode(), command.to_json())
             await self.producer.send(outputs)
         except Exception as err:  # noqa: BLE001 - any broker error is an outage to the caller
-            raise Problem(503, "command bus unavailable", type(err).__name__) from err
+            raise unavailable("command bus unavailable", err) from err
 
     async def wait_for_result(self, site_id: str, command_id: str) -> CommandResult | None:
         deadline = time.monotonic() + COMMAND_WAIT_S
@@ -383,17 +387,11 @@ class BoardServices:
 # ---------------------------------------------------------------------------------------- the router
 
 
-def board_router(api_keys: dict[str, SiteGrant], authorise_key: Callable[[Request, str], str],
+def board_router(api_keys: dict[str, SiteGrant], authorise: Callable[[Request, str], str],
                  read: Callable) -> APIRouter:
-    """`authorise_key(request, site)` checks the key and returns it; `read(fn, *args)` runs a ClickHouse read
-    (an outage is a 503)."""
+    """`authorise(request, site)` checks the key (X-API-Key header only) and returns it; `read(fn, *args)` runs
+    a ClickHouse read (an outage is a 503)."""
     router = APIRouter(prefix="/v1/sites/{site_id}", tags=["boards"])
-
-    def authorise(request: Request, site_id: str) -> str:
-        """The board API takes the key from the X-API-Key header only: a key in a URL ends up in logs."""
-        if "key" in request.query_params:
-            raise Problem(400, "API key in the URL", "send it as the X-API-Key header (the stream takes a token)")
-        return authorise_key(request, site_id)
 
     async def read_off_loop(fn: Callable, *args, **kwargs):
         """ClickHouse reads block: run them in the thread pool, never on the event loop the streams share."""
@@ -403,7 +401,7 @@ def board_router(api_keys: dict[str, SiteGrant], authorise_key: Callable[[Reques
         try:
             return request.app.state.board_services
         except AttributeError:  # an app driven without its lifespan (a TestClient outside `with`)
-            raise Problem(503, "board services not started", "the app's lifespan has not run") from None
+            raise unavailable("board services not started", "the app's lifespan has not run") from None
 
     async def board_definition(request: Request, site_id: str, board_id: str) -> BoardDefinition:
         if not _valid_id(board_id):
@@ -699,8 +697,8 @@ def _rule_executions(client, site_id: str, rule_id: str, limit: int, offset: int
     except ServerException as err:
         if err.code != ErrorCodes.UNKNOWN_TABLE:
             raise
-        raise Problem(503, "rule executions are not recorded yet",
-                      "ClickHouse has no rule_executions table: run the migrations (`leadstream migrate`)") from err
+        raise unavailable("rule executions are not recorded yet",
+                          "ClickHouse has no rule_executions table: run the migrations (`leadstream migrate`)") from err
 
 
 def _now_ms() -> int:

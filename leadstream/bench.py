@@ -1,4 +1,4 @@
-"""`leadstream bench`: what one worker process sustains on this machine, next to raw aiokafka.
+"""`leadstream bench`: what one worker process sustains on this machine, and at what CPU cost per event.
 
 Phases, all in one run on the same stack and the same data:
   1. produce K synthetic events to a fresh events.raw;
@@ -10,6 +10,12 @@ Phases, all in one run on the same stack and the same data:
   5. memory and state: peak RSS of the worker, Redis bytes per visitor with state; then N (100,000)
      new visitors each with one open session, Redis bytes per open session, and the time a restarted
      worker needs to process the next event with all that state in place.
+Cost and scale, on the same run:
+  - CPU per event (user+sys), the figure a shared, noisy machine moves least: the worker's, whole and per
+    part (processors/runtime/cost.py: the worker publishes its meter to Redis), and the sink's;
+  - producers: the same enriched events produced to the partitions, idempotent, acks=all, a batch at a
+    time until acked, by the worker's BatchProducer (aiokafka) and by librdkafka (confluent-kafka);
+  - scale-out: phase 3 again with `workers` worker processes in a fresh namespace.
 Workflow automation and LeadBoards, on the same run:
   - before any traffic the bench sites get the demo's rules and board plus generated filler rules, 100
     rules in all, so the lead stage evaluates a realistic rule set on every event;
@@ -44,19 +50,28 @@ import psutil
 import redis
 import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from confluent_kafka import Producer as ConfluentProducer
+from confluent_kafka import ConsumerGroupState
+from confluent_kafka.admin import AdminClient
 
 from leadstream.admin import apply_definitions
 from leadstream.bench_profile import percentile
-from leadstream.config import Settings
+from leadstream.config import KafkaConfig, Settings
 from leadstream.demo import DEMO_DEFINITIONS
 from leadstream.runner import Role, count, produce, wait_for
 from leadstream.topics import delete_topics, ensure_topics
 from leadstream.traffic import TrafficGenerator
+from processors.enrich import enrich_batch
+from processors.runtime.cost import PUBLISH_EVERY_S, cost_key
 from processors.runtime.ingest import consumer as kafka_consumer
-from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
+from processors.runtime.producer import BatchProducer, Outputs
+from schemas.events import EnrichedEvent
+from schemas.topics import BOARD_COMMANDS, EVENTS_ENRICHED, EVENTS_RAW, LEADS_ACTIVITY
 from sinks import clickhouse
 
 RULES_PER_SITE = 100
+STAGE_GROUPS = ("leadstream-worker", "leadstream-lead-stage", "leadstream-board-stage")  # processors/app.py
+PRODUCER_RECORDS = 100_000  # records each client produces in the producer comparison (fewer if the run has fewer)
 BOARD = "pipeline"  # the demo's board: account cards, Consideration when the lead has that tag
 PROBE_EVERY = 100  # one in this many events of the board-latency stream is a probe (20/s at 2,000/s)
 BOARD_POLL_S = 0.05
@@ -170,15 +185,62 @@ class SseParser:
         return None
 
 
-async def _baseline(settings: Settings, expected: int) -> float:
-    """Raw aiokafka consume + orjson decode of every event; returns events/s."""
+RAW_PARTS = (("enrich", "enrich (validate, parse, classify)"), ("sessionize", "sessionize (incl. state load)"),
+             ("identity", "identity (incl. graph prefetch)"), ("serialize", "serialize events, dead letters, feed"))
+STAGE_STEPS = (("lead", "lead stage step (rules)"), ("board", "board stage step (cards)"))
+RUNTIME_PARTS = (("produce", "produce (every stage's outputs, until acked)"),
+                 ("commit", "Redis commit (every stage's state, CAS)"))
+
+
+def combine_costs(snapshots: Iterable[dict]) -> dict:
+    """Several workers' CostMeter snapshots as one: CPU seconds and items summed per part."""
+    total: dict = {"process_cpu_s": 0.0, "parts": {}}
+    for snapshot in snapshots:
+        total["process_cpu_s"] += snapshot["process_cpu_s"]
+        for part, spent in snapshot["parts"].items():
+            into = total["parts"].setdefault(part, {"cpu_s": 0.0, "items": 0})
+            into["cpu_s"] += spent["cpu_s"]
+            into["items"] += spent["items"]
+    return total
+
+
+def cost_rows(cost: dict, events: int) -> list[tuple[str, str]]:
+    """Worker CPU (user+sys) in µs per event of the run, the whole process and each part of it; the parts
+    add up to the total, the rest being what no part covers (fetching, client I/O tasks, timers, the loop)."""
+    parts = cost["parts"]
+
+    def cpu(part: str) -> float:
+        return parts.get(part, {}).get("cpu_s", 0.0)
+
+    def per_event(seconds: float) -> str:
+        return f"{1e6 * seconds / max(events, 1):,.1f} µs"
+
+    def per_item(part: str, unit: str) -> str:
+        items = parts.get(part, {}).get("items", 0)
+        return f"  ({1e6 * cpu(part) / items:,.1f} µs per {unit}, {items:,} {unit}s)" if items else ""
+
+    raw = cpu("raw-events")
+    rows = [("worker CPU per event, whole process (all stages)", per_event(cost["process_cpu_s"])),
+            ("  raw stage step", per_event(raw))]
+    rows += [(f"    {label}", per_event(cpu(part))) for part, label in RAW_PARTS]
+    rows.append(("    rest of the raw step (batching, identity lock)", per_event(raw - sum(cpu(p) for p, _ in RAW_PARTS))))
+    rows += [(f"  {label}", per_event(cpu(part)) + per_item(part, "record")) for part, label in STAGE_STEPS]
+    rows += [(f"  {label}", per_event(cpu(part)) + per_item(part, "record" if part == "produce" else "input"))
+             for part, label in RUNTIME_PARTS]
+    measured = raw + sum(cpu(p) for p, _ in STAGE_STEPS + RUNTIME_PARTS)
+    rows.append(("  other: Kafka fetch, client I/O, timers, event loop", per_event(cost["process_cpu_s"] - measured)))
+    return rows
+
+
+async def _baseline(settings: Settings, expected: int) -> tuple[float, float]:
+    """Raw aiokafka consume + orjson decode of every event: (events/s, CPU seconds of this process)."""
     topic = settings.topic(EVENTS_RAW.name)
     consumer = kafka_consumer(settings.kafka(), group=None)
     await consumer.start()
     try:
         consumer.assign([TopicPartition(topic, p) for p in range(settings.partitions)])
         await consumer.seek_to_beginning()
-        seen, started = 0, time.perf_counter()
+        seen, started, cpu_started = 0, time.perf_counter(), time.process_time()
         loads = orjson.loads
         while seen < expected:
             for messages in (await consumer.getmany(timeout_ms=500, max_records=10_000)).values():
@@ -188,7 +250,7 @@ async def _baseline(settings: Settings, expected: int) -> float:
                     except orjson.JSONDecodeError:
                         pass
                 seen += len(messages)
-        return seen / (time.perf_counter() - started)
+        return seen / (time.perf_counter() - started), time.process_time() - cpu_started
     finally:
         await consumer.stop()
 
@@ -530,15 +592,254 @@ def _board_latency(settings: Settings, rate: int, seconds: int, uid: int) -> Boa
     return result
 
 
+# ------------------------------------------------------------------------------------- throughput phases
+
+
+@dataclass
+class PipelineRun:
+    """One pipeline phase: rates of rows into ClickHouse, and what the processes spent on them."""
+
+    whole_rate: float  # events/s from the first row to the last
+    steady_rate: float  # events/s between 10 % and 90 % of the rows
+    drained_rate: float  # events/s until the lead and board stages had applied everything too
+    first_s: float
+    total_s: float
+    drained_s: float
+    activity_ends: dict[int, int]  # leads.activity's end offsets once drained
+    worker_cost: dict  # the workers' CostMeter snapshots, combined
+    sink_cpu_s: float  # the sink's CPU from its first rows until drained
+
+
+def _start_pipeline(settings: Settings, workers: int) -> list[Role]:
+    """A sink, then `workers` worker processes, each running every stage."""
+    names = ["bench-worker", *(f"bench-worker-{n}" for n in range(2, workers + 1))]
+    return [Role(settings, "bench-sink", "sink").start(),
+            *(Role(settings, name, "worker", "--name", name).start() for name in names)]
+
+
+def _cpu_s(pid: int) -> float:
+    """User+sys CPU seconds of a process and its children."""
+    process = psutil.Process(pid)
+    return sum(p.cpu_times().user + p.cpu_times().system for p in [process, *process.children(recursive=True)])
+
+
+def _worker_costs(settings: Settings, r: redis.Redis, workers: Iterable[Role]) -> dict:
+    """The workers' published CPU cost (after one more publishing tick, so that it covers all done so far)."""
+    time.sleep(2 * PUBLISH_EVERY_S)
+    blobs = [r.get(cost_key(settings.name("ls"), worker.name)) for worker in workers]
+    return combine_costs(orjson.loads(blob) for blob in blobs if blob)
+
+
+def _run_pipeline(settings: Settings, r: redis.Redis, roles: list[Role], sent: int, label: str) -> PipelineRun:
+    """From a standing start until all `sent` events are rows in ClickHouse (events or dead letters), then
+    until the lead and board stages have caught up; roles[0] is the sink, the rest are workers."""
+    total_sql = "SELECT (SELECT count() FROM events) + (SELECT count() FROM dlq)"
+    started = time.perf_counter()
+    marks: list[tuple[float, int]] = []
+    next_print, sink_cpu_at_first = 0.0, None
+    while True:
+        done = count(settings, total_sql)
+        now = time.perf_counter() - started
+        marks.append((now, done))
+        if done and sink_cpu_at_first is None:  # the sink's start-up is behind it: count its work from here
+            sink_cpu_at_first = _cpu_s(roles[0].proc.pid)
+        if now >= next_print:
+            print(f"  {label}: {done:>9,}/{sent:,} rows in ClickHouse after {now:5.1f}s", flush=True)
+            next_print = now + 5
+        if done >= sent:
+            break
+        for role in roles:
+            if not role.alive():
+                raise RuntimeError(f"{role.name} exited:\n{role.log_tail()}")
+        if now > 1800:
+            raise TimeoutError(f"{label} did not finish within 30 minutes")
+        time.sleep(0.25)
+    total_s = marks[-1][0]
+    first = next(t for t, n in marks if n > 0)
+    lo = next(t for t, n in marks if n >= sent * 0.1)
+    hi = next(t for t, n in marks if n >= sent * 0.9)
+    print(f"  {label} done in {total_s:.1f}s (first rows after {first:.1f}s)", flush=True)
+    activity_ends = _drain_automation(settings, r, roles)
+    drained_s = time.perf_counter() - started
+    sink_cpu_s = _cpu_s(roles[0].proc.pid) - (sink_cpu_at_first or 0.0)
+    print(f"  {label}: lead and board stages caught up after {drained_s:.1f}s", flush=True)
+    return PipelineRun(
+        whole_rate=sent / max(total_s - first, 1e-6), steady_rate=(sent * 0.8) / max(hi - lo, 1e-6),
+        drained_rate=sent / max(drained_s - first, 1e-6), first_s=first, total_s=total_s, drained_s=drained_s,
+        activity_ends=activity_ends, worker_cost=_worker_costs(settings, r, roles[1:]), sink_cpu_s=sink_cpu_s)
+
+
+def _prepare_namespace(settings: Settings, site_id: str = "bench") -> list[dict]:
+    """Topics, tables and the bench rule set of a fresh namespace; returns the rules."""
+    asyncio.run(ensure_topics(settings.kafka(), verbose=False))
+    clickhouse.migrate(settings.clickhouse(), verbose=False)
+    return _apply_bench_rules(settings, site_id)
+
+
+def _drop_namespace(settings: Settings) -> None:
+    clickhouse.connect(settings.clickhouse(), database="default").execute(
+        f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+    asyncio.run(delete_topics(settings.kafka()))
+
+
+def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], timeout_s: float = 180) -> None:
+    """Until every stage's consumer group is stable with one member per worker: workers that start together
+    still join one after the other, and each join stops the group for a rebalance."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 4})  # no notices on exit
+    groups = [settings.kafka().group(group) for group in STAGE_GROUPS]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        described = [future.result() for future in admin.describe_consumer_groups(groups).values()]
+        if all(group.state == ConsumerGroupState.STABLE and len(group.members) == workers for group in described):
+            return
+        for role in roles:
+            if not role.alive():
+                raise RuntimeError(f"{role.name} exited:\n{role.log_tail()}")
+        time.sleep(0.5)
+    raise TimeoutError(f"{workers} workers did not all join their stages' consumer groups within {timeout_s:.0f}s")
+
+
+def _scale_out(settings: Settings, r: redis.Redis, records: list[tuple[bytes, bytes]], workers: int, uid: int
+               ) -> PipelineRun:
+    """The pipeline phase again with `workers` worker processes, on the same events in a fresh namespace;
+    the events are produced once every worker has joined, so that the rates leave the joins' rebalances out."""
+    scaled = replace(settings, topic_prefix=f"bench{uid}w{workers}.",
+                     clickhouse_database=f"leadstream_bench{uid}w{workers}")
+    _prepare_namespace(scaled)
+    try:
+        roles = _start_pipeline(scaled, workers)
+        try:
+            _wait_until_joined(scaled, workers, roles)
+            producing = threading.Thread(target=lambda: asyncio.run(produce(scaled, records)), daemon=True)
+            producing.start()  # the clock runs from the first record on, as in the one-worker phase
+            run = _run_pipeline(scaled, r, roles, len(records), f"{workers} workers")
+            producing.join()
+            return run
+        finally:
+            for role in roles:
+                role.stop()
+    finally:
+        _drop_namespace(scaled)
+
+
+@dataclass
+class ProducerFigures:
+    records_per_s: float
+    cpu_us_per_record: float
+
+
+def output_batches(results: Iterable[object], partitions: int, batch_size: int) -> list[list[tuple[int, bytes, bytes]]]:
+    """Enriched events as a stage would produce them: (partition, key, value) in batches of `batch_size`,
+    spread over the partitions the way raw offsets are; rejections are left out."""
+    records = [(i % partitions, event.visitor_id.encode(), event.to_json())
+               for i, event in enumerate(result for result in results if isinstance(result, EnrichedEvent))]
+    return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
+
+
+async def _produce_with_aiokafka(kafka: KafkaConfig, batches: list[list[tuple[int, bytes, bytes]]]
+                                 ) -> tuple[float, float]:
+    """The worker's own BatchProducer, a batch at a time until acked: (wall s, CPU s)."""
+    producer = BatchProducer(kafka)
+    await producer.start()
+    try:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for batch in batches:
+            outputs = Outputs(kafka.partitions)
+            for partition, key, value in batch:
+                outputs.records[(EVENTS_ENRICHED.name, partition)].append((key, value))
+            await producer.send(outputs)
+        return time.perf_counter() - started, time.process_time() - cpu_started
+    finally:
+        await producer.stop()
+
+
+def _produce_with_librdkafka(kafka: KafkaConfig, batches: list[list[tuple[int, bytes, bytes]]]
+                             ) -> tuple[float, float]:
+    """confluent-kafka (librdkafka), configured like BatchProducer (idempotent, acks=all, linger 5 ms), a
+    batch at a time until every record is acked: (wall s, CPU s of this process, librdkafka's threads in)."""
+    producer = ConfluentProducer({
+        "bootstrap.servers": kafka.bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+        "batch.size": 1024 * 1024, "message.max.bytes": 8 * 1024 * 1024})
+    topic, failures = kafka.topic(EVENTS_ENRICHED.name), []
+    producer.list_topics(topic, timeout=30)  # connected before the clock starts, as aiokafka's start() is
+
+    def delivered(error, _message) -> None:
+        if error is not None:
+            failures.append(error)
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for batch in batches:
+        for partition, key, value in batch:
+            producer.produce(topic, value, key, partition=partition, on_delivery=delivered)
+        if producer.flush(60):
+            raise TimeoutError("librdkafka did not get every ack within 60 s")
+    if failures:
+        raise RuntimeError(f"librdkafka: {len(failures)} records not delivered, first: {failures[0]}")
+    return time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def _compare_producers(settings: Settings, records: list[tuple[bytes, bytes]], uid: int, rounds: int = 2
+                       ) -> dict[str, ProducerFigures]:
+    """The hot path's producer against librdkafka on the same enriched events, alternating, `rounds` times
+    each; per client the round with the least CPU (the figure the machine's other load moves least)."""
+    target = replace(settings, topic_prefix=f"bench{uid}prod.")
+    asyncio.run(ensure_topics(target.kafka(), verbose=False))
+    kafka = target.kafka()
+    batches = output_batches(enrich_batch([value for _, value in records[:PRODUCER_RECORDS]], int(time.time() * 1000)),
+                             kafka.partitions, settings.worker_batch_size)
+    total = sum(map(len, batches))
+    best: dict[str, tuple[float, float]] = {}
+    try:
+        for _ in range(rounds):
+            for name, run in (("aiokafka", lambda: asyncio.run(_produce_with_aiokafka(kafka, batches))),
+                              ("librdkafka", lambda: _produce_with_librdkafka(kafka, batches))):
+                wall, cpu = run()
+                if name not in best or cpu < best[name][1]:
+                    best[name] = (wall, cpu)
+    finally:
+        asyncio.run(delete_topics(kafka))
+    return {name: ProducerFigures(total / wall, 1e6 * cpu / total) for name, (wall, cpu) in best.items()}
+
+
+def producer_rows(producers: dict[str, ProducerFigures], partitions: int) -> list[tuple[str, str]]:
+    """The producer comparison: each client's rate and CPU per record, then librdkafka relative to aiokafka."""
+    rows = [(f"producer {name}: idempotent, acks=all, {partitions} partitions",
+             f"{figures.records_per_s:,.0f} records/s  ({figures.cpu_us_per_record:,.1f} µs CPU per record)")
+            for name, figures in producers.items()]
+    aiokafka, librdkafka = producers["aiokafka"], producers["librdkafka"]
+    rows.append(("  librdkafka / aiokafka", f"{librdkafka.records_per_s / aiokafka.records_per_s:.2f}x records/s,"
+                                            f" {librdkafka.cpu_us_per_record / aiokafka.cpu_us_per_record:.2f}x CPU"))
+    return rows
+
+
+def scale_out_rows(scaled: PipelineRun, single: PipelineRun, workers: int, partitions: int, events: int
+                   ) -> list[tuple[str, str]]:
+    """The scale-out phase's total rates, each next to the one-worker figure as a factor."""
+    return [
+        (f"{workers} workers on {partitions} partitions: whole run / steady",
+         f"{scaled.whole_rate:,.0f} / {scaled.steady_rate:,.0f} events/s"
+         f"  ({scaled.steady_rate / single.steady_rate:.2f}x one worker, steady)"),
+        (f"  {workers} workers until lead+board stages drained too",
+         f"{scaled.drained_rate:,.0f} events/s  ({scaled.drained_rate / single.drained_rate:.2f}x one worker)"),
+        (f"  {workers} workers' CPU per event, together",
+         f"{1e6 * scaled.worker_cost['process_cpu_s'] / events:,.1f} µs"),
+    ]
+
+
+def format_table(rows: Sequence[tuple[str, str]]) -> str:
+    """The final table: labels padded to one column, between rules."""
+    width = max(len(label) for label, _ in rows)
+    rule = "=" * (width + 24)
+    return "\n".join([rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule])
+
+
 def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 2000, latency_seconds: int = 15,
-              open_sessions: int = 100_000, board_latency_seconds: int = 15) -> int:
+              open_sessions: int = 100_000, board_latency_seconds: int = 15, workers: int = 2) -> int:
     uid = int(time.time())
     s = replace(settings, topic_prefix=f"bench{uid}.", clickhouse_database=f"leadstream_bench{uid}")
     print(f"LeadStream benchmark — {events:,} events, {s.partitions} partitions, namespace {s.topic_prefix}", flush=True)
-    asyncio.run(ensure_topics(s.kafka(), verbose=False))
-    clickhouse.migrate(s.clickhouse(), verbose=False)
     r = redis.Redis.from_url(s.redis_url)
-    rules = _apply_bench_rules(s, "bench")
+    rules = _prepare_namespace(s)
     print(f"  rule set for the bench sites: {describe_rules(rules)}", flush=True)
 
     records: list[tuple[bytes, bytes]] = []
@@ -554,43 +855,18 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
     produce_rate = sent / (time.perf_counter() - started)
     print(f"  produced {sent:,} events at {produce_rate:,.0f}/s", flush=True)
 
-    baseline_rate = asyncio.run(_baseline(s, sent))
+    baseline_rate, baseline_cpu_s = asyncio.run(_baseline(s, sent))
     print(f"  raw aiokafka consume+decode: {baseline_rate:,.0f} events/s", flush=True)
 
-    roles = [Role(s, "bench-sink", "sink").start(), Role(s, "bench-worker", "worker", "--name", "bench-worker").start()]
+    print(f"  producer comparison: {min(sent, PRODUCER_RECORDS):,} enriched events to {s.partitions} partitions,"
+          " idempotent, acks=all, aiokafka (the worker's BatchProducer) vs librdkafka ...", flush=True)
+    producers = _compare_producers(s, records, uid)
+
+    roles = _start_pipeline(s, workers=1)
     sampler = _PeakRss(roles[1].proc.pid)
     sampler.start()
-    total_sql = "SELECT (SELECT count() FROM events) + (SELECT count() FROM dlq)"
     try:
-        started = time.perf_counter()
-        marks: list[tuple[float, int]] = []
-        next_print = 0.0
-        while True:
-            done = count(s, total_sql)
-            now = time.perf_counter() - started
-            marks.append((now, done))
-            if now >= next_print:
-                print(f"  pipeline: {done:>9,}/{sent:,} rows in ClickHouse after {now:5.1f}s", flush=True)
-                next_print = now + 5
-            if done >= sent:
-                break
-            for role in roles:
-                if not role.alive():
-                    raise RuntimeError(f"{role.name} exited:\n{role.log_tail()}")
-            if now > 1800:
-                raise TimeoutError("pipeline did not finish within 30 minutes")
-            time.sleep(0.25)
-        total_s = marks[-1][0]
-        first = next(t for t, n in marks if n > 0)
-        lo = next(t for t, n in marks if n >= sent * 0.1)
-        hi = next(t for t, n in marks if n >= sent * 0.9)
-        steady_rate = (sent * 0.8) / max(hi - lo, 1e-6)
-        pipeline_rate = sent / max(total_s - first, 1e-6)
-        print(f"  pipeline done in {total_s:.1f}s (first rows after {first:.1f}s)", flush=True)
-        activity_ends = _drain_automation(s, r, roles)
-        drained_s = time.perf_counter() - started
-        drained_rate = sent / max(drained_s - first, 1e-6)
-        print(f"  lead and board stages caught up after {drained_s:.1f}s", flush=True)
+        run = _run_pipeline(s, r, roles, sent, "pipeline")
 
         print(f"  latency phase: {latency_rate:,} events/s for {latency_seconds}s ...", flush=True)
         latencies = _latency(s, latency_rate, latency_seconds)
@@ -628,16 +904,26 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         for role in roles:
             role.stop()
 
-    lead_records, lead_alone_rate = _lead_stage_alone(s, r, activity_ends, uid)
+    lead_records, lead_alone_rate = _lead_stage_alone(s, r, run.activity_ends, uid)
+    scaled = None
+    if workers > 1:
+        print(f"  scale-out phase: the same {sent:,} events, {workers} workers on {s.partitions} partitions ...",
+              flush=True)
+        scaled = _scale_out(s, r, records, workers, uid)
     load = ", ".join(f"{value:.2f}" for value in psutil.getloadavg())
 
     rows = [
-        ("raw aiokafka consume + orjson decode", f"{baseline_rate:,.0f} events/s"),
-        ("pipeline, whole run (worker+sink, into ClickHouse)", f"{pipeline_rate:,.0f} events/s"),
-        ("pipeline, steady 10%..90%", f"{steady_rate:,.0f} events/s"),
-        ("pipeline / raw baseline", f"{100 * steady_rate / baseline_rate:.1f} %"),
+        ("raw aiokafka consume + orjson decode", f"{baseline_rate:,.0f} events/s"
+                                                 f"  ({1e6 * baseline_cpu_s / sent:,.1f} µs CPU per event)"),
+        ("pipeline, whole run (worker+sink, into ClickHouse)", f"{run.whole_rate:,.0f} events/s"),
+        ("pipeline, steady 10%..90%", f"{run.steady_rate:,.0f} events/s"),
+        ("pipeline / raw baseline", f"{100 * run.steady_rate / baseline_rate:.1f} %"),
         ("rules on each bench site (demo's 8 + generated filler)", describe_rules(rules)),
-        ("worker, whole run until lead+board stages drained too", f"{drained_rate:,.0f} events/s"),
+        ("worker, whole run until lead+board stages drained too", f"{run.drained_rate:,.0f} events/s"),
+        *cost_rows(run.worker_cost, sent),
+        ("sink CPU per event (all its tables, first row until drained)", f"{1e6 * run.sink_cpu_s / sent:,.1f} µs"),
+        *producer_rows(producers, s.partitions),
+        *(scale_out_rows(scaled, run, workers, s.partitions, sent) if scaled else []),
         ("lead stage alone: own `worker --stages lead` replaying", f"{lead_alone_rate:,.0f} records/s"),
         ("  the run's leads.activity, first to last commit", f"({lead_records:,} records, nothing else running)"),
         ("lead stage alone / raw baseline", f"{100 * lead_alone_rate / baseline_rate:.1f} %"),
@@ -653,13 +939,8 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         ("Redis bytes per open session (all state: session+identity)", f"{per_open_session:,.0f} B"),
         ("open sessions in Redis at restart", f"{open_now:,}"),
         ("worker restart -> next event in ClickHouse", f"{restart_s:.1f} s  (no state restore: it is in Redis)"),
+        ("load average (1, 5, 15 min) at the end", load),
     ]
-    rows.append(("load average (1, 5, 15 min) at the end", load))
-    width = max(len(k) for k, _ in rows)
-    print("\n" + "=" * (width + 24))
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
-    print("=" * (width + 24))
-    clickhouse.connect(s.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
-    asyncio.run(delete_topics(s.kafka()))
+    print("\n" + format_table(rows))
+    _drop_namespace(s)
     return 0

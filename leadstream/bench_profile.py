@@ -306,7 +306,7 @@ def settle(client) -> float:
     """Merge every table's parts, as background merges eventually would, so reads are timed on settled
     tables rather than during the merge storm that follows a bulk load. Returns the seconds it took."""
     started = time.perf_counter()
-    for table in ("events", "sessions", "visitor_leads", "leads"):
+    for table in ("events", "sessions", "visitor_leads", "leads", "visitors_by_lead", "leads_by_account"):
         client.execute(f"OPTIMIZE TABLE {table} FINAL")
     return time.perf_counter() - started
 

@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="throughput/latency/memory benchmark vs a raw aiokafka loop")
     bench.add_argument("--events", type=int, default=200_000)
     bench.add_argument("--open-sessions", type=int, default=100_000)
+    bench.add_argument("--workers", type=int, default=2,
+                       help="worker processes of the scale-out phase (1: leave it out)")
     bench_profile = sub.add_parser("bench-profile", help="Lead Profile and funnel latency over N events in ClickHouse")
     bench_profile.add_argument("--events", type=int, default=10_000_000)
     args = parser.parse_args(argv)
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from leadstream.bench import run_bench
 
-        return run_bench(settings, events=args.events, open_sessions=args.open_sessions)
+        return run_bench(settings, events=args.events, open_sessions=args.open_sessions, workers=args.workers)
     if args.command == "bench-profile":
         from leadstream.bench_profile import run_profile_bench
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MAX_RECORD_BYTES = 1_000_000  # just under Kafka's default 1 MiB message.max.bytes, with room for headers
 
 
 def _env(name: str, default: str) -> str:
@@ -39,8 +40,13 @@ class Settings:
     sink_batch_size: int = 20000
     sink_batch_ms: int = 500
     max_payload_bytes: int = 65536
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # larger outputs are dead letters (output_too_large)
     session_inactivity_min: int = 30
     session_grace_min: int = 60
+    dedup_window_min: int = 1440  # a re-sent event id is a dead letter if its original is this recent...
+    dedup_max_ids: int = 1000  # ...and among the visitor's last this many events
+    visitor_state_ttl_days: int = 30  # a visitor's sessionizer state expires after this long idle
+    lead_max_visitors: int = 1000  # visitors listed on a lead record (all of them still resolve to it)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: str = ""  # "site:key" (read-write) or "site:key:ro" (read-only), comma-separated
@@ -66,7 +72,7 @@ class Settings:
         return f"{self.topic_prefix}{name}"
 
     def kafka(self) -> KafkaConfig:
-        return KafkaConfig(self.kafka_bootstrap, self.topic_prefix, self.partitions)
+        return KafkaConfig(self.kafka_bootstrap, self.topic_prefix, self.partitions, self.max_record_bytes)
 
     def clickhouse(self) -> ClickHouseConfig:
         return ClickHouseConfig(self.clickhouse_host, self.clickhouse_port, self.clickhouse_database,
@@ -93,6 +99,7 @@ class KafkaConfig:
     bootstrap: str
     topic_prefix: str = ""
     partitions: int = 4
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # key + value of one produced record, at most
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

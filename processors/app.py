@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 import faust
+import orjson
 import redis.asyncio as aioredis
 
 from leadstream.config import Settings
@@ -29,6 +30,7 @@ from processors.definitions_store import DefinitionsStore
 from processors.identity_store import IdentityGraphStore, load_ip_table
 from processors.lead_stage import LeadStage
 from processors.raw_events import RawEventsConfig, RawEventsStage
+from processors.runtime.cost import METER, PUBLISH_EVERY_S, PUBLISHED_FOR_S, cost_key
 from processors.runtime.ingest import BatchIngest
 from processors.runtime.producer import BatchProducer
 from processors.runtime.stage import StageRunner
@@ -42,9 +44,19 @@ log = logging.getLogger(__name__)
 
 def session_policy(settings: Settings) -> sessionize.SessionPolicy:
     default = sessionize.SessionConfig(
-        inactivity_ms=settings.session_inactivity_min * 60_000, grace_ms=settings.session_grace_min * 60_000
+        inactivity_ms=settings.session_inactivity_min * 60_000, grace_ms=settings.session_grace_min * 60_000,
+        dedup_window_ms=settings.dedup_window_min * 60_000, dedup_max_ids=settings.dedup_max_ids,
     )
     return sessionize.SessionPolicy(default=default)
+
+
+def visitor_state_ttl_ms(settings: Settings, policy: sessionize.SessionPolicy) -> int:
+    """Idle visitors' sessionizer state expires, but never while its last session or its ids still matter."""
+    ttl_ms = settings.visitor_state_ttl_days * 86_400_000
+    if ttl_ms < policy.default.state_lifetime_ms:
+        raise ValueError(f"visitor_state_ttl_days={settings.visitor_state_ttl_days} is shorter than session "
+                         f"inactivity + grace + dedup window ({policy.default.state_lifetime_ms // 60_000} min)")
+    return ttl_ms
 
 
 class IngestService(faust.Service):
@@ -89,11 +101,12 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
     prefix = settings.name("ls")
     producer = BatchProducer(kafka)
     redis = aioredis.from_url(settings.redis_url)
-    store = RedisStateStore(redis, prefix)
+    sessions = session_policy(settings)
+    store = RedisStateStore(redis, prefix, state_ttl_ms=visitor_state_ttl_ms(settings, sessions))
     sites = SiteDefinitionsCache(DefinitionsStore(redis, prefix))
     raw_events = RawEventsStage(
-        RawEventsConfig(kafka.topic(EVENTS_RAW.name), kafka.partitions, session_policy(settings),
-                        Limits(max_payload_bytes=settings.max_payload_bytes)),
+        RawEventsConfig(kafka.topic(EVENTS_RAW.name), kafka.partitions, sessions,
+                        Limits(max_payload_bytes=settings.max_payload_bytes), settings.lead_max_visitors),
         store, IdentityGraphStore(store, prefix), prefix,
     )
     runners: dict[str, tuple[StageRunner, BatchIngest]] = {}
@@ -103,8 +116,9 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
         return RedisStateStore(redis, prefix, namespace=f"{stage}:")
 
     def add_stage(name: str, stage, topic, group: str) -> None:
-        runner = StageRunner(stage, stage.store, producer)  # the stage's own store: its watermarks and timers
-        ingest = BatchIngest(kafka, topic.name, group, settings.batch(), runner.process)
+        # the stage's own store: its watermarks and timers
+        runner = StageRunner(stage, stage.store, producer, kafka.topic(topic.name))
+        ingest = BatchIngest(kafka, topic.name, group, settings.batch(), runner.process, isolate=runner.isolate)
         runners[name] = (runner, ingest)
         app.service(IngestService(ingest))
 
@@ -145,6 +159,14 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
             await sites.refresh()
         except Exception:
             log.exception("reloading rules and boards failed; next tick retries")
+
+    @app.timer(interval=PUBLISH_EVERY_S)
+    async def publish_cost() -> None:
+        """CPU per part of the work so far (processors/runtime/cost.py), for `leadstream bench` to read."""
+        try:
+            await redis.set(cost_key(prefix, worker_name), orjson.dumps(METER.snapshot()), ex=PUBLISHED_FOR_S)
+        except Exception:
+            log.exception("publishing the CPU cost failed; next tick retries")
 
     @app.timer(interval=2.0)
     async def stage_timers() -> None:

@@ -21,7 +21,7 @@ import ua_parser
 from pydantic import ValidationError
 from referer_parser import Referer
 
-from processors.accounts import registrable_domain
+from processors.accounts import MAX_HOST_CHARS, registrable_domain
 from schemas.dead_letter import Rejection
 from schemas.events import EMAIL_MAX_CHARS, TEXT_CONTROLS, EnrichedEvent, RawEvent, strip_controls
 
@@ -136,10 +136,11 @@ def classify_referrer(referrer_host: str, url_domain: str) -> tuple[str, str]:
     """(channel, search engine) for a referring host, given the registrable domain of the page it led to.
 
     Keyed by host, not full URL, so the cache stays small and the answer cannot depend on which path of a
-    host happened to be seen first.
+    host happened to be seen first. A host longer than any DNS name is someone else's page too, and never
+    reaches the referrer parser, which recurses once per label.
     """
-    if not referrer_host:
-        return "referral", ""  # a referrer was sent but has no host: still someone else's page
+    if not referrer_host or len(referrer_host) > MAX_HOST_CHARS:
+        return "referral", ""  # a referrer was sent but has no (real) host: still someone else's page
     if site_domain(referrer_host) == url_domain:
         return "direct", ""  # internal navigation
     known = Referer(f"https://[{referrer_host}]/" if ":" in referrer_host else f"https://{referrer_host}/")

@@ -5,13 +5,23 @@ Rules (see DESIGN.md, "Hard parts"):
   (site_id, visitor_id); a known lead's id is a hash of (site_id, normalised email). Ids are therefore
   functions of the evidence, not of arrival order.
 - An identifying event (IDENTIFYING_TYPES with an email; enrichment has already copied ?email= /
-  ?lb_email= and campaign recipients into `email`) links its visitor to the email's lead. An anonymous
-  lead is merged into the known one (all its visitors move, history included: `lead_merged` +
-  `visitor_linked`). Emails on other event types are ignored: a shared URL may carry someone else's.
-- Two known contacts are never merged. A visitor already on known lead A that identifies as B (shared
-  computer) follows the newest identity by event time (ties: larger email), history stays with A, and a
-  `merge_refused` event records it. Comparing event times rather than arrival makes the final
-  visitor -> lead graph independent of the order in which identify events arrive.
+  ?lb_email= and campaign recipients into `email`) claims its visitor for the email's lead. Forms
+  (`form_submit`, `identify`) are declarations; email links (`email_click`, `email_open`) only show that
+  someone opened a message, which may have been forwarded, so they are weaker claims.
+- A visitor on an anonymous lead takes any claim: the anonymous lead is merged into the known one (all
+  its visitors move, history included: `lead_merged` + `visitor_linked`). Emails on other event types are
+  ignored: a shared URL may carry someone else's.
+- Two known contacts are never merged. A visitor on known lead A claimed for B follows its strongest
+  claim (`_claim`): any form beats any link, the newest form wins (a shared computer), the earliest link
+  wins (it was the one that found the visitor anonymous), ties go to the larger email. If B wins the
+  visitor moves from then on, history stays with A (`merge_refused`, "visitor_repointed"); else it stays
+  (`merge_refused`, "older_identity" for a form, "link_on_known_visitor" for a link, whose event stays
+  with A). Since the visitor always follows its strongest claim, the final visitor -> lead graph does not
+  depend on the order in which identifies arrive.
+- A claim's time is its event time capped at its arrival time: an event dated in the future (clients
+  may be up to a day ahead) cannot outrank identifies that really happened later.
+- A lead lists at most `max_visitors` visitors (LeadRecord.visitor_count counts all): further visitors
+  still resolve to it, but its record, and every query built from it, stays bounded.
 - Illegal visitor ids and emails are refused with an `id_refused` event. An identify from an illegal
   visitor id still reaches the email's lead, without linking the (shared, meaningless) visitor id.
 - Bot events and events from datacenter IP ranges are excluded: no lead, no account, no identity event.
@@ -23,7 +33,7 @@ State lives in an `IdentityStore`; the adapter backs `InMemoryIdentityStore` wit
 from __future__ import annotations
 
 import functools
-from bisect import insort
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -43,7 +53,12 @@ from schemas.identity import (
 )
 from schemas.records import digest
 
-IDENTIFYING_TYPES: frozenset[str] = frozenset(("form_submit", "identify", "email_click", "email_open"))
+LINK_TYPES: frozenset[str] = frozenset(("email_click", "email_open"))
+IDENTIFYING_TYPES: frozenset[str] = frozenset(("form_submit", "identify")) | LINK_TYPES
+DEFAULT_MAX_VISITORS = 1000
+"""Visitors listed per lead: keeps a lead record (and the SQL built from it) far below Kafka's 1 MB message
+and ClickHouse's 256 KiB query limits even with 128-character visitor ids."""
+REPOINTED, OLDER_IDENTITY, LINK_ON_KNOWN_VISITOR = "visitor_repointed", "older_identity", "link_on_known_visitor"
 PLACEHOLDER_VALUES: frozenset[str] = frozenset(
     ("null", "undefined", "guest", "anonymous", "none", "unknown", "0", "-1", "test", "nil", "nan",
      "false", "true", "[object object]")
@@ -72,6 +87,8 @@ class IdentityInput(Protocol):
     def type(self) -> str: ...
     @property
     def ts_ms(self) -> int: ...
+    @property
+    def received_ms(self) -> int: ...
     @property
     def visitor_id(self) -> str: ...
     @property
@@ -252,8 +269,9 @@ def keys_needed(events: Iterable[IdentityInput], accounts: AccountsContext) -> K
     """The store keys `resolve` will read for these events, for one batched prefetch (e.g. one MGET).
 
     The only other reads are the leads that the fetched visitor links point to (known leads of
-    returning visitors): prefetch `link.lead_id` for each loaded link in a second round trip, or let the
-    reader load those lazily. Keys are deduplicated, in first-use order.
+    returning visitors) and, for those that were merged away, the lead they merged into: prefetch
+    `link.lead_id` for each loaded link, then `merged_into` of those, or let the reader load them lazily.
+    Keys are deduplicated, in first-use order.
     """
     visitors: dict[Key, None] = {}
     leads: dict[Key, None] = {}
@@ -282,10 +300,12 @@ class IdentityResult:
     touched_leads: list[LeadRecord]
 
 
-def resolve(events: Sequence[IdentityInput], store: IdentityStore, accounts: AccountsContext) -> IdentityResult:
+def resolve(events: Sequence[IdentityInput], store: IdentityStore, accounts: AccountsContext,
+            max_visitors: int = DEFAULT_MAX_VISITORS) -> IdentityResult:
     """Resolve a batch in order. Same outputs and final store state whether called once per batch or
-    once per event, because all state lives in `store` and every id is derived from the evidence."""
-    resolution = _Resolution(store, accounts)
+    once per event, because all state lives in `store` and every id is derived from the evidence.
+    `max_visitors` caps each lead's visitor list (see LeadRecord)."""
+    resolution = _Resolution(store, accounts, max_visitors)
     lead_ids: list[str] = []
     exclusions: list[str] = []
     for event in events:
@@ -298,15 +318,29 @@ def resolve(events: Sequence[IdentityInput], store: IdentityStore, accounts: Acc
     return IdentityResult(lead_ids, exclusions, resolution.emitted, touched)
 
 
+def claim_time(event: IdentityInput) -> int:
+    """When an identify counts as having happened: its event time, but never later than its arrival."""
+    return min(event.ts_ms, event.received_ms)
+
+
+def _claim(by_link: bool, ts_ms: int, email: str) -> tuple[int, int, str]:
+    """The rank of a claim on a visitor; a visitor of a known lead follows its highest-ranked claim. Forms
+    outrank links; the newest form and the earliest link win; ties go to the larger email."""
+    return (0, -ts_ms, email) if by_link else (1, ts_ms, email)
+
+
 class _Resolution:
     """Working state of one `resolve` call: leads are copied out of the store on first use, mutated in
     place, and put back once at the end (one write per lead per batch, however many events it had)."""
 
-    __slots__ = ("store", "accounts", "links", "leads", "emitted")
+    __slots__ = ("store", "accounts", "max_visitors", "links", "leads", "emitted")
 
-    def __init__(self, store: IdentityStore, accounts: AccountsContext) -> None:
+    def __init__(self, store: IdentityStore, accounts: AccountsContext, max_visitors: int) -> None:
+        if max_visitors < 1:
+            raise ValueError(f"a lead must list at least one visitor, got max_visitors={max_visitors}")
         self.store = store
         self.accounts = accounts
+        self.max_visitors = max_visitors
         self.links: dict[Key, VisitorLink | None] = {}
         self.leads: dict[Key, LeadRecord] = {}
         self.emitted: list[IdentityEvent] = []
@@ -327,70 +361,99 @@ class _Resolution:
             lead = self.ensure_lead(event, known_lead_id(event.site_id, email), email, [])
         else:
             lead = self.current_lead(event)
-            if email and email != lead.email:
+            if email:
                 lead = self.identify(event, lead, email)
-            elif email:
-                self.refresh_link(event, lead)
         self.touch(lead, event)
         return lead.lead_id, ""
 
     def current_lead(self, event: IdentityInput) -> LeadRecord:
         site_id, visitor_id = event.site_id, event.visitor_id
         link = self.link(site_id, visitor_id)
-        if link is not None:
-            return self.ensure_lead(event, link.lead_id, "", [visitor_id])
-        lead = self.ensure_lead(event, anonymous_lead_id(site_id, visitor_id), "", [visitor_id])
-        self.set_link(site_id, visitor_id, VisitorLink(lead.lead_id, event.ts_ms))
-        return lead
+        if link is None:
+            lead = self.ensure_lead(event, anonymous_lead_id(site_id, visitor_id), "", [visitor_id])
+            self.set_link(site_id, visitor_id, VisitorLink(lead.lead_id, claim_time(event)))
+            return lead
+        lead = self.ensure_lead(event, link.lead_id, "", [visitor_id])
+        return self.follow_merge(event, lead) if lead.merged_into else lead
 
     def identify(self, event: IdentityInput, current: LeadRecord, email: str) -> LeadRecord:
-        """Link the event's visitor to the lead of `email`; `current` is its lead with another email."""
-        known = self.ensure_lead(event, known_lead_id(event.site_id, email), email, [])
-        if not current.email:
-            self.merge(event, current, known)
-            return known
+        """Apply the event's claim on its visitor for `email`; returns the lead the event itself belongs to."""
         site_id, visitor_id = event.site_id, event.visitor_id
+        by_link, since = event.type in LINK_TYPES, claim_time(event)
+        if not current.email:
+            known = self.ensure_lead(event, known_lead_id(site_id, email), email, [])
+            self.merge(event, current, known, VisitorLink(known.lead_id, since, by_link))
+            return known
         link = self.link(site_id, visitor_id)
         assert link is not None  # current_lead() linked it
-        if (event.ts_ms, email) > (link.since_ts_ms, current.email):
-            current.visitors.remove(visitor_id)
-            insort(known.visitors, visitor_id)
-            self.set_link(site_id, visitor_id, VisitorLink(known.lead_id, event.ts_ms))
-            reason = "visitor_repointed"
-        else:
-            reason = "older_identity"
+        stronger = _claim(by_link, since, email) > _claim(link.by_link, link.since_ts_ms, current.email)
+        if email == current.email:
+            if stronger:  # a repeated identify renews the claim, so an older, late one cannot win
+                self.set_link(site_id, visitor_id, VisitorLink(current.lead_id, since, by_link))
+            return current
+        if stronger:
+            known = self.ensure_lead(event, known_lead_id(site_id, email), email, [])
+            self.move(visitor_id, current, known)
+            self.set_link(site_id, visitor_id, VisitorLink(known.lead_id, since, by_link))
+            reason, owner = REPOINTED, known
+        elif by_link:  # a forwarded email: the click stays with the browser's known contact
+            reason, owner = LINK_ON_KNOWN_VISITOR, current
+        else:  # the form itself belongs to the contact it names, the visitor stays with the newer one
+            reason, owner = OLDER_IDENTITY, self.ensure_lead(event, known_lead_id(site_id, email), email, [])
         self.emit(
-            MERGE_REFUSED, event, visitor_id, visitor_id=visitor_id, lead_id=known.lead_id,
+            MERGE_REFUSED, event, visitor_id, visitor_id=visitor_id, lead_id=known_lead_id(site_id, email),
             from_lead_id=current.lead_id, email=email, reason=reason,
         )
-        return known
+        return owner
 
-    def merge(self, event: IdentityInput, anonymous: LeadRecord, known: LeadRecord) -> None:
+    def merge(self, event: IdentityInput, anonymous: LeadRecord, known: LeadRecord, link: VisitorLink) -> None:
         """Move an anonymous lead and all its visitors (with their history) into a known lead."""
         self.emit(
             LEAD_MERGED, event, anonymous.lead_id, visitor_id=event.visitor_id, lead_id=known.lead_id,
             from_lead_id=anonymous.lead_id, email=known.email,
         )
         for visitor_id in anonymous.visitors:
-            self.set_link(event.site_id, visitor_id, VisitorLink(known.lead_id, event.ts_ms))
-            if visitor_id not in known.visitors:
-                insort(known.visitors, visitor_id)
+            self.set_link(event.site_id, visitor_id, link)
+            self.enlist(known, visitor_id)
             self.emit(
                 VISITOR_LINKED, event, visitor_id, visitor_id=visitor_id, lead_id=known.lead_id,
                 from_lead_id=anonymous.lead_id, email=known.email,
             )
-        anonymous.visitors = []
+        known.visitor_count += anonymous.visitor_count  # unlisted ones follow on their next event
+        anonymous.visitors, anonymous.visitor_count = [], 0
         anonymous.merged_into = known.lead_id
         known.first_ts_ms = min(known.first_ts_ms, anonymous.first_ts_ms)
         known.last_ts_ms = max(known.last_ts_ms, anonymous.last_ts_ms)
         if anonymous.account_domain and not known.account_domain:
             self.set_account(event, known, anonymous.account_domain, "merged_lead")
 
-    def refresh_link(self, event: IdentityInput, lead: LeadRecord) -> None:
-        """A repeated identify renews the visitor's link time, so an older, late identify cannot win."""
-        link = self.link(event.site_id, event.visitor_id)
-        if link is not None and event.ts_ms > link.since_ts_ms:
-            self.set_link(event.site_id, event.visitor_id, VisitorLink(lead.lead_id, event.ts_ms))
+    def follow_merge(self, event: IdentityInput, merged: LeadRecord) -> LeadRecord:
+        """A visitor a capped anonymous lead did not list still points at it after its merge: it joins the
+        survivor now (counted there by the merge), history included. Its claim is the weakest kind, a link
+        of now: the visitor never identified itself."""
+        survivor = self.ensure_lead(event, merged.merged_into, "", [])
+        site_id, visitor_id = event.site_id, event.visitor_id
+        self.set_link(site_id, visitor_id, VisitorLink(survivor.lead_id, claim_time(event), True))
+        self.enlist(survivor, visitor_id)
+        self.emit(
+            VISITOR_LINKED, event, visitor_id, visitor_id=visitor_id, lead_id=survivor.lead_id,
+            from_lead_id=merged.lead_id, email=survivor.email,
+        )
+        return survivor
+
+    def move(self, visitor_id: str, source: LeadRecord, target: LeadRecord) -> None:
+        if visitor_id in source.visitors:
+            source.visitors.remove(visitor_id)
+        source.visitor_count -= 1
+        target.visitor_count += 1
+        self.enlist(target, visitor_id)
+
+    def enlist(self, lead: LeadRecord, visitor_id: str) -> None:
+        """List a visitor of `lead` while the list has room (`visitor_count` is the caller's business)."""
+        visitors = lead.visitors
+        at = bisect_left(visitors, visitor_id)
+        if len(visitors) < self.max_visitors and (at == len(visitors) or visitors[at] != visitor_id):
+            visitors.insert(at, visitor_id)
 
     def touch(self, lead: LeadRecord, event: IdentityInput) -> None:
         ts_ms = event.ts_ms
@@ -415,7 +478,8 @@ class _Resolution:
         )
 
     def ensure_lead(self, event: IdentityInput, lead_id: str, email: str, visitors: list[str]) -> LeadRecord:
-        """The working copy of a lead, created (with `email` and `visitors`) if the store has none."""
+        """The working copy of a lead, created (with `email` and `visitors`) if the store has none. A stored
+        list longer than the cap (written before the cap, or under a larger one) is cut back to it."""
         site_id = event.site_id
         lead = self.leads.get((site_id, lead_id))
         if lead is not None:
@@ -423,6 +487,7 @@ class _Resolution:
         stored = self.store.get_lead(site_id, lead_id)
         if stored is not None:
             lead = stored.copy()
+            del lead.visitors[self.max_visitors:]
         else:
             lead = LeadRecord(
                 lead_id, site_id, email, visitors, "", "", event.ts_ms, event.ts_ms, event.event_id

@@ -2,9 +2,10 @@
 
 A pure step (enrich -> sessionize -> resolve identity) run by the shared `StageRunner`, which owns the order
 of effects (skip applied offsets, produce, compare-and-set commit). State: one sessionizer blob per
-visitor (partition-owned, with its idle-close deadline) and the identity graph (global, written in the
-same transaction). Only identity takes the graph's lock — from resolving through produce and commit —
-so several workers enrich and sessionize in parallel and take turns just for that part.
+visitor (partition-owned, with its idle-close deadline; the store may expire idle ones) and the identity
+graph (global, written in the same transaction). Only identity takes the graph's lock — from resolving
+through produce and commit, fenced so that a holder whose lease ran out commits nothing — so several
+workers enrich and sessionize in parallel and take turns just for that part.
 
 Outputs keep per-key order: events, dead letters and sessions stay on the raw message's partition (the
 sinks deduplicate by raw offset); identity rows and the lead feed are keyed by visitor and lead.
@@ -23,6 +24,7 @@ from processors.accounts import AccountsContext
 from processors.enrich import Limits, enrich_batch
 from processors.identity import IdentityChanges, InMemoryIdentityStore
 from processors.identity_store import IdentityGraphStore, version_now
+from processors.runtime.cost import METER
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
 from processors.runtime.stage import Step
@@ -42,6 +44,7 @@ class RawEventsConfig:
     partitions: int
     session_policy: sessionize.SessionPolicy
     limits: Limits
+    max_visitors_per_lead: int = identity.DEFAULT_MAX_VISITORS
 
 
 class RawEventsStage:
@@ -60,7 +63,8 @@ class RawEventsStage:
 
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
         step = Step(Outputs(self.config.partitions))
-        results = enrich_batch([m.value for m in messages], received_ms, self.config.limits)
+        with METER.measure("enrich", len(messages)):
+            results = enrich_batch([m.value for m in messages], received_ms, self.config.limits)
         accepted: list[tuple[Message, EnrichedEvent]] = []
         rejected: dict[int, Rejection] = {}
         for i, (message, result) in enumerate(zip(messages, results)):
@@ -70,13 +74,16 @@ class RawEventsStage:
                 result.raw_partition, result.raw_offset = message.partition, message.offset
                 accepted.append((message, result))
 
-        await self._sessionize(accepted, messages, rejected, received_ms, step)
+        await METER.measured("sessionize", self._sessionize(accepted, messages, rejected, received_ms, step),
+                             len(accepted))
         accepted = [(m, e) for m, e in accepted if e.raw_offset >= 0]  # duplicates went to the DLQ
         step.held = contextlib.AsyncExitStack()
-        await step.held.enter_async_context(self.identity.locked())  # until the commit: the graph is global
+        step.fence = await step.held.enter_async_context(self.identity.locked())  # until the commit: global graph
         try:
-            changes, feed = await self._resolve_identity(accepted, step.outputs)
-            self._add_events_and_dead_letters(messages, accepted, rejected, received_ms, feed, step.outputs)
+            changes, feed = await METER.measured("identity", self._resolve_identity(accepted, step.outputs),
+                                                 len(accepted))
+            with METER.measure("serialize", len(messages)):
+                self._add_events_and_dead_letters(messages, accepted, rejected, received_ms, feed, step.outputs)
         except BaseException:
             await step.held.aclose()
             raise
@@ -93,7 +100,8 @@ class RawEventsStage:
                 continue
             changes = step.partition(p)
             for key, blob in (await self.store.load(due)).items():
-                if not blob:
+                if not blob:  # expired (idle past its time to live): nothing left to close
+                    changes.deadlines[key] = None
                     continue
                 state, upserts = sessionize.close_idle(sessionize.load_state(blob), clock, policy)
                 changes.states[key] = sessionize.dump_state(state)
@@ -148,7 +156,7 @@ class RawEventsStage:
         events = [e for _, e in accepted]
         graph = await self.identity.prefetch(events, self.accounts)
         view = InMemoryIdentityStore(graph)
-        result = identity.resolve(events, view, self.accounts)
+        result = identity.resolve(events, view, self.accounts, self.config.max_visitors_per_lead)
         for event, lead_id in zip(events, result.lead_ids):
             event.lead_id = lead_id
         changes = view.changes()
@@ -156,7 +164,7 @@ class RawEventsStage:
         feed: dict[str, list[IdentityEvent]] = defaultdict(list)
         for ev in result.identity_events:
             outputs.add(IDENTITY, ev.visitor_id.encode(), ev.to_json())
-            if ev.lead_id and ev.kind in LEAD_FEED_KINDS:
+            if ev.lead_id and ev.kind in LEAD_FEED_KINDS and ev.reason != identity.LINK_ON_KNOWN_VISITOR:
                 feed[ev.event_id].append(ev)
         for (site_id, visitor_id), link in changes.visitors.items():
             since = _owner_since(graph, site_id, visitor_id, link)
@@ -192,7 +200,8 @@ class RawEventsStage:
 
 LEAD_FEED_KINDS = frozenset({"lead_created", "lead_merged", "visitor_linked", "account_linked", "merge_refused"})
 """Identity changes on the lead feed: a known lead's creation gives it its email, a merge moves a lead's
-state, an account link moves its card; re-pointed visitors are there for completeness."""
+state, an account link moves its card; re-pointed visitors are there for completeness. An email link
+refused on a known visitor changed nothing (and names a lead that may not exist): not on the feed."""
 
 
 def lead_feed_key(change: IdentityEvent) -> bytes:

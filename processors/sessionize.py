@@ -9,7 +9,11 @@ All times are event time in epoch milliseconds.
 - A session is closed (final) once the horizon - the visitor's watermark (max ts seen) or the caller's
   `now_ms` - reaches `end + inactivity + grace`. Closed history never changes: an event at or before
   `end + inactivity` of the last closed session would touch it, so it is LATE (in no session, id "").
-- An event whose event_id is already in an open session is a DUPLICATE: flagged, counted once.
+- An event whose event_id the visitor already had is a DUPLICATE: flagged, counted once, whether its
+  session is open or closed. The state remembers the ids of the visitor's last `dedup_max_ids` accepted
+  events (by event time) within `dedup_window_ms` of its newest one, and no others, so a visitor's state
+  stays bounded however many events it sends. A copy of an event it no longer remembers is taken as a
+  new event (late, if its session has closed).
 - A session's id hashes (site, visitor, earliest (ts, event_id)), so it does not depend on arrival
   order. When it changes, the old id is emitted once more as a tombstone (`merged_into` = new id); the
   state keeps each open session's former ids so every tombstone always points at a current id.
@@ -21,6 +25,7 @@ All times are event time in epoch milliseconds.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, insort
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Mapping, Protocol, Sequence
@@ -31,7 +36,7 @@ from schemas.session import Session
 
 MINUTE_MS = 60_000
 PAGEVIEW = "pageview"
-_STATE_FORMAT = 1
+_STATE_FORMAT = 2  # 1: each open session kept all its event ids (read, and converted, by load_state)
 
 # Copied from the earliest event onto the session, in this order (unpacked in `_Run._record`).
 _FIRST_TOUCH = (
@@ -71,14 +76,26 @@ class SessionInput(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
-    """`grace_ms`: how long after a session's inactivity timeout it still accepts out-of-order events."""
+    """`grace_ms`: how long after a session's inactivity timeout it still accepts out-of-order events.
+    `dedup_window_ms` and `dedup_max_ids`: which of a visitor's event ids are remembered to catch a re-sent
+    copy (at most that many, none older than the window before the visitor's newest event)."""
 
     inactivity_ms: int = 30 * MINUTE_MS
     grace_ms: int = 60 * MINUTE_MS
+    dedup_window_ms: int = 24 * 60 * MINUTE_MS
+    dedup_max_ids: int = 1000
 
     def __post_init__(self) -> None:
-        if self.inactivity_ms <= 0 or self.grace_ms < 0:
-            raise ValueError(f"need inactivity_ms > 0 and grace_ms >= 0, got {self}")
+        if self.inactivity_ms <= 0 or self.grace_ms < 0 or self.dedup_window_ms < 0 or self.dedup_max_ids < 1:
+            raise ValueError(f"need inactivity_ms > 0, grace_ms >= 0, dedup_window_ms >= 0 and dedup_max_ids >= 1,"
+                             f" got {self}")
+
+    @property
+    def state_lifetime_ms(self) -> int:
+        """How long after a visitor's newest event its state still matters for more than numbering: its
+        last session may still take events, its ids still catch copies. A time to live on idle visitor
+        state must not be shorter."""
+        return self.inactivity_ms + self.grace_ms + self.dedup_window_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +128,7 @@ class OpenSession:
     session_id: str
     version: int
     end_ms: int
-    event_ids: set[str]
+    event_count: int
     pageview_count: int
     is_bot: bool
     first: list  # [ts, event_id, url, [first-touch values]] of the earliest event; first[0] is the start
@@ -124,13 +141,13 @@ class OpenSession:
     @classmethod
     def from_event(cls, event: SessionInput, session_id: str) -> OpenSession:
         first = [event.ts_ms, event.event_id, event.url, list(_first_touch(event))]
-        session = cls(session_id, 0, event.ts_ms, set(), 0, False, first, None, None, None, None, [])
+        session = cls(session_id, 0, event.ts_ms, 0, 0, False, first, None, None, None, None, [])
         session.add(event)
         return session
 
     def add(self, event: SessionInput) -> None:
         ts, event_id = event.ts_ms, event.event_id
-        self.event_ids.add(event_id)
+        self.event_count += 1
         if ts > self.end_ms:
             self.end_ms = ts
         first = self.first
@@ -151,7 +168,7 @@ class OpenSession:
 
     def absorb(self, other: OpenSession) -> None:
         """Takes in the events of a session that starts later (its ids are the caller's business)."""
-        self.event_ids |= other.event_ids
+        self.event_count += other.event_count
         self.end_ms = max(self.end_ms, other.end_ms)
         self.pageview_count += other.pageview_count
         self.is_bot = self.is_bot or other.is_bot
@@ -162,8 +179,38 @@ class OpenSession:
 
 
 @dataclass(slots=True)
+class RecentIds:
+    """The ids of a visitor's newest accepted events, [ts, event_id] ascending (so equal histories give
+    equal bytes), with a set beside it for lookups. `forget` keeps it bounded both ways; applied after
+    every event, it keeps exactly the newest `max_ids` of all ids ever added that are inside the window,
+    whatever the batch split."""
+
+    entries: list[list] = field(default_factory=list)
+    ids: set[str] = field(default_factory=set, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ids.update(event_id for _, event_id in self.entries)
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self.ids
+
+    def add(self, ts_ms: int, event_id: str) -> None:
+        insort(self.entries, [ts_ms, event_id])
+        self.ids.add(event_id)
+
+    def forget(self, oldest_ms: int, max_ids: int) -> None:
+        """Drop ids older than `oldest_ms`, then the oldest beyond `max_ids`."""
+        entries = self.entries
+        cut = max(bisect_left(entries, [oldest_ms]), len(entries) - max_ids)
+        if cut > 0:
+            self.ids.difference_update(event_id for _, event_id in entries[:cut])
+            del entries[:cut]
+
+
+@dataclass(slots=True)
 class VisitorState:
-    """All a visitor's sessionizer needs: its open sessions and a three-field summary of closed history."""
+    """All a visitor's sessionizer needs: its open sessions, a three-field summary of closed history and
+    the ids of its recent events."""
 
     site_id: str
     visitor_id: str
@@ -172,6 +219,7 @@ class VisitorState:
     last_closed_id: str = ""
     last_closed_end_ms: int = 0
     open: list[OpenSession] = field(default_factory=list)  # by start; gaps between them > inactivity
+    recent: RecentIds = field(default_factory=RecentIds)
 
 
 @dataclass(slots=True)
@@ -194,12 +242,13 @@ def session_id_for(site_id: str, visitor_id: str, ts_ms: int, event_id: str) -> 
 class _Run:
     """One call's work on a state: applies steps in place and remembers which ids changed."""
 
-    __slots__ = ("state", "gap", "close_after", "changed", "closed")
+    __slots__ = ("state", "gap", "close_after", "dedup_window", "dedup_max_ids", "changed", "closed")
 
     def __init__(self, state: VisitorState, config: SessionConfig):
         self.state = state
         self.gap = config.inactivity_ms
         self.close_after = config.inactivity_ms + config.grace_ms
+        self.dedup_window, self.dedup_max_ids = config.dedup_window_ms, config.dedup_max_ids
         self.changed: set[str] = set()
         self.closed: list[tuple[OpenSession, Session]] = []  # closed in this call, with their final record
 
@@ -246,7 +295,9 @@ class _Run:
         at it are re-pointed, so tombstone chains stay one hop long.
         """
         survivor = min(group, key=attrgetter("first"), default=None)
-        if survivor is None or [event.ts_ms, event.event_id] < survivor.first:
+        # strictly earlier only: a copy of the first event that is no longer remembered (see RecentIds) has
+        # the same (ts, id) and would otherwise found a session under the survivor's own id
+        if survivor is None or [event.ts_ms, event.event_id] < survivor.first[:2]:
             survivor = None
             new_id = session_id_for(self.state.site_id, self.state.visitor_id, event.ts_ms, event.event_id)
             target = OpenSession.from_event(event, new_id)
@@ -294,7 +345,7 @@ class _Run:
             start_ms=start_ms,
             end_ms=session.end_ms,
             duration_ms=session.end_ms - start_ms,
-            event_count=len(session.event_ids),
+            event_count=session.event_count,
             pageview_count=session.pageview_count,
             landing_url=session.landing[2] if session.landing else url,
             exit_url=session.exit[2] if session.exit else "",
@@ -339,11 +390,13 @@ class _Run:
             upserts.append(record)
         return upserts
 
-    def session_ids(self, events: Sequence[SessionInput], late: list[bool]) -> list[str]:
+    def session_ids(self, events: Sequence[SessionInput], placed: list[bool]) -> list[str]:
+        """The session each placed event is in now: the one whose time span covers it (sessions are
+        disjoint in time, and a placed event is inside its own). '' for late events and duplicates."""
         homes = [session for session, _ in self.closed] + self.state.open
         return [
-            "" if is_late else next(s.session_id for s in homes if event.event_id in s.event_ids)
-            for event, is_late in zip(events, late)
+            next(s.session_id for s in homes if s.first[0] <= event.ts_ms <= s.end_ms) if was_placed else ""
+            for event, was_placed in zip(events, placed)
         ]
 
 
@@ -361,6 +414,7 @@ def apply(
     run = _Run(state, policy.for_site(state.site_id))
     floor = state.watermark_ms if now_ms is None else now_ms
     sessions, gap, close_after = state.open, run.gap, run.close_after  # `sessions` is only mutated in place
+    recent, dedup_window, dedup_max_ids = state.recent, run.dedup_window, run.dedup_max_ids
     late, duplicate = [False] * len(events), [False] * len(events)
     for i, event in enumerate(events):
         if event.visitor_id != state.visitor_id or event.site_id != state.site_id:
@@ -369,19 +423,20 @@ def apply(
         if sessions and sessions[0].end_ms + close_after <= horizon:
             run.close_expired(horizon)
         ts, event_id = event.ts_ms, event.event_id
-        for session in sessions:
-            if event_id in session.event_ids:
-                duplicate[i] = True
-                break
+        if event_id in recent:
+            duplicate[i] = True
         else:
             if state.closed_count and ts <= state.last_closed_end_ms + gap:
                 late[i] = True
             else:
                 run.add(event)
+            recent.add(ts, event_id)
         if ts > state.watermark_ms:
             state.watermark_ms = ts
+        recent.forget(state.watermark_ms - dedup_window, dedup_max_ids)
     run.close_expired(max(state.watermark_ms, floor))
-    return SessionizeResult(state, run.upserts(), run.session_ids(events, late), late, duplicate)
+    placed = [not (is_late or is_duplicate) for is_late, is_duplicate in zip(late, duplicate)]
+    return SessionizeResult(state, run.upserts(), run.session_ids(events, placed), late, duplicate)
 
 
 def close_idle(state: VisitorState, now_ms: int, policy: SessionPolicy) -> tuple[VisitorState, list[Session]]:
@@ -399,13 +454,8 @@ def next_deadline(state: VisitorState, policy: SessionPolicy) -> int | None:
 
 
 _SESSION_COLUMNS = tuple(f.name for f in fields(OpenSession))
-_EVENT_IDS_COLUMN = _SESSION_COLUMNS.index("event_ids")
-
-
-def _session_row(session: OpenSession) -> list:
-    row = [getattr(session, name) for name in _SESSION_COLUMNS]
-    row[_EVENT_IDS_COLUMN] = sorted(session.event_ids)  # sorted: equal states give equal bytes
-    return row
+_EVENT_COUNT_COLUMN = _SESSION_COLUMNS.index("event_count")
+_END_COLUMN = _SESSION_COLUMNS.index("end_ms")
 
 
 def dump_state(state: VisitorState) -> bytes:
@@ -413,17 +463,29 @@ def dump_state(state: VisitorState) -> bytes:
     return orjson.dumps(
         [
             _STATE_FORMAT, state.site_id, state.visitor_id, state.watermark_ms, state.closed_count,
-            state.last_closed_id, state.last_closed_end_ms, [_session_row(s) for s in state.open],
+            state.last_closed_id, state.last_closed_end_ms,
+            [[getattr(s, name) for name in _SESSION_COLUMNS] for s in state.open], state.recent.entries,
         ]
     )  # fmt: skip
 
 
 def load_state(blob: bytes) -> VisitorState:
-    state_format, *values, rows = orjson.loads(blob)
+    state_format, *values = orjson.loads(blob)
+    if state_format == 1:
+        return _load_format_1(values)
     if state_format != _STATE_FORMAT:
         raise ValueError(f"unknown sessionizer state format {state_format!r}")
-    sessions = []
+    *summary, rows, recent = values
+    return VisitorState(*summary, open=[OpenSession(*row) for row in rows], recent=RecentIds(recent))
+
+
+def _load_format_1(values: list) -> VisitorState:
+    """A blob written before ids were kept per visitor: each open session's ids become recent ids (at the
+    session's end time; `apply` trims them to the current bounds) and its id count its event count."""
+    *summary, rows = values
+    recent = RecentIds()
     for row in rows:
-        row[_EVENT_IDS_COLUMN] = set(row[_EVENT_IDS_COLUMN])
-        sessions.append(OpenSession(*row))
-    return VisitorState(*values, open=sessions)
+        for event_id in row[_EVENT_COUNT_COLUMN]:
+            recent.add(row[_END_COLUMN], event_id)
+        row[_EVENT_COUNT_COLUMN] = len(row[_EVENT_COUNT_COLUMN])
+    return VisitorState(*summary, open=[OpenSession(*row) for row in rows], recent=recent)

@@ -1,8 +1,14 @@
-"""Dead letters: why an input was refused, with its original bytes, so nothing is ever silently dropped."""
+"""Dead letters: why a record was refused, with its original bytes, so nothing is ever silently dropped.
+
+A dead letter is itself a Kafka record, so it must stay well under the broker's record limit whatever it
+carries: it keeps at most the first RAW_PREFIX_BYTES of the original bytes, plus their full size and
+SHA-256 (enough to tell whether a copy kept elsewhere is the same record), and says when it cut them.
+"""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 from dataclasses import dataclass
 
 import orjson
@@ -22,6 +28,23 @@ REASONS: tuple[str, ...] = (
     "duplicate_event",  # set by the pipeline when the sessionizer has already seen the event_id
     "internal_error",  # a bug in enrichment: the message is parked for replay instead of crash-looping
 )
+
+RUNTIME_REASONS: tuple[str, ...] = (
+    "undecodable_record",  # a record on an internal topic that no LeadStream writer produced
+    "stage_error",  # a stage failed on this record the same way every time: parked so the partition moves on
+    "output_too_large",  # a record a stage produced is over the broker's record limit (offset -1: never written)
+    "sink_decode_error",  # a sink could not turn the record into a row
+    "sink_insert_error",  # ClickHouse refused the record's row
+)
+"""Reasons the runtime and the sinks give, besides the input validation REASONS above."""
+
+RAW_PREFIX_BYTES = 64 * 1024
+"""At most this much of the original bytes travels in a dead letter (about 87 KB of base64 in its JSON):
+every event accepted by default (LEADSTREAM_MAX_PAYLOAD_BYTES) fits whole, and a letter stays far below
+any broker's record limit."""
+
+MESSAGE_CHARS = 4096
+"""A dead letter's message is cut to this many characters (an exception text can quote a whole record)."""
 
 _REASON_CODES = frozenset(REASONS)
 # pydantic's own wording for these quotes the id pattern, control characters included.
@@ -60,7 +83,11 @@ class Rejection:
 
 @dataclass(slots=True)
 class DeadLetter:
-    """A refused message as published on events.dlq: the reason plus where and what it was."""
+    """A refused record as published on events.dlq: the reason plus where and what it was.
+
+    Built from the whole original bytes (`raw_size` left None), it measures and hashes them, then keeps
+    only their first RAW_PREFIX_BYTES. `offset` -1: the record never had an offset (an output that was
+    too large to be written)."""
 
     reason: str
     message: str
@@ -69,6 +96,19 @@ class DeadLetter:
     partition: int
     offset: int
     received_ms: int
+    raw_size: int | None = None  # size of the original bytes; None: `raw` is the whole of them
+    raw_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if self.raw_size is None:
+            self.raw_size = len(self.raw)
+            self.raw_sha256 = hashlib.sha256(self.raw).hexdigest()
+            self.raw = self.raw[:RAW_PREFIX_BYTES]
+        self.message = self.message[:MESSAGE_CHARS]
+
+    @property
+    def raw_truncated(self) -> bool:
+        return len(self.raw) < self.raw_size
 
     def to_json(self) -> bytes:
         """JSON has no bytes type: `raw` travels as base64 so even invalid UTF-8 survives unchanged."""
@@ -81,11 +121,16 @@ class DeadLetter:
                 "partition": self.partition,
                 "offset": self.offset,
                 "received_ms": self.received_ms,
+                "raw_size": self.raw_size,
+                "raw_sha256": self.raw_sha256,
+                "raw_truncated": self.raw_truncated,
             }
         )
 
     @classmethod
     def from_json(cls, data: bytes) -> DeadLetter:
+        """Also reads letters written before the size and hash were recorded (their `raw` is whole)."""
         record = orjson.loads(data)
         record["raw"] = base64.b64decode(record["raw"])
+        record.pop("raw_truncated", None)  # derived from raw and raw_size
         return cls(**record)

@@ -31,8 +31,10 @@ class IdentityEvent(JsonRecord):
       visitor's past events to `lead_id`.
     - lead_merged: anonymous `from_lead_id` was merged into `lead_id`; all its history belongs to `lead_id`.
     - merge_refused: `visitor_id` (on `from_lead_id`) identified as another known contact `lead_id`; no
-      history moves. `reason` says whether the visitor now points to `lead_id` ("visitor_repointed") or
-      stayed because a newer identity already holds it ("older_identity").
+      history moves. `reason` says whether the visitor now points to `lead_id` ("visitor_repointed"),
+      stayed because a newer form already holds it ("older_identity"), or stayed because an email link
+      never moves a visitor that a form or an earlier link identified ("link_on_known_visitor": nothing
+      changed, and `lead_id` may not exist).
     - id_refused: an illegal visitor id or email; the refused value is in `visitor_id` or `email` and
       `reason` is "<field>:<problem>".
     - account_linked: `lead_id` belongs to account `account_domain`; `reason` is the hint source.
@@ -53,17 +55,25 @@ class IdentityEvent(JsonRecord):
 
 @dataclass(slots=True, frozen=True)
 class VisitorLink(JsonRecord):
-    """Where a visitor's new events go. `since_ts_ms` is the event time of the identify that set the link,
-    so a late-arriving older identify cannot take a visitor away from a newer one (order independence)."""
+    """Where a visitor's new events go, and the claim that put it there: `since_ts_ms` is the time of the
+    identify that set the link (its event time, capped at its arrival), `by_link` whether that identify was
+    an email link rather than a form. Stored so that a late-arriving weaker claim cannot take the visitor
+    away from a stronger one (order independence; see processors.identity)."""
 
     lead_id: str
     since_ts_ms: int
+    by_link: bool = False
 
 
 @dataclass(slots=True)
 class LeadRecord(JsonRecord):
     """A lead as stored in the identity graph. Mutable so the resolver can update it in place within a batch
-    (it copies what it loads before touching it)."""
+    (it copies what it loads before touching it).
+
+    `visitors` lists at most the resolver's cap (a setting, 1,000 by default) of the lead's visitors, so
+    that a lead with thousands of (possibly forged) visitor ids keeps a bounded record; `visitor_count`
+    counts all of them. The list is complete exactly when `visitor_count == len(visitors)`; the visitor ->
+    lead links (and `visitor_leads`) always are."""
 
     lead_id: str
     site_id: str
@@ -74,12 +84,22 @@ class LeadRecord(JsonRecord):
     first_ts_ms: int = 0
     last_ts_ms: int = 0
     created_event_id: str = ""
+    visitor_count: int = 0
+
+    def __post_init__(self) -> None:
+        # records written before the count existed (and hand-built ones) list every visitor they have
+        if self.visitor_count < len(self.visitors):
+            self.visitor_count = len(self.visitors)
+
+    @property
+    def visitors_capped(self) -> bool:
+        return self.visitor_count > len(self.visitors)
 
     def copy(self) -> LeadRecord:
         """Independent copy (own visitors list); explicit because dataclasses.replace is slow on the hot path."""
         return LeadRecord(
             self.lead_id, self.site_id, self.email, list(self.visitors), self.account_domain,
-            self.merged_into, self.first_ts_ms, self.last_ts_ms, self.created_event_id,
+            self.merged_into, self.first_ts_ms, self.last_ts_ms, self.created_event_id, self.visitor_count,
         )
 
 
@@ -93,7 +113,7 @@ class LeadRow(LeadRecord):
     @classmethod
     def of(cls, lead: LeadRecord, version: int) -> LeadRow:
         return cls(lead.lead_id, lead.site_id, lead.email, lead.visitors, lead.account_domain, lead.merged_into,
-                   lead.first_ts_ms, lead.last_ts_ms, lead.created_event_id, version)
+                   lead.first_ts_ms, lead.last_ts_ms, lead.created_event_id, lead.visitor_count, version)
 
 
 @dataclass(slots=True, frozen=True)

@@ -84,12 +84,13 @@ def insert_columnar(client: Client, table: str, columns: Sequence[str], rows: Se
     client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True, types_check=False)
 
 
-def raw_offset_watermarks(client: Client, table: str, raw_topic: str) -> dict[int, int]:
-    """Highest events.raw offset stored per raw partition: the sink's dedup watermark."""
-    where = "WHERE topic = %(topic)s " if table == "dlq" else ""  # the dlq also keeps sink-side decode errors
-    rows = client.execute(
-        f"SELECT raw_partition, max(raw_offset) FROM {table} {where}GROUP BY raw_partition", {"topic": raw_topic})
-    return {int(partition): int(offset) for partition, offset in rows}
+def raw_offset_watermarks(client: Client, table: str, topic_column: str) -> dict[tuple[str, int], int]:
+    """Highest source offset stored per (source topic, partition): a sink's dedup watermark. Scoped by the
+    full topic name, so pipelines with different topic prefixes can share a table. Rows without an offset
+    (-1: a dead letter for a record that was never written) take no part."""
+    rows = client.execute(f"SELECT {topic_column}, raw_partition, max(raw_offset) FROM {table} WHERE raw_offset >= 0 "
+                          f"GROUP BY {topic_column}, raw_partition")
+    return {(topic, int(partition)): int(offset) for topic, partition, offset in rows}
 
 
 class ClientPool:

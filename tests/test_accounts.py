@@ -15,8 +15,11 @@ from processors.accounts import (
     AccountRefused,
     AccountsContext,
     IpRangeTable,
+    _extractor,
     account_for,
+    email_account_domain,
     manual_account,
+    normalise_host,
     registrable_domain,
 )
 
@@ -77,10 +80,73 @@ def test_free_and_disposable_domains_never_become_accounts(domain: str, prefix: 
     assert account_for(email_domain.upper() if upper else email_domain, "10.9.9.9").domain == ""
 
 
-def test_registrable_domain_uses_the_public_suffix_list_offline() -> None:
+def test_registrable_domain_uses_the_public_suffix_list_offline(monkeypatch) -> None:
+    def no_network(*args, **kwargs):
+        raise AssertionError("the suffix list was fetched from the network")
+
+    monkeypatch.setattr("socket.socket.connect", no_network)
+    monkeypatch.setattr("socket.getaddrinfo", no_network)
+    _extractor.cache_clear()  # build the extractor here, with the network gone
+    registrable_domain.cache_clear()
     assert registrable_domain("a.b.example.co.uk") == "example.co.uk"
-    assert registrable_domain("foo.github.io") == "github.io"  # private PSL section is not used
     assert registrable_domain("192.168.0.1") == ""
+
+
+@pytest.mark.parametrize(
+    ("host", "domain"),
+    [
+        ("x.blogspot.com", "x.blogspot.com"),  # each blog is its owner's, not Blogger's
+        ("www.x.blogspot.com", "x.blogspot.com"),
+        ("user.github.io", "user.github.io"),
+        ("docs.user.github.io", "user.github.io"),
+        ("github.io", ""),  # a public suffix itself: nobody's account
+        ("blogspot.com", ""),
+        ("github.com", "github.com"),  # the platform's own site is still an account
+    ],
+)
+def test_private_public_suffixes_give_each_owner_its_own_domain(host: str, domain: str) -> None:
+    assert registrable_domain(host) == domain
+    assert email_account_domain(host) == domain
+
+
+def test_a_free_mail_provider_on_a_private_suffix_stays_free_mail() -> None:
+    """The free/disposable walk goes past the private suffix to the ICANN-registered domain."""
+    assert "dyndns.org" in PERSONAL and registrable_domain("someone.dyndns.org") == "someone.dyndns.org"
+    assert email_account_domain("someone.dyndns.org") == ""
+
+
+@pytest.mark.parametrize(
+    ("host", "normalised"),
+    [
+        ("bücher.de", "xn--bcher-kva.de"),
+        ("BÜCHER.DE.", "xn--bcher-kva.de"),
+        ("xn--bcher-kva.de", "xn--bcher-kva.de"),
+        ("Mail.Acme.COM", "mail.acme.com"),
+        ("straße.de", "xn--strae-oqa.de"),  # UTS #46 non-transitional, as current browsers
+        ("bü cher.de", ""),  # not valid IDNA
+        ("☃.com", ""),  # a symbol: not valid in IDNA 2008
+        ("a" * 250 + ".com", ""),  # longer than any DNS name
+    ],
+)
+def test_hosts_are_spelt_one_way(host: str, normalised: str) -> None:
+    assert normalise_host(host) == normalised
+
+
+def test_an_international_domain_is_one_account_however_it_arrives() -> None:
+    by_hand = manual_account("https://www.Bücher.de/kontakt")
+    assert by_hand == AccountHint("xn--bcher-kva.de", "manual")
+    assert account_for("mail.bücher.de", None).domain == by_hand.domain
+    assert account_for("xn--bcher-kva.de", None).domain == by_hand.domain
+    assert manual_account("bob@BÜCHER.de").domain == by_hand.domain
+    loaded, bad = IpRangeTable.from_lines(["10.0.0.0/8,bücher.de,Bücher GmbH"])
+    assert bad == [] and loaded.lookup("10.1.1.1").domain == by_hand.domain
+
+
+@given(st.text(st.characters(codec="utf-8"), max_size=80))
+def test_normalising_is_idempotent_and_ascii(host: str) -> None:
+    once = normalise_host(host)
+    assert once.isascii() and normalise_host(once) == once
+    assert registrable_domain(once) == registrable_domain(host)
 
 
 # --- manual accounts -----------------------------------------------------------------------------------

@@ -7,15 +7,25 @@ import math
 
 from leadstream.bench import (
     RULES_PER_SITE,
+    PipelineRun,
+    ProducerFigures,
     SseParser,
     bench_definitions,
     caught_up,
+    combine_costs,
+    cost_rows,
     describe_rules,
     filler_rules,
+    format_table,
     latency_rows,
+    output_batches,
+    producer_rows,
     records_applied,
+    scale_out_rows,
     stage_watermarks,
 )
+from processors.enrich import enrich_batch
+from schemas.dead_letter import Rejection
 from leadstream.demo import DEMO_DEFINITIONS
 from schemas.definitions import load_definitions
 
@@ -76,3 +86,78 @@ def test_latency_rows_use_nearest_rank_percentiles_and_say_how_many():
     assert dict(latency_rows("x", [5.0], "of 3 probes"))["  max"] == "5 ms  (1 of 3 probes)"
     empty = dict(latency_rows("x", []))
     assert empty["x: p50"] == f"{math.nan:,.0f} ms" and empty["  max"].endswith("(0 events)")
+
+
+def _snapshot(process_cpu_s: float, **parts: tuple[float, int]) -> dict:
+    return {"process_cpu_s": process_cpu_s,
+            "parts": {name: {"cpu_s": cpu, "items": items} for name, (cpu, items) in parts.items()}}
+
+
+def test_workers_costs_add_up_part_by_part():
+    one = _snapshot(2.0, enrich=(0.5, 1000), produce=(0.25, 3000))
+    two = _snapshot(3.0, enrich=(1.0, 2000), lead=(0.5, 900))
+    assert combine_costs([one, two]) == _snapshot(5.0, enrich=(1.5, 3000), produce=(0.25, 3000), lead=(0.5, 900))
+    assert combine_costs([]) == _snapshot(0.0)
+
+
+def test_cost_rows_give_µs_per_event_for_every_part_and_the_unmeasured_rest():
+    cost = _snapshot(10.0, **{"raw-events": (4.0, 1000), "enrich": (1.5, 1000), "sessionize": (1.0, 990),
+                              "identity": (0.5, 990), "serialize": (0.25, 1000), "lead": (2.0, 1100),
+                              "board": (1.0, 500), "produce": (1.0, 4000), "commit": (0.5, 2600)})
+    rows = dict(cost_rows(cost, events=1000))
+    assert rows["worker CPU per event, whole process (all stages)"] == "10,000.0 µs"
+    assert rows["  raw stage step"] == "4,000.0 µs"
+    assert rows["    enrich (validate, parse, classify)"] == "1,500.0 µs"
+    assert rows["    rest of the raw step (batching, identity lock)"] == "750.0 µs"
+    assert rows["  lead stage step (rules)"] == "2,000.0 µs  (1,818.2 µs per record, 1,100 records)"
+    assert rows["  produce (every stage's outputs, until acked)"] == "1,000.0 µs  (250.0 µs per record, 4,000 records)"
+    assert rows["  other: Kafka fetch, client I/O, timers, event loop"] == "1,500.0 µs"
+
+
+def test_cost_rows_of_a_worker_without_some_stages_show_zero_for_them():
+    rows = dict(cost_rows(_snapshot(1.0, lead=(0.5, 100)), events=100))
+    assert rows["  raw stage step"] == "0.0 µs"
+    assert rows["  board stage step (cards)"] == "0.0 µs"
+    assert rows["  other: Kafka fetch, client I/O, timers, event loop"] == "5,000.0 µs"
+
+
+def test_output_batches_are_the_enriched_events_keyed_by_visitor_spread_over_partitions():
+    raw = [json.dumps({"event_id": f"e{i}", "site_id": "s", "type": "pageview", "visitor_id": f"v{i % 3}",
+                       "ts": 1_700_000_000_000, "url": "https://example.com/pricing"}).encode() for i in range(5)]
+    results = enrich_batch([*raw[:2], b"not json", *raw[2:]], 1_700_000_000_000)
+    assert isinstance(results[2], Rejection)
+    batches = output_batches(results, partitions=4, batch_size=2)
+    assert [len(batch) for batch in batches] == [2, 2, 1]
+    records = [record for batch in batches for record in batch]
+    assert [(partition, key) for partition, key, _ in records] == [(0, b"v0"), (1, b"v1"), (2, b"v2"), (3, b"v0"),
+                                                                    (0, b"v1")]
+    assert json.loads(records[4][2])["event_id"] == "e4"
+
+
+def test_producer_rows_compare_librdkafka_with_aiokafka():
+    rows = producer_rows({"aiokafka": ProducerFigures(100_000, 20.0), "librdkafka": ProducerFigures(250_000, 5.0)}, 4)
+    assert rows == [
+        ("producer aiokafka: idempotent, acks=all, 4 partitions", "100,000 records/s  (20.0 µs CPU per record)"),
+        ("producer librdkafka: idempotent, acks=all, 4 partitions", "250,000 records/s  (5.0 µs CPU per record)"),
+        ("  librdkafka / aiokafka", "2.50x records/s, 0.25x CPU"),
+    ]
+
+
+def _run(steady: float, drained: float, process_cpu_s: float) -> PipelineRun:
+    return PipelineRun(whole_rate=steady * 0.9, steady_rate=steady, drained_rate=drained, first_s=3.0, total_s=60.0,
+                       drained_s=70.0, activity_ends={}, worker_cost=_snapshot(process_cpu_s), sink_cpu_s=5.0)
+
+
+def test_scale_out_rows_give_the_total_and_the_factor_over_one_worker():
+    rows = scale_out_rows(_run(4_500, 4_000, 80.0), _run(3_000, 2_500, 60.0), workers=2, partitions=4, events=200_000)
+    assert rows == [
+        ("2 workers on 4 partitions: whole run / steady", "4,050 / 4,500 events/s  (1.50x one worker, steady)"),
+        ("  2 workers until lead+board stages drained too", "4,000 events/s  (1.60x one worker)"),
+        ("  2 workers' CPU per event, together", "400.0 µs"),
+    ]
+
+
+def test_format_table_pads_labels_to_one_column_between_rules():
+    table = format_table([("short", "1"), ("a longer label", "2 µs")]).splitlines()
+    assert table[0] == table[-1] == "=" * (len("a longer label") + 24)
+    assert table[1:3] == ["short           1", "a longer label  2 µs"]

@@ -412,3 +412,28 @@ def test_card_state_json_round_trip_is_stable(updates):
     card, _, _, _ = apply_command(BOARDS, card, command(card, "note", text="hello"), 1)
     assert CardState.from_json(card.to_json()) == card
     assert CardState.from_json(card.to_json()).to_json() == card.to_json()
+
+
+@given(st.lists(st.one_of(
+    lead_updates.map(lambda update: ("facts", update)),
+    st.sampled_from(["note", "owner", "archive", "unarchive"]).map(lambda kind: ("command", kind)),
+    st.sampled_from(STAGE_IDS).map(lambda stage: ("move", stage)),
+    st.sampled_from(LEAD_IDS).map(lambda lead_id: ("merge", lead_id))), max_size=10))
+def test_the_stage_machine_never_changes_the_card_it_is_given(operations):
+    """Card copies share what is only ever replaced (facts, notes): each step leaves its input as it was."""
+    card = account()
+    for n, (kind, what) in enumerate(operations):
+        given_json = card.to_json()
+        if kind == "facts":
+            after, _, _ = apply_updates(BOARDS, card, [what])
+        elif kind == "command":
+            after, _, _, _ = apply_command(BOARDS, card, command(card, what, f"c{n}", text=f"text {n}"), n)
+        elif kind == "move":
+            after, _, _, _ = apply_move(BOARDS, card, "pipeline", MoveRequest(cause(n, "user:ann"), what))
+        else:
+            absorbed, _, _ = apply_updates(BOARDS, lead(what), [facts(["Decision"], 50, lead_id=what, ts_ms=n)])
+            absorbed_json = absorbed.to_json()
+            after, _, _, _ = merge_cards(BOARDS, card, absorbed, cause(n))
+            assert absorbed.to_json() == absorbed_json
+        assert card.to_json() == given_json
+        card = after

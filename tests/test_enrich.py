@@ -177,6 +177,20 @@ def test_url_parts_utm_and_click_id_priority():
     assert (result.click_id_type, result.click_id) == ("msclkid", "m")
 
 
+@pytest.mark.parametrize("labels", [125, 126, 1_000, 4_000])  # 253 and 255 chars; 4,000: near the 8 KB limit
+def test_a_referrer_host_longer_than_any_dns_name_is_a_referral_not_an_internal_error(labels):
+    host = ".".join(["a"] * labels) + ".com"
+    result = accepted(referrer=f"https://{host}/page", url="https://www.acme.com/")
+    assert (result.channel, result.search_engine, result.referrer_host) == ("referral", "", host)
+
+
+def test_private_suffix_sites_are_sites_of_their_own():
+    """x.blogspot.com's visitors coming from y.blogspot.com are referred, not navigating internally."""
+    result = accepted(url="https://x.blogspot.com/2024/post", referrer="https://y.blogspot.com/")
+    assert (result.url_domain, result.referrer_domain, result.channel) == ("x.blogspot.com", "y.blogspot.com", "referral")
+    assert accepted(url="https://x.blogspot.com/b", referrer="https://x.blogspot.com/a").channel == "direct"
+
+
 @pytest.mark.parametrize(
     ("url", "host", "domain"),
     [("http://10.0.0.7:8080/x", "10.0.0.7", "10.0.0.7"), ("http://[::1]/", "::1", "::1"), ("http://[::1/", "", "")],

@@ -52,6 +52,7 @@ class Ev:
     ip: str = ""
     is_bot: bool = False
     site_id: str = SITE
+    received_ms: int = 10**13  # long after every test event: none is dated in the future unless a test says so
 
 
 def pageview(event_id: str, visitor_id: str, ts_ms: int, **extra: object) -> Ev:
@@ -312,6 +313,121 @@ def test_identity_event_ids_are_deterministic_and_distinct() -> None:
     assert len(set(ids)) == len(ids)
 
 
+# --- trust: future-dated claims, email links, forms naming someone else --------------------------------
+
+HOUR = 3_600_000
+
+
+def test_a_future_dated_identify_does_not_hold_the_visitor_past_its_arrival() -> None:
+    """Clients may be up to a day ahead. A form dated 23 h 59 min ahead used to outrank every real identify
+    of the next day; its claim now counts from when it arrived."""
+    now = 1_700_000_000_000
+    forged = identify("forged", "kiosk", now + 24 * HOUR - 60_000, "mallory@evil.io", received_ms=now)
+    real = identify("real", "kiosk", now + 60_000, "ann@initech.io", received_ms=now + 60_000)
+    for order in ([forged, real], [real, forged]):
+        result, store = run(list(order))
+        assert visitor_lead(store, "kiosk") == known_lead_id(SITE, "ann@initech.io")
+        assert store.get_visitor_lead(SITE, "kiosk").since_ts_ms == now + 60_000
+
+
+def test_a_forwarded_link_does_not_take_a_visitor_its_form_identified() -> None:
+    """Bob forwards his campaign email to Ann, whose browser filled in a form before: clicking Bob's
+    `lb_email` link neither merges Ann into Bob nor re-points her browser; the click stays hers."""
+    result, store = run([identify("form", "ann-laptop", 1_000, "ann@initech.io"),
+                         identify("click", "ann-laptop", 2_000, "bob@acme.com", kind="email_click")])
+    ann, bob = known_lead_id(SITE, "ann@initech.io"), known_lead_id(SITE, "bob@acme.com")
+    assert result.lead_ids == [ann, ann]
+    assert visitor_lead(store, "ann-laptop") == ann
+    [refused] = of_kind(result, "merge_refused")
+    assert (refused.from_lead_id, refused.lead_id, refused.email, refused.reason) == (
+        ann, bob, "bob@acme.com", "link_on_known_visitor")
+    [merged] = of_kind(result, "lead_merged")  # the form's merge of the browser's anonymous lead
+    assert merged.lead_id == ann and store.get_lead(SITE, bob) is None
+
+
+def test_an_anonymous_visitor_is_identified_by_a_link_and_a_later_form_moves_it() -> None:
+    result, store = run([identify("click", "v1", 1_000, "bob@acme.com", kind="email_click"),
+                         identify("form", "v1", 2_000, "ann@initech.io")])
+    assert visitor_lead(store, "v1") == known_lead_id(SITE, "ann@initech.io")
+    assert [e.reason for e in of_kind(result, "merge_refused")] == ["visitor_repointed"]
+
+
+def test_a_form_outranks_a_link_whatever_their_times_and_arrival() -> None:
+    form = identify("form", "v1", 1_000, "ann@initech.io")
+    later_link = identify("click", "v1", 9_000, "bob@acme.com", kind="email_open")
+    for order in ([form, later_link], [later_link, form]):
+        _, store = run(list(order))
+        assert visitor_lead(store, "v1") == known_lead_id(SITE, "ann@initech.io")
+
+
+def test_of_two_links_the_earlier_one_holds_the_visitor() -> None:
+    """The earlier link is the one that found the browser anonymous; the later one came to a known browser."""
+    first = identify("c1", "v1", 1_000, "bob@acme.com", kind="email_click")
+    second = identify("c2", "v1", 5_000, "cy@acme.com", kind="email_click")
+    for order in ([first, second], [second, first]):
+        _, store = run(list(order))
+        assert visitor_lead(store, "v1") == known_lead_id(SITE, "bob@acme.com")
+
+
+def test_a_form_with_someone_elses_email_moves_the_browser_but_never_merges_contacts() -> None:
+    """Mallory types Ann's email into a form on Mallory's known browser: from then on the browser is
+    Ann's (a shared computer looks the same), Mallory's history stays Mallory's and the two contacts stay
+    apart; an anonymous browser would have joined Ann, history included."""
+    result, store = run([identify("m1", "mallory-pc", 1_000, "mallory@evil.io"), pageview("m2", "mallory-pc", 1_500),
+                         identify("m3", "mallory-pc", 2_000, "ann@initech.io")])
+    mallory, ann = known_lead_id(SITE, "mallory@evil.io"), known_lead_id(SITE, "ann@initech.io")
+    assert result.lead_ids == [mallory, mallory, ann]
+    assert lead(store, mallory).last_ts_ms == 1_500 and lead(store, mallory).merged_into == ""
+    assert lead(store, ann).first_ts_ms == 2_000
+    assert not [e for e in of_kind(result, "lead_merged") if e.from_lead_id in (mallory, ann)]
+
+
+# --- bounded leads --------------------------------------------------------------------------------------
+
+
+def test_a_lead_lists_at_most_the_cap_and_counts_every_visitor() -> None:
+    events = [identify(f"e{i}", f"v{i:02}", i, "ann@initech.io") for i in range(12)]
+    result = resolve(events, store := InMemoryIdentityStore(), NO_ACCOUNTS, max_visitors=5)
+    ann = lead(store, known_lead_id(SITE, "ann@initech.io"))
+    assert (ann.visitors, ann.visitor_count, ann.visitors_capped) == ([f"v{i:02}" for i in range(5)], 12, True)
+    assert set(result.lead_ids) == {ann.lead_id}
+    assert all(visitor_lead(store, f"v{i:02}") == ann.lead_id for i in range(12))
+
+
+def test_eight_thousand_forged_visitors_keep_the_lead_record_small() -> None:
+    """One form per forged 128-character visitor id: the record used to pass Kafka's 1 MB message limit."""
+    events = [identify(f"e{i}", f"{i:0128}", i, "ann@initech.io") for i in range(8_000)]
+    _, store = run(events)
+    ann = lead(store, known_lead_id(SITE, "ann@initech.io"))
+    assert (len(ann.visitors), ann.visitor_count) == (1_000, 8_000)
+    assert len(ann.to_json()) < 140_000
+
+
+def test_a_stored_lead_over_the_cap_is_cut_back_when_next_touched() -> None:
+    store = InMemoryIdentityStore()
+    store.put_lead(LeadRecord("lead_big", SITE, "ann@initech.io", [f"v{i:04}" for i in range(1_500)]))
+    store.set_visitor_lead(SITE, "v0007", VisitorLink("lead_big", 0))
+    resolve([pageview("e1", "v0007", 5)], store, NO_ACCOUNTS)
+    big = lead(store, "lead_big")
+    assert (len(big.visitors), big.visitor_count, big.last_ts_ms) == (1_000, 1_500, 5)
+
+
+def test_visitors_a_capped_anonymous_lead_did_not_list_follow_its_merge() -> None:
+    store = InMemoryIdentityStore()
+    store.put_lead(LeadRecord("lead_imported", SITE, "", ["a", "b"], visitor_count=4))
+    for visitor in "abcd":
+        store.set_visitor_lead(SITE, visitor, VisitorLink("lead_imported", 0))
+    resolve([identify("e1", "a", 10, "ann@initech.io")], store, NO_ACCOUNTS, max_visitors=2)
+    ann = known_lead_id(SITE, "ann@initech.io")
+    assert (lead(store, ann).visitors, lead(store, ann).visitor_count) == (["a", "b"], 4)
+    assert visitor_lead(store, "d") == "lead_imported"  # not listed: not moved yet
+    result = resolve([pageview("e2", "d", 20)], store, NO_ACCOUNTS, max_visitors=2)
+    assert result.lead_ids == [ann] and visitor_lead(store, "d") == ann
+    [linked] = of_kind(result, "visitor_linked")
+    assert (linked.visitor_id, linked.from_lead_id, linked.lead_id) == ("d", "lead_imported", ann)
+    assert lead(store, ann).visitor_count == 4  # counted by the merge already
+
+
 # --- properties ----------------------------------------------------------------------------------------
 
 VISITORS = [f"v{i}" for i in range(6)]
@@ -493,3 +609,49 @@ def test_refusals_happen_exactly_for_illegal_ids_and_emails(
     expected = {f"v{i}" for i, (_, legal) in enumerate(visitor_ids) if not legal}
     expected |= {f"m{i}" for i, (_, legal) in enumerate(emails) if not legal}
     assert refused == expected
+
+
+claims = st.lists(
+    st.tuples(st.sampled_from(VISITORS[:3]), st.integers(0, 20), st.integers(0, 30), st.sampled_from(EMAILS),
+              st.sampled_from(IDENTIFYING)),
+    max_size=12,
+).map(lambda rows: [identify(f"id-{i}", visitor, ts, email, kind=kind, received_ms=ts - skew)
+                    for i, (visitor, ts, skew, email, kind) in enumerate(rows)])
+
+
+def strongest_claim(event: Ev) -> tuple[int, int, str]:
+    """The specification, restated: forms beat links, newest form and earliest link win, times are capped
+    at arrival, ties go to the larger email."""
+    ts = min(event.ts_ms, event.received_ms)
+    return (0, -ts, event.email) if event.type in ("email_click", "email_open") else (1, ts, event.email)
+
+
+@given(claims.flatmap(lambda evs: st.tuples(st.just(evs), st.permutations(evs))))
+def test_a_visitor_follows_its_strongest_claim_whatever_the_dates_and_the_arrival_order(
+    pair: tuple[list[Ev], list[Ev]]
+) -> None:
+    """Some claims are dated up to 30 ms after they arrived: those never win on their event time."""
+    events, shuffled = pair
+    _, store = run(events)
+    _, other = run(shuffled)
+    for visitor in {event.visitor_id for event in events}:
+        strongest = max(strongest_claim(event) for event in events if event.visitor_id == visitor)
+        assert visitor_lead(store, visitor) == visitor_lead(other, visitor) == known_lead_id(SITE, strongest[2])
+
+
+@given(mixed_events(), st.integers(1, 3), st.data())
+def test_the_visitor_cap_holds_and_the_count_stays_exact_whatever_the_order(
+    events: list[Ev], cap: int, data: st.DataObject
+) -> None:
+    shuffled = data.draw(st.permutations(events))
+    store = InMemoryIdentityStore()
+    resolve(shuffled, store, ACCOUNTS, max_visitors=cap)
+    changes = store.changes()
+    linked: dict[str, set[str]] = {}
+    for (_, visitor), link in changes.visitors.items():
+        linked.setdefault(link.lead_id, set()).add(visitor)
+    for (_, lead_id), record in changes.leads.items():
+        assert len(record.visitors) <= cap
+        assert set(record.visitors) <= linked.get(lead_id, set())
+        assert record.visitor_count == len(linked.get(lead_id, ()))
+        assert record.visitors_capped == (record.visitor_count > len(record.visitors))

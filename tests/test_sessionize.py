@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -156,8 +157,27 @@ def test_duplicate_delivery_is_flagged_and_counted_once():
     state = apply(None, [a], POLICY).state
     result = apply(state, [b, a], POLICY)
     assert result.duplicate == [False, True]
-    assert result.session_ids == [sid(a), sid(a)]
+    assert result.session_ids == [sid(a), ""]
     assert by_id(result.upserts)[sid(a)].event_count == 2
+
+
+def test_a_copy_resent_after_its_session_closed_is_still_a_duplicate_within_the_window():
+    policy = SessionPolicy(SessionConfig(inactivity_ms=30 * MIN, grace_ms=60 * MIN, dedup_window_ms=24 * 60 * MIN))
+    a = at("a", 0)
+    state = apply(None, [a, at("b", 5 * 60)], policy).state  # five hours later: a's session is closed
+    assert state.closed_count == 1
+    result = apply(state, [a, at("c", 5 * 60 + 1)], policy)
+    assert (result.duplicate, result.late) == ([True, False], [False, False])
+    state = apply(result.state, [at("d", 25 * 60)], policy).state  # a is now older than the window
+    assert apply(state, [a], policy).late == [True]  # accepted again, flagged late, never a session
+
+
+def test_a_visitor_remembers_only_its_newest_ids():
+    policy = SessionPolicy(SessionConfig(dedup_window_ms=24 * 60 * MIN, dedup_max_ids=3))
+    events = [at(f"e{i}", i) for i in range(5)]
+    state = apply(None, events, policy).state
+    assert state.recent.entries == [[2 * MIN, "e2"], [3 * MIN, "e3"], [4 * MIN, "e4"]]
+    assert apply(state, [events[4], events[1]], policy).duplicate == [True, False]
 
 
 def test_idle_session_is_closed_by_the_timer_once():
@@ -222,6 +242,28 @@ def test_state_stays_small():
     state = apply(None, events, POLICY).state
     assert load_state(dump_state(state)) == state
     assert len(dump_state(state)) < 1200  # one open session of 10 events with uuid-sized ids
+
+
+def test_a_session_that_never_idles_keeps_a_bounded_state():
+    """A visitor sending an event every second for a day never closes its session; its state must not
+    grow with it (it used to hold every event id of the open session)."""
+    state, sizes = None, []
+    for batch in range(60):
+        events = [Ev(f"{i:032x}", i * 1000) for i in range(batch * 500, (batch + 1) * 500)]
+        state = load_state(dump_state(apply(state, events, POLICY).state))
+        sizes.append(len(dump_state(state)))
+    assert len(state.open) == 1 and state.open[0].event_count == 30_000
+    assert len(state.recent.entries) == POLICY.default.dedup_max_ids
+    assert max(sizes) < 50_000  # 1,000 ids of 32 characters and one session (the ids alone were 1 MB)
+
+
+def test_a_blob_of_the_previous_format_loads_and_keeps_catching_duplicates():
+    old_session = ["sid-a", 2, 5 * MIN, ["b", "a"], 2, False, [0, "a", "/a", [""] * 12], None, None, None, None, []]
+    state = load_state(orjson.dumps([1, SITE, VISITOR, 5 * MIN, 0, "", 0, [old_session]]))
+    assert (state.open[0].event_count, state.recent.entries) == (2, [[5 * MIN, "a"], [5 * MIN, "b"]])
+    result = apply(state, [at("a", 0), at("c", 6)], POLICY)
+    assert result.duplicate == [True, False]
+    assert by_id(result.upserts)["sid-a"].event_count == 3
 
 
 # --- properties -----------------------------------------------------------------------------------
@@ -386,8 +428,8 @@ def test_ids_resolve_in_one_hop_and_closed_sessions_never_change(stream, cuts):
     for session in run.table.values():
         if session.merged_into:
             assert not run.table[session.merged_into].merged_into, "tombstone chain longer than one hop"
-    for event, session_id, late in zip(events, run.session_ids, run.late):
-        if late:
+    for event, session_id, late, duplicate in zip(events, run.session_ids, run.late, run.duplicate):
+        if late or duplicate:
             assert session_id == ""
             continue
         home = run.table[session_id]
@@ -401,19 +443,53 @@ def test_ids_resolve_in_one_hop_and_closed_sessions_never_change(stream, cuts):
 @settings(max_examples=150, deadline=None)
 @given(streams(), st.sets(st.integers(1, 30)))
 def test_redelivered_events_are_flagged_and_counted_once(stream, cuts):
+    """The default window (a day) and id count (1,000) cover these streams: every copy is caught, open
+    session or closed, and only copies are."""
     config, events = stream
     run = feed(splits(events, cuts), SessionPolicy(config))
     counted = [e.event_id for e in accepted(run, events)]
     assert len(counted) == len(set(counted))
     assert sum(s.event_count for s in run.current()) == len(counted)
     seen: set[str] = set()
-    for event, late, duplicate in zip(events, run.late, run.duplicate):
-        if duplicate:
-            assert event.event_id in seen
-        elif event.event_id in seen:
-            assert late  # a redelivery is either a duplicate or, once its session closed, late
-        elif not late:
-            seen.add(event.event_id)
+    for event, duplicate in zip(events, run.duplicate):
+        assert duplicate == (event.event_id in seen)
+        seen.add(event.event_id)
+
+
+dedup_configs = st.builds(SessionConfig, inactivity_ms=st.integers(1, 20), grace_ms=st.integers(0, 40),
+                          dedup_window_ms=st.integers(0, 150), dedup_max_ids=st.integers(1, 6))
+
+
+@st.composite
+def streams_with_small_dedup_bounds(draw) -> tuple[SessionConfig, list[Ev]]:
+    """Long streams, many copies, and a window and id count they overflow."""
+    config = draw(dedup_configs)
+    events = [make_event(i, *fields) for i, fields in enumerate(draw(st.lists(event_fields, min_size=1, max_size=40)))]
+    copies = draw(st.lists(st.sampled_from(events), max_size=20))
+    return config, draw(st.permutations(events + copies))
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams_with_small_dedup_bounds(), st.sets(st.integers(1, 60)))
+def test_a_copy_is_caught_exactly_while_its_original_is_among_the_newest_ids_in_the_window(stream, cuts):
+    """The oracle: before each event, the remembered ids are the newest `dedup_max_ids` (by ts, id) of
+    the events accepted so far whose ts is within the window of the newest ts seen. Whatever the stream
+    and the batch split, exactly the events whose id is among them are duplicates, and the state never
+    holds more than that."""
+    config, events = stream
+    run = feed(splits(events, cuts), SessionPolicy(config))
+    accepted_so_far: list[tuple[int, str]] = []
+    newest = events[0].ts_ms
+    for event, duplicate in zip(events, run.duplicate):
+        in_window = sorted(pair for pair in accepted_so_far if pair[0] >= newest - config.dedup_window_ms)
+        remembered = {event_id for _, event_id in in_window[-config.dedup_max_ids:]}
+        assert duplicate == (event.event_id in remembered)
+        if not duplicate:
+            accepted_so_far.append((event.ts_ms, event.event_id))
+        newest = max(newest, event.ts_ms)
+    entries = run.state.recent.entries
+    assert len(entries) <= config.dedup_max_ids
+    assert all(ts >= run.state.watermark_ms - config.dedup_window_ms for ts, _ in entries)
 
 
 @settings(max_examples=150, deadline=None)

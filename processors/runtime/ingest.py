@@ -6,6 +6,9 @@ machinery (an Event object and a task per message, the take buffer) cost tens of
 2x the agent's throughput; and `take()` acks in a `finally` block, so a batch that failed could be
 committed. Here the offsets of a batch are committed only after its handler returned, and a partition is
 handed over in a rebalance only after the batch in flight is done.
+
+A batch whose handler keeps failing for a reason other than an outage (see backoff.py) goes to the
+consumer's `isolate`, which sets the failing records aside as dead letters: the partition moves on.
 """
 
 from __future__ import annotations
@@ -45,17 +48,21 @@ def consumer(kafka: KafkaConfig, group: str | None) -> AIOKafkaConsumer:
 
 
 Handler = Callable[[Sequence[Message]], Awaitable[object]]
+Isolate = Callable[[Sequence[Message], BaseException], Awaitable[object]]
 
 
 class BatchIngest:
     """Feeds batches of `topic` to `handler` until stopped. `fill`: keep fetching until the batch is full
     or its time window is over (sinks, which want big inserts) rather than handling whatever one fetch
-    returned (stages, which want low latency)."""
+    returned (stages, which want low latency). `isolate`: how to get a poison batch through record by record
+    (None: retry it forever)."""
 
     def __init__(self, kafka: KafkaConfig, topic: str, group: str, batch: BatchConfig, handler: Handler,
-                 fill: bool = False, on_assigned: Callable[[list[int]], None] = lambda partitions: None):
+                 fill: bool = False, on_assigned: Callable[[list[int]], None] = lambda partitions: None,
+                 isolate: Isolate | None = None):
         self.kafka, self.topic, self.group, self.batch = kafka, topic, group, batch
         self.handler = handler
+        self.isolate = isolate
         self.fill = fill
         self.on_assigned = on_assigned
         self.consumer: AIOKafkaConsumer | None = None
@@ -83,9 +90,10 @@ class BatchIngest:
             messages = [Message(m.partition, m.offset, m.key, m.value) for ms in batches.values() for m in ms]
             if not messages:
                 continue
+            isolate = None if self.isolate is None else (lambda err: self.isolate(messages, err))
             async with self.in_flight:
                 done = await retry_until_done(lambda: self.handler(messages), f"{self.group}: batch of {len(messages)}",
-                                              log, stopping=lambda: stop() or self.stopping)
+                                              log, stopping=lambda: stop() or self.stopping, isolate=isolate)
                 if done:
                     await self._commit({tp: ms[-1].offset + 1 for tp, ms in batches.items()})
 

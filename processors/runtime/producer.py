@@ -1,15 +1,25 @@
-"""Producing a batch's outputs: records grouped per (topic, partition), sent with aiokafka's batch API."""
+"""Producing a batch's outputs: records grouped per (topic, partition), sent with aiokafka's batch API.
+
+Every record is checked against the broker's record limit before it is sent: one over it would be refused
+on every retry and hold up its input partition for good, so it becomes a dead letter instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from aiokafka import AIOKafkaProducer
 
-from leadstream.config import KafkaConfig
-from schemas.topics import Topic, partition_for_key
+from leadstream.config import DEFAULT_MAX_RECORD_BYTES, KafkaConfig
+from schemas.dead_letter import DeadLetter
+from schemas.topics import EVENTS_DLQ, Topic, partition_for_key
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +47,31 @@ class Outputs:
     def __len__(self) -> int:
         return sum(len(v) for v in self.records.values())
 
+    def set_aside_oversized(self, max_record_bytes: int, full_name: Callable[[str], str] = str) -> list[DeadLetter]:
+        """Swap each record whose key and value exceed `max_record_bytes` for a dead letter `output_too_large`
+        on events.dlq, at the same partition number (so it stays with the records of the same input). The
+        letter names the topic, partition and key the record was for; its offset is -1 (never written).
+        Dead letters themselves are bounded by construction (schemas/dead_letter.py) and not checked."""
+        letters = []
+        for (topic, partition), records in list(self.records.items()):
+            if topic == EVENTS_DLQ.name:
+                continue
+            kept = []
+            for key, value in records:
+                size = len(key or b"") + len(value)
+                if size <= max_record_bytes:
+                    kept.append((key, value))
+                    continue
+                letter = DeadLetter(
+                    reason="output_too_large", raw=value, topic=full_name(topic), partition=partition, offset=-1,
+                    message=f"a {size:,}-byte record for {full_name(topic)} (partition {partition}, key "
+                            f"{(key or b'')[:200]!r}) is over the {max_record_bytes:,}-byte record limit",
+                    received_ms=int(time.time() * 1000))
+                self.records[(EVENTS_DLQ.name, partition)].append((None, letter.to_json()))
+                letters.append(letter)
+            self.records[(topic, partition)] = kept
+        return letters
+
 
 class BatchProducer:
     """Produces many records per request with aiokafka's batch API (per-message send() was the hot path's
@@ -61,6 +96,8 @@ class BatchProducer:
 
     async def send(self, outputs: Outputs) -> None:
         """Send everything, then wait for every ack: a batch's state is committed only after this returns."""
+        for letter in outputs.set_aside_oversized(self.kafka.max_record_bytes, self.kafka.topic):
+            log.error("not sent, dead-lettered instead: %s", letter.message)
         futures = []
         for (topic, partition), records in outputs.records.items():
             full_topic = self.kafka.topic(topic)
@@ -77,14 +114,16 @@ class BatchProducer:
 
 
 class MemoryProducer:
-    """Keeps what a stage produced, for unit tests (same `send` contract, no broker)."""
+    """Keeps what a stage produced, for unit tests (same `send` contract, record limit included, no broker)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.sent: list[Outputs] = []
         self.fail_next = 0
+        self.max_record_bytes = max_record_bytes
 
     async def send(self, outputs: Outputs) -> None:
         if self.fail_next:
             self.fail_next -= 1
             raise ConnectionError("broker unavailable (simulated)")
+        outputs.set_aside_oversized(self.max_record_bytes)
         self.sent.append(outputs)

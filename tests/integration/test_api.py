@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 def client(settings):
     ch = connect(settings.clickhouse())
     insert_columnar(ch, "leads", TABLES["leads"].columns, [
-        ["lead_1", "acme", "ann@acme.com", ["v1"], "acme.com", "", 1000, 2000, "e1", 1],
-        ["lead_2", "acme", "", ["v2"], "", "", 1000, 3000, "e2", 1],
+        ["lead_1", "acme", "ann@acme.com", ["v1"], "acme.com", "", 1000, 2000, "e1", 1, 1],
+        ["lead_2", "acme", "", ["v2"], "", "", 1000, 3000, "e2", 1, 1],
     ])
     insert_columnar(ch, "visitor_leads", TABLES["visitor_leads"].columns, [["acme", "v1", 0, "lead_1", 1]])
     return TestClient(create_app(replace(settings, api_keys="acme:k-acme,other:k-other")))

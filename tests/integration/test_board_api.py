@@ -88,7 +88,7 @@ def test_keys_are_site_scoped_and_read_only_keys_only_read(api, seeder):
                  "boards/pipeline/stream-token"):
         assert problem(api.get(f"/v1/sites/{OTHER_SITE}/{path}", headers=other), 404)["title"] == "no such board"
     assert api.get(f"/v1/sites/{OTHER_SITE}/boards", headers=other).json() == {"boards": []}
-    in_url = problem(api.get(BOARD, params={"key": KEY}, headers={"X-API-Key": ""}), 400)
+    in_url = problem(api.get(BOARD, params={"key": KEY}, headers={"X-API-Key": ""}), 401)
     assert in_url["title"] == "API key in the URL"
 
 

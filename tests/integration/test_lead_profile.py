@@ -5,11 +5,13 @@ chdb, an in-process current ClickHouse (plain tests), so every query is proven o
 
 Dataset (site "demo"): lead-ada (ada@acme.com) owns visitors va1 and va2 with 7 sessions; lead-anon was
 merged into her. lead-bob (acme.com too) and lead-cyd share the computer "vs": it was Bob's until Cyd
-identified on it at SHARED_MS, in the middle of a session.
+identified on it at SHARED_MS, in the middle of a session. Sites of their own hold a lead with 3,000 visitors
+(BIG_SITE), leads merged away or moved (check_lookups_follow_merges_and_moves) and the property test's sessions.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 import time
 import uuid
@@ -20,11 +22,14 @@ from typing import Any, Callable, Sequence
 import orjson
 import pytest
 from clickhouse_driver.util.escape import escape_param, escape_params
-from hypothesis import given
+from fastapi.testclient import TestClient
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api import lead_profile as lp
+from api.app import create_app
 from leadstream.bench_profile import percentile, run_profile_bench
+from schemas.events import ID_MAX_CHARS
 from sinks import clickhouse
 
 SITE = "demo"
@@ -153,16 +158,29 @@ def load_dataset(insert: Insert) -> None:
 
 
 class ChdbClient:
-    """clickhouse_driver.Client's `execute` over a chdb session (current ClickHouse, in process)."""
+    """clickhouse_driver.Client's `execute` over a chdb session (current ClickHouse, in process). chdb takes
+    no external tables: each one is a Memory table for the duration of the query."""
 
     def __init__(self, session) -> None:
         self.session = session
 
-    def execute(self, query: str, params: dict[str, Any] | None = None) -> list[tuple]:
+    def execute(
+        self, query: str, params: dict[str, Any] | None = None, external_tables: list[dict] | None = None
+    ) -> list[tuple]:
         if params is not None:
             query = query % escape_params(params, None)
-        result = self.session.query(query, "JSONCompact")
-        payload = result.bytes()
+        external_tables = external_tables or []
+        for table in external_tables:
+            columns = ", ".join(f"{name} {type_}" for name, type_ in table["structure"])
+            self.session.query(f"CREATE TABLE {table['name']} ({columns}) ENGINE = Memory")
+            if table["data"]:
+                names = [name for name, _ in table["structure"]]
+                self.insert(table["name"], names, [tuple(row[name] for name in names) for row in table["data"]])
+        try:
+            payload = self.session.query(query, "JSONCompact").bytes()
+        finally:
+            for table in external_tables:
+                self.session.query(f"DROP TABLE {table['name']}")
         return [tuple(row) for row in orjson.loads(payload)["data"]] if payload else []
 
     def insert(self, table: str, columns: Sequence[str], rows: list[tuple]) -> None:
@@ -262,6 +280,59 @@ def check_helpers(client) -> None:
     assert lp.leads_by_channel(client, SITE, "last") == {"email": 1, "organic": 1, "paid": 1}
 
 
+LEAD_COLUMNS = ("lead_id", "site_id", "email", "visitors", "account_domain", "merged_into", "first_ts_ms",
+                "last_ts_ms", "version")
+LINK_COLUMNS = ("site_id", "visitor_id", "since_ts_ms", "lead_id", "version")
+
+
+def check_lookups_follow_merges_and_moves(client, insert: Insert) -> None:
+    """leads_by_account and visitors_by_lead keep rows of leads merged away and of visitors that moved on;
+    the readers see through them."""
+    site = f"moves-{uuid.uuid4().hex[:6]}"
+    insert("leads", LEAD_COLUMNS, [
+        ("mv-merged", site, "", ["mvv"], "a.example", "", 1, 2, 1),
+        ("mv-merged", site, "", [], "a.example", "mv-kept", 1, 2, 2),
+        ("mv-kept", site, "kim@a.example", ["mvv"], "a.example", "", 1, 3, 1),
+        ("mv-left", site, "", ["mvv"], "b.example", "", 1, 2, 1),
+    ])
+    insert("visitor_leads", LINK_COLUMNS, [(site, "mvv", 0, "mv-left", 1), (site, "mvv", 0, "mv-kept", 2)])
+    assert (lp.account_size(client, site, "a.example"), lp.account_size(client, site, "b.example")) == (1, 1)
+    assert [lead.lead_id for lead in lp.account_leads(client, site, "a.example")] == ["mv-kept"]
+    assert lp.lead_profile(client, site, "mv-left").identity.visitors == ()
+    kept = lp.lead_profile(client, site, "mv-merged")
+    assert (kept.identity.lead_id, kept.identity.visitors, kept.account) == (
+        "mv-kept", ("mvv",), lp.Account("a.example", 0))
+    assert (kept.session_count, kept.first_touch, kept.sessions, kept.has_more) == (0, None, (), False)
+
+
+BIG_SITE = "big"
+BIG_VISITORS = 3_000  # of the longest ids: inlined in the SQL text, they would overflow max_query_size
+HANDOVER_MS = BASE_MS + (BIG_VISITORS + 10) * MINUTE_MS
+
+
+def load_big_lead(insert: Insert) -> list[str]:
+    """lead-big: one session (one pageview) per visitor, a minute apart. Its first visitor's computer
+    passed to lead-other at HANDOVER_MS, who had a session on it later: the site's newest. Returns
+    lead-big's session ids, newest first."""
+    visitors = [f"bv{i:04d}-".ljust(ID_MAX_CHARS, "x") for i in range(BIG_VISITORS)]
+    starts = [(f"s-{i:04d}", visitor, BASE_MS + i * MINUTE_MS) for i, visitor in enumerate(visitors)]
+    late = ("s-0000-late", visitors[0], HANDOVER_MS + HOUR_MS)
+    insert("sessions", SESSION_COLUMNS, [
+        _session_row(session_id=session_id, site_id=BIG_SITE, visitor_id=visitor, start_ms=start,
+                     end_ms=start + 30_000, duration_ms=30_000, event_count=1, pageview_count=1, channel="direct")
+        for session_id, visitor, start in starts + [late]])
+    insert("events", EVENT_COLUMNS, [
+        (f"{session_id}-e0", BIG_SITE, "pageview", start, visitor, "https://big.example/", "/", "Big", "", "direct",
+         "", session_id, "", "", "", "") for session_id, visitor, start in starts + [late]])
+    insert("visitor_leads", LINK_COLUMNS, [(BIG_SITE, visitor, 0, "lead-big", 1) for visitor in visitors]
+           + [(BIG_SITE, visitors[0], HANDOVER_MS, "lead-other", 1)])
+    insert("leads", LEAD_COLUMNS, [
+        ("lead-big", BIG_SITE, "big@big.example", visitors[:1_000], "big.example", "", BASE_MS, HANDOVER_MS, 1),
+        ("lead-other", BIG_SITE, "oz@big.example", visitors[:1], "big.example", "", HANDOVER_MS, HANDOVER_MS, 1),
+    ])
+    return [session_id for session_id, _, _ in reversed(starts)]
+
+
 def docs_sql_blocks() -> list[str]:
     return re.findall(r"```sql\n(.*?)```", DOCS.read_text(), flags=re.S)
 
@@ -278,19 +349,23 @@ def docs_sections() -> dict[str, list[str]]:
 
 
 DOC_PARAMS = {"site_id": SITE, "lead_id": "lead-ada", "domain": "acme.com", "visitors": ("va1", "va2"),
-              "from_ms": BASE_MS, "to_ms": BASE_MS + 24 * HOUR_MS}
+              "from_ms": BASE_MS, "to_ms": BASE_MS + 24 * HOUR_MS, "offset": 0, "page_size": lp.PAGE_SIZE}
+DOC_OWNED = {"va1": [(0, lp.FOREVER_MS)], "va2": [(0, lp.FOREVER_MS)]}  # Ada's ownership
 
 
 def run_docs_queries(client) -> list[int]:
     """Row count of every ```sql block of docs/queries.md outside AUTOMATION_SECTION; %(name)s parameters
-    get DOC_PARAMS."""
+    get DOC_PARAMS, and the external table `owned` Ada's ownership."""
     counts = []
     for block in (b for title, blocks in docs_sections().items() if title != AUTOMATION_SECTION for b in blocks):
-        counts.append(len(client.execute(block, DOC_PARAMS if "%(" in block else None)))
+        params = DOC_PARAMS if "%(" in block else None
+        counts.append(len(client.execute(block, params, external_tables=[lp.owned_table(DOC_OWNED)])))
     return counts
 
 
 # ---------------------------------------------------------------------------------------------- tests
+
+PROPERTY_SITES = itertools.count()
 
 
 def _normalised(sql: str) -> str:
@@ -319,11 +394,17 @@ class TestPureCore:
         owned = {"v": [(0, 1_000)]}
         rows = [("s1", "v", 1, 900, 990, 90, 2, 2, "", "", "", "direct", "", "", "", "", "", ""),
                 ("s0", "v", 0, 100, 200, 100, 1, 1, "", "", "", "direct", "", "", "", "", "", "")]
-        page = lp.owned_sessions(rows, owned)
+        page = [lp.ProfileSession(*row) for row in rows]
         events = [("v", ts, "pageview", f"u{ts}", "", "") for ts in (100, 150, 300, 900, 995, 1_000)]
         filled = lp.attach_events(page, events, owned)
         assert [[e.ts_ms for e in s.events] for s in filled] == [[900], [100, 150]]
 
+
+    def test_owned_table_has_a_row_per_interval(self):
+        table = lp.owned_table({"v2": [(5, lp.FOREVER_MS)], "v1": [(0, 3), (7, 9)]})
+        assert [(row["visitor_id"], row["since_ts_ms"], row["until_ts_ms"]) for row in table["data"]] == [
+            ("v1", 0, 3), ("v1", 7, 9), ("v2", 5, lp.FOREVER_MS)]
+        assert [name for name, _ in table["structure"]] == list(table["data"][0])
 
     def test_arguments_are_checked_before_any_query(self):
         class NoServer:
@@ -357,6 +438,48 @@ class TestOnChdb:
         counts = run_docs_queries(chdb_client)
         assert len(counts) >= 12 and all(counts), counts
 
+    def test_lookups_follow_merges_and_moves(self, chdb_client):
+        check_lookups_follow_merges_and_moves(chdb_client, chdb_client.insert)
+
+    @settings(max_examples=40, deadline=None)
+    @given(
+        links=st.dictionaries(
+            st.sampled_from(["v1", "v2", "v3"]),
+            st.lists(st.tuples(st.integers(0, 100), st.sampled_from("ABC")), min_size=1, max_size=4,
+                     unique_by=lambda link: link[0]),
+            min_size=1),
+        owners=st.sets(st.sampled_from("ABC"), min_size=1),
+        sessions=st.lists(st.tuples(st.sampled_from(["v1", "v2", "v3"]), st.integers(0, 120), st.integers(0, 40)),
+                          max_size=12),
+        page_size=st.integers(1, 4),
+    )
+    def test_sql_pages_are_the_owned_sessions_newest_first(self, chdb_client, links, owners, sessions, page_size):
+        """Whatever the ownership (one lead's, or an account's several leads' merged): the SQL totals and
+        pages agree with filtering and sorting every session in Python."""
+        site = f"prop-{next(PROPERTY_SITES)}"
+        rows = [(visitor, since, lead) for visitor in sorted(links) for since, lead in sorted(links[visitor])]
+        owned = lp.merge_intervals(lp.ownership_by_lead(rows, owners))
+        specs = [(f"s{i:02d}", visitor, start, start + length) for i, (visitor, start, length) in enumerate(sessions)]
+        if specs:
+            chdb_client.insert("sessions", SESSION_COLUMNS, [
+                _session_row(session_id=session_id, site_id=site, visitor_id=visitor, start_ms=start, end_ms=end,
+                             channel=f"c{session_id}") for session_id, visitor, start, end in specs])
+        expected = sorted(
+            ((start, session_id) for session_id, visitor, start, end in specs
+             if any(since <= end and start < until for since, until in owned.get(visitor, ()))), reverse=True)
+        if not owned:
+            return  # no ownership: the profile does not query sessions at all
+        paged = []
+        for page in range(len(expected) // page_size + 1):
+            params = {"site_id": site, "offset": page * page_size, "page_size": page_size}
+            count, oldest, newest, rows = chdb_client.execute(
+                lp.SESSIONS_PAGE_SQL, params, external_tables=[lp.owned_table(owned)])[0]
+            assert count == len(expected)
+            if expected:
+                assert (oldest[0], newest[0]) == (expected[-1][1], expected[0][1])
+            paged += [lp.ProfileSession(*row).session_id for row in rows]
+        assert paged == [session_id for _, session_id in expected]
+
 
 @pytest.mark.integration
 class TestOnClickHouse18:
@@ -373,6 +496,37 @@ class TestOnClickHouse18:
         counts = run_docs_queries(ch_client)
         assert all(counts), counts
         assert counts == run_docs_queries(chdb_client)
+
+    def test_lookups_follow_merges_and_moves(self, ch_client):
+        check_lookups_follow_merges_and_moves(
+            ch_client, lambda table, columns, rows: clickhouse.insert_columnar(ch_client, table, columns, rows))
+
+    def test_a_lead_with_thousands_of_visitors_pages_in_sql(self, ch_settings, ch_client):
+        newest_first = load_big_lead(
+            lambda table, columns, rows: clickhouse.insert_columnar(ch_client, table, columns, rows))
+        api = TestClient(create_app(replace(ch_settings, api_keys=f"{BIG_SITE}:k-big")))
+
+        def page(number: int) -> dict:
+            response = api.get(f"/v1/sites/{BIG_SITE}/leads/lead-big", params={"page": number},
+                               headers={"X-API-Key": "k-big"})
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        first = page(0)
+        assert (first["session_count"], first["has_more"]) == (BIG_VISITORS, True)
+        assert len(first["identity"]["visitors"]) == BIG_VISITORS
+        assert first["account"] == {"domain": "big.example", "other_leads": 1}
+        assert [s["session_id"] for s in first["sessions"]] == newest_first[:5]  # not lead-other's late session
+        assert [len(s["events"]) for s in first["sessions"]] == [1] * 5
+        assert (first["first_touch"]["session_id"], first["last_touch"]["session_id"]) == ("s-0000", "s-2999")
+        last = page(BIG_VISITORS // lp.PAGE_SIZE - 1)
+        assert ([s["session_id"] for s in last["sessions"]], last["has_more"]) == (newest_first[-5:], False)
+        assert page(BIG_VISITORS // lp.PAGE_SIZE)["sessions"] == []
+
+        pages = [lp.lead_profile(ch_client, BIG_SITE, "lead-big", page=number, page_size=1_000) for number in range(3)]
+        walked = [session.session_id for profile in pages for session in profile.sessions]
+        assert walked == newest_first
+        assert lp.lead_profile(ch_client, BIG_SITE, "lead-other").session_count == 1
 
     def test_tiny_profile_bench(self, ch_settings, capsys):
         assert run_profile_bench(ch_settings, events=20_000, profile_samples=20) == 0

@@ -1,0 +1,108 @@
+"""The deployment files, checked the way Compose and the servers will read them (no Docker here): every
+published port is on loopback, the servers get passwords from the env file and the LeadStream roles the
+same passwords, a missing password stops Compose, secrets stay out of the image, and the local stack's
+servers listen on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from leadstream.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+ROLES = [name for name, service in SERVICES.items() if service.get("build", {}).get("dockerfile") == "deploy/Dockerfile"]
+ENV_FILE = "deploy/leadstream.env"
+VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?::(?P<op>[-?])(?P<arg>[^}]*))?\}")
+SETTINGS = {f"LEADSTREAM_{name.upper()}" for name in Settings.__dataclass_fields__}
+
+
+def env_file(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+EXAMPLE = env_file((ROOT / "deploy" / "leadstream.env.example").read_text())
+CHOSEN = {"LEADSTREAM_CLICKHOUSE_PASSWORD": "c1ick", "REDIS_PASSWORD": "r3dis", "LEADSTREAM_API_KEYS": "s:k"}
+
+
+def interpolate(value: object, env: dict[str, str]) -> object:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} over a value of the file."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if env.get(name):
+            return env[name]
+        if op == "?":
+            raise ValueError(f"{name}: {arg}")
+        return arg if op == "-" else ""
+
+    return VARIABLE.sub(one, value)
+
+
+def test_every_published_port_is_on_loopback_by_default():
+    published = {name: interpolate(service.get("ports", []), {}) for name, service in SERVICES.items()}
+    assert {port for ports in published.values() for port in ports} == {
+        "127.0.0.1:9092:9092", "127.0.0.1:9000:9000", "127.0.0.1:8123:8123", "127.0.0.1:6379:6379", "127.0.0.1:8000:8000"}
+
+
+def test_the_servers_and_the_roles_share_the_passwords_of_the_env_file():
+    resolved = interpolate(SERVICES, CHOSEN)
+    assert resolved["clickhouse"]["environment"] == {"CLICKHOUSE_PASSWORD": "c1ick"}
+    assert "CLICKHOUSE_SKIP_USER_SETUP" not in str(resolved)
+    assert resolved["redis"]["command"][-2:] == ["--requirepass", "r3dis"]
+    for role in ROLES:
+        service = resolved[role]
+        assert service["env_file"] == ENV_FILE, role  # LEADSTREAM_CLICKHOUSE_PASSWORD and the API keys
+        pool = redis.Redis.from_url(service["environment"]["LEADSTREAM_REDIS_URL"]).connection_pool
+        assert (pool.connection_kwargs["password"], pool.connection_kwargs["host"]) == ("r3dis", "redis"), role
+        assert {*service["environment"], *CHOSEN} & SETTINGS >= {"LEADSTREAM_CLICKHOUSE_PASSWORD",
+                                                                 "LEADSTREAM_REDIS_URL", "LEADSTREAM_API_KEYS"}
+    assert set(ROLES) == {"migrate", "worker", "sink", "api"}
+
+
+@pytest.mark.parametrize("missing", ["LEADSTREAM_CLICKHOUSE_PASSWORD", "REDIS_PASSWORD"])
+def test_compose_refuses_to_start_without_a_password(missing):
+    with pytest.raises(ValueError, match=missing):
+        interpolate(SERVICES, {name: value for name, value in CHOSEN.items() if name != missing})
+
+
+def test_the_example_env_file_names_exactly_what_compose_and_the_roles_read():
+    required = {m["name"] for m in VARIABLE.finditer((ROOT / "docker-compose.yml").read_text()) if m["op"] != "-"}
+    assert required <= set(EXAMPLE)
+    assert set(EXAMPLE) - required <= SETTINGS  # the rest is read by the roles as settings
+    assert all(value.startswith("change-me") or value.endswith(":change-me") for value in EXAMPLE.values())
+
+
+def test_every_reference_in_compose_resolves():
+    for name, service in SERVICES.items():
+        assert set(service.get("depends_on", {})) <= set(SERVICES), name
+        assert service.get("image") or (ROOT / service["build"]["dockerfile"]).is_file(), name
+
+
+def test_secrets_stay_out_of_git_and_out_of_the_image():
+    assert ENV_FILE in (ROOT / ".gitignore").read_text().splitlines()
+    assert ENV_FILE in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_the_local_stack_servers_listen_on_loopback_only():
+    local = ROOT / "deploy" / "local"
+    kafka = env_file((local / "kafka-server.properties").read_text())
+    for listener in kafka["listeners"].split(",") + kafka["advertised.listeners"].split(","):
+        assert listener.split("://")[1].startswith("127.0.0.1:"), listener
+    clickhouse = (local / "clickhouse-config.xml").read_text()
+    assert re.findall(r"<listen_host>(.*?)</listen_host>", clickhouse) == ["127.0.0.1"]
+    assert re.findall(r"<ip>(.*?)</ip>", (local / "clickhouse-users.xml").read_text()) == ["127.0.0.1", "::1"]
+    redis_conf = [line.split() for line in (local / "redis.conf").read_text().splitlines() if line.strip()]
+    assert ["bind", "127.0.0.1"] in redis_conf and ["protected-mode", "yes"] in redis_conf

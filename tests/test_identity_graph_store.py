@@ -1,0 +1,151 @@
+"""The identity graph's adapter without servers (an in-memory state store): the fenced lock, the prefetch,
+and idle visitor state that expires. The same store contract on the real Redis is in
+tests/integration/test_identity_lock.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from processors import identity, sessionize
+from processors.accounts import AccountsContext
+from processors.enrich import Limits, validate_and_enrich
+from processors.identity_store import IdentityGraphStore
+from processors.raw_events import RawEventsConfig, RawEventsStage
+from processors.runtime.ingest import Message
+from processors.runtime.producer import MemoryProducer, Outputs
+from processors.runtime.stage import StageRunner, StaleBatch
+from processors.runtime.state import MemoryStateStore, PartitionCommit
+from schemas.events import EnrichedEvent
+from schemas.identity import LeadRecord, VisitorLink
+
+NOW = int(time.time() * 1000)
+POLICY = sessionize.SessionPolicy()
+ANN = identity.known_lead_id("s", "ann@initech.io")
+
+
+def form(event_id: str, visitor: str, email: str = "ann@initech.io") -> bytes:
+    return orjson.dumps({"event_id": event_id, "site_id": "s", "type": "form_submit", "visitor_id": visitor,
+                         "ts": NOW - 60_000, "url": "https://acme.com/contact", "email": email})
+
+
+class SlowProducer(MemoryProducer):
+    """A broker that takes `delay_s` to acknowledge: longer than the identity lock's lease."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def send(self, outputs: Outputs) -> None:
+        await asyncio.sleep(self.delay_s)
+        await super().send(outputs)
+
+
+def worker(store: MemoryStateStore, producer: MemoryProducer, lease_ms: int = 30_000) -> StageRunner:
+    stage = RawEventsStage(RawEventsConfig("events.raw", 4, POLICY, Limits()), store,
+                           IdentityGraphStore(store, "ls", lease_ms), "ls")
+    return StageRunner(stage, store, producer)
+
+
+def stored_lead(store: MemoryStateStore, lead_id: str) -> LeadRecord:
+    return LeadRecord.from_json(store.values[f"ls:id:l:s\x1f{lead_id}"])
+
+
+async def test_a_worker_whose_lock_lease_expired_commits_nothing() -> None:
+    """A slow broker holds worker A past the 50 ms lease; B takes the lock and commits Ann's second
+    browser. Unfenced, A's commit would then overwrite Ann's record with its stale copy (losing B's
+    browser); fenced, A writes nothing at all, and its retry builds on B's graph."""
+    store = MemoryStateStore()
+    slow = worker(store, SlowProducer(0.3), lease_ms=50)
+    fast = worker(store, MemoryProducer(), lease_ms=50)
+    slow_batch = [Message(0, 0, None, form("e-laptop", "laptop"))]
+    stalled = asyncio.create_task(slow.process(slow_batch))
+    await asyncio.sleep(0.1)  # A holds the lock, waiting for its broker; its lease has run out
+    await fast.process([Message(1, 0, None, form("e-phone", "phone"))])
+    before = dict(store.values)
+    with pytest.raises(StaleBatch):
+        await stalled
+    assert store.values == before and store.marks.get(0) is None
+    assert stored_lead(store, ANN).visitors == ["phone"]
+    slow.producer.delay_s = 0  # the broker recovers: the retry fits in the lease
+    await slow.process(slow_batch)
+    assert stored_lead(store, ANN).visitors == ["laptop", "phone"]
+
+
+async def test_fence_tokens_grow_and_a_stale_holder_can_neither_commit_nor_release() -> None:
+    store = MemoryStateStore()
+    first = await store.acquire("id:lock", lease_ms=20)
+    assert first is not None and await store.acquire("id:lock", lease_ms=20) is None
+    await asyncio.sleep(0.05)
+    second = await store.acquire("id:lock", lease_ms=30_000)
+    assert second is not None and int(second.token) > int(first.token)
+    await store.release(first)  # the stale holder's release leaves the new holder's lock alone
+    assert await store.acquire("id:lock", lease_ms=30_000) is None
+    commit = PartitionCommit(0, -1, 0, 0, {"k": b"v"})
+    assert not await store.commit([commit], also=lambda pipe: pipe.mset({"graph": b"x"}), fence=first)
+    assert store.values == {} and store.marks == {}
+    assert await store.commit([commit], also=lambda pipe: pipe.mset({"graph": b"x"}), fence=second)
+    assert store.values == {"k": b"v", "graph": b"x"}
+
+
+async def test_prefetch_loads_the_lead_a_linked_lead_merged_into() -> None:
+    """A visitor a capped anonymous lead did not list still points at it after the merge: the prefetch
+    must bring the survivor too, or the resolver would recreate it empty."""
+    store = MemoryStateStore()
+    graph = IdentityGraphStore(store, "ls")
+    changes = identity.IdentityChanges(
+        visitors={("s", "unlisted"): VisitorLink("lead_imported", 0)},
+        leads={("s", "lead_imported"): LeadRecord("lead_imported", "s", merged_into=ANN),
+               ("s", ANN): LeadRecord(ANN, "s", "ann@initech.io", ["listed"], visitor_count=2)},
+    )
+    graph.write_commands(store, changes)
+    event = pageview_of("unlisted")
+    prefetched = await graph.prefetch([event], AccountsContext())
+    assert ("s", ANN) in prefetched.leads
+    result = identity.resolve([event], identity.InMemoryIdentityStore(prefetched), AccountsContext())
+    assert result.lead_ids == [ANN]
+    assert prefetched.leads["s", ANN].visitor_count == 2  # the survivor as stored, not a new empty lead
+
+
+def pageview_of(visitor: str) -> EnrichedEvent:
+    value = orjson.dumps({"event_id": "e1", "site_id": "s", "type": "pageview", "visitor_id": visitor, "ts": NOW})
+    event = validate_and_enrich(value, NOW)
+    assert isinstance(event, EnrichedEvent)
+    return event
+
+
+async def test_the_timer_forgets_a_visitor_whose_state_expired() -> None:
+    store = MemoryStateStore(state_ttl_ms=50)
+    run = worker(store, MemoryProducer())
+    await run.process([Message(0, 0, None, form("e1", "v1"))])
+    key = "ls:v:s\x1fv1"
+    assert key in store.values and key in store.deadlines[0]
+    await asyncio.sleep(0.1)
+    await run.tick([0], wall_now_ms=NOW)  # the first tick starts the partition's clock at its stream time
+    assert await run.tick([0], wall_now_ms=NOW + 3 * 3_600_000) is not None  # due: only the deadline changes
+    assert key not in store.values and key not in store.deadlines[0]
+
+
+def test_the_leads_column_migration_runs_on_current_clickhouse() -> None:
+    from chdb import session as chdb_session
+
+    from sinks import clickhouse
+    from sinks.table_sink import TABLES
+
+    sess = chdb_session.Session()
+    try:
+        sess.query("CREATE DATABASE identity_limits")
+        sess.query("USE identity_limits")
+        for _, path in clickhouse.migration_files():
+            for statement in clickhouse.split_statements(path.read_text()):
+                sess.query(statement.rstrip(";"))
+        columns = orjson.loads(sess.query("DESCRIBE TABLE leads", "JSON").bytes())["data"]
+        assert tuple(c["name"] for c in columns) == TABLES["leads"].columns
+        sess.query("INSERT INTO leads (lead_id, site_id, visitors, version) VALUES ('old', 's', ['a', 'b'], 1)")
+        assert sess.query("SELECT visitor_count FROM leads", "CSV").bytes().strip() == b"2"
+    finally:
+        sess.cleanup()
