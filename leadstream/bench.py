@@ -58,7 +58,7 @@ from leadstream.admin import apply_definitions
 from leadstream.bench_profile import percentile
 from leadstream.config import KafkaConfig, Settings
 from leadstream.demo import DEMO_DEFINITIONS
-from leadstream.runner import Role, count, produce, wait_for
+from leadstream.runner import Role, count, drop_namespace, forget_redis_keys, produce, wait_for
 from leadstream.topics import delete_topics, ensure_topics
 from leadstream.traffic import TrafficGenerator
 from processors.enrich import enrich_batch
@@ -442,6 +442,7 @@ def _lead_stage_alone(settings: Settings, r: redis.Redis, activity_ends: dict[in
     finally:
         worker.stop()
         asyncio.run(delete_topics(lone.kafka()))
+        forget_redis_keys(lone)
     started, applied_at_start = first
     return total, (total - applied_at_start) / max(now - started, 1e-6)
 
@@ -676,12 +677,6 @@ def _prepare_namespace(settings: Settings, site_id: str = "bench") -> list[dict]
     return _apply_bench_rules(settings, site_id)
 
 
-def _drop_namespace(settings: Settings) -> None:
-    clickhouse.connect(settings.clickhouse(), database="default").execute(
-        f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
-    asyncio.run(delete_topics(settings.kafka()))
-
-
 def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], timeout_s: float = 180) -> None:
     """Until every stage's consumer group is stable with one member per worker: workers that start together
     still join one after the other, and each join stops the group for a rebalance."""
@@ -719,7 +714,7 @@ def _scale_out(settings: Settings, r: redis.Redis, records: list[tuple[bytes, by
             for role in roles:
                 role.stop()
     finally:
-        _drop_namespace(scaled)
+        drop_namespace(scaled)
 
 
 @dataclass
@@ -942,5 +937,5 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         ("load average (1, 5, 15 min) at the end", load),
     ]
     print("\n" + format_table(rows))
-    _drop_namespace(s)
+    drop_namespace(s)
     return 0

@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import redis
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from leadstream.config import Settings
+from leadstream.topics import delete_topics
 from processors.runtime.ingest import consumer as kafka_consumer
 from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
 from sinks import clickhouse
@@ -193,3 +195,22 @@ def wait_drained(settings: Settings, timeout_s: float, roles: Iterable[Role] = (
             last_print = time.monotonic()
         time.sleep(0.5)
     raise TimeoutError("timed out waiting for the lead and board stages to catch up")
+
+
+def drop_namespace(settings: Settings) -> None:
+    """Remove everything a throwaway namespace (a test's, a benchmark's) created: its topics, its ClickHouse
+    database and its Redis keys."""
+    asyncio.run(delete_topics(settings.kafka()))
+    clickhouse.connect(settings.clickhouse(), database="default").execute(
+        f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+    forget_redis_keys(settings)
+
+
+def forget_redis_keys(settings: Settings) -> None:
+    """Delete a throwaway namespace's Redis keys (all under its topic prefix)."""
+    if not settings.topic_prefix:
+        raise ValueError("refusing to delete Redis keys without a topic prefix: they would be a real pipeline's")
+    r = redis.Redis.from_url(settings.redis_url)
+    keys = list(r.scan_iter(match=f"{settings.topic_prefix}*", count=10_000))
+    for i in range(0, len(keys), 1000):
+        r.delete(*keys[i:i + 1000])

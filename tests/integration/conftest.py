@@ -13,12 +13,11 @@ import uuid
 from dataclasses import replace
 
 import pytest
-import redis
 
 from leadstream import stack
 from leadstream.config import Settings
-from leadstream.runner import Role
-from leadstream.topics import delete_topics, ensure_topics
+from leadstream.runner import Role, drop_namespace
+from leadstream.topics import ensure_topics
 from sinks import clickhouse
 
 
@@ -41,12 +40,7 @@ def namespace(stack_settings: Settings):
     try:
         yield s
     finally:
-        asyncio.run(delete_topics(s.kafka()))
-        clickhouse.connect(s.clickhouse(), database="default").execute(f"DROP DATABASE IF EXISTS {s.clickhouse_database}")
-        r = redis.Redis.from_url(s.redis_url)
-        keys = list(r.scan_iter(match=f"{s.topic_prefix}*", count=10_000))
-        for i in range(0, len(keys), 1000):
-            r.delete(*keys[i:i + 1000])
+        drop_namespace(s)
 
 
 @pytest.fixture
