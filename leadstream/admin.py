@@ -164,7 +164,7 @@ def rebuild_boards(settings: Settings) -> int:
 
 async def _rebuild_boards(settings: Settings) -> int:
     kafka, prefix = settings.kafka(), settings.name("ls")
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    admin = AIOKafkaAdminClient(**kafka.client_options())
     await admin.start()
     try:
         group = kafka.group(BOARD_STAGE_GROUP)

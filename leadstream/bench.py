@@ -299,7 +299,7 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
     async def paced() -> None:
         """Send each event when it is due (ticks of 10 ms), letting the producer flush in between: a
         generator that sleeps synchronously would hold events in the client and measure the client."""
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=0)
+        producer = AIOKafkaProducer(**settings.kafka().client_options(), linger_ms=0)
         await producer.start()
         try:
             started, sent_count = time.time(), 0
@@ -387,7 +387,7 @@ async def _copy_lead_activity(source: Settings, target: Settings, until: dict[in
     end offsets."""
     topic = source.topic(LEADS_ACTIVITY.name)
     consumer = kafka_consumer(source.kafka(), group=None)
-    producer = AIOKafkaProducer(bootstrap_servers=target.kafka_bootstrap, linger_ms=10, max_batch_size=512 * 1024,
+    producer = AIOKafkaProducer(**target.kafka().client_options(), linger_ms=10, max_batch_size=512 * 1024,
                                 acks="all")
     await consumer.start()
     await producer.start()
@@ -563,7 +563,7 @@ def _board_latency(settings: Settings, rate: int, seconds: int, uid: int) -> Boa
                             result.on_stream_ms.setdefault(change["card_id"], time.time() * 1000)
 
     async def run() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=0)
+        producer = AIOKafkaProducer(**settings.kafka().client_options(), linger_ms=0)
         await producer.start()
         async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=10) as http:
             connected = asyncio.Event()
@@ -680,7 +680,7 @@ def _prepare_namespace(settings: Settings, site_id: str = "bench") -> list[dict]
 def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], timeout_s: float = 180) -> None:
     """Until every stage's consumer group is stable with one member per worker: workers that start together
     still join one after the other, and each join stops the group for a rebalance."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 4})  # no notices on exit
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka().security.librdkafka_options(), "log_level": 4})  # no notices on exit
     groups = [settings.kafka().group(group) for group in STAGE_GROUPS]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -753,7 +753,7 @@ def _produce_with_librdkafka(kafka: KafkaConfig, batches: list[list[tuple[int, b
     """confluent-kafka (librdkafka), configured like BatchProducer (idempotent, acks=all, linger 5 ms), a
     batch at a time until every record is acked: (wall s, CPU s of this process, librdkafka's threads in)."""
     producer = ConfluentProducer({
-        "bootstrap.servers": kafka.bootstrap, "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+        "bootstrap.servers": kafka.bootstrap, **kafka.security.librdkafka_options(), "enable.idempotence": True, "acks": "all", "linger.ms": 5,
         "batch.size": 1024 * 1024, "message.max.bytes": 8 * 1024 * 1024})
     topic, failures = kafka.topic(EVENTS_ENRICHED.name), []
     producer.list_topics(topic, timeout=30)  # connected before the clock starts, as aiokafka's start() is

@@ -7,7 +7,7 @@ table is generated from the same names.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,11 @@ class Settings:
     """Every setting, with its default. Env var = LEADSTREAM_ + the upper-cased field name."""
 
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    kafka_sasl_mechanism: str = "PLAIN"  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (with SASL_*)
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = ""
+    kafka_ssl_cafile: str = ""  # CA bundle to verify the broker (with SSL / SASL_SSL); empty: system CAs
     topic_prefix: str = ""
     partitions: int = 4
     clickhouse_host: str = "127.0.0.1"
@@ -72,7 +77,9 @@ class Settings:
         return f"{self.topic_prefix}{name}"
 
     def kafka(self) -> KafkaConfig:
-        return KafkaConfig(self.kafka_bootstrap, self.topic_prefix, self.partitions, self.max_record_bytes)
+        security = KafkaSecurity(self.kafka_security_protocol, self.kafka_sasl_mechanism, self.kafka_sasl_username,
+                                 self.kafka_sasl_password, self.kafka_ssl_cafile)
+        return KafkaConfig(self.kafka_bootstrap, self.topic_prefix, self.partitions, self.max_record_bytes, security)
 
     def clickhouse(self) -> ClickHouseConfig:
         return ClickHouseConfig(self.clickhouse_host, self.clickhouse_port, self.clickhouse_database,
@@ -93,6 +100,49 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class KafkaSecurity:
+    """How LeadStream's Kafka clients authenticate and encrypt: one place, so that every client (stages,
+    sinks, admin, the API's producer, Faust) connects the same way."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    cafile: str = ""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in KAFKA_PROTOCOLS:
+            raise ValueError(f"LEADSTREAM_KAFKA_SECURITY_PROTOCOL={self.protocol!r}: use one of {', '.join(KAFKA_PROTOCOLS)}")
+        if self.protocol.startswith("SASL_") and self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"LEADSTREAM_KAFKA_SASL_MECHANISM={self.sasl_mechanism!r}: use one of {', '.join(SASL_MECHANISMS)}")
+
+    def aiokafka_options(self) -> dict:
+        """Keyword arguments for every aiokafka client (consumer, producer, admin)."""
+        options: dict = {"security_protocol": self.protocol}
+        if self.protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+            options["ssl_context"] = create_ssl_context(cafile=self.cafile or None)
+        if self.protocol.startswith("SASL_"):
+            options.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.username,
+                           sasl_plain_password=self.password)
+        return options
+
+    def librdkafka_options(self) -> dict:
+        """The same for confluent-kafka (librdkafka) clients."""
+        options = {"security.protocol": self.protocol}
+        if self.cafile:
+            options["ssl.ca.location"] = self.cafile
+        if self.protocol.startswith("SASL_"):
+            options.update({"sasl.mechanism": self.sasl_mechanism, "sasl.username": self.username,
+                            "sasl.password": self.password})
+        return options
+
+
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
 class KafkaConfig:
     """What the Kafka adapters need: where the broker is and how topics are named and partitioned."""
 
@@ -100,6 +150,11 @@ class KafkaConfig:
     topic_prefix: str = ""
     partitions: int = 4
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # key + value of one produced record, at most
+    security: KafkaSecurity = KafkaSecurity()
+
+    def client_options(self) -> dict:
+        """What every aiokafka client is constructed with: where the broker is and how to connect."""
+        return {"bootstrap_servers": self.bootstrap, **self.security.aiokafka_options()}
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -97,7 +97,7 @@ def stop_detached(pid_file: Path) -> None:
 async def produce(settings: Settings, records: Iterable[tuple[bytes | None, bytes]], progress_every: int = 0,
                   label: str = "sent") -> int:
     """Send (key, value) records to events.raw as fast as the broker takes them; return the count."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=10, max_batch_size=512 * 1024,
+    producer = AIOKafkaProducer(**settings.kafka().client_options(), linger_ms=10, max_batch_size=512 * 1024,
                                 max_request_size=4 * 1024 * 1024, acks="all")
     await producer.start()
     sent, started, pending = 0, time.monotonic(), []
@@ -150,7 +150,7 @@ async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
     topics their sinks have not yet committed."""
     kafka = settings.kafka()
     consumer = kafka_consumer(kafka, group=None)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    admin = AIOKafkaAdminClient(**kafka.client_options())
     await consumer.start()
     await admin.start()
     redis = aioredis.from_url(settings.redis_url)

@@ -152,6 +152,15 @@ class Server:
         print(f"  {self.name:<10} stopped", flush=True)
 
 
+LOCAL_SASL_USER, LOCAL_SASL_PASSWORD = "leadstream", "local-stack-only"
+"""The local broker's SASL/PLAIN listener account: public, for trying the Kafka security settings."""
+
+
+def local_sasl_port(settings: Settings) -> int:
+    """The local broker's SASL_PLAINTEXT listener: next to its PLAINTEXT one and its controller."""
+    return settings.kafka_port + 2
+
+
 def _kafka(settings: Settings, root: Path) -> Server:
     data = root / "kafka"
     libs = Path(settings.cache_dir) / f"kafka-{settings.kafka_version}" / "libs"
@@ -176,7 +185,8 @@ def _kafka(settings: Settings, root: Path) -> Server:
                 raise StackError(f"fetching Kafka jars with mvn failed: {tail[0]}")
         props = data / "server.properties"
         _render(DEPLOY_LOCAL / "kafka-server.properties", props, data=data, port=settings.kafka_port,
-                controller_port=controller_port, partitions=settings.partitions)
+                controller_port=controller_port, partitions=settings.partitions, sasl_port=local_sasl_port(settings),
+                sasl_user=LOCAL_SASL_USER, sasl_password=LOCAL_SASL_PASSWORD)
         shutil.copy(DEPLOY_LOCAL / "kafka-log4j.properties", data / "log4j.properties")
         if not (data / "kafka-logs" / "meta.properties").exists():
             format_kafka_storage(libs, props, base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))

@@ -14,7 +14,7 @@ from schemas.topics import CATALOG
 
 async def ensure_topics(kafka: KafkaConfig, verbose: bool = True) -> dict[str, int]:
     """Create missing topics; return partitions per topic. Refuses mismatched partition counts."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    admin = AIOKafkaAdminClient(**kafka.client_options())
     await admin.start()
     try:
         names = [kafka.topic(t.name) for t in CATALOG]
@@ -38,7 +38,7 @@ async def ensure_topics(kafka: KafkaConfig, verbose: bool = True) -> dict[str, i
 async def delete_topics(kafka: KafkaConfig) -> None:
     """Delete every catalog topic under this prefix (a test namespace or a benchmark's, when done): each
     partition keeps files open in the broker, and thousands of stale ones exhaust its file handles."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    admin = AIOKafkaAdminClient(**kafka.client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())

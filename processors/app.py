@@ -20,7 +20,7 @@ import faust
 import orjson
 import redis.asyncio as aioredis
 
-from leadstream.config import Settings
+from leadstream.config import KafkaSecurity, Settings
 from processors import sessionize
 from processors.accounts import AccountsContext
 from processors.enrich import Limits
@@ -82,6 +82,15 @@ BOARD_STAGE_GROUP = "leadstream-board-stage"
 """What `leadstream worker` runs by default: every stage in one process; `--stages` runs a subset."""
 
 
+def faust_credentials(security: KafkaSecurity) -> faust.SASLCredentials | faust.SSLCredentials | None:
+    """Faust's own Kafka clients (its consumer and producer) connect the way every LeadStream client does."""
+    ssl_context = security.aiokafka_options().get("ssl_context")
+    if security.protocol.startswith("SASL_"):
+        return faust.SASLCredentials(username=security.username, password=security.password,
+                                     mechanism=security.sasl_mechanism, ssl_context=ssl_context)
+    return faust.SSLCredentials(ssl_context) if ssl_context else None
+
+
 def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[str, ...] = STAGES) -> faust.App:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
@@ -96,6 +105,7 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
         topic_partitions=settings.partitions,
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
+        broker_credentials=faust_credentials(settings.kafka().security),
     )
     kafka = settings.kafka()
     prefix = settings.name("ls")

@@ -42,7 +42,7 @@ def consumer(kafka: KafkaConfig, group: str | None) -> AIOKafkaConsumer:
     """The consumer settings every LeadStream reader uses: manual commits, from the earliest offset, big
     fetches. `group` None: no consumer group (partitions assigned by hand, e.g. the benchmark's baseline)."""
     return AIOKafkaConsumer(
-        bootstrap_servers=kafka.bootstrap, group_id=group and kafka.group(group), enable_auto_commit=False,
+        **kafka.client_options(), group_id=group and kafka.group(group), enable_auto_commit=False,
         auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=64 * 1024 * 1024,
     )
 

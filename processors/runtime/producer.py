@@ -85,7 +85,7 @@ class BatchProducer:
     async def start(self) -> None:
         """Created here, inside the running event loop, as aiokafka requires."""
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.kafka.bootstrap, enable_idempotence=True, linger_ms=5,
+            **self.kafka.client_options(), enable_idempotence=True, linger_ms=5,
             max_batch_size=1024 * 1024, max_request_size=8 * 1024 * 1024,
         )
         await self.producer.start()
