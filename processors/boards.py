@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from schemas.boards import (
     Actor,
@@ -217,9 +217,24 @@ def _stage_index(board: BoardDefinition, stage_id: str) -> int:
         return -1
 
 
-def _met_index(board: BoardDefinition, card: CardState) -> int:
+class _Shown(NamedTuple):
+    """A card's facts as boards see them, derived once per card state: on an account card they fold every
+    lead's facts, and folding them again for every board and every test was a hot spot."""
+
+    tags: list[str]
+    tag_set: frozenset[str]
+    score: int
+    lead_ids: list[str]
+
+
+def _shown(card: CardState) -> _Shown:
+    tags = card.tags
+    return _Shown(tags, frozenset(tags), card.score, card.lead_ids)
+
+
+def _met_index(board: BoardDefinition, shown: _Shown) -> int:
     """The rightmost stage whose condition the card meets, -1 if none."""
-    tags, score = set(card.tags), card.score
+    tags, score = shown.tag_set, shown.score
     for i in range(len(board.stages) - 1, -1, -1):
         stage = board.stages[i]
         if (stage.when_tag is not None and stage.when_tag in tags) or (
@@ -243,8 +258,9 @@ def _refusal_to_show(board: BoardDefinition, card: CardState) -> Decision | None
     return None
 
 
-def decide(board: BoardDefinition, card: CardState, request: MoveRequest) -> Decision:
-    """The one place that decides whether and where a card moves on a board."""
+def decide(board: BoardDefinition, card: CardState, request: MoveRequest, shown: _Shown | None = None) -> Decision:
+    """The one place that decides whether and where a card moves on a board (`shown`: the card's facts, if
+    the caller already derived them)."""
     refusal = _refusal_to_show(board, card)
     if refusal is not None:
         return refusal
@@ -254,7 +270,7 @@ def decide(board: BoardDefinition, card: CardState, request: MoveRequest) -> Dec
     if request.to_stage is None:
         if archived:
             return Decision(code=NOOP, message="archived cards do not move automatically")
-        target = _met_index(board, card)
+        target = _met_index(board, shown or _shown(card))
         if current < 0 and target < 0:
             target = _entry_index(board)
         if target <= current:
@@ -294,14 +310,14 @@ def _move(board: BoardDefinition, card: CardState, to_stage: str, cause: Cause) 
     )
 
 
-def _view(board: BoardDefinition, card: CardState) -> CardView | None:
+def _view(board: BoardDefinition, card: CardState, shown: _Shown) -> CardView | None:
     place = card.places.get(board.id)
     if place is None or not place.stage_id or not belongs_on(board, card):
         return None
-    lead_ids = card.lead_ids
+    lead_ids = shown.lead_ids
     return CardView(
         card_id=card.card_id, stage_id=place.stage_id, title=card.title or card.card_id.partition(":")[2],
-        tags=card.tags, score=card.score, last_activity_ms=card.last_activity_ms,
+        tags=shown.tags, score=shown.score, last_activity_ms=card.last_activity_ms,
         entered_stage_ms=place.entered_stage_ms, owner=place.owner, notes_count=place.notes_count,
         archived=place.archived, lead_ids=lead_ids[:VIEW_LEAD_IDS], lead_count=len(lead_ids),
     )
@@ -309,17 +325,19 @@ def _view(board: BoardDefinition, card: CardState) -> CardView | None:
 
 def card_views(boards: Iterable[BoardDefinition], card: CardState) -> list[ViewChange]:
     """The card on every board that shows it (what a rebuild writes)."""
+    shown = _shown(card)
     return [
         ViewChange(board.id, card.card_id, view, notes=tuple(card.places[board.id].notes))
-        for board in boards for view in (_view(board, card),) if view is not None
+        for board in boards for view in (_view(board, card, shown),) if view is not None
     ]
 
 
 def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: CardState) -> list[ViewChange]:
     """One ViewChange per board whose view of the card differs between two states of it."""
     changes = []
+    shown_before, shown_after = _shown(before), _shown(after)
     for board in boards:
-        old, new = _view(board, before), _view(board, after)
+        old, new = _view(board, before, shown_before), _view(board, after, shown_after)
         if old == new:
             continue
         old_stage = old.stage_id if old is not None else ""
@@ -332,9 +350,9 @@ def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: Ca
 
 
 def _move_everywhere(boards: Iterable[BoardDefinition], card: CardState, cause: Cause) -> list[StageChange]:
-    changes = []
+    changes, shown = [], _shown(card)  # moves change places, never facts
     for board in boards:
-        decision = decide(board, card, MoveRequest(cause))
+        decision = decide(board, card, MoveRequest(cause), shown)
         if decision.to_stage:
             changes.append(_move(board, card, decision.to_stage, cause))
     return changes
@@ -479,7 +497,7 @@ def merge_cards(boards: Sequence[BoardDefinition], survivor: CardState, absorbed
                                               max(own.score, absorbed_facts.score))
         new_absorbed.merged_into = survivor.card_id
     new_survivor.last_activity_ms = max(survivor.last_activity_ms, absorbed.last_activity_ms)
-    changes = []
+    changes, shown = [], _shown(new_survivor)
     for board in boards:
         absorbed_stage = absorbed.stage_on(board.id)
         if not absorbed_stage or belongs_on(board, new_absorbed) or not belongs_on(board, new_survivor):
@@ -488,7 +506,7 @@ def merge_cards(boards: Sequence[BoardDefinition], survivor: CardState, absorbed
         place = new_survivor.places.setdefault(board.id, BoardPlace())
         _fold_place(place, absorbed.places[board.id], on_board)
         new_absorbed.places[board.id].stage_id = ""
-        automatic = -1 if place.archived else _met_index(board, new_survivor)
+        automatic = -1 if place.archived else _met_index(board, shown)
         target = max(_stage_index(board, absorbed_stage), automatic)
         if target > _stage_index(board, place.stage_id):
             changes.append(_move(board, new_survivor, board.stages[target].id, cause))

@@ -263,19 +263,23 @@ def _all_of(conditions: Iterable[Condition]) -> Test:
     return lambda s: all(test(s) for test in tests)
 
 
-def _event_filter(rule: Rule) -> Callable[[EnrichedEvent], bool]:
-    """The event trigger's filters (besides the type, which the RuleSet indexes): url glob, exact fields."""
+def _url_filter(rule: Rule) -> Callable[[str], bool]:
+    """The event trigger's URL glob (case-insensitive); no glob matches every URL."""
+    if not rule.when.url:
+        return lambda url: True
+    match = re.compile(fnmatch.translate(rule.when.url), re.IGNORECASE).match
+    return lambda url: match(url) is not None
+
+
+def _field_filter(rule: Rule) -> Callable[[EnrichedEvent], bool] | None:
+    """The event trigger's exact-field filters (channel, utm_*, name, campaign), or None when it has none."""
     when = rule.when
-    url = re.compile(fnmatch.translate(when.url), re.IGNORECASE).match if when.url else None
     exact = tuple((attrgetter(name), getattr(when, name).casefold())
                   for name in ("channel", "utm_source", "utm_medium", "utm_campaign", "name", "campaign")
                   if getattr(when, name) is not None)
-
-    def matches(event: EnrichedEvent) -> bool:
-        if url is not None and url(event.url) is None:
-            return False
-        return all(read(event).casefold() == expected for read, expected in exact)
-    return matches
+    if not exact:
+        return None
+    return lambda event: all(read(event).casefold() == expected for read, expected in exact)
 
 
 # ---- compiled rules and actions ----
@@ -437,7 +441,8 @@ class _Compiled:
     per_lead: bool
     holds: Test  # the conditions; for state triggers also the trigger itself
     actions: tuple[ActionFn, ...]
-    matches_event: Callable[[EnrichedEvent], bool] | None = None
+    matches_url: Callable[[str], bool] | None = None
+    matches_fields: Callable[[EnrichedEvent], bool] | None = None
     quiet_ms: int = 0
     permanent_points: int = 0  # points its non-decaying add_score actions add (merges de-duplicate them)
 
@@ -455,21 +460,29 @@ def _compile(rule: Rule) -> _Compiled:
     return _Compiled(
         rule.id, rule.version, when.kind, rule.once == "per_lead", holds,
         tuple(map(_compile_action, rule.then)),
-        _event_filter(rule) if when.kind == "event" else None,
+        _url_filter(rule) if when.kind == "event" else None,
+        _field_filter(rule) if when.kind == "event" else None,
         duration_ms(when.inactive_for) if when.inactive_for else 0,
         sum(a.add_score for a in rule.then if a.add_score is not None and a.decays_after is None),
     )
 
 
+URL_CACHE_SIZE = 4096
+
+
 @dataclass(slots=True, frozen=True)
 class RuleSet:
-    """A site's rules compiled once (URL globs, conditions, actions). Rules run in id order."""
+    """A site's rules compiled once (URL globs, conditions, actions). Rules run in id order.
+
+    `by_page` caches, per (event type, URL), the event rules whose URL glob matches: a site's pages repeat,
+    and matching each pageview against every glob was the largest single cost of the lead stage."""
 
     version: int
     by_event_type: dict[str, tuple[_Compiled, ...]]
     state_rules: tuple[_Compiled, ...]
     time_rules: tuple[_Compiled, ...]
     permanent_points: dict[str, int]
+    by_page: dict[tuple[str, str], tuple[_Compiled, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def compile(cls, rules: Iterable[Rule], version: int = 0) -> RuleSet:
@@ -481,6 +494,17 @@ class RuleSet:
         return cls(version, by_type, tuple(c for _, c in compiled if c.kind == "state"),
                    tuple(c for _, c in compiled if c.kind == "time"),
                    {c.rule_id: c.permanent_points for _, c in compiled})
+
+    def event_rules(self, event: EnrichedEvent) -> tuple[_Compiled, ...]:
+        """The event rules of the event's type whose URL glob matches its URL, in id order."""
+        key = (event.type, event.url)
+        rules = self.by_page.get(key)
+        if rules is None:
+            if len(self.by_page) >= URL_CACHE_SIZE:  # bounded: unique URLs (query strings) must not grow it
+                self.by_page.clear()
+            rules = self.by_page[key] = tuple(rule for rule in self.by_event_type.get(event.type, ())
+                                              if rule.matches_url(event.url))  # type: ignore[misc]
+        return rules
 
 
 # ---- firing ----
@@ -537,10 +561,10 @@ def apply_event(ruleset: RuleSet, state: LeadState, event: EnrichedEvent) -> Out
     new.last_activity_ms = max(new.last_activity_ms, event.ts_ms)
     run = _Run(ruleset, new, event, event.event_id, event.ts_ms)
     cause = ("event", event.event_id)
-    for rule in ruleset.by_event_type.get(event.type, ()):
+    for rule in ruleset.event_rules(event):
         if rule.per_lead and rule.rule_id in new.fired:
             continue
-        if rule.matches_event(event) and rule.holds(run.scope):  # type: ignore[misc]
+        if (rule.matches_fields is None or rule.matches_fields(event)) and rule.holds(run.scope):
             _fire(run, rule, "event", 0, cause)
     _settle(run, cause)
     return run.out

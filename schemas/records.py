@@ -30,7 +30,10 @@ class JsonRecord:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Self:
-        return cls(**{name: raw[name] for name in _field_names(cls) if name in raw})  # type: ignore[arg-type]
+        try:
+            return cls(**raw)
+        except TypeError:  # keys of a newer writer: keep the ones this reader knows
+            return cls(**{name: raw[name] for name in _field_names(cls) if name in raw})  # type: ignore[arg-type]
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Self:

@@ -20,6 +20,7 @@ from processors.rules import (
     HOUR_MS,
     MAX_CHAIN_DEPTH,
     SEEN_EVENTS,
+    URL_CACHE_SIZE,
     LeadState,
     TagSource,
     Outcome,
@@ -97,6 +98,29 @@ def test_event_trigger(when, fields, expected):
     outcome = apply_event(ruleset, lead(), event("e1", **fields))
     assert (fired(outcome) == ["r"]) is expected
     assert ("T" in outcome.state.tags) is expected
+
+
+@given(st.lists(st.sampled_from(["/pricing", "/Pricing/team", "/blog", "/docs/pricing", "/"]), max_size=40),
+       st.lists(st.sampled_from(["pageview", "custom"]), min_size=1, max_size=40))
+def test_url_cache_gives_what_matching_every_glob_gives(paths, types):
+    """The per-(type, URL) cache of matching rules never changes which rules run, and stays bounded."""
+    ruleset = rules({"id": "a", "when": {"event": "pageview", "url": "*/pricing*"}, "then": [{"add_tag": "A"}]},
+                    {"id": "b", "when": {"event": "any", "url": "*blog"}, "then": [{"add_tag": "B"}]},
+                    {"id": "c", "when": {"event": "pageview"}, "then": [{"add_tag": "C"}]})
+    for path, type_ in zip(paths, types * len(paths)):
+        e = event("e", type=type_, url="https://a.com" + path)
+        expected = [rule.rule_id for rule in ruleset.by_event_type[type_] if rule.matches_url(e.url)]
+        assert [rule.rule_id for rule in ruleset.event_rules(e)] == expected
+        assert [rule.rule_id for rule in ruleset.event_rules(e)] == expected  # now from the cache
+    assert len(ruleset.by_page) <= URL_CACHE_SIZE
+
+
+def test_url_cache_is_bounded():
+    ruleset = rules({"id": "a", "when": {"event": "pageview", "url": "*/pricing*"}, "then": [{"add_tag": "A"}]})
+    for i in range(URL_CACHE_SIZE + 10):
+        ruleset.event_rules(event("e", url=f"https://a.com/pricing?i={i}"))
+        assert len(ruleset.by_page) <= URL_CACHE_SIZE
+    assert [r.rule_id for r in ruleset.event_rules(event("e", url="https://a.com/pricing?i=1"))] == ["a"]
 
 
 def test_per_lead_fires_once_per_event_fires_every_event():
