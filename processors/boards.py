@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from schemas.boards import (
     Actor,
@@ -217,19 +217,24 @@ def _stage_index(board: BoardDefinition, stage_id: str) -> int:
         return -1
 
 
-class _Shown(NamedTuple):
+class _Shown:
     """A card's facts as boards see them, derived once per card state: on an account card they fold every
     lead's facts, and folding them again for every board and every test was a hot spot."""
 
-    tags: list[str]
-    tag_set: frozenset[str]
-    score: int
-    lead_ids: list[str]
+    __slots__ = ("card", "tags", "tag_set", "score", "_lead_ids")
 
+    def __init__(self, card: CardState) -> None:
+        self.card = card
+        self.tags = card.tags
+        self.tag_set = frozenset(self.tags)
+        self.score = card.score
+        self._lead_ids: list[str] | None = None
 
-def _shown(card: CardState) -> _Shown:
-    tags = card.tags
-    return _Shown(tags, frozenset(tags), card.score, card.lead_ids)
+    @property
+    def lead_ids(self) -> list[str]:  # sorted: only views need it
+        if self._lead_ids is None:
+            self._lead_ids = self.card.lead_ids
+        return self._lead_ids
 
 
 def _met_index(board: BoardDefinition, shown: _Shown) -> int:
@@ -270,7 +275,7 @@ def decide(board: BoardDefinition, card: CardState, request: MoveRequest, shown:
     if request.to_stage is None:
         if archived:
             return Decision(code=NOOP, message="archived cards do not move automatically")
-        target = _met_index(board, shown or _shown(card))
+        target = _met_index(board, shown or _Shown(card))
         if current < 0 and target < 0:
             target = _entry_index(board)
         if target <= current:
@@ -325,7 +330,7 @@ def _view(board: BoardDefinition, card: CardState, shown: _Shown) -> CardView | 
 
 def card_views(boards: Iterable[BoardDefinition], card: CardState) -> list[ViewChange]:
     """The card on every board that shows it (what a rebuild writes)."""
-    shown = _shown(card)
+    shown = _Shown(card)
     return [
         ViewChange(board.id, card.card_id, view, notes=tuple(card.places[board.id].notes))
         for board in boards for view in (_view(board, card, shown),) if view is not None
@@ -335,7 +340,7 @@ def card_views(boards: Iterable[BoardDefinition], card: CardState) -> list[ViewC
 def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: CardState) -> list[ViewChange]:
     """One ViewChange per board whose view of the card differs between two states of it."""
     changes = []
-    shown_before, shown_after = _shown(before), _shown(after)
+    shown_before, shown_after = _Shown(before), _Shown(after)
     for board in boards:
         old, new = _view(board, before, shown_before), _view(board, after, shown_after)
         if old == new:
@@ -350,7 +355,7 @@ def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: Ca
 
 
 def _move_everywhere(boards: Iterable[BoardDefinition], card: CardState, cause: Cause) -> list[StageChange]:
-    changes, shown = [], _shown(card)  # moves change places, never facts
+    changes, shown = [], _Shown(card)  # moves change places, never facts
     for board in boards:
         decision = decide(board, card, MoveRequest(cause), shown)
         if decision.to_stage:
@@ -497,7 +502,7 @@ def merge_cards(boards: Sequence[BoardDefinition], survivor: CardState, absorbed
                                               max(own.score, absorbed_facts.score))
         new_absorbed.merged_into = survivor.card_id
     new_survivor.last_activity_ms = max(survivor.last_activity_ms, absorbed.last_activity_ms)
-    changes, shown = [], _shown(new_survivor)
+    changes, shown = [], _Shown(new_survivor)
     for board in boards:
         absorbed_stage = absorbed.stage_on(board.id)
         if not absorbed_stage or belongs_on(board, new_absorbed) or not belongs_on(board, new_survivor):
