@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from processors.board_store import BoardStore
-from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveRequest, ViewChange, apply_command,
-                               apply_move, apply_updates, merge_cards, view_changes)
+from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveRequest, Shown, ViewChange,
+                               apply_command, apply_move, fold_updates, merge_cards, view_changes)
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
 from processors.runtime.stage import Step, decode_batch
@@ -39,6 +39,7 @@ class _Card:
     partition: int
     loaded: bytes | None
     state: CardState
+    shown: Shown | None = None  # derived from `state` by the last facts update, kept for the next one
 
 
 @dataclass
@@ -92,12 +93,13 @@ class BoardStage:
             cause = Cause(record.actor, record.ts_ms, rule_id=record.rule_id, event_id=record.event_id)
             update = FactsUpdate(cause, record.lead_id, record.tags, record.score, record.title, record.activity_ms,
                                  record.left)
-            card.state, changes, views = apply_updates(boards, before, [update])
+            card.state, changes, views, card.shown = fold_updates(boards, before, [update], card.shown)
         elif record.kind == "account_tag":
-            own = set(before.facts[OWN_FACTS].tags) if OWN_FACTS in before.facts else set()
+            own = set(before.facts[OWN_FACTS]["tags"]) if OWN_FACTS in before.facts else set()
             tags = own - set(record.tags or ()) if record.left else own | set(record.tags or ())
             cause = Cause(record.actor, record.ts_ms, rule_id=record.rule_id, event_id=record.event_id)
-            card.state, changes, views = apply_updates(boards, before, [FactsUpdate(cause, OWN_FACTS, sorted(tags))])
+            card.state, changes, views, card.shown = fold_updates(boards, before,
+                                                                  [FactsUpdate(cause, OWN_FACTS, sorted(tags))], card.shown)
         elif record.kind == "move":
             cause = Cause(record.actor, record.ts_ms, rule_id=record.rule_id, event_id=record.event_id)
             card.state, _, changes, views = apply_move(boards, before, record.board_id,
@@ -106,6 +108,8 @@ class BoardStage:
             card.state, changes, views = self._retire(record, before, boards, batch)
         else:
             card.state, changes, views = self._take_over(record, before, boards)
+        if isinstance(record, BoardCommand) or record.kind not in ("facts", "account_tag"):
+            card.shown = None  # only a facts update derives the new state's
         if not isinstance(record, BoardCommand):
             card.state.command_ids = [*card.state.command_ids, record.update_id][-UPDATE_IDS_KEPT:]
         batch.stage_changes[record.site_id] += changes

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Self
+from itertools import islice
+from typing import Any, Self, TypedDict
 
 from schemas.boards import (
     Actor,
@@ -60,13 +61,16 @@ EMPTY_NOTE = "empty_note"
 ARCHIVED = "archived"
 
 
-@dataclass(slots=True, frozen=True)
-class Facts(JsonRecord):
-    """What stage conditions read, for one lead (or for the card itself). Replaced, never changed in place:
-    card copies share them."""
+class Facts(TypedDict):
+    """What stage conditions read, for one lead (or for the card itself): its sorted, unique tags and its
+    score. A plain dict, so that decoding an account card with thousands of leads is orjson's work alone.
+    Replaced, never changed in place: card copies share them."""
 
-    tags: list[str] = field(default_factory=list)  # sorted, unique
-    score: int = 0
+    tags: list[str]
+    score: int
+
+
+NO_FACTS: Facts = {"tags": [], "score": 0}
 
 
 @dataclass(slots=True)
@@ -106,7 +110,7 @@ class CardState(JsonRecord):
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Self:
         card = super(CardState, cls).from_dict(raw)
-        card.facts = {key: Facts.from_dict(value) for key, value in card.facts.items()}
+        card.facts = dict(sorted(card.facts.items()))
         card.places = {key: BoardPlace.from_dict(value) for key, value in card.places.items()}
         return card
 
@@ -122,17 +126,25 @@ class CardState(JsonRecord):
 
     @property
     def tags(self) -> list[str]:
-        return sorted({tag for facts in self.facts.values() for tag in facts.tags})
+        return sorted(set().union(*[facts["tags"] for facts in self.facts.values()]))
 
     @property
     def score(self) -> int:
-        return max((facts.score for facts in self.facts.values()), default=0)
+        return max([facts["score"] for facts in self.facts.values()], default=0)
 
     @property
     def lead_ids(self) -> list[str]:
         if self.is_account:
-            return sorted(key for key in self.facts if key != OWN_FACTS)
+            return [key for key in self.facts if key != OWN_FACTS]
         return [self.card_id.partition(":")[2]]
+
+    def set_facts(self, key: str, facts: Facts) -> None:
+        """Keeps `facts` in key order (as loading does), so that a view lists an account's first leads
+        without sorting thousands of them."""
+        joins = key not in self.facts
+        self.facts[key] = facts
+        if joins:
+            self.facts = dict(sorted(self.facts.items()))
 
     def stage_on(self, board_id: str) -> str:
         place = self.places.get(board_id)
@@ -217,27 +229,41 @@ def _stage_index(board: BoardDefinition, stage_id: str) -> int:
         return -1
 
 
-class _Shown:
-    """A card's facts as boards see them, derived once per card state: on an account card they fold every
-    lead's facts, and folding them again for every board and every test was a hot spot."""
+class Shown:
+    """A card's facts as boards see them (its tags, score and the leads a view lists), derived once per
+    card state. On an account card they fold every lead's facts: `refolded` derives the next state's from
+    these when one lead's facts change, so a large account costs its size once per batch, not per update."""
 
-    __slots__ = ("card", "tags", "tag_set", "score", "_lead_ids")
+    __slots__ = ("tags", "tag_set", "score", "lead_count", "first_lead_ids")
 
-    def __init__(self, card: CardState) -> None:
-        self.card = card
-        self.tags = card.tags
+    def __init__(self, card: CardState, tags: list[str] | None = None, score: int | None = None) -> None:
+        self.tags = card.tags if tags is None else tags
         self.tag_set = frozenset(self.tags)
-        self.score = card.score
-        self._lead_ids: list[str] | None = None
+        self.score = card.score if score is None else score
+        if card.is_account:
+            self.lead_count = len(card.facts) - (OWN_FACTS in card.facts)
+            self.first_lead_ids = list(islice((key for key in card.facts if key != OWN_FACTS), VIEW_LEAD_IDS))
+        else:
+            self.lead_count, self.first_lead_ids = 1, card.lead_ids
 
-    @property
-    def lead_ids(self) -> list[str]:  # sorted: only views need it
-        if self._lead_ids is None:
-            self._lead_ids = self.card.lead_ids
-        return self._lead_ids
+    def refolded(self, card: CardState, old: Facts | None, new: Facts | None) -> Shown:
+        """Those of `card`, which differs from the card of these only in one entry of its facts (old -> new,
+        None: absent). Folds everything again only when that entry may have been what these came from."""
+        old_tags, new_tags = (old or NO_FACTS)["tags"], (new or NO_FACTS)["tags"]
+        old_score, new_score = (old or NO_FACTS)["score"], (new or NO_FACTS)["score"]
+        if not set(old_tags).issubset(new_tags):
+            return Shown(card)  # a tag left this entry: another may still have it
+        if new_score >= self.score:
+            score = new_score
+        elif old_score < self.score:
+            score = self.score
+        else:
+            return Shown(card)  # the highest score went down: the next highest is elsewhere
+        tags = self.tags if self.tag_set.issuperset(new_tags) else sorted(self.tag_set.union(new_tags))
+        return Shown(card, tags, score)
 
 
-def _met_index(board: BoardDefinition, shown: _Shown) -> int:
+def _met_index(board: BoardDefinition, shown: Shown) -> int:
     """The rightmost stage whose condition the card meets, -1 if none."""
     tags, score = shown.tag_set, shown.score
     for i in range(len(board.stages) - 1, -1, -1):
@@ -263,7 +289,7 @@ def _refusal_to_show(board: BoardDefinition, card: CardState) -> Decision | None
     return None
 
 
-def decide(board: BoardDefinition, card: CardState, request: MoveRequest, shown: _Shown | None = None) -> Decision:
+def decide(board: BoardDefinition, card: CardState, request: MoveRequest, shown: Shown | None = None) -> Decision:
     """The one place that decides whether and where a card moves on a board (`shown`: the card's facts, if
     the caller already derived them)."""
     refusal = _refusal_to_show(board, card)
@@ -275,7 +301,7 @@ def decide(board: BoardDefinition, card: CardState, request: MoveRequest, shown:
     if request.to_stage is None:
         if archived:
             return Decision(code=NOOP, message="archived cards do not move automatically")
-        target = _met_index(board, shown or _Shown(card))
+        target = _met_index(board, shown or Shown(card))
         if current < 0 and target < 0:
             target = _entry_index(board)
         if target <= current:
@@ -315,32 +341,32 @@ def _move(board: BoardDefinition, card: CardState, to_stage: str, cause: Cause) 
     )
 
 
-def _view(board: BoardDefinition, card: CardState, shown: _Shown) -> CardView | None:
+def _view(board: BoardDefinition, card: CardState, shown: Shown) -> CardView | None:
     place = card.places.get(board.id)
     if place is None or not place.stage_id or not belongs_on(board, card):
         return None
-    lead_ids = shown.lead_ids
     return CardView(
         card_id=card.card_id, stage_id=place.stage_id, title=card.title or card.card_id.partition(":")[2],
         tags=shown.tags, score=shown.score, last_activity_ms=card.last_activity_ms,
         entered_stage_ms=place.entered_stage_ms, owner=place.owner, notes_count=place.notes_count,
-        archived=place.archived, lead_ids=lead_ids[:VIEW_LEAD_IDS], lead_count=len(lead_ids),
+        archived=place.archived, lead_ids=shown.first_lead_ids, lead_count=shown.lead_count,
     )
 
 
 def card_views(boards: Iterable[BoardDefinition], card: CardState) -> list[ViewChange]:
     """The card on every board that shows it (what a rebuild writes)."""
-    shown = _Shown(card)
+    shown = Shown(card)
     return [
         ViewChange(board.id, card.card_id, view, notes=tuple(card.places[board.id].notes))
         for board in boards for view in (_view(board, card, shown),) if view is not None
     ]
 
 
-def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: CardState) -> list[ViewChange]:
+def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: CardState,
+                 shown_before: Shown | None = None, shown_after: Shown | None = None) -> list[ViewChange]:
     """One ViewChange per board whose view of the card differs between two states of it."""
     changes = []
-    shown_before, shown_after = _Shown(before), _Shown(after)
+    shown_before, shown_after = shown_before or Shown(before), shown_after or Shown(after)
     for board in boards:
         old, new = _view(board, before, shown_before), _view(board, after, shown_after)
         if old == new:
@@ -354,8 +380,9 @@ def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: Ca
     return changes
 
 
-def _move_everywhere(boards: Iterable[BoardDefinition], card: CardState, cause: Cause) -> list[StageChange]:
-    changes, shown = [], _Shown(card)  # moves change places, never facts
+def _move_everywhere(boards: Iterable[BoardDefinition], card: CardState, cause: Cause,
+                     shown: Shown | None = None) -> list[StageChange]:
+    changes, shown = [], shown or Shown(card)  # moves change places, never facts
     for board in boards:
         decision = decide(board, card, MoveRequest(cause), shown)
         if decision.to_stage:
@@ -363,35 +390,50 @@ def _move_everywhere(boards: Iterable[BoardDefinition], card: CardState, cause: 
     return changes
 
 
-def _fold_facts(card: CardState, update: FactsUpdate) -> None:
+def _fold_facts(card: CardState, update: FactsUpdate) -> tuple[Facts | None, Facts | None]:
+    """Folds the update into the card (in place); returns the entry of its facts it changed, before and after."""
     own_lead = "" if card.is_account else card.card_id.partition(":")[2]
     key = OWN_FACTS if update.lead_id in (OWN_FACTS, own_lead) else update.lead_id
     if key != OWN_FACTS and not card.is_account:
         raise ValueError(f"lead {update.lead_id} cannot update the card of another lead, {card.card_id}")
+    old = card.facts.get(key)
     if update.left:
         if key != OWN_FACTS:
             card.facts.pop(key, None)
     else:
-        current = card.facts.get(key) or Facts()
-        tags = sorted(set(update.tags)) if update.tags is not None else current.tags
-        score = min(100, max(0, update.score)) if update.score is not None else current.score
-        card.facts[key] = Facts(tags, score)
+        current = old or NO_FACTS
+        tags = sorted(set(update.tags)) if update.tags is not None else current["tags"]
+        score = min(100, max(0, update.score)) if update.score is not None else current["score"]
+        card.set_facts(key, {"tags": tags, "score": score})
     if update.title:
         card.title = update.title
     card.last_activity_ms = max(card.last_activity_ms, update.activity_ms)
+    return old, card.facts.get(key)
 
 
 def apply_updates(boards: Sequence[BoardDefinition], card: CardState, updates: Iterable[FactsUpdate]) -> Outcome:
     """Folds facts updates into the card in order, moving it after each one as its facts now allow.
     Evaluating after every update (not once per batch) is what makes the result, stage changes included,
     independent of batch boundaries. A tombstone takes no updates: the caller routes them to the survivor."""
-    after = card.copy()
+    after, changes, views, _ = fold_updates(boards, card, updates)
+    return after, changes, views
+
+
+def fold_updates(boards: Sequence[BoardDefinition], card: CardState, updates: Iterable[FactsUpdate],
+                 shown: Shown | None = None) -> tuple[CardState, list[StageChange], list[ViewChange], Shown]:
+    """`apply_updates` for a caller that keeps the card's `Shown` from one call to the next (`shown`: the
+    card's, if known): it gets the new state's back."""
+    shown_before = shown or Shown(card)
+    after, shown = card.copy(), shown_before
     changes: list[StageChange] = []
     if not after.merged_into:
         for update in updates:
-            _fold_facts(after, update)
-            changes += _move_everywhere(boards, after, update.cause)
-    return after, changes, view_changes(boards, card, after)
+            old, new = _fold_facts(after, update)
+            shown = shown.refolded(after, old, new)
+            changes += _move_everywhere(boards, after, update.cause, shown)
+    else:
+        shown = Shown(after)
+    return after, changes, view_changes(boards, card, after, shown_before, shown), shown
 
 
 def apply_move(boards: Sequence[BoardDefinition], card: CardState, board_id: str, request: MoveRequest
@@ -492,17 +534,17 @@ def merge_cards(boards: Sequence[BoardDefinition], survivor: CardState, absorbed
     if absorbed.card_id == survivor.card_id or survivor.card_id in (absorbed.merged_into, absorbed.account_card_id):
         return survivor, absorbed, [], []
     new_survivor, new_absorbed = survivor.copy(), absorbed.copy()
-    absorbed_facts = absorbed.facts.get(OWN_FACTS, Facts())
+    absorbed_facts = absorbed.facts.get(OWN_FACTS, NO_FACTS)
     if survivor.is_account:
-        new_survivor.facts[absorbed.lead_ids[0]] = absorbed_facts
+        new_survivor.set_facts(absorbed.lead_ids[0], absorbed_facts)
         new_absorbed.account_card_id = survivor.card_id
     else:
-        own = new_survivor.facts.get(OWN_FACTS, Facts())
-        new_survivor.facts[OWN_FACTS] = Facts(sorted({*own.tags, *absorbed_facts.tags}),
-                                              max(own.score, absorbed_facts.score))
+        own = new_survivor.facts.get(OWN_FACTS, NO_FACTS)
+        new_survivor.set_facts(OWN_FACTS, {"tags": sorted({*own["tags"], *absorbed_facts["tags"]}),
+                                           "score": max(own["score"], absorbed_facts["score"])})
         new_absorbed.merged_into = survivor.card_id
     new_survivor.last_activity_ms = max(survivor.last_activity_ms, absorbed.last_activity_ms)
-    changes, shown = [], _Shown(new_survivor)
+    changes, shown = [], Shown(new_survivor)
     for board in boards:
         absorbed_stage = absorbed.stage_on(board.id)
         if not absorbed_stage or belongs_on(board, new_absorbed) or not belongs_on(board, new_survivor):

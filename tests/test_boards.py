@@ -15,10 +15,12 @@ from hypothesis import strategies as st
 
 from processors.boards import (
     NOTES_KEPT,
+    VIEW_LEAD_IDS,
     Cause,
     CardState,
     FactsUpdate,
     MoveRequest,
+    Shown,
     ViewChange,
     apply_command,
     apply_move,
@@ -26,6 +28,7 @@ from processors.boards import (
     card_views,
     decide,
     delete_stage,
+    fold_updates,
     merge_cards,
 )
 from schemas.boards import BoardCommand, BoardDefinition, StageChange, account_card_id, lead_card_id
@@ -318,6 +321,32 @@ def test_the_stage_is_the_furthest_any_step_reached_and_every_move_is_recorded_o
         assert STAGE_IDS.index(card.stage_on("pipeline")) == furthest
     check_moves(all_changes)
     model.check_consistent()
+
+
+left_or_update = lead_updates | st.builds(lambda lead_id: facts(lead_id=lead_id, left=True), st.sampled_from(["l1", "l2"]))
+
+
+@given(st.lists(left_or_update, max_size=16))
+def test_facts_derived_step_by_step_are_the_facts_derived_afresh(updates):
+    """The board stage keeps a card's `Shown` from one update to the next instead of folding every lead's facts
+    again: the results are the same as deriving them from scratch, and so is the `Shown` it keeps."""
+    kept_card, fresh_card, shown = account(), account(), None
+    for update in updates:
+        kept_card, kept_changes, kept_views, shown = fold_updates(BOARDS, kept_card, [update], shown)
+        fresh_card, fresh_changes, fresh_views = apply_updates(BOARDS, fresh_card, [update])
+        assert (kept_card, kept_changes, kept_views) == (fresh_card, fresh_changes, fresh_views)
+        fresh = Shown(fresh_card)
+        assert (shown.tags, shown.score, shown.lead_count, shown.first_lead_ids) == (
+            fresh.tags, fresh.score, fresh.lead_count, fresh.first_lead_ids)
+
+
+def test_an_account_view_lists_its_first_leads_in_order_and_counts_all():
+    card = account()
+    for n in reversed(range(VIEW_LEAD_IDS + 5)):
+        card, _, views = apply_updates(BOARDS, card, [facts(["Consideration"], lead_id=f"l{n:03d}")])
+    assert views[-1].view.lead_ids == [f"l{n:03d}" for n in range(VIEW_LEAD_IDS)]
+    assert views[-1].view.lead_count == VIEW_LEAD_IDS + 5
+    assert list(CardState.from_json(card.to_json()).facts) == sorted(card.facts)
 
 
 @given(st.lists(lead_updates, max_size=12), st.sets(st.integers(1, 11)), st.sets(st.integers(0, 12)))
