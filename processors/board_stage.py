@@ -21,6 +21,7 @@ from typing import Sequence
 from processors.board_store import BoardStore
 from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveRequest, Shown, ViewChange,
                                apply_command, apply_move, fold_updates, merge_cards, view_changes)
+from processors.runtime.decoded import DecodedStates
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
 from processors.runtime.stage import Step, decode_batch
@@ -59,6 +60,7 @@ class BoardStage:
         self.store = store
         self.board_store = boards
         self.sites = sites
+        self.decoded: DecodedStates[tuple[CardState, Shown | None]] = DecodedStates()  # large account cards
 
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
         records = decode_batch(messages, decode_board_input, self.name)
@@ -69,8 +71,12 @@ class BoardStage:
         loaded = await self.store.load(list(keys))
         for key, (site, card_id) in keys.items():
             blob = loaded.get(key)
-            state = CardState.from_json(blob) if blob else CardState(card_id, site)
-            batch.cards[site, card_id] = _Card(key, wanted[site, card_id], blob, state)
+            known = self.decoded.get(key, blob) if blob else None
+            if known is not None:
+                batch.cards[site, card_id] = _Card(key, wanted[site, card_id], blob, known[0].copy(), known[1])
+            else:
+                state = CardState.from_json(blob) if blob else CardState(card_id, site)
+                batch.cards[site, card_id] = _Card(key, wanted[site, card_id], blob, state)
         for _, record in records:
             self._apply(record, batch, received_ms)
         self._finish(batch)
@@ -144,6 +150,7 @@ class BoardStage:
             blob = card.state.to_json()
             if blob != card.loaded:
                 batch.step.partition(card.partition).states[card.key] = blob
+                self.decoded.put(card.key, blob, (card.state, card.shown))  # this batch is done with it
         for changes in batch.stage_changes.values():
             for change in changes:
                 batch.step.outputs.add(BOARD_STAGE_CHANGES, change.card_id.encode(), change.to_json())

@@ -1,0 +1,90 @@
+"""The board stage keeps the large card states it last wrote, decoded (processors/runtime/decoded.py). On
+real Redis: two board stages, as two workers would, take turns on one account card with hundreds of leads;
+each remembers what it wrote, yet every batch starts from what Redis holds. The card and its stage changes
+come out byte for byte as from one stage doing it all — which itself reused its decoded card."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from dataclasses import replace
+
+import pytest
+import redis.asyncio as aioredis
+
+from leadstream.runner import forget_redis_keys
+from processors.board_stage import BoardStage
+from processors.board_store import BoardStore
+from processors.rules import RuleSet
+from processors.runtime.ingest import Message
+from processors.runtime.producer import MemoryProducer
+from processors.runtime.stage import StageRunner
+from processors.runtime.state import RedisStateStore
+from processors.site_definitions import SiteDefinitionsCache, SiteSetup
+from schemas.boards import BoardDefinition, CardUpdate
+from schemas.topics import BOARD_STAGE_CHANGES, partition_for_key
+
+pytestmark = pytest.mark.integration
+
+SITE, CARD, PARTITIONS = "s", "account:acme.com", 4
+PIPELINE = BoardDefinition.model_validate({
+    "id": "pipeline", "name": "Pipeline", "card": "account", "stages": [
+        {"id": "new", "name": "New", "entry": True},
+        {"id": "consideration", "name": "Consideration", "when_tag": "Consideration"},
+        {"id": "decision", "name": "Decision", "when_tag": "Decision"},
+        {"id": "sql", "name": "Sales qualified", "when_score_at_least": 90},
+    ]})
+
+
+class _NoStore:
+    async def load(self, site):
+        raise AssertionError(f"unexpected load of {site}")
+
+
+def batches(count: int = 8, size: int = 150) -> list[list[Message]]:
+    """Facts of 400 leads of one account: tags come and go, scores rise and fall."""
+    rng, partition = random.Random(5), partition_for_key(CARD.encode(), PARTITIONS)
+    out, offset = [], 0
+    for _ in range(count):
+        batch = []
+        for _ in range(size):
+            tags = rng.sample(["Consideration", "Decision", "Other", "Newsletter"], rng.randint(0, 2))
+            update = CardUpdate(f"cu{offset}", SITE, CARD, "facts", "system", lead_id=f"lead_{rng.randrange(400):04d}",
+                                tags=tags, score=rng.randint(0, 95), activity_ms=offset, ts_ms=offset)
+            batch.append(Message(partition, offset, CARD.encode(), update.to_json()))
+            offset += 1
+        out.append(batch)
+    return out
+
+
+async def run(redis_url: str, prefix: str, stages: int) -> tuple[bytes, list[bytes], list[BoardStage]]:
+    redis = aioredis.from_url(redis_url)
+    try:
+        runners, producer = [], MemoryProducer()
+        for _ in range(stages):
+            sites = SiteDefinitionsCache(_NoStore())  # type: ignore[arg-type]
+            sites.sites[SITE] = SiteSetup(1, RuleSet.compile([]), (PIPELINE,))
+            store = RedisStateStore(redis, prefix, namespace="board:")
+            runners.append(StageRunner(BoardStage(PARTITIONS, store, BoardStore(redis, prefix), sites), store,
+                                       producer))
+        for i, batch in enumerate(batches()):
+            await runners[i % stages].process(batch)
+        card = await redis.get(BoardStore(redis, prefix).card_state_key(SITE, CARD))
+        changes = [value for outputs in producer.sent for value in outputs.values(BOARD_STAGE_CHANGES)]
+        return card, changes, [runner.stage for runner in runners]
+    finally:
+        await redis.aclose()
+
+
+def test_two_stages_taking_turns_give_what_one_stage_gives(stack_settings):
+    namespace = replace(stack_settings, topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
+    try:
+        alone, alone_changes, (stage,) = asyncio.run(run(namespace.redis_url, f"{namespace.topic_prefix}one", 1))
+        turns, turns_changes, (first, second) = asyncio.run(run(namespace.redis_url, f"{namespace.topic_prefix}two", 2))
+    finally:
+        forget_redis_keys(namespace)
+    assert len(alone) > 8_000 and alone_changes  # a card worth keeping decoded, and it moved
+    assert (turns, turns_changes) == (alone, alone_changes)
+    assert stage.decoded.hits == 7  # one stage: every batch after the first reused its own write
+    assert first.decoded.hits == second.decoded.hits == 0  # taking turns: the other one always wrote last
