@@ -431,8 +431,6 @@ def fold_updates(boards: Sequence[BoardDefinition], card: CardState, updates: It
             old, new = _fold_facts(after, update)
             shown = shown.refolded(after, old, new)
             changes += _move_everywhere(boards, after, update.cause, shown)
-    else:
-        shown = Shown(after)
     return after, changes, view_changes(boards, card, after, shown_before, shown), shown
 
 
@@ -557,8 +555,9 @@ def merge_cards(boards: Sequence[BoardDefinition], survivor: CardState, absorbed
         target = max(_stage_index(board, absorbed_stage), automatic)
         if target > _stage_index(board, place.stage_id):
             changes.append(_move(board, new_survivor, board.stages[target].id, cause))
-    changes += _move_everywhere(boards, new_survivor, cause)  # its merged facts may take it further elsewhere
-    views = view_changes(boards, survivor, new_survivor) + view_changes(boards, absorbed, new_absorbed)
+    changes += _move_everywhere(boards, new_survivor, cause, shown)  # its merged facts may take it further
+    views = view_changes(boards, survivor, new_survivor, shown_after=shown) + view_changes(boards, absorbed,
+                                                                                           new_absorbed)
     return new_survivor, new_absorbed, changes, views
 
 

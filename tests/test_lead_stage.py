@@ -50,14 +50,14 @@ def setup(definitions, version: int) -> SiteSetup:
     return SiteSetup(version, RuleSet.compile(rules, version), tuple(definitions.boards))
 
 
-class _NoStore:
+class NoDefinitionsStore:
     async def load(self, site):  # every site the tests use is already in the cache
         raise AssertionError(f"unexpected load of {site}")
 
 
 def stage_runner(store: MemoryStateStore | None = None) -> tuple[StageRunner, MemoryStateStore, MemoryProducer]:
     definitions = load_definitions(RULES, "rules.yaml")
-    cache = SiteDefinitionsCache(_NoStore())  # type: ignore[arg-type]
+    cache = SiteDefinitionsCache(NoDefinitionsStore())  # type: ignore[arg-type]
     cache.sites["s"] = setup(definitions, 1)
     store = store or MemoryStateStore()
     producer = MemoryProducer()

@@ -22,24 +22,14 @@ from processors.runtime.producer import MemoryProducer
 from processors.runtime.stage import StageRunner
 from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache, SiteSetup
-from schemas.boards import BoardDefinition, CardUpdate
+from schemas.boards import CardUpdate
 from schemas.topics import BOARD_STAGE_CHANGES, partition_for_key
+from tests.test_boards import PIPELINE
+from tests.test_lead_stage import NoDefinitionsStore
 
 pytestmark = pytest.mark.integration
 
 SITE, CARD, PARTITIONS = "s", "account:acme.com", 4
-PIPELINE = BoardDefinition.model_validate({
-    "id": "pipeline", "name": "Pipeline", "card": "account", "stages": [
-        {"id": "new", "name": "New", "entry": True},
-        {"id": "consideration", "name": "Consideration", "when_tag": "Consideration"},
-        {"id": "decision", "name": "Decision", "when_tag": "Decision"},
-        {"id": "sql", "name": "Sales qualified", "when_score_at_least": 90},
-    ]})
-
-
-class _NoStore:
-    async def load(self, site):
-        raise AssertionError(f"unexpected load of {site}")
 
 
 def batches(count: int = 8, size: int = 150) -> list[list[Message]]:
@@ -63,7 +53,7 @@ async def run(redis_url: str, prefix: str, stages: int) -> tuple[bytes, list[byt
     try:
         runners, producer = [], MemoryProducer()
         for _ in range(stages):
-            sites = SiteDefinitionsCache(_NoStore())  # type: ignore[arg-type]
+            sites = SiteDefinitionsCache(NoDefinitionsStore())  # type: ignore[arg-type]
             sites.sites[SITE] = SiteSetup(1, RuleSet.compile([]), (PIPELINE,))
             store = RedisStateStore(redis, prefix, namespace="board:")
             runners.append(StageRunner(BoardStage(PARTITIONS, store, BoardStore(redis, prefix), sites), store,
