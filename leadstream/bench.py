@@ -3,8 +3,9 @@
 Phases, all in one run on the same stack and the same data:
   1. produce K synthetic events to a fresh events.raw;
   2. baseline: a bare aiokafka consumer + orjson decode loop over those K events;
-  3. pipeline: one `leadstream worker` + one `leadstream sink` from a standing start until all K are
-     rows in ClickHouse (rate over the whole run and over the steady middle);
+  3. pipeline: the workers of a layout (`split`: one `leadstream worker --stages raw` and one with the lead,
+     board and webhooks stages; `single`: one worker with every stage) + one `leadstream sink` from a
+     standing start until all K are rows in ClickHouse and the lead and board stages have drained too;
   4. latency: a paced stream (default 2,000 events/s) through the running pipeline; for each event the
      time from produce to being visible in ClickHouse (polled every 100 ms);
   5. memory and state: peak RSS of the worker, Redis bytes per visitor with state; then N (100,000)
@@ -15,7 +16,10 @@ Cost and scale, on the same run:
     part (processors/runtime/cost.py: the worker publishes its meter to Redis), and the sink's;
   - producers: the same enriched events produced to the partitions, idempotent, acks=all, a batch at a
     time until acked, by the worker's BatchProducer (aiokafka) and by librdkafka (confluent-kafka);
-  - scale-out: phase 3 again with `workers` worker processes in a fresh namespace.
+  - the machine: CPU per event of every process on the box (workers, sink, Kafka, ClickHouse, Redis) during
+    phase 3, and the rate the box's cores allow at that cost;
+  - comparison and scale-out: phase 3 again in a fresh namespace with one single-layout worker (after a
+    split run) and with `workers` single-layout workers.
 Workflow automation and LeadBoards, on the same run:
   - before any traffic the bench sites get the demo's rules and board plus generated filler rules, 100
     rules in all, so the lead stage evaluates a realistic rule set on every event;
@@ -58,9 +62,11 @@ from leadstream.admin import apply_definitions
 from leadstream.bench_profile import percentile
 from leadstream.config import KafkaConfig, Settings
 from leadstream.demo import DEMO_DEFINITIONS
-from leadstream.runner import Role, count, drop_namespace, forget_redis_keys, produce, wait_for
+from leadstream.runner import Role, count, drop_namespace, forget_redis_keys, produce, start_workers, wait_for
+from leadstream.stack import servers
 from leadstream.topics import delete_topics, ensure_topics
 from leadstream.traffic import TrafficGenerator
+from processors.app import LAYOUTS
 from processors.enrich import enrich_batch
 from processors.runtime.cost import PUBLISH_EVERY_S, cost_key
 from processors.runtime.ingest import consumer as kafka_consumer
@@ -220,7 +226,7 @@ def cost_rows(cost: dict, events: int) -> list[tuple[str, str]]:
         return f"  ({1e6 * cpu(part) / items:,.1f} µs per {unit}, {items:,} {unit}s)" if items else ""
 
     raw = cpu("raw-events")
-    rows = [("worker CPU per event, whole process (all stages)", per_event(cost["process_cpu_s"])),
+    rows = [("worker CPU per event, all its processes (every stage)", per_event(cost["process_cpu_s"])),
             ("  raw stage step", per_event(raw))]
     rows += [(f"    {label}", per_event(cpu(part))) for part, label in RAW_PARTS]
     rows.append(("    rest of the raw step (batching, identity lock)", per_event(raw - sum(cpu(p) for p, _ in RAW_PARTS))))
@@ -608,20 +614,44 @@ class PipelineRun:
     drained_s: float
     activity_ends: dict[int, int]  # leads.activity's end offsets once drained
     worker_cost: dict  # the workers' CostMeter snapshots, combined
-    sink_cpu_s: float  # the sink's CPU from its first rows until drained
+    machine_cpu_s: dict[str, float]  # CPU of each kind of process on the box, from the first row until drained
+
+    @property
+    def sink_cpu_s(self) -> float:
+        return self.machine_cpu_s["sink"]
 
 
-def _start_pipeline(settings: Settings, workers: int) -> list[Role]:
-    """A sink, then `workers` worker processes, each running every stage."""
-    names = ["bench-worker", *(f"bench-worker-{n}" for n in range(2, workers + 1))]
-    return [Role(settings, "bench-sink", "sink").start(),
-            *(Role(settings, name, "worker", "--name", name).start() for name in names)]
+def _start_pipeline(settings: Settings, layout: str, copies: int = 1) -> list[Role]:
+    """A sink, then `copies` sets of the layout's worker processes (processors.app.LAYOUTS)."""
+    names = ["bench-worker", *(f"bench-worker-{n}" for n in range(2, copies + 1))]
+    return [Role(settings, "bench-sink", "sink").start(), *(w for name in names for w in start_workers(settings, name, layout))]
+
+
+def _machine_processes(settings: Settings, roles: list[Role]) -> dict[str, list[int]]:
+    """The processes whose CPU the pipeline costs, by kind: roles[0] is the sink, the rest are workers; the
+    local stack's servers when they run here (not when LeadStream points at servers elsewhere)."""
+    kinds = {"workers": [role.proc.pid for role in roles[1:]], "sink": [roles[0].proc.pid]}
+    for server in servers(settings):
+        pid = server.pid()
+        if pid is not None:
+            kinds[SERVER_LABELS.get(server.name, server.name)] = [pid]
+    return kinds
+
+
+def _machine_cpu_s(processes: dict[str, list[int]]) -> dict[str, float]:
+    return {kind: sum(_cpu_s(pid) for pid in pids) for kind, pids in processes.items()}
+
+
+SERVER_LABELS = {"kafka": "Kafka", "clickhouse": "ClickHouse", "redis": "Redis"}
 
 
 def _cpu_s(pid: int) -> float:
-    """User+sys CPU seconds of a process and its children."""
-    process = psutil.Process(pid)
-    return sum(p.cpu_times().user + p.cpu_times().system for p in [process, *process.children(recursive=True)])
+    """User+sys CPU seconds of a process and its children (0 once it is gone)."""
+    try:
+        process = psutil.Process(pid)
+        return sum(p.cpu_times().user + p.cpu_times().system for p in [process, *process.children(recursive=True)])
+    except psutil.Error:
+        return 0.0
 
 
 def _worker_costs(settings: Settings, r: redis.Redis, workers: Iterable[Role]) -> dict:
@@ -637,13 +667,14 @@ def _run_pipeline(settings: Settings, r: redis.Redis, roles: list[Role], sent: i
     total_sql = "SELECT (SELECT count() FROM events) + (SELECT count() FROM dlq)"
     started = time.perf_counter()
     marks: list[tuple[float, int]] = []
-    next_print, sink_cpu_at_first = 0.0, None
+    next_print, cpu_at_first = 0.0, None
+    processes = _machine_processes(settings, roles)
     while True:
         done = count(settings, total_sql)
         now = time.perf_counter() - started
         marks.append((now, done))
-        if done and sink_cpu_at_first is None:  # the sink's start-up is behind it: count its work from here
-            sink_cpu_at_first = _cpu_s(roles[0].proc.pid)
+        if done and cpu_at_first is None:  # the processes' start-up is behind them: count their work from here
+            cpu_at_first = _machine_cpu_s(processes)
         if now >= next_print:
             print(f"  {label}: {done:>9,}/{sent:,} rows in ClickHouse after {now:5.1f}s", flush=True)
             next_print = now + 5
@@ -662,12 +693,13 @@ def _run_pipeline(settings: Settings, r: redis.Redis, roles: list[Role], sent: i
     print(f"  {label} done in {total_s:.1f}s (first rows after {first:.1f}s)", flush=True)
     activity_ends = _drain_automation(settings, r, roles)
     drained_s = time.perf_counter() - started
-    sink_cpu_s = _cpu_s(roles[0].proc.pid) - (sink_cpu_at_first or 0.0)
+    cpu_at_drained = _machine_cpu_s(processes)
+    machine_cpu_s = {kind: cpu_at_drained[kind] - (cpu_at_first or {}).get(kind, 0.0) for kind in processes}
     print(f"  {label}: lead and board stages caught up after {drained_s:.1f}s", flush=True)
     return PipelineRun(
         whole_rate=sent / max(total_s - first, 1e-6), steady_rate=(sent * 0.8) / max(hi - lo, 1e-6),
         drained_rate=sent / max(drained_s - first, 1e-6), first_s=first, total_s=total_s, drained_s=drained_s,
-        activity_ends=activity_ends, worker_cost=_worker_costs(settings, r, roles[1:]), sink_cpu_s=sink_cpu_s)
+        activity_ends=activity_ends, worker_cost=_worker_costs(settings, r, roles[1:]), machine_cpu_s=machine_cpu_s)
 
 
 def _prepare_namespace(settings: Settings, site_id: str = "bench") -> list[dict]:
@@ -678,7 +710,7 @@ def _prepare_namespace(settings: Settings, site_id: str = "bench") -> list[dict]
 
 
 def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], timeout_s: float = 180) -> None:
-    """Until every stage's consumer group is stable with one member per worker: workers that start together
+    """Until every stage's consumer group is stable with one member per copy of the layout: workers that start together
     still join one after the other, and each join stops the group for a rebalance."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka().security.librdkafka_options(), "log_level": 4})  # no notices on exit
     groups = [settings.kafka().group(group) for group in STAGE_GROUPS]
@@ -694,20 +726,21 @@ def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], time
     raise TimeoutError(f"{workers} workers did not all join their stages' consumer groups within {timeout_s:.0f}s")
 
 
-def _scale_out(settings: Settings, r: redis.Redis, records: list[tuple[bytes, bytes]], workers: int, uid: int
-               ) -> PipelineRun:
-    """The pipeline phase again with `workers` worker processes, on the same events in a fresh namespace;
-    the events are produced once every worker has joined, so that the rates leave the joins' rebalances out."""
-    scaled = replace(settings, topic_prefix=f"bench{uid}w{workers}.",
-                     clickhouse_database=f"leadstream_bench{uid}w{workers}")
+def _rerun(settings: Settings, r: redis.Redis, records: list[tuple[bytes, bytes]], layout: str, copies: int,
+           uid: int) -> PipelineRun:
+    """The pipeline phase again with `copies` sets of the layout's worker processes, on the same events in a
+    fresh namespace; the events are produced once every worker has joined, so that the rates leave the
+    joins' rebalances out."""
+    scaled = replace(settings, topic_prefix=f"bench{uid}{layout}{copies}.",
+                     clickhouse_database=f"leadstream_bench{uid}{layout}{copies}")
     _prepare_namespace(scaled)
     try:
-        roles = _start_pipeline(scaled, workers)
+        roles = _start_pipeline(scaled, layout, copies)
         try:
-            _wait_until_joined(scaled, workers, roles)
+            _wait_until_joined(scaled, copies, roles)
             producing = threading.Thread(target=lambda: asyncio.run(produce(scaled, records)), daemon=True)
-            producing.start()  # the clock runs from the first record on, as in the one-worker phase
-            run = _run_pipeline(scaled, r, roles, len(records), f"{workers} workers")
+            producing.start()  # the clock runs from the first record on, as in the main phase
+            run = _run_pipeline(scaled, r, roles, len(records), describe_layout(layout, copies))
             producing.join()
             return run
         finally:
@@ -807,17 +840,41 @@ def producer_rows(producers: dict[str, ProducerFigures], partitions: int) -> lis
     return rows
 
 
-def scale_out_rows(scaled: PipelineRun, single: PipelineRun, workers: int, partitions: int, events: int
-                   ) -> list[tuple[str, str]]:
-    """The scale-out phase's total rates, each next to the one-worker figure as a factor."""
+def describe_layout(layout: str, copies: int = 1) -> str:
+    """E.g. "2 workers, every stage in each" or "raw + automation workers"."""
+    if layout == "single":
+        return "1 worker, every stage in it" if copies == 1 else f"{copies} workers, every stage in each"
+    sets = " + ".join(f"{suffix or 'all'}" for suffix in LAYOUTS[layout])
+    return f"{sets} workers" if copies == 1 else f"{copies} x ({sets}) workers"
+
+
+def layout_rows(run: PipelineRun, label: str, events: int, against: PipelineRun | None = None,
+                against_label: str = "") -> list[tuple[str, str]]:
+    """A pipeline phase's rates: events into ClickHouse (raw stage and sink), then every stage drained (the
+    rules and the cards too: the figure that counts), and the workers' CPU per event; `against`: as a factor."""
+    def factor(mine: float, theirs: float) -> str:
+        return f"  ({mine / theirs:.2f}x {against_label})" if against is not None else ""
+
     return [
-        (f"{workers} workers on {partitions} partitions: whole run / steady",
-         f"{scaled.whole_rate:,.0f} / {scaled.steady_rate:,.0f} events/s"
-         f"  ({scaled.steady_rate / single.steady_rate:.2f}x one worker, steady)"),
-        (f"  {workers} workers until lead+board stages drained too",
-         f"{scaled.drained_rate:,.0f} events/s  ({scaled.drained_rate / single.drained_rate:.2f}x one worker)"),
-        (f"  {workers} workers' CPU per event, together",
-         f"{1e6 * scaled.worker_cost['process_cpu_s'] / events:,.1f} µs"),
+        (f"{label}: every stage drained (rules and cards too)",
+         f"{run.drained_rate:,.0f} events/s" + factor(run.drained_rate, against.drained_rate if against else 1)),
+        ("  events into ClickHouse (raw stage + sink): whole run / steady 10%..90%",
+         f"{run.whole_rate:,.0f} / {run.steady_rate:,.0f} events/s"
+         + factor(run.steady_rate, against.steady_rate if against else 1)),
+        ("  the workers' CPU per event, together", f"{1e6 * run.worker_cost['process_cpu_s'] / events:,.1f} µs"),
+    ]
+
+
+def machine_rows(run: PipelineRun, events: int) -> list[tuple[str, str]]:
+    """Where the box's CPU went per event in a pipeline phase, by kind of process, and the rate that total
+    allows on this machine's cores: the ceiling no worker change can lift alone."""
+    total = sum(run.machine_cpu_s.values())
+    cores = psutil.cpu_count() or 1
+    per_event = {kind: 1e6 * seconds / max(events, 1) for kind, seconds in run.machine_cpu_s.items()}
+    return [
+        ("machine CPU per event, pipeline phase (first row until drained)",
+         f"{1e6 * total / max(events, 1):,.0f} µs: " + ", ".join(f"{kind} {us:,.0f}" for kind, us in per_event.items())),
+        (f"  events/s this machine's {cores} cores allow at that cost", f"{cores * events / max(total, 1e-9):,.0f}"),
     ]
 
 
@@ -829,7 +886,8 @@ def format_table(rows: Sequence[tuple[str, str]]) -> str:
 
 
 def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 2000, latency_seconds: int = 15,
-              open_sessions: int = 100_000, board_latency_seconds: int = 15, workers: int = 2) -> int:
+              open_sessions: int = 100_000, board_latency_seconds: int = 15, workers: int = 2,
+              layout: str = "split") -> int:
     uid = int(time.time())
     s = replace(settings, topic_prefix=f"bench{uid}.", clickhouse_database=f"leadstream_bench{uid}")
     print(f"LeadStream benchmark — {events:,} events, {s.partitions} partitions, namespace {s.topic_prefix}", flush=True)
@@ -857,9 +915,11 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
           " idempotent, acks=all, aiokafka (the worker's BatchProducer) vs librdkafka ...", flush=True)
     producers = _compare_producers(s, records, uid)
 
-    roles = _start_pipeline(s, workers=1)
-    sampler = _PeakRss(roles[1].proc.pid)
-    sampler.start()
+    print(f"  pipeline phase: {describe_layout(layout)} ({layout} layout) and a sink", flush=True)
+    roles = _start_pipeline(s, layout)
+    samplers = [_PeakRss(role.proc.pid) for role in roles[1:]]
+    for sampler in samplers:
+        sampler.start()
     try:
         run = _run_pipeline(s, r, roles, sent, "pipeline")
 
@@ -886,39 +946,42 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         open_now = sum(r.zcard(f"{s.name('ls')}:due:{p}") for p in range(s.partitions))
         per_open_session = (r.info("memory")["used_memory"] - before_open) / max(open_sessions, 1)
 
-        roles[1].stop()
+        roles[1].stop()  # the worker with the raw stage
         restart_started = time.perf_counter()
-        roles[1] = Role(s, "bench-worker", "worker", "--name", "bench-worker").start()
+        roles[1].start()
         probe = [(b"restart-probe", orjson.dumps({"event_id": "restart-probe", "site_id": "bench", "type": "pageview",
                                                    "visitor_id": "restart-probe", "ts": int(time.time() * 1000)}))]
         asyncio.run(produce(s, probe))
         wait_for(s, "SELECT count() FROM events WHERE event_id = 'restart-probe'", 1, 300, roles)
         restart_s = time.perf_counter() - restart_started
     finally:
-        sampler.running = False
+        for sampler in samplers:
+            sampler.running = False
         for role in roles:
             role.stop()
 
     lead_records, lead_alone_rate = _lead_stage_alone(s, r, run.activity_ends, uid)
-    scaled = None
-    if workers > 1:
-        print(f"  scale-out phase: the same {sent:,} events, {workers} workers on {s.partitions} partitions ...",
-              flush=True)
-        scaled = _scale_out(s, r, records, workers, uid)
+    reruns: list[tuple[str, PipelineRun]] = []
+    for other, copies in ((("single", 1),) if layout != "single" else ()) + ((("single", workers),) if workers > 1 else ()):
+        label = describe_layout(other, copies)
+        print(f"  comparison phase: the same {sent:,} events, {label}, {s.partitions} partitions ...", flush=True)
+        reruns.append((label, _rerun(s, r, records, other, copies, uid)))
+    one_worker = run if layout == "single" else (reruns[0][1] if reruns else None)
     load = ", ".join(f"{value:.2f}" for value in psutil.getloadavg())
 
     rows = [
         ("raw aiokafka consume + orjson decode", f"{baseline_rate:,.0f} events/s"
                                                  f"  ({1e6 * baseline_cpu_s / sent:,.1f} µs CPU per event)"),
-        ("pipeline, whole run (worker+sink, into ClickHouse)", f"{run.whole_rate:,.0f} events/s"),
-        ("pipeline, steady 10%..90%", f"{run.steady_rate:,.0f} events/s"),
-        ("pipeline / raw baseline", f"{100 * run.steady_rate / baseline_rate:.1f} %"),
         ("rules on each bench site (demo's 8 + generated filler)", describe_rules(rules)),
-        ("worker, whole run until lead+board stages drained too", f"{run.drained_rate:,.0f} events/s"),
+        *layout_rows(run, f"pipeline, {describe_layout(layout)}", sent,
+                     one_worker if one_worker is not run else None, "1 worker"),
+        ("  pipeline (every stage drained) / raw baseline", f"{100 * run.drained_rate / baseline_rate:.1f} %"),
+        *machine_rows(run, sent),
         *cost_rows(run.worker_cost, sent),
         ("sink CPU per event (all its tables, first row until drained)", f"{1e6 * run.sink_cpu_s / sent:,.1f} µs"),
         *producer_rows(producers, s.partitions),
-        *(scale_out_rows(scaled, run, workers, s.partitions, sent) if scaled else []),
+        *(row for label, rerun in reruns
+          for row in layout_rows(rerun, label, sent, one_worker if rerun is not one_worker else None, "1 worker")),
         ("lead stage alone: own `worker --stages lead` replaying", f"{lead_alone_rate:,.0f} records/s"),
         ("  the run's leads.activity, first to last commit", f"({lead_records:,} records, nothing else running)"),
         ("lead stage alone / raw baseline", f"{100 * lead_alone_rate / baseline_rate:.1f} %"),
@@ -928,7 +991,8 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
                       f"of {len(board.sent_ms):,} probes"),
         *latency_rows(f"latency produce -> stage_change on the board's SSE stream at {latency_rate:,}/s",
                       stream_latencies, f"of {len(board.sent_ms):,} probes"),
-        ("worker peak RSS", f"{sampler.peak / 2**20:,.0f} MiB"),
+        ("worker peak RSS", ", ".join(f"{role.name.removeprefix('bench-')} {sampler.peak / 2**20:,.0f} MiB"
+                                      for role, sampler in zip(roles[1:], samplers))),
         ("visitors with sessionizer state in Redis", f"{len(state_keys):,}"),
         ("Redis bytes per visitor (session state key)", f"{per_visitor:,.0f} B"),
         ("Redis bytes per open session (all state: session+identity)", f"{per_open_session:,.0f} B"),

@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="throughput/latency/memory benchmark vs a raw aiokafka loop")
     bench.add_argument("--events", type=int, default=200_000)
     bench.add_argument("--open-sessions", type=int, default=100_000)
+    bench.add_argument("--layout", choices=["split", "single"], default="split",
+                       help="worker processes of the main phase: split (raw stage | lead,board,webhooks) or single"
+                            " (every stage in one); with split, a phase with a single worker follows for comparison")
     bench.add_argument("--workers", type=int, default=2,
-                       help="worker processes of the scale-out phase (1: leave it out)")
+                       help="single-layout worker processes of the scale-out phase (1: leave it out)")
     bench_profile = sub.add_parser("bench-profile", help="Lead Profile and funnel latency over N events in ClickHouse")
     bench_profile.add_argument("--events", type=int, default=10_000_000)
     args = parser.parse_args(argv)
@@ -141,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from leadstream.bench import run_bench
 
-        return run_bench(settings, events=args.events, open_sessions=args.open_sessions, workers=args.workers)
+        return run_bench(settings, events=args.events, open_sessions=args.open_sessions, workers=args.workers,
+                         layout=args.layout)
     if args.command == "bench-profile":
         from leadstream.bench_profile import run_profile_bench
 

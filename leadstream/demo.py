@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from api.site_summary import SUMMARY
 from leadstream.admin import apply_definitions, publish_ip_table
 from leadstream.config import Settings
-from leadstream.runner import Role, produce, wait_drained, wait_for
+from leadstream.runner import Role, produce, start_workers, wait_drained, wait_for
 from leadstream.traffic import TrafficGenerator, ip_range_table_lines
 from processors import webhooks
 from processors.board_store import BoardStore
@@ -127,8 +127,7 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
     except OSError as err:
         print(f"cannot start the demo's webhook receiver on 127.0.0.1:{WEBHOOK_PORT}: {err.strerror}", file=sys.stderr)
         return 2
-    roles = [Role(settings, "demo-worker", "worker", "--name", "demo-worker",
-                  env={"DEMO_WEBHOOK_SECRET": secret}).start(),
+    roles = [*start_workers(settings, "demo-worker", env={"DEMO_WEBHOOK_SECRET": secret}),
              Role(settings, "demo-sink", "sink").start()]
     try:
         now_ms = int(time.time() * 1000)  # traffic of the last ~2 weeks, whenever the demo runs

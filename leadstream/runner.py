@@ -80,6 +80,18 @@ class Role:
             return ""
 
 
+def start_workers(settings: Settings, name: str, layout: str = "split", env: dict[str, str] | None = None) -> list[Role]:
+    """The `leadstream worker` processes of a layout (processors.app.LAYOUTS): `name`, or `name-raw` and
+    `name-automation`, each with its `--stages`."""
+    from processors.app import LAYOUTS
+
+    roles = []
+    for suffix, stages in LAYOUTS[layout].items():
+        role_name = f"{name}-{suffix}" if suffix else name
+        roles.append(Role(settings, role_name, "worker", "--name", role_name, "--stages", ",".join(stages), env=env))
+    return [role.start() for role in roles]
+
+
 def detached_pid_file(settings: Settings, name: str) -> Path:
     directory = Path(settings.stack_dir) / "roles"
     directory.mkdir(parents=True, exist_ok=True)

@@ -35,14 +35,20 @@ async def ensure_topics(kafka: KafkaConfig, verbose: bool = True) -> dict[str, i
     return counts
 
 
+FAUST_ASSIGNOR_TOPIC = "leadstream-__assignor-__leader"
+"""The one topic Faust creates itself: its partition assignor's, named after the app (processors/app.py
+names the app `leadstream` under the prefix)."""
+
+
 async def delete_topics(kafka: KafkaConfig) -> None:
-    """Delete every catalog topic under this prefix (a test namespace or a benchmark's, when done): each
+    """Delete every catalog topic under this prefix, and Faust's (a test namespace or a benchmark's, when done): each
     partition keeps files open in the broker, and thousands of stale ones exhaust its file handles."""
     admin = AIOKafkaAdminClient(**kafka.client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        names = [kafka.topic(t.name) for t in CATALOG if kafka.topic(t.name) in existing]
+        names = [kafka.topic(name) for name in [*(t.name for t in CATALOG), FAUST_ASSIGNOR_TOPIC]
+                 if kafka.topic(name) in existing]
         if names:
             await admin.delete_topics(names)
     finally:

@@ -81,6 +81,14 @@ STAGES = ("raw", "lead", "board", "webhooks")
 BOARD_STAGE_GROUP = "leadstream-board-stage"
 """What `leadstream worker` runs by default: every stage in one process; `--stages` runs a subset."""
 
+LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "single": {"": STAGES},
+    "split": {"raw": ("raw",), "automation": ("lead", "board", "webhooks")},
+}
+"""How the demo, the benchmark and docker-compose spread the stages over worker processes (name suffix ->
+stages). `split`, their default, gives the raw stage and the automation (rules, cards, webhooks) a process
+each: two cores instead of one, and a burst of raw traffic no longer queues the cards behind it."""
+
 
 def faust_credentials(security: KafkaSecurity) -> faust.SASLCredentials | faust.SSLCredentials | None:
     """Faust's own Kafka clients (its consumer and producer) connect the way every LeadStream client does."""

@@ -14,14 +14,16 @@ from leadstream.bench import (
     caught_up,
     combine_costs,
     cost_rows,
+    describe_layout,
     describe_rules,
     filler_rules,
     format_table,
     latency_rows,
+    layout_rows,
+    machine_rows,
     output_batches,
     producer_rows,
     records_applied,
-    scale_out_rows,
     stage_watermarks,
 )
 from processors.enrich import enrich_batch
@@ -105,7 +107,7 @@ def test_cost_rows_give_µs_per_event_for_every_part_and_the_unmeasured_rest():
                               "identity": (0.5, 990), "serialize": (0.25, 1000), "lead": (2.0, 1100),
                               "board": (1.0, 500), "produce": (1.0, 4000), "commit": (0.5, 2600)})
     rows = dict(cost_rows(cost, events=1000))
-    assert rows["worker CPU per event, whole process (all stages)"] == "10,000.0 µs"
+    assert rows["worker CPU per event, all its processes (every stage)"] == "10,000.0 µs"
     assert rows["  raw stage step"] == "4,000.0 µs"
     assert rows["    enrich (validate, parse, classify)"] == "1,500.0 µs"
     assert rows["    rest of the raw step (batching, identity lock)"] == "750.0 µs"
@@ -143,17 +145,38 @@ def test_producer_rows_compare_librdkafka_with_aiokafka():
     ]
 
 
-def _run(steady: float, drained: float, process_cpu_s: float) -> PipelineRun:
+def _run(steady: float, drained: float, process_cpu_s: float, **machine: float) -> PipelineRun:
     return PipelineRun(whole_rate=steady * 0.9, steady_rate=steady, drained_rate=drained, first_s=3.0, total_s=60.0,
-                       drained_s=70.0, activity_ends={}, worker_cost=_snapshot(process_cpu_s), sink_cpu_s=5.0)
+                       drained_s=70.0, activity_ends={}, worker_cost=_snapshot(process_cpu_s),
+                       machine_cpu_s={"workers": process_cpu_s, "sink": 5.0, **machine})
 
 
-def test_scale_out_rows_give_the_total_and_the_factor_over_one_worker():
-    rows = scale_out_rows(_run(4_500, 4_000, 80.0), _run(3_000, 2_500, 60.0), workers=2, partitions=4, events=200_000)
+def test_layout_rows_give_the_drained_rate_first_and_each_rate_as_a_factor_over_one_worker():
+    rows = layout_rows(_run(4_500, 4_000, 80.0), "2 workers", 200_000, _run(3_000, 2_500, 60.0), "1 worker")
     assert rows == [
-        ("2 workers on 4 partitions: whole run / steady", "4,050 / 4,500 events/s  (1.50x one worker, steady)"),
-        ("  2 workers until lead+board stages drained too", "4,000 events/s  (1.60x one worker)"),
-        ("  2 workers' CPU per event, together", "400.0 µs"),
+        ("2 workers: every stage drained (rules and cards too)", "4,000 events/s  (1.60x 1 worker)"),
+        ("  events into ClickHouse (raw stage + sink): whole run / steady 10%..90%",
+         "4,050 / 4,500 events/s  (1.50x 1 worker)"),
+        ("  the workers' CPU per event, together", "400.0 µs"),
+    ]
+    alone = dict(layout_rows(_run(3_000, 2_500, 60.0), "1 worker", 200_000))
+    assert alone["1 worker: every stage drained (rules and cards too)"] == "2,500 events/s"
+
+
+def test_layouts_are_described_by_their_processes():
+    assert describe_layout("single") == "1 worker, every stage in it"
+    assert describe_layout("single", 2) == "2 workers, every stage in each"
+    assert describe_layout("split") == "raw + automation workers"
+    assert describe_layout("split", 2) == "2 x (raw + automation) workers"
+
+
+def test_machine_rows_add_every_process_up_and_give_the_rate_the_cores_allow(monkeypatch):
+    monkeypatch.setattr("psutil.cpu_count", lambda: 2)
+    rows = machine_rows(_run(3_000, 2_500, 60.0, Kafka=10.0, ClickHouse=15.0, Redis=10.0), 200_000)
+    assert rows == [
+        ("machine CPU per event, pipeline phase (first row until drained)",
+         "500 µs: workers 300, sink 25, Kafka 50, ClickHouse 75, Redis 50"),
+        ("  events/s this machine's 2 cores allow at that cost", "4,000"),
     ]
 
 

@@ -13,6 +13,7 @@ import redis
 import yaml
 
 from leadstream.config import Settings
+from processors.app import LAYOUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -69,7 +70,13 @@ def test_the_servers_and_the_roles_share_the_passwords_of_the_env_file():
         assert (pool.connection_kwargs["password"], pool.connection_kwargs["host"]) == ("r3dis", "redis"), role
         assert {*service["environment"], *CHOSEN} & SETTINGS >= {"LEADSTREAM_CLICKHOUSE_PASSWORD",
                                                                  "LEADSTREAM_REDIS_URL", "LEADSTREAM_API_KEYS"}
-    assert set(ROLES) == {"migrate", "worker", "sink", "api"}
+    assert set(ROLES) == {"migrate", "worker", "automation", "sink", "api"}
+
+
+def test_the_compose_workers_run_every_stage_once_the_way_the_demo_does():
+    commands = [SERVICES[name]["command"] for name in ROLES if SERVICES[name]["command"][0] == "worker"]
+    assert [tuple(command[2].split(",")) for command in commands] == list(LAYOUTS["split"].values())
+    assert [command[1] for command in commands] == ["--stages"] * len(commands)
 
 
 @pytest.mark.parametrize("missing", ["LEADSTREAM_CLICKHOUSE_PASSWORD", "REDIS_PASSWORD"])

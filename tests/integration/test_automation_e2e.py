@@ -13,7 +13,9 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from leadstream.runner import Role, count, produce, wait_for
+from leadstream.runner import Role, count, produce, start_workers, wait_for
+from leadstream.topics import delete_topics
+from processors.app import LAYOUTS
 from processors.definitions_store import DefinitionsStore
 from schemas.definitions import load_definitions
 from sinks.clickhouse import connect
@@ -58,9 +60,11 @@ async def _apply(settings, text: str) -> None:
         await redis.aclose()
 
 
-def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles, layout):
+    """The same outcome whether one worker runs every stage or the raw stage and the automation run apart."""
     asyncio.run(_apply(settings, DEFINITIONS))
-    roles += [Role(settings, "worker", "worker").start(), Role(settings, "sink", "sink").start()]
+    roles += [*start_workers(settings, "worker", layout), Role(settings, "sink", "sink").start()]
     asyncio.run(produce(settings, [
         raw(1, "v1"),
         raw(2, "v1", "form_submit", "/resources/guide", email="ann@acme.com", properties={"form": "guide"}),
