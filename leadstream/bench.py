@@ -961,8 +961,11 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
             role.stop()
 
     lead_records, lead_alone_rate = _lead_stage_alone(s, r, run.activity_ends, uid)
+    comparisons = [("single", 1)] if layout != "single" else []  # the per-process figure
+    if workers > 1:
+        comparisons.append(("single", workers))
     reruns: list[tuple[str, PipelineRun]] = []
-    for other, copies in ((("single", 1),) if layout != "single" else ()) + ((("single", workers),) if workers > 1 else ()):
+    for other, copies in comparisons:
         label = describe_layout(other, copies)
         print(f"  comparison phase: the same {sent:,} events, {label}, {s.partitions} partitions ...", flush=True)
         reruns.append((label, _rerun(s, r, records, other, copies, uid)))

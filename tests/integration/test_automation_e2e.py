@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from leadstream.runner import Role, count, produce, start_workers, wait_for
-from leadstream.topics import delete_topics
 from processors.app import LAYOUTS
 from processors.definitions_store import DefinitionsStore
 from schemas.definitions import load_definitions
