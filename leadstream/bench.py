@@ -627,6 +627,9 @@ def _start_pipeline(settings: Settings, layout: str, copies: int = 1) -> list[Ro
     return [Role(settings, "bench-sink", "sink").start(), *(w for name in names for w in start_workers(settings, name, layout))]
 
 
+SERVER_LABELS = {"kafka": "Kafka", "clickhouse": "ClickHouse", "redis": "Redis"}
+
+
 def _machine_processes(settings: Settings, roles: list[Role]) -> dict[str, list[int]]:
     """The processes whose CPU the pipeline costs, by kind: roles[0] is the sink, the rest are workers; the
     local stack's servers when they run here (not when LeadStream points at servers elsewhere)."""
@@ -640,9 +643,6 @@ def _machine_processes(settings: Settings, roles: list[Role]) -> dict[str, list[
 
 def _machine_cpu_s(processes: dict[str, list[int]]) -> dict[str, float]:
     return {kind: sum(_cpu_s(pid) for pid in pids) for kind, pids in processes.items()}
-
-
-SERVER_LABELS = {"kafka": "Kafka", "clickhouse": "ClickHouse", "redis": "Redis"}
 
 
 def _cpu_s(pid: int) -> float:
@@ -852,15 +852,13 @@ def layout_rows(run: PipelineRun, label: str, events: int, against: PipelineRun 
                 against_label: str = "") -> list[tuple[str, str]]:
     """A pipeline phase's rates: events into ClickHouse (raw stage and sink), then every stage drained (the
     rules and the cards too: the figure that counts), and the workers' CPU per event; `against`: as a factor."""
-    def factor(mine: float, theirs: float) -> str:
-        return f"  ({mine / theirs:.2f}x {against_label})" if against is not None else ""
+    def factor(rate: str) -> str:
+        return "" if against is None else f"  ({getattr(run, rate) / getattr(against, rate):.2f}x {against_label})"
 
     return [
-        (f"{label}: every stage drained (rules and cards too)",
-         f"{run.drained_rate:,.0f} events/s" + factor(run.drained_rate, against.drained_rate if against else 1)),
+        (f"{label}: every stage drained (rules and cards too)", f"{run.drained_rate:,.0f} events/s" + factor("drained_rate")),
         ("  events into ClickHouse (raw stage + sink): whole run / steady 10%..90%",
-         f"{run.whole_rate:,.0f} / {run.steady_rate:,.0f} events/s"
-         + factor(run.steady_rate, against.steady_rate if against else 1)),
+         f"{run.whole_rate:,.0f} / {run.steady_rate:,.0f} events/s" + factor("steady_rate")),
         ("  the workers' CPU per event, together", f"{1e6 * run.worker_cost['process_cpu_s'] / events:,.1f} µs"),
     ]
 

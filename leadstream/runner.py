@@ -85,11 +85,9 @@ def start_workers(settings: Settings, name: str, layout: str = "split", env: dic
     `name-automation`, each with its `--stages`."""
     from processors.app import LAYOUTS
 
-    roles = []
-    for suffix, stages in LAYOUTS[layout].items():
-        role_name = f"{name}-{suffix}" if suffix else name
-        roles.append(Role(settings, role_name, "worker", "--name", role_name, "--stages", ",".join(stages), env=env))
-    return [role.start() for role in roles]
+    names = {suffix: f"{name}-{suffix}" if suffix else name for suffix in LAYOUTS[layout]}
+    return [Role(settings, names[suffix], "worker", "--name", names[suffix], "--stages", ",".join(stages), env=env).start()
+            for suffix, stages in LAYOUTS[layout].items()]
 
 
 def detached_pid_file(settings: Settings, name: str) -> Path:
