@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.automation_queries import lead_state
 from api.lead_profile import account_leads, lead_profile, leads_by_channel
 from api.site_summary import SUMMARY
-from leadstream.config import Settings
 from processors.accounts import normalise_host
+from schemas.settings import Settings
 from sinks import clickhouse
 
 log = logging.getLogger(__name__)

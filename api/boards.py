@@ -53,7 +53,6 @@ from api.lead_profile import (
     hand_added_account,
     lead_profile,
 )
-from leadstream.config import Settings
 from processors.accounts import AccountRefused, manual_account
 from processors.board_store import BoardStore, parse_stream_id
 from processors.boards import (
@@ -85,6 +84,7 @@ from schemas.boards import (
 )
 from schemas.definitions import DefinitionsError
 from schemas.rules import Rule, RuleExecution
+from schemas.settings import Settings
 from schemas.topics import BOARD_COMMANDS
 
 log = logging.getLogger(__name__)

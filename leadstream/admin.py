@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from leadstream.config import Settings
 from processors import webhooks
 from processors.app import BOARD_STAGE_GROUP
 from processors.board_stage import BoardStage
@@ -26,6 +25,7 @@ from processors.site_definitions import SiteDefinitionsCache
 from processors.accounts import AccountRefused, IpRangeTable, manual_account
 from processors.identity_store import publish_ip_ranges
 from schemas.definitions import DefinitionsError, load_definitions
+from schemas.settings import Settings
 from schemas.topics import BOARD_COMMANDS
 from sinks import clickhouse
 

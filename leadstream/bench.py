@@ -60,7 +60,6 @@ from confluent_kafka.admin import AdminClient
 
 from leadstream.admin import apply_definitions
 from leadstream.bench_profile import percentile
-from leadstream.config import KafkaConfig, Settings
 from leadstream.demo import DEMO_DEFINITIONS
 from leadstream.runner import Role, count, drop_namespace, forget_redis_keys, produce, start_workers, wait_for
 from leadstream.stack import servers
@@ -72,6 +71,7 @@ from processors.runtime.cost import PUBLISH_EVERY_S, cost_key
 from processors.runtime.ingest import consumer as kafka_consumer
 from processors.runtime.producer import BatchProducer, Outputs
 from schemas.events import EnrichedEvent
+from schemas.settings import KafkaConfig, Settings
 from schemas.topics import BOARD_COMMANDS, EVENTS_ENRICHED, EVENTS_RAW, LEADS_ACTIVITY
 from sinks import clickhouse
 

@@ -18,7 +18,7 @@ from functools import partial
 from math import ceil
 
 from api.lead_profile import lead_profile
-from leadstream.config import Settings
+from schemas.settings import Settings
 from sinks import clickhouse
 
 SITE = "bench"

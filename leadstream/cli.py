@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from leadstream.config import BatchConfig, Settings
+from schemas.settings import BatchConfig, Settings
 
 
 def _run_sink(settings: Settings, tables: list[str]) -> int:

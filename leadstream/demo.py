@@ -19,12 +19,12 @@ import redis.asyncio as aioredis
 
 from api.site_summary import SUMMARY
 from leadstream.admin import apply_definitions, publish_ip_table
-from leadstream.config import Settings
 from leadstream.runner import Role, produce, start_workers, wait_drained, wait_for
 from leadstream.traffic import TrafficGenerator, ip_range_table_lines
 from processors import webhooks
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
+from schemas.settings import Settings
 from sinks import clickhouse
 
 

@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from leadstream.config import Settings
 from leadstream.topics import delete_topics
 from processors.runtime.ingest import consumer as kafka_consumer
+from schemas.settings import Settings
 from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
 from sinks import clickhouse
 from sinks.table_sink import TABLES

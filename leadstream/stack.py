@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from leadstream.config import REPO_ROOT, Settings
+from schemas.settings import REPO_ROOT, Settings
 
 DEPLOY_LOCAL = REPO_ROOT / "deploy" / "local"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from leadstream.config import KafkaConfig
+from schemas.settings import KafkaConfig
 from schemas.topics import CATALOG
 
 

@@ -20,7 +20,6 @@ import faust
 import orjson
 import redis.asyncio as aioredis
 
-from leadstream.config import KafkaSecurity, Settings
 from processors import sessionize
 from processors.accounts import AccountsContext
 from processors.enrich import Limits
@@ -37,6 +36,7 @@ from processors.runtime.stage import StageRunner
 from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache
 from processors.webhooks import WebhookQueue, run_dispatcher
+from schemas.settings import KafkaSecurity, Settings
 from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
 
 log = logging.getLogger(__name__)

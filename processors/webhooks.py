@@ -37,9 +37,9 @@ import redis.asyncio as aioredis
 from clickhouse_driver import Client
 from redis.exceptions import RedisError
 
-from leadstream.config import Settings
 from schemas.records import JsonRecord
 from schemas.rules import WebhookRequest, signing_secret_allowed
+from schemas.settings import Settings
 from sinks import clickhouse
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 from clickhouse_driver import Client
 
-from leadstream.config import ClickHouseConfig
+from schemas.settings import ClickHouseConfig
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ from typing import Callable, Sequence
 
 import orjson
 
-from leadstream.config import BatchConfig, ClickHouseConfig, KafkaConfig
 from processors.runtime.backoff import describe, is_transient
 from processors.runtime.ingest import BatchIngest, Message
 from schemas.boards import StageChange
@@ -40,6 +39,7 @@ from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.rules import LeadChange, LeadSnapshot, RuleExecution
 from schemas.session import Session
+from schemas.settings import BatchConfig, ClickHouseConfig, KafkaConfig
 from schemas.topics import (BOARD_STAGE_CHANGES, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY, IDENTITY_LEADS,
                             IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, SESSIONS, Topic)
 from sinks import clickhouse

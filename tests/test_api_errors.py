@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from leadstream.config import Settings
+from schemas.settings import Settings
 
 KEY = {"X-API-Key": "k-acme"}
 CLOSED = replace(Settings(), clickhouse_port=1, redis_url="redis://127.0.0.1:1/0", api_keys="acme:k-acme,globex:k-globex")

@@ -6,8 +6,8 @@ import ssl
 
 import pytest
 
-from leadstream.config import KafkaSecurity, Settings
 from processors.app import faust_credentials
+from schemas.settings import KafkaSecurity, Settings
 
 
 def test_plaintext_by_default():

@@ -12,8 +12,8 @@ import pytest
 import redis
 import yaml
 
-from leadstream.config import Settings
 from processors.app import LAYOUTS
+from schemas.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

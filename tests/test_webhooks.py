@@ -17,8 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from processors import webhooks as wh
-from leadstream.config import REPO_ROOT
 from schemas.rules import WebhookRequest
+from schemas.settings import REPO_ROOT
 from sinks import clickhouse
 
 DOCS = (REPO_ROOT / "docs" / "webhooks.md").read_text()

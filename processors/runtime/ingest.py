@@ -22,8 +22,8 @@ from typing import Awaitable, Callable, Sequence
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from leadstream.config import BatchConfig, KafkaConfig
 from processors.runtime.backoff import retry_until_done
+from schemas.settings import BatchConfig, KafkaConfig
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Callable
 
 from aiokafka import AIOKafkaProducer
 
-from leadstream.config import DEFAULT_MAX_RECORD_BYTES, KafkaConfig
 from schemas.dead_letter import DeadLetter
+from schemas.settings import DEFAULT_MAX_RECORD_BYTES, KafkaConfig
 from schemas.topics import EVENTS_DLQ, Topic, partition_for_key
 
 log = logging.getLogger(__name__)

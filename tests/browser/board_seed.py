@@ -20,10 +20,10 @@ import uvicorn
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from api.app import create_app
-from leadstream.config import Settings
 from processors.board_store import BoardStore
 from processors.boards import CardState, Cause, FactsUpdate, apply_command, apply_updates
 from schemas.boards import BoardCommand, BoardDefinition, CommandResult, StageDefinition
+from schemas.settings import Settings
 from sinks.clickhouse import connect, insert_columnar
 
 SITE = "acme"

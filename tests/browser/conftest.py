@@ -15,7 +15,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from leadstream.config import Settings
+from schemas.settings import Settings
 from tests.browser.board_seed import API_KEYS, KEY, PIPELINE, SITE, BoardSeeder, serve_api
 from tests.integration.conftest import roles, settings, stack_settings  # noqa: F401 - the stack fixtures
 

@@ -15,9 +15,9 @@ from dataclasses import replace
 import pytest
 
 from leadstream import stack
-from leadstream.config import Settings
 from leadstream.runner import Role, drop_namespace
 from leadstream.topics import ensure_topics
+from schemas.settings import Settings
 from sinks import clickhouse
 
 

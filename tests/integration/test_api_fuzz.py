@@ -22,7 +22,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 
-from leadstream.config import Settings
+from schemas.settings import Settings
 from tests.browser.board_seed import (
     API_KEYS,
     KEY,

@@ -18,9 +18,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from leadstream.config import BatchConfig
 from leadstream.runner import Role, count, produce, wait_drained, wait_for
 from processors.runtime.ingest import Message
+from schemas.settings import BatchConfig
 from schemas.topics import EVENTS_ENRICHED, LEADS_ACTIVITY
 from sinks import clickhouse
 from sinks.table_sink import TABLES, TableSink

@@ -12,10 +12,10 @@ from dataclasses import replace
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from leadstream.config import BatchConfig
 from leadstream.runner import Role, count, produce, wait_for
 from leadstream.topics import FAUST_ASSIGNOR_TOPIC, delete_topics, ensure_topics
 from processors.runtime.ingest import Message
+from schemas.settings import BatchConfig
 from sinks.table_sink import TABLES, TableSink
 from tests.integration.test_ingest import INVALID, valid_events
 from tests.test_lead_stage import event as enriched_event

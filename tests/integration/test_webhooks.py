@@ -20,9 +20,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from leadstream.config import REPO_ROOT
 from processors import webhooks as wh
 from schemas.rules import WebhookRequest
+from schemas.settings import REPO_ROOT
 from sinks import clickhouse
 
 pytestmark = pytest.mark.integration
