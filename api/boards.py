@@ -3,13 +3,13 @@ the site's rules and board definitions.
 
 Reads come from the board store (Redis) and, for the Account Panel, from ClickHouse. Writes never touch board
 state here: a POST becomes one `BoardCommand` on `board.commands` (keyed by card, so one card's commands keep
-their order), and the board stage decides it with the same pure stage machine as every automatic move and
+their order), and the board processor decides it with the same pure stage machine as every automatic move and
 stores the outcome under the command id. The API pre-checks what it can (If-Match against the board
 version, a backward move without force, an unknown stage) so that a person gets the refusal at once, then
 waits a few seconds for the outcome: 200 with it, or 202 with the command id to look it up later.
 
 The command id is derived from (site, board, card, Idempotency-Key): a retried request re-derives the same
-id, which the stage applies once.
+id, which the board processor applies once.
 
 EventSource cannot send headers, so the stream also accepts `?token=`: a short-lived token for one site's
 board, signed with (and only checkable with) the API key it was issued for — never the key itself.
@@ -99,9 +99,9 @@ DEFAULT_CARDS_PER_STAGE = 50
 MAX_CARDS_PER_STAGE = 500
 VALID_ID = re.compile(DEFINITION_ID)
 
-STALE_VERSION = "stale_version"  # If-Match is not the board's version (the API's 412; the stage re-checks)
+STALE_VERSION = "stale_version"  # If-Match is not the board's version (the API's 412; the board processor re-checks)
 
-# How a refusal (the stage machine's code, stored by the board stage in CommandResult.code) answers over HTTP.
+# How a refusal (the stage machine's code, stored by the board processor in CommandResult.code) answers over HTTP.
 REFUSAL_STATUS = {
     STAGE_REGRESSION: 409, CARD_MERGED: 409, ARCHIVED: 409,
     UNKNOWN_STAGE: 422, WRONG_CARD_KIND: 422, EMPTY_NOTE: 422,
@@ -322,7 +322,7 @@ def company_from_ip_ranges(csv_text: str, domain: str) -> str:
 
 
 def pre_check_move(board: BoardDefinition, card: CardState, body: MoveCard, actor: str, now_ms: int) -> None:
-    """Refuse at once what the stage would refuse (it re-checks authoritatively): the same `decide`."""
+    """Refuse at once what the board processor would refuse (it re-checks authoritatively): the same `decide`."""
     decision = decide(board, card, MoveRequest(Cause(actor, now_ms, reason=body.reason), body.to, by_person=True,
                                                force=body.force))
     if decision.refused:

@@ -13,13 +13,13 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from processors import webhooks
-from processors.app import BOARD_STAGE_GROUP
-from processors.board_stage import BoardStage
+from processors.app import BOARD_PROCESSOR_GROUP
+from processors.board_processor import BoardProcessor
 from processors.board_store import BoardStore
 from processors.definitions_store import ApplyResult, DefinitionsStore
 from processors.runtime.ingest import Message
 from processors.runtime.ingest import consumer as kafka_consumer
-from processors.runtime.stage import StageRunner
+from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache
 from processors.accounts import AccountRefused, IpRangeTable, manual_account
@@ -155,10 +155,10 @@ class _Discard:
 def rebuild_boards(settings: Settings) -> int:
     """`leadstream boards rebuild`: the board state in Redis recomputed from `board.commands` in Kafka.
 
-    For when Redis was lost or a board's state is in doubt. Stop the workers' board stage first (this
+    For when Redis was lost or a board's state is in doubt. Stop the workers' board processor first (this
     refuses while it runs) and, if Redis was lost, re-apply the rules and boards file. Every card, column,
-    live feed and command result is rebuilt by replaying the stage's whole input through the same stage
-    machine; the board versions keep growing, so no stale If-Match matches afterwards."""
+    live feed and command result is rebuilt by replaying the board processor's whole input through the same
+    stage machine; the board versions keep growing, so no stale If-Match matches afterwards."""
     return asyncio.run(_rebuild_boards(settings))
 
 
@@ -167,11 +167,11 @@ async def _rebuild_boards(settings: Settings) -> int:
     admin = AIOKafkaAdminClient(**kafka.client_options())
     await admin.start()
     try:
-        group = kafka.group(BOARD_STAGE_GROUP)
+        group = kafka.group(BOARD_PROCESSOR_GROUP)
         described = await admin.describe_consumer_groups([group])
         if any(g[1] == group and g[5] for response in described for g in response.groups):
-            print("leadstream boards rebuild: the board stage is running (its consumer group has members);"
-                  " stop the workers, or run them without it (--stages raw,lead,webhooks), first", file=sys.stderr)
+            print("leadstream boards rebuild: the board processor is running (its consumer group has members);"
+                  " stop the workers, or run them without it (--processors raw,lead,webhooks), first", file=sys.stderr)
             return 2
     finally:
         await admin.close()
@@ -187,8 +187,8 @@ async def _rebuild_boards(settings: Settings) -> int:
             async for key in redis.scan_iter(match=pattern, count=10_000):
                 await redis.delete(key)
         store = RedisStateStore(redis, prefix, namespace="board:")
-        runner = StageRunner(BoardStage(kafka.partitions, store, boards, SiteDefinitionsCache(definitions)), store,
-                             _Discard())
+        board = BoardProcessor(kafka.partitions, store, boards, SiteDefinitionsCache(definitions))
+        runner = ProcessorRunner(board, store, _Discard())
         await consumer.start()
         partitions = [TopicPartition(kafka.topic(BOARD_COMMANDS.name), p) for p in range(kafka.partitions)]
         consumer.assign(partitions)
@@ -204,7 +204,7 @@ async def _rebuild_boards(settings: Settings) -> int:
                 await runner.process(messages)
                 replayed += len(messages)
                 print(f"  {replayed:,}/{total:,}", flush=True)
-        print(f"boards rebuilt from {replayed:,} records; start the board stage again to go on from there")
+        print(f"boards rebuilt from {replayed:,} records; start the board processor again to go on from there")
         return 0
     finally:
         await consumer.stop()

@@ -3,9 +3,9 @@
 Phases, all in one run on the same stack and the same data:
   1. produce K synthetic events to a fresh events.raw;
   2. baseline: a bare aiokafka consumer + orjson decode loop over those K events;
-  3. pipeline: the workers of a layout (`split`: one `leadstream worker --stages raw` and one with the lead,
-     board and webhooks stages; `single`: one worker with every stage) + one `leadstream sink` from a
-     standing start until all K are rows in ClickHouse and the lead and board stages have drained too;
+  3. pipeline: the workers of a layout (`split`: one `leadstream worker --processors raw` and one with the
+     lead, board and webhooks processors; `single`: one worker with every processor) + one `leadstream sink`
+     from a standing start until all K are rows in ClickHouse and the lead and board processors have drained too;
   4. latency: a paced stream (default 2,000 events/s) through the running pipeline; for each event the
      time from produce to being visible in ClickHouse (polled every 100 ms);
   5. memory and state: peak RSS of the worker, Redis bytes per visitor with state; then N (100,000)
@@ -22,14 +22,14 @@ Cost and scale, on the same run:
     split run) and with `workers` single-layout workers.
 Workflow automation and LeadBoards, on the same run:
   - before any traffic the bench sites get the demo's rules and board plus generated filler rules, 100
-    rules in all, so the lead stage evaluates a realistic rule set on every event;
-  - after phase 3 the worker is given time to drain its lead and board stages too (whole-worker rate);
+    rules in all, so the lead processor evaluates a realistic rule set on every event;
+  - after phase 3 the worker is given time to drain its lead and board processors too (whole-worker rate);
   - board latency: a paced stream at the latency rate in which some visitors identify with a company email
     and then view the pricing page; for each, the time from producing that pageview to the account card
     being in the Consideration column of `GET /v1/sites/{site}/boards/pipeline` (polled) and to its
     `stage_change` arriving on the board's SSE stream. The API runs as its own `leadstream api` process;
-  - lead stage alone: the run's leads.activity, copied to a fresh namespace, replayed by a separate
-    `leadstream worker --stages lead` with nothing else running; rate between its first and last commit.
+  - lead processor alone: the run's leads.activity, copied to a fresh namespace, replayed by a separate
+    `leadstream worker --processors lead` with nothing else running; rate between its first and last commit.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from schemas.topics import BOARD_COMMANDS, EVENTS_ENRICHED, EVENTS_RAW, LEADS_AC
 from sinks import clickhouse
 
 RULES_PER_SITE = 100
-STAGE_GROUPS = ("leadstream-worker", "leadstream-lead-stage", "leadstream-board-stage")  # processors/app.py
+PROCESSOR_GROUPS = ("leadstream-worker", "leadstream-lead-processor", "leadstream-board-processor")  # processors/app.py
 PRODUCER_RECORDS = 100_000  # records each client produces in the producer comparison (fewer if the run has fewer)
 BOARD = "pipeline"  # the demo's board: account cards, Consideration when the lead has that tag
 PROBE_EVERY = 100  # one in this many events of the board-latency stream is a probe (20/s at 2,000/s)
@@ -152,8 +152,8 @@ def describe_rules(rules: Iterable[dict]) -> str:
             f" event, {other_events} on other event types, {timed} time triggers")
 
 
-def stage_watermarks(fields: dict[bytes | str, bytes | str]) -> dict[int, int]:
-    """A stage's `{prefix}:{stage}:wm` hash (partition -> last applied offset, and st:P stream times) as
+def processor_watermarks(fields: dict[bytes | str, bytes | str]) -> dict[int, int]:
+    """A processor's `{prefix}:{processor}:wm` hash (partition -> last applied offset, and st:P stream times) as
     partition -> last applied offset."""
     marks = {}
     for key, value in fields.items():
@@ -193,9 +193,9 @@ class SseParser:
 
 RAW_PARTS = (("enrich", "enrich (validate, parse, classify)"), ("sessionize", "sessionize (incl. state load)"),
              ("identity", "identity (incl. graph prefetch)"), ("serialize", "serialize events, dead letters, feed"))
-STAGE_STEPS = (("lead", "lead stage step (rules)"), ("board", "board stage step (cards)"))
-RUNTIME_PARTS = (("produce", "produce (every stage's outputs, until acked)"),
-                 ("commit", "Redis commit (every stage's state, CAS)"))
+PROCESSOR_STEPS = (("lead", "lead processor step (rules)"), ("board", "board processor step (cards)"))
+RUNTIME_PARTS = (("produce", "produce (every processor's outputs, until acked)"),
+                 ("commit", "Redis commit (every processor's state, CAS)"))
 
 
 def combine_costs(snapshots: Iterable[dict]) -> dict:
@@ -226,14 +226,14 @@ def cost_rows(cost: dict, events: int) -> list[tuple[str, str]]:
         return f"  ({1e6 * cpu(part) / items:,.1f} µs per {unit}, {items:,} {unit}s)" if items else ""
 
     raw = cpu("raw-events")
-    rows = [("worker CPU per event, all its processes (every stage)", per_event(cost["process_cpu_s"])),
-            ("  raw stage step", per_event(raw))]
+    rows = [("worker CPU per event, all its processes (every processor)", per_event(cost["process_cpu_s"])),
+            ("  raw processor step", per_event(raw))]
     rows += [(f"    {label}", per_event(cpu(part))) for part, label in RAW_PARTS]
     rows.append(("    rest of the raw step (batching, identity lock)", per_event(raw - sum(cpu(p) for p, _ in RAW_PARTS))))
-    rows += [(f"  {label}", per_event(cpu(part)) + per_item(part, "record")) for part, label in STAGE_STEPS]
+    rows += [(f"  {label}", per_event(cpu(part)) + per_item(part, "record")) for part, label in PROCESSOR_STEPS]
     rows += [(f"  {label}", per_event(cpu(part)) + per_item(part, "record" if part == "produce" else "input"))
              for part, label in RUNTIME_PARTS]
-    measured = raw + sum(cpu(p) for p, _ in STAGE_STEPS + RUNTIME_PARTS)
+    measured = raw + sum(cpu(p) for p, _ in PROCESSOR_STEPS + RUNTIME_PARTS)
     rows.append(("  other: Kafka fetch, client I/O, timers, event loop", per_event(cost["process_cpu_s"] - measured)))
     return rows
 
@@ -353,14 +353,14 @@ async def _end_offsets(consumer: AIOKafkaConsumer, topic: str, partitions: int) 
     return {tp.partition: offset for tp, offset in ends.items()}
 
 
-def _watermarks(r: redis.Redis, settings: Settings, stage: str) -> dict[int, int]:
-    return stage_watermarks(r.hgetall(f"{settings.name('ls')}:{stage}:wm"))
+def _watermarks(r: redis.Redis, settings: Settings, processor: str) -> dict[int, int]:
+    return processor_watermarks(r.hgetall(f"{settings.name('ls')}:{processor}:wm"))
 
 
 def _drain_automation(settings: Settings, r: redis.Redis, roles: list[Role], timeout_s: float = 600
                       ) -> dict[int, int]:
-    """Wait until the lead and board stages have applied everything on their input topics (twice in a row,
-    since each stage also writes to them); returns leads.activity's end offsets at that point."""
+    """Wait until the lead and board processors have applied everything on their input topics (twice in a
+    row, since each processor also writes to them); returns leads.activity's end offsets at that point."""
     async def drain() -> dict[int, int]:
         consumer = kafka_consumer(settings.kafka(), group=None)
         await consumer.start()
@@ -380,7 +380,7 @@ def _drain_automation(settings: Settings, r: redis.Redis, roles: list[Role], tim
                     if not role.alive():
                         raise RuntimeError(f"{role.name} exited:\n{role.log_tail()}")
                 await asyncio.sleep(0.25)
-            raise TimeoutError(f"the lead and board stages did not catch up within {timeout_s:.0f}s")
+            raise TimeoutError(f"the lead and board processors did not catch up within {timeout_s:.0f}s")
         finally:
             await consumer.stop()
 
@@ -389,8 +389,8 @@ def _drain_automation(settings: Settings, r: redis.Redis, roles: list[Role], tim
 
 async def _copy_lead_activity(source: Settings, target: Settings, until: dict[int, int]) -> dict[int, int]:
     """Copy leads.activity up to `until` into the target namespace, partition for partition, leaving out
-    merge handovers (the lead stage writes those itself, so a replay re-creates them); returns the target's
-    end offsets."""
+    merge handovers (the lead processor writes those itself, so a replay re-creates them); returns the
+    target's end offsets."""
     topic = source.topic(LEADS_ACTIVITY.name)
     consumer = kafka_consumer(source.kafka(), group=None)
     producer = AIOKafkaProducer(**target.kafka().client_options(), linger_ms=10, max_batch_size=512 * 1024,
@@ -418,9 +418,9 @@ async def _copy_lead_activity(source: Settings, target: Settings, until: dict[in
         await consumer.stop()
 
 
-def _lead_stage_alone(settings: Settings, r: redis.Redis, activity_ends: dict[int, int], uid: int
+def _lead_processor_alone(settings: Settings, r: redis.Redis, activity_ends: dict[int, int], uid: int
                       ) -> tuple[int, float]:
-    """(records, records/s) of a lone `leadstream worker --stages lead` over a copy of the run's
+    """(records, records/s) of a lone `leadstream worker --processors lead` over a copy of the run's
     leads.activity in a fresh namespace with the same rules: from its first committed batch to its last, so
     neither process start-up nor the consumer-group join is counted."""
     lone = replace(settings, topic_prefix=f"bench{uid}lead.")
@@ -428,9 +428,10 @@ def _lead_stage_alone(settings: Settings, r: redis.Redis, activity_ends: dict[in
     _apply_bench_rules(lone, "bench")
     ends = asyncio.run(_copy_lead_activity(settings, lone, activity_ends))
     total = sum(ends.values())
-    print(f"  lead stage alone: copied {total:,} leads.activity records; starting `worker --stages lead` ...",
-          flush=True)
-    worker = Role(lone, "bench-lead-stage", "worker", "--name", "bench-lead-stage", "--stages", "lead").start()
+    print(f"  lead processor alone: copied {total:,} leads.activity records;"
+          " starting `worker --processors lead` ...", flush=True)
+    worker = Role(lone, "bench-lead-processor", "worker", "--name", "bench-lead-processor", "--processors",
+                  "lead").start()
     try:
         first: tuple[float, int] | None = None
         deadline = time.monotonic() + 900
@@ -443,7 +444,7 @@ def _lead_stage_alone(settings: Settings, r: redis.Redis, activity_ends: dict[in
             if not worker.alive():
                 raise RuntimeError(f"{worker.name} exited:\n{worker.log_tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError("the lone lead stage did not finish within 15 minutes")
+                raise TimeoutError("the lone lead processor did not finish within 15 minutes")
             time.sleep(0.05)
     finally:
         worker.stop()
@@ -608,7 +609,7 @@ class PipelineRun:
 
     whole_rate: float  # events/s from the first row to the last
     steady_rate: float  # events/s between 10 % and 90 % of the rows
-    drained_rate: float  # events/s until the lead and board stages had applied everything too
+    drained_rate: float  # events/s until the lead and board processors had applied everything too
     first_s: float
     total_s: float
     drained_s: float
@@ -663,7 +664,7 @@ def _worker_costs(settings: Settings, r: redis.Redis, workers: Iterable[Role]) -
 
 def _run_pipeline(settings: Settings, r: redis.Redis, roles: list[Role], sent: int, label: str) -> PipelineRun:
     """From a standing start until all `sent` events are rows in ClickHouse (events or dead letters), then
-    until the lead and board stages have caught up; roles[0] is the sink, the rest are workers."""
+    until the lead and board processors have caught up; roles[0] is the sink, the rest are workers."""
     total_sql = "SELECT (SELECT count() FROM events) + (SELECT count() FROM dlq)"
     started = time.perf_counter()
     marks: list[tuple[float, int]] = []
@@ -695,7 +696,7 @@ def _run_pipeline(settings: Settings, r: redis.Redis, roles: list[Role], sent: i
     drained_s = time.perf_counter() - started
     cpu_at_drained = _machine_cpu_s(processes)
     machine_cpu_s = {kind: cpu_at_drained[kind] - (cpu_at_first or {}).get(kind, 0.0) for kind in processes}
-    print(f"  {label}: lead and board stages caught up after {drained_s:.1f}s", flush=True)
+    print(f"  {label}: lead and board processors caught up after {drained_s:.1f}s", flush=True)
     return PipelineRun(
         whole_rate=sent / max(total_s - first, 1e-6), steady_rate=(sent * 0.8) / max(hi - lo, 1e-6),
         drained_rate=sent / max(drained_s - first, 1e-6), first_s=first, total_s=total_s, drained_s=drained_s,
@@ -710,10 +711,10 @@ def _prepare_namespace(settings: Settings, site_id: str = "bench") -> list[dict]
 
 
 def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], timeout_s: float = 180) -> None:
-    """Until every stage's consumer group is stable with one member per copy of the layout: workers that start together
-    still join one after the other, and each join stops the group for a rebalance."""
+    """Until every processor's consumer group is stable with one member per copy of the layout: workers that
+    start together still join one after the other, and each join stops the group for a rebalance."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka().security.librdkafka_options(), "log_level": 4})  # no notices on exit
-    groups = [settings.kafka().group(group) for group in STAGE_GROUPS]
+    groups = [settings.kafka().group(group) for group in PROCESSOR_GROUPS]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         described = [future.result() for future in admin.describe_consumer_groups(groups).values()]
@@ -723,7 +724,7 @@ def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], time
             if not role.alive():
                 raise RuntimeError(f"{role.name} exited:\n{role.log_tail()}")
         time.sleep(0.5)
-    raise TimeoutError(f"{workers} workers did not all join their stages' consumer groups within {timeout_s:.0f}s")
+    raise TimeoutError(f"{workers} workers did not all join their processors' consumer groups within {timeout_s:.0f}s")
 
 
 def _rerun(settings: Settings, r: redis.Redis, records: list[tuple[bytes, bytes]], layout: str, copies: int,
@@ -757,8 +758,8 @@ class ProducerFigures:
 
 
 def output_batches(results: Iterable[object], partitions: int, batch_size: int) -> list[list[tuple[int, bytes, bytes]]]:
-    """Enriched events as a stage would produce them: (partition, key, value) in batches of `batch_size`,
-    spread over the partitions the way raw offsets are; rejections are left out."""
+    """Enriched events as the raw processor would produce them: (partition, key, value) in batches of
+    `batch_size`, spread over the partitions the way raw offsets are; rejections are left out."""
     records = [(i % partitions, event.visitor_id.encode(), event.to_json())
                for i, event in enumerate(result for result in results if isinstance(result, EnrichedEvent))]
     return [records[i:i + batch_size] for i in range(0, len(records), batch_size)]
@@ -841,23 +842,25 @@ def producer_rows(producers: dict[str, ProducerFigures], partitions: int) -> lis
 
 
 def describe_layout(layout: str, copies: int = 1) -> str:
-    """E.g. "2 workers, every stage in each" or "raw + automation workers"."""
+    """E.g. "2 workers, every processor in each" or "raw + automation workers"."""
     if layout == "single":
-        return "1 worker, every stage in it" if copies == 1 else f"{copies} workers, every stage in each"
+        return "1 worker, every processor in it" if copies == 1 else f"{copies} workers, every processor in each"
     sets = " + ".join(f"{suffix or 'all'}" for suffix in LAYOUTS[layout])
     return f"{sets} workers" if copies == 1 else f"{copies} x ({sets}) workers"
 
 
 def layout_rows(run: PipelineRun, label: str, events: int, against: PipelineRun | None = None,
                 against_label: str = "") -> list[tuple[str, str]]:
-    """A pipeline phase's rates: events into ClickHouse (raw stage and sink), then every stage drained (the
-    rules and the cards too: the figure that counts), and the workers' CPU per event; `against`: as a factor."""
+    """A pipeline phase's rates: events into ClickHouse (raw processor and sink), then every processor drained
+    (the rules and the cards too: the figure that counts), and the workers' CPU per event; `against`: as a
+    factor."""
     def factor(rate: str) -> str:
         return "" if against is None else f"  ({getattr(run, rate) / getattr(against, rate):.2f}x {against_label})"
 
     return [
-        (f"{label}: every stage drained (rules and cards too)", f"{run.drained_rate:,.0f} events/s" + factor("drained_rate")),
-        ("  events into ClickHouse (raw stage + sink): whole run / steady 10%..90%",
+        (f"{label}: every processor drained (rules and cards too)",
+         f"{run.drained_rate:,.0f} events/s" + factor("drained_rate")),
+        ("  events into ClickHouse (raw processor + sink): whole run / steady 10%..90%",
          f"{run.whole_rate:,.0f} / {run.steady_rate:,.0f} events/s" + factor("steady_rate")),
         ("  the workers' CPU per event, together", f"{1e6 * run.worker_cost['process_cpu_s'] / events:,.1f} µs"),
     ]
@@ -944,7 +947,7 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         open_now = sum(r.zcard(f"{s.name('ls')}:due:{p}") for p in range(s.partitions))
         per_open_session = (r.info("memory")["used_memory"] - before_open) / max(open_sessions, 1)
 
-        roles[1].stop()  # the worker with the raw stage
+        roles[1].stop()  # the worker with the raw processor
         restart_started = time.perf_counter()
         roles[1].start()
         probe = [(b"restart-probe", orjson.dumps({"event_id": "restart-probe", "site_id": "bench", "type": "pageview",
@@ -958,7 +961,7 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         for role in roles:
             role.stop()
 
-    lead_records, lead_alone_rate = _lead_stage_alone(s, r, run.activity_ends, uid)
+    lead_records, lead_alone_rate = _lead_processor_alone(s, r, run.activity_ends, uid)
     comparisons = [("single", 1)] if layout != "single" else []  # the per-process figure
     if workers > 1:
         comparisons.append(("single", workers))
@@ -976,16 +979,16 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         ("rules on each bench site (demo's 8 + generated filler)", describe_rules(rules)),
         *layout_rows(run, f"pipeline, {describe_layout(layout)}", sent,
                      one_worker if one_worker is not run else None, "1 worker"),
-        ("  pipeline (every stage drained) / raw baseline", f"{100 * run.drained_rate / baseline_rate:.1f} %"),
+        ("  pipeline (every processor drained) / raw baseline", f"{100 * run.drained_rate / baseline_rate:.1f} %"),
         *machine_rows(run, sent),
         *cost_rows(run.worker_cost, sent),
         ("sink CPU per event (all its tables, first row until drained)", f"{1e6 * run.sink_cpu_s / sent:,.1f} µs"),
         *producer_rows(producers, s.partitions),
         *(row for label, rerun in reruns
           for row in layout_rows(rerun, label, sent, one_worker if rerun is not one_worker else None, "1 worker")),
-        ("lead stage alone: own `worker --stages lead` replaying", f"{lead_alone_rate:,.0f} records/s"),
+        ("lead processor alone: own `worker --processors lead` replaying", f"{lead_alone_rate:,.0f} records/s"),
         ("  the run's leads.activity, first to last commit", f"({lead_records:,} records, nothing else running)"),
-        ("lead stage alone / raw baseline", f"{100 * lead_alone_rate / baseline_rate:.1f} %"),
+        ("lead processor alone / raw baseline", f"{100 * lead_alone_rate / baseline_rate:.1f} %"),
         *latency_rows(f"latency produce -> ClickHouse at {latency_rate:,}/s", latencies),
         *latency_rows(f"latency produce -> card in Consideration, board API polled every"
                       f" {BOARD_POLL_S * 1000:.0f} ms, at {latency_rate:,}/s", board_latencies,

@@ -37,6 +37,14 @@ def _migrate(settings: Settings) -> int:
     return 0
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An option's old name, still accepted (users' scripts and compose files have it) with a one-line warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: {option_string} is deprecated; use --{self.dest}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="leadstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     worker = sub.add_parser("worker", help="run a Faust stream-processing worker")
     worker.add_argument("--name", default="worker", help="distinct name per worker process on one host")
     worker.add_argument("--loglevel", default="warning")
-    worker.add_argument("--stages", default="", help="comma-separated subset of raw,lead,board,webhooks (default: all)")
+    worker.add_argument("--processors", default="",
+                        help="comma-separated subset of raw,lead,board,webhooks (default: all)")
+    worker.add_argument("--stages", dest="processors", action=_DeprecatedAlias, default=argparse.SUPPRESS,
+                        help="deprecated name of --processors")
     sub.add_parser("api", help="run the read API and dashboard (LEADSTREAM_API_KEYS=site:key,...)")
     sink = sub.add_parser("sink", help="run the ClickHouse sinks")
     sink.add_argument("--tables", default="", help="comma-separated table names (default: all)")
@@ -74,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--events", type=int, default=200_000)
     bench.add_argument("--open-sessions", type=int, default=100_000)
     bench.add_argument("--layout", choices=["split", "single"], default="split",
-                       help="worker processes of the main phase: split (raw stage | lead,board,webhooks) or single"
-                            " (every stage in one); with split, a phase with a single worker follows for comparison")
+                       help="worker processes of the main phase: split (raw processor | lead,board,webhooks) or"
+                            " single (every processor in one); with split, a phase with a single worker follows for"
+                            " comparison")
     bench.add_argument("--workers", type=int, default=2,
                        help="single-layout worker processes of the scale-out phase (1: leave it out)")
     bench_profile = sub.add_parser("bench-profile", help="Lead Profile and funnel latency over N events in ClickHouse")
@@ -91,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return _migrate(settings)
     if args.command == "worker":
-        from processors.app import STAGES, run_worker
+        from processors.app import PROCESSORS, run_worker
 
-        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) or STAGES
-        unknown = sorted(set(stages) - set(STAGES))
+        processors = tuple(p.strip() for p in args.processors.split(",") if p.strip()) or PROCESSORS
+        unknown = sorted(set(processors) - set(PROCESSORS))
         if unknown:
-            parser.error(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+            parser.error(f"unknown processor(s) {', '.join(unknown)}; known: {', '.join(PROCESSORS)}")
         sys.argv = [sys.argv[0]]  # Faust's Worker parses argv itself
-        run_worker(settings, args.name, args.loglevel, stages)
+        run_worker(settings, args.name, args.loglevel, processors)
         return 0
     if args.command == "sink":
         from sinks.table_sink import TABLES

@@ -145,7 +145,7 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
                  sum(traffic.malformed.values()) + traffic.duplicates, timeout_s=120, roles=roles,
                  params={"since": since_ms}, label="dead letters", progress=True)
         print(f"  all {sent:,} events accounted for in {time.monotonic() - started:.1f}s", flush=True)
-        print("Workflow automation and the LeadBoard (lead stage -> board stage):", flush=True)
+        print("Workflow automation and the LeadBoard (lead processor -> board processor):", flush=True)
         wait_drained(settings, timeout_s=300, roles=roles, progress=True)
         print(summary(settings, site_id, since_ms))
         print(f"\nWebhooks received by the demo's CRM stand-in on 127.0.0.1:{WEBHOOK_PORT}: {len(receiver.valid):,}"

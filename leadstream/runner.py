@@ -82,12 +82,13 @@ class Role:
 
 def start_workers(settings: Settings, name: str, layout: str = "split", env: dict[str, str] | None = None) -> list[Role]:
     """The `leadstream worker` processes of a layout (processors.app.LAYOUTS): `name`, or `name-raw` and
-    `name-automation`, each with its `--stages`."""
+    `name-automation`, each with its `--processors`."""
     from processors.app import LAYOUTS
 
     names = {suffix: f"{name}-{suffix}" if suffix else name for suffix in LAYOUTS[layout]}
-    return [Role(settings, names[suffix], "worker", "--name", names[suffix], "--stages", ",".join(stages), env=env).start()
-            for suffix, stages in LAYOUTS[layout].items()]
+    return [Role(settings, names[suffix], "worker", "--name", names[suffix], "--processors", ",".join(processors),
+                 env=env).start()
+            for suffix, processors in LAYOUTS[layout].items()]
 
 
 def detached_pid_file(settings: Settings, name: str) -> Path:
@@ -152,11 +153,11 @@ def wait_for(settings: Settings, sql: str, expected: int, timeout_s: float, role
     raise TimeoutError(f"timed out waiting for {expected} {label}; have {value}")
 
 
-STAGE_INPUTS = (("lead", LEADS_ACTIVITY), ("board", BOARD_COMMANDS))
+PROCESSOR_INPUTS = (("lead", LEADS_ACTIVITY), ("board", BOARD_COMMANDS))
 
 
 async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
-    """Records the lead and board stages' watermarks do not yet cover, plus records of the given tables'
+    """Records the lead and board processors' watermarks do not yet cover, plus records of the given tables'
     topics their sinks have not yet committed."""
     kafka = settings.kafka()
     consumer = kafka_consumer(kafka, group=None)
@@ -170,8 +171,8 @@ async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
 
     try:
         backlog = 0
-        for stage, topic in STAGE_INPUTS:
-            marks = await redis.hgetall(f"{settings.name('ls')}:{stage}:wm")
+        for processor, topic in PROCESSOR_INPUTS:
+            marks = await redis.hgetall(f"{settings.name('ls')}:{processor}:wm")
             for tp, end in (await ends(topic)).items():
                 backlog += max(0, end - 1 - int(marks.get(str(tp.partition).encode(), -1)))
         for table in sink_tables:
@@ -187,8 +188,8 @@ async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
 
 def wait_drained(settings: Settings, timeout_s: float, roles: Iterable[Role] = (), progress: bool = False,
                  sink_tables: Sequence[str] = ("lead_state", "rule_executions", "stage_changes")) -> None:
-    """Wait until the lead and board stages have applied every record of their inputs and the sinks of
-    `sink_tables` have stored theirs (the board stage feeds itself merge handovers, so the backlog must
+    """Wait until the lead and board processors have applied every record of their inputs and the sinks of
+    `sink_tables` have stored theirs (the board processor feeds itself merge handovers, so the backlog must
     stay at zero for two looks in a row)."""
     deadline = time.monotonic() + timeout_s
     quiet, last_print = 0, 0.0
@@ -201,10 +202,10 @@ def wait_drained(settings: Settings, timeout_s: float, roles: Iterable[Role] = (
         if quiet >= 2:
             return
         if progress and backlog and time.monotonic() - last_print > 2:
-            print(f"  lead and board stages, sinks: {backlog:,} records to go", flush=True)
+            print(f"  lead and board processors, sinks: {backlog:,} records to go", flush=True)
             last_print = time.monotonic()
         time.sleep(0.5)
-    raise TimeoutError("timed out waiting for the lead and board stages to catch up")
+    raise TimeoutError("timed out waiting for the lead and board processors to catch up")
 
 
 def drop_namespace(settings: Settings) -> None:

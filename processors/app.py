@@ -1,13 +1,13 @@
-"""The worker: a Faust app hosting every processing stage on the shared stage runtime.
+"""The worker: a Faust app hosting every processor on the shared processor runtime.
 
-Faust is the application host — services, timers, signal handling, logging. Each stage's input comes
+Faust is the application host — services, timers, signal handling, logging. Each processor's input comes
 through `BatchIngest` (a plain aiokafka consumer group; see processors/runtime/ingest.py for why the hot
-path bypasses Faust's per-message stream machinery) and runs through a `StageRunner`:
+path bypasses Faust's per-message stream machinery) and runs through a `ProcessorRunner`:
 - raw: events.raw -> enrich, sessionize, resolve identity -> events, sessions, identity, leads.activity;
 - lead: leads.activity -> workflow automation -> leads.changes, leads.state, rules.executions, cards;
 - board: board.commands -> the stage machine -> board.stage-changes and the board state in Redis;
-- webhooks: delivers what the lead stage queued.
-Each stage has its own watermarks and timers (a state-store namespace) and its own consumer group.
+- webhooks: delivers what the lead processor queued.
+Each processor has its own watermarks and timers (a state-store namespace) and its own consumer group.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ import redis.asyncio as aioredis
 from processors import sessionize
 from processors.accounts import AccountsContext
 from processors.enrich import Limits
-from processors.board_stage import BoardStage
+from processors.board_processor import BoardProcessor
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
 from processors.identity_store import IdentityGraphStore, load_ip_table
-from processors.lead_stage import LeadStage
-from processors.raw_events import RawEventsConfig, RawEventsStage
+from processors.lead_processor import LeadProcessor
+from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
 from processors.runtime.cost import METER, PUBLISH_EVERY_S, PUBLISHED_FOR_S, cost_key
 from processors.runtime.ingest import BatchIngest
 from processors.runtime.producer import BatchProducer
-from processors.runtime.stage import StageRunner
+from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache
 from processors.webhooks import WebhookQueue, run_dispatcher
@@ -60,7 +60,7 @@ def visitor_state_ttl_ms(settings: Settings, policy: sessionize.SessionPolicy) -
 
 
 class IngestService(faust.Service):
-    """Runs one stage's ingest loop inside the Faust app."""
+    """Runs one processor's ingest loop inside the Faust app."""
 
     def __init__(self, ingest: BatchIngest, **kwargs):
         super().__init__(**kwargs)
@@ -77,17 +77,17 @@ class IngestService(faust.Service):
         await self.ingest.run(lambda: self.should_stop)
 
 
-STAGES = ("raw", "lead", "board", "webhooks")
-BOARD_STAGE_GROUP = "leadstream-board-stage"
-"""What `leadstream worker` runs by default: every stage in one process; `--stages` runs a subset."""
+PROCESSORS = ("raw", "lead", "board", "webhooks")
+"""What `leadstream worker` runs by default: every processor in one process; `--processors` runs a subset."""
+BOARD_PROCESSOR_GROUP = "leadstream-board-processor"
 
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
-    "single": {"": STAGES},
+    "single": {"": PROCESSORS},
     "split": {"raw": ("raw",), "automation": ("lead", "board", "webhooks")},
 }
-"""How the demo, the benchmark and docker-compose spread the stages over worker processes (name suffix ->
-stages). `split`, their default, gives the raw stage and the automation (rules, cards, webhooks) a process
-each: two cores instead of one, and a burst of raw traffic no longer queues the cards behind it."""
+"""How the demo, the benchmark and docker-compose spread the processors over worker processes (name suffix ->
+processors). `split`, their default, gives the raw processor and the automation (rules, cards, webhooks) a
+process each: two cores instead of one, and a burst of raw traffic no longer queues the cards behind it."""
 
 
 def faust_credentials(security: KafkaSecurity) -> faust.SASLCredentials | faust.SSLCredentials | None:
@@ -99,10 +99,11 @@ def faust_credentials(security: KafkaSecurity) -> faust.SASLCredentials | faust.
     return faust.SSLCredentials(ssl_context) if ssl_context else None
 
 
-def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[str, ...] = STAGES) -> faust.App:
-    unknown = sorted(set(stages) - set(STAGES))
+def create_app(settings: Settings, worker_name: str = "worker",
+               processors: tuple[str, ...] = PROCESSORS) -> faust.App:
+    unknown = sorted(set(processors) - set(PROCESSORS))
     if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+        raise ValueError(f"unknown processor(s) {', '.join(unknown)}; known: {', '.join(PROCESSORS)}")
     datadir = Path(settings.stack_dir) / "faust" / settings.name(worker_name)
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -122,33 +123,33 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
     sessions = session_policy(settings)
     store = RedisStateStore(redis, prefix, state_ttl_ms=visitor_state_ttl_ms(settings, sessions))
     sites = SiteDefinitionsCache(DefinitionsStore(redis, prefix))
-    raw_events = RawEventsStage(
-        RawEventsConfig(kafka.topic(EVENTS_RAW.name), kafka.partitions, sessions,
-                        Limits(max_payload_bytes=settings.max_payload_bytes), settings.lead_max_visitors),
+    raw_processor = RawEventsProcessor(
+        RawProcessorConfig(kafka.topic(EVENTS_RAW.name), kafka.partitions, sessions,
+                           Limits(max_payload_bytes=settings.max_payload_bytes), settings.lead_max_visitors),
         store, IdentityGraphStore(store, prefix), prefix,
     )
-    runners: dict[str, tuple[StageRunner, BatchIngest]] = {}
+    runners: dict[str, tuple[ProcessorRunner, BatchIngest]] = {}
 
-    def stage_store(stage: str) -> RedisStateStore:
-        """Each stage's watermarks and timer index under a namespace of its own."""
-        return RedisStateStore(redis, prefix, namespace=f"{stage}:")
+    def processor_store(name: str) -> RedisStateStore:
+        """Each processor's watermarks and timer index under a namespace of its own."""
+        return RedisStateStore(redis, prefix, namespace=f"{name}:")
 
-    def add_stage(name: str, stage, topic, group: str) -> None:
-        # the stage's own store: its watermarks and timers
-        runner = StageRunner(stage, stage.store, producer, kafka.topic(topic.name))
+    def add_processor(name: str, processor, topic, group: str) -> None:
+        # the processor's own store: its watermarks and timers
+        runner = ProcessorRunner(processor, processor.store, producer, kafka.topic(topic.name))
         ingest = BatchIngest(kafka, topic.name, group, settings.batch(), runner.process, isolate=runner.isolate)
         runners[name] = (runner, ingest)
         app.service(IngestService(ingest))
 
-    if "raw" in stages:
-        add_stage("raw", raw_events, EVENTS_RAW, "leadstream-worker")
-    if "lead" in stages:
+    if "raw" in processors:
+        add_processor("raw", raw_processor, EVENTS_RAW, "leadstream-worker")
+    if "lead" in processors:
         webhooks = WebhookQueue(redis, prefix)
-        add_stage("lead", LeadStage(kafka.partitions, stage_store("lead"), sites, webhooks, prefix), LEADS_ACTIVITY,
-                  "leadstream-lead-stage")
-    if "board" in stages:
-        add_stage("board", BoardStage(kafka.partitions, stage_store("board"), BoardStore(redis, prefix), sites),
-                  BOARD_COMMANDS, BOARD_STAGE_GROUP)
+        lead = LeadProcessor(kafka.partitions, processor_store("lead"), sites, webhooks, prefix)
+        add_processor("lead", lead, LEADS_ACTIVITY, "leadstream-lead-processor")
+    if "board" in processors:
+        board = BoardProcessor(kafka.partitions, processor_store("board"), BoardStore(redis, prefix), sites)
+        add_processor("board", board, BOARD_COMMANDS, BOARD_PROCESSOR_GROUP)
 
     @app.service
     class OutputProducer(faust.Service):
@@ -156,19 +157,19 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
 
         async def on_start(self) -> None:
             await producer.start()
-            raw_events.accounts = AccountsContext(await load_ip_table(redis, prefix))
+            raw_processor.accounts = AccountsContext(await load_ip_table(redis, prefix))
 
         async def on_stop(self) -> None:
             await producer.stop()
             await redis.aclose()
 
-    if "webhooks" in stages:
+    if "webhooks" in processors:
         app.service(WebhookService(settings))
 
     @app.timer(interval=60.0)
     async def reload_ip_ranges() -> None:
         """Pick up a table loaded with `leadstream ip-ranges load` without a restart."""
-        raw_events.accounts = AccountsContext(await load_ip_table(redis, prefix))
+        raw_processor.accounts = AccountsContext(await load_ip_table(redis, prefix))
 
     @app.timer(interval=1.0)
     async def reload_definitions() -> None:
@@ -187,8 +188,8 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
             log.exception("publishing the CPU cost failed; next tick retries")
 
     @app.timer(interval=2.0)
-    async def stage_timers() -> None:
-        """Idle sessions close; due leads get their hourly pass (each stage on its own owned partitions)."""
+    async def processor_timers() -> None:
+        """Idle sessions close; due leads get their hourly pass (each processor on its own owned partitions)."""
         for name, (runner, ingest) in runners.items():
             partitions = ingest.assigned_partitions()
             if partitions:
@@ -201,7 +202,7 @@ def create_app(settings: Settings, worker_name: str = "worker", stages: tuple[st
 
 
 class WebhookService(faust.Service):
-    """Delivers queued webhooks (Standard Webhooks) beside the stages; a slow endpoint delays none of them."""
+    """Delivers queued webhooks (Standard Webhooks) beside the processors; a slow endpoint delays none of them."""
 
     def __init__(self, settings: Settings, **kwargs):
         super().__init__(**kwargs)
@@ -217,7 +218,7 @@ class WebhookService(faust.Service):
 
 
 def run_worker(settings: Settings, worker_name: str = "worker", loglevel: str = "warning",
-               stages: tuple[str, ...] = STAGES) -> None:
-    app = create_app(settings, worker_name, stages)
+               processors: tuple[str, ...] = PROCESSORS) -> None:
+    app = create_app(settings, worker_name, processors)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -14,7 +14,7 @@ Key layout (every key carries the site, so no site can read another's board; \\x
   {prefix}:board:{site}\\x1f{board}:col:{stage}   zset   card_id scored by entered_stage_ms
   {prefix}:board:{site}\\x1f{board}:feed          stream entries {type, data}; about FEED_MAXLEN kept
   {prefix}:board:{site}\\x1f{board}:version       int    bumped once per committed batch that changes the board
-  {prefix}:board-card:{site}\\x1f{card_id}        string CardState JSON (written by the stage's CAS commit)
+  {prefix}:board-card:{site}\\x1f{card_id}        string CardState JSON (written by the board processor's CAS commit)
   {prefix}:board-result:{site}\\x1f{command_id}   string CommandResult JSON, for COMMAND_RESULT_TTL_S
 Feed entry types: `stage_change` (StageChange JSON), `card` (CardView JSON), `card_removed`
 ({"card_id"}), `reset` (the board was rebuilt: clients reload it).

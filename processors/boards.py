@@ -1,6 +1,6 @@
 """LeadBoards: the stage machine, a pure core over card-keyed state.
 
-One function, `decide`, chooses every move whoever asks (a facts update from the lead stage, a rule's
+One function, `decide`, chooses every move whoever asks (a facts update from the lead processor, a rule's
 move_card, the hourly pass, a person through the API, an import). Rules (DESIGN.md, "Stage machine"):
 - A card's automatic stage is the rightmost stage whose condition it meets (`when_tag`,
   `when_score_at_least`; a stage without a condition is reached only by a directed move).

@@ -1,4 +1,4 @@
-"""Redis adapter for a site's rules and boards (the definitions), with versions a running stage can poll.
+"""Redis adapter for a site's rules and boards (the definitions), with versions a running processor can poll.
 
 One hash per site holds everything: field `version` (the site's definitions version, bumped by every
 change), `rule:<id>` and `board:<id>` (JSON `{"version", "definition"}`). A single HGETALL is therefore an

@@ -44,7 +44,7 @@ class PrefetchedGraph:
 
 
 class IdentityGraphStore:
-    """The graph's keys live in the raw-events stage's state store, so they share its transaction."""
+    """The graph's keys live in the raw processor's state store, so they share its transaction."""
 
     def __init__(self, store: StateStore, prefix: str, lease_ms: int = LOCK_LEASE_MS):
         self.store = store

@@ -475,7 +475,7 @@ class RuleSet:
     """A site's rules compiled once (URL globs, conditions, actions). Rules run in id order.
 
     `by_page` caches, per (event type, URL), the event rules whose URL glob matches: a site's pages repeat,
-    and matching each pageview against every glob was the largest single cost of the lead stage."""
+    and matching each pageview against every glob was the largest single cost of the lead processor."""
 
     version: int
     by_event_type: dict[str, tuple[_Compiled, ...]]
@@ -619,7 +619,7 @@ def next_due_ms(ruleset: RuleSet, state: LeadState) -> int | None:
 
 def set_identity(ruleset: RuleSet, state: LeadState, ts_ms: int, *, email: str | None = None,
                  account_domain: str | None = None, event_id: str = "") -> Outcome:
-    """The identity stage learned the lead's email or account: state triggers may become true."""
+    """The raw processor's identity step learned the lead's email or account: state triggers may become true."""
     new_email = state.email if email is None else email
     new_domain = state.account_domain if account_domain is None else account_domain
     if state.merged_into or (new_email, new_domain) == (state.email, state.account_domain):

@@ -1,6 +1,6 @@
-"""Each site's rules (compiled) and boards as the running stages see them.
+"""Each site's rules (compiled) and boards as the running processors see them.
 
-A stage asks for the sites of a batch before computing it; a timer polls each known site's definitions
+A processor asks for the sites of a batch before computing it; a timer polls each known site's definitions
 version (one cheap read) and reloads a site whose version moved. A reload replaces the site's entry
 whole, between batches: a batch never sees half old, half new definitions.
 """

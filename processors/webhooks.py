@@ -1,6 +1,6 @@
 """Webhook delivery by the Standard Webhooks spec: signed, retried with backoff, durable, replayable.
 
-Why the lead stage never waits for a delivery: it only queues one, with `WebhookQueue.queue_enqueue`, in
+Why the lead processor never waits for a delivery: it only queues one, with `WebhookQueue.queue_enqueue`, in
 the same Redis transaction that records the rule firing. The firing and its webhook are then committed
 together or not at all, and a replayed firing finds its `webhook_id` already queued and adds nothing.
 A separate loop (`WebhookDispatcher.run`, one or more per deployment) claims due deliveries with a lease,
@@ -382,7 +382,7 @@ class WebhookQueue:
         self._prune = redis.register_script(_PRUNE)
 
     def queue_enqueue(self, pipe, request: WebhookRequest) -> None:
-        """Queue the delivery on a pipeline (e.g. the stage's MULTI commit); sends nothing itself. A
+        """Queue the delivery on a pipeline (e.g. the lead processor's MULTI commit); sends nothing itself. A
         webhook_id already known (pending, or finished within retention) makes it a no-op: the queued
         EVAL returns 1 when it queued a new delivery, 0 otherwise. The body's timestamp is the firing's
         `ts_ms` (the time of enqueue when that is 0)."""

@@ -116,7 +116,7 @@ CommandKind = Literal["move", "add", "note", "owner", "archive", "unarchive"]
 
 @dataclass(slots=True, frozen=True)
 class BoardCommand(JsonRecord):
-    """A person's (or an import's) request on `board.commands`, keyed by card_id. The board stage decides
+    """A person's (or an import's) request on `board.commands`, keyed by card_id. The board processor decides
     it with the same stage machine as every automatic move and stores its outcome under `command_id`
     (derived from the request's Idempotency-Key), so a retried request acts once."""
 
@@ -165,14 +165,14 @@ CardUpdateKind = Literal["facts", "account_tag", "move", "merge", "handover"]
 
 @dataclass(slots=True, frozen=True)
 class CardUpdate(JsonRecord):
-    """The lead stage's word to the board stage, on `board.commands` keyed by card_id.
+    """The lead processor's word to the board processor, on `board.commands` keyed by card_id.
 
     - facts: lead `lead_id` of this card now has `tags` and `score` (absolute values); `left`: it no
       longer belongs to this card.
     - account_tag: a rule tagged the account itself: `tags` holds the one tag, `left` means removed.
     - move: a rule's move_card to `to_stage` on `board_id` (forward only, decided by the stage machine).
     - merge: this card folds into `into_card_id` (its anonymous lead merged into a known one, or its
-      lead joined an account); the board stage hands the card's state over to that card.
+      lead joined an account); the board processor hands the card's state over to that card.
     - handover: `card_state` is the state of a card that folded into this one.
     update_id is deterministic, so a re-sent update is recognised."""
 

@@ -31,8 +31,8 @@ REASONS: tuple[str, ...] = (
 
 RUNTIME_REASONS: tuple[str, ...] = (
     "undecodable_record",  # a record on an internal topic that no LeadStream writer produced
-    "stage_error",  # a stage failed on this record the same way every time: parked so the partition moves on
-    "output_too_large",  # a record a stage produced is over the broker's record limit (offset -1: never written)
+    "stage_error",  # a processor failed on this record the same way every time: parked so the partition moves on
+    "output_too_large",  # a record a processor produced is over the broker's record limit (offset -1: never written)
     "sink_decode_error",  # a sink could not turn the record into a row
     "sink_insert_error",  # ClickHouse refused the record's row
 )

@@ -1,4 +1,4 @@
-"""Event schemas: the v1 input contract (`RawEvent`) and the enriched event every later stage consumes.
+"""Event schemas: the v1 input contract (`RawEvent`) and the enriched event every later processor consumes.
 
 `RawEvent` is strict on purpose: a number where a string belongs is the sender's bug and goes to the DLQ
 with a reason rather than being silently coerced. Its Python validators raise `PydanticCustomError`

@@ -413,7 +413,7 @@ class WebhookRequest(JsonRecord):
 
 @dataclass(slots=True, frozen=True)
 class CardMoveRequest(JsonRecord):
-    """A rule asks the board stage to move the lead's card (account card when the board has account
+    """A rule asks the board processor to move the lead's card (account card when the board has account
     cards and the lead has an account). The stage machine decides: automation never moves a card back."""
 
     request_id: str
@@ -430,7 +430,7 @@ class CardMoveRequest(JsonRecord):
 
 @dataclass(slots=True, frozen=True)
 class LeadSnapshot(JsonRecord):
-    """A lead's current tags, score and properties on `leads.state`, written by the lead stage whenever
+    """A lead's current tags, score and properties on `leads.state`, written by the lead processor whenever
     they change (ClickHouse `lead_state`, rows collapsed by version). tags: sorted tag names;
     tag_sources: tag -> provenance JSON; properties: JSON object text."""
 

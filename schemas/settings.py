@@ -101,7 +101,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class KafkaSecurity:
-    """How LeadStream's Kafka clients authenticate and encrypt: one place, so that every client (stages,
+    """How LeadStream's Kafka clients authenticate and encrypt: one place, so that every client (processors,
     sinks, admin, the API's producer, Faust) connects the same way."""
 
     protocol: str = "PLAINTEXT"
@@ -174,7 +174,7 @@ class ClickHouseConfig:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """How much a stage takes from Kafka at once: at most `size` messages, waiting at most `wait_ms`."""
+    """How much a processor takes from Kafka at once: at most `size` messages, waiting at most `wait_ms`."""
 
     size: int = 2000
     wait_ms: int = 100

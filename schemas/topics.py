@@ -76,7 +76,7 @@ def decode_lead_activity(value: bytes) -> EnrichedEvent | IdentityEvent | LeadHa
 
 
 def decode_board_input(value: bytes) -> BoardCommand | CardUpdate:
-    """A board.commands record is a person's command (from the API) or the lead stage's card update."""
+    """A board.commands record is a person's command (from the API) or the lead processor's card update."""
     if value.startswith(b'{"update_id"'):
         return CardUpdate.from_json(value)
     return BoardCommand.from_json(value)

@@ -24,7 +24,7 @@ from leadstream.bench import (
     output_batches,
     producer_rows,
     records_applied,
-    stage_watermarks,
+    processor_watermarks,
 )
 from processors.enrich import enrich_batch
 from schemas.dead_letter import Rejection
@@ -59,7 +59,7 @@ def test_describe_rules_counts_what_each_event_evaluates():
 
 
 def test_watermarks_ignore_stream_times_and_count_records():
-    marks = stage_watermarks({b"0": b"41", b"st:0": b"1700000000000", "3": "9"})
+    marks = processor_watermarks({b"0": b"41", b"st:0": b"1700000000000", "3": "9"})
     assert marks == {0: 41, 3: 9}
     assert records_applied(marks) == 52
     assert records_applied(marks, {0: 40}) == 12
@@ -107,19 +107,20 @@ def test_cost_rows_give_µs_per_event_for_every_part_and_the_unmeasured_rest():
                               "identity": (0.5, 990), "serialize": (0.25, 1000), "lead": (2.0, 1100),
                               "board": (1.0, 500), "produce": (1.0, 4000), "commit": (0.5, 2600)})
     rows = dict(cost_rows(cost, events=1000))
-    assert rows["worker CPU per event, all its processes (every stage)"] == "10,000.0 µs"
-    assert rows["  raw stage step"] == "4,000.0 µs"
+    assert rows["worker CPU per event, all its processes (every processor)"] == "10,000.0 µs"
+    assert rows["  raw processor step"] == "4,000.0 µs"
     assert rows["    enrich (validate, parse, classify)"] == "1,500.0 µs"
     assert rows["    rest of the raw step (batching, identity lock)"] == "750.0 µs"
-    assert rows["  lead stage step (rules)"] == "2,000.0 µs  (1,818.2 µs per record, 1,100 records)"
-    assert rows["  produce (every stage's outputs, until acked)"] == "1,000.0 µs  (250.0 µs per record, 4,000 records)"
+    assert rows["  lead processor step (rules)"] == "2,000.0 µs  (1,818.2 µs per record, 1,100 records)"
+    assert rows["  produce (every processor's outputs, until acked)"] == ("1,000.0 µs  (250.0 µs per record,"
+                                                                           " 4,000 records)")
     assert rows["  other: Kafka fetch, client I/O, timers, event loop"] == "1,500.0 µs"
 
 
-def test_cost_rows_of_a_worker_without_some_stages_show_zero_for_them():
+def test_cost_rows_of_a_worker_without_some_processors_show_zero_for_them():
     rows = dict(cost_rows(_snapshot(1.0, lead=(0.5, 100)), events=100))
-    assert rows["  raw stage step"] == "0.0 µs"
-    assert rows["  board stage step (cards)"] == "0.0 µs"
+    assert rows["  raw processor step"] == "0.0 µs"
+    assert rows["  board processor step (cards)"] == "0.0 µs"
     assert rows["  other: Kafka fetch, client I/O, timers, event loop"] == "5,000.0 µs"
 
 
@@ -154,18 +155,18 @@ def _run(steady: float, drained: float, process_cpu_s: float, **machine: float) 
 def test_layout_rows_give_the_drained_rate_first_and_each_rate_as_a_factor_over_one_worker():
     rows = layout_rows(_run(4_500, 4_000, 80.0), "2 workers", 200_000, _run(3_000, 2_500, 60.0), "1 worker")
     assert rows == [
-        ("2 workers: every stage drained (rules and cards too)", "4,000 events/s  (1.60x 1 worker)"),
-        ("  events into ClickHouse (raw stage + sink): whole run / steady 10%..90%",
+        ("2 workers: every processor drained (rules and cards too)", "4,000 events/s  (1.60x 1 worker)"),
+        ("  events into ClickHouse (raw processor + sink): whole run / steady 10%..90%",
          "4,050 / 4,500 events/s  (1.50x 1 worker)"),
         ("  the workers' CPU per event, together", "400.0 µs"),
     ]
     alone = dict(layout_rows(_run(3_000, 2_500, 60.0), "1 worker", 200_000))
-    assert alone["1 worker: every stage drained (rules and cards too)"] == "2,500 events/s"
+    assert alone["1 worker: every processor drained (rules and cards too)"] == "2,500 events/s"
 
 
 def test_layouts_are_described_by_their_processes():
-    assert describe_layout("single") == "1 worker, every stage in it"
-    assert describe_layout("single", 2) == "2 workers, every stage in each"
+    assert describe_layout("single") == "1 worker, every processor in it"
+    assert describe_layout("single", 2) == "2 workers, every processor in each"
     assert describe_layout("split") == "raw + automation workers"
     assert describe_layout("split", 2) == "2 x (raw + automation) workers"
 

@@ -328,7 +328,7 @@ left_or_update = lead_updates | st.builds(lambda lead_id: facts(lead_id=lead_id,
 
 @given(st.lists(left_or_update, max_size=16))
 def test_facts_derived_step_by_step_are_the_facts_derived_afresh(updates):
-    """The board stage keeps a card's `Shown` from one update to the next instead of folding every lead's facts
+    """The board processor keeps a card's `Shown` from one update to the next instead of folding every lead's facts
     again: the results are the same as deriving them from scratch, and so is the `Shown` it keeps."""
     kept_card, fresh_card, shown = account(), account(), None
     for update in updates:

@@ -58,12 +58,12 @@ def test_a_coroutine_is_charged_its_own_steps_not_what_other_tasks_run_while_it_
         clock.spend(0.125)  # handling the acks
         return "acked"
 
-    async def other_stage() -> None:
+    async def other_processor() -> None:
         await asyncio.sleep(0)
         clock.spend(10.0)
 
     async def main() -> str:
-        other = asyncio.create_task(other_stage())
+        other = asyncio.create_task(other_processor())
         result = await meter.measured("produce", produce(), items=7)
         await other
         return result

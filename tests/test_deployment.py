@@ -73,10 +73,10 @@ def test_the_servers_and_the_roles_share_the_passwords_of_the_env_file():
     assert set(ROLES) == {"migrate", "worker", "automation", "sink", "api"}
 
 
-def test_the_compose_workers_run_every_stage_once_the_way_the_demo_does():
+def test_the_compose_workers_run_every_processor_once_the_way_the_demo_does():
     commands = [SERVICES[name]["command"] for name in ROLES if SERVICES[name]["command"][0] == "worker"]
     assert [tuple(command[2].split(",")) for command in commands] == list(LAYOUTS["split"].values())
-    assert [command[1] for command in commands] == ["--stages"] * len(commands)
+    assert [command[1] for command in commands] == ["--processors"] * len(commands)
 
 
 @pytest.mark.parametrize("missing", ["LEADSTREAM_CLICKHOUSE_PASSWORD", "REDIS_PASSWORD"])

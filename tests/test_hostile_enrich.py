@@ -35,7 +35,7 @@ def test_a_hostile_message_is_an_event_or_a_dead_letter_with_its_reason(rng: Ran
         assert outcome(result) != "internal_error", (message.family, result)
         if message.expect is not None:
             assert outcome(result) == message.expect, (message.family, message.value[:300] if message.value else None)
-        if isinstance(result, EnrichedEvent):  # what the raw stage publishes must serialise and read back
+        if isinstance(result, EnrichedEvent):  # what the raw processor publishes must serialise and read back
             assert EnrichedEvent.from_json(result.to_json()) == result
             assert not any(TEXT_CONTROLS.search(getattr(result, column)) for column in TEXT_COLUMNS)
         else:  # the dead letter identifies the original bytes however large: a prefix, the size, the hash

@@ -15,10 +15,10 @@ from processors import identity, sessionize
 from processors.accounts import AccountsContext
 from processors.enrich import Limits, validate_and_enrich
 from processors.identity_store import IdentityGraphStore
-from processors.raw_events import RawEventsConfig, RawEventsStage
+from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
 from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer, Outputs
-from processors.runtime.stage import StageRunner, StaleBatch
+from processors.runtime.runner import ProcessorRunner, StaleBatch
 from processors.runtime.state import MemoryStateStore, PartitionCommit
 from schemas.events import EnrichedEvent
 from schemas.identity import LeadRecord, VisitorLink
@@ -45,10 +45,10 @@ class SlowProducer(MemoryProducer):
         await super().send(outputs)
 
 
-def worker(store: MemoryStateStore, producer: MemoryProducer, lease_ms: int = 30_000) -> StageRunner:
-    stage = RawEventsStage(RawEventsConfig("events.raw", 4, POLICY, Limits()), store,
-                           IdentityGraphStore(store, "ls", lease_ms), "ls")
-    return StageRunner(stage, store, producer)
+def worker(store: MemoryStateStore, producer: MemoryProducer, lease_ms: int = 30_000) -> ProcessorRunner:
+    processor = RawEventsProcessor(RawProcessorConfig("events.raw", 4, POLICY, Limits()), store,
+                                   IdentityGraphStore(store, "ls", lease_ms), "ls")
+    return ProcessorRunner(processor, store, producer)
 
 
 def stored_lead(store: MemoryStateStore, lead_id: str) -> LeadRecord:

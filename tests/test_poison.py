@@ -1,5 +1,5 @@
 """Poison never blocks, without servers: dead letters are bounded, an output over the record limit becomes a
-dead letter, the retry loop tells an outage from poison, and the stage runner sets poison aside by halves
+dead letter, the retry loop tells an outage from poison, and the processor runner sets poison aside by halves
 while everything around it goes through in order, exactly once. The sinks' side runs on the real
 ClickHouse in tests/integration/test_poison.py."""
 
@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 from processors.runtime.backoff import POISON_AFTER, describe, is_transient, retry_until_done
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
-from processors.runtime.stage import StageRunner, StaleBatch
+from processors.runtime.runner import ProcessorRunner, StaleBatch
 from schemas.dead_letter import MESSAGE_CHARS, RAW_PREFIX_BYTES, DeadLetter
 from schemas.topics import EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY_LEADS, LEADS_ACTIVITY, SESSIONS
-from tests.test_lead_stage import event as lead_event
-from tests.test_lead_stage import stage_runner as lead_stage_runner
-from tests.test_raw_events_stage import event, messages, runner
+from tests.test_lead_processor import event as lead_event
+from tests.test_lead_processor import processor_runner as lead_processor_runner
+from tests.test_raw_processor import event, messages, runner
 
 # ------------------------------------------------------------------------------------ bounded dead letters
 
@@ -149,23 +149,23 @@ async def test_an_outage_is_retried_until_it_passes_and_never_isolated():
     assert attempt.calls == len(errors) + 21
 
 
-# --------------------------------------------------------------------------- the stage runner's isolation
+# --------------------------------------------------------------------------- the processor runner's isolation
 
 
 class _ChokesOn:
-    """A stage that fails, every time, on any batch holding one of the `poison` values."""
+    """A processor that fails, every time, on any batch holding one of the `poison` values."""
 
-    def __init__(self, stage, poison: set[bytes]):
-        self.stage, self.poison, self.name = stage, poison, stage.name
+    def __init__(self, processor, poison: set[bytes]):
+        self.processor, self.poison, self.name = processor, poison, processor.name
 
     async def step(self, batch, received_ms):
         for m in batch:
             if m.value in self.poison:
                 raise ValueError(f"cannot handle offset {m.offset}")
-        return await self.stage.step(batch, received_ms)
+        return await self.processor.step(batch, received_ms)
 
     async def tick(self, clocks):
-        return await self.stage.tick(clocks)
+        return await self.processor.tick(clocks)
 
 
 def _sent(producer, topic) -> list[bytes]:
@@ -175,7 +175,7 @@ def _sent(producer, topic) -> list[bytes]:
 async def test_the_runner_parks_each_poison_message_and_the_rest_goes_through_in_order():
     plain, store, producer = runner()
     poison = {b"POISON-A", b"POISON-B"}
-    run = StageRunner(_ChokesOn(plain.stage, poison), store, producer, "pre.events.raw")
+    run = ProcessorRunner(_ChokesOn(plain.processor, poison), store, producer, "pre.events.raw")
     batch = messages([event(0), event(1), b"POISON-A", event(3), event(4), event(5), b"POISON-B", event(7)])
     with pytest.raises(ValueError) as failed:
         await run.process(batch)
@@ -197,7 +197,7 @@ async def test_the_runner_parks_each_poison_message_and_the_rest_goes_through_in
 
 async def test_an_outage_during_isolation_stops_it_and_a_retry_goes_on_from_there():
     plain, store, producer = runner()
-    run = StageRunner(_ChokesOn(plain.stage, {b"POISON"}), store, producer, "events.raw")
+    run = ProcessorRunner(_ChokesOn(plain.processor, {b"POISON"}), store, producer, "events.raw")
     batch = messages([event(0), event(1), b"POISON", event(3)])
     producer.fail_next = 1  # the broker is down when the first half is sent
     with pytest.raises(ConnectionError):
@@ -209,7 +209,7 @@ async def test_an_outage_during_isolation_stops_it_and_a_retry_goes_on_from_ther
 
 
 async def test_an_undecodable_record_on_an_internal_topic_is_a_dead_letter_at_once():
-    run, store, producer = lead_stage_runner()
+    run, store, producer = lead_processor_runner()
     run.input_topic = "pre.leads.activity"
     batch = [Message(1, 0, b"lead_a", lead_event(0)), Message(1, 1, b"lead_a", b"\x00garbage"),
              Message(1, 2, b"lead_a", lead_event(2))]
@@ -221,10 +221,10 @@ async def test_an_undecodable_record_on_an_internal_topic_is_a_dead_letter_at_on
         "undecodable_record", "pre.leads.activity", 1, 1, b"\x00garbage")
     assert "offset 1" in letter.message and "JSONDecodeError" in letter.message
     assert store.marks[1][0] == 2
-    assert len(_sent(producer, LEADS_ACTIVITY)) == 0  # the lead stage reads leads.activity, never writes it
+    assert len(_sent(producer, LEADS_ACTIVITY)) == 0  # the lead processor reads leads.activity, never writes it
 
 
-async def test_an_oversized_output_of_a_stage_is_a_dead_letter_and_its_batch_commits():
+async def test_an_oversized_output_of_a_processor_is_a_dead_letter_and_its_batch_commits():
     run, store, producer = runner()
     producer.max_record_bytes = 5000
     batch = messages([event(0), event(1, url="https://acme.com/" + "p" * 6000), event(2)])

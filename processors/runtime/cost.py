@@ -8,7 +8,7 @@ Two ways in:
 - `with meter.measure("enrich"):` around synchronous code;
 - `await meter.measured("produce", producer.send(outputs))` around a coroutine: only the CPU the coroutine
   itself runs is counted, not that of the other tasks the event loop runs while it waits (with several
-  stages in one process, a timer around an `await` would charge one stage for the others' work).
+  processors in one process, a timer around an `await` would charge one processor for the others' work).
 
 Both read the calling thread's CPU clock. What the parts do not cover (fetching, client I/O tasks, the
 event loop) is the process total minus their sum: `snapshot()` reports the process's CPU since the first
@@ -101,4 +101,4 @@ def cost_key(prefix: str, worker_name: str) -> str:
 
 
 METER = CostMeter()
-"""The process's meter: the worker's stages charge it, the worker publishes its snapshot."""
+"""The process's meter: the worker's processors charge it, the worker publishes its snapshot."""

@@ -1,4 +1,4 @@
-"""What a stage last decoded or wrote per state key, reused while the stored bytes are exactly the same.
+"""What a processor last decoded or wrote per state key, reused while the stored bytes are exactly the same.
 
 A large state (an account card with thousands of leads) takes milliseconds to decode, and a busy one
 changes in every batch. Remembering the state this worker last wrote, keyed by its exact bytes, turns the

@@ -1,4 +1,5 @@
-"""The ingest loop every stage and sink runs on: batches from one topic, offsets committed after each batch.
+"""The ingest loop every processor and sink runs on: batches from one topic, offsets committed after each
+batch.
 
 Why a plain aiokafka consumer group and not a Faust agent on the hot path: Faust's per-message stream
 machinery (an Event object and a task per message, the take buffer) cost tens of microseconds per message
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """What a stage needs of a Kafka message."""
+    """What a processor needs of a Kafka message."""
 
     partition: int
     offset: int
@@ -54,7 +55,7 @@ Isolate = Callable[[Sequence[Message], BaseException], Awaitable[object]]
 class BatchIngest:
     """Feeds batches of `topic` to `handler` until stopped. `fill`: keep fetching until the batch is full
     or its time window is over (sinks, which want big inserts) rather than handling whatever one fetch
-    returned (stages, which want low latency). `isolate`: how to get a poison batch through record by record
+    returned (processors, which want low latency). `isolate`: how to get a poison batch through record by record
     (None: retry it forever)."""
 
     def __init__(self, kafka: KafkaConfig, topic: str, group: str, batch: BatchConfig, handler: Handler,

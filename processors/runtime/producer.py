@@ -114,7 +114,7 @@ class BatchProducer:
 
 
 class MemoryProducer:
-    """Keeps what a stage produced, for unit tests (same `send` contract, record limit included, no broker)."""
+    """Keeps what a processor produced, for unit tests (same `send` contract, record limit included, no broker)."""
 
     def __init__(self, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
         self.sent: list[Outputs] = []

@@ -1,9 +1,9 @@
-"""Per-partition stage state, committed with a compare-and-set on an applied-offset watermark.
+"""Per-partition processor state, committed with a compare-and-set on an applied-offset watermark.
 
 Why not Faust tables: a table's changelog write is not atomic with the source offset commit (exactly_once
 is unreliable in faust-streaming), so a crash could apply an event twice. Here everything one batch
 changes — the state of every key it touched, each partition's applied offset and stream time, the keys'
-timer deadlines and any further writes of the stage (the identity graph's) — is written in ONE
+timer deadlines and any further writes of the processor (the identity graph's) — is written in ONE
 transaction that applies only if every partition's watermark is still the one the batch was computed
 from (WATCH + check + MULTI/EXEC). A replayed batch finds its offsets applied and is skipped; a zombie
 worker that lost a partition in a rebalance writes nothing at all, not even the global writes. A commit
@@ -14,7 +14,7 @@ partition after a rebalance: the state lives outside the process.
 A store may give its states a time to live (idle visitors' sessionizer blobs): every write renews it.
 
 Two implementations of one interface: `RedisStateStore` (production) and `MemoryStateStore` (unit tests
-of a stage without servers).
+of a processor without servers).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class StateStore(Protocol):
 
 
 class RedisStateStore:
-    """State of one stage under `prefix`; `namespace` keeps each stage's watermarks and timers apart.
+    """State of one processor under `prefix`; `namespace` keeps each processor's watermarks and timers apart.
     With `state_ttl_ms`, each state key expires that long after its last write."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str, namespace: str = "", state_ttl_ms: int | None = None):
@@ -172,7 +172,7 @@ class RedisStateStore:
 
 
 class MemoryStateStore:
-    """The same contract in a dict, for unit tests of a stage: same CAS, same deadlines, same fenced lock,
+    """The same contract in a dict, for unit tests of a processor: same CAS, same deadlines, same fenced lock,
     same time to live (on the monotonic clock)."""
 
     def __init__(self, state_ttl_ms: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """Board state and click-stream data for the board API and dashboard tests, written the way production
 writes them: card moves decided by the pure stage machine and stored through the board store's write side
-on one MULTI pipeline (as the board stage does), ClickHouse rows through `insert_columnar` (as the sinks do),
-and the API served by uvicorn on an ephemeral port. Shared by tests/integration/test_board_api.py and the
+on one MULTI pipeline (as the board processor does), ClickHouse rows through `insert_columnar` (as the sinks
+do), and the API served by uvicorn on an ephemeral port. Shared by tests/integration/test_board_api.py and the
 browser tests.
 """
 
@@ -44,7 +44,7 @@ PIPELINE = BoardDefinition(id="pipeline", name="Sales pipeline", card="account",
 
 
 class BoardSeeder:
-    """The one writer of a test's board state, standing in for the board stage's commit."""
+    """The one writer of a test's board state, standing in for the board processor's commit."""
 
     def __init__(self, settings: Settings, site_id: str = SITE, boards: tuple[BoardDefinition, ...] = (PIPELINE,)):
         self.redis = redis.Redis.from_url(settings.redis_url)
@@ -65,7 +65,7 @@ class BoardSeeder:
 
     def show(self, *cards: tuple[str, str, tuple[str, ...], int], ts_ms: int = NOW_MS - 3 * HOUR_MS) -> None:
         """Cards' facts arrive, (card_id, title, tags, score) each, in one commit (one version bump) as one
-        batch of the stage: each card enters the rightmost stage its tags reach, else the entry stage."""
+        batch of the board processor: each card enters the rightmost stage its tags reach, else the entry stage."""
         states, changes, views = [], [], []
         for card_id, title, tags, score in cards:
             update = FactsUpdate(Cause("system", ts_ms), tags=list(tags), score=score, title=title, activity_ms=ts_ms)
@@ -77,7 +77,7 @@ class BoardSeeder:
         self._commit(states, changes, views)
 
     def command(self, command: BoardCommand, now_ms: int | None = None) -> CommandResult:
-        """Apply a person's command as the stage will, storing its outcome under its command id."""
+        """Apply a person's command as the board processor will, storing its outcome under its command id."""
         card = self.cards.get(command.card_id) or CardState(command.card_id, self.site_id)
         after, result, changes, views = apply_command(self.boards, card, command, now_ms or int(time.time() * 1000))
         self._commit([after], changes, views, [result])

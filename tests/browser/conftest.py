@@ -36,7 +36,7 @@ class Dashboard:
 @pytest.fixture
 def dashboard(settings, monkeypatch) -> Iterator[Dashboard]:  # noqa: F811 - `settings` is the stack fixture
     """The API serving the page, with the pipeline board defined. Commands wait only briefly for the board
-    stage (not running here), so a POST answers 202 quickly."""
+    processor (not running here), so a POST answers 202 quickly."""
     monkeypatch.setattr("api.boards.COMMAND_WAIT_S", 0.5)
     seeder = BoardSeeder(settings)
     with serve_api(replace(settings, api_keys=API_KEYS)) as base_url, \

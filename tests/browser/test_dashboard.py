@@ -1,8 +1,9 @@
 """The LeadBoard page in a real browser: columns, cards and counts; live updates over the stream without a
-reload; drag to move (the command reaches Kafka; without the board stage running the API answers 202, and
-the test applies the command as the stage does); a refused backward move shown and forced with a reason;
+reload; drag to move (the command reaches Kafka; without the board processor running the API answers 202, and
+the test applies the command as the board processor does); a refused backward move shown and forced with a reason;
 the Account Panel and its "5 more sessions"; adding an account by domain; the key kept out of URLs. The last
-test runs the real board stage (`leadstream worker --stages board`): drag, stage, Redis, stream, page.
+test runs the real board processor (`leadstream worker --processors board`): drag, processor, Redis, stream,
+page.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def test_board_shows_columns_cards_and_counts(page, dashboard):
 def test_live_updates_arrive_without_a_reload(page, dashboard):
     open_board(page, dashboard)
     page.evaluate("window.notReloaded = true")
-    dashboard.seeder.show(("account:initech.com", "Initech", ("Decision",), 70))  # as the board stage writes it
+    dashboard.seeder.show(("account:initech.com", "Initech", ("Decision",), 70))  # as the board processor writes it
     expect(card(page, "account:initech.com", "decision")).to_be_visible()
     expect(card(page, "account:initech.com", "new")).to_have_count(0)
     expect(count(page, "new")).to_have_text("1")
@@ -93,7 +94,7 @@ def test_drag_to_another_column_sends_the_move(page, dashboard):
     assert (command.kind, command.card_id, command.to_stage, command.if_match) == (
         "move", "account:acme.com", "decision", version)
     assert partition == expected_partition(dashboard.settings, "account:acme.com")
-    assert dashboard.seeder.command(command).ok  # what the board stage will do with it
+    assert dashboard.seeder.command(command).ok  # what the board processor will do with it
     expect(card(page, "account:acme.com", "decision")).to_be_visible()
     expect(count(page, "consideration")).to_have_text("1")
     expect(count(page, "decision")).to_have_text("2")
@@ -167,11 +168,11 @@ def test_the_key_is_asked_once_and_never_put_in_a_url(page, dashboard):
     assert any("/stream?token=" in url for url in requested)
 
 
-def test_with_the_board_stage_running_moves_are_applied_and_shown(page, dashboard, roles):
-    roles.append(Role(dashboard.settings, "board-stage", "worker", "--stages", "board").start())
+def test_with_the_board_processor_running_moves_are_applied_and_shown(page, dashboard, roles):
+    roles.append(Role(dashboard.settings, "board-processor", "worker", "--processors", "board").start())
     open_board(page, dashboard)
     page.drag_and_drop('.card[data-card="account:acme.com"]', '.column[data-stage="decision"]')
-    expect(card(page, "account:acme.com", "decision")).to_be_visible(timeout=60_000)  # the stage applied it
+    expect(card(page, "account:acme.com", "decision")).to_be_visible(timeout=60_000)  # the board processor applied it
     expect(count(page, "decision")).to_have_text("2")
     page.drag_and_drop('.card[data-card="account:acme.com"]', '.column[data-stage="new"]')
     dialog = page.locator("#force-dialog")

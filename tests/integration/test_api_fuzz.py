@@ -47,7 +47,7 @@ REQUEST_TIMEOUT_S = 30
 @pytest.fixture
 def api(settings: Settings, monkeypatch) -> Iterator[tuple[str, schemathesis.BaseSchema]]:
     """The served API (with the seeded board, cards, rule and click-stream) and its loaded schema. The board
-    stage is not running: a command's POST waits only briefly, then answers 202."""
+    processor is not running: a command's POST waits only briefly, then answers 202."""
     monkeypatch.setattr("api.boards.COMMAND_WAIT_S", 0.05)
     seed_account_click_stream(settings)
     seeder = BoardSeeder(settings)

@@ -1,4 +1,4 @@
-"""Kafka in -> raw, lead and board stages -> ClickHouse, Redis and the board API out, on the real stack:
+"""Kafka in -> raw, lead and board processors -> ClickHouse, Redis and the board API out, on the real stack:
 a pageview fires a rule, the tag moves the account's card, and every move is one stage change."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ async def _apply(settings, text: str) -> None:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles, layout):
-    """The same outcome whether one worker runs every stage or the raw stage and the automation run apart."""
+    """The same outcome whether one worker runs every processor or the raw processor and the automation run apart."""
     asyncio.run(_apply(settings, DEFINITIONS))
     roles += [*start_workers(settings, "worker", layout), Role(settings, "sink", "sink").start()]
     asyncio.run(produce(settings, [

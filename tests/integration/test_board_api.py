@@ -4,8 +4,8 @@ idempotent), the move pre-checks (412, 409 stage_regression, 422), the Account P
 server-sent event stream (tokens, resume with Last-Event-ID, reset after a trim) and rules/boards PUTs.
 
 Board state is written through the board store's write side by the pure stage machine (tests/browser/
-board_seed.py), as the board stage writes it; the stage itself is not running, so a command's POST answers
-202 until a test applies the command the way the stage will.
+board_seed.py), as the board processor writes it; the processor itself is not running, so a command's POST
+answers 202 until a test applies the command the way the processor will.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def seeder(settings):
 
 @pytest.fixture
 def api(settings, monkeypatch):
-    """The app with its lifespan (board services), the pipeline board PUT, and a short wait for the stage."""
+    """The app with its lifespan (board services), the pipeline board PUT, and a short wait for the board processor."""
     monkeypatch.setattr("api.boards.COMMAND_WAIT_S", 0.3)
     with TestClient(create_app(replace(settings, api_keys=API_KEYS))) as client:
         client.headers["X-API-Key"] = KEY
@@ -194,7 +194,7 @@ def test_move_pre_checks_and_idempotent_commands(api, seeder, settings):
     assert partition == expected_partition(settings, "account:acme.com")
     assert (command.kind, command.to_stage, command.if_match) == ("move", "customer", int(version.strip('"')))
 
-    assert seeder.command(command).ok  # the board stage applies it
+    assert seeder.command(command).ok  # the board processor applies it
     applied = api.post(move, json={"to": "customer"}, headers=headers)
     assert applied.status_code == 200 and applied.json()["status"] == "applied"
     assert applied.json()["card"]["stage_id"] == "customer"
@@ -205,7 +205,7 @@ def test_move_pre_checks_and_idempotent_commands(api, seeder, settings):
     assert forced.status_code == 202
 
 
-def test_a_refusal_stored_by_the_stage_is_answered_with_its_status(api, seeder):
+def test_a_refusal_stored_by_the_board_processor_is_answered_with_its_status(api, seeder):
     seeder.show(("account:acme.com", "Acme", (), 0))
     command_id = command_id_for(SITE, "pipeline", "account:acme.com", "k-1")
     with seeder.redis.pipeline(transaction=True) as pipe:

@@ -47,7 +47,7 @@ def run_pipeline(settings, roles: list, kills: int = 0) -> None:
     asyncio.run(produce(settings, records))
     for kill in range(kills):
         wait_for(settings, "SELECT count() FROM events", valid * (kill + 1) // (kills + 2), 120, roles)
-        time.sleep(1.5)  # let the lead and board stages get into the middle of it
+        time.sleep(1.5)  # let the lead and board processors get into the middle of it
         worker.kill()
         worker.start()
     wait_for(settings, "SELECT count() FROM events", valid, 240, roles)
@@ -72,7 +72,7 @@ def comparable(board: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
     """What two runs must agree on. Cards hear of a lead's activity once an hour (every pageview would only
     churn the board), so a card's last activity is compared by the hour. A card that absorbed another one
     (a merged lead, a lead joining its account) entered its column at the merge or at its own first update,
-    whichever the board stage saw first: its entry time may differ. Column, tags, score, title, owner and
+    whichever the board processor saw first: its entry time may differ. Column, tags, score, title, owner and
     notes may not."""
     hour = 3_600_000
     return {stage: sorted(card[:4] + (card[5] - card[5] % hour,) + card[6:] for card in cards)

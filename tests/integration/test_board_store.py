@@ -1,4 +1,4 @@
-"""The board store on the real Redis: writes queued in the stage's MULTI transaction, paged columns with
+"""The board store on the real Redis: writes queued in the board processor's MULTI transaction, paged columns with
 counts, the version (ETag), the live feed (resume, trimmed, wait) and site isolation."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The definitions store on the real Redis: apply, versions that bump only on change, a refused file that
-changes nothing, deletes, and the snapshot a running stage reloads from."""
+changes nothing, deletes, and the snapshot a running processor reloads from."""
 
 from __future__ import annotations
 

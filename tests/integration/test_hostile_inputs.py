@@ -1,4 +1,4 @@
-"""Over 100,000 hostile messages through Kafka, the raw stage and the events and dlq sinks, on the real
+"""Over 100,000 hostile messages through Kafka, the raw processor and the events and dlq sinks, on the real
 stack: every raw offset ends up exactly once as an event row or as a dead letter with a known reason,
 the outcome the contract fixes where it fixes one, the worker survives, and ordinary events sent after the
 flood still arrive."""
@@ -76,7 +76,7 @@ def test_every_hostile_message_is_an_event_or_a_dead_letter_and_the_pipeline_kee
     messages = list(hostile_stream(seed=2026, cases=CASES, now_ms=int(time.time() * 1000),
                                    max_payload=settings.max_payload_bytes))
     assert len(messages) >= 100_000
-    worker = Role(settings, "worker", "worker", "--stages", "raw").start()
+    worker = Role(settings, "worker", "worker", "--processors", "raw").start()
     sink = Role(settings, "sink", "sink", "--tables", "events,dlq").start()
     roles += [worker, sink]
 

@@ -26,7 +26,7 @@ def over_sasl(settings, password: str = LOCAL_SASL_PASSWORD):
 def test_worker_and_sink_work_over_sasl(settings, roles):
     secured = over_sasl(settings)
     assert asyncio.run(ensure_topics(secured.kafka(), verbose=False))  # the admin client authenticates
-    roles += [Role(secured, "worker", "worker", "--stages", "raw").start(),
+    roles += [Role(secured, "worker", "worker", "--processors", "raw").start(),
               Role(secured, "sink", "sink", "--tables", "events,dlq").start()]
     asyncio.run(produce(secured, valid_events(200, site="sasl")))
     wait_for(secured, "SELECT count() FROM events WHERE site_id = 'sasl'", 200, 120, roles)

@@ -4,7 +4,7 @@ all arrive in ClickHouse, and the poison is in `dlq` with its reason.
 The kinds: a 900 KB event on events.raw (its dead letter used to be over the broker's record limit), an
 accepted event whose enriched record is over the record limit (lowered for this worker so that an event
 within the payload limit reaches it), a record of the wrong type on events.enriched (ClickHouse refuses
-its row), and a record no LeadStream writer produced on leads.activity (the lead stage's input).
+its row), and a record no LeadStream writer produced on leads.activity (the lead processor's input).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from schemas.topics import EVENTS_ENRICHED, LEADS_ACTIVITY
 from sinks import clickhouse
 from sinks.table_sink import TABLES, TableSink
 from tests.integration.test_ingest import BASE_MS, valid_events
-from tests.test_lead_stage import event as enriched_event
+from tests.test_lead_processor import event as enriched_event
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from processors.runtime.ingest import Message
 from schemas.settings import BatchConfig
 from sinks.table_sink import TABLES, TableSink
 from tests.integration.test_ingest import INVALID, valid_events
-from tests.test_lead_stage import event as enriched_event
+from tests.test_lead_processor import event as enriched_event
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def second_prefix(settings):
 
 
 def _pipeline(settings) -> list[Role]:
-    return [Role(settings, "worker", "worker", "--stages", "raw").start(),
+    return [Role(settings, "worker", "worker", "--processors", "raw").start(),
             Role(settings, "sink", "sink", "--tables", "events,dlq").start()]
 
 
@@ -103,7 +103,7 @@ def _until(condition, timeout_s: float = 60) -> bool:
 def test_dropping_a_namespace_leaves_none_of_its_topics_behind(settings, roles):
     """Faust creates its partition assignor's topic itself; a namespace's cleanup removes it with the rest
     (before, every benchmark and test run left one behind in the broker)."""
-    roles.append(Role(settings, "worker", "worker", "--stages", "raw").start())
+    roles.append(Role(settings, "worker", "worker", "--processors", "raw").start())
     assert _until(lambda: settings.topic(FAUST_ASSIGNOR_TOPIC) in asyncio.run(_topics(settings)))
     roles[0].stop()
     asyncio.run(delete_topics(settings.kafka()))

@@ -241,7 +241,7 @@ async def test_enqueue_is_atomic_with_the_firing_idempotent_and_replay_resends_t
         settings, queue, receivers):
     receiver = receivers()
     firing_key = f"{settings.name('ls')}:test-firing"
-    async with queue.redis.pipeline(transaction=True) as pipe:  # the stage's commit, as it would queue it
+    async with queue.redis.pipeline(transaction=True) as pipe:  # the processor's commit, as it would queue it
         pipe.set(firing_key, "fired")
         queue.queue_enqueue(pipe, request("wh_once", receiver.url))
         assert await pipe.execute() == [True, 1]

@@ -1,8 +1,8 @@
-"""`StageRunner`: runs a stage's pure step on a batch in the order of effects that makes replays harmless.
+"""`ProcessorRunner`: runs a processor's pure step on a batch in the order of effects that makes replays harmless.
 
 Per batch:
   1. skip messages at or below their partition's applied-offset watermark (already fully handled);
-  2. the stage computes outputs and new state from the stored state (deterministic);
+  2. the processor computes outputs and new state from the stored state (deterministic);
   3. produce every output and wait for the broker's acks;
   4. commit the new states, deadlines and watermarks in one transaction that applies only if every
      partition's watermark is unchanged (compare-and-set); otherwise raise StaleBatch, and the ingest
@@ -74,7 +74,7 @@ class PoisonRecord(Exception):
         self.reason = reason
 
 
-def decode_batch(messages: Sequence[Message], decode: Callable[[bytes], R], stage: str) -> list[tuple[int, R]]:
+def decode_batch(messages: Sequence[Message], decode: Callable[[bytes], R], processor: str) -> list[tuple[int, R]]:
     """(partition, record) for every message of an internal topic. A record LeadStream did not write is
     poison: the runner dead-letters it (`undecodable_record`) and the partition moves on."""
     records = []
@@ -82,7 +82,7 @@ def decode_batch(messages: Sequence[Message], decode: Callable[[bytes], R], stag
         try:
             records.append((message.partition, decode(message.value)))
         except Exception as err:  # noqa: BLE001 - whatever the decoder raised, the record is the cause
-            raise PoisonRecord("undecodable_record", f"{stage}: undecodable record at partition "
+            raise PoisonRecord("undecodable_record", f"{processor}: undecodable record at partition "
                                f"{message.partition} offset {message.offset}: {describe(err)}") from err
     return records
 
@@ -93,7 +93,7 @@ class StaleBatch(RetryLater):
     sinks drop or collapse replays."""
 
 
-class Stage(Protocol):
+class Processor(Protocol):
     name: str
 
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
@@ -107,11 +107,11 @@ class Producer(Protocol):
     async def send(self, outputs: Outputs) -> None: ...
 
 
-class StageRunner:
-    """Runs a stage on batches of `input_topic` (its full name, which the stage's dead letters give)."""
+class ProcessorRunner:
+    """Runs a processor on batches of `input_topic` (its full name, which the processor's dead letters give)."""
 
-    def __init__(self, stage: Stage, store: StateStore, producer: Producer, input_topic: str = ""):
-        self.stage = stage
+    def __init__(self, processor: Processor, store: StateStore, producer: Producer, input_topic: str = ""):
+        self.processor = processor
         self.store = store
         self.producer = producer
         self.input_topic = input_topic
@@ -155,17 +155,17 @@ class StageRunner:
         if isinstance(error, PoisonRecord):  # the step's own words
             reason, detail = error.reason, str(error)
         else:
-            reason, detail = "stage_error", f"{self.stage.name}: {describe(error)}"
+            reason, detail = "stage_error", f"{self.processor.name}: {describe(error)}"
         letter = DeadLetter(reason=reason, message=detail, raw=message.value or b"",
                             topic=self.input_topic, partition=partition, offset=message.offset,
                             received_ms=int(time.time() * 1000))
-        log.error("%s: %s[%d]@%d set aside as a dead letter (%s): %s", self.stage.name, self.input_topic, partition,
-                  message.offset, reason, letter.message)
+        log.error("%s: %s[%d]@%d set aside as a dead letter (%s): %s", self.processor.name, self.input_topic,
+                  partition, message.offset, reason, letter.message)
         outputs = Outputs(partitions=0)  # holds only the dead letter, placed on the input's partition
         outputs.add(EVENTS_DLQ, None, letter.to_json(), partition)
         await self.producer.send(outputs)
         if not await self.store.commit([self._commit(partition, applied, message.offset, None)]):
-            raise StaleBatch(f"{self.stage.name}: partition {partition} moved on while a record was set aside")
+            raise StaleBatch(f"{self.processor.name}: partition {partition} moved on while a record was set aside")
 
     async def _process(self, messages: Sequence[Message]) -> Outputs | None:
         received_ms = int(time.time() * 1000)
@@ -174,19 +174,19 @@ class StageRunner:
         fresh = [m for m in messages if m.offset > marks[m.partition][0]]
         if len(fresh) < len(messages):
             log.info("%s: skipped %d messages already applied (a replay after a crash or rebalance)",
-                     self.stage.name, len(messages) - len(fresh))
+                     self.processor.name, len(messages) - len(fresh))
         if not fresh:
             return None
         applied = {}
         for m in fresh:
             applied[m.partition] = max(applied.get(m.partition, -1), m.offset)
-        step = await METER.measured(self.stage.name, self.stage.step(fresh, received_ms), len(fresh))
+        step = await METER.measured(self.processor.name, self.processor.step(fresh, received_ms), len(fresh))
         async with step.held or contextlib.nullcontext():
             await METER.measured("produce", self.producer.send(step.outputs), len(step.outputs))
             commits = [self._commit(p, marks[p][0], offset, step.changes.get(p)) for p, offset in applied.items()]
             committed = self.store.commit(commits, also=step.also, fence=step.fence)
             if not await METER.measured("commit", committed, len(fresh)):
-                raise StaleBatch(f"{self.stage.name}: a partition of this batch moved on under us "
+                raise StaleBatch(f"{self.processor.name}: a partition of this batch moved on under us "
                                  f"(rebalance?); nothing was written, the batch is recomputed")
         return step.outputs
 
@@ -198,14 +198,15 @@ class StageRunner:
                       for p, (applied, stream_time) in marks.items() if applied >= 0}
             if not clocks:
                 return None
-            step = await self.stage.tick(clocks)
+            step = await self.processor.tick(clocks)
             if step is None:
                 return None
             async with step.held or contextlib.nullcontext():
                 await self.producer.send(step.outputs)
                 commits = [self._commit(p, marks[p][0], marks[p][0], changes) for p, changes in step.changes.items()]
                 if not await self.store.commit(commits, also=step.also, fence=step.fence):
-                    log.info("%s: a partition moved on during a timer tick; the next tick redoes it", self.stage.name)
+                    log.info("%s: a partition moved on during a timer tick; the next tick redoes it",
+                             self.processor.name)
                     return None
             return step.outputs
 

@@ -1,5 +1,5 @@
-"""The lead stage on the shared runtime without servers: rules fire once per lead across replays and
-batch boundaries, merges hand state over once, and every change reaches the board stage's feed."""
+"""The lead processor on the shared runtime without servers: rules fire once per lead across replays and
+batch boundaries, merges hand state over once, and every change reaches the board processor's feed."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.lead_stage import LeadStage
+from processors.lead_processor import LeadProcessor
 from processors.rules import RuleSet
 from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer, Outputs
-from processors.runtime.stage import StageRunner
+from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import MemoryStateStore
 from processors.site_definitions import SiteDefinitionsCache, SiteSetup
 from schemas.boards import CardUpdate
@@ -55,13 +55,14 @@ class NoDefinitionsStore:
         raise AssertionError(f"unexpected load of {site}")
 
 
-def stage_runner(store: MemoryStateStore | None = None) -> tuple[StageRunner, MemoryStateStore, MemoryProducer]:
+def processor_runner(store: MemoryStateStore | None = None
+                     ) -> tuple[ProcessorRunner, MemoryStateStore, MemoryProducer]:
     definitions = load_definitions(RULES, "rules.yaml")
     cache = SiteDefinitionsCache(NoDefinitionsStore())  # type: ignore[arg-type]
     cache.sites["s"] = setup(definitions, 1)
     store = store or MemoryStateStore()
     producer = MemoryProducer()
-    return StageRunner(LeadStage(4, store, cache, None, "ls"), store, producer), store, producer
+    return ProcessorRunner(LeadProcessor(4, store, cache, None, "ls"), store, producer), store, producer
 
 
 def event(i: int, lead: str = "lead_a", url: str = "https://acme.com/pricing") -> bytes:
@@ -87,7 +88,7 @@ def executions(outputs: Outputs) -> list[str]:
 
 
 async def test_a_rule_fires_once_and_its_chain_runs_in_the_same_pass():
-    run, store, producer = stage_runner()
+    run, store, producer = processor_runner()
     outputs = await run.process(feed([identity("account_linked", "lead_a", account_domain="acme.com"),
                                       event(1), event(2)]))
     assert executions(outputs) == ["viewed-pricing"]  # per_lead: the second pricing view fires nothing
@@ -102,7 +103,7 @@ async def test_a_rule_fires_once_and_its_chain_runs_in_the_same_pass():
 
 
 async def test_replaying_a_batch_changes_nothing():
-    run, store, producer = stage_runner()
+    run, store, producer = processor_runner()
     batch = feed([event(1), event(2, url="https://acme.com/blog")])
     await run.process(batch)
     before = dict(store.values)
@@ -110,7 +111,7 @@ async def test_replaying_a_batch_changes_nothing():
 
 
 async def test_a_merge_hands_the_anonymous_leads_state_to_the_known_lead_once():
-    run, store, producer = stage_runner()
+    run, store, producer = processor_runner()
     await run.process(feed([event(1, lead="lead_anon")]))
     merged = await run.process(feed([identity("lead_merged", "lead_known", from_lead="lead_anon")], first_offset=1))
     handovers = [v for v in merged.values(LEADS_ACTIVITY)]
@@ -122,7 +123,7 @@ async def test_a_merge_hands_the_anonymous_leads_state_to_the_known_lead_once():
 
 
 async def test_an_event_in_flight_for_a_merged_lead_goes_to_the_survivor():
-    run, store, producer = stage_runner()
+    run, store, producer = processor_runner()
     await run.process(feed([event(1, lead="lead_anon", url="https://acme.com/blog")]))
     await run.process(feed([identity("lead_merged", "lead_known", from_lead="lead_anon")], first_offset=1))
     late = await run.process(feed([event(9, lead="lead_anon")], first_offset=2))
@@ -131,9 +132,9 @@ async def test_an_event_in_flight_for_a_merged_lead_goes_to_the_survivor():
 
 
 async def test_score_reaching_the_threshold_chains_into_the_state_rule():
-    run, store, producer = stage_runner()
+    run, store, producer = processor_runner()
     twice = load_definitions(RULES.replace("add_score: 40", "add_score: 70"), "rules.yaml")
-    run.stage.sites.sites["s"] = setup(twice, 2)
+    run.processor.sites.sites["s"] = setup(twice, 2)
     outputs = await run.process(feed([event(1)]))
     assert executions(outputs) == ["viewed-pricing", "hot"]
     assert LeadSnapshot.from_json(outputs.values(LEADS_STATE)[-1]).tags == ["Consideration", "Decision"]
@@ -145,7 +146,7 @@ async def test_score_reaching_the_threshold_chains_into_the_state_rule():
        st.lists(st.integers(1, 6), min_size=1, max_size=25))
 @settings(max_examples=60)
 def test_the_same_feed_gives_the_same_outputs_whatever_the_batch_boundaries(events, cuts):
-    """Rule firings, lead changes and every card update (what the board stage sees) do not depend on how
+    """Rule firings, lead changes and every card update (what the board processor sees) do not depend on how
     the feed was cut into batches, nor on replays of a batch."""
     def record(i: int, lead: str, what: str, offset: int) -> bytes:
         """A pageview, or an identity change (the lead's email becomes known; it joins an account)."""
@@ -159,7 +160,7 @@ def test_the_same_feed_gives_the_same_outputs_whatever_the_batch_boundaries(even
 
     def run_in(batches: list[int], replay: bool) -> dict:
         async def go():
-            run, _, producer = stage_runner()
+            run, _, producer = processor_runner()
             offset = 0
             for size in batches + [len(records)]:
                 chunk = feed(records[offset:offset + size], first_offset=offset)
@@ -179,7 +180,7 @@ def test_the_same_feed_gives_the_same_outputs_whatever_the_batch_boundaries(even
 
 
 async def test_the_hourly_pass_fires_time_triggers_for_due_leads_once():
-    run, store, producer = stage_runner()
+    run, store, producer = processor_runner()
     quiet = load_definitions("""
 rules:
 - id: viewed-pricing
@@ -189,7 +190,7 @@ rules:
   when: {inactive_for: 2h}
   then: [{remove_tag: Consideration}]
 """, "rules.yaml")
-    run.stage.sites.sites["s"] = setup(quiet, 3)
+    run.processor.sites.sites["s"] = setup(quiet, 3)
     await run.process(feed([event(1)]))
     assert await run.tick([0], wall_now_ms=NOW) is None  # the clock starts at the last event's time
     outputs = await run.tick([0], wall_now_ms=NOW + 3 * 3_600_000)  # three quiet hours later

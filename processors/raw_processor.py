@@ -1,7 +1,7 @@
-"""The raw-events stage: events.raw in; enriched events, dead letters, sessions, identity and the lead feed out.
+"""The raw processor: events.raw in; enriched events, dead letters, sessions, identity and the lead feed out.
 
-A pure step (enrich -> sessionize -> resolve identity) run by the shared `StageRunner`, which owns the order
-of effects (skip applied offsets, produce, compare-and-set commit). State: one sessionizer blob per
+A pure step (enrich -> sessionize -> resolve identity) run by the shared `ProcessorRunner`, which owns the
+order of effects (skip applied offsets, produce, compare-and-set commit). State: one sessionizer blob per
 visitor (partition-owned, with its idle-close deadline; the store may expire idle ones) and the identity
 graph (global, written in the same transaction). Only identity takes the graph's lock — from resolving
 through produce and commit, fenced so that a holder whose lease ran out commits nothing — so several
@@ -27,7 +27,7 @@ from processors.identity_store import IdentityGraphStore, version_now
 from processors.runtime.cost import METER
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
-from processors.runtime.stage import Step
+from processors.runtime.runner import Step
 from processors.runtime.state import StateStore
 from schemas.dead_letter import DeadLetter, Rejection
 from schemas.events import EnrichedEvent
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class RawEventsConfig:
+class RawProcessorConfig:
     raw_topic: str  # full name, recorded in each dead letter
     partitions: int
     session_policy: sessionize.SessionPolicy
@@ -47,10 +47,10 @@ class RawEventsConfig:
     max_visitors_per_lead: int = identity.DEFAULT_MAX_VISITORS
 
 
-class RawEventsStage:
+class RawEventsProcessor:
     name = "raw-events"
 
-    def __init__(self, config: RawEventsConfig, store: StateStore, identity_graph: IdentityGraphStore, prefix: str):
+    def __init__(self, config: RawProcessorConfig, store: StateStore, identity_graph: IdentityGraphStore, prefix: str):
         self.config = config
         self.store = store
         self.identity = identity_graph
@@ -194,7 +194,7 @@ class RawEventsStage:
             outputs.add(EVENTS_ENRICHED, event.visitor_id.encode(), value, message.partition)
             for change in feed.get(event.event_id, ()):
                 outputs.add(LEADS_ACTIVITY, lead_feed_key(change), change.to_json())
-            if event.lead_id:  # humans only: bots and datacenter traffic never reach the lead stages
+            if event.lead_id:  # humans only: bots and datacenter traffic never reach the automation processors
                 outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value)
 
 

@@ -1,7 +1,7 @@
-"""The board stage keeps the large card states it last wrote, decoded (processors/runtime/decoded.py). On
-real Redis: two board stages, as two workers would, take turns on one account card with hundreds of leads;
-each remembers what it wrote, yet every batch starts from what Redis holds. The card and its stage changes
-come out byte for byte as from one stage doing it all — which itself reused its decoded card."""
+"""The board processor keeps the large card states it last wrote, decoded (processors/runtime/decoded.py).
+On real Redis: two board processors, as two workers would, take turns on one account card with hundreds of
+leads; each remembers what it wrote, yet every batch starts from what Redis holds. The card and its stage
+changes come out byte for byte as from one processor doing it all — which itself reused its decoded card."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from leadstream.runner import forget_redis_keys
-from processors.board_stage import BoardStage
+from processors.board_processor import BoardProcessor
 from processors.board_store import BoardStore
 from processors.rules import RuleSet
 from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer
-from processors.runtime.stage import StageRunner
+from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache, SiteSetup
 from schemas.boards import CardUpdate
 from schemas.topics import BOARD_STAGE_CHANGES, partition_for_key
 from tests.test_boards import PIPELINE
-from tests.test_lead_stage import NoDefinitionsStore
+from tests.test_lead_processor import NoDefinitionsStore
 
 pytestmark = pytest.mark.integration
 
@@ -48,33 +48,33 @@ def batches(count: int = 8, size: int = 150) -> list[list[Message]]:
     return out
 
 
-async def run(redis_url: str, prefix: str, stages: int) -> tuple[bytes, list[bytes], list[BoardStage]]:
+async def run(redis_url: str, prefix: str, processors: int) -> tuple[bytes, list[bytes], list[BoardProcessor]]:
     redis = aioredis.from_url(redis_url)
     try:
         runners, producer = [], MemoryProducer()
-        for _ in range(stages):
+        for _ in range(processors):
             sites = SiteDefinitionsCache(NoDefinitionsStore())  # type: ignore[arg-type]
             sites.sites[SITE] = SiteSetup(1, RuleSet.compile([]), (PIPELINE,))
             store = RedisStateStore(redis, prefix, namespace="board:")
-            runners.append(StageRunner(BoardStage(PARTITIONS, store, BoardStore(redis, prefix), sites), store,
-                                       producer))
+            board = BoardProcessor(PARTITIONS, store, BoardStore(redis, prefix), sites)
+            runners.append(ProcessorRunner(board, store, producer))
         for i, batch in enumerate(batches()):
-            await runners[i % stages].process(batch)
+            await runners[i % processors].process(batch)
         card = await redis.get(BoardStore(redis, prefix).card_state_key(SITE, CARD))
         changes = [value for outputs in producer.sent for value in outputs.values(BOARD_STAGE_CHANGES)]
-        return card, changes, [runner.stage for runner in runners]
+        return card, changes, [runner.processor for runner in runners]
     finally:
         await redis.aclose()
 
 
-def test_two_stages_taking_turns_give_what_one_stage_gives(stack_settings):
+def test_two_processors_taking_turns_give_what_one_processor_gives(stack_settings):
     namespace = replace(stack_settings, topic_prefix=f"t{uuid.uuid4().hex[:8]}.")
     try:
-        alone, alone_changes, (stage,) = asyncio.run(run(namespace.redis_url, f"{namespace.topic_prefix}one", 1))
+        alone, alone_changes, (processor,) = asyncio.run(run(namespace.redis_url, f"{namespace.topic_prefix}one", 1))
         turns, turns_changes, (first, second) = asyncio.run(run(namespace.redis_url, f"{namespace.topic_prefix}two", 2))
     finally:
         forget_redis_keys(namespace)
     assert len(alone) > 8_000 and alone_changes  # a card worth keeping decoded, and it moved
     assert (turns, turns_changes) == (alone, alone_changes)
-    assert stage.decoded.hits == 7  # one stage: every batch after the first reused its own write
+    assert processor.decoded.hits == 7  # one processor: every batch after the first reused its own write
     assert first.decoded.hits == second.decoded.hits == 0  # taking turns: the other one always wrote last

@@ -1,4 +1,4 @@
-"""The raw-events stage on the shared runtime, without servers: an in-memory state store and producer.
+"""The raw processor on the shared runtime, without servers: an in-memory state store and producer.
 
 Proves the order of effects that makes at-least-once delivery safe: a replayed batch is skipped, a
 batch whose produce failed is replayed with the same outputs, a zombie that lost its partition writes
@@ -15,10 +15,10 @@ import pytest
 from processors import sessionize
 from processors.enrich import Limits
 from processors.identity_store import IdentityGraphStore
-from processors.raw_events import RawEventsConfig, RawEventsStage
+from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
 from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer
-from processors.runtime.stage import StageRunner, StaleBatch
+from processors.runtime.runner import ProcessorRunner, StaleBatch
 from processors.runtime.state import MemoryStateStore
 from schemas.topics import EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, LEADS_ACTIVITY, SESSIONS, decode_lead_activity
 
@@ -35,12 +35,12 @@ def messages(values: list[bytes], partition: int = 0, first_offset: int = 0) -> 
     return [Message(partition, first_offset + i, None, v) for i, v in enumerate(values)]
 
 
-def runner(store: MemoryStateStore | None = None) -> tuple[StageRunner, MemoryStateStore, MemoryProducer]:
+def runner(store: MemoryStateStore | None = None) -> tuple[ProcessorRunner, MemoryStateStore, MemoryProducer]:
     store = store or MemoryStateStore()
     producer = MemoryProducer()
-    stage = RawEventsStage(RawEventsConfig("events.raw", 4, POLICY, Limits()), store,
-                           IdentityGraphStore(store, "ls"), "ls")
-    return StageRunner(stage, store, producer), store, producer
+    processor = RawEventsProcessor(RawProcessorConfig("events.raw", 4, POLICY, Limits()), store,
+                                   IdentityGraphStore(store, "ls"), "ls")
+    return ProcessorRunner(processor, store, producer), store, producer
 
 
 async def test_a_batch_produces_events_sessions_identity_and_the_lead_feed():

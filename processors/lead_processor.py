@@ -1,17 +1,17 @@
-"""The lead stage: workflow automation on `leads.activity`, one lead at a time, in each lead's order.
+"""The lead processor: workflow automation on `leads.activity`, one lead at a time, in each lead's order.
 
-A thin adapter around the pure rule engine (processors/rules.py) on the shared `StageRunner`: state is one
-`LeadState` blob per lead, committed with the partition's watermark; the hourly pass is the runtime's
+A thin adapter around the pure rule engine (processors/rules.py) on the shared `ProcessorRunner`: state is
+one `LeadState` blob per lead, committed with the partition's watermark; the hourly pass is the runtime's
 timer over a due-index (each lead's next hour with something to do), never a scan of all leads.
 
 Per record of the feed:
-- an event runs the site's rules (bots never get here: the raw-events stage keeps them off the feed);
+- an event runs the site's rules (bots never get here: the raw processor keeps them off the feed);
 - a known lead's creation or an account link tells the rules who the lead is;
 - a merge (arriving on the absorbed lead's feed, after its last event) retires the absorbed lead and
   hands its state to the survivor as a `LeadHandover`, which the survivor's partition merges once;
 - an event for a retired lead (in flight during its merge) is forwarded to the survivor.
 Outputs: `leads.changes` (every tag/score/property change), `leads.state` (the lead's current state),
-`rules.executions`, card updates for the board stage on `board.commands`, and webhooks queued in the same
+`rules.executions`, card updates for the board processor on `board.commands`, and webhooks queued in the same
 transaction as the state (so a firing is enqueued exactly when it is committed).
 """
 
@@ -27,7 +27,7 @@ from processors.rules import (LeadState, Outcome, apply_event, hour_start, hourl
                               next_due_ms, set_identity)
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
-from processors.runtime.stage import Step, decode_batch
+from processors.runtime.runner import Step, decode_batch
 from processors.runtime.state import StateStore
 from processors.site_definitions import SiteDefinitionsCache, SiteSetup
 from processors.webhooks import WebhookQueue
@@ -90,7 +90,7 @@ class _Batch:
         return self.step.outputs
 
 
-class LeadStage:
+class LeadProcessor:
     name = "lead"
 
     def __init__(self, partitions: int, store: StateStore, sites: SiteDefinitionsCache, webhooks: WebhookQueue | None,

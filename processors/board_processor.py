@@ -1,13 +1,13 @@
-"""The board stage: LeadBoards on `board.commands`, one card at a time, in each card's order.
+"""The board processor: LeadBoards on `board.commands`, one card at a time, in each card's order.
 
-A thin adapter around the pure stage machine (processors/boards.py) on the shared `StageRunner`: state is
-one `CardState` blob per card (under the board store's card key), committed with the partition's
+A thin adapter around the pure stage machine (processors/boards.py) on the shared `ProcessorRunner`: state
+is one `CardState` blob per card (under the board store's card key), committed with the partition's
 watermark; the board views, the live feed, the board versions and command results are written by the
 board store in the same transaction. So a move is in Redis exactly when its card state is, and the stage
 change record on `board.stage-changes` (produced before the commit, deterministic ids) is collapsed by
 ClickHouse if a replay produces it again.
 
-Inputs, all keyed by card: the lead stage's facts updates, rule moves and merges (`CardUpdate`), and
+Inputs, all keyed by card: the lead processor's facts updates, rule moves and merges (`CardUpdate`), and
 people's commands from the API (`BoardCommand`). A merge is two hops, each in its card's own order: the
 absorbed card retires (it leaves the boards) and hands its state over; the survivor merges it once.
 """
@@ -24,7 +24,7 @@ from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveReq
 from processors.runtime.decoded import DecodedStates
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
-from processors.runtime.stage import Step, decode_batch
+from processors.runtime.runner import Step, decode_batch
 from processors.runtime.state import StateStore
 from processors.site_definitions import SiteDefinitionsCache
 from schemas.boards import BoardCommand, CardUpdate, CommandResult, StageChange
@@ -52,7 +52,7 @@ class _Batch:
     results: list[CommandResult] = field(default_factory=list)
 
 
-class BoardStage:
+class BoardProcessor:
     name = "board"
 
     def __init__(self, partitions: int, store: StateStore, boards: BoardStore, sites: SiteDefinitionsCache):
@@ -83,7 +83,7 @@ class BoardStage:
         return batch.step
 
     async def tick(self, clocks: dict[int, int]) -> Step | None:
-        return None  # cards move on facts and commands; time triggers live in the lead stage's hourly pass
+        return None  # cards move on facts and commands; time triggers live in the lead processor's hourly pass
 
     def _apply(self, record: BoardCommand | CardUpdate, batch: _Batch, now_ms: int) -> None:
         card = batch.cards[record.site_id, record.card_id]
@@ -136,7 +136,7 @@ class BoardStage:
     @staticmethod
     def _take_over(record: CardUpdate, card: CardState, boards):
         """The survivor takes a retired card's places (the further-right stage, owner, notes). Not its facts:
-        the lead stage sends the survivor those itself, in the lead's own order, while a handover may
+        the lead processor sends the survivor those itself, in the lead's own order, while a handover may
         arrive after a newer update (or after the lead has left again) and would bring stale tags back."""
         absorbed = CardState.from_json(record.card_state)
         absorbed.facts = {}
