@@ -1,13 +1,18 @@
-"""Redis adapter for a site's rules and boards (the definitions), with versions a running processor can poll.
+"""Redis adapter for a site's rules, segments and boards (the definitions), with versions a running
+processor can poll.
 
 One hash per site holds everything: field `version` (the site's definitions version, bumped by every
-change), `rule:<id>` and `board:<id>` (JSON `{"version", "definition"}`). A single HGETALL is therefore an
-atomic snapshot, and HGET of `version` is the cheap poll. An entry's version is the site version at which
-it last changed: it only grows, and a deleted then re-created rule never reuses an old version.
+change), `rule:<id>`, `segment:<id>` and `board:<id>` (JSON `{"version", "definition"}`). A single HGETALL
+is therefore an atomic snapshot, and HGET of `version` is the cheap poll. An entry's version is the site
+version at which it last changed: it only grows, and a deleted then re-created entry never reuses an old
+version.
 
 Writes are optimistic: WATCH the site hash, read, validate the whole resulting set of definitions
-(a rule's move_card must name an existing board and stage), then MULTI/EXEC; a concurrent writer makes
-EXEC fail and the write is recomputed. Nothing is written unless everything is valid.
+(a rule's move_card must name an existing board and stage; in_segment and a board's import an existing
+segment of the right kind; no cycles among segments), then MULTI/EXEC; a concurrent writer makes EXEC fail
+and the write is recomputed. Nothing is written unless everything is valid. A delete that would leave a
+reference dangling (a board importing the segment, a rule moving cards on the board, ...) is refused
+with DefinitionInUse.
 """
 
 from __future__ import annotations
@@ -21,8 +26,17 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from schemas.boards import BoardDefinition
-from schemas.definitions import KINDS, DefinitionsError, DefinitionsFile, duplicate_problems, move_card_problems
+from schemas.definitions import (
+    KINDS,
+    DefinitionInUse,
+    DefinitionsError,
+    DefinitionsFile,
+    duplicate_problems,
+    move_card_problems,
+    segment_problems,
+)
 from schemas.rules import Rule
+from schemas.segments import Segment
 
 MAX_WRITE_ATTEMPTS = 20
 _VERSION = b"version"
@@ -36,49 +50,65 @@ class StoredBoard:
 
 @dataclass(frozen=True, slots=True)
 class SiteDefinitions:
-    """A consistent snapshot of one site. Rules carry their versions; both lists are in id order."""
+    """A consistent snapshot of one site. Rules and segments carry their versions; every list is in id
+    order."""
 
     version: int
     rules: list[Rule]
     boards: list[StoredBoard]
+    segments: list[Segment]
+
+    def entries(self) -> dict[str, Definition]:
+        """'rule:<id>' / 'segment:<id>' / 'board:<id>' -> the definition."""
+        entries: dict[str, Definition] = {f"rule:{r.id}": r for r in self.rules}
+        entries.update({f"segment:{s.id}": s for s in self.segments})
+        entries.update({f"board:{b.board.id}": b.board for b in self.boards})
+        return entries
 
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    """versions: every entry of the file ('rule:<id>' / 'board:<id>') -> its version after the write.
-    changed: the entries that were new or different (only those got a new version)."""
+    """versions: every entry of the file ('rule:<id>' / 'segment:<id>' / 'board:<id>') -> its version
+    after the write. changed: the entries that were new or different (only those got a new version)."""
 
     site_version: int
     versions: dict[str, int]
     changed: list[str]
 
 
-Definition = Rule | BoardDefinition
+Definition = Rule | Segment | BoardDefinition
 Plan = Callable[["SiteDefinitions"], tuple[dict[str, Definition], list[str]]]
+_VERSIONED = (Rule, Segment)  # models that carry the store's version
 
 
 def _content(entry: Definition) -> dict[str, Any]:
     """As written (what GET shows), without the version."""
-    return entry.content() if isinstance(entry, Rule) else entry.model_dump(mode="json", exclude_unset=True)
+    return entry.content()
 
 
 def _meaning(entry: Definition) -> dict[str, Any]:
     """What 'changed' is compared on: defaults filled in, so `once: per_lead` equals leaving it out."""
-    return entry.model_dump(mode="json", exclude={"version"} if isinstance(entry, Rule) else None)
+    return entry.model_dump(mode="json", exclude={"version"} if isinstance(entry, _VERSIONED) else None)
+
+
+def _versioned(model: type[Rule] | type[Segment], stored: dict[str, Any]) -> Any:
+    return model.model_validate({**stored["definition"], "version": stored["version"]})
 
 
 def _decode(fields: dict[bytes, bytes]) -> SiteDefinitions:
-    rules, boards = [], []
+    rules, boards, segments = [], [], []
     for name, raw in sorted(fields.items()):
         if name == _VERSION:
             continue
         stored = orjson.loads(raw)
         kind, _, _ = name.decode().partition(":")
         if kind == "rule":
-            rules.append(Rule.model_validate({**stored["definition"], "version": stored["version"]}))
+            rules.append(_versioned(Rule, stored))
+        elif kind == "segment":
+            segments.append(_versioned(Segment, stored))
         else:
             boards.append(StoredBoard(BoardDefinition.model_validate(stored["definition"]), stored["version"]))
-    return SiteDefinitions(int(fields.get(_VERSION, 0)), rules, boards)
+    return SiteDefinitions(int(fields.get(_VERSION, 0)), rules, boards, segments)
 
 
 class DefinitionsStore:
@@ -105,10 +135,11 @@ class DefinitionsStore:
 
     async def get_rule(self, site: str, rule_id: str) -> Rule | None:
         raw = await self.redis.hget(self._site_key(site), f"rule:{rule_id}")
-        if raw is None:
-            return None
-        stored = orjson.loads(raw)
-        return Rule.model_validate({**stored["definition"], "version": stored["version"]})
+        return None if raw is None else _versioned(Rule, orjson.loads(raw))
+
+    async def get_segment(self, site: str, segment_id: str) -> Segment | None:
+        raw = await self.redis.hget(self._site_key(site), f"segment:{segment_id}")
+        return None if raw is None else _versioned(Segment, orjson.loads(raw))
 
     async def get_board(self, site: str, board_id: str) -> StoredBoard | None:
         raw = await self.redis.hget(self._site_key(site), f"board:{board_id}")
@@ -123,21 +154,23 @@ class DefinitionsStore:
     async def list_boards(self, site: str) -> list[StoredBoard]:
         return (await self.load(site)).boards
 
+    async def list_segments(self, site: str) -> list[Segment]:
+        return (await self.load(site)).segments
+
     async def apply(self, site: str, definitions: DefinitionsFile) -> ApplyResult:
-        """Upserts every rule and board of the file (entries not in the file stay). Refuses the whole file
-        with DefinitionsError if any rule would then move cards to a board or stage that does not exist."""
+        """Upserts every rule, segment and board of the file (entries not in the file stay). Refuses the
+        whole file with DefinitionsError if the site's definitions would then not hold together (see the
+        module docstring)."""
         problems = duplicate_problems({kind: [{"id": e.id} for e in getattr(definitions, kind)] for kind in KINDS})
         if problems:
             raise DefinitionsError(problems)
-        entries = {f"rule:{rule.id}": rule for rule in definitions.rules}
+        entries: dict[str, Definition] = {f"rule:{rule.id}": rule for rule in definitions.rules}
+        entries.update({f"segment:{segment.id}": segment for segment in definitions.segments})
         entries.update({f"board:{board.id}": board for board in definitions.boards})
 
         def plan(current: SiteDefinitions) -> tuple[dict[str, Definition], list[str]]:
-            stored: dict[str, Definition] = {f"rule:{r.id}": r for r in current.rules}
-            stored.update({f"board:{b.board.id}": b.board for b in current.boards})
-            rules = [(name, entry) for name, entry in (stored | entries).items() if isinstance(entry, Rule)]
-            boards = {entry.id: entry for entry in (stored | entries).values() if isinstance(entry, BoardDefinition)}
-            self._check_references(rules, boards)
+            stored = current.entries()
+            self._check_references(stored | entries)
             changed = [name for name, entry in entries.items()
                        if name not in stored or _meaning(stored[name]) != _meaning(entry)]
             return {name: entries[name] for name in changed}, []
@@ -151,28 +184,45 @@ class DefinitionsStore:
     async def put_board(self, site: str, board: BoardDefinition) -> int:
         return (await self.apply(site, DefinitionsFile(boards=[board]))).versions[f"board:{board.id}"]
 
+    async def put_segment(self, site: str, segment: Segment) -> int:
+        return (await self.apply(site, DefinitionsFile(segments=[segment]))).versions[f"segment:{segment.id}"]
+
     async def delete_rule(self, site: str, rule_id: str) -> bool:
-        """True if the rule existed (and is now deleted)."""
+        """True if the rule existed (and is now deleted). Refused (DefinitionInUse) while it is referred to."""
         return await self._delete(site, f"rule:{rule_id}")
 
     async def delete_board(self, site: str, board_id: str) -> bool:
-        """Refused (DefinitionsError) while a rule still moves cards on the board."""
+        """Refused (DefinitionInUse) while a rule still moves cards on the board."""
         return await self._delete(site, f"board:{board_id}")
+
+    async def delete_segment(self, site: str, segment_id: str) -> bool:
+        """Refused (DefinitionInUse) while a board imports it, or a rule or segment names it in in_segment."""
+        return await self._delete(site, f"segment:{segment_id}")
 
     async def _delete(self, site: str, name: str) -> bool:
         def plan(current: SiteDefinitions) -> tuple[dict[str, Definition], list[str]]:
-            rules = [(f"rule:{r.id}", r) for r in current.rules if f"rule:{r.id}" != name]
-            boards = {b.board.id: b.board for b in current.boards if f"board:{b.board.id}" != name}
-            self._check_references(rules, boards)
+            remaining = {entry: definition for entry, definition in current.entries().items() if entry != name}
+            try:
+                self._check_references(remaining)
+            except DefinitionsError as error:
+                kind, _, entry_id = name.partition(":")
+                raise DefinitionInUse([f"{kind} {entry_id!r} is in use: {line}" for line in error.problems]
+                                      ) from None
             return {}, [name]
 
         result = await self._write(site, plan, versions_of=[])
         return name in result.changed
 
     @staticmethod
-    def _check_references(rules: list[tuple[str, Rule]], boards: dict[str, BoardDefinition]) -> None:
-        labelled = [(name.replace("rule:", "rule ", 1), rule) for name, rule in rules]
-        problems = move_card_problems(labelled, boards, unknown_board_ok=False)
+    def _check_references(entries: dict[str, Definition]) -> None:
+        """The whole set must hold together; each problem names its entry as `rule <id>` etc."""
+        def of(model: type) -> list[tuple[str, Any]]:
+            return sorted((name.replace(":", " ", 1), entry) for name, entry in entries.items()
+                          if isinstance(entry, model))
+
+        rules, boards = of(Rule), of(BoardDefinition)
+        problems = move_card_problems(rules, {board.id: board for _, board in boards}, unknown_board_ok=False)
+        problems += segment_problems(rules, of(Segment), boards, unknown_ok=False)
         if problems:
             raise DefinitionsError(problems)
 

@@ -21,10 +21,7 @@ Firing once (DESIGN "Rules fire once"):
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import json
-import re
 from bisect import insort
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -32,8 +29,11 @@ from datetime import datetime, timezone
 from operator import attrgetter
 from typing import Any, Literal, Self
 
+from processors.conditions import Test, all_of, exact_matcher, field_test, has_value, url_matcher
+from processors.segments import SegmentState
+from schemas.conditions import duration_ms
 from schemas.events import EVENT_TYPES, EnrichedEvent
-from schemas.records import JsonRecord, digest
+from schemas.records import JsonRecord, digest, event_digest
 from schemas.rules import (
     Action,
     CardMoveRequest,
@@ -44,7 +44,6 @@ from schemas.rules import (
     RuleExecution,
     TriggerKind,
     WebhookRequest,
-    duration_ms,
 )
 
 HOUR_MS = 3_600_000
@@ -76,6 +75,8 @@ class LeadState(JsonRecord):
     fired: per_lead rule ids that have fired. active: state-trigger rule ids true after the last pass.
     seen: digests of the last SEEN_EVENTS event ids, oldest first. checked_ms: the hour boundary the
     hourly pass has reached. merged_into / merged_from: the merge tombstone and the leads absorbed.
+    segments: what segment membership needs (processors.segments), on a site with segments; the rule
+    engine only reads it (in_segment), the segment core replaces it whole.
     """
 
     lead_id: str
@@ -94,15 +95,22 @@ class LeadState(JsonRecord):
     checked_ms: int = 0
     merged_into: str = ""
     merged_from: list[str] = field(default_factory=list)
+    segments: SegmentState | None = None
 
     @property
     def known(self) -> bool:
         return bool(self.email)
 
+    @property
+    def email_domain(self) -> str:
+        return self.email.rpartition("@")[2]
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Self:
         tags = {tag: TagSource.from_dict(source) for tag, source in raw.get("tags", {}).items()}
-        return super(LeadState, cls).from_dict({**raw, "tags": tags})  # explicit: slots classes are rebuilt
+        segments = raw.get("segments")
+        return super(LeadState, cls).from_dict({  # explicit: slots classes are rebuilt
+            **raw, "tags": tags, "segments": SegmentState.from_dict(segments) if segments else None})
 
     def copy(self) -> LeadState:
         """Independent containers (their items are immutable or replaced whole, never changed in place)."""
@@ -110,6 +118,7 @@ class LeadState(JsonRecord):
             self.lead_id, self.site_id, self.email, self.account_domain, dict(self.tags), self.score,
             list(self.decaying), dict(self.properties), list(self.fired), list(self.active), list(self.seen),
             self.first_ts_ms, self.last_activity_ms, self.checked_ms, self.merged_into, list(self.merged_from),
+            self.segments,
         )
 
 
@@ -123,10 +132,6 @@ class Outcome:
     webhooks: list[WebhookRequest] = field(default_factory=list)
     card_moves: list[CardMoveRequest] = field(default_factory=list)
     retired: LeadState | None = None
-
-
-def _seen_digest(event_id: str) -> str:
-    return hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
 
 
 def firing_id(site_id: str, rule_id: str, lead_id: str, cause: tuple[str, ...]) -> str:
@@ -183,103 +188,16 @@ def _getter(path: str) -> Getter:
     return _LEAD_GETTERS[rest]
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return float(str(value).strip())
-    except ValueError:
-        return None
-
-
-def _key(value: Any) -> str:
-    """Comparison key: case-insensitive text; 250, 250.0 and "250" are equal; true and "true" too."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    number = _number(value)
-    if number is not None and number == number:  # not NaN
-        return repr(int(number)) if number.is_integer() else repr(number)
-    return str(value).strip().casefold()
-
-
-def _has_value(value: Any) -> bool:
-    return value is not None and value != "" and value != []
-
-
-Test = Callable[[_Scope], bool]
-
-
-def _compile_condition(condition: Condition) -> Test:
-    if condition.any is not None:
-        tests = tuple(map(_compile_condition, condition.any))
-        return lambda s: any(test(s) for test in tests)
-    if condition.all is not None:
-        return _all_of(condition.all)
-    read, op, value = _getter(condition.field or ""), condition.op, condition.value
-    if op == "exists":
-        return lambda s: _has_value(read(s))
-    if op == "unknown":
-        return lambda s: not _has_value(read(s))
-    if op in ("gt", "lt", "between"):
-        low, high = (value if op == "between" else
-                     (value, float("inf")) if op == "gt" else (float("-inf"), value))
-        inclusive = op == "between"
-
-        def compare(s: _Scope) -> bool:
-            number = _number(read(s))
-            if number is None:
-                return False
-            return low <= number <= high if inclusive else low < number < high
-        return compare
-    if op == "contains":
-        needle = _key(value)
-
-        def contains(s: _Scope) -> bool:
-            actual = read(s)
-            if isinstance(actual, list):
-                return any(_key(item) == needle for item in actual)
-            return _has_value(actual) and needle in _key(actual)
-        return contains
-    wanted = frozenset(map(_key, value if isinstance(value, list) else [value]))
-
-    def equals(s: _Scope) -> bool:
-        actual = read(s)
-        if isinstance(actual, list):
-            return any(_key(item) in wanted for item in actual)
-        return _has_value(actual) and _key(actual) in wanted
-    if op == "is_not":
-        return lambda s: not equals(s)
-    return equals
+def _leaf(condition: Condition) -> Test:
+    """A field test, or in_segment: the lead is a member of that segment as of its last evaluation."""
+    if condition.in_segment is not None:
+        segment = condition.in_segment
+        return lambda s: s.state.segments is not None and s.state.segments.is_member(segment)
+    return field_test(_getter(condition.field or ""), condition.op or "", condition.value)
 
 
 def _all_of(conditions: Iterable[Condition]) -> Test:
-    tests = tuple(map(_compile_condition, conditions))
-    if not tests:
-        return lambda s: True
-    if len(tests) == 1:
-        return tests[0]
-    return lambda s: all(test(s) for test in tests)
-
-
-def _url_filter(rule: Rule) -> Callable[[str], bool]:
-    """The event trigger's URL glob (case-insensitive); no glob matches every URL."""
-    if not rule.when.url:
-        return lambda url: True
-    match = re.compile(fnmatch.translate(rule.when.url), re.IGNORECASE).match
-    return lambda url: match(url) is not None
-
-
-def _field_filter(rule: Rule) -> Callable[[EnrichedEvent], bool] | None:
-    """The event trigger's exact-field filters (channel, utm_*, name, campaign), or None when it has none."""
-    when = rule.when
-    exact = tuple((attrgetter(name), getattr(when, name).casefold())
-                  for name in ("channel", "utm_source", "utm_medium", "utm_campaign", "name", "campaign")
-                  if getattr(when, name) is not None)
-    if not exact:
-        return None
-    return lambda event: all(read(event).casefold() == expected for read, expected in exact)
+    return all_of(conditions, _leaf)
 
 
 # ---- compiled rules and actions ----
@@ -372,7 +290,7 @@ def _property_action(name: str, fixed: Scalar | None, source: str | None) -> Act
         value = read(r.scope) if read is not None else fixed
         if isinstance(value, list):
             value = ",".join(map(str, value))
-        if not _has_value(value):
+        if not has_value(value):
             return f"set_property {name} (no value in {source})", False
         current = r.state.properties.get(name)
         if current == value and type(current) is type(value):
@@ -460,8 +378,8 @@ def _compile(rule: Rule) -> _Compiled:
     return _Compiled(
         rule.id, rule.version, when.kind, rule.once == "per_lead", holds,
         tuple(map(_compile_action, rule.then)),
-        _url_filter(rule) if when.kind == "event" else None,
-        _field_filter(rule) if when.kind == "event" else None,
+        url_matcher(when.url) if when.kind == "event" else None,
+        exact_matcher(when) if when.kind == "event" else None,
         duration_ms(when.inactive_for) if when.inactive_for else 0,
         sum(a.add_score for a in rule.then if a.add_score is not None and a.decays_after is None),
     )
@@ -551,7 +469,7 @@ def apply_event(ruleset: RuleSet, state: LeadState, event: EnrichedEvent) -> Out
     """One (non-bot) event of this lead: event triggers, then state triggers it made true."""
     if event.is_bot or state.merged_into:
         return _passthrough(state)
-    seen = _seen_digest(event.event_id)
+    seen = event_digest(event.event_id)
     if seen in state.seen:
         return _passthrough(state)
     new = state.copy()

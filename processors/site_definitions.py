@@ -1,4 +1,4 @@
-"""Each site's rules (compiled) and boards as the running processors see them.
+"""Each site's rules and segments (compiled) and boards as the running processors see them.
 
 A processor asks for the sites of a batch before computing it; a timer polls each known site's definitions
 version (one cheap read) and reloads a site whose version moved. A reload replaces the site's entry
@@ -12,6 +12,8 @@ from typing import Iterable
 
 from processors.definitions_store import DefinitionsStore
 from processors.rules import RuleSet
+from processors.segments import EMPTY as NO_SEGMENTS
+from processors.segments import SegmentSet
 from schemas.boards import BoardDefinition
 
 
@@ -20,6 +22,7 @@ class SiteSetup:
     version: int
     rules: RuleSet
     boards: tuple[BoardDefinition, ...]
+    segments: SegmentSet = NO_SEGMENTS
 
     def board(self, board_id: str) -> BoardDefinition | None:
         return next((b for b in self.boards if b.id == board_id), None)
@@ -52,4 +55,5 @@ class SiteDefinitionsCache:
     async def _load(self, site: str) -> None:
         loaded = await self.store.load(site)
         self.sites[site] = SiteSetup(loaded.version, RuleSet.compile(loaded.rules, loaded.version),
-                                     tuple(stored.board for stored in loaded.boards))
+                                     tuple(stored.board for stored in loaded.boards),
+                                     SegmentSet.compile(loaded.segments, loaded.version))

@@ -2,7 +2,9 @@
 the stage change — the one event every move of a card emits.
 
 Card ids: `account:<registrable domain>` or `lead:<lead_id>`. A board's stages are ordered left to right;
-the entry stage takes every non-bot lead of the site (or, with account cards, its account).
+the entry stage takes every lead of the site (or, with account cards, its account) or, with
+`import: {segment: id}`, only that segment's members; `on_leave` says what happens to a card whose member
+leaves the segment (keep it, or archive it).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.conditions import SEGMENT_ID
 from schemas.records import JsonRecord
 
 DEFINITION_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 CardKind = Literal["account", "lead"]
+OnLeave = Literal["keep", "archive"]
 
 
 class StageDefinition(BaseModel):
@@ -32,13 +36,24 @@ class StageDefinition(BaseModel):
     when_score_at_least: int | None = Field(default=None, ge=0, le=100)
 
 
-class BoardDefinition(BaseModel):
+class SegmentImport(BaseModel):
+    """Where a board's cards come from: the members of one segment (a lead segment, or with account
+    cards also an account segment)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    segment: str = Field(pattern=SEGMENT_ID)
+
+
+class BoardDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     id: str = Field(pattern=DEFINITION_ID)
     name: str = Field(min_length=1, max_length=128)
     card: CardKind = "account"
     stages: list[StageDefinition] = Field(min_length=1, max_length=50)
+    import_: SegmentImport | None = Field(default=None, alias="import")
+    on_leave: OnLeave | None = None  # keep (the default) | archive; only with import
 
     @model_validator(mode="after")
     def _one_entry_unique_ids(self) -> "BoardDefinition":
@@ -49,7 +64,14 @@ class BoardDefinition(BaseModel):
         entries = [s.id for s in self.stages if s.entry]
         if len(entries) > 1:
             raise ValueError(f"at most one entry stage, found: {', '.join(entries)}")
+        if self.on_leave is not None and self.import_ is None:
+            raise ValueError("on_leave goes with import: {segment: ID} (it says what a card does when its "
+                             "member leaves the segment)")
         return self
+
+    def content(self) -> dict:
+        """The board as written (what GET shows)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
     def stage_index(self, stage_id: str) -> int:
         for i, stage in enumerate(self.stages):

@@ -1,7 +1,11 @@
-"""A definitions file (contract v1): `rules:` and/or `boards:` in YAML or JSON, validated whole.
+"""A definitions file (contract v1): `rules:`, `segments:` and/or `boards:` in YAML or JSON, validated whole.
 
 Every problem in a file is reported, each naming its entry and field (`rules[2] (id: hot-lead): when.url:
 ...`), and a file with any problem is refused whole: callers validate before they write anything.
+References between entries (a rule's move_card board and stage; in_segment, a board's import) are
+checked over the whole set: here within the file, in the definitions store over the file and what is
+stored. A segment referred to must exist and be of the right kind, and segments refer to each other
+without cycles.
 
 YAML is read with YAML 1.2 booleans (only true/false): in YAML 1.1 `on: account` would be the key True and
 `no` would be False. A key given twice in one mapping is an error rather than silently the last value.
@@ -19,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from schemas.boards import BoardDefinition
 from schemas.rules import PATTERN_MEANINGS, Rule
+from schemas.segments import MAX_COUNTS, MAX_SEGMENTS, Segment
 
 MAX_FILE_CHARS = 1_000_000
-KINDS = ("rules", "boards")
+KINDS = ("rules", "segments", "boards")
 
 
 class DefinitionsError(ValueError):
@@ -32,10 +37,15 @@ class DefinitionsError(ValueError):
         self.problems = problems
 
 
+class DefinitionInUse(DefinitionsError):
+    """A delete refused because other definitions still refer to the entry (the API's 409)."""
+
+
 class DefinitionsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rules: list[Rule] = Field(default_factory=list)
+    segments: list[Segment] = Field(default_factory=list, max_length=MAX_SEGMENTS)
     boards: list[BoardDefinition] = Field(default_factory=list)
 
 
@@ -157,23 +167,106 @@ def move_card_problems(rules: Iterable[tuple[str, Rule]], boards: Mapping[str, B
     return problems
 
 
+Labelled = Iterable[tuple[str, Any]]  # (how an entry is named in messages, the entry)
+
+
+def segment_problems(rules: Labelled, segments: Labelled, boards: Labelled, *, unknown_ok: bool) -> list[str]:
+    """Each labelled entry's references to segments: in_segment (in rules, segments and the lead filters of
+    account segments) and a board's import must name an existing segment of the right kind, and segments
+    must not refer to each other in a cycle. Plus each segment's own placement checks (Segment.problems)
+    and the site's caps. A file alone cannot know the stored segments, so it passes `unknown_ok`."""
+    rules, segments, boards = list(rules), list(segments), list(boards)
+    kinds = {segment.id: segment.of for _, segment in segments}
+    problems = [f"{label}: {line}" for label, segment in segments for line in segment.problems()]
+
+    def check(label: str, where: str, target: str, wanted: str, what: str) -> None:
+        kind = kinds.get(target)
+        if kind is None:
+            if not unknown_ok:
+                problems.append(f"{label}: {where}: no segment {target!r}")
+        elif kind != wanted:
+            problems.append(f"{label}: {where}: {target!r} is an {kind} segment; {what} names {wanted} segments")
+
+    for label, rule in rules:
+        for index, condition in enumerate(rule.if_):
+            for target in condition.segments():
+                check(label, f"if[{index}].in_segment", target, "lead", "a rule")
+    for label, segment in segments:
+        for where, target, wanted in segment.references():
+            what = "an account segment" if wanted == "account" else (
+                "a lead segment" if segment.of == "lead" else "a lead filter")
+            check(label, f"{where}.in_segment", target, wanted, what)
+    for label, board in boards:
+        if board.import_ is None:
+            continue
+        target = board.import_.segment
+        if target not in kinds:
+            if not unknown_ok:
+                problems.append(f"{label}: import.segment: no segment {target!r}")
+        elif kinds[target] == "account" and board.card == "lead":
+            problems.append(f"{label}: import.segment: {target!r} is an account segment; a board with lead "
+                            "cards imports a lead segment (or use card: account)")
+    problems += _cycle_problems(segments)
+    if len(segments) > MAX_SEGMENTS:
+        problems.append(f"segments: {len(segments)}; a site has at most {MAX_SEGMENTS}")
+    counts = {count.key() for _, segment in segments for count in segment.counts()}
+    if len(counts) > MAX_COUNTS:
+        problems.append(f"segments: {len(counts)} different event counts; a site has at most {MAX_COUNTS} "
+                        "(counts with the same event and filters share one)")
+    return problems
+
+
+def _cycle_problems(segments: list[tuple[str, Segment]]) -> list[str]:
+    """One line per cycle of in_segment references, naming it (`a -> b -> a`), on its first segment."""
+    labels = {segment.id: label for label, segment in segments}
+    edges = {segment.id: sorted({target for _, target, _ in segment.references() if target in labels})
+             for _, segment in segments}
+    problems, done = [], set()
+    for start in sorted(edges):
+        path: list[str] = []
+
+        def visit(node: str) -> None:
+            if node in path:
+                cycle = path[path.index(node):] + [node]
+                if not set(cycle) & done:
+                    problems.append(f"{labels[cycle[0]]}: in_segment: cycle {' -> '.join(cycle)}")
+                    done.update(cycle)
+                return
+            if node in done:
+                return
+            path.append(node)
+            for target in edges[node]:
+                visit(target)
+            path.pop()
+
+        visit(start)
+        done.add(start)
+    return problems
+
+
+def labelled(kind: str, entries: Iterable[Any]) -> list[tuple[str, Any]]:
+    return [(entry_label(kind, index, {"id": entry.id}), entry) for index, entry in enumerate(entries)]
+
+
 def load_definitions(text: str, source: str) -> DefinitionsFile:
     """Parses and validates a whole file; raises DefinitionsError listing every problem."""
     data = _parse(text, source)
     if data is None:
-        raise DefinitionsError([f"{source}: empty file: expected rules: and/or boards:"])
+        raise DefinitionsError([f"{source}: empty file: expected rules:, segments: and/or boards:"])
     if not isinstance(data, dict):
-        raise DefinitionsError([f"{source}: expected a mapping with rules: and/or boards:"])
+        raise DefinitionsError([f"{source}: expected a mapping with rules:, segments: and/or boards:"])
     duplicates = duplicate_problems(data)
     try:
         definitions = DefinitionsFile.model_validate(data)
     except ValidationError as error:
         raise DefinitionsError(_problems(error, data, source) + duplicates) from None
-    if not definitions.rules and not definitions.boards:
-        raise DefinitionsError([f"{source}: no rules and no boards"])
-    problems = duplicates + move_card_problems(
-        ((entry_label("rules", i, {"id": rule.id}), rule) for i, rule in enumerate(definitions.rules)),
-        {board.id: board for board in definitions.boards}, unknown_board_ok=True)
+    if not definitions.rules and not definitions.segments and not definitions.boards:
+        raise DefinitionsError([f"{source}: no rules, no segments and no boards"])
+    rules = labelled("rules", definitions.rules)
+    problems = duplicates + move_card_problems(rules, {board.id: board for board in definitions.boards},
+                                               unknown_board_ok=True)
+    problems += segment_problems(rules, labelled("segments", definitions.segments),
+                                 labelled("boards", definitions.boards), unknown_ok=True)
     if problems:
         raise DefinitionsError(problems)
     return definitions

@@ -22,6 +22,12 @@ def digest(*parts: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
+def event_digest(event_id: str) -> str:
+    """The short digest of an event id a lead's state keeps to recognise the event when it comes again
+    (12 hex digits: a lead's few hundred remembered events never collide in practice)."""
+    return hashlib.blake2b(event_id.encode("utf-8", "surrogatepass"), digest_size=6).hexdigest()
+
+
 class JsonRecord:
     __slots__ = ()
 

@@ -13,23 +13,27 @@ See docs/rules.md for the user-facing description.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Field, field_validator, model_validator
 
 from schemas.boards import DEFINITION_ID
-from schemas.events import EVENT_TYPES, EnrichedEvent
+from schemas.conditions import (
+    EVENT_FILTER_KEYS,
+    SEGMENT_ID,
+    ConditionBase,
+    Definition,
+    EventFilters,
+    FieldKind,
+    check_duration,
+    duration_ms,
+    given,
+    problem,
+)
+from schemas.events import EnrichedEvent
 from schemas.records import JsonRecord
 
-# The channels enrichment assigns (processors.enrich.CHANNELS; a test keeps the two equal).
-Channel = Literal["direct", "organic", "social", "email", "referral", "paid"]
-CHANNELS: tuple[str, ...] = get_args(Channel)
-
-EventFilter = Literal[EVENT_TYPES + ("any",)]  # an event type, or any
-Op = Literal["is", "is_not", "contains", "exists", "unknown", "gt", "lt", "between"]
 Once = Literal["per_lead", "per_event"]
 TriggerKind = Literal["event", "state", "time"]
 TagTarget = Literal["lead", "account"]
@@ -40,17 +44,14 @@ ENV_NAME = r"^[A-Z_][A-Z0-9_]{0,127}$"
 HTTP_URL = r"^https?://[^\s/$.?#][^\s]*$"
 PATTERN_MEANINGS = {
     DEFINITION_ID: "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    SEGMENT_ID: "must be 1-64 lowercase letters, digits or '-'",
     TAG_PATTERN: "must be 1-128 characters, no control characters",
     PROPERTY_NAME: "must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or '_'",
     ENV_NAME: "must be an environment variable name (A-Z, 0-9, _)",
     HTTP_URL: "must be an http:// or https:// URL",
 }
-_DURATION = re.compile(r"^([1-9][0-9]{0,5})([dhm])$")
-_UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000}
-MAX_CONDITION_DEPTH = 4
 
-# Field kinds decide which ops make sense: numbers compare, text and lists contain, everything is/exists.
-FieldKind = Literal["text", "number", "bool", "list", "any"]
+# The fields a rule reads: of the event (its trigger's), of the lead and of the lead's account.
 _PY_KINDS: dict[str, FieldKind] = {"str": "text", "int": "number", "bool": "bool"}
 EVENT_FIELDS: dict[str, FieldKind] = {
     f.name: _PY_KINDS[str(f.type)] for f in dataclasses.fields(EnrichedEvent) if f.name != "properties"
@@ -61,26 +62,6 @@ LEAD_FIELDS: dict[str, FieldKind] = {
 }
 ACCOUNT_FIELDS: dict[str, FieldKind] = {"domain": "text"}
 _SCOPES = {"event": EVENT_FIELDS, "lead": LEAD_FIELDS, "account": ACCOUNT_FIELDS}
-_OPS_BY_KIND: dict[str, frozenset[str]] = {
-    "text": frozenset(("is", "is_not", "contains", "exists", "unknown")),
-    "number": frozenset(("is", "is_not", "exists", "unknown", "gt", "lt", "between")),
-    "bool": frozenset(("is", "is_not", "exists", "unknown")),
-    "list": frozenset(("is", "is_not", "contains", "exists", "unknown")),
-    "any": frozenset(get_args(Op)),
-}
-
-
-def _problem(message: str, **context: Any) -> PydanticCustomError:
-    """A validation error whose text is exactly `message` (no 'Value error, ' prefix)."""
-    return PydanticCustomError("definition", message, context or None)
-
-
-def duration_ms(text: str) -> int:
-    """'14d' / '12h' / '30m' in milliseconds (the text is validated by the models)."""
-    match = _DURATION.fullmatch(text)
-    if match is None:
-        raise ValueError(f"not a duration: {text!r}")
-    return int(match.group(1)) * _UNIT_MS[match.group(2)]
 
 
 def field_kind(path: str) -> FieldKind:
@@ -99,55 +80,31 @@ def field_kind(path: str) -> FieldKind:
     return kind
 
 
-def _check_duration(value: str | None) -> str | None:
-    if value is not None and _DURATION.fullmatch(value) is None:
-        raise _problem("must be a duration like 30m, 12h or 14d")
-    return value
-
-
-def _given(model: BaseModel) -> set[str]:
-    """Keys with a value: null is the same as leaving a key out, so a full export applies again."""
-    return {name for name in model.model_fields_set if getattr(model, name) is not None}
-
-
-class _Definition(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
-
-
-_EVENT_FILTERS = ("url", "channel", "utm_source", "utm_medium", "utm_campaign", "name", "campaign")
 _STATE_KEYS = ("score_at_least", "tag")
 
 
-class Trigger(_Definition):
+class Trigger(EventFilters):
     """Exactly one kind of trigger: an event (type + optional filters), a state (score threshold and/or
     tag present; fires when it becomes true), or a time (no activity for a period; hourly pass)."""
 
-    event: EventFilter | None = None
-    url: str | None = Field(default=None, min_length=1, max_length=1024)
-    channel: Channel | None = None
-    utm_source: str | None = Field(default=None, min_length=1, max_length=256)
-    utm_medium: str | None = Field(default=None, min_length=1, max_length=256)
-    utm_campaign: str | None = Field(default=None, min_length=1, max_length=256)
-    name: str | None = Field(default=None, min_length=1, max_length=256)
-    campaign: str | None = Field(default=None, min_length=1, max_length=256)
     score_at_least: int | None = Field(default=None, ge=0, le=100)
     tag: str | None = Field(default=None, pattern=TAG_PATTERN)
     inactive_for: str | None = None
 
-    _duration = field_validator("inactive_for")(_check_duration)
+    _duration = field_validator("inactive_for")(check_duration)
 
     @model_validator(mode="after")
     def _one_kind(self) -> Trigger:
-        given = _given(self)
-        kinds = [kind for kind, keys in (("event", ("event",) + _EVENT_FILTERS), ("state", _STATE_KEYS),
-                                         ("time", ("inactive_for",))) if given & set(keys)]
+        keys = given(self)
+        kinds = [kind for kind, names in (("event", ("event",) + EVENT_FILTER_KEYS), ("state", _STATE_KEYS),
+                                          ("time", ("inactive_for",))) if keys & set(names)]
         if not kinds:
-            raise _problem("empty trigger: give event: TYPE, score_at_least/tag, or inactive_for")
+            raise problem("empty trigger: give event: TYPE, score_at_least/tag, or inactive_for")
         if len(kinds) > 1:
-            raise _problem("mixes {kinds} triggers; a rule has one kind of trigger "
-                           "(put further requirements under 'if')", kinds=" and ".join(kinds))
+            raise problem("mixes {kinds} triggers; a rule has one kind of trigger "
+                          "(put further requirements under 'if')", kinds=" and ".join(kinds))
         if kinds == ["event"] and self.event is None:
-            raise _problem("event filters need the event type: add event: TYPE (or event: any)")
+            raise problem("event filters need the event type: add event: TYPE (or event: any)")
         return self
 
     @property
@@ -157,74 +114,20 @@ class Trigger(_Definition):
         return "time" if self.inactive_for is not None else "state"
 
 
-_SCALARS = (str, int, float, bool)
+class Condition(ConditionBase):
+    """A rule's condition: `{field, op, value}` over the event, the lead or its account; `{in_segment: id}`
+    (the lead is a member of that lead segment); or a group: `{any: [...]}` (one must hold) / `{all: [...]}`
+    (all must hold)."""
 
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class Condition(_Definition):
-    """`{field, op, value}`, or a group: `{any: [...]}` (one must hold) / `{all: [...]}` (all must hold)."""
-
-    field: str | None = None
-    op: Op | None = None
-    value: Any = None
     any: list[Condition] | None = Field(default=None, min_length=1, max_length=50)
     all: list[Condition] | None = Field(default=None, min_length=1, max_length=50)
 
-    @model_validator(mode="after")
-    def _well_formed(self) -> Condition:
-        groups = [name for name in ("any", "all") if getattr(self, name) is not None]
-        if groups:
-            if len(groups) > 1 or _given(self) & {"field", "op", "value"}:
-                raise _problem("a group has exactly one key: any or all")
-            if self.depth() > MAX_CONDITION_DEPTH:
-                raise _problem("groups nest at most {n} deep", n=MAX_CONDITION_DEPTH)
-            return self
-        if self.field is None or self.op is None:
-            raise _problem("a condition needs field and op (or is a group: any / all)")
-        try:
-            kind = field_kind(self.field)
-        except ValueError as error:
-            raise _problem("{error}", error=str(error)) from None
-        if self.op not in _OPS_BY_KIND[kind]:
-            raise _problem("op {op} does not apply to {field} ({kind}); use one of: {ops}", op=self.op,
-                           field=self.field, kind=kind, ops=", ".join(sorted(_OPS_BY_KIND[kind])))
-        self._check_value()
-        return self
-
-    def _check_value(self) -> None:
-        op, value, given = self.op, self.value, self.value is not None
-        if op in ("exists", "unknown"):
-            if given:
-                raise _problem("op {op} takes no value", op=op)
-        elif op in ("gt", "lt"):
-            if not _is_number(value):
-                raise _problem("op {op} needs a number value", op=op)
-        elif op == "between":
-            if not (isinstance(value, list) and len(value) == 2 and all(map(_is_number, value))
-                    and value[0] <= value[1]):
-                raise _problem("op between needs value: [low, high] (numbers, low <= high)")
-        elif op == "contains":
-            if not isinstance(value, _SCALARS) or value == "":
-                raise _problem("op contains needs a non-empty text or number value")
-        elif not (isinstance(value, _SCALARS) or (
-                isinstance(value, list) and value and all(isinstance(v, _SCALARS) for v in value))):
-            raise _problem("op {op} needs a value: text, number, true/false, or a list of them (any of)", op=op)
-
-    def depth(self) -> int:
-        children = self.any or self.all or []
-        return 1 + max((child.depth() for child in children), default=0)
-
-    def fields(self) -> list[str]:
-        """Every field path this condition reads."""
-        if self.field is not None:
-            return [self.field]
-        return [path for child in (self.any or self.all or []) for path in child.fields()]
+    @classmethod
+    def field_kind(cls, path: str) -> FieldKind:
+        return field_kind(path)
 
 
-class TagAction(_Definition):
+class TagAction(Definition):
     tag: str = Field(pattern=TAG_PATTERN)
     on: TagTarget = "lead"
 
@@ -234,7 +137,7 @@ def _tag_shorthand(value: Any) -> Any:
     return {"tag": value} if isinstance(value, str) else value
 
 
-class SetProperty(_Definition):
+class SetProperty(Definition):
     """A fixed `value`, or `from` a field (skipped when that field has no value)."""
 
     name: str = Field(pattern=PROPERTY_NAME)
@@ -244,16 +147,16 @@ class SetProperty(_Definition):
     @model_validator(mode="after")
     def _one_source(self) -> SetProperty:
         if (self.value is None) == (self.from_ is None):
-            raise _problem("give exactly one of value or from")
+            raise problem("give exactly one of value or from")
         if self.from_ is not None:
             try:
                 field_kind(self.from_)
             except ValueError as error:
-                raise _problem("from: {error}", error=str(error)) from None
+                raise problem("from: {error}", error=str(error)) from None
         return self
 
 
-class MoveCard(_Definition):
+class MoveCard(Definition):
     board: str = Field(pattern=DEFINITION_ID)
     stage: str = Field(pattern=DEFINITION_ID)
 
@@ -267,7 +170,7 @@ def signing_secret_allowed(env_name: str) -> bool:
     return not env_name.upper().startswith(RESERVED_ENV_PREFIX)
 
 
-class Webhook(_Definition):
+class Webhook(Definition):
     url: str = Field(pattern=HTTP_URL, max_length=2048)
     secret_env: str = Field(pattern=ENV_NAME)
 
@@ -282,7 +185,7 @@ class Webhook(_Definition):
 ACTION_KEYS = ("add_tag", "remove_tag", "add_score", "set_property", "move_card", "webhook")
 
 
-class Action(_Definition):
+class Action(Definition):
     """One key per action. `decays_after` goes beside `add_score`: those points are taken back by the
     hourly pass once the period has passed (behaviour that ages out)."""
 
@@ -295,17 +198,17 @@ class Action(_Definition):
     webhook: Webhook | None = None
 
     _tags = field_validator("add_tag", "remove_tag", mode="before")(_tag_shorthand)
-    _duration = field_validator("decays_after")(_check_duration)
+    _duration = field_validator("decays_after")(check_duration)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Action:
         given = [key for key in ACTION_KEYS if getattr(self, key) is not None]
         if len(given) != 1:
-            raise _problem("an action has exactly one of: {keys}", keys=", ".join(ACTION_KEYS))
+            raise problem("an action has exactly one of: {keys}", keys=", ".join(ACTION_KEYS))
         if self.decays_after is not None and self.add_score is None:
-            raise _problem("decays_after goes only with add_score")
+            raise problem("decays_after goes only with add_score")
         if self.add_score == 0:
-            raise _problem("add_score: 0 does nothing")
+            raise problem("add_score: 0 does nothing")
         return self
 
     @property
@@ -313,7 +216,7 @@ class Action(_Definition):
         return next(key for key in ACTION_KEYS if getattr(self, key) is not None)
 
 
-class Rule(_Definition):
+class Rule(Definition):
     id: str = Field(pattern=DEFINITION_ID)
     description: str | None = Field(default=None, max_length=1000)
     when: Trigger
@@ -331,12 +234,12 @@ class Rule(_Definition):
         for i, condition in enumerate(self.if_):
             for path in condition.fields():
                 if path.startswith("event."):
-                    raise _problem("if[{i}]: {path} needs an event trigger (this rule has a {kind} trigger)",
+                    raise problem("if[{i}]: {path} needs an event trigger (this rule has a {kind} trigger)",
                                    i=i, path=path, kind=self.when.kind)
         for i, action in enumerate(self.then):
             source = action.set_property.from_ if action.set_property else None
             if source and source.startswith("event."):
-                raise _problem("then[{i}].set_property.from: {path} needs an event trigger", i=i, path=source)
+                raise problem("then[{i}].set_property.from: {path} needs an event trigger", i=i, path=source)
         return self
 
     def content(self) -> dict[str, Any]:

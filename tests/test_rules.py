@@ -34,7 +34,8 @@ from processors.rules import (
     tag_by_hand,
 )
 from schemas.events import EnrichedEvent
-from schemas.rules import CHANNELS, Rule
+from schemas.conditions import CHANNELS
+from schemas.rules import Rule
 
 SITE = "site-1"
 DAY_MS = 24 * HOUR_MS

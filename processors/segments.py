@@ -1,0 +1,658 @@
+"""Segment membership: the pure core. Plain Python over explicit per-lead (and per-account) state; no I/O.
+
+A site's segments are compiled once (`SegmentSet`). Each lead keeps a `SegmentState` inside its LeadState:
+- `counters`: per event count (type + filters; counts with the same ones share a counter) the newest
+  matching events as [event time, event-id digest], newest first, at most `keep` of them: one more than
+  the largest value the count is compared with (a count of `gt 1` keeps 2). That is all a comparison
+  needs, now and later, since events only ever leave a window: it is exact (millisecond event times, no
+  buckets) and bounded (<= 101 entries per counter; a site has <= 50 counters). The digests make a
+  re-delivered event count once: a copy of a kept event is recognised, and a copy of one no longer kept
+  is older than every kept one, so it is not kept either. `distinct: session` counters keep sessions
+  instead ([the session's newest event time, session digest]).
+- `first_touch` / `last_touch`: channel and utm source/campaign of the lead's earliest event and of its
+  latest event that did not come from its own site (not internal navigation).
+- `clock_ms`: the lead's segment clock: the newest event time of its records, or what the hourly pass
+  moved it to. Every evaluation happens at the clock; changes carry that time.
+- `members`: segment id -> [seq, time of its last change]; a member while seq is odd.
+- `filters`: the lead filters of account segments the lead meets (its account's segments read these).
+
+Time: an event counts at its event time (capped at its arrival, like the processors' stream clock), and
+is in a window of W while `time < event time + W`. Before an event is counted the clock moves to its time,
+and every moment in between at which a count crosses its threshold (a counted event leaving the window)
+is evaluated on its own, in order, with the facts from before the event: the changes are the same
+whether the hourly pass or the lead's next event moves the clock past that moment. The hourly pass moves
+the clock to its time minus `grace_ms` (an hour, the sessionizer's grace), so a lead's events that arrive
+up to an hour behind the partition's stream clock still count at their own time; `next_due_ms` is when
+the pass next has something to do. An event later than that counts from the lead's clock on (history
+already emitted is never rewritten).
+
+Every entry point takes the lead's state, returns a new `SegmentState` (never changing its input) and the
+changes to emit; the same records give the same changes, byte for byte, however they were batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
+
+from processors.conditions import Test, all_of, compare, exact_matcher, field_test, url_matcher
+from schemas.conditions import ConditionBase
+from schemas.events import EVENT_TYPES, EnrichedEvent
+from schemas.records import JsonRecord, digest, event_digest
+from schemas.segments import (
+    FIELDS,
+    PROPERTY_PREFIX,
+    AccountLeadFacts,
+    CountOf,
+    MemberKind,
+    Segment,
+    SegmentBackfill,
+    SegmentChange,
+    SegmentCondition,
+    change_id,
+)
+
+if TYPE_CHECKING:
+    from processors.rules import LeadState
+
+HOUR_MS = 3_600_000
+GRACE_MS = HOUR_MS
+WINDOW = "window"
+
+
+@dataclass(slots=True, frozen=True)
+class Touch(JsonRecord):
+    """The channel and utm source/campaign of one event (ts_ms 0: none yet)."""
+
+    ts_ms: int = 0
+    digest: str = ""
+    channel: str = ""
+    utm_source: str = ""
+    utm_campaign: str = ""
+
+
+NO_TOUCH = Touch()
+
+
+@dataclass(slots=True)
+class SegmentState(JsonRecord):
+    """A lead's segment state (see the module docstring). `version`: the site definitions version of the
+    segments it was last evaluated with."""
+
+    version: int = 0
+    clock_ms: int = 0
+    counters: dict[str, list[list[Any]]] = field(default_factory=dict)
+    first_touch: Touch = NO_TOUCH
+    last_touch: Touch = NO_TOUCH
+    members: dict[str, list[int]] = field(default_factory=dict)
+    filters: list[str] = field(default_factory=list)
+
+    def is_member(self, segment_id: str) -> bool:
+        entry = self.members.get(segment_id)
+        return entry is not None and entry[0] % 2 == 1
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Self:
+        touches = {name: Touch.from_dict(raw[name]) for name in ("first_touch", "last_touch") if raw.get(name)}
+        return super(SegmentState, cls).from_dict({**raw, **touches})  # explicit: slots classes are rebuilt
+
+    def copy(self) -> SegmentState:
+        """Independent containers; their items are replaced whole, never changed in place."""
+        return SegmentState(self.version, self.clock_ms, dict(self.counters), self.first_touch, self.last_touch,
+                            dict(self.members), self.filters)
+
+
+@dataclass(slots=True)
+class SegmentOutcome:
+    """The lead's new segment state (None: the site has no segments), the changes to emit, and whether
+    the lead filters it meets changed (its account must hear: `account_facts`)."""
+
+    state: SegmentState | None
+    changes: list[SegmentChange] = field(default_factory=list)
+    filters_changed: bool = False
+
+
+# ---- compiling ----
+
+class _Facts:
+    """What a lead segment's conditions read: the lead, its segment state, its account, the time of the
+    evaluation and the results of the segments evaluated before (in_segment)."""
+
+    __slots__ = ("lead", "segments", "account", "now", "results")
+
+    def __init__(self, lead: LeadState, segments: SegmentState, now: int) -> None:
+        self.lead = lead
+        self.segments = segments
+        self.account = _Account(lead.account_domain)
+        self.now = now
+        self.results: dict[str, bool] = {}
+
+
+class _Account(NamedTuple):
+    domain: str
+
+
+class _AccountFacts:
+    """What an account segment's conditions read: the account, how many of its leads meet each lead
+    filter (`counts`) and in all (`leads`), and the results of the account segments evaluated before."""
+
+    __slots__ = ("account", "counts", "leads", "results")
+
+    def __init__(self, state: AccountState) -> None:
+        self.account = _Account(state.domain)
+        self.counts = state.counts
+        self.leads = len(state.leads)
+        self.results: dict[str, bool] = {}
+
+
+def _reader(path: str) -> Callable[[Any], Any]:
+    """A registry field (schemas.segments.FIELDS) as a function of the facts."""
+    if path.startswith(PROPERTY_PREFIX):
+        name = path[len(PROPERTY_PREFIX):]
+        return lambda facts: facts.lead.properties.get(name)
+    spec = FIELDS[path]
+    read = attrgetter(spec.source)
+    if spec.kind == "list":
+        return lambda facts: list(read(facts))
+    if spec.kind == "time":
+        return lambda facts: read(facts) or None
+    return read
+
+
+@dataclass(frozen=True, slots=True)
+class _Counter:
+    key: str
+    event: str  # a type, or "any"
+    matches_url: Callable[[str], bool]
+    matches_fields: Callable[[EnrichedEvent], bool] | None
+    sessions: bool
+    keep: int  # entries kept: one more than the largest value a count of it is compared with
+    window_ms: int  # the longest window it is counted over
+
+
+class _Critical(NamedTuple):
+    """A count condition's truth can change only when its counter's entry `index` leaves `window_ms`."""
+
+    counter: str
+    window_ms: int
+    index: int
+
+
+def _thresholds(op: str, value: Any) -> tuple[int, ...]:
+    """The entry indexes whose leaving the window flips `count op value` (count >= i+1 turns false when
+    entry i leaves): gt v flips at count v+1 -> v; lt v at v -> v-1; is/is_not v at both; between [a, b] at
+    b+1 -> b and a -> a-1."""
+    if op == "gt":
+        found = (value,)
+    elif op == "lt":
+        found = (value - 1,)
+    elif op == "between":
+        found = (value[1], value[0] - 1)
+    else:
+        found = (value, value - 1)
+    return tuple(sorted({index for index in found if index >= 0}))
+
+
+def _count_in_window(entries: list[list[Any]], since: int) -> int:
+    """How many entries (newest first) are later than `since`."""
+    found = 0
+    for entry in entries:
+        if entry[0] <= since:
+            break
+        found += 1
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    segment_id: str
+    version: int
+    of: MemberKind
+    public: bool  # False: a lead filter of an account segment (its lead's account hears of it)
+    test: Test
+
+
+class _Compiler:
+    """Compiles one site's segments: conditions to tests, event counts to shared counters."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, _Counter] = {}
+        self.critical: set[_Critical] = set()
+        self.filters: list[_Compiled] = []
+        self.filters_of: dict[str, int] = {}  # account segment id -> its lead filters so far
+        self.fields: set[str] = set()  # the field sources lead conditions read
+
+    def lead_leaf(self, condition: ConditionBase) -> Test:
+        assert isinstance(condition, SegmentCondition)
+        if condition.in_segment is not None:
+            segment = condition.in_segment
+            return lambda facts: facts.results.get(segment, False)
+        if condition.count is not None:
+            return self._count_test(condition.count, condition.window_ms(), condition.op or "", condition.value)
+        self.fields.add(FIELDS[condition.field].source if condition.field in FIELDS else "lead.properties")
+        return field_test(_reader(condition.field or ""), condition.op or "", condition.value)
+
+    def _count_test(self, count: CountOf, window_ms: int, op: str, value: Any) -> Test:
+        indexes = _thresholds(op, value)
+        keep = max(indexes, default=0) + 1
+        key = count.key()
+        known = self.counters.get(key)
+        self.counters[key] = _Counter(
+            key, count.event or "any", url_matcher(count.url), exact_matcher(count), count.distinct == "session",
+            max(keep, known.keep if known else 0), max(window_ms, known.window_ms if known else 0))
+        self.critical.update(_Critical(key, window_ms, index) for index in indexes)
+        holds = compare(op, value)
+
+        def test(facts: _Facts) -> bool:
+            entries = facts.segments.counters.get(key, ())
+            return holds(_count_in_window(entries, facts.now - window_ms))  # type: ignore[arg-type]
+        return test
+
+    def account_leaf(self, segment: Segment) -> Callable[[ConditionBase], Test]:
+        def leaf(condition: ConditionBase) -> Test:
+            assert isinstance(condition, SegmentCondition)
+            if condition.in_segment is not None:
+                target = condition.in_segment
+                return lambda facts: facts.results.get(target, False)
+            if condition.any_lead is not None:
+                counted = self._lead_filter(segment, condition.any_lead)
+                return lambda facts: facts.counts.get(counted, 0) > 0
+            if condition.every_lead is not None:
+                counted = self._lead_filter(segment, condition.every_lead)
+                return lambda facts: facts.leads > 0 and facts.counts.get(counted, 0) == facts.leads
+            if condition.count is not None:
+                counted = self._lead_filter(segment, condition.count.leads or [])
+                holds = compare(condition.op or "", condition.value)
+                return lambda facts: holds(facts.counts.get(counted, 0))
+            return field_test(_reader(condition.field or ""), condition.op or "", condition.value)
+        return leaf
+
+    def _lead_filter(self, segment: Segment, conditions: list[SegmentCondition]) -> str:
+        """A lead filter of an account segment, evaluated for each lead with the lead segments. Its id
+        carries the segment's version: after an edit, accounts count the new filter from zero as their
+        leads are evaluated again, never the old one under a new meaning."""
+        number = self.filters_of[segment.id] = self.filters_of.get(segment.id, -1) + 1
+        filter_id = f"{segment.id}@{segment.version}#{number}"
+        self.filters.append(_Compiled(filter_id, segment.version, "lead", False, all_of(conditions, self.lead_leaf)))
+        return filter_id
+
+
+def _dependency_order(segments: list[Segment]) -> list[Segment]:
+    """Segments after the segments they name in in_segment (validated acyclic), ties by id."""
+    by_id = {segment.id: segment for segment in segments}
+    ordered: list[Segment] = []
+    placed: set[str] = set()
+
+    def place(segment: Segment) -> None:
+        if segment.id in placed:
+            return
+        placed.add(segment.id)
+        for _, target, _ in sorted(segment.references()):
+            if target in by_id:
+                place(by_id[target])
+        ordered.append(segment)
+
+    for segment in sorted(segments, key=attrgetter("id")):
+        place(segment)
+    return ordered
+
+
+URL_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSet:
+    """A site's segments compiled once. `lead` holds the lead segments (dependencies first) and then the
+    lead filters of account segments; `account` the account segments (dependencies first)."""
+
+    version: int
+    lead: tuple[_Compiled, ...]
+    account: tuple[_Compiled, ...]
+    counters: dict[str, _Counter]
+    by_event_type: dict[str, tuple[_Counter, ...]]
+    critical: tuple[_Critical, ...]
+    grace_ms: int
+    reads_touches: bool  # some condition reads a first/last touch
+    reads_seen: bool  # some condition reads lead.first_seen / lead.last_seen
+    by_page: dict[tuple[str, str], tuple[_Counter, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def compile(cls, segments: Iterable[Segment], version: int = 0, grace_ms: int = GRACE_MS) -> SegmentSet:
+        compiler = _Compiler()
+        ordered = _dependency_order(list(segments))
+        lead = [_Compiled(s.id, s.version, "lead", True, all_of(s.if_, compiler.lead_leaf))
+                for s in ordered if s.of == "lead"]
+        account = [_Compiled(s.id, s.version, "account", True, all_of(s.if_, compiler.account_leaf(s)))
+                   for s in ordered if s.of == "account"]
+        counters = compiler.counters
+        by_type = {t: tuple(c for c in counters.values() if c.event in (t, "any")) for t in EVENT_TYPES}
+        sources = compiler.fields
+        return cls(version, tuple(lead + compiler.filters), tuple(account), counters, by_type,
+                   tuple(sorted(compiler.critical)), grace_ms,
+                   any(source.startswith("segments.") for source in sources),
+                   bool(sources & {"lead.first_ts_ms", "lead.last_activity_ms"}))
+
+    @property
+    def empty(self) -> bool:
+        return not self.lead and not self.account
+
+    def event_counters(self, event: EnrichedEvent) -> tuple[_Counter, ...]:
+        """The counters an event counts in (type, URL glob, exact filters)."""
+        page = (event.type, event.url)
+        found = self.by_page.get(page)
+        if found is None:
+            if len(self.by_page) >= URL_CACHE_SIZE:  # bounded: unique URLs (query strings) must not grow it
+                self.by_page.clear()
+            found = self.by_page[page] = tuple(c for c in self.by_event_type.get(event.type, ())
+                                               if c.matches_url(event.url))
+        return tuple(c for c in found if c.matches_fields is None or c.matches_fields(event))
+
+
+EMPTY = SegmentSet.compile([])
+
+
+# ---- one lead ----
+
+def event_time(event: EnrichedEvent) -> int:
+    """Event time, capped at its arrival: a client clock set in the future must not hold a lead in a
+    window (the stream clocks cap it the same way)."""
+    return min(event.ts_ms, event.received_ms) if event.received_ms > 0 else event.ts_ms
+
+
+def _insert(entries: list[list[Any]], entry: list[Any], keep: int, sessions: bool) -> list[list[Any]] | None:
+    """entries with `entry` counted (newest first, at most `keep`), or None when nothing changes: the
+    same event again, an event older than the `keep` newest, or (sessions) a session already kept with a
+    newer event."""
+    ts, ident = entry
+    kept = entries
+    for index, (found_ts, found_ident) in enumerate(entries):
+        if found_ident == ident:
+            if not sessions or found_ts >= ts:
+                return None
+            kept = entries[:index] + entries[index + 1:]
+            break
+    position = next((i for i, (t, d) in enumerate(kept) if (t, d) < (ts, ident)), len(kept))
+    if position >= keep:
+        return None
+    return (kept[:position] + [[ts, ident]] + kept[position:])[:keep]
+
+
+def _count(state: SegmentState, counters: Iterable[_Counter], entry_of: Callable[[_Counter], list]) -> bool:
+    """Counts one event (or backfilled entry) in `counters`; True if any changed. An entry already out of
+    every window the counter is used with cannot count any more."""
+    changed = False
+    for counter in counters:
+        entry = entry_of(counter)
+        if not entry[1] or entry[0] + counter.window_ms <= state.clock_ms:
+            continue
+        kept = _insert(state.counters.get(counter.key, []), entry, counter.keep, counter.sessions)
+        if kept is not None:
+            state.counters[counter.key] = kept
+            changed = True
+    return changed
+
+
+def _touch(state: SegmentState, first: Touch, last: Touch) -> bool:
+    """Keeps the earlier first touch and the later last touch; True if either changed."""
+    changed = False
+    if first.ts_ms and (not state.first_touch.ts_ms
+                        or (first.ts_ms, first.digest) < (state.first_touch.ts_ms, state.first_touch.digest)):
+        state.first_touch, changed = first, True
+    if (last.ts_ms, last.digest) > (state.last_touch.ts_ms, state.last_touch.digest):
+        state.last_touch, changed = last, True
+    return changed
+
+
+def _event_touches(event: EnrichedEvent, ts: int, ident: str) -> tuple[Touch, Touch]:
+    """(first, last) touch candidates of an event: internal navigation is no last touch."""
+    touch = Touch(ts, ident, event.channel, event.utm_source, event.utm_campaign)
+    internal = bool(event.referrer_domain) and event.referrer_domain == event.url_domain
+    return touch, NO_TOUCH if internal else touch
+
+
+def _due_points(segset: SegmentSet, state: SegmentState, after: int, until: int | None) -> list[int]:
+    """The moments in (after, until] at which a count may cross its threshold, in order."""
+    points = set()
+    for critical in segset.critical:
+        entries = state.counters.get(critical.counter)
+        if entries is not None and len(entries) > critical.index:
+            point = entries[critical.index][0] + critical.window_ms
+            if point > after and (until is None or point <= until):
+                points.add(point)
+    return sorted(points)
+
+
+def _advance(segset: SegmentSet, lead: LeadState, state: SegmentState, until: int) -> list[SegmentChange]:
+    """Moves the clock to `until`, evaluating each moment a count crosses its threshold on the way."""
+    if until <= state.clock_ms:
+        return []
+    changes: list[SegmentChange] = []
+    for point in _due_points(segset, state, state.clock_ms, until):
+        state.clock_ms = point
+        changes += _evaluate(segset, lead, state, WINDOW)[0]
+    state.clock_ms = until
+    for key, entries in list(state.counters.items()):
+        counter = segset.counters.get(key)
+        kept = [] if counter is None else [e for e in entries if e[0] + counter.window_ms > until]
+        if not kept:
+            del state.counters[key]
+        elif len(kept) != len(entries):
+            state.counters[key] = kept
+    return changes
+
+
+def _evaluate(segset: SegmentSet, lead: LeadState, state: SegmentState, cause: str
+              ) -> tuple[list[SegmentChange], bool]:
+    """Evaluates every lead segment at the clock and records the entries and exits (and the deletion of
+    segments the lead was a member of). Returns the changes and whether the lead filters changed."""
+    facts = _Facts(lead, state, state.clock_ms)
+    results = facts.results
+    for compiled in segset.lead:
+        results[compiled.segment_id] = compiled.test(facts)
+    changes = []
+    for compiled in segset.lead:
+        if compiled.public and results[compiled.segment_id] != state.is_member(compiled.segment_id):
+            changes.append(_change(state, lead, compiled.segment_id, compiled.version, cause))
+    for segment_id in [s for s in state.members if s not in results]:  # deleted segments
+        if state.is_member(segment_id):
+            changes.append(_change(state, lead, segment_id, segset.version, f"definitions:{segset.version}"))
+        del state.members[segment_id]
+    filters = [c.segment_id for c in segset.lead if not c.public and results[c.segment_id]]
+    filters_changed = filters != state.filters
+    state.filters = filters
+    state.version = segset.version
+    return changes, filters_changed
+
+
+def _change(state: SegmentState, lead: LeadState, segment_id: str, version: int, cause: str) -> SegmentChange:
+    seq = state.members.get(segment_id, [0])[0] + 1
+    state.members[segment_id] = [seq, state.clock_ms]
+    return SegmentChange(lead.site_id, segment_id, lead.lead_id, seq % 2 == 1, state.clock_ms, cause, version,
+                         "lead", seq, change_id(lead.site_id, segment_id, lead.lead_id, seq, state.clock_ms),
+                         lead.account_domain)
+
+
+def _facts_key(segset: SegmentSet, lead: LeadState) -> tuple[Any, ...]:
+    """What of a lead, besides its segment state, its segments may read (the times only if they do: they
+    move with every event)."""
+    seen = (lead.first_ts_ms, lead.last_activity_ms) if segset.reads_seen else ()
+    return (lead.email, lead.account_domain, lead.score, tuple(lead.tags), lead.properties, *seen)
+
+
+def _outcome(segset: SegmentSet, lead: LeadState, state: SegmentState, changes: list[SegmentChange],
+             cause: str, must_evaluate: bool) -> SegmentOutcome:
+    filters_changed = False
+    if must_evaluate or state.version != segset.version:
+        more, filters_changed = _evaluate(segset, lead, state, cause)
+        changes += more
+    return SegmentOutcome(state, changes, filters_changed)
+
+
+def _start(segset: SegmentSet, lead: LeadState) -> SegmentState | None:
+    """A copy of the lead's segment state to work on; a new one (never evaluated) on its first record;
+    None for a merged-away lead and, on a site without segments, a lead that was never in one."""
+    if lead.merged_into or (segset.empty and lead.segments is None):
+        return None
+    return lead.segments.copy() if lead.segments is not None else SegmentState(version=-1)
+
+
+def on_event(segset: SegmentSet, before: LeadState, after: LeadState, event: EnrichedEvent) -> SegmentOutcome:
+    """One (non-bot) event of the lead. `before` / `after`: the lead around the rule engine's apply_event
+    (the moments before the event are evaluated with the facts from before it)."""
+    state = _start(segset, before)
+    if state is None:
+        return SegmentOutcome(None)
+    ts, ident = event_time(event), event_digest(event.event_id)
+    changes = _advance(segset, before, state, ts)
+    session = digest(event.session_id)[:12] if event.session_id else ""
+    counted = _count(state, segset.event_counters(event),
+                     lambda counter: [ts, session if counter.sessions else ident])
+    touched = _touch(state, *_event_touches(event, ts, ident)) and segset.reads_touches
+    moved = _facts_key(segset, before) != _facts_key(segset, after)
+    return _outcome(segset, after, state, changes, f"event:{event.event_id}", counted or touched or moved)
+
+
+def on_change(segset: SegmentSet, lead: LeadState, cause: str) -> SegmentOutcome:
+    """The lead's facts changed without an event of its own (its identity, a tag by hand, the rules'
+    hourly pass) or the segments did: evaluate at the lead's clock."""
+    state = _start(segset, lead)
+    if state is None:
+        return SegmentOutcome(None)
+    return _outcome(segset, lead, state, [], cause, True)
+
+
+def on_hour(segset: SegmentSet, lead: LeadState, now_ms: int) -> SegmentOutcome:
+    """The hourly pass: counts whose windows ran out by `now_ms - grace` are evaluated at the moment they
+    ran out, though no new event came."""
+    state = _start(segset, lead)
+    if state is None:
+        return SegmentOutcome(None)
+    changes = _advance(segset, lead, state, now_ms - segset.grace_ms)
+    return _outcome(segset, lead, state, changes, f"hour:{now_ms}", False)
+
+
+def next_due_ms(segset: SegmentSet, lead: LeadState) -> int | None:
+    """When the hourly pass next has something to do for this lead (an hour boundary), or None."""
+    state = lead.segments
+    if state is None or lead.merged_into:
+        return None
+    points = _due_points(segset, state, state.clock_ms, None)
+    if not points:
+        return None
+    due = points[0] + segset.grace_ms
+    return -(-due // HOUR_MS) * HOUR_MS
+
+
+def on_backfill(segset: SegmentSet, lead: LeadState, backfill: SegmentBackfill) -> SegmentOutcome:
+    """History for counts a segment edit added (read from ClickHouse), then a re-evaluation."""
+    state = _start(segset, lead)
+    if state is None:
+        return SegmentOutcome(None)
+    _count_entries(segset, state, backfill.counters)
+    return _outcome(segset, lead, state, [], f"definitions:{backfill.version}", True)
+
+
+def on_merge(segset: SegmentSet, before: LeadState, after: LeadState, absorbed: LeadState, cause: str
+             ) -> SegmentOutcome:
+    """An anonymous lead merged into this one (`before` / `after`: the survivor around the rule engine's
+    merge). Its counted events and touches come over once (an event both counted counts once), the clock
+    moves to the later of the two, and the survivor is evaluated: it enters what it now qualifies for. The
+    absorbed lead's own memberships end with `on_retire`. Applying the same merge again changes nothing."""
+    if absorbed.lead_id in before.merged_from or absorbed.lead_id == before.lead_id:
+        return SegmentOutcome(before.segments)
+    state = _start(segset, before)
+    if state is None:
+        return SegmentOutcome(None)
+    theirs = absorbed.segments or SegmentState()
+    changes = _advance(segset, before, state, theirs.clock_ms)
+    _count_entries(segset, state, theirs.counters)
+    _touch(state, theirs.first_touch, theirs.last_touch)
+    return _outcome(segset, after, state, changes, cause, True)
+
+
+def _count_entries(segset: SegmentSet, state: SegmentState, counters: dict[str, list[list[Any]]]) -> None:
+    """Counts another state's (or a backfill's) entries in the lead's counters of the same keys."""
+    for key, entries in counters.items():
+        counter = segset.counters.get(key)
+        if counter is not None:
+            for entry in entries:
+                _count(state, (counter,), lambda _: list(entry))
+
+
+def on_retire(segset: SegmentSet, absorbed: LeadState, survivor_id: str, ts_ms: int) -> list[SegmentChange]:
+    """The lead merged away into `survivor_id`: it leaves every segment it was in (at the lead's clock;
+    the survivor enters with `on_merge`)."""
+    state = absorbed.segments.copy() if absorbed.segments is not None else None
+    if state is None:
+        return []
+    state.clock_ms = max(state.clock_ms, ts_ms)
+    return [_change(state, absorbed, segment_id, segset.version, f"merged:{survivor_id}")
+            for segment_id in sorted(state.members) if state.is_member(segment_id)]
+
+
+def account_facts(before: LeadState, after: LeadState, outcome: SegmentOutcome, cause: str, ts_ms: int
+                  ) -> list[AccountLeadFacts]:
+    """What the lead's accounts must hear after a record: its lead filters, when they changed or it joined
+    an account, and `left` for an account it no longer belongs to (or when it merged away)."""
+    filters = outcome.state.filters if outcome.state is not None else []
+    updates = []
+    old, new = before.account_domain, "" if after.merged_into else after.account_domain
+    if old and old != new:
+        updates.append(_account_update(after, old, [], True, cause, ts_ms))
+    if new and (old != new or outcome.filters_changed):
+        updates.append(_account_update(after, new, filters, False, cause, ts_ms))
+    return updates
+
+
+def _account_update(lead: LeadState, domain: str, filters: list[str], left: bool, cause: str, ts_ms: int
+                    ) -> AccountLeadFacts:
+    return AccountLeadFacts("alf_" + digest(lead.site_id, domain, lead.lead_id, cause), lead.site_id, domain,
+                            lead.lead_id, list(filters), left, ts_ms, cause)
+
+
+# ---- one account ----
+
+@dataclass(slots=True)
+class AccountState(JsonRecord):
+    """What an account's segments need, kept by the processor that owns accounts: per lead of the account
+    the lead filters it meets (so a repeated or reordered update of one lead is absolute, not a delta),
+    per filter how many leads meet it, and the account's memberships ([seq, time], member while odd)."""
+
+    site_id: str
+    domain: str
+    leads: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    members: dict[str, list[int]] = field(default_factory=dict)
+
+    def is_member(self, segment_id: str) -> bool:
+        entry = self.members.get(segment_id)
+        return entry is not None and entry[0] % 2 == 1
+
+
+def on_lead_facts(segset: SegmentSet, account: AccountState, update: AccountLeadFacts
+                  ) -> tuple[AccountState, list[SegmentChange]]:
+    """One lead's filters (or its leaving) applied to its account, then the account's segments evaluated."""
+    new = AccountState(account.site_id, account.domain, dict(account.leads), dict(account.counts),
+                       dict(account.members))
+    for filter_id in new.leads.pop(update.lead_id, []):
+        new.counts[filter_id] -= 1
+        if not new.counts[filter_id]:
+            del new.counts[filter_id]
+    if not update.left:
+        new.leads[update.lead_id] = sorted(update.filters)
+        for filter_id in update.filters:
+            new.counts[filter_id] = new.counts.get(filter_id, 0) + 1
+    facts = _AccountFacts(new)
+    changes = []
+    for compiled in segset.account:
+        holds = facts.results[compiled.segment_id] = compiled.test(facts)
+        if holds != new.is_member(compiled.segment_id):
+            seq = new.members.get(compiled.segment_id, [0])[0] + 1
+            new.members[compiled.segment_id] = [seq, update.ts_ms]
+            changes.append(SegmentChange(
+                new.site_id, compiled.segment_id, new.domain, holds, update.ts_ms, f"lead:{update.lead_id}",
+                compiled.version, "account", seq,
+                change_id(new.site_id, compiled.segment_id, new.domain, seq, update.ts_ms), new.domain))
+    return new, changes
