@@ -75,8 +75,8 @@ def add_account(settings: Settings, site_id: str, domain: str, company_name: str
 
 
 def apply_definitions(settings: Settings, path: str, site_id: str, expect: str) -> int:
-    """`leadstream rules|boards apply FILE --site S`: validate the whole file, then store it in one write.
-    A file for `rules apply` may also hold boards (and the other way round): both lists are applied."""
+    """`leadstream rules|segments|boards apply FILE --site S`: validate the whole file, then store it in one
+    write. Whichever command applies it, every list of the file (rules, segments, boards) is applied."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
@@ -104,16 +104,18 @@ def apply_definitions(settings: Settings, path: str, site_id: str, expect: str) 
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    print(f"site {site_id}: {len(definitions.rules)} rules, {len(definitions.boards)} boards in {path};"
-          f" {len(result.changed)} new or changed (definitions version {result.site_version})")
+    print(f"site {site_id}: {len(definitions.rules)} rules, {len(definitions.segments)} segments, "
+          f"{len(definitions.boards)} boards in {path}; {len(result.changed)} new or changed "
+          f"(definitions version {result.site_version})")
     for entry in result.changed:
         print(f"  {entry} -> version {result.versions[entry]}")
     print("running workers pick the change up within about a second")
     return 0
 
 
-def list_definitions(settings: Settings, site_id: str) -> int:
-    """`leadstream rules list --site S`: every rule and board with its version."""
+def list_definitions(settings: Settings, site_id: str, kind: str) -> int:
+    """`leadstream rules|boards list --site S`: every rule, segment and board with its version;
+    `leadstream segments list --site S`: the segments, what they are of, and the boards importing them."""
 
     async def load():
         redis = aioredis.from_url(settings.redis_url)
@@ -124,14 +126,27 @@ def list_definitions(settings: Settings, site_id: str) -> int:
 
     site = asyncio.run(load())
     print(f"site {site_id}, definitions version {site.version}")
+    if kind == "segments":
+        for segment in site.segments:
+            importers = [stored.board.id for stored in site.boards
+                         if stored.board.import_ and stored.board.import_.segment == segment.id]
+            print(f"  segment {segment.id:<28} v{segment.version:<4} of {segment.of:<7} "
+                  f"{len(segment.conditions()):>3} conditions  {segment.name}"
+                  + (f"  (imported by {', '.join(importers)})" if importers else ""))
+        if not site.segments:
+            print("  (no segments yet: leadstream segments apply FILE --site SITE)")
+        return 0
     for rule in site.rules:
-        print(f"  rule  {rule.id:<28} v{rule.version:<4} when {rule.when.kind}: "
+        print(f"  rule    {rule.id:<28} v{rule.version:<4} when {rule.when.kind}: "
               f"{', '.join(action.key for action in rule.then)}")
+    for segment in site.segments:
+        print(f"  segment {segment.id:<28} v{segment.version:<4} of {segment.of}: {segment.name}")
     for stored in site.boards:
         stages = " -> ".join(stage.name for stage in stored.board.stages)
-        print(f"  board {stored.board.id:<28} v{stored.version:<4} {stored.board.card} cards: {stages}")
-    if not site.rules and not site.boards:
-        print("  (no rules or boards yet: leadstream rules apply FILE --site SITE)")
+        source = f", import {stored.board.import_.segment}" if stored.board.import_ else ""
+        print(f"  board   {stored.board.id:<28} v{stored.version:<4} {stored.board.card} cards{source}: {stages}")
+    if not site.rules and not site.boards and not site.segments:
+        print("  (no rules, segments or boards yet: leadstream rules apply FILE --site SITE)")
     return 0
 
 

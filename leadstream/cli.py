@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     account.add_argument("domain")
     account.add_argument("--site", required=True)
     account.add_argument("--name", default="", help="company name")
-    for kind, extra in (("rules", []), ("boards", ["rebuild"])):
-        definitions = sub.add_parser(kind, help=f"{kind}: apply a YAML/JSON file, list them"
-                                     + (", rebuild the board state from Kafka" if extra else ""))
+    for kind, extra in (("rules", []), ("segments", []), ("boards", ["rebuild"])):
+        definitions = sub.add_parser(kind, help=f"{kind}: apply a YAML/JSON file (rules, segments and boards), "
+                                     "list them" + (", rebuild the board state from Kafka" if extra else ""))
         definitions.add_argument("action", choices=["apply", "list", *extra])
         definitions.add_argument("path", nargs="?", help="the YAML or JSON file (apply)")
         definitions.add_argument("--site", help="the site (apply, list)")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         from leadstream.admin import add_account
 
         return add_account(settings, args.site, args.domain, args.name)
-    if args.command in ("rules", "boards"):
+    if args.command in ("rules", "segments", "boards"):
         from leadstream.admin import apply_definitions, list_definitions, rebuild_boards
 
         if args.action == "rebuild":
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.site:
             parser.error(f"{args.command} {args.action} needs --site")
         if args.action == "list":
-            return list_definitions(settings, args.site)
+            return list_definitions(settings, args.site, args.command)
         if not args.path:
             parser.error(f"{args.command} apply needs a FILE")
         return apply_definitions(settings, args.path, args.site, args.command)

@@ -185,7 +185,8 @@ def segment_problems(rules: Labelled, segments: Labelled, boards: Labelled, *, u
             if not unknown_ok:
                 problems.append(f"{label}: {where}: no segment {target!r}")
         elif kind != wanted:
-            problems.append(f"{label}: {where}: {target!r} is an {kind} segment; {what} names {wanted} segments")
+            article = "an" if kind == "account" else "a"
+            problems.append(f"{label}: {where}: {target!r} is {article} {kind} segment; {what} names {wanted} segments")
 
     for label, rule in rules:
         for index, condition in enumerate(rule.if_):
@@ -217,9 +218,11 @@ def segment_problems(rules: Labelled, segments: Labelled, boards: Labelled, *, u
 
 
 def _cycle_problems(segments: list[tuple[str, Segment]]) -> list[str]:
-    """One line per cycle of in_segment references, naming it (`a -> b -> a`), on its first segment."""
+    """One line per cycle of in_segment references, naming it (`a -> b -> a`), on its first segment.
+    (A reference to a segment of the wrong kind is a problem of its own, not an edge.)"""
     labels = {segment.id: label for label, segment in segments}
-    edges = {segment.id: sorted({target for _, target, _ in segment.references() if target in labels})
+    kinds = {segment.id: segment.of for _, segment in segments}
+    edges = {segment.id: sorted({target for _, target, wanted in segment.references() if kinds.get(target) == wanted})
              for _, segment in segments}
     problems, done = [], set()
     for start in sorted(edges):
