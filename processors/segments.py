@@ -164,6 +164,7 @@ def _reader(path: str) -> Callable[[Any], Any]:
 @dataclass(frozen=True, slots=True)
 class _Counter:
     key: str
+    count: CountOf  # what it counts (the history query reads its filters)
     event: str  # a type, or "any"
     matches_url: Callable[[str], bool]
     matches_fields: Callable[[EnrichedEvent], bool] | None
@@ -240,7 +241,7 @@ class _Compiler:
         key = count.key()
         known = self.counters.get(key)
         self.counters[key] = _Counter(
-            key, count.event or "any", url_matcher(count.url), exact_matcher(count), count.distinct == "session",
+            key, count, count.event or "any", url_matcher(count.url), exact_matcher(count), count.distinct == "session",
             max(keep, known.keep if known else 0), max(window_ms, known.window_ms if known else 0))
         self.critical.update(_Critical(key, window_ms, index) for index in indexes)
         holds = compare(op, value)
@@ -338,6 +339,13 @@ class SegmentSet:
     def empty(self) -> bool:
         return not self.lead and not self.account
 
+    def counters_needing_history(self, before: SegmentSet) -> list[_Counter]:
+        """The counters this set has that `before` did not keep enough of (new, or kept for a shorter
+        window or fewer events): a lead's state cannot know events it was not counting."""
+        return [counter for key, counter in sorted(self.counters.items())
+                if key not in before.counters or before.counters[key].keep < counter.keep
+                or before.counters[key].window_ms < counter.window_ms]
+
     def event_counters(self, event: EnrichedEvent) -> tuple[_Counter, ...]:
         """The counters an event counts in (type, URL glob, exact filters)."""
         page = (event.type, event.url)
@@ -359,6 +367,11 @@ def event_time(event: EnrichedEvent) -> int:
     """Event time, capped at its arrival: a client clock set in the future must not hold a lead in a
     window (the stream clocks cap it the same way)."""
     return min(event.ts_ms, event.received_ms) if event.received_ms > 0 else event.ts_ms
+
+
+def session_digest(session_id: str) -> str:
+    """What a `distinct: session` counter keeps of a session id."""
+    return event_digest(session_id)
 
 
 def _insert(entries: list[list[Any]], entry: list[Any], keep: int, sessions: bool) -> list[list[Any]] | None:
@@ -506,7 +519,7 @@ def on_event(segset: SegmentSet, before: LeadState, after: LeadState, event: Enr
         return SegmentOutcome(None)
     ts, ident = event_time(event), event_digest(event.event_id)
     changes = _advance(segset, before, state, ts)
-    session = digest(event.session_id)[:12] if event.session_id else ""
+    session = session_digest(event.session_id) if event.session_id else ""
     counted = _count(state, segset.event_counters(event),
                      lambda counter: [ts, session if counter.sessions else ident])
     touched = _touch(state, *_event_touches(event, ts, ident)) and segset.reads_touches
