@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, NamedTuple, Self
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from processors.conditions import Test, all_of, compare, exact_matcher, field_test, url_matcher
 from schemas.conditions import ConditionBase
@@ -62,30 +62,23 @@ GRACE_MS = HOUR_MS
 WINDOW = "window"
 
 
-@dataclass(slots=True, frozen=True)
-class Touch(JsonRecord):
-    """The channel and utm source/campaign of one event (ts_ms 0: none yet)."""
-
-    ts_ms: int = 0
-    digest: str = ""
-    channel: str = ""
-    utm_source: str = ""
-    utm_campaign: str = ""
-
-
-NO_TOUCH = Touch()
+# A touch: [event time, event digest, channel, utm_source, utm_campaign]; [] while there is none.
+Touch = list
+NO_TOUCH: Touch = []
 
 
 @dataclass(slots=True)
 class SegmentState(JsonRecord):
     """A lead's segment state (see the module docstring). `version`: the site definitions version of the
-    segments it was last evaluated with."""
+    segments it was last evaluated with. `due_ms`: the next moment a count may cross its threshold (0:
+    none), kept so that an event that passes no such moment costs no search."""
 
     version: int = 0
     clock_ms: int = 0
+    due_ms: int = 0
     counters: dict[str, list[list[Any]]] = field(default_factory=dict)
-    first_touch: Touch = NO_TOUCH
-    last_touch: Touch = NO_TOUCH
+    first_touch: Touch = field(default_factory=list)
+    last_touch: Touch = field(default_factory=list)
     members: dict[str, list[int]] = field(default_factory=dict)
     filters: list[str] = field(default_factory=list)
 
@@ -93,15 +86,35 @@ class SegmentState(JsonRecord):
         entry = self.members.get(segment_id)
         return entry is not None and entry[0] % 2 == 1
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Self:
-        touches = {name: Touch.from_dict(raw[name]) for name in ("first_touch", "last_touch") if raw.get(name)}
-        return super(SegmentState, cls).from_dict({**raw, **touches})  # explicit: slots classes are rebuilt
-
     def copy(self) -> SegmentState:
         """Independent containers; their items are replaced whole, never changed in place."""
-        return SegmentState(self.version, self.clock_ms, dict(self.counters), self.first_touch, self.last_touch,
-                            dict(self.members), self.filters)
+        return SegmentState(self.version, self.clock_ms, self.due_ms, dict(self.counters), self.first_touch,
+                            self.last_touch, dict(self.members), self.filters)
+
+    # the touch fields as the field registry (schemas.segments.FIELDS) names them
+    @property
+    def first_channel(self) -> str:
+        return self.first_touch[2] if self.first_touch else ""
+
+    @property
+    def last_channel(self) -> str:
+        return self.last_touch[2] if self.last_touch else ""
+
+    @property
+    def first_utm_source(self) -> str:
+        return self.first_touch[3] if self.first_touch else ""
+
+    @property
+    def last_utm_source(self) -> str:
+        return self.last_touch[3] if self.last_touch else ""
+
+    @property
+    def first_utm_campaign(self) -> str:
+        return self.first_touch[4] if self.first_touch else ""
+
+    @property
+    def last_utm_campaign(self) -> str:
+        return self.last_touch[4] if self.last_touch else ""
 
 
 @dataclass(slots=True)
@@ -206,6 +219,17 @@ def _count_in_window(entries: list[list[Any]], since: int) -> int:
     return found
 
 
+@dataclass(slots=True)
+class _Reads:
+    """What a lead segment's conditions read, so that an event that changed none of it skips the segment."""
+
+    counters: set[str] = field(default_factory=set)
+    segments: set[str] = field(default_factory=set)  # in_segment
+    facts: bool = False  # lead and account fields
+    touches: bool = False  # first/last touch fields
+    seen: bool = False  # lead.first_seen / lead.last_seen
+
+
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     segment_id: str
@@ -213,6 +237,21 @@ class _Compiled:
     of: MemberKind
     public: bool  # False: a lead filter of an account segment (its lead's account hears of it)
     test: Test
+    reads: _Reads = field(default_factory=_Reads)
+
+    def affected(self, dirty: _Dirty, changed: set[str]) -> bool:
+        reads = self.reads
+        return bool((dirty.facts and reads.facts) or (dirty.touches and reads.touches)
+                    or (reads.counters and not reads.counters.isdisjoint(dirty.counters))
+                    or (reads.segments and not reads.segments.isdisjoint(changed)))
+
+
+class _Dirty(NamedTuple):
+    """What a record changed: these counters, the lead's fields, its touches."""
+
+    counters: set[str]
+    facts: bool
+    touches: bool
 
 
 class _Compiler:
@@ -223,16 +262,26 @@ class _Compiler:
         self.critical: set[_Critical] = set()
         self.filters: list[_Compiled] = []
         self.filters_of: dict[str, int] = {}  # account segment id -> its lead filters so far
-        self.fields: set[str] = set()  # the field sources lead conditions read
+        self.reads = _Reads()
+
+    def lead(self, segment_id: str, version: int, public: bool, conditions: list[SegmentCondition]) -> _Compiled:
+        reads = self.reads = _Reads()
+        return _Compiled(segment_id, version, "lead", public, all_of(conditions, self.lead_leaf), reads)
 
     def lead_leaf(self, condition: ConditionBase) -> Test:
         assert isinstance(condition, SegmentCondition)
         if condition.in_segment is not None:
             segment = condition.in_segment
+            self.reads.segments.add(segment)
             return lambda facts: facts.results.get(segment, False)
         if condition.count is not None:
             return self._count_test(condition.count, condition.window_ms(), condition.op or "", condition.value)
-        self.fields.add(FIELDS[condition.field].source if condition.field in FIELDS else "lead.properties")
+        source = FIELDS[condition.field].source if condition.field in FIELDS else "lead.properties"
+        if source.startswith("segments."):
+            self.reads.touches = True
+        else:
+            self.reads.facts = True
+            self.reads.seen = self.reads.seen or source in ("lead.first_ts_ms", "lead.last_activity_ms")
         return field_test(_reader(condition.field or ""), condition.op or "", condition.value)
 
     def _count_test(self, count: CountOf, window_ms: int, op: str, value: Any) -> Test:
@@ -244,6 +293,7 @@ class _Compiler:
             key, count, count.event or "any", url_matcher(count.url), exact_matcher(count), count.distinct == "session",
             max(keep, known.keep if known else 0), max(window_ms, known.window_ms if known else 0))
         self.critical.update(_Critical(key, window_ms, index) for index in indexes)
+        self.reads.counters.add(key)
         holds = compare(op, value)
 
         def test(facts: _Facts) -> bool:
@@ -276,7 +326,7 @@ class _Compiler:
         leads are evaluated again, never the old one under a new meaning."""
         number = self.filters_of[segment.id] = self.filters_of.get(segment.id, -1) + 1
         filter_id = f"{segment.id}@{segment.version}#{number}"
-        self.filters.append(_Compiled(filter_id, segment.version, "lead", False, all_of(conditions, self.lead_leaf)))
+        self.filters.append(self.lead(filter_id, segment.version, False, conditions))
         return filter_id
 
 
@@ -323,17 +373,14 @@ class SegmentSet:
     def compile(cls, segments: Iterable[Segment], version: int = 0, grace_ms: int = GRACE_MS) -> SegmentSet:
         compiler = _Compiler()
         ordered = _dependency_order(list(segments))
-        lead = [_Compiled(s.id, s.version, "lead", True, all_of(s.if_, compiler.lead_leaf))
-                for s in ordered if s.of == "lead"]
+        lead = [compiler.lead(s.id, s.version, True, s.if_) for s in ordered if s.of == "lead"]
         account = [_Compiled(s.id, s.version, "account", True, all_of(s.if_, compiler.account_leaf(s)))
                    for s in ordered if s.of == "account"]
         counters = compiler.counters
         by_type = {t: tuple(c for c in counters.values() if c.event in (t, "any")) for t in EVENT_TYPES}
-        sources = compiler.fields
-        return cls(version, tuple(lead + compiler.filters), tuple(account), counters, by_type,
-                   tuple(sorted(compiler.critical)), grace_ms,
-                   any(source.startswith("segments.") for source in sources),
-                   bool(sources & {"lead.first_ts_ms", "lead.last_activity_ms"}))
+        compiled = lead + compiler.filters
+        return cls(version, tuple(compiled), tuple(account), counters, by_type, tuple(sorted(compiler.critical)),
+                   grace_ms, any(c.reads.touches for c in compiled), any(c.reads.seen for c in compiled))
 
     @property
     def empty(self) -> bool:
@@ -392,10 +439,10 @@ def _insert(entries: list[list[Any]], entry: list[Any], keep: int, sessions: boo
     return (kept[:position] + [[ts, ident]] + kept[position:])[:keep]
 
 
-def _count(state: SegmentState, counters: Iterable[_Counter], entry_of: Callable[[_Counter], list]) -> bool:
-    """Counts one event (or backfilled entry) in `counters`; True if any changed. An entry already out of
-    every window the counter is used with cannot count any more."""
-    changed = False
+def _count(state: SegmentState, counters: Iterable[_Counter], entry_of: Callable[[_Counter], list]) -> set[str]:
+    """Counts one event (or backfilled entry) in `counters`; returns the keys of those that changed. An
+    entry already out of every window the counter is used with cannot count any more."""
+    changed = set()
     for counter in counters:
         entry = entry_of(counter)
         if not entry[1] or entry[0] + counter.window_ms <= state.clock_ms:
@@ -403,24 +450,23 @@ def _count(state: SegmentState, counters: Iterable[_Counter], entry_of: Callable
         kept = _insert(state.counters.get(counter.key, []), entry, counter.keep, counter.sessions)
         if kept is not None:
             state.counters[counter.key] = kept
-            changed = True
+            changed.add(counter.key)
     return changed
 
 
 def _touch(state: SegmentState, first: Touch, last: Touch) -> bool:
-    """Keeps the earlier first touch and the later last touch; True if either changed."""
+    """Keeps the earlier first touch and the later last touch (by time, then digest); True if either changed."""
     changed = False
-    if first.ts_ms and (not state.first_touch.ts_ms
-                        or (first.ts_ms, first.digest) < (state.first_touch.ts_ms, state.first_touch.digest)):
+    if first and (not state.first_touch or first[:2] < state.first_touch[:2]):
         state.first_touch, changed = first, True
-    if (last.ts_ms, last.digest) > (state.last_touch.ts_ms, state.last_touch.digest):
+    if last and (not state.last_touch or last[:2] > state.last_touch[:2]):
         state.last_touch, changed = last, True
     return changed
 
 
 def _event_touches(event: EnrichedEvent, ts: int, ident: str) -> tuple[Touch, Touch]:
     """(first, last) touch candidates of an event: internal navigation is no last touch."""
-    touch = Touch(ts, ident, event.channel, event.utm_source, event.utm_campaign)
+    touch = [ts, ident, event.channel, event.utm_source, event.utm_campaign]
     internal = bool(event.referrer_domain) and event.referrer_domain == event.url_domain
     return touch, NO_TOUCH if internal else touch
 
@@ -437,15 +483,31 @@ def _due_points(segset: SegmentSet, state: SegmentState, after: int, until: int 
     return sorted(points)
 
 
+def _refresh_due(segset: SegmentSet, state: SegmentState) -> None:
+    points = _due_points(segset, state, state.clock_ms, None)
+    state.due_ms = points[0] if points else 0
+
+
 def _advance(segset: SegmentSet, lead: LeadState, state: SegmentState, until: int) -> list[SegmentChange]:
     """Moves the clock to `until`, evaluating each moment a count crosses its threshold on the way."""
     if until <= state.clock_ms:
+        return []
+    if not state.due_ms or until < state.due_ms:
+        state.clock_ms = until
         return []
     changes: list[SegmentChange] = []
     for point in _due_points(segset, state, state.clock_ms, until):
         state.clock_ms = point
         changes += _evaluate(segset, lead, state, WINDOW)[0]
     state.clock_ms = until
+    _refresh_due(segset, state)
+    return changes
+
+
+def _prune(segset: SegmentSet, state: SegmentState) -> None:
+    """Drops the entries out of every window (they can never count again) and the counters no segment
+    uses any more. Only for tidiness: a counter never holds more than `keep` entries anyway."""
+    until = state.clock_ms
     for key, entries in list(state.counters.items()):
         counter = segset.counters.get(key)
         kept = [] if counter is None else [e for e in entries if e[0] + counter.window_ms > until]
@@ -453,21 +515,25 @@ def _advance(segset: SegmentSet, lead: LeadState, state: SegmentState, until: in
             del state.counters[key]
         elif len(kept) != len(entries):
             state.counters[key] = kept
-    return changes
 
 
-def _evaluate(segset: SegmentSet, lead: LeadState, state: SegmentState, cause: str
+def _evaluate(segset: SegmentSet, lead: LeadState, state: SegmentState, cause: str, dirty: _Dirty | None = None
               ) -> tuple[list[SegmentChange], bool]:
-    """Evaluates every lead segment at the clock and records the entries and exits (and the deletion of
-    segments the lead was a member of). Returns the changes and whether the lead filters changed."""
+    """Evaluates the lead segments at the clock (with `dirty`, only those reading what changed: the others
+    keep their last result) and records the entries and exits (and the deletion of segments the lead was
+    a member of). Returns the changes and whether the lead filters changed."""
     facts = _Facts(lead, state, state.clock_ms)
     results = facts.results
+    flipped: set[str] = set()
     for compiled in segset.lead:
-        results[compiled.segment_id] = compiled.test(facts)
-    changes = []
-    for compiled in segset.lead:
-        if compiled.public and results[compiled.segment_id] != state.is_member(compiled.segment_id):
-            changes.append(_change(state, lead, compiled.segment_id, compiled.version, cause))
+        segment_id = compiled.segment_id
+        was = state.is_member(segment_id) if compiled.public else segment_id in state.filters
+        now = results[segment_id] = (compiled.test(facts) if dirty is None or compiled.affected(dirty, flipped)
+                                     else was)
+        if now != was:
+            flipped.add(segment_id)
+    changes = [_change(state, lead, compiled.segment_id, compiled.version, cause)
+               for compiled in segset.lead if compiled.public and compiled.segment_id in flipped]
     for segment_id in [s for s in state.members if s not in results]:  # deleted segments
         if state.is_member(segment_id):
             changes.append(_change(state, lead, segment_id, segset.version, f"definitions:{segset.version}"))
@@ -495,12 +561,17 @@ def _facts_key(segset: SegmentSet, lead: LeadState) -> tuple[Any, ...]:
 
 
 def _outcome(segset: SegmentSet, lead: LeadState, state: SegmentState, changes: list[SegmentChange],
-             cause: str, must_evaluate: bool) -> SegmentOutcome:
+             cause: str, dirty: _Dirty | None) -> SegmentOutcome:
+    """Evaluates what `dirty` names (everything: None), or everything when the segments changed since."""
     filters_changed = False
-    if must_evaluate or state.version != segset.version:
-        more, filters_changed = _evaluate(segset, lead, state, cause)
+    current = state.version == segset.version
+    if not current or dirty is None or dirty.counters or dirty.facts or dirty.touches:
+        more, filters_changed = _evaluate(segset, lead, state, cause, dirty if current else None)
         changes += more
     return SegmentOutcome(state, changes, filters_changed)
+
+
+NOTHING = _Dirty(set(), False, False)
 
 
 def _start(segset: SegmentSet, lead: LeadState) -> SegmentState | None:
@@ -508,7 +579,12 @@ def _start(segset: SegmentSet, lead: LeadState) -> SegmentState | None:
     None for a merged-away lead and, on a site without segments, a lead that was never in one."""
     if lead.merged_into or (segset.empty and lead.segments is None):
         return None
-    return lead.segments.copy() if lead.segments is not None else SegmentState(version=-1)
+    if lead.segments is None:
+        return SegmentState(version=-1)
+    state = lead.segments.copy()
+    if state.version != segset.version:  # other counts now: other moments are due
+        _refresh_due(segset, state)
+    return state
 
 
 def on_event(segset: SegmentSet, before: LeadState, after: LeadState, event: EnrichedEvent) -> SegmentOutcome:
@@ -519,12 +595,14 @@ def on_event(segset: SegmentSet, before: LeadState, after: LeadState, event: Enr
         return SegmentOutcome(None)
     ts, ident = event_time(event), event_digest(event.event_id)
     changes = _advance(segset, before, state, ts)
-    session = session_digest(event.session_id) if event.session_id else ""
+    session = event.session_id and session_digest(event.session_id)
     counted = _count(state, segset.event_counters(event),
                      lambda counter: [ts, session if counter.sessions else ident])
+    if counted:
+        _refresh_due(segset, state)
     touched = _touch(state, *_event_touches(event, ts, ident)) and segset.reads_touches
     moved = _facts_key(segset, before) != _facts_key(segset, after)
-    return _outcome(segset, after, state, changes, f"event:{event.event_id}", counted or touched or moved)
+    return _outcome(segset, after, state, changes, f"event:{event.event_id}", _Dirty(counted, moved, touched))
 
 
 def on_change(segset: SegmentSet, lead: LeadState, cause: str) -> SegmentOutcome:
@@ -533,7 +611,7 @@ def on_change(segset: SegmentSet, lead: LeadState, cause: str) -> SegmentOutcome
     state = _start(segset, lead)
     if state is None:
         return SegmentOutcome(None)
-    return _outcome(segset, lead, state, [], cause, True)
+    return _outcome(segset, lead, state, [], cause, None)
 
 
 def on_hour(segset: SegmentSet, lead: LeadState, now_ms: int) -> SegmentOutcome:
@@ -543,19 +621,16 @@ def on_hour(segset: SegmentSet, lead: LeadState, now_ms: int) -> SegmentOutcome:
     if state is None:
         return SegmentOutcome(None)
     changes = _advance(segset, lead, state, now_ms - segset.grace_ms)
-    return _outcome(segset, lead, state, changes, f"hour:{now_ms}", False)
+    _prune(segset, state)
+    return _outcome(segset, lead, state, changes, f"hour:{now_ms}", NOTHING)
 
 
 def next_due_ms(segset: SegmentSet, lead: LeadState) -> int | None:
     """When the hourly pass next has something to do for this lead (an hour boundary), or None."""
     state = lead.segments
-    if state is None or lead.merged_into:
+    if state is None or lead.merged_into or not state.due_ms:
         return None
-    points = _due_points(segset, state, state.clock_ms, None)
-    if not points:
-        return None
-    due = points[0] + segset.grace_ms
-    return -(-due // HOUR_MS) * HOUR_MS
+    return -(-(state.due_ms + segset.grace_ms) // HOUR_MS) * HOUR_MS
 
 
 def on_backfill(segset: SegmentSet, lead: LeadState, backfill: SegmentBackfill) -> SegmentOutcome:
@@ -564,7 +639,8 @@ def on_backfill(segset: SegmentSet, lead: LeadState, backfill: SegmentBackfill) 
     if state is None:
         return SegmentOutcome(None)
     _count_entries(segset, state, backfill.counters)
-    return _outcome(segset, lead, state, [], f"definitions:{backfill.version}", True)
+    _refresh_due(segset, state)
+    return _outcome(segset, lead, state, [], f"definitions:{backfill.version}", None)
 
 
 def on_merge(segset: SegmentSet, before: LeadState, after: LeadState, absorbed: LeadState, cause: str
@@ -581,8 +657,9 @@ def on_merge(segset: SegmentSet, before: LeadState, after: LeadState, absorbed: 
     theirs = absorbed.segments or SegmentState()
     changes = _advance(segset, before, state, theirs.clock_ms)
     _count_entries(segset, state, theirs.counters)
+    _refresh_due(segset, state)
     _touch(state, theirs.first_touch, theirs.last_touch)
-    return _outcome(segset, after, state, changes, cause, True)
+    return _outcome(segset, after, state, changes, cause, None)
 
 
 def _count_entries(segset: SegmentSet, state: SegmentState, counters: dict[str, list[list[Any]]]) -> None:

@@ -68,12 +68,12 @@ FIELDS: dict[str, FieldSpec] = {
     "lead.tags": FieldSpec("list", "lead.tags"),
     "lead.first_seen": FieldSpec("time", "lead.first_ts_ms"),
     "lead.last_seen": FieldSpec("time", "lead.last_activity_ms"),
-    "lead.first_channel": FieldSpec("text", "segments.first_touch.channel"),
-    "lead.last_channel": FieldSpec("text", "segments.last_touch.channel"),
-    "lead.first_utm_source": FieldSpec("text", "segments.first_touch.utm_source"),
-    "lead.last_utm_source": FieldSpec("text", "segments.last_touch.utm_source"),
-    "lead.first_utm_campaign": FieldSpec("text", "segments.first_touch.utm_campaign"),
-    "lead.last_utm_campaign": FieldSpec("text", "segments.last_touch.utm_campaign"),
+    "lead.first_channel": FieldSpec("text", "segments.first_channel"),
+    "lead.last_channel": FieldSpec("text", "segments.last_channel"),
+    "lead.first_utm_source": FieldSpec("text", "segments.first_utm_source"),
+    "lead.last_utm_source": FieldSpec("text", "segments.last_utm_source"),
+    "lead.first_utm_campaign": FieldSpec("text", "segments.first_utm_campaign"),
+    "lead.last_utm_campaign": FieldSpec("text", "segments.last_utm_campaign"),
     "account.domain": FieldSpec("text", "account.domain"),
 }
 PROPERTY_PREFIX = "lead.properties."
