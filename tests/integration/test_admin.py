@@ -42,22 +42,22 @@ def test_accounts_added_by_hand_are_normalised_and_never_free_mail(settings):
 
 
 def test_segments_apply_and_list(settings, tmp_path, capsys):
-    from leadstream.cli import main
+    from leadstream.admin import apply_definitions, list_definitions
     from tests.test_segment_definitions import CONTRACT_EXAMPLE
 
     defs = tmp_path / "defs.yaml"
     defs.write_text(CONTRACT_EXAMPLE)
-    assert main(["segments", "apply", str(defs), "--site", "seg-site"]) == 0
+    assert apply_definitions(settings, str(defs), "seg-site", "segments") == 0
     out = capsys.readouterr().out
     assert "1 rules, 3 segments, 1 boards" in out and "segment:pricing-companies -> version 1" in out
-    assert main(["segments", "list", "--site", "seg-site"]) == 0
+    assert list_definitions(settings, "seg-site", "segments") == 0
     listed = capsys.readouterr().out
     assert "segment dutch-pricing-viewers" in listed and "(imported by pipeline)" in listed
     assert "of account" in listed and "rule " not in listed
-    assert main(["rules", "list", "--site", "seg-site"]) == 0
+    assert list_definitions(settings, "seg-site", "rules") == 0
     assert "rule    hot" in capsys.readouterr().out
     defs.write_text(CONTRACT_EXAMPLE.replace("within: 14d", "within: 400d").replace("lead.score", "lead.scor"))
-    assert main(["rules", "apply", str(defs), "--site", "seg-site"]) == 2
+    assert apply_definitions(settings, str(defs), "seg-site", "rules") == 2
     errors = capsys.readouterr().err
     assert "refused, nothing changed" in errors
     assert "segments[0] (id: dutch-pricing-viewers): if[1]: within: at most 366d" in errors
