@@ -27,7 +27,6 @@ from schemas.conditions import (
     EventFilters,
     FieldKind,
     check_duration,
-    duration_ms,
     given,
     problem,
 )

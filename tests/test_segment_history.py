@@ -11,7 +11,7 @@ import pytest
 
 from processors.conditions import url_matcher
 from processors.segment_history import backfill_records, glob_regex, history_queries
-from processors.segments import SegmentSet, on_backfill
+from processors.segments import on_backfill
 from schemas.events import EnrichedEvent
 from schemas.segments import SegmentChange
 from sinks import clickhouse
