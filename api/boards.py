@@ -70,7 +70,8 @@ from processors.boards import (
     decide,
 )
 from processors.definitions_store import DefinitionsStore, StoredBoard
-from processors.identity_store import _ip_ranges_key
+from processors.companies import CompanyStore, queue_wanted
+from processors.lookup_tables import ip_ranges_key
 from processors.runtime.producer import BatchProducer, Outputs
 from schemas.boards import (
     CARD_ID,
@@ -82,6 +83,7 @@ from schemas.boards import (
     CommandResult,
     account_card_id,
 )
+from schemas.companies import Company
 from schemas.definitions import DefinitionsError
 from schemas.rules import Rule, RuleExecution
 from schemas.settings import Settings
@@ -340,6 +342,7 @@ class BoardServices:
     redis: aioredis.Redis
     boards: BoardStore
     definitions: DefinitionsStore
+    companies: CompanyStore
     producer: BatchProducer
     _producer_started: bool = False
     _producer_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
@@ -350,7 +353,7 @@ class BoardServices:
         redis = aioredis.from_url(settings.redis_url)
         prefix = settings.name("ls")
         services = cls(settings, redis, BoardStore(redis, prefix), DefinitionsStore(redis, prefix),
-                       BatchProducer(settings.kafka()))
+                       CompanyStore(redis, prefix), BatchProducer(settings.kafka()))
         try:
             yield services
         finally:
@@ -380,8 +383,18 @@ class BoardServices:
             await asyncio.sleep(COMMAND_POLL_S)
 
     async def company_name_from_ip_ranges(self, domain: str) -> str:
-        ranges = await self.redis.get(_ip_ranges_key(self.settings.name("ls")))
+        ranges = await self.redis.get(ip_ranges_key(self.settings.name("ls")))
         return company_from_ip_ranges(ranges.decode(), domain) if ranges else ""
+
+    async def company(self, domain: str) -> Company | None:
+        """The account's company card, None when nobody loaded one; queued for the enrichment provider then,
+        when one is set."""
+        card = (await self.companies.get_many([domain])).get(domain)
+        if card is None and self.settings.company_provider_url:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                queue_wanted(pipe, self.settings.name("ls"), [domain], _now_ms())
+                await pipe.execute()
+        return card
 
 
 # ---------------------------------------------------------------------------------------- the router
@@ -499,8 +512,9 @@ def board_router(api_keys: dict[str, SiteGrant], authorise: Callable[[Request, s
             detail = (f"{body.domain!r} is a free-mail or disposable email provider, not a company"
                       if reason == "personal_email_domain" else f"{body.domain!r} is not a domain name")
             raise Problem(422, "cannot be an account", detail, reason) from refused
+        card = await services(request).company(domain)
         name = (body.name.strip() or (await read_off_loop(hand_added_account, site_id, domain))[0]
-                or await services(request).company_name_from_ip_ranges(domain))
+                or (card.name if card is not None else "") or await services(request).company_name_from_ip_ranges(domain))
         command = new_command(api_key, site_id, board_id, account_card_id(domain), "add", idempotency_key, text=name)
         return await run_command(request, response, command)
 
@@ -515,7 +529,8 @@ def board_router(api_keys: dict[str, SiteGrant], authorise: Callable[[Request, s
         notes = await services(request).boards.card_notes(site_id, board_id, card_id)
         kind, _, ident = card_id.partition(":")
         if kind == "account":
-            panel = dataclasses.asdict(await read_off_loop(account_panel, site_id, ident, page=page))
+            company = await services(request).company(ident)
+            panel = dataclasses.asdict(await read_off_loop(account_panel, site_id, ident, page=page, company=company))
             panel["account"]["company_name"] = panel["account"]["company_name"] or view.title
         else:
             profile = await read_off_loop(lead_profile, site_id, ident, page=page)

@@ -24,6 +24,8 @@ with the site.
 The Account Panel (a LeadBoard card of an account) runs the same steps over all of the account's leads:
 `MANUAL_ACCOUNT_SQL` (the name it was added under by hand), `ACCOUNT_LEADS_SQL`, `ACCOUNT_LINKS_SQL` (the
 links of every visitor that ever pointed to one of those leads), then the same sessions and events queries.
+Its company card (schemas/companies.py) comes from Redis, passed in by the caller; where the account's
+people browse from is `account_places` (`ACCOUNT_PLACES_SQL`).
 
 The profile collapses row versions with argMax(column, version) ... GROUP BY key, not FINAL: a point
 lookup reads a whole 8192-row granule per visitor, and ClickHouse 18.16 runs FINAL over every row read
@@ -39,6 +41,8 @@ from collections import defaultdict
 from dataclasses import dataclass, fields, replace
 from textwrap import fill, indent
 from typing import Any, Collection, Iterable, Literal, Protocol, Sequence
+
+from schemas.companies import Company
 
 PAGE_SIZE = 5
 FOREVER_MS = 2**64 - 1  # open end of a visitor's last ownership interval (UInt64 max, as in the SQL)
@@ -161,7 +165,9 @@ class AccountSession(ProfileSession):
 
 @dataclass(frozen=True, slots=True)
 class AccountDetails:
-    """`added_ms` is when the account was last added by hand, 0 when it comes only from leads' evidence."""
+    """`added_ms` is when the account was last added by hand, 0 when it comes only from leads' evidence.
+    `company_name` is the name it was added under, else its company card's; `company` is the card (name,
+    industry, employees, country, website, LinkedIn and logo URLs), None when nobody loaded one."""
 
     domain: str
     company_name: str
@@ -170,6 +176,18 @@ class AccountDetails:
     anonymous_leads: int
     first_seen_ms: int
     last_seen_ms: int
+    company: Company | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where some of an account's people browse from (their events' geo fields), and how many."""
+
+    country: str
+    region: str
+    city: str
+    visitors: int
+    events: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +293,20 @@ EVENTS_SQL = f"""SELECT visitor_id, ts_ms, type, url, title, name
 FROM events
 PREWHERE site_id = %(site_id)s AND visitor_id IN %(visitors)s AND ts_ms >= %(from_ms)s AND ts_ms <= %(to_ms)s
 ORDER BY ts_ms, event_id
+{_SHORT_QUERY}"""
+
+# Where an account's people browse from: the geo fields of its current leads' visitors' events, the
+# places with the most visitors first. Bots, and events whose address had no location, are left out.
+ACCOUNT_PLACES_SQL = f"""SELECT geo_country, geo_region, geo_city, uniqExact(visitor_id) AS visitors, count() AS events
+FROM events
+PREWHERE site_id = %(site_id)s AND visitor_id IN (
+    SELECT visitor_id FROM visitors_by_lead
+    WHERE site_id = %(site_id)s AND lead_id IN (
+{indent(_ACCOUNT_LEAD_IDS, ' ' * 8)}))
+WHERE geo_country != '' AND is_bot = 0
+GROUP BY geo_country, geo_region, geo_city
+ORDER BY visitors DESC, events DESC, geo_country, geo_region, geo_city
+LIMIT 5
 {_SHORT_QUERY}"""
 
 ACCOUNT_LEADS_SQL = f"""SELECT lead_id, argMax(email, version), argMax(visitor_count, version),
@@ -490,14 +522,17 @@ def session_owner(session: ProfileSession, owned_by_lead: dict[str, Intervals]) 
 
 
 def account_panel(
-    client: QueryClient, site_id: str, domain: str, page: int = 0, page_size: int = PAGE_SIZE
+    client: QueryClient, site_id: str, domain: str, page: int = 0, page_size: int = PAGE_SIZE,
+    company: Company | None = None,
 ) -> AccountPanel:
-    """The account `domain`: how it was added, its current leads (known contacts and anonymous employees)
-    and their click-stream merged, page `page` of 5 sessions, newest first. An account nobody has visited
-    from yet (added by hand) has no leads and no sessions."""
+    """The account `domain`: how it was added, its company card (`company`, read from Redis by the caller),
+    its current leads (known contacts and anonymous employees) and their click-stream merged, page `page` of
+    5 sessions, newest first. An account nobody has visited from yet (added by hand) has no leads and no
+    sessions."""
     _check_page(page, page_size)
     params = {"site_id": site_id, "domain": domain}
     company_name, added_ms = hand_added_account(client, site_id, domain)
+    company_name = company_name or (company.name if company is not None else "")
     leads = account_leads(client, site_id, domain)
     links = client.execute(ACCOUNT_LINKS_SQL, params) if leads else []
     owned_by_lead = ownership_by_lead(links, {lead.lead_id for lead in leads})
@@ -506,7 +541,7 @@ def account_panel(
     return AccountPanel(
         account=AccountDetails(domain, company_name, added_ms, known, len(leads) - known,
                                min((lead.first_seen_ms for lead in leads), default=0),
-                               max((lead.last_seen_ms for lead in leads), default=0)),
+                               max((lead.last_seen_ms for lead in leads), default=0), company),
         leads=tuple(leads),
         session_count=stream.session_count,
         page=page,
@@ -520,6 +555,12 @@ def hand_added_account(client: QueryClient, site_id: str, domain: str) -> tuple[
     """(company name, added_ms) of an account added by hand; ('', 0) if it never was."""
     company_name, added_ms = client.execute(MANUAL_ACCOUNT_SQL, {"site_id": site_id, "domain": domain})[0]
     return company_name, added_ms
+
+
+def account_places(client: QueryClient, site_id: str, domain: str) -> tuple[Place, ...]:
+    """The (at most 5) places account `domain`'s people browse from, most visitors first; () when none of
+    their addresses had a location. With the card's `country` this is the account's location."""
+    return tuple(Place(*row) for row in client.execute(ACCOUNT_PLACES_SQL, {"site_id": site_id, "domain": domain}))
 
 
 def account_size(client: QueryClient, site_id: str, domain: str) -> int:

@@ -30,16 +30,23 @@ SUMMARY = (
     SummaryQuery("landing_pages", "Top landing pages", ("landing page", "sessions"),
                  "SELECT landing_url, count() AS n FROM sessions FINAL WHERE site_id = %(site)s AND merged_into = ''"
                  " AND is_bot = 0 AND landing_url != '' GROUP BY landing_url ORDER BY n DESC LIMIT 5"),
+    SummaryQuery("visitors_by_country", "Visitors by country (humans only)", ("country", "visitors", "events"),
+                 "SELECT if(geo_country = '', '(unknown)', geo_country) AS country, uniqExact(visitor_id) AS visitors,"
+                 " count() AS n FROM events WHERE site_id = %(site)s AND is_bot = 0 GROUP BY country"
+                 " ORDER BY visitors DESC, country LIMIT 8"),
     SummaryQuery("bots", "Bots (stored, flagged)", ("agent", "events"),
                  "SELECT browser, count() AS n FROM events WHERE site_id = %(site)s AND is_bot = 1 GROUP BY browser"
                  " ORDER BY n DESC LIMIT 5"),
     SummaryQuery("leads", "Leads", ("lead", "count"),
                  "SELECT if(email = '', 'anonymous', 'known') AS kind, count() AS n FROM leads FINAL"
                  " WHERE site_id = %(site)s AND merged_into = '' GROUP BY kind ORDER BY kind"),
-    SummaryQuery("top_accounts", "Top accounts", ("account", "leads", "known"),
-                 "SELECT account_domain, count() AS leads, countIf(email != '') AS known FROM leads FINAL"
-                 " WHERE site_id = %(site)s AND merged_into = '' AND account_domain != ''"
-                 " GROUP BY account_domain ORDER BY leads DESC, account_domain LIMIT 8"),
+    SummaryQuery("top_accounts", "Top accounts, with their company cards",
+                 ("account", "leads", "known", "company", "industry", "employees", "country"),
+                 "SELECT account_domain, leads, known, name, industry, employees, country FROM ("
+                 " SELECT account_domain, count() AS leads, countIf(email != '') AS known FROM leads FINAL"
+                 " WHERE site_id = %(site)s AND merged_into = '' AND account_domain != '' GROUP BY account_domain"
+                 ") AS accounts ANY LEFT JOIN (SELECT domain AS account_domain, name, industry, employees, country"
+                 " FROM companies FINAL) AS cards USING account_domain ORDER BY leads DESC, account_domain LIMIT 8"),
     SummaryQuery("identity_events", "Identity events", ("kind", "events"),
                  "SELECT kind, count() AS n FROM identity_events FINAL WHERE site_id = %(site)s"
                  " GROUP BY kind ORDER BY n DESC"),

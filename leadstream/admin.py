@@ -1,4 +1,4 @@
-"""Operator commands: load the IP-range table, add accounts by hand."""
+"""Operator commands: load the IP-range table and company cards, add accounts by hand."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from processors.runtime.ingest import consumer as kafka_consumer
 from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache
-from processors.accounts import AccountRefused, IpRangeTable, manual_account
-from processors.identity_store import publish_ip_ranges
+from processors.accounts import AccountRefused, BadLine, IpRangeTable, manual_account
+from processors.companies import CompanyStore, publish_cards, read_company_file
+from processors.lookup_tables import publish_ip_ranges
+from processors.runtime.producer import BatchProducer
 from schemas.definitions import DefinitionsError, load_definitions
 from schemas.settings import Settings
 from schemas.topics import BOARD_COMMANDS
@@ -40,12 +42,16 @@ def load_ip_ranges(settings: Settings, path: str) -> int:
     return publish_ip_table(settings, text)
 
 
-def publish_ip_table(settings: Settings, text: str) -> int:
-    table, bad = IpRangeTable.from_lines(text.splitlines())
+def _print_bad_lines(bad: list[BadLine], what: str = "lines") -> None:
     for line in bad[:20]:
         print(f"  line {line.line_no}: {line.reason}: {line.text[:80]!r}")
     if len(bad) > 20:
-        print(f"  ... and {len(bad) - 20} more bad lines")
+        print(f"  ... and {len(bad) - 20} more bad {what}")
+
+
+def publish_ip_table(settings: Settings, text: str) -> int:
+    table, bad = IpRangeTable.from_lines(text.splitlines())
+    _print_bad_lines(bad)
 
     async def publish() -> None:
         redis = aioredis.from_url(settings.redis_url)
@@ -55,7 +61,45 @@ def publish_ip_table(settings: Settings, text: str) -> int:
             await redis.aclose()
 
     asyncio.run(publish())
-    print(f"loaded {len(table):,} ranges ({len(bad)} bad lines skipped); workers pick them up within a minute")
+    print(f"loaded {len(table):,} ranges ({len(bad)} bad lines skipped); running workers pick them up within"
+          " about a second")
+    return 0
+
+
+def load_companies(settings: Settings, path: str) -> int:
+    """`leadstream companies load FILE.csv|FILE.jsonl`: validate every row, load the good ones, list the bad
+    ones with their line and reason. Cards equal to the stored ones are left alone, so loading the same
+    file again changes nothing."""
+    jsonl = Path(path).suffix.lower() in (".jsonl", ".ndjson")
+    if not jsonl and Path(path).suffix.lower() != ".csv":
+        print(f"leadstream companies load: {path}: give a .csv or .jsonl file", file=sys.stderr)
+        return 2
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        print(f"leadstream companies load: cannot read {path}: {err.strerror}", file=sys.stderr)
+        return 2
+    cards, bad = read_company_file(text, jsonl, int(time.time() * 1000))
+    _print_bad_lines(bad, "rows")
+
+    async def publish() -> tuple[int, int]:
+        redis = aioredis.from_url(settings.redis_url)
+        producer = BatchProducer(settings.kafka())
+        try:
+            store = CompanyStore(redis, settings.name("ls"))
+            stored = await store.get_many([card.domain for card in cards])
+            changed = [card for card in cards if card.domain not in stored or not stored[card.domain].same_card(card)]
+            if changed:
+                await producer.start()
+                await publish_cards(changed, store, producer, settings.partitions)
+            return len(changed), sum(card.domain not in stored for card in changed)
+        finally:
+            await producer.stop()
+            await redis.aclose()
+
+    changed, new = asyncio.run(publish())
+    print(f"{len(cards):,} company cards in {path}: {new:,} new, {changed - new:,} changed, {len(cards) - changed:,}"
+          f" unchanged; {len(bad):,} rows refused. Running workers pick them up within about a second")
     return 0
 
 

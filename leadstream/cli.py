@@ -61,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("api", help="run the read API and dashboard (LEADSTREAM_API_KEYS=site:key,...)")
     sink = sub.add_parser("sink", help="run the ClickHouse sinks")
     sink.add_argument("--tables", default="", help="comma-separated table names (default: all)")
-    ip_ranges = sub.add_parser("ip-ranges", help="load the IP-range -> company table (CSV: cidr,domain,company_name[,kind])")
+    ip_ranges = sub.add_parser("ip-ranges", help="load the IP-range -> company table (CSV: cidr,domain,company_name"
+                                                 "[,kind[,country[,region[,city[,asn]]]]])")
     ip_ranges.add_argument("action", choices=["load"])
     ip_ranges.add_argument("path")
+    companies = sub.add_parser("companies", help="load company cards (CSV with a header, or JSON Lines): domain, name,"
+                                                 " industry, employees, country, website, linkedin_url, logo_url")
+    companies.add_argument("action", choices=["load"])
+    companies.add_argument("path", help="FILE.csv or FILE.jsonl")
     account = sub.add_parser("account", help="add an account by hand, by domain")
     account.add_argument("action", choices=["add"])
     account.add_argument("domain")
@@ -124,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         from leadstream.admin import load_ip_ranges
 
         return load_ip_ranges(settings, args.path)
+    if args.command == "companies":
+        from leadstream.admin import load_companies
+
+        return load_companies(settings, args.path)
     if args.command == "account":
         from leadstream.admin import add_account
 

@@ -9,18 +9,20 @@ import asyncio
 import base64
 import secrets
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import orjson
 import redis.asyncio as aioredis
 
 from api.site_summary import SUMMARY
-from leadstream.admin import apply_definitions, publish_ip_table
+from leadstream.admin import apply_definitions, load_companies, publish_ip_table
 from leadstream.runner import Role, produce, start_workers, wait_drained, wait_for
-from leadstream.traffic import TrafficGenerator, ip_range_table_lines
+from leadstream.traffic import TrafficGenerator, company_card_rows, ip_range_table_lines
 from processors import webhooks
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
@@ -118,6 +120,12 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
     ranges = ip_range_table_lines()
     print("Loading the demo's IP-range table (company offices, ISPs, datacenters):", flush=True)
     publish_ip_table(settings, "\n".join(ranges))
+    print("Loading the demo companies' cards (industry, size, country, web and LinkedIn addresses):", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        cards = Path(folder) / "demo-companies.jsonl"
+        cards.write_bytes(b"\n".join(orjson.dumps(row) for row in company_card_rows()))
+        if load_companies(settings, str(cards)) != 0:
+            return 2
     print("Applying the demo's rules and LeadBoard (leadstream/demo_assets/pipeline.yaml):", flush=True)
     if apply_definitions(settings, str(DEMO_DEFINITIONS), site_id, "rules") != 0:
         return 2

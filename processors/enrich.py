@@ -1,8 +1,13 @@
 """Validate + enrich: raw events.raw bytes in, an `EnrichedEvent` or a `Rejection` (DLQ reason) out.
 
-Pure and deterministic: the receive time and the limits are arguments, and every lookup (user agents,
-domains, referrers) is a cached function of its key alone, so results never depend on batch boundaries
-or on what was seen before. Never raises: one poison message must not stop a partition.
+Pure and deterministic: the receive time, the limits and the network directory (the IP-range table over
+the geo data) are arguments, and every lookup (user agents, domains, referrers, addresses) is a cached
+function of its key alone, so results never depend on batch boundaries or on what was seen before. Never
+raises: one poison message must not stop a partition.
+
+The IP's facts (country, network, kind of network) are looked up here, before anything is stored, in one
+call (`NetworkDirectory.look_up`). A hosting network's traffic is flagged as a bot's, whatever its user
+agent says: people do not browse from cloud servers, scrapers do.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pydantic import ValidationError
 from referer_parser import Referer
 
 from processors.accounts import MAX_HOST_CHARS, registrable_domain
+from processors.networks import NO_NETWORKS, NetworkDirectory
 from schemas.dead_letter import Rejection
 from schemas.events import EMAIL_MAX_CHARS, TEXT_CONTROLS, EnrichedEvent, RawEvent, strip_controls
 
@@ -210,7 +216,7 @@ def _json_text(mapping: dict[str, Any] | None) -> str:
     return orjson.dumps(mapping, option=orjson.OPT_SORT_KEYS).decode() if mapping else "{}"
 
 
-def _enrich(event: RawEvent, received_ms: int) -> EnrichedEvent | Rejection:
+def _enrich(event: RawEvent, received_ms: int, networks: NetworkDirectory) -> EnrichedEvent | Rejection:
     """Derives every enriched column from a validated event; optional inputs become "" (never None)."""
     texts = (
         event.url or "", event.referrer or "", event.title or "", event.ip or "",
@@ -233,6 +239,8 @@ def _enrich(event: RawEvent, received_ms: int) -> EnrichedEvent | Rejection:
         email = page.email
     email = email.strip().lower() if len(email) <= EMAIL_MAX_CHARS else ""
     browser, browser_version, os_family, device, is_bot = classify_user_agent(user_agent)
+    ip = ip.strip()
+    network = networks.look_up(ip)
 
     return EnrichedEvent(
         event_id=event.event_id,
@@ -258,19 +266,26 @@ def _enrich(event: RawEvent, received_ms: int) -> EnrichedEvent | Rejection:
         click_id_type=page.click_id_type,
         click_id=page.click_id,
         title=title,
-        ip=ip.strip(),
+        ip=ip,
         user_agent=user_agent,
         browser=browser,
         browser_version=browser_version,
         os=os_family,
         device=device,
-        is_bot=is_bot,
+        is_bot=is_bot or network.kind == "hosting",
         email=email,
         email_domain=email.rpartition("@")[2] if "@" in email else "",
         name=name,
         campaign=campaign,
         properties=properties,
         extra=extra,
+        geo_country=network.country,
+        geo_region=network.region,
+        geo_city=network.city,
+        network_asn=network.asn,
+        network_org=network.org,
+        network_kind=network.kind,
+        network_domain=network.domain,
     )
 
 
@@ -294,7 +309,7 @@ def _decode(value: bytes | None, limits: Limits) -> dict[str, Any] | Rejection:
 
 
 def _validate_and_enrich(
-    value: bytes | None, received_ms: int, limits: Limits, oldest_ms: int, newest_ms: int
+    value: bytes | None, received_ms: int, limits: Limits, oldest_ms: int, newest_ms: int, networks: NetworkDirectory
 ) -> EnrichedEvent | Rejection:
     document = _decode(value, limits)
     if type(document) is Rejection:
@@ -309,11 +324,12 @@ def _validate_and_enrich(
     if event.ts < oldest_ms:
         days = limits.max_age_ms / 86_400_000
         return Rejection("ts_too_old", f"field 'ts' is more than {days:g} days before the event was received")
-    return _enrich(event, received_ms)
+    return _enrich(event, received_ms, networks)
 
 
 def enrich_batch(
-    values: Sequence[bytes | None], received_ms: int, limits: Limits = DEFAULT_LIMITS
+    values: Sequence[bytes | None], received_ms: int, limits: Limits = DEFAULT_LIMITS,
+    networks: NetworkDirectory = NO_NETWORKS,
 ) -> list[EnrichedEvent | Rejection]:
     """One result per input, in order. The hot path: per-batch work (time bounds) is done once here."""
     oldest_ms = received_ms - limits.max_age_ms
@@ -321,7 +337,7 @@ def enrich_batch(
     results: list[EnrichedEvent | Rejection] = []
     for value in values:
         try:
-            results.append(_validate_and_enrich(value, received_ms, limits, oldest_ms, newest_ms))
+            results.append(_validate_and_enrich(value, received_ms, limits, oldest_ms, newest_ms, networks))
         except Exception as exc:  # a bug here must park the message in the DLQ, not crash-loop the worker
             message = f"enrichment failed: {type(exc).__name__}: {exc}"[:1000]
             results.append(Rejection("internal_error", message))
@@ -329,7 +345,7 @@ def enrich_batch(
 
 
 def validate_and_enrich(
-    value: bytes | None, received_ms: int, limits: Limits = DEFAULT_LIMITS
+    value: bytes | None, received_ms: int, limits: Limits = DEFAULT_LIMITS, networks: NetworkDirectory = NO_NETWORKS
 ) -> EnrichedEvent | Rejection:
     """Single-event form of `enrich_batch` (same code path, so one-by-one equals batched)."""
-    return enrich_batch([value], received_ms, limits)[0]
+    return enrich_batch([value], received_ms, limits, networks)[0]

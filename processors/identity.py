@@ -24,7 +24,8 @@ Rules (see DESIGN.md, "Hard parts"):
   still resolve to it, but its record, and every query built from it, stays bounded.
 - Illegal visitor ids and emails are refused with an `id_refused` event. An identify from an illegal
   visitor id still reaches the email's lead, without linking the (shared, meaningless) visitor id.
-- Bot events and events from datacenter IP ranges are excluded: no lead, no account, no identity event.
+- Bot events and events from hosting networks (a datacenter row of the IP-range table, or a cloud or
+  hosting provider's network: processors/networks.py) are excluded: no lead, no account, no identity event.
 
 State lives in an `IdentityStore`; the adapter backs `InMemoryIdentityStore` with a Redis reader
 (prefetched from `keys_needed`) and writes `changes()` back in one transaction.
@@ -94,9 +95,13 @@ class IdentityInput(Protocol):
     @property
     def email(self) -> str | None: ...
     @property
-    def ip(self) -> str | None: ...
-    @property
     def is_bot(self) -> bool: ...
+    @property
+    def network_kind(self) -> str: ...
+    @property
+    def network_org(self) -> str: ...
+    @property
+    def network_domain(self) -> str: ...
 
 
 class IdentityReader(Protocol):
@@ -246,12 +251,12 @@ def normalise_email(raw: str) -> tuple[str, str]:
     return f"{local}@{domain}", ""
 
 
-def _classify(event: IdentityInput, accounts: AccountsContext) -> tuple[str, str, str, str]:
+def _classify(event: IdentityInput) -> tuple[str, str, str, str]:
     """(exclusion, visitor problem, normalised identifying email, email problem) of one event."""
+    if event.network_kind == "hosting":
+        return "datacenter", "", "", ""
     if event.is_bot:
         return "bot", "", "", ""
-    if accounts.is_datacenter(event.ip):
-        return "datacenter", "", "", ""
     visitor_problem = visitor_id_problem(event.visitor_id or "")
     if event.email and event.type in IDENTIFYING_TYPES:
         email, email_problem = normalise_email(event.email)
@@ -265,7 +270,7 @@ class KeysNeeded:
     leads: list[Key]
 
 
-def keys_needed(events: Iterable[IdentityInput], accounts: AccountsContext) -> KeysNeeded:
+def keys_needed(events: Iterable[IdentityInput]) -> KeysNeeded:
     """The store keys `resolve` will read for these events, for one batched prefetch (e.g. one MGET).
 
     The only other reads are the leads that the fetched visitor links point to (known leads of
@@ -276,7 +281,7 @@ def keys_needed(events: Iterable[IdentityInput], accounts: AccountsContext) -> K
     visitors: dict[Key, None] = {}
     leads: dict[Key, None] = {}
     for event in events:
-        exclusion, visitor_problem, email, _ = _classify(event, accounts)
+        exclusion, visitor_problem, email, _ = _classify(event)
         if exclusion:
             continue
         site_id = event.site_id
@@ -346,7 +351,7 @@ class _Resolution:
         self.emitted: list[IdentityEvent] = []
 
     def apply(self, event: IdentityInput) -> tuple[str, str]:
-        exclusion, visitor_problem, email, email_problem = _classify(event, self.accounts)
+        exclusion, visitor_problem, email, email_problem = _classify(event)
         if exclusion:
             return "", exclusion
         if email_problem:
@@ -465,8 +470,9 @@ class _Resolution:
             self.find_account(lead, event)
 
     def find_account(self, lead: LeadRecord, event: IdentityInput) -> None:
-        """Company email domain, else the event's company IP range; once set, an account sticks."""
-        hint = account_for(lead.email.rpartition("@")[2], event.ip, self.accounts.ip_table)
+        """Company email domain, else the company the event's network names; once set, an account sticks."""
+        hint = account_for(lead.email.rpartition("@")[2], event.network_domain, event.network_kind,
+                           event.network_org, self.accounts.organisations)
         if hint.domain:
             self.set_account(event, lead, hint.domain, hint.source)
 

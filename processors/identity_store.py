@@ -18,9 +18,6 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
-import redis.asyncio as aioredis
-
-from processors.accounts import AccountsContext, IpRangeTable
 from processors.identity import IdentityChanges, IdentityInput, keys_needed
 from processors.runtime.state import Fence, StateStore, Writes, hold_lock
 from schemas.identity import LeadRecord, VisitorLink
@@ -54,10 +51,10 @@ class IdentityGraphStore:
     def _key(self, kind: str, site_id: str, ident: str) -> str:
         return f"{self.prefix}:id:{kind}:{site_id}\x1f{ident}"
 
-    async def prefetch(self, events: Sequence[IdentityInput], accounts: AccountsContext) -> PrefetchedGraph:
+    async def prefetch(self, events: Sequence[IdentityInput]) -> PrefetchedGraph:
         """Two round trips: visitors and candidate leads; then leads that visitor links point to (and a third
         in the rare batch that meets a visitor still pointing at a merged lead)."""
-        needed = keys_needed(events, accounts)
+        needed = keys_needed(events)
         visitor_keys = [self._key("v", s, v) for s, v in needed.visitors]
         lead_keys = [self._key("l", s, lead) for s, lead in needed.leads]
         loaded = await self.store.load(visitor_keys + lead_keys)
@@ -98,20 +95,6 @@ class IdentityGraphStore:
             yield fence
         finally:
             await self.store.release(fence)
-
-
-def _ip_ranges_key(prefix: str) -> str:
-    return f"{prefix}:ip-ranges"
-
-
-async def load_ip_table(redis: aioredis.Redis, prefix: str) -> IpRangeTable:
-    csv_text = await redis.get(_ip_ranges_key(prefix))
-    return IpRangeTable.from_lines(csv_text.decode().splitlines() if csv_text else [])[0]
-
-
-async def publish_ip_ranges(redis: aioredis.Redis, prefix: str, csv_text: str) -> None:
-    """Workers reload the table from here every minute."""
-    await redis.set(_ip_ranges_key(prefix), csv_text)
 
 
 def version_now() -> int:

@@ -23,8 +23,8 @@ from typing import Sequence
 
 import orjson
 
-from processors.rules import (LeadState, Outcome, apply_event, hour_start, hourly_pass, merge,
-                              next_due_ms, set_identity)
+from processors.rules import (NO_COMPANIES, CompanyCards, LeadState, Outcome, apply_event, hour_start, hourly_pass,
+                              merge, next_due_ms, set_identity)
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
 from processors.runtime.runner import Step, decode_batch
@@ -94,12 +94,13 @@ class LeadProcessor:
     name = "lead"
 
     def __init__(self, partitions: int, store: StateStore, sites: SiteDefinitionsCache, webhooks: WebhookQueue | None,
-                 prefix: str):
+                 prefix: str, companies: CompanyCards = NO_COMPANIES):
         self.partitions = partitions
         self.store = store
         self.sites = sites
         self.webhooks = webhooks
         self.prefix = prefix
+        self.companies = companies  # what `account.*` conditions read (updated in place by the worker)
 
     def lead_key(self, site_id: str, lead_id: str) -> str:
         return f"{self.prefix}:lead:{site_id}\x1f{lead_id}"
@@ -137,7 +138,7 @@ class LeadProcessor:
                     continue
                 await self.sites.prepare([state.site_id])
                 lead = batch.leads[key] = _Lead(key, partition, blob, state, f"hour:{clock}")
-                self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, clock), batch)
+                self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, clock, self.companies), batch)
                 self._tell_boards(lead, state, batch)
         if not batch.leads and not batch.step.changes:
             return None
@@ -161,13 +162,13 @@ class LeadProcessor:
                 record.lead_id = state.merged_into
                 batch.outputs.add(LEADS_ACTIVITY, state.merged_into.encode(), record.to_json())
                 return
-            self._take(lead, apply_event(setup.rules, state, record), batch)
+            self._take(lead, apply_event(setup.rules, state, record, self.companies), batch)
         elif isinstance(record, LeadHandover):
             absorbed = LeadState.from_json(record.state)
-            self._take(lead, merge(setup.rules, state, absorbed, record.ts_ms, record.event_id), batch)
+            self._take(lead, merge(setup.rules, state, absorbed, record.ts_ms, record.event_id, self.companies), batch)
         elif record.kind == LEAD_CREATED and record.email:
             self._take(lead, set_identity(setup.rules, state, record.ts_ms, email=record.email,
-                                          event_id=record.event_id), batch)
+                                          event_id=record.event_id, companies=self.companies), batch)
         elif record.kind == ACCOUNT_LINKED and record.account_domain != state.account_domain:
             self._link_account(lead, record, setup, batch)
         elif record.kind == LEAD_MERGED and not state.merged_into:
@@ -177,7 +178,7 @@ class LeadProcessor:
         """The lead's card folds into its account's card (and leaves a previous account's card)."""
         before = lead.state
         self._take(lead, set_identity(setup.rules, before, record.ts_ms, account_domain=record.account_domain,
-                                      event_id=record.event_id), batch)
+                                      event_id=record.event_id, companies=self.companies), batch)
         actor = "system"
         if before.account_domain:
             self._card(batch, account_card_id(before.account_domain), "facts", actor, record, lead_id=before.lead_id,

@@ -21,9 +21,11 @@ from typing import Sequence
 
 from processors import identity, sessionize
 from processors.accounts import AccountsContext
+from processors.companies import queue_wanted
 from processors.enrich import Limits, enrich_batch
 from processors.identity import IdentityChanges, InMemoryIdentityStore
 from processors.identity_store import IdentityGraphStore, version_now
+from processors.lookup_tables import LookupTables
 from processors.runtime.cost import METER
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
@@ -31,7 +33,7 @@ from processors.runtime.runner import Step
 from processors.runtime.state import StateStore
 from schemas.dead_letter import DeadLetter, Rejection
 from schemas.events import EnrichedEvent
-from schemas.identity import LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
+from schemas.identity import ACCOUNT_LINKED, LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.topics import (EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
                             LEADS_ACTIVITY, SESSIONS)
 
@@ -45,17 +47,19 @@ class RawProcessorConfig:
     session_policy: sessionize.SessionPolicy
     limits: Limits
     max_visitors_per_lead: int = identity.DEFAULT_MAX_VISITORS
+    resolve_companies: bool = False  # queue new account domains without a company card for the provider
 
 
 class RawEventsProcessor:
     name = "raw-events"
 
-    def __init__(self, config: RawProcessorConfig, store: StateStore, identity_graph: IdentityGraphStore, prefix: str):
+    def __init__(self, config: RawProcessorConfig, store: StateStore, identity_graph: IdentityGraphStore, prefix: str,
+                 tables: LookupTables):
         self.config = config
         self.store = store
         self.identity = identity_graph
         self.prefix = prefix
-        self.accounts = AccountsContext()
+        self.tables = tables
 
     def visitor_key(self, site_id: str, visitor_id: str) -> str:
         # \x1f cannot occur in ids: validation rejects control characters.
@@ -64,7 +68,7 @@ class RawEventsProcessor:
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
         step = Step(Outputs(self.config.partitions))
         with METER.measure("enrich", len(messages)):
-            results = enrich_batch([m.value for m in messages], received_ms, self.config.limits)
+            results = enrich_batch([m.value for m in messages], received_ms, self.config.limits, self.tables.networks)
         accepted: list[tuple[Message, EnrichedEvent]] = []
         rejected: dict[int, Rejection] = {}
         for i, (message, result) in enumerate(zip(messages, results)):
@@ -87,8 +91,22 @@ class RawEventsProcessor:
         except BaseException:
             await step.held.aclose()
             raise
-        step.also = lambda pipe: self.identity.write_commands(pipe, changes)
+        wanted = self._companies_wanted(feed)
+
+        def also(pipe) -> None:
+            self.identity.write_commands(pipe, changes)
+            if wanted:
+                queue_wanted(pipe, self.prefix, wanted, received_ms)
+        step.also = also
         return step
+
+    def _companies_wanted(self, feed: dict[str, list[IdentityEvent]]) -> set[str]:
+        """Accounts linked in this batch that have no company card yet, for the provider (if one is set)."""
+        if not self.config.resolve_companies:
+            return set()
+        companies = self.tables.companies
+        return {change.account_domain for changes in feed.values() for change in changes
+                if change.kind == ACCOUNT_LINKED and companies.get(change.account_domain) is None}
 
     async def tick(self, clocks: dict[int, int]) -> Step | None:
         """Close sessions whose idle deadline passed on the partition's stream clock."""
@@ -154,9 +172,9 @@ class RawEventsProcessor:
         """Stamp lead ids; emit identity events, lead upserts and visitor->lead rows. Returns the graph
         changes to commit and, per event id, the identity changes the lead feed must carry after it."""
         events = [e for _, e in accepted]
-        graph = await self.identity.prefetch(events, self.accounts)
+        graph = await self.identity.prefetch(events)
         view = InMemoryIdentityStore(graph)
-        result = identity.resolve(events, view, self.accounts, self.config.max_visitors_per_lead)
+        result = identity.resolve(events, view, AccountsContext(self.tables.companies), self.config.max_visitors_per_lead)
         for event, lead_id in zip(events, result.lead_ids):
             event.lead_id = lead_id
         changes = view.changes()

@@ -27,10 +27,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from operator import attrgetter
-from typing import Any, Literal, Self
+from types import MappingProxyType
+from typing import Any, Literal, Protocol, Self
 
 from processors.conditions import Test, all_of, exact_matcher, field_test, has_value, url_matcher
 from processors.segments import SegmentState
+from schemas.companies import Company
 from schemas.conditions import duration_ms
 from schemas.events import EVENT_TYPES, EnrichedEvent
 from schemas.records import JsonRecord, digest, event_digest
@@ -143,15 +145,31 @@ PER_LEAD_CAUSE = ("lead",)
 
 # ---- reading fields and testing conditions ----
 
+class CompanyCards(Protocol):
+    """The company cards by account domain (processors.companies.CompanyDirectory; a dict will do)."""
+
+    def get(self, domain: str, /) -> Company | None: ...
+
+
+NO_COMPANIES: CompanyCards = MappingProxyType({})
+
+
 class _Scope:
-    """What conditions read: the lead's state and, for event triggers, the event (properties parsed once)."""
+    """What conditions read: the lead's state, its account's company card and, for event triggers, the
+    event (properties parsed once)."""
 
-    __slots__ = ("state", "event", "_event_properties")
+    __slots__ = ("state", "event", "companies", "_event_properties")
 
-    def __init__(self, state: LeadState, event: EnrichedEvent | None) -> None:
+    def __init__(self, state: LeadState, event: EnrichedEvent | None, companies: CompanyCards) -> None:
         self.state = state
         self.event = event
+        self.companies = companies
         self._event_properties: dict[str, Any] | None = None
+
+    def company(self) -> Company | None:
+        """The card of the lead's account as it is now (an action or an identity change may set it)."""
+        domain = self.state.account_domain
+        return self.companies.get(domain) if domain else None
 
     def event_properties(self) -> dict[str, Any]:
         if self._event_properties is None:
@@ -172,6 +190,25 @@ _LEAD_GETTERS: dict[str, Getter] = {
 }
 
 
+def _card_getter(read: Callable[[Company], Any]) -> Getter:
+    """A company card's field; no value (None) when the account has no card or the card leaves it empty."""
+    def get(s: _Scope) -> Any:
+        card = s.company()
+        return (read(card) or None) if card is not None else None
+    return get
+
+
+_ACCOUNT_GETTERS: dict[str, Getter] = {
+    "domain": lambda s: s.state.account_domain,
+    "name": _card_getter(attrgetter("name")),
+    "industry": _card_getter(attrgetter("industry")),
+    "employees": _card_getter(attrgetter("employees_min")),
+    "country": _card_getter(attrgetter("country")),
+}
+_EVENT_FIELD_PREFIXES = {"geo": "geo_", "network": "network_"}
+"""`geo.country` is the event's `geo_country`, `network.org` its `network_org`, ..."""
+
+
 def _getter(path: str) -> Getter:
     """A field path (validated by schemas.rules.field_kind) as a function of the scope."""
     scope, _, rest = path.partition(".")
@@ -183,8 +220,11 @@ def _getter(path: str) -> Getter:
     if scope == "event":
         read = attrgetter(rest)
         return lambda s: read(s.event)
+    if scope in _EVENT_FIELD_PREFIXES:  # 0 (an unknown AS number) and "" are no value
+        read = attrgetter(_EVENT_FIELD_PREFIXES[scope] + rest)
+        return lambda s: read(s.event) or None
     if scope == "account":
-        return lambda s: s.state.account_domain
+        return _ACCOUNT_GETTERS[rest]
     return _LEAD_GETTERS[rest]
 
 
@@ -208,13 +248,13 @@ class _Run:
     __slots__ = ("ruleset", "state", "event", "event_id", "ts_ms", "scope", "out", "fired_now")
 
     def __init__(self, ruleset: RuleSet, state: LeadState, event: EnrichedEvent | None, event_id: str,
-                 ts_ms: int) -> None:
+                 ts_ms: int, companies: CompanyCards) -> None:
         self.ruleset = ruleset
         self.state = state
         self.event = event
         self.event_id = event_id
         self.ts_ms = ts_ms
-        self.scope = _Scope(state, event)
+        self.scope = _Scope(state, event, companies)
         self.out = Outcome(state)
         self.fired_now: set[str] = set()
 
@@ -465,8 +505,10 @@ def _passthrough(state: LeadState) -> Outcome:
     return Outcome(state)
 
 
-def apply_event(ruleset: RuleSet, state: LeadState, event: EnrichedEvent) -> Outcome:
-    """One (non-bot) event of this lead: event triggers, then state triggers it made true."""
+def apply_event(ruleset: RuleSet, state: LeadState, event: EnrichedEvent, companies: CompanyCards = NO_COMPANIES
+                ) -> Outcome:
+    """One (non-bot) event of this lead: event triggers, then state triggers it made true. `companies`
+    are the cards `account.*` conditions read (here and in every entry point below)."""
     if event.is_bot or state.merged_into:
         return _passthrough(state)
     seen = event_digest(event.event_id)
@@ -477,7 +519,7 @@ def apply_event(ruleset: RuleSet, state: LeadState, event: EnrichedEvent) -> Out
     del new.seen[:-SEEN_EVENTS]
     new.first_ts_ms = min(new.first_ts_ms, event.ts_ms) if new.first_ts_ms else event.ts_ms
     new.last_activity_ms = max(new.last_activity_ms, event.ts_ms)
-    run = _Run(ruleset, new, event, event.event_id, event.ts_ms)
+    run = _Run(ruleset, new, event, event.event_id, event.ts_ms, companies)
     cause = ("event", event.event_id)
     for rule in ruleset.event_rules(event):
         if rule.per_lead and rule.rule_id in new.fired:
@@ -492,14 +534,14 @@ def hour_start(ts_ms: int) -> int:
     return ts_ms - ts_ms % HOUR_MS
 
 
-def hourly_pass(ruleset: RuleSet, state: LeadState, now_ms: int) -> Outcome:
+def hourly_pass(ruleset: RuleSet, state: LeadState, now_ms: int, companies: CompanyCards = NO_COMPANIES) -> Outcome:
     """Takes back decayed points, fires time triggers that came due, then state triggers. Works at the
     start of now's hour: every pass within one hour gives the same result, and the first one does it all."""
     hour = hour_start(now_ms)
     if state.merged_into or hour <= state.checked_ms:
         return _passthrough(state)
     new = state.copy()
-    run = _Run(ruleset, new, None, "", hour)
+    run = _Run(ruleset, new, None, "", hour, companies)
     expired = [grant for grant in new.decaying if grant[0] <= hour]
     if expired:
         del new.decaying[:len(expired)]
@@ -536,7 +578,8 @@ def next_due_ms(ruleset: RuleSet, state: LeadState) -> int | None:
 
 
 def set_identity(ruleset: RuleSet, state: LeadState, ts_ms: int, *, email: str | None = None,
-                 account_domain: str | None = None, event_id: str = "") -> Outcome:
+                 account_domain: str | None = None, event_id: str = "", companies: CompanyCards = NO_COMPANIES
+                 ) -> Outcome:
     """The raw processor's identity step learned the lead's email or account: state triggers may become true."""
     new_email = state.email if email is None else email
     new_domain = state.account_domain if account_domain is None else account_domain
@@ -544,13 +587,13 @@ def set_identity(ruleset: RuleSet, state: LeadState, ts_ms: int, *, email: str |
         return _passthrough(state)
     new = state.copy()
     new.email, new.account_domain = new_email, new_domain
-    run = _Run(ruleset, new, None, event_id, ts_ms)
+    run = _Run(ruleset, new, None, event_id, ts_ms, companies)
     _settle(run, ("identity", new_email, new_domain, event_id))
     return run.out
 
 
-def tag_by_hand(ruleset: RuleSet, state: LeadState, tag: str, present: bool, ts_ms: int, command_id: str
-                ) -> Outcome:
+def tag_by_hand(ruleset: RuleSet, state: LeadState, tag: str, present: bool, ts_ms: int, command_id: str,
+                companies: CompanyCards = NO_COMPANIES) -> Outcome:
     """A person added or removed a tag (command_id: the request's idempotency id, kept as the cause)."""
     if state.merged_into or (tag in state.tags) == present:
         return _passthrough(state)
@@ -559,14 +602,15 @@ def tag_by_hand(ruleset: RuleSet, state: LeadState, tag: str, present: bool, ts_
         new.tags[tag] = TagSource("user", event_id=command_id, ts_ms=ts_ms)
     else:
         del new.tags[tag]
-    run = _Run(ruleset, new, None, command_id, ts_ms)
+    run = _Run(ruleset, new, None, command_id, ts_ms, companies)
     run.change("chg_" + digest(new.site_id, new.lead_id, "user", command_id), "tag_added" if present else
                "tag_removed", tag)
     _settle(run, ("user", command_id))
     return run.out
 
 
-def merge(ruleset: RuleSet, survivor: LeadState, absorbed: LeadState, ts_ms: int, event_id: str = "") -> Outcome:
+def merge(ruleset: RuleSet, survivor: LeadState, absorbed: LeadState, ts_ms: int, event_id: str = "",
+          companies: CompanyCards = NO_COMPANIES) -> Outcome:
     """An anonymous lead merged into a known one: its tags, score, properties and firings come over once.
 
     The survivor keeps its own tags and properties where both have one. Points from a per_lead rule that
@@ -576,7 +620,7 @@ def merge(ruleset: RuleSet, survivor: LeadState, absorbed: LeadState, ts_ms: int
             or absorbed.lead_id in survivor.merged_from or survivor.merged_into):
         return _passthrough(survivor)
     new = survivor.copy()
-    run = _Run(ruleset, new, None, event_id, ts_ms)
+    run = _Run(ruleset, new, None, event_id, ts_ms, companies)
     cause = ("merge", absorbed.lead_id)
 
     def change_id(*what: str) -> str:

@@ -134,11 +134,34 @@ class RawEvent(BaseModel):
     properties: Annotated[dict[str, Scalar], PlainValidator(_clean_properties)] = Field(default_factory=dict)
 
 
+NETWORK_KINDS: tuple[str, ...] = ("isp", "hosting", "business", "education")
+"""What kind of network an IP is in (processors/networks.py decides): a consumer ISP or mobile carrier, a
+cloud or hosting provider (its traffic is treated as a bot's), an organisation's own network, a university
+or research network."""
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkFacts:
+    """What one IP address says, as enrichment stamps it on the event (the `geo_*` and `network_*` fields)."""
+
+    country: str = ""
+    region: str = ""
+    city: str = ""
+    asn: int = 0
+    org: str = ""
+    kind: str = ""
+    domain: str = ""
+
+
+NO_NETWORK_FACTS = NetworkFacts()
+
+
 @dataclass(slots=True)
 class EnrichedEvent:
     """A validated, enriched event. Field order and types are the ClickHouse `events` table's columns.
 
     Optional inputs are "" rather than None so every column is non-Nullable (cheaper in ClickHouse).
+    The geo and network fields come last, with defaults, so records written before them still decode.
     `properties` and `extra` are JSON text with sorted keys, so equal inputs give byte-equal rows.
     """
 
@@ -183,6 +206,13 @@ class EnrichedEvent:
     session_id: str = ""
     is_late: bool = False
     lead_id: str = ""
+    geo_country: str = ""  # ISO 3166-1 alpha-2, "" when unknown (private, reserved or unlisted addresses)
+    geo_region: str = ""  # only where the data has it (an operator's IP-range row)
+    geo_city: str = ""
+    network_asn: int = 0  # 0: unknown
+    network_org: str = ""  # who runs the network: an ISP, a cloud, a company, a university
+    network_kind: str = ""  # NETWORK_KINDS, or "" when unknown
+    network_domain: str = ""  # the company whose own network this is (an account domain), or ""
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)

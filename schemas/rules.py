@@ -59,22 +59,41 @@ LEAD_FIELDS: dict[str, FieldKind] = {
     "lead_id": "text", "email": "text", "known": "bool", "score": "number", "tags": "list",
     "first_ts_ms": "number", "last_activity_ms": "number",
 }
-ACCOUNT_FIELDS: dict[str, FieldKind] = {"domain": "text"}
-_SCOPES = {"event": EVENT_FIELDS, "lead": LEAD_FIELDS, "account": ACCOUNT_FIELDS}
+ACCOUNT_FIELDS: dict[str, FieldKind] = {
+    "domain": "text",
+    "name": "text",  # the company card's (schemas/companies.py); '' without a card
+    "industry": "text",
+    "employees": "number",  # the lower bound of the card's range: 51 for "51-200"
+    "country": "text",
+}
+GEO_FIELDS: dict[str, FieldKind] = {  # where the event's IP is (processors/networks.py)
+    "country": "text",
+    "region": "text",
+    "city": "text",
+}
+NETWORK_FIELDS: dict[str, FieldKind] = {  # the network the event's IP is in
+    "asn": "number",
+    "org": "text",
+    "kind": "text",
+}
+_SCOPES = {"event": EVENT_FIELDS, "lead": LEAD_FIELDS, "account": ACCOUNT_FIELDS, "geo": GEO_FIELDS,
+           "network": NETWORK_FIELDS}
+EVENT_SCOPES = frozenset(("event", "geo", "network"))
+"""Scopes that read the event being processed: in rules, only an event trigger has one."""
 
 
 def field_kind(path: str) -> FieldKind:
-    """The kind of a field path (`event.url`, `lead.properties.plan`, `account.domain`, ...).
+    """The kind of a field path (`event.url`, `lead.properties.plan`, `account.domain`, `geo.country`, ...).
     Raises ValueError naming what is valid."""
     scope, _, rest = path.partition(".")
     if scope not in _SCOPES:
-        raise ValueError(f"field {path!r} must start with event., lead. or account.")
+        raise ValueError(f"field {path!r} must start with {', '.join(s + '.' for s in _SCOPES)}")
     if rest.startswith("properties.") and scope in ("event", "lead") and len(rest) > len("properties."):
         return "any"
     kind = _SCOPES[scope].get(rest)
     if kind is None:
         known = ", ".join(f"{scope}.{name}" for name in _SCOPES[scope])
-        extra = f", {scope}.properties.<key>" if scope != "account" else ""
+        extra = f", {scope}.properties.<key>" if scope in ("event", "lead") else ""
         raise ValueError(f"unknown field {path!r}; known: {known}{extra}")
     return kind
 
@@ -232,12 +251,12 @@ class Rule(Definition):
             return self
         for i, condition in enumerate(self.if_):
             for path in condition.fields():
-                if path.startswith("event."):
+                if path.partition(".")[0] in EVENT_SCOPES:
                     raise problem("if[{i}]: {path} needs an event trigger (this rule has a {kind} trigger)",
-                                   i=i, path=path, kind=self.when.kind)
+                                  i=i, path=path, kind=self.when.kind)
         for i, action in enumerate(self.then):
             source = action.set_property.from_ if action.set_property else None
-            if source and source.startswith("event."):
+            if source and source.partition(".")[0] in EVENT_SCOPES:
                 raise problem("then[{i}].set_property.from: {path} needs an event trigger", i=i, path=source)
         return self
 

@@ -55,6 +55,10 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: str = ""  # "site:key" (read-write) or "site:key:ro" (read-only), comma-separated
+    company_provider_url: str = ""  # enrichment service for unknown account domains, with {domain}; empty: none
+    company_provider_token: str = ""  # sent to it as "Authorization: Bearer <token>"
+    company_provider_per_minute: int = 60  # look-ups a minute, per worker process with the raw processor
+    company_provider_timeout_ms: int = 2000
 
     @classmethod
     def from_env(cls) -> "Settings":

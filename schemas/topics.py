@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from schemas.boards import BoardCommand, CardUpdate, StageChange
+from schemas.companies import Company
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
@@ -57,10 +58,11 @@ LEADS_STATE = Topic("leads.state", LeadSnapshot, "lead_id", "key")
 RULE_EXECUTIONS = Topic("rules.executions", RuleExecution, "lead_id", "key")
 BOARD_COMMANDS = Topic("board.commands", (BoardCommand, CardUpdate), "card_id", "key")
 BOARD_STAGE_CHANGES = Topic("board.stage-changes", StageChange, "card_id", "key")
+COMPANIES = Topic("companies", Company, "domain", "key")  # company cards, for ClickHouse (Redis has the live copy)
 
 CATALOG: tuple[Topic, ...] = (
     EVENTS_RAW, EVENTS_DLQ, EVENTS_ENRICHED, SESSIONS, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
-    LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, BOARD_COMMANDS, BOARD_STAGE_CHANGES,
+    LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, BOARD_COMMANDS, BOARD_STAGE_CHANGES, COMPANIES,
 )
 
 

@@ -34,13 +34,14 @@ import orjson
 from processors.runtime.backoff import describe, is_transient
 from processors.runtime.ingest import BatchIngest, Message
 from schemas.boards import StageChange
+from schemas.companies import Company
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.rules import LeadChange, LeadSnapshot, RuleExecution
 from schemas.session import Session
 from schemas.settings import BatchConfig, ClickHouseConfig, KafkaConfig
-from schemas.topics import (BOARD_STAGE_CHANGES, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY, IDENTITY_LEADS,
+from schemas.topics import (BOARD_STAGE_CHANGES, COMPANIES, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY, IDENTITY_LEADS,
                             IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, SESSIONS, Topic)
 from sinks import clickhouse
 
@@ -104,6 +105,7 @@ TABLES = {spec.table: spec for spec in (
     _spec("lead_state", LEADS_STATE, LeadSnapshot),
     _spec("rule_executions", RULE_EXECUTIONS, RuleExecution),
     _spec("stage_changes", BOARD_STAGE_CHANGES, StageChange),
+    _spec("companies", COMPANIES, Company),
 )}
 
 Row = tuple[Message, list]  # a row with the message it came from (named by its dead letter if refused)

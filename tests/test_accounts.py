@@ -13,7 +13,6 @@ from processors.accounts import (
     FREE_EMAIL_DOMAINS,
     AccountHint,
     AccountRefused,
-    AccountsContext,
     IpRangeTable,
     _extractor,
     account_for,
@@ -63,7 +62,7 @@ def table() -> IpRangeTable:
     ],
 )
 def test_account_from_email_domain(email_domain: str, account: str) -> None:
-    hint = account_for(email_domain, None)
+    hint = account_for(email_domain)
     assert hint.domain == account
     assert hint.source == ("email" if account else "none")
 
@@ -77,7 +76,7 @@ def test_the_package_lists_hold_the_known_providers() -> None:
 @given(st.sampled_from(sorted(PERSONAL)), st.sampled_from(["", "www.", "mx.", "a.b."]), st.booleans())
 def test_free_and_disposable_domains_never_become_accounts(domain: str, prefix: str, upper: bool) -> None:
     email_domain = prefix + domain
-    assert account_for(email_domain.upper() if upper else email_domain, "10.9.9.9").domain == ""
+    assert account_for(email_domain.upper() if upper else email_domain).domain == ""
 
 
 def test_registrable_domain_uses_the_public_suffix_list_offline(monkeypatch) -> None:
@@ -135,8 +134,8 @@ def test_hosts_are_spelt_one_way(host: str, normalised: str) -> None:
 def test_an_international_domain_is_one_account_however_it_arrives() -> None:
     by_hand = manual_account("https://www.Bücher.de/kontakt")
     assert by_hand == AccountHint("xn--bcher-kva.de", "manual")
-    assert account_for("mail.bücher.de", None).domain == by_hand.domain
-    assert account_for("xn--bcher-kva.de", None).domain == by_hand.domain
+    assert account_for("mail.bücher.de").domain == by_hand.domain
+    assert account_for("xn--bcher-kva.de").domain == by_hand.domain
     assert manual_account("bob@BÜCHER.de").domain == by_hand.domain
     loaded, bad = IpRangeTable.from_lines(["10.0.0.0/8,bücher.de,Bücher GmbH"])
     assert bad == [] and loaded.lookup("10.1.1.1").domain == by_hand.domain
@@ -184,42 +183,32 @@ def test_manual_account_refuses_non_accounts(entered: str, reason: str) -> None:
         manual_account(entered)
 
 
-# --- IP hints ------------------------------------------------------------------------------------------
+# --- the account evidence: email, then the network ---------------------------------------------------
+
+
+class Cards:
+    """Company cards by organisation name (processors.companies.CompanyDirectory's role)."""
+
+    def domain_for_org(self, org: str) -> str:
+        return {"GLOBEX-CORP": "globex.co.uk"}.get(org, "")
 
 
 @pytest.mark.parametrize(
-    ("ip", "expected"),
+    ("email_domain", "network", "expected"),
     [
-        ("10.200.0.1", AccountHint("", "none", False, True, "Big ISP")),
-        ("10.1.9.9", AccountHint("acme.com", "ip_range", False, False, "Acme Inc")),
-        ("10.1.2.3", AccountHint("", "none", True, False, "Cloud Corp")),
-        ("10.1.2.200", AccountHint("initech.io", "ip_range", False, False, "Initech")),
-        ("::ffff:10.1.9.9", AccountHint("acme.com", "ip_range", False, False, "Acme Inc")),
-        ("2001:db8:1::1", AccountHint("", "none", False, False, "Transit AS64500")),
-        ("2001:db8:aa:1::1", AccountHint("globex.co.uk", "ip_range", False, False, "Globex")),
-        ("192.0.2.1", AccountHint("", "none")),
-        ("not-an-ip", AccountHint("", "none")),
-        (None, AccountHint("", "none")),
+        ("globex.co.uk", ("acme.com", "business", "Acme"), AccountHint("globex.co.uk", "email")),
+        ("gmail.com", ("acme.com", "business", "Acme"), AccountHint("acme.com", "ip_range")),
+        ("", ("", "business", "GLOBEX-CORP"), AccountHint("globex.co.uk", "network")),
+        ("", ("", "isp", "GLOBEX-CORP"), AccountHint("", "none")),  # ISPs never name a company
+        ("", ("", "hosting", "GLOBEX-CORP"), AccountHint("", "none")),
+        ("", ("", "business", "Unknown Ltd"), AccountHint("", "none")),
+        ("gmail.com", ("", "", ""), AccountHint("", "none")),
     ],
 )
-def test_ip_hint_is_longest_prefix_and_only_company_rows_name_an_account(
-    table: IpRangeTable, ip: str | None, expected: AccountHint
+def test_email_beats_the_ip_range_which_beats_an_organisations_network(
+    email_domain: str, network: tuple[str, str, str], expected: AccountHint
 ) -> None:
-    assert account_for("", ip, table) == expected
-
-
-def test_company_email_beats_ip_and_free_mail_falls_back_to_ip(table: IpRangeTable) -> None:
-    assert account_for("globex.co.uk", "10.1.9.9", table) == AccountHint("globex.co.uk", "email")
-    assert account_for("gmail.com", "10.1.9.9", table).domain == "acme.com"
-    assert account_for("globex.co.uk", "10.1.2.3", table).is_datacenter
-
-
-def test_accounts_context_flags_datacenter_ips(table: IpRangeTable) -> None:
-    context = AccountsContext(table)
-    assert context.is_datacenter("10.1.2.3")
-    assert not context.is_datacenter("10.1.2.200")  # the company /25 inside the datacenter /24 wins
-    assert not context.is_datacenter("10.200.0.1")
-    assert not AccountsContext().is_datacenter("10.1.2.3")
+    assert account_for(email_domain, *network, Cards()) == expected
 
 
 def test_load_csv_reports_bad_lines_with_numbers(tmp_path) -> None:
@@ -253,9 +242,26 @@ def test_load_csv_reports_bad_lines_with_numbers(tmp_path) -> None:
     ]
     assert "first on line 3" in bad[-1].reason
     assert len(loaded) > 0
-    assert account_for("", "10.1.0.1", loaded).domain == "acme.com"
-    assert account_for("", "10.6.0.1", loaded).company_name == "Quoted, Inc"
-    assert account_for("", "2001:db8::1", loaded).is_isp
+    assert loaded.lookup("10.1.0.1").domain == "acme.com"
+    assert loaded.lookup("10.6.0.1").company_name == "Quoted, Inc"
+    assert loaded.lookup("2001:db8::1").kind == "isp"
+
+
+def test_rows_may_give_the_location_and_as_number_of_their_range() -> None:
+    loaded, bad = IpRangeTable.from_lines([
+        "cidr,domain,company_name,kind,country,region,city,asn",
+        "10.1.0.0/16,acme.com,Acme,company,nl,North Holland,Amsterdam,AS64500",  # 2 good
+        "10.2.0.0/16,,Big ISP,isp,DE,,,3320",  # 3 good: no region or city
+        "10.3.0.0/16,,Somewhere,isp,Germany",  # 4 not an ISO code
+        "10.4.0.0/16,,Somewhere,isp,DE,,,AS-X",  # 5 not an AS number
+        "10.5.0.0/16,,Somewhere,isp,DE,,,4294967296",  # 6 over 32 bits
+        "10.6.0.0/16,a.com,A,company,DE,r,c,1,extra",  # 7 too many columns
+    ])
+    assert [(line.line_no, line.reason.split(" ")[0]) for line in bad] == [
+        (4, "country"), (5, "asn"), (6, "asn"), (7, "expected")]
+    acme = loaded.lookup("10.1.2.3")
+    assert (acme.country, acme.region, acme.city, acme.asn) == ("NL", "North Holland", "Amsterdam", 64500)
+    assert (loaded.lookup("10.2.0.1").country, loaded.lookup("10.2.0.1").asn) == ("DE", 3320)
 
 
 # --- longest prefix, against a brute-force oracle --------------------------------------------------------

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processors.accounts import DISPOSABLE_EMAIL_DOMAINS, FREE_EMAIL_DOMAINS, AccountsContext, IpRangeTable
+from processors.accounts import DISPOSABLE_EMAIL_DOMAINS, FREE_EMAIL_DOMAINS, AccountsContext
+from processors.companies import CompanyDirectory
 from processors.identity import (
     PLACEHOLDER_VALUES,
     IdentityChanges,
@@ -29,15 +30,18 @@ from processors.identity import (
     normalise_email,
     resolve,
 )
+from schemas.companies import Company
 from schemas.identity import IdentityEvent, LeadRecord, VisitorLink
 
 SITE = "site-1"
 NO_ACCOUNTS = AccountsContext()
-IP_TABLE, _ = IpRangeTable.from_lines(
-    ["198.51.100.0/24,acme.com,Acme", "203.0.113.0/24,,Cloud,datacenter", "192.0.2.0/24,,ISP,isp"]
-)
-ACCOUNTS = AccountsContext(IP_TABLE)
-OFFICE_IP, CLOUD_IP, HOME_IP = "198.51.100.7", "203.0.113.9", "192.0.2.44"
+ACCOUNTS = AccountsContext(CompanyDirectory([Company("globex.co.uk", "Globex"), Company("initech.io", "Initech")]))
+# (network_kind, network_org, network_domain) as enrichment stamps them (processors/networks.py)
+NO_NET = ("", "", "")
+OFFICE_NET = ("business", "Acme", "acme.com")  # a company row of the IP-range table
+CLOUD_NET = ("hosting", "Cloud", "")  # a datacenter row, or a cloud provider's network
+HOME_NET = ("isp", "ISP", "")
+GLOBEX_NET = ("business", "GLOBEX CORP", "")  # an organisation's own network, named like a company card
 
 
 @dataclass(slots=True)
@@ -49,10 +53,22 @@ class Ev:
     visitor_id: str
     ts_ms: int
     email: str = ""
-    ip: str = ""
+    network: tuple[str, str, str] = NO_NET
     is_bot: bool = False
     site_id: str = SITE
     received_ms: int = 10**13  # long after every test event: none is dated in the future unless a test says so
+
+    @property
+    def network_kind(self) -> str:
+        return self.network[0]
+
+    @property
+    def network_org(self) -> str:
+        return self.network[1]
+
+    @property
+    def network_domain(self) -> str:
+        return self.network[2]
 
 
 def pageview(event_id: str, visitor_id: str, ts_ms: int, **extra: object) -> Ev:
@@ -218,20 +234,20 @@ def test_emails_are_normalised_to_one_contact() -> None:
 
 
 def test_bots_and_datacenter_traffic_are_excluded() -> None:
-    events = [pageview("e1", "v1", 1, is_bot=True), identify("e2", "v2", 2, "ann@initech.io", ip=CLOUD_IP),
-              pageview("e3", "v3", 3, ip=HOME_IP)]
+    events = [pageview("e1", "v1", 1, is_bot=True), identify("e2", "v2", 2, "ann@initech.io", network=CLOUD_NET),
+              pageview("e3", "v3", 3, network=HOME_NET)]
     result, store = run(events, accounts=ACCOUNTS)
     assert result.lead_ids == ["", "", anonymous_lead_id(SITE, "v3")]
     assert result.exclusions == ["bot", "datacenter", ""]
     assert {event.visitor_id for event in result.identity_events} == {"v3"}
     assert set(store.changes().visitors) == {(SITE, "v3")}
-    assert keys_needed(events, ACCOUNTS).visitors == [(SITE, "v3")]
+    assert keys_needed(events).visitors == [(SITE, "v3")]
 
 
 def test_accounts_from_email_ip_range_and_merge() -> None:
     result, store = run(
-        [pageview("e1", "v1", 1, ip=OFFICE_IP), identify("e2", "v1", 2, "ann@gmail.com"),
-         identify("e3", "v2", 3, "joe@yahoo.com", ip=HOME_IP), pageview("e4", "v3", 4, ip=OFFICE_IP),
+        [pageview("e1", "v1", 1, network=OFFICE_NET), identify("e2", "v1", 2, "ann@gmail.com"),
+         identify("e3", "v2", 3, "joe@yahoo.com", network=HOME_NET), pageview("e4", "v3", 4, network=OFFICE_NET),
          identify("e5", "v3", 5, "kim@globex.co.uk")],
         accounts=ACCOUNTS,
     )
@@ -243,6 +259,20 @@ def test_accounts_from_email_ip_range_and_merge() -> None:
     assert lead(store, kim).account_domain == "globex.co.uk"  # her email beats her office-IP history
     assert [(e.lead_id, e.reason) for e in of_kind(result, "account_linked")] == [
         (ann_anonymous, "ip_range"), (ann, "merged_lead"), (kim_anonymous, "ip_range"), (kim, "email")]
+
+
+def test_an_organisations_own_network_names_the_company_card_of_that_name() -> None:
+    result, store = run(
+        [pageview("e1", "v1", 1, network=GLOBEX_NET), pageview("e2", "v2", 2, network=HOME_NET),
+         pageview("e3", "v3", 3, network=("business", "Unknown Corp", "")),
+         pageview("e4", "v4", 4, network=("isp", "Globex", ""))],  # an ISP never names a company
+        accounts=ACCOUNTS,
+    )
+    assert [lead(store, anonymous_lead_id(SITE, v)).account_domain for v in ("v1", "v2", "v3", "v4")] == [
+        "globex.co.uk", "", "", ""]
+    assert [(e.account_domain, e.reason) for e in of_kind(result, "account_linked")] == [("globex.co.uk", "network")]
+    assert run([pageview("e1", "v1", 1, network=GLOBEX_NET)])[1].changes().leads[
+        SITE, anonymous_lead_id(SITE, "v1")].account_domain == ""  # no company cards: nothing to name
 
 
 def test_a_redelivered_identify_emits_nothing_new() -> None:
@@ -270,7 +300,7 @@ def test_keys_needed_plus_linked_leads_cover_every_read() -> None:
     history = [identify("e1", "v1", 1, "ann@initech.io"), pageview("e2", "v2", 2)]
     _, base = run(history)
     batch = [pageview("e3", "v1", 3), identify("e4", "v2", 4, "bob@acme.com"), pageview("e5", "v9", 5)]
-    needed = keys_needed(batch, NO_ACCOUNTS)
+    needed = keys_needed(batch)
     linked = {(SITE, link.lead_id) for key in needed.visitors if (link := base.get_visitor_lead(*key))}
 
     class RecordingReader:
@@ -482,10 +512,12 @@ def mixed_events() -> st.SearchStrategy[list[Ev]]:
     event = st.builds(
         Ev, event_id=st.just(""), type=st.sampled_from(IDENTIFYING + ["pageview", "custom"]),
         visitor_id=visitor_ids, ts_ms=st.integers(0, 100), email=emails,
-        ip=st.sampled_from(["", OFFICE_IP, HOME_IP, CLOUD_IP]), is_bot=st.sampled_from([False, False, False, True]),
+        network=st.sampled_from([NO_NET, OFFICE_NET, HOME_NET, CLOUD_NET, GLOBEX_NET]),
+        is_bot=st.sampled_from([False, False, False, True]),
     )
     return st.lists(event, max_size=20).map(
-        lambda evs: [Ev(f"e{i}", e.type, e.visitor_id, e.ts_ms, e.email, e.ip, e.is_bot) for i, e in enumerate(evs)]
+        lambda evs: [Ev(f"e{i}", e.type, e.visitor_id, e.ts_ms, e.email, e.network, e.is_bot)
+                     for i, e in enumerate(evs)]
     )
 
 

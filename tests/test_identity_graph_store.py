@@ -13,6 +13,7 @@ import pytest
 
 from processors import identity, sessionize
 from processors.accounts import AccountsContext
+from processors.lookup_tables import LookupTables
 from processors.enrich import Limits, validate_and_enrich
 from processors.identity_store import IdentityGraphStore
 from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
@@ -47,7 +48,7 @@ class SlowProducer(MemoryProducer):
 
 def worker(store: MemoryStateStore, producer: MemoryProducer, lease_ms: int = 30_000) -> ProcessorRunner:
     processor = RawEventsProcessor(RawProcessorConfig("events.raw", 4, POLICY, Limits()), store,
-                                   IdentityGraphStore(store, "ls", lease_ms), "ls")
+                                   IdentityGraphStore(store, "ls", lease_ms), "ls", LookupTables())
     return ProcessorRunner(processor, store, producer)
 
 
@@ -104,7 +105,7 @@ async def test_prefetch_loads_the_lead_a_linked_lead_merged_into() -> None:
     )
     graph.write_commands(store, changes)
     event = pageview_of("unlisted")
-    prefetched = await graph.prefetch([event], AccountsContext())
+    prefetched = await graph.prefetch([event])
     assert ("s", ANN) in prefetched.leads
     result = identity.resolve([event], identity.InMemoryIdentityStore(prefetched), AccountsContext())
     assert result.lead_ids == [ANN]

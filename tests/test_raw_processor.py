@@ -15,6 +15,7 @@ import pytest
 from processors import sessionize
 from processors.enrich import Limits
 from processors.identity_store import IdentityGraphStore
+from processors.lookup_tables import LookupTables
 from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
 from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer
@@ -39,7 +40,7 @@ def runner(store: MemoryStateStore | None = None) -> tuple[ProcessorRunner, Memo
     store = store or MemoryStateStore()
     producer = MemoryProducer()
     processor = RawEventsProcessor(RawProcessorConfig("events.raw", 4, POLICY, Limits()), store,
-                                   IdentityGraphStore(store, "ls"), "ls")
+                                   IdentityGraphStore(store, "ls"), "ls", LookupTables())
     return ProcessorRunner(processor, store, producer), store, producer
 
 

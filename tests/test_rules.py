@@ -33,6 +33,7 @@ from processors.rules import (
     set_identity,
     tag_by_hand,
 )
+from schemas.companies import Company
 from schemas.events import EnrichedEvent
 from schemas.conditions import CHANNELS
 from schemas.rules import Rule
@@ -46,7 +47,7 @@ _EVENT_FIELDS = [f.name for f in dataclasses.fields(EnrichedEvent)]
 def event(event_id: str, type: str = "pageview", ts_ms: int = T0, **fields: Any) -> EnrichedEvent:
     values: dict[str, Any] = {name: "" for name in _EVENT_FIELDS}
     values.update(event_id=event_id, site_id=SITE, type=type, ts_ms=ts_ms, received_ms=ts_ms, is_bot=False,
-                  properties="{}", raw_partition=-1, raw_offset=-1, is_late=False, lead_id="lead-1")
+                  properties="{}", raw_partition=-1, raw_offset=-1, is_late=False, lead_id="lead-1", network_asn=0)
     if isinstance(fields.get("properties"), dict):
         fields["properties"] = orjson.dumps(fields["properties"]).decode()
     values.update(fields)
@@ -174,6 +175,64 @@ def test_condition(condition, state_fields, event_fields, expected):
     tags = {tag: TagSource("user") for tag in state_fields.pop("tags_", [])}
     outcome = apply_event(ruleset, lead(tags=tags, **state_fields), event("e1", **event_fields))
     assert (fired(outcome) == ["r"]) is expected
+
+
+CARDS = {"acme.com": Company("acme.com", "Acme", "Software", "51-200", 51, "NL"),
+         "tiny.io": Company("tiny.io", "Tiny")}
+
+
+@pytest.mark.parametrize(("condition", "account", "event_fields", "expected"), [
+    ({"field": "geo.country", "op": "is", "value": "nl"}, "", {"geo_country": "NL"}, True),
+    ({"field": "geo.country", "op": "is", "value": ["DE", "BE"]}, "", {"geo_country": "NL"}, False),
+    ({"field": "geo.city", "op": "unknown"}, "", {"geo_country": "NL"}, True),
+    ({"field": "network.kind", "op": "is_not", "value": "isp"}, "", {"network_kind": "business"}, True),
+    ({"field": "network.org", "op": "contains", "value": "telekom"}, "", {"network_org": "Deutsche Telekom AG"}, True),
+    ({"field": "network.asn", "op": "is", "value": 3320}, "", {"network_asn": 3320}, True),
+    ({"field": "network.asn", "op": "exists"}, "", {"network_asn": 0}, False),  # 0: unknown
+    ({"field": "account.industry", "op": "is", "value": "software"}, "acme.com", {}, True),
+    ({"field": "account.employees", "op": "gt", "value": 50}, "acme.com", {}, True),
+    ({"field": "account.employees", "op": "between", "value": [100, 500]}, "acme.com", {}, False),
+    ({"field": "account.employees", "op": "unknown"}, "tiny.io", {}, True),  # a card without a size
+    ({"field": "account.name", "op": "is", "value": "Acme"}, "acme.com", {}, True),
+    ({"field": "account.country", "op": "is", "value": "NL"}, "acme.com", {}, True),
+    ({"field": "account.name", "op": "exists"}, "unknown.example", {}, False),  # an account without a card
+    ({"field": "account.industry", "op": "is_not", "value": "Software"}, "", {}, True),  # no account at all
+])
+def test_geo_network_and_company_conditions(condition, account, event_fields, expected):
+    ruleset = rules({"id": "r", "when": {"event": "any"}, "if": [condition], "then": [{"add_score": 1}]})
+    outcome = apply_event(ruleset, lead(account_domain=account), event("e1", **event_fields), CARDS)
+    assert (fired(outcome) == ["r"]) is expected
+
+
+def test_a_card_loaded_later_is_read_by_the_next_evaluation():
+    ruleset = rules({"id": "big", "when": {"score_at_least": 0}, "if": [
+        {"field": "account.employees", "op": "gt", "value": 1000}], "then": [{"add_tag": "Enterprise"}]})
+    cards: dict[str, Company] = {}
+    before = set_identity(ruleset, lead(), T0, account_domain="globex.io", companies=cards)
+    assert fired(before) == []
+    cards["globex.io"] = Company("globex.io", "Globex", employees="1001-5000", employees_min=1001)
+    assert fired(hourly_pass(ruleset, before.state, T0 + HOUR_MS, cards)) == ["big"]
+
+
+@pytest.mark.parametrize(("rule", "problem"), [
+    ({"when": {"tag": "A"}, "if": [{"field": "geo.country", "op": "exists"}]}, "geo.country needs an event trigger"),
+    ({"when": {"inactive_for": "1d"}, "if": [{"field": "network.kind", "op": "is", "value": "isp"}]},
+     "network.kind needs an event trigger"),
+    ({"when": {"tag": "A"}, "then": [{"set_property": {"name": "country", "from": "geo.country"}}]},
+     "needs an event trigger"),
+    ({"when": {"event": "any"}, "if": [{"field": "account.revenue", "op": "exists"}]}, "unknown field 'account.revenue'"),
+    ({"when": {"event": "any"}, "if": [{"field": "geo.country", "op": "gt", "value": 1}]}, "does not apply"),
+    ({"when": {"event": "any"}, "if": [{"field": "place.country", "op": "exists"}]}, "must start with event."),
+])
+def test_geo_and_network_fields_belong_to_event_rules(rule, problem):
+    with pytest.raises(ValueError, match=problem):
+        Rule.model_validate({"id": "r", "then": [{"add_score": 1}]} | rule)
+
+
+def test_set_property_copies_the_events_country():
+    ruleset = rules({"id": "r", "when": {"event": "pageview"},
+                     "then": [{"set_property": {"name": "country", "from": "geo.country"}}]})
+    assert apply_event(ruleset, lead(), event("e1", geo_country="BE")).state.properties == {"country": "BE"}
 
 
 # ---- actions ----

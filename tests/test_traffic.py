@@ -30,7 +30,8 @@ from leadstream.traffic import (
     plan,
     rfc3339,
 )
-from processors.accounts import IpRangeTable, account_for, is_personal_email_domain, registrable_domain
+from processors.accounts import IpRangeTable, is_personal_email_domain, registrable_domain
+from processors.networks import NetworkDirectory
 from processors.enrich import CHANNELS, enrich_batch
 from schemas.dead_letter import REASONS, Rejection
 from schemas.events import EVENT_TYPES, EnrichedEvent
@@ -270,10 +271,12 @@ def test_ip_range_table_loads_and_resolves_offices_to_their_company(run: Run) ->
         network = ipaddress.ip_network(line.split(",")[0])
         assert any(network.subnet_of(doc) for doc in DOCUMENTATION_NETWORKS if doc.version == network.version)
     company_domains = {company.domain for company in COMPANIES}
-    resolved = Counter(account_for(None, event.ip, table).domain for event in run.accepted if not event.is_bot)
+    networks = NetworkDirectory(table)
+    resolved = Counter(networks.look_up(event.ip).domain for event in run.accepted if not event.is_bot)
     assert len(set(resolved) & company_domains) >= 30
-    networks = [table.lookup(event.ip) for event in run.accepted if not event.is_bot]
-    assert any(network is not None and network.kind == "datacenter" for network in networks)  # scrapers in disguise
+    kinds = Counter(networks.look_up(event.ip).kind for event in run.accepted if not event.is_bot)
+    assert kinds["hosting"] > 0  # scrapers in disguise: only their address gives them away
+    assert {networks.look_up(event.ip).country for event in run.accepted if not event.is_bot} >= {"DE", "JP", "NL"}
 
 
 def test_company_domains_are_registrable_business_domains() -> None:

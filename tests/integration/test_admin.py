@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from leadstream.admin import add_account, load_ip_ranges
-from processors.identity_store import load_ip_table
+from processors.lookup_tables import load_ip_table
 from sinks.clickhouse import connect
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def test_ip_ranges_are_validated_and_published(settings, tmp_path, capsys):
     async def published():
         redis = aioredis.from_url(settings.redis_url)
         try:
-            return await load_ip_table(redis, settings.name("ls"))
+            return (await load_ip_table(redis, settings.name("ls")))[0]
         finally:
             await redis.aclose()
 

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app, parse_api_keys
 from api.lead_profile import ProfileSession, merge_intervals, ownership, ownership_by_lead, session_owner
 from api.boards import STREAM_TOKEN_TTL_MS, check_stream_token, command_id_for, matches, sign_stream_token
-from processors.identity_store import publish_ip_ranges
+from processors.lookup_tables import publish_ip_ranges
 from schemas.boards import CommandResult
 from schemas.rules import RuleExecution
 from sinks.clickhouse import connect, insert_columnar

@@ -67,7 +67,17 @@ STRADDLING = ("s-vs-2", "vs", SHARED_MS - 10 * MINUTE_MS, "organic", "https://du
 SESSION_SPECS = ADA_SESSIONS + SHARED_SESSIONS + [STRADDLING]
 
 EVENT_COLUMNS = ("event_id", "site_id", "type", "ts_ms", "visitor_id", "url", "url_path", "title", "name",
-                 "channel", "email", "session_id", "referrer", "utm_source", "utm_medium", "utm_campaign")
+                 "channel", "email", "session_id", "referrer", "utm_source", "utm_medium", "utm_campaign",
+                 "geo_country", "geo_region", "geo_city", "network_org", "network_kind", "network_domain")
+# Where each visitor browses from: (geo_country, geo_region, geo_city, network_org, network_kind, network_domain)
+VISITOR_NETWORKS = {
+    "va1": ("NL", "North Holland", "Amsterdam", "Acme", "business", "acme.com"),  # Acme's office range
+    "va2": ("DE", "Berlin", "Berlin", "Deutsche Telekom AG", "isp", ""),
+    "vb": ("NL", "North Holland", "Amsterdam", "Acme", "business", "acme.com"),
+    "vs": ("GB", "England", "London", "GLOBEX", "business", ""),
+}
+COMPANY_COLUMNS = ("domain", "name", "industry", "employees", "employees_min", "country", "website", "linkedin_url",
+                   "logo_url", "source", "updated_ms")
 SESSION_COLUMNS = ("session_id", "site_id", "visitor_id", "session_index", "start_ms", "end_ms", "duration_ms",
                    "event_count", "pageview_count", "landing_url", "exit_url", "referrer", "channel", "utm_source",
                    "utm_medium", "utm_campaign", "device", "browser", "os", "email", "merged_into", "version")
@@ -104,7 +114,7 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
         for i, ((type_, path), ts, url) in enumerate(zip(steps, times, urls)):
             events.append((f"{session_id}-e{i}", SITE, type_, ts, visitor, url, path, f"Acme {path}",
                            "signup_click" if type_ == "custom" else "", channel, _email(visitor, type_), session_id,
-                           referrer, source, medium, campaign))
+                           referrer, source, medium, campaign, *VISITOR_NETWORKS.get(visitor, ("",) * 6)))
         sessions.append(_session_row(
             session_id=session_id, visitor_id=visitor, start_ms=start, end_ms=times[-1],
             duration_ms=times[-1] - start,
@@ -145,6 +155,12 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
                    "last_ts_ms", "version"), leads),
         "visitor_leads": (("site_id", "visitor_id", "since_ts_ms", "lead_id", "version"), visitor_leads),
         "dlq": (("reason", "message", "raw", "topic", "raw_partition", "raw_offset", "received_ms"), dlq),
+        "companies": (COMPANY_COLUMNS, [
+            ("acme.com", "Acme", "Software", "51-200", 51, "NL", "https://acme.com/", "", "", "file", BASE_MS),
+            ("acme.com", "Acme B.V.", "Software", "201-500", 201, "NL", "https://acme.com/", "", "", "file",
+             BASE_MS + 1),  # a newer version of the card
+            ("globex.com", "Globex", "Logistics", "1001-5000", 1001, "GB", "", "", "", "provider:enrich.example",
+             BASE_MS)]),
     }
 
 
@@ -278,6 +294,10 @@ def check_helpers(client) -> None:
     assert [(a.lead_id, a.known, a.visitor_count) for a in leads] == [("lead-bob", True, 1), ("lead-ada", True, 2)]
     assert lp.leads_by_channel(client, SITE, "first") == {"direct": 1, "email": 1, "organic": 1}
     assert lp.leads_by_channel(client, SITE, "last") == {"email": 1, "organic": 1, "paid": 1}
+    assert lp.account_places(client, SITE, "acme.com") == (  # vs was Bob's computer before Cyd's
+        lp.Place("NL", "North Holland", "Amsterdam", 2, 8), lp.Place("DE", "Berlin", "Berlin", 1, 8),
+        lp.Place("GB", "England", "London", 1, 5))
+    assert lp.account_places(client, SITE, "nobody.example") == ()
 
 
 LEAD_COLUMNS = ("lead_id", "site_id", "email", "visitors", "account_domain", "merged_into", "first_ts_ms",
@@ -323,7 +343,7 @@ def load_big_lead(insert: Insert) -> list[str]:
         for session_id, visitor, start in starts + [late]])
     insert("events", EVENT_COLUMNS, [
         (f"{session_id}-e0", BIG_SITE, "pageview", start, visitor, "https://big.example/", "/", "Big", "", "direct",
-         "", session_id, "", "", "", "") for session_id, visitor, start in starts + [late]])
+         "", session_id, "", "", "", "", *("",) * 6) for session_id, visitor, start in starts + [late]])
     insert("visitor_leads", LINK_COLUMNS, [(BIG_SITE, visitor, 0, "lead-big", 1) for visitor in visitors]
            + [(BIG_SITE, visitors[0], HANDOVER_MS, "lead-other", 1)])
     insert("leads", LEAD_COLUMNS, [
