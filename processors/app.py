@@ -231,6 +231,7 @@ class CompanyResolverService(faust.Service):
 
     async def on_stop(self) -> None:
         self.stopped.set()
+        await self.resolver.provider.close()
 
     @faust.Service.task
     async def _resolve(self) -> None:

@@ -61,6 +61,10 @@ class CompanyProvider(Protocol):
         """The card, or None when the provider does not know the domain. Raises ProviderError."""
         ...
 
+    async def close(self) -> None:
+        """Release connections (the worker is stopping)."""
+        ...
+
 
 def card_from_answer(domain: str, answer: Any, source: str, now_ms: int) -> Company | None:
     """A provider's JSON answer as a card for `domain`: None for "unknown" (null, an empty object);
