@@ -21,9 +21,11 @@ lookup tables `visitors_by_lead` and `leads_by_account` (migration 0008), keyed 
 reading the whole site's rows instead put the profile's p99 over its 50 ms target at 10 M events, and grew
 with the site.
 
-The Account Panel (a LeadBoard card of an account) runs the same steps over all of the account's leads:
-`MANUAL_ACCOUNT_SQL` (the name it was added under by hand), `ACCOUNT_LEADS_SQL`, `ACCOUNT_LINKS_SQL` (the
-links of every visitor that ever pointed to one of those leads), then the same sessions and events queries.
+The Account Panel (a LeadBoard card of an account) runs the same steps over the account's leads:
+`MANUAL_ACCOUNT_SQL` (the name it was added under by hand), `ACCOUNT_TOTALS_SQL` (how many leads, known and
+anonymous, and when they were active), `ACCOUNT_LEADS_SQL` (the most recently active ones, at most
+`max_leads`: an account of a large company may have tens of thousands), `ACCOUNT_LINKS_SQL` (the links of
+every visitor that ever pointed to one of those leads), then the same sessions and events queries.
 Its company card (schemas/companies.py) comes from Redis, passed in by the caller; where the account's
 people browse from is `account_places` (`ACCOUNT_PLACES_SQL`).
 
@@ -45,6 +47,7 @@ from typing import Any, Collection, Iterable, Literal, Protocol, Sequence
 from schemas.companies import Company
 
 PAGE_SIZE = 5
+MAX_ACCOUNT_LEADS = 1_000  # the default of setting api_max_account_leads
 FOREVER_MS = 2**64 - 1  # open end of a visitor's last ownership interval (UInt64 max, as in the SQL)
 
 
@@ -316,7 +319,22 @@ WHERE site_id = %(site_id)s AND lead_id IN (
 {indent(_ACCOUNT_LEAD_IDS, ' ' * 4)}
 )
 GROUP BY lead_id
-ORDER BY latest_last_ts_ms DESC, lead_id"""
+ORDER BY latest_last_ts_ms DESC, lead_id
+LIMIT %(limit)s"""
+
+# One row, also for an account without leads (no GROUP BY): its known and its anonymous leads, when they
+# were first and last active.
+ACCOUNT_TOTALS_SQL = f"""SELECT countIf(latest_email != ''), countIf(latest_email = ''), min(latest_first_ts_ms),
+       max(latest_last_ts_ms)
+FROM (
+    SELECT lead_id, argMax(email, version) AS latest_email, argMax(first_ts_ms, version) AS latest_first_ts_ms,
+           argMax(last_ts_ms, version) AS latest_last_ts_ms
+    FROM leads
+    WHERE site_id = %(site_id)s AND lead_id IN (
+{indent(_ACCOUNT_LEAD_IDS, ' ' * 8)}
+    )
+    GROUP BY lead_id
+)"""
 
 # No GROUP BY: always one row ('' and 0 for an account never added by hand).
 MANUAL_ACCOUNT_SQL = """SELECT argMax(company_name, added_ms), max(added_ms)
@@ -326,10 +344,7 @@ WHERE site_id = %(site_id)s AND domain = %(domain)s"""
 ACCOUNT_LINKS_SQL = f"""SELECT visitor_id, since_ts_ms, argMax(lead_id, version) AS owner
 FROM visitor_leads
 WHERE site_id = %(site_id)s
-  AND visitor_id IN (
-      SELECT visitor_id FROM visitors_by_lead
-      WHERE site_id = %(site_id)s AND lead_id IN (
-{indent(_ACCOUNT_LEAD_IDS, ' ' * 10)}))
+  AND visitor_id IN (SELECT visitor_id FROM visitors_by_lead WHERE site_id = %(site_id)s AND lead_id IN %(lead_ids)s)
 GROUP BY visitor_id, since_ts_ms
 ORDER BY visitor_id, since_ts_ms
 {_SHORT_QUERY}"""
@@ -523,25 +538,25 @@ def session_owner(session: ProfileSession, owned_by_lead: dict[str, Intervals]) 
 
 def account_panel(
     client: QueryClient, site_id: str, domain: str, page: int = 0, page_size: int = PAGE_SIZE,
-    company: Company | None = None,
+    max_leads: int = MAX_ACCOUNT_LEADS, company: Company | None = None,
 ) -> AccountPanel:
     """The account `domain`: how it was added, its company card (`company`, read from Redis by the caller),
-    its current leads (known contacts and anonymous employees) and their click-stream merged, page `page` of
-    5 sessions, newest first. An account nobody has visited from yet (added by hand) has no leads and no
-    sessions."""
+    how many current leads it has (known contacts and anonymous employees), the `max_leads` most recently
+    active of them and their click-stream merged, page `page` of 5 sessions, newest first. An account nobody
+    has visited from yet (added by hand) has no leads and no sessions."""
     _check_page(page, page_size)
-    params = {"site_id": site_id, "domain": domain}
     company_name, added_ms = hand_added_account(client, site_id, domain)
     company_name = company_name or (company.name if company is not None else "")
-    leads = account_leads(client, site_id, domain)
-    links = client.execute(ACCOUNT_LINKS_SQL, params) if leads else []
-    owned_by_lead = ownership_by_lead(links, {lead.lead_id for lead in leads})
+    known, anonymous, first_seen_ms, last_seen_ms = client.execute(
+        ACCOUNT_TOTALS_SQL, {"site_id": site_id, "domain": domain})[0]
+    leads = account_leads(client, site_id, domain, max_leads) if known + anonymous else []
+    lead_ids = tuple(lead.lead_id for lead in leads)
+    links = client.execute(ACCOUNT_LINKS_SQL, {"site_id": site_id, "lead_ids": lead_ids}) if leads else []
+    owned_by_lead = ownership_by_lead(links, set(lead_ids))
     stream = _click_stream(client, site_id, merge_intervals(owned_by_lead), page, page_size)
-    known = sum(lead.known for lead in leads)
     return AccountPanel(
-        account=AccountDetails(domain, company_name, added_ms, known, len(leads) - known,
-                               min((lead.first_seen_ms for lead in leads), default=0),
-                               max((lead.last_seen_ms for lead in leads), default=0), company),
+        account=AccountDetails(domain, company_name, added_ms, known, anonymous, first_seen_ms, last_seen_ms,
+                               company),
         leads=tuple(leads),
         session_count=stream.session_count,
         page=page,
@@ -568,9 +583,9 @@ def account_size(client: QueryClient, site_id: str, domain: str) -> int:
     return client.execute(ACCOUNT_SIZE_SQL, {"site_id": site_id, "domain": domain})[0][0]
 
 
-def account_leads(client: QueryClient, site_id: str, domain: str) -> list[AccountLead]:
-    """An account's current leads, most recently active first."""
-    rows = client.execute(ACCOUNT_LEADS_SQL, {"site_id": site_id, "domain": domain})
+def account_leads(client: QueryClient, site_id: str, domain: str, limit: int = MAX_ACCOUNT_LEADS) -> list[AccountLead]:
+    """An account's current leads, the `limit` most recently active, most recently active first."""
+    rows = client.execute(ACCOUNT_LEADS_SQL, {"site_id": site_id, "domain": domain, "limit": limit})
     return [AccountLead(lead, email, bool(email), visitors, first, last) for lead, email, visitors, first, last in rows]
 
 

@@ -481,8 +481,8 @@ def _raise_if_failed(tasks: Iterable[asyncio.Task]) -> None:
 
 def _start_api(settings: Settings, site_id: str) -> tuple[Role, str, str]:
     """A `leadstream api` process of its own on a free port, with a key for the site: (role, url, key)."""
-    key = secrets.token_urlsafe(16)
-    api = replace(settings, api_port=_free_port(), api_keys=f"{site_id}:{key}")
+    key = secrets.token_urlsafe(24)
+    api = replace(settings, api_port=_free_port(), api_keys=f"{site_id}:{key}", server_secret=secrets.token_hex(32))
     role = Role(api, "bench-api", "api").start()
     base = f"http://127.0.0.1:{api.api_port}"
     deadline = time.monotonic() + 60

@@ -10,6 +10,10 @@ import sys
 
 from schemas.settings import BatchConfig, Settings
 
+# The roles that read the servers' passwords (and, for `api`, the API keys and the server secret) from the
+# settings: they refuse to start with a weak one. The local stack, the demo and the benchmark make their own.
+SECRET_READERS = ("migrate", "worker", "sink", "api", "ip-ranges", "account", "rules", "boards", "webhooks")
+
 
 def _run_sink(settings: Settings, tables: list[str]) -> int:
     from sinks.table_sink import run_sinks
@@ -100,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command in SECRET_READERS:
+        try:
+            settings.refuse_weak_secrets(api=args.command == "api")
+        except ValueError as refused:  # WeakSecret, or a malformed LEADSTREAM_API_KEYS
+            print(f"leadstream {args.command}: {refused}", file=sys.stderr)
+            return 2
 
     if args.command == "stack":
         from leadstream.stack import main_stack

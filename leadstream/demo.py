@@ -100,8 +100,9 @@ class _WebhookReceiver(ThreadingHTTPServer):
 
 def _start_api(settings: Settings, site_id: str) -> str:
     """(Re)start the API in the background with a key for this demo site; return the dashboard URL."""
-    key = secrets.token_urlsafe(12)
-    Role(settings, "api", "api", env={"LEADSTREAM_API_KEYS": f"{site_id}:{key}"}).start_detached()
+    key = secrets.token_urlsafe(24)
+    Role(settings, "api", "api", env={"LEADSTREAM_API_KEYS": f"{site_id}:{key}",
+                                      "LEADSTREAM_SERVER_SECRET": secrets.token_hex(32)}).start_detached()
     base = f"http://{settings.api_host}:{settings.api_port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

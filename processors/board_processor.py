@@ -65,6 +65,11 @@ class BoardProcessor:
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
         records = decode_batch(messages, decode_board_input, self.name)
         await self.sites.prepare(record.site_id for _, record in records)
+        wanted: dict[str, int] = {}
+        for _, record in records:
+            if isinstance(record, BoardCommand) and record.definitions_version:
+                wanted[record.site_id] = max(wanted.get(record.site_id, 0), record.definitions_version)
+        await self.sites.catch_up(wanted)
         batch = _Batch(Step(Outputs(self.partitions)))
         wanted = {(r.site_id, r.card_id): p for p, r in records}
         keys = {self.board_store.card_state_key(site, card): (site, card) for site, card in wanted}

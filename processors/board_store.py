@@ -23,7 +23,7 @@ Feed entry types: `stage_change` (StageChange JSON), `card` (CardView JSON), `ca
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -215,6 +215,12 @@ class BoardStore:
             for i, (stage, start) in enumerate(zip(board.stages, starts))
         ]
         return BoardPage(int(raw[0]), _text(raw[1]), columns)
+
+    async def column_card_ids(self, site_id: str, board_id: str, stage_id: str) -> AsyncIterator[str]:
+        """Every card in a column, a few hundred per Redis call (SCAN: no call blocks Redis on a long column;
+        a card that stays in the column throughout is listed at least once)."""
+        async for card_id, _ in self.redis.zscan_iter(self._column_key(site_id, board_id, stage_id), count=500):
+            yield _text(card_id)
 
     async def card(self, site_id: str, board_id: str, card_id: str) -> CardView | None:
         blob = await self.redis.hget(self._key(site_id, board_id, "cards"), card_id)

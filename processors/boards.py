@@ -474,7 +474,8 @@ def _edit(board: BoardDefinition, card: CardState, command: BoardCommand, now_ms
 
 def apply_command(boards: Sequence[BoardDefinition], card: CardState, command: BoardCommand, now_ms: int
                   ) -> tuple[CardState, CommandResult, list[StageChange], list[ViewChange]]:
-    """A person's (or an import's) command, decided by the same stage machine as every automatic move.
+    """A person's (or an import's) command, decided by the same stage machine as every automatic move (a
+    `stage_deleted` command: by `delete_stage`, against the board as it is now).
     The command id is remembered on the card, so a redelivered command acts once. `if_match` is the
     caller's business: it compares it with the board version the store holds."""
     if command.card_id != card.card_id or command.site_id != card.site_id:
@@ -492,6 +493,10 @@ def apply_command(boards: Sequence[BoardDefinition], card: CardState, command: B
     changes: list[StageChange] = []
     if board is None:
         decision = Decision(code=UNKNOWN_BOARD, message=f"no board {command.board_id!r}")
+    elif command.kind == "stage_deleted":
+        cause = Cause(command.actor, now_ms, reason=command.reason)
+        after, changes, _ = delete_stage(BoardDefinition.model_validate_json(command.board_before), board, after, cause)
+        decision = Decision() if changes else Decision(code=NOOP, message="the card is not in a deleted stage")
     elif command.kind in ("move", "add"):
         to_stage = command.to_stage
         if command.kind == "add":

@@ -9,10 +9,10 @@ version.
 
 Writes are optimistic: WATCH the site hash, read, validate the whole resulting set of definitions
 (a rule's move_card must name an existing board and stage; in_segment and a board's import an existing
-segment of the right kind; no cycles among segments), then MULTI/EXEC; a concurrent writer makes EXEC fail
-and the write is recomputed. Nothing is written unless everything is valid. A delete that would leave a
-reference dangling (a board importing the segment, a rule moving cards on the board, ...) is refused
-with DefinitionInUse.
+segment of the right kind; no cycles among segments; the site stays within its limits of rules, boards and
+webhook actions), then MULTI/EXEC; a concurrent writer makes EXEC fail and the write is recomputed. Nothing
+is written unless everything is valid. A delete that would leave a reference dangling (a board importing the
+segment, a rule moving cards on the board, ...) is refused with DefinitionInUse.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ from schemas.definitions import (
     DefinitionsError,
     DefinitionsFile,
     duplicate_problems,
+    limit_problems,
     move_card_problems,
     segment_problems,
 )
 from schemas.rules import Rule
 from schemas.segments import Segment
+from schemas.settings import DefinitionLimits
 
 MAX_WRITE_ATTEMPTS = 20
 _VERSION = b"version"
@@ -69,11 +71,14 @@ class SiteDefinitions:
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
     """versions: every entry of the file ('rule:<id>' / 'segment:<id>' / 'board:<id>') -> its version
-    after the write. changed: the entries that were new or different (only those got a new version)."""
+    after the write. changed: the entries that were new or different (only those got a new version).
+    replaced: what the changed entries that existed before were (a board edit's consequences depend on the
+    board it replaced)."""
 
     site_version: int
     versions: dict[str, int]
     changed: list[str]
+    replaced: dict[str, Definition]
 
 
 Definition = Rule | Segment | BoardDefinition
@@ -112,9 +117,10 @@ def _decode(fields: dict[bytes, bytes]) -> SiteDefinitions:
 
 
 class DefinitionsStore:
-    def __init__(self, redis: aioredis.Redis, prefix: str):
+    def __init__(self, redis: aioredis.Redis, prefix: str, limits: DefinitionLimits = DefinitionLimits()):
         self.redis = redis
         self.prefix = prefix
+        self.limits = limits
 
     def _site_key(self, site: str) -> str:
         return f"{self.prefix}:defs:site:{site}"
@@ -170,7 +176,13 @@ class DefinitionsStore:
 
         def plan(current: SiteDefinitions) -> tuple[dict[str, Definition], list[str]]:
             stored = current.entries()
-            self._check_references(stored | entries)
+            merged = stored | entries
+            self._check_references(merged)
+            rules = [entry for entry in merged.values() if isinstance(entry, Rule)]
+            boards = sum(isinstance(entry, BoardDefinition) for entry in merged.values())
+            problems = limit_problems(rules, boards, current.rules, len(current.boards), self.limits)
+            if problems:
+                raise DefinitionsError(problems, limit=True)
             changed = [name for name, entry in entries.items()
                        if name not in stored or _meaning(stored[name]) != _meaning(entry)]
             return {name: entries[name] for name in changed}, []
@@ -181,8 +193,9 @@ class DefinitionsStore:
         """Creates or replaces one rule; returns its version (unchanged when the rule is the same)."""
         return (await self.apply(site, DefinitionsFile(rules=[rule]))).versions[f"rule:{rule.id}"]
 
-    async def put_board(self, site: str, board: BoardDefinition) -> int:
-        return (await self.apply(site, DefinitionsFile(boards=[board]))).versions[f"board:{board.id}"]
+    async def put_board(self, site: str, board: BoardDefinition) -> ApplyResult:
+        """Creates or replaces one board; the result has its version and the board it replaced."""
+        return await self.apply(site, DefinitionsFile(boards=[board]))
 
     async def put_segment(self, site: str, segment: Segment) -> int:
         return (await self.apply(site, DefinitionsFile(segments=[segment]))).versions[f"segment:{segment.id}"]
@@ -254,5 +267,7 @@ class DefinitionsStore:
                     continue
             stored_versions = {name: orjson.loads(raw)["version"] for name, raw in fields.items() if name != _VERSION}
             versions = {name: version if name in writes else stored_versions[name.encode()] for name in versions_of}
-            return ApplyResult(version, versions, sorted([*writes, *deletes]))
+            changed = sorted([*writes, *deletes])
+            before = current.entries()
+            return ApplyResult(version, versions, changed, {name: before[name] for name in changed if name in before})
         raise RuntimeError(f"definitions of site {site!r} changed {MAX_WRITE_ATTEMPTS} times during one write")

@@ -44,6 +44,13 @@ class SiteDefinitionsCache:
         for site in set(sites) - self.sites.keys():
             await self._load(site)
 
+    async def catch_up(self, wanted: dict[str, int]) -> None:
+        """Reload each site whose loaded definitions are older than the version a record was written for (an
+        API that changed a board and then sent commands about the change), rather than wait for the timer."""
+        for site, version in wanted.items():
+            if self[site].version < version and await self.store.site_version(site) != self[site].version:
+                await self._load(site)
+
     async def refresh(self) -> list[str]:
         """Reload the sites whose definitions changed; returns them."""
         changed = [site for site, setup in list(self.sites.items())

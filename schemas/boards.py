@@ -133,14 +133,18 @@ class StageChange(JsonRecord):
     stage_change_id: str = ""  # deterministic (hash of its cause): replays re-derive it and are skipped
 
 
-CommandKind = Literal["move", "add", "note", "owner", "archive", "unarchive"]
+CommandKind = Literal["move", "add", "note", "owner", "archive", "unarchive", "stage_deleted"]
 
 
 @dataclass(slots=True, frozen=True)
 class BoardCommand(JsonRecord):
     """A person's (or an import's) request on `board.commands`, keyed by card_id. The board processor decides
     it with the same stage machine as every automatic move and stores its outcome under `command_id`
-    (derived from the request's Idempotency-Key), so a retried request acts once."""
+    (derived from the request's Idempotency-Key), so a retried request acts once.
+
+    `stage_deleted`: an edit of the board (at the site's `definitions_version`) deleted the card's stage;
+    `board_before` is the board's definition before that edit (JSON), from which the card's new stage is
+    found (processors.boards.delete_stage)."""
 
     command_id: str
     site_id: str
@@ -154,6 +158,8 @@ class BoardCommand(JsonRecord):
     text: str = ""  # the note (kind note), the owner (kind owner), the company name (kind add)
     if_match: int = -1  # the board version the person saw; -1: no precondition
     ts_ms: int = 0
+    board_before: str = ""
+    definitions_version: int = 0
 
 
 @dataclass(slots=True, frozen=True)

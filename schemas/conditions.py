@@ -28,6 +28,7 @@ MAX_CONDITION_DEPTH = 4
 MAX_GROUP_ITEMS = 50
 MAX_VALUE_ITEMS = 100  # items of an `is` list
 MAX_VALUE_CHARS = 1024
+MAX_FIELD_CHARS = 128  # a field path
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([dhm])$")
 _UNIT_MS = {"d": 86_400_000, "h": 3_600_000, "m": 60_000}
@@ -139,7 +140,7 @@ class ConditionBase(Definition):
     }
     NESTED: ClassVar[tuple[str, ...]] = ("any", "all")  # the keys that hold conditions
 
-    field: str | None = Field(default=None, max_length=128)
+    field: str | None = Field(default=None, max_length=MAX_FIELD_CHARS)
     op: Op | None = None
     value: Any = None
     in_segment: str | None = Field(default=None, pattern=SEGMENT_ID)

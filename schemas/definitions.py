@@ -24,17 +24,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from schemas.boards import BoardDefinition
 from schemas.rules import PATTERN_MEANINGS, Rule
 from schemas.segments import MAX_COUNTS, MAX_SEGMENTS, Segment
+from schemas.settings import DefinitionLimits
 
 MAX_FILE_CHARS = 1_000_000
 KINDS = ("rules", "segments", "boards")
 
 
 class DefinitionsError(ValueError):
-    """A refused definitions file or entry. `problems` holds one line per problem; str() joins them."""
+    """A refused definitions file or entry. `problems` holds one line per problem; str() joins them.
+    `limit`: refused because the site would exceed one of its limits (the definitions themselves are valid)."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], limit: bool = False) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.limit = limit
 
 
 class DefinitionInUse(DefinitionsError):
@@ -249,6 +252,22 @@ def _cycle_problems(segments: list[tuple[str, Segment]]) -> list[str]:
 
 def labelled(kind: str, entries: Iterable[Any]) -> list[tuple[str, Any]]:
     return [(entry_label(kind, index, {"id": entry.id}), entry) for index, entry in enumerate(entries)]
+
+
+def limit_problems(rules: list[Rule], boards: int, rules_before: list[Rule], boards_before: int,
+                   limits: DefinitionLimits) -> list[str]:
+    """What a write that leaves a site with `rules` and `boards` (it had `rules_before`, `boards_before`) would
+    take over the site's limits. Only growth past a limit is refused: a site already over a lowered limit can
+    still edit what it has."""
+    def webhooks(of: list[Rule]) -> int:
+        return sum(action.webhook is not None for rule in of for action in rule.then)
+
+    counts = (("rules", len(rules), len(rules_before), limits.rules, "LEADSTREAM_MAX_RULES_PER_SITE"),
+              ("boards", boards, boards_before, limits.boards, "LEADSTREAM_MAX_BOARDS_PER_SITE"),
+              ("webhook actions", webhooks(rules), webhooks(rules_before), limits.webhook_actions,
+               "LEADSTREAM_MAX_WEBHOOK_ACTIONS_PER_SITE"))
+    return [f"a site has at most {limit} {what} ({setting}); this would make {after}"
+            for what, after, before, limit, setting in counts if after > limit and after > before]
 
 
 def load_definitions(text: str, source: str) -> DefinitionsFile:

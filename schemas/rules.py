@@ -21,6 +21,9 @@ from pydantic import Field, field_validator, model_validator
 from schemas.boards import DEFINITION_ID
 from schemas.conditions import (
     EVENT_FILTER_KEYS,
+    MAX_FIELD_CHARS,
+    MAX_GROUP_ITEMS,
+    MAX_VALUE_CHARS,
     SEGMENT_ID,
     ConditionBase,
     Definition,
@@ -49,6 +52,7 @@ PATTERN_MEANINGS = {
     ENV_NAME: "must be an environment variable name (A-Z, 0-9, _)",
     HTTP_URL: "must be an http:// or https:// URL",
 }
+MAX_RULE_CONDITIONS = 200  # conditions and groups in one rule's `if`, at every depth
 
 # The fields a rule reads: of the event (its trigger's), of the lead and of the lead's account.
 _PY_KINDS: dict[str, FieldKind] = {"str": "text", "int": "number", "bool": "bool"}
@@ -137,8 +141,8 @@ class Condition(ConditionBase):
     (the lead is a member of that lead segment); or a group: `{any: [...]}` (one must hold) / `{all: [...]}`
     (all must hold)."""
 
-    any: list[Condition] | None = Field(default=None, min_length=1, max_length=50)
-    all: list[Condition] | None = Field(default=None, min_length=1, max_length=50)
+    any: list[Condition] | None = Field(default=None, min_length=1, max_length=MAX_GROUP_ITEMS)
+    all: list[Condition] | None = Field(default=None, min_length=1, max_length=MAX_GROUP_ITEMS)
 
     @classmethod
     def field_kind(cls, path: str) -> FieldKind:
@@ -160,7 +164,14 @@ class SetProperty(Definition):
 
     name: str = Field(pattern=PROPERTY_NAME)
     value: str | int | float | bool | None = None
-    from_: str | None = Field(default=None, alias="from")
+    from_: str | None = Field(default=None, alias="from", max_length=MAX_FIELD_CHARS)
+
+    @field_validator("value")
+    @classmethod
+    def _short_text(cls, value: str | int | float | bool | None) -> str | int | float | bool | None:
+        if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+            raise problem("a text value has at most {n} characters", n=MAX_VALUE_CHARS)
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> SetProperty:
@@ -238,10 +249,17 @@ class Rule(Definition):
     id: str = Field(pattern=DEFINITION_ID)
     description: str | None = Field(default=None, max_length=1000)
     when: Trigger
-    if_: list[Condition] = Field(default_factory=list, alias="if", max_length=50)
+    if_: list[Condition] = Field(default_factory=list, alias="if", max_length=MAX_GROUP_ITEMS)
     once: Once = "per_lead"
     then: list[Action] = Field(min_length=1, max_length=20)
     version: int = Field(default=0, ge=0)  # assigned by the store; a value in a file is ignored
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Rule:
+        if sum(condition.size() for condition in self.if_) > MAX_RULE_CONDITIONS:
+            raise problem("if: at most {n} conditions in all, groups and nested ones included",
+                          n=MAX_RULE_CONDITIONS)
+        return self
 
     @model_validator(mode="after")
     def _event_fields_need_event(self) -> Rule:

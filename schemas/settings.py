@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MAX_RECORD_BYTES = 1_000_000  # just under Kafka's default 1 MiB message.max.bytes, with room for headers
@@ -26,7 +27,7 @@ class Settings:
     kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
     kafka_sasl_mechanism: str = "PLAIN"  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (with SASL_*)
     kafka_sasl_username: str = ""
-    kafka_sasl_password: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
     kafka_ssl_cafile: str = ""  # CA bundle to verify the broker (with SSL / SASL_SSL); empty: system CAs
     topic_prefix: str = ""
     partitions: int = 4
@@ -35,7 +36,7 @@ class Settings:
     clickhouse_http_port: int = 8123
     clickhouse_database: str = "leadstream"
     clickhouse_user: str = "default"
-    clickhouse_password: str = ""
+    clickhouse_password: str = field(default="", repr=False)
     redis_url: str = "redis://127.0.0.1:6379/0"
     stack_dir: str = str(REPO_ROOT / ".stack")
     cache_dir: str = str(Path.home() / ".cache" / "leadstream")
@@ -54,9 +55,20 @@ class Settings:
     lead_max_visitors: int = 1000  # visitors listed on a lead record (all of them still resolve to it)
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    api_keys: str = ""  # "site:key" (read-write) or "site:key:ro" (read-only), comma-separated
+    api_keys: str = field(default="", repr=False)  # "site:key" (read-write), "site:key:ro" (read-only), ...
+    server_secret: str = field(default="", repr=False)  # signs stream tokens, names keys in actors; API: required
+    api_max_body_bytes: int = 262_144  # larger request bodies are refused (413)
+    api_max_board_cards: int = 2_000  # cards one board page may read: ?limit x stages is cut to this
+    api_max_account_leads: int = 1_000  # leads an account's lists (and its panel's click-stream) cover
+    api_query_max_seconds: int = 10  # ClickHouse max_execution_time of every API query
+    api_query_max_memory_bytes: int = 2_000_000_000  # ClickHouse max_memory_usage of every API query
+    api_max_streams: int = 200  # open board streams per API process (the size of their Redis pool)
+    api_max_streams_per_key: int = 10  # open board streams per API key (429 beyond)
+    max_rules_per_site: int = 500
+    max_boards_per_site: int = 50
+    max_webhook_actions_per_site: int = 50
     company_provider_url: str = ""  # enrichment service for unknown account domains, with {domain}; empty: none
-    company_provider_token: str = ""  # sent to it as "Authorization: Bearer <token>"
+    company_provider_token: str = field(default="", repr=False)  # sent to it as "Authorization: Bearer <token>"
     company_provider_per_minute: int = 60  # look-ups a minute, per worker process with the raw processor
     company_provider_timeout_ms: int = 2000
 
@@ -92,6 +104,39 @@ class Settings:
     def batch(self) -> BatchConfig:
         return BatchConfig(self.worker_batch_size, self.worker_batch_ms)
 
+    def definition_limits(self) -> DefinitionLimits:
+        return DefinitionLimits(self.max_rules_per_site, self.max_boards_per_site, self.max_webhook_actions_per_site)
+
+    def api_key_entries(self) -> list[ApiKeyEntry]:
+        """LEADSTREAM_API_KEYS as entries; ValueError naming the setting if an entry is malformed."""
+        entries = []
+        for number, item in enumerate(filter(None, (part.strip() for part in self.api_keys.split(","))), 1):
+            site, _, key = item.partition(":")
+            key, read_only = (key[:-3], True) if key.endswith(":ro") else (key, False)
+            if not site or not key:
+                raise ValueError(f"LEADSTREAM_API_KEYS: entry {number} is not site:key or site:key:ro")
+            entries.append(ApiKeyEntry(site, key, read_only))
+        return entries
+
+    def refuse_weak_secrets(self, *, api: bool = False) -> None:
+        """Raises WeakSecret (one line, naming the setting, never the value) when a password in use is a
+        placeholder or short; with `api`, also for the API keys and the server secret (required)."""
+        passwords = {"LEADSTREAM_CLICKHOUSE_PASSWORD": self.clickhouse_password,
+                     "LEADSTREAM_REDIS_URL": urlsplit(self.redis_url).password or "",
+                     "LEADSTREAM_KAFKA_SASL_PASSWORD": self.kafka_sasl_password}
+        for name, value in passwords.items():
+            if value:  # empty: the server has no password (the local stack)
+                _refuse_weak(name, "its password", value, MIN_PASSWORD_CHARS)
+        if not api:
+            return
+        if not self.server_secret:
+            raise WeakSecret(f"LEADSTREAM_SERVER_SECRET is not set: the API needs a random secret of at least "
+                             f"{MIN_SERVER_SECRET_CHARS} characters (openssl rand -hex 32)")
+        _refuse_weak("LEADSTREAM_SERVER_SECRET", "the secret", self.server_secret, MIN_SERVER_SECRET_CHARS)
+        for number, entry in enumerate(self.api_key_entries(), 1):
+            _refuse_weak("LEADSTREAM_API_KEYS", f"the key of entry {number} (site {entry.site!r})", entry.key,
+                         MIN_API_KEY_CHARS)
+
     @property
     def kafka_port(self) -> int:
         return int(self.kafka_bootstrap.rsplit(":", 1)[1])
@@ -101,6 +146,43 @@ class Settings:
         return int(self.redis_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
+MIN_API_KEY_CHARS = 24
+MIN_SERVER_SECRET_CHARS = 32
+MIN_PASSWORD_CHARS = 16
+# Values that say "replace me" (compared without case, '-', '_' and spaces): example files and tutorials.
+PLACEHOLDERS = frozenset(("changeme", "change", "replaceme", "password", "passwd", "secret", "default", "example",
+                          "test", "admin", "key", "apikey", "todo", "xxx", "none", "null"))
+
+
+class WeakSecret(ValueError):
+    """A secret setting a role refuses to start with: its message is one line naming the setting."""
+
+
+def _refuse_weak(setting: str, what: str, value: str, min_chars: int) -> None:
+    folded = "".join(ch for ch in value.lower() if ch not in "-_ ")
+    if folded in PLACEHOLDERS or "changeme" in folded or len(set(value)) == 1:
+        raise WeakSecret(f"{setting}: {what} is a placeholder; use a long random value (openssl rand -hex 24)")
+    if len(value) < min_chars:
+        raise WeakSecret(f"{setting}: {what} is shorter than {min_chars} characters; use a long random value "
+                         "(openssl rand -hex 24)")
+
+
+@dataclass(frozen=True)
+class ApiKeyEntry:
+    """One entry of LEADSTREAM_API_KEYS: a key for one site, read-write unless `read_only`."""
+
+    site: str
+    key: str = field(repr=False)
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class DefinitionLimits:
+    """How many rules, boards and webhook actions one site may have (a write that would exceed one is refused)."""
+
+    rules: int = 500
+    boards: int = 50
+    webhook_actions: int = 50
 
 
 @dataclass(frozen=True)

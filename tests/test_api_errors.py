@@ -13,9 +13,11 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from schemas.settings import Settings
+from tests.api_keys import SERVER_SECRET, api_key
 
-KEY = {"X-API-Key": "k-acme"}
-CLOSED = replace(Settings(), clickhouse_port=1, redis_url="redis://127.0.0.1:1/0", api_keys="acme:k-acme,globex:k-globex")
+KEY = {"X-API-Key": api_key("acme")}
+CLOSED = replace(Settings(), clickhouse_port=1, redis_url="redis://127.0.0.1:1/0", server_secret=SERVER_SECRET,
+                 api_keys=f"acme:{api_key('acme')},globex:{api_key('globex')}")
 INTERNALS = re.compile(r"Error|Exception|Traceback|clickhouse|redis|refused|errno|127\.0\.0\.1", re.IGNORECASE)
 
 
@@ -28,7 +30,7 @@ def client():
 @pytest.mark.parametrize("path", ["/v1/sites/acme/summary", "/v1/sites/acme/boards", "/v1/sites/acme/rules"])
 def test_a_key_in_the_query_string_is_refused_even_with_the_header(client, path):
     for headers in ({}, KEY):
-        response = client.get(path, params={"key": "k-acme"}, headers=headers)
+        response = client.get(path, params={"key": api_key("acme")}, headers=headers)
         assert response.status_code == 401
         body = response.json()
         assert body["title"] == "API key in the URL" and "X-API-Key header" in body["detail"]
@@ -41,7 +43,7 @@ def test_a_key_in_the_query_string_is_refused_even_with_the_header(client, path)
     ("/v1/sites/acme/rules/hot-lead", "board store unavailable"),
 ])
 def test_an_outage_is_a_503_naming_no_internals_and_logging_the_cause(client, caplog, path, title):
-    with caplog.at_level(logging.ERROR, logger="api.app"):
+    with caplog.at_level(logging.ERROR, logger="api.problems"):
         response = client.get(path, headers=KEY)
     assert response.status_code == 503
     assert response.headers["content-type"].startswith("application/problem+json")
@@ -54,7 +56,7 @@ def test_an_outage_is_a_503_naming_no_internals_and_logging_the_cause(client, ca
 
 
 def test_another_sites_key_is_refused_before_any_store_is_asked(client):
-    response = client.get("/v1/sites/acme/summary", headers={"X-API-Key": "k-globex"})
+    response = client.get("/v1/sites/acme/summary", headers={"X-API-Key": api_key("globex")})
     assert response.status_code == 403
 
 
@@ -65,7 +67,7 @@ def test_a_bug_is_a_500_with_a_request_id_and_the_traceback_only_in_the_log(capl
     def bug() -> None:
         raise KeyError("secret internals")
 
-    with caplog.at_level(logging.ERROR, logger="api.app"):
+    with caplog.at_level(logging.ERROR, logger="api.problems"):
         response = TestClient(app, raise_server_exceptions=False).get("/bug")
     assert response.status_code == 500
     body = response.json()

@@ -31,7 +31,7 @@ from processors.boards import (
     fold_updates,
     merge_cards,
 )
-from schemas.boards import BoardCommand, BoardDefinition, StageChange, account_card_id, lead_card_id
+from schemas.boards import BoardCommand, BoardDefinition, CommandResult, StageChange, account_card_id, lead_card_id
 
 SITE = "site-1"
 TAGS = ["Consideration", "Decision", "Other"]
@@ -262,6 +262,27 @@ def test_deleting_a_stage_moves_its_cards_one_stage_left():
         ("decision", "consideration", "stage decision deleted", 2)]
     assert [(v.left_stage, v.view.stage_id) for v in views] == [("decision", "consideration")]
     assert delete_stage(PIPELINE, edited, moved, cause(9_500)) == (moved, [], [])
+
+
+def test_a_stage_deleted_command_moves_the_card_by_the_board_it_carries_and_acts_once():
+    """The API's command after a board edit: the board processor already has the edited board; the command
+    carries the board as it was, which says where the card goes."""
+    card, _, _ = apply_updates(BOARDS, account(), [facts(["Decision"], lead_id="l1")])
+    edited = PIPELINE.model_copy(update={"stages": [s for s in PIPELINE.stages if s.id != "decision"]})
+    deleted = command(card, "stage_deleted", "sd-1", board_before=PIPELINE.model_dump_json(exclude_unset=True),
+                      definitions_version=7)
+    moved, result, changes, views = apply_command([edited, LEADS], card, deleted, 9_000)
+    assert (result.ok, result.code, result.stage_change_id) == (True, "", changes[0].stage_change_id)
+    assert [(c.from_stage, c.to_stage, c.actor, c.reason) for c in changes] == [
+        ("decision", "consideration", "user:ann", "stage decision deleted")]
+    assert [(v.left_stage, v.view.stage_id) for v in views if v.board_id == "pipeline"] == [
+        ("decision", "consideration")]
+    assert apply_command([edited, LEADS], moved, deleted, 9_500)[1:] == (
+        CommandResult("sd-1", SITE, "pipeline", card.card_id, True, "noop", "already applied"), [], [])
+    elsewhere, _, _ = apply_updates(BOARDS, account("initech.com"), [facts(["Consideration"], lead_id="l2")])
+    _, result, changes, _ = apply_command([edited, LEADS], elsewhere, command(elsewhere, "stage_deleted", "sd-2",
+                                          board_before=deleted.board_before), 9_000)
+    assert (result.ok, result.code, changes) == (True, "noop", [])
 
 
 def test_replaying_the_same_input_rederives_the_same_stage_changes():

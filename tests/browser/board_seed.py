@@ -25,11 +25,12 @@ from processors.boards import CardState, Cause, FactsUpdate, apply_command, appl
 from schemas.boards import BoardCommand, BoardDefinition, CommandResult, StageDefinition
 from schemas.settings import Settings
 from sinks.clickhouse import connect, insert_columnar
+from tests.api_keys import api_key
 
 SITE = "acme"
-KEY = "k-acme"
-READ_ONLY_KEY = "k-acme-ro"
-OTHER_SITE, OTHER_KEY = "globex", "k-globex"
+KEY = api_key("acme")
+READ_ONLY_KEY = api_key("acme-ro")
+OTHER_SITE, OTHER_KEY = "globex", api_key("globex")
 API_KEYS = f"{SITE}:{KEY},{SITE}:{READ_ONLY_KEY}:ro,{OTHER_SITE}:{OTHER_KEY}"
 HOUR_MS = 3_600_000
 MINUTE_MS = 60_000

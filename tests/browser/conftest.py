@@ -37,7 +37,7 @@ class Dashboard:
 def dashboard(settings, monkeypatch) -> Iterator[Dashboard]:  # noqa: F811 - `settings` is the stack fixture
     """The API serving the page, with the pipeline board defined. Commands wait only briefly for the board
     processor (not running here), so a POST answers 202 quickly."""
-    monkeypatch.setattr("api.boards.COMMAND_WAIT_S", 0.5)
+    monkeypatch.setattr("api.commands.COMMAND_WAIT_S", 0.5)
     seeder = BoardSeeder(settings)
     with serve_api(replace(settings, api_keys=API_KEYS)) as base_url, \
             httpx.Client(base_url=base_url, headers={"X-API-Key": KEY}, timeout=10) as http:

@@ -19,11 +19,12 @@ from leadstream.runner import Role, drop_namespace
 from leadstream.topics import ensure_topics
 from schemas.settings import Settings
 from sinks import clickhouse
+from tests.api_keys import SERVER_SECRET
 
 
 @pytest.fixture(scope="session")
 def stack_settings() -> Settings:
-    settings = Settings.from_env()
+    settings = replace(Settings.from_env(), server_secret=SERVER_SECRET)  # the API refuses to start without one
     stack.up(settings)
     return settings
 

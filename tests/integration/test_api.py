@@ -7,9 +7,13 @@ from dataclasses import replace
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app, parse_api_keys
+from api.app import create_app
+from schemas.settings import ApiKeyEntry, Settings
 from sinks.clickhouse import connect, insert_columnar
 from sinks.table_sink import TABLES
+from tests.api_keys import api_key
+
+ACME, OTHER = api_key("acme"), api_key("other")
 
 pytestmark = pytest.mark.integration
 
@@ -22,45 +26,45 @@ def client(settings):
         ["lead_2", "acme", "", ["v2"], "", "", 1000, 3000, "e2", 1, 1],
     ])
     insert_columnar(ch, "visitor_leads", TABLES["visitor_leads"].columns, [["acme", "v1", 0, "lead_1", 1]])
-    return TestClient(create_app(replace(settings, api_keys="acme:k-acme,other:k-other")))
+    return TestClient(create_app(replace(settings, api_keys=f"acme:{ACME},other:{OTHER}")))
 
 
 def test_keys_are_scoped_to_one_site(client):
     assert client.get("/v1/sites/acme/summary").status_code == 401
-    forbidden = client.get("/v1/sites/acme/summary", headers={"X-API-Key": "k-other"})
+    forbidden = client.get("/v1/sites/acme/summary", headers={"X-API-Key": OTHER})
     assert forbidden.status_code == 403
     assert forbidden.headers["content-type"].startswith("application/problem+json")
     assert forbidden.json()["title"] == "this API key is not for this site"
-    ok = client.get("/v1/sites/acme/summary", headers={"X-API-Key": "k-acme"})
+    ok = client.get("/v1/sites/acme/summary", headers={"X-API-Key": ACME})
     assert ok.status_code == 200
     assert ok.json()["leads"] == [["anonymous", 1], ["known", 1]]
 
 
 def test_bad_input_is_4xx_with_a_problem_body(client):
-    assert client.get("/v1/sites/ac me!/summary", headers={"X-API-Key": "k-acme"}).status_code == 400
-    bad_page = client.get("/v1/sites/acme/leads/lead_1?page=-3", headers={"X-API-Key": "k-acme"})
+    assert client.get("/v1/sites/ac me!/summary", headers={"X-API-Key": ACME}).status_code == 400
+    bad_page = client.get("/v1/sites/acme/leads/lead_1?page=-3", headers={"X-API-Key": ACME})
     assert bad_page.status_code == 400 and "page" in bad_page.json()["detail"]
-    missing = client.get("/v1/sites/acme/leads/nope", headers={"X-API-Key": "k-acme"})
+    missing = client.get("/v1/sites/acme/leads/nope", headers={"X-API-Key": ACME})
     assert missing.status_code == 404 and missing.json()["title"] == "no such lead"
 
 
 def test_recent_leads_and_profile(client):
-    leads = client.get("/v1/sites/acme/leads", headers={"X-API-Key": "k-acme"}).json()
+    leads = client.get("/v1/sites/acme/leads", headers={"X-API-Key": ACME}).json()
     assert [lead["email"] for lead in leads] == ["ann@acme.com"]
-    profile = client.get("/v1/sites/acme/leads/lead_1", headers={"X-API-Key": "k-acme"}).json()
+    profile = client.get("/v1/sites/acme/leads/lead_1", headers={"X-API-Key": ACME}).json()
     assert profile["identity"]["email"] == "ann@acme.com"
     assert profile["account"]["domain"] == "acme.com"
     assert client.get("/", headers={}).status_code == 200
 
 
 def test_database_outage_is_503_not_500(settings):
-    down = TestClient(create_app(replace(settings, clickhouse_port=1, api_keys="acme:k")))
-    response = down.get("/v1/sites/acme/summary", headers={"X-API-Key": "k"})
+    down = TestClient(create_app(replace(settings, clickhouse_port=1, api_keys=f"acme:{ACME}")))
+    response = down.get("/v1/sites/acme/summary", headers={"X-API-Key": ACME})
     assert response.status_code == 503
     assert response.json()["title"] == "analytics store unavailable"
 
 
 def test_api_key_config_is_validated():
-    assert parse_api_keys("a:1, b:2") == {"1": "a", "2": "b"}
+    assert Settings(api_keys="a:1, b:2").api_key_entries() == [ApiKeyEntry("a", "1"), ApiKeyEntry("b", "2")]
     with pytest.raises(ValueError):
-        parse_api_keys("justakey")
+        Settings(api_keys="justakey").api_key_entries()

@@ -48,7 +48,7 @@ REQUEST_TIMEOUT_S = 30
 def api(settings: Settings, monkeypatch) -> Iterator[tuple[str, schemathesis.BaseSchema]]:
     """The served API (with the seeded board, cards, rule and click-stream) and its loaded schema. The board
     processor is not running: a command's POST waits only briefly, then answers 202."""
-    monkeypatch.setattr("api.boards.COMMAND_WAIT_S", 0.05)
+    monkeypatch.setattr("api.commands.COMMAND_WAIT_S", 0.05)
     seed_account_click_stream(settings)
     seeder = BoardSeeder(settings)
     with serve_api(replace(settings, api_keys=API_KEYS)) as base_url:

@@ -18,6 +18,7 @@ from processors.app import LAYOUTS
 from processors.definitions_store import DefinitionsStore
 from schemas.definitions import load_definitions
 from sinks.clickhouse import connect
+from tests.api_keys import api_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -83,18 +84,18 @@ def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles, lay
     assert list(tags.values()) == [["Consideration"]]
     assert count(settings, "SELECT count() FROM rule_executions FINAL WHERE rule_id = 'viewed-pricing'") == 1
 
-    client = TestClient(create_app(replace(settings, api_keys="it:k,other:k-other")))
+    client = TestClient(create_app(replace(settings, api_keys=f"it:{api_key('it')},other:{api_key('other')}")))
     with client:
-        board = client.get("/v1/sites/it/boards/pipeline", headers={"X-API-Key": "k"})
+        board = client.get("/v1/sites/it/boards/pipeline", headers={"X-API-Key": api_key("it")})
         assert board.status_code == 200 and board.headers["etag"]
         columns = {stage["id"]: [card["card_id"] for card in stage["cards"]] for stage in board.json()["stages"]}
         assert "account:acme.com" in columns["consideration"] and "account:globex.io" in columns["decision"]
         globex = next(card for stage in board.json()["stages"] for card in stage["cards"]
                       if card["card_id"] == "account:globex.io")
         assert globex["tags"] == ["Decision", "Demo requested"]  # the lead's tag and the account's own
-        assert client.get("/v1/sites/it/boards/pipeline", headers={"X-API-Key": "k-other"}).status_code in (403, 404)
+        assert client.get("/v1/sites/it/boards/pipeline", headers={"X-API-Key": api_key("other")}).status_code in (403, 404)
         ann = next(iter(tags))
-        profile = client.get(f"/v1/sites/it/leads/{ann}", headers={"X-API-Key": "k"}).json()
+        profile = client.get(f"/v1/sites/it/leads/{ann}", headers={"X-API-Key": api_key("it")}).json()
         assert profile["score"] == 15 and isinstance(profile["score"], int)
         assert [(t["tag"], t["source"], t["rule_id"]) for t in profile["tags"]] == \
             [("Consideration", "rule", "viewed-pricing")]

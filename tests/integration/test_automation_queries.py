@@ -10,6 +10,7 @@ Replayed records are loaded twice, every one through the sink's own row function
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -22,7 +23,7 @@ from schemas.records import JsonRecord
 from schemas.rules import LeadChange, LeadSnapshot, RuleExecution
 from sinks import clickhouse
 from sinks.table_sink import TABLES
-from tests.integration.test_lead_profile import AUTOMATION_SECTION, ChdbClient, docs_sections
+from tests.integration.test_lead_profile import AUTOMATION_SECTION, DOCS, ChdbClient, docs_sections
 
 SITE = "demo"
 HOUR_MS = 3_600_000
@@ -180,34 +181,34 @@ def ch_client(settings):
 PARAMS = {"site_id": SITE, "board_id": "pipeline", "final_stage": "customer", "from_ms": BASE_MS,
           "rule_id": "viewed-pricing", "lead_id": "lead-ada", "limit": 2, "offset": 1}
 
-# The analyst queries' rows on the dataset, the same on both engines.
+# The rows of docs/queries.md's analyst queries (by their `### ` heading) on the dataset, the same on both engines.
 EXPECTED_ROWS: dict[str, list[tuple]] = {
-    "RULES_BY_FIRINGS_SQL": [
+    "Which rules fire most": [
         ("viewed-pricing", 4, 3, 3, 0, BASE_MS + int(32.5 * HOUR_MS)),
         ("hot-lead", 2, 2, 2, 2, BASE_MS + 33 * HOUR_MS),
         ("gone-quiet", 1, 1, 1, 0, BASE_MS + 32 * HOUR_MS),
     ],
     # Ada 6 h, Bob 4 h, Cyd 1 h (her first Consideration counts, not the one after its removal);
     # lead-anon was merged away and the account tag is not the lead's.
-    "TIME_TO_TAG_SQL": [("Consideration", 3, 3.7, 4.0), ("Decision", 2, 7.5, 12.0)],
-    "SCORE_BY_ACCOUNT_SQL": [("globex.com", 1, 90.0, 90, 0, 0, 0, 1), ("acme.com", 2, 45.0, 70, 1, 0, 1, 0)],
+    "Time from a lead's first event to a tag": [("Consideration", 3, 3.7, 4.0), ("Decision", 2, 7.5, 12.0)],
+    "Score distribution by account": [("globex.com", 1, 90.0, 90, 0, 0, 0, 1), ("acme.com", 2, 45.0, 70, 1, 0, 1, 0)],
     # acme: new 6 h, consideration 6 h, decision 28 h; globex: new 1 h, consideration 2 h, decision 1 h
-    "TIME_IN_STAGE_SQL": [
+    "Time in stage per board": [
         ("pipeline", "decision", 0, 2, 14.5, 28.0),
         ("pipeline", "consideration", 0, 2, 4.0, 6.0),
         ("pipeline", "new", 1, 2, 3.5, 6.0),
         ("pipeline", "customer", 2, 0, None, None),
     ],
-    "STAGE_CONVERSION_SQL": [
+    "Conversion between stages": [
         ("pipeline", "new", "consideration", 2, 3, 0.67),
         ("pipeline", "consideration", "decision", 2, 2, 1.0),
         ("pipeline", "decision", "customer", 2, 2, 1.0),
     ],
-    "LEAD_TIME_SQL": [
+    "Lead time: first event to the final stage of a board": [
         ("account:acme.com", BASE_MS, BASE_MS + 40 * HOUR_MS, 40.0),
         ("account:globex.com", BASE_MS + 30 * HOUR_MS, BASE_MS + 34 * HOUR_MS, 4.0),
     ],
-    "STAGE_CHANGES_BY_ACTOR_SQL": [
+    "Stage changes by rule and by person": [
         ("pipeline", "new", 3, 0, 0, 3),
         ("pipeline", "consideration", 2, 2, 0, 0),
         ("pipeline", "customer", 2, 0, 2, 0),
@@ -251,19 +252,27 @@ def check_lead_state(client) -> None:
 
 
 def check_analyst_queries(client) -> None:
-    for name, expected in EXPECTED_ROWS.items():
-        assert (name, _rows(client, getattr(aq, name))) == (name, expected)
+    queries = documented_queries()
+    for heading, expected in EXPECTED_ROWS.items():
+        assert (heading, _rows(client, queries[heading])) == (heading, expected)
 
 
 def check_docs_section(client) -> None:
-    """Every query the section documents is one of the module's constants, and gives its expected rows."""
-    by_text = {_normalised(getattr(aq, name)): name for name in _constants()}
-    for block in docs_sections()[AUTOMATION_SECTION]:
-        name = by_text[_normalised(block)]
-        if name in EXPECTED_ROWS:
-            assert (name, _rows(client, block)) == (name, EXPECTED_ROWS[name])
-        else:
-            assert _rows(client, block), name
+    """Every query the section documents is either one the API runs (a module constant) or an analyst query
+    with its expected rows, and gives rows."""
+    api_queries = {_normalised(getattr(aq, name)) for name in _constants()}
+    for heading, block in documented_queries().items():
+        assert heading in EXPECTED_ROWS or _normalised(block) in api_queries, heading
+        assert _rows(client, block), heading
+
+
+def documented_queries() -> dict[str, str]:
+    """The section's ```sql blocks by their `### ` heading."""
+    section = re.split(r"^## ", DOCS.read_text(), flags=re.M)
+    body = next(part for part in section if part.startswith(AUTOMATION_SECTION))
+    return {heading: re.search(r"```sql\n(.*?)```", text, flags=re.S)[1]
+            for heading, text in re.findall(r"^### (.+?)$(.*?)(?=^### |\Z)", body, flags=re.M | re.S)
+            if "```sql" in text}
 
 
 def _normalised(sql: str) -> str:
@@ -278,10 +287,14 @@ def _constants() -> list[str]:
 
 
 class TestPureCore:
-    def test_docs_section_quotes_every_module_query_and_nothing_else(self):
-        section = {_normalised(block) for block in docs_sections()[AUTOMATION_SECTION]}
-        assert section == {_normalised(getattr(aq, name)) for name in _constants()}
-        assert set(EXPECTED_ROWS) | {"RULE_EXECUTIONS_SQL", "LEAD_STATE_SQL"} == set(_constants())
+    def test_docs_section_quotes_the_api_queries_and_an_expectation_for_every_other(self):
+        documented = documented_queries()
+        assert len(documented) == len(docs_sections()[AUTOMATION_SECTION])  # one query per heading
+        api_queries = {_normalised(getattr(aq, name)) for name in _constants()}
+        assert {"RULE_EXECUTIONS_SQL", "LEAD_STATE_SQL"} == set(_constants())
+        assert api_queries <= {_normalised(block) for block in documented.values()}
+        assert set(EXPECTED_ROWS) == {heading for heading, block in documented.items()
+                                      if _normalised(block) not in api_queries}
 
     def test_tag_list_keeps_every_tag_in_order_with_its_provenance(self):
         sources = '{"Decision": {"source": "user", "ts_ms": 5}}'

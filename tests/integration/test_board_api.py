@@ -21,13 +21,17 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
-from api.app import create_app, parse_api_keys
+from api.app import create_app
+from api.commands import command_id_for
+from api.keys import STREAM_TOKEN_TTL_MS, ApiKeys
 from api.lead_profile import ProfileSession, merge_intervals, ownership, ownership_by_lead, session_owner
-from api.boards import STREAM_TOKEN_TTL_MS, check_stream_token, command_id_for, matches, sign_stream_token
+from api.routes.cards import matches
 from processors.lookup_tables import publish_ip_ranges
 from schemas.boards import CommandResult
 from schemas.rules import RuleExecution
+from schemas.settings import Settings
 from sinks.clickhouse import connect, insert_columnar
+from tests.api_keys import SERVER_SECRET, api_key
 from tests.browser.board_seed import (
     API_KEYS,
     KEY,
@@ -57,7 +61,7 @@ def seeder(settings):
 @pytest.fixture
 def api(settings, monkeypatch):
     """The app with its lifespan (board services), the pipeline board PUT, and a short wait for the board processor."""
-    monkeypatch.setattr("api.boards.COMMAND_WAIT_S", 0.3)
+    monkeypatch.setattr("api.commands.COMMAND_WAIT_S", 0.3)
     with TestClient(create_app(replace(settings, api_keys=API_KEYS))) as client:
         client.headers["X-API-Key"] = KEY
         put = client.put(BOARD, json=PIPELINE.model_dump(mode="json", exclude_unset=True))
@@ -93,11 +97,12 @@ def test_keys_are_site_scoped_and_read_only_keys_only_read(api, seeder):
 
 
 def test_api_key_config_has_read_only_keys():
-    keys = parse_api_keys("a:1, a:2:ro, b:3")
-    assert keys == {"1": "a", "2": "a", "3": "b"}
-    assert [keys[k].read_only for k in ("1", "2", "3")] == [False, True, False]
+    keys = ApiKeys(Settings(api_keys="a:1, a:2:ro, b:3").api_key_entries(), SERVER_SECRET)
+    assert [(keys.grant(k).site, keys.grant(k).read_only) for k in ("1", "2", "3")] == [
+        ("a", False), ("a", True), ("b", False)]
+    assert keys.grant("4") is None
     with pytest.raises(ValueError):
-        parse_api_keys("a::ro")
+        Settings(api_keys="a::ro").api_key_entries()
 
 
 # ------------------------------------------------------------------------------------------------ board pages
@@ -292,7 +297,7 @@ def sse_events(response: httpx.Response, count: int) -> list[dict]:
 
 
 def test_stream_tokens_resume_and_reset(settings, seeder, monkeypatch):
-    monkeypatch.setattr("api.boards.HEARTBEAT_S", 1)
+    monkeypatch.setattr("api.routes.board_stream.HEARTBEAT_S", 1)
     with serve_api(replace(settings, api_keys=API_KEYS)) as base, httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=10) as http:
         assert http.put(BOARD, json=PIPELINE.model_dump(mode="json", exclude_unset=True)).status_code == 200
         seeder.show(("account:acme.com", "Acme", (), 10))
@@ -319,9 +324,10 @@ def test_stream_tokens_resume_and_reset(settings, seeder, monkeypatch):
         assert [e["event"] for e in resumed] == ["stage_change", "card"]
         assert orjson.loads(resumed[0]["data"])["to_stage"] == "decision" and resumed[0]["id"] > card["id"]
 
-        for bad in ("garbage", sign_stream_token(KEY, SITE, "other-board", now_ms()).token,
-                    sign_stream_token(KEY, SITE, "pipeline", now_ms() - STREAM_TOKEN_TTL_MS - 1).token,
-                    sign_stream_token("not-a-configured-key", SITE, "pipeline", now_ms()).token):
+        served, unknown = keys_of(API_KEYS), keys_of(f"{SITE}:{api_key('not-configured')}")
+        for bad in ("garbage", served.stream_token(served.grant(KEY), "other-board", now_ms()).token,
+                    served.stream_token(served.grant(KEY), "pipeline", now_ms() - STREAM_TOKEN_TTL_MS - 1).token,
+                    unknown.stream_token(unknown.grant(api_key("not-configured")), "pipeline", now_ms()).token):
             assert problem(keyless.get(url, params={"token": bad}), 401)["title"] == "stream token invalid or expired"
         assert problem(keyless.get(url), 401)["title"] == "API key required"
         assert problem(http.get(url, headers={"Last-Event-ID": "yesterday"}), 400)["title"] == "invalid Last-Event-ID"
@@ -339,14 +345,17 @@ def test_stream_tokens_resume_and_reset(settings, seeder, monkeypatch):
 
 
 def test_stream_tokens_are_bound_to_site_board_key_and_time():
-    keys = parse_api_keys(f"{SITE}:{KEY},{OTHER_SITE}:{OTHER_KEY}")
-    token = sign_stream_token(KEY, SITE, "pipeline", 1_000).token
+    keys = keys_of(f"{SITE}:{KEY},{OTHER_SITE}:{OTHER_KEY}")
+    token = keys.stream_token(keys.grant(KEY), "pipeline", 1_000).token
     assert KEY not in token
-    assert check_stream_token(token, keys, SITE, "pipeline", 1_000 + STREAM_TOKEN_TTL_MS)
-    assert not check_stream_token(token, keys, SITE, "pipeline", 1_001 + STREAM_TOKEN_TTL_MS)
-    assert not check_stream_token(token, keys, OTHER_SITE, "pipeline", 1_000)
-    assert not check_stream_token(token, parse_api_keys(f"{SITE}:rotated"), SITE, "pipeline", 1_000)
-    assert not check_stream_token(token[:-2] + "AA", keys, SITE, "pipeline", 1_000)
+    opened = keys.check_stream_token(token, SITE, "pipeline", 1_000 + STREAM_TOKEN_TTL_MS)
+    assert opened.grant == keys.grant(KEY) and opened.expires_ms == 1_000 + STREAM_TOKEN_TTL_MS
+    assert not keys.check_stream_token(token, SITE, "pipeline", 1_001 + STREAM_TOKEN_TTL_MS)
+    assert not keys.check_stream_token(token, OTHER_SITE, "pipeline", 1_000)
+    assert not keys_of(f"{SITE}:{api_key('rotated')}").check_stream_token(token, SITE, "pipeline", 1_000)
+    assert not keys.check_stream_token(token[:-2] + "AA", SITE, "pipeline", 1_000)
+    other_server = keys_of(f"{SITE}:{KEY}", secret=api_key("another-server-secret"))
+    assert not other_server.check_stream_token(token, SITE, "pipeline", 1_000)
 
 
 def test_if_match_forms():
@@ -420,6 +429,10 @@ def test_openapi_documents_the_board_api_and_pages_are_served(api):
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def keys_of(api_keys: str, secret: str = SERVER_SECRET) -> ApiKeys:
+    return ApiKeys(Settings(api_keys=api_keys).api_key_entries(), secret)
 
 
 async def publish(settings, ip_ranges_csv: str) -> None:

@@ -22,6 +22,7 @@ from leadstream.traffic import TrafficGenerator
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
 from sinks.clickhouse import connect
+from tests.api_keys import api_key
 from tests.integration.conftest import namespace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -127,12 +128,12 @@ def test_a_sigkilled_worker_ends_with_the_same_rules_and_board_as_an_uninterrupt
 
 def test_a_board_rebuilt_from_kafka_after_redis_is_lost_equals_the_live_one(settings, roles):
     run_pipeline(settings, roles)
-    with TestClient(create_app(replace(settings, api_keys=f"{SITE}:k"))) as api:
+    with TestClient(create_app(replace(settings, api_keys=f"{SITE}:{api_key(SITE)}"))) as api:
         card = board_snapshot(settings)["decision"][0][0]
         note = api.post(f"/v1/sites/{SITE}/boards/pipeline/cards/{card}/notes", json={"text": "call on Monday"},
-                        headers={"X-API-Key": "k", "Idempotency-Key": "note-1"})
+                        headers={"X-API-Key": api_key(SITE), "Idempotency-Key": "note-1"})
         moved = api.post(f"/v1/sites/{SITE}/boards/pipeline/cards/{card}/move", json={"to": "customer"},
-                         headers={"X-API-Key": "k", "Idempotency-Key": "move-1"})
+                         headers={"X-API-Key": api_key(SITE), "Idempotency-Key": "move-1"})
         assert note.status_code == 200 and moved.status_code == 200, (note.text, moved.text)
     wait_drained(settings, timeout_s=60, roles=roles)
     live = board_snapshot(settings)

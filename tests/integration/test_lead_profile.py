@@ -31,6 +31,7 @@ from api.app import create_app
 from leadstream.bench_profile import percentile, run_profile_bench
 from schemas.events import ID_MAX_CHARS
 from sinks import clickhouse
+from tests.api_keys import api_key
 
 SITE = "demo"
 HOUR_MS = 3_600_000
@@ -369,7 +370,8 @@ def docs_sections() -> dict[str, list[str]]:
 
 
 DOC_PARAMS = {"site_id": SITE, "lead_id": "lead-ada", "domain": "acme.com", "visitors": ("va1", "va2"),
-              "from_ms": BASE_MS, "to_ms": BASE_MS + 24 * HOUR_MS, "offset": 0, "page_size": lp.PAGE_SIZE}
+              "from_ms": BASE_MS, "to_ms": BASE_MS + 24 * HOUR_MS, "offset": 0, "page_size": lp.PAGE_SIZE,
+              "limit": lp.MAX_ACCOUNT_LEADS, "lead_ids": ("lead-ada",)}
 DOC_OWNED = {"va1": [(0, lp.FOREVER_MS)], "va2": [(0, lp.FOREVER_MS)]}  # Ada's ownership
 
 
@@ -524,11 +526,11 @@ class TestOnClickHouse18:
     def test_a_lead_with_thousands_of_visitors_pages_in_sql(self, ch_settings, ch_client):
         newest_first = load_big_lead(
             lambda table, columns, rows: clickhouse.insert_columnar(ch_client, table, columns, rows))
-        api = TestClient(create_app(replace(ch_settings, api_keys=f"{BIG_SITE}:k-big")))
+        api = TestClient(create_app(replace(ch_settings, api_keys=f"{BIG_SITE}:{api_key('big')}")))
 
         def page(number: int) -> dict:
             response = api.get(f"/v1/sites/{BIG_SITE}/leads/lead-big", params={"page": number},
-                               headers={"X-API-Key": "k-big"})
+                               headers={"X-API-Key": api_key("big")})
             assert response.status_code == 200, response.text
             return response.json()
 
