@@ -140,20 +140,21 @@ class CommandBus:
         card = await self.boards.card(command.site_id, command.board_id, command.card_id)
         return CommandOutcome(command_id=command.command_id, status="applied", result=result, card=card)
 
-    async def move_out_of_deleted_stages(self, grant: SiteGrant, before: BoardDefinition, after: BoardDefinition,
-                                         definitions_version: int) -> int:
-        """After an edit of a board (`before` -> `after`, written at the site's `definitions_version`), one
-        `stage_deleted` command for every card in a stage the edit deleted: the board processor moves each to
-        the nearest kept stage on its left (processors.boards.delete_stage), with one stage change. Returns
+    async def move_out_of_deleted_stages(self, site_id: str, actor: str, before: BoardDefinition,
+                                         after: BoardDefinition, definitions_version: int) -> int:
+        """After `actor` edited a board (`before` -> `after`, written at the site's `definitions_version`),
+        one `stage_deleted` command for every card in a stage the edit deleted: the board processor moves each
+        to the nearest kept stage on its left (processors.boards.delete_stage), with one stage change. Returns
         how many were sent. Their ids derive from the edit, so sending them again changes nothing."""
         kept = {stage.id for stage in after.stages}
         board_before = before.model_dump_json(exclude_unset=True)
         sent, chunk = 0, []
         for stage in (s.id for s in before.stages if s.id not in kept):
-            async for card_id in self.boards.column_card_ids(grant.site, before.id, stage):
-                chunk.append(person_command(grant, before.id, card_id, "stage_deleted",
-                                            f"stage_deleted@{definitions_version}", board_before=board_before,
-                                            definitions_version=definitions_version))
+            async for card_id in self.boards.column_card_ids(site_id, before.id, stage):
+                chunk.append(BoardCommand(
+                    command_id=command_id_for(site_id, before.id, card_id, f"stage_deleted@{definitions_version}"),
+                    site_id=site_id, board_id=before.id, card_id=card_id, kind="stage_deleted", actor=actor,
+                    ts_ms=now_ms(), board_before=board_before, definitions_version=definitions_version))
                 if len(chunk) == SEND_CHUNK:
                     await self.send(chunk)
                     sent, chunk = sent + len(chunk), []

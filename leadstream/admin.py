@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from api.commands import CommandBus
+from api.problems import Problem
 from processors import webhooks
 from processors.app import BOARD_PROCESSOR_GROUP
 from processors.board_processor import BoardProcessor
@@ -26,10 +28,14 @@ from processors.accounts import AccountRefused, BadLine, IpRangeTable, manual_ac
 from processors.companies import CompanyStore, publish_cards, read_company_file
 from processors.lookup_tables import publish_ip_ranges
 from processors.runtime.producer import BatchProducer
+from schemas.boards import BoardDefinition
 from schemas.definitions import DefinitionsError, load_definitions
 from schemas.settings import Settings
 from schemas.topics import BOARD_COMMANDS
 from sinks import clickhouse
+
+
+CLI_ACTOR = "user:cli"  # the actor of what an operator's command changes on a board
 
 
 def load_ip_ranges(settings: Settings, path: str) -> int:
@@ -135,10 +141,22 @@ def apply_definitions(settings: Settings, path: str, site_id: str, expect: str) 
         return 2
 
     async def store() -> ApplyResult:
+        """Apply the file; then move the cards of any stage it deleted (as PUT boards/{board} does)."""
         redis = aioredis.from_url(settings.redis_url)
+        commands = CommandBus(settings, BoardStore(redis, settings.name("ls")))
         try:
-            return await DefinitionsStore(redis, settings.name("ls")).apply(site_id, definitions)
+            result = await DefinitionsStore(redis, settings.name("ls"), settings.definition_limits()).apply(
+                site_id, definitions)
+            for board in definitions.boards:
+                before = result.replaced.get(f"board:{board.id}")
+                if isinstance(before, BoardDefinition):
+                    moved = await commands.move_out_of_deleted_stages(site_id, CLI_ACTOR, before, board,
+                                                                      result.versions[f"board:{board.id}"])
+                    if moved:
+                        print(f"  board {board.id}: {moved} cards of deleted stages sent to the board processor")
+            return result
         finally:
+            await commands.stop()
             await redis.aclose()
 
     try:
@@ -148,6 +166,10 @@ def apply_definitions(settings: Settings, path: str, site_id: str, expect: str) 
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
+    except Problem as err:  # Kafka unavailable: the file is applied, the cards of its deleted stages did not move
+        print(f"leadstream {expect} apply: {path} applied, but the cards of its deleted stages could not be "
+              f"moved ({err.title}): apply the board with those stages again, then without them", file=sys.stderr)
+        return 1
     print(f"site {site_id}: {len(definitions.rules)} rules, {len(definitions.segments)} segments, "
           f"{len(definitions.boards)} boards in {path}; {len(result.changed)} new or changed "
           f"(definitions version {result.site_version})")

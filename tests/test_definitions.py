@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from schemas.definitions import DefinitionsError, load_definitions
+from schemas.definitions import DefinitionsError, limit_problems, load_definitions
+from schemas.rules import Rule
+from schemas.settings import DefinitionLimits
 
 DESIGN_EXAMPLE = """
 rules:
@@ -158,3 +160,53 @@ rules:
     with pytest.raises(DefinitionsError) as refused:
         load_definitions(text, "rules.yaml")
     assert "rules[0] (id: leak)" in str(refused.value) and "secret_env" in str(refused.value)
+
+
+def _rule_if(*conditions: dict) -> dict:
+    return {"id": "r", "when": {"event": "pageview"}, "if": list(conditions), "then": [{"add_tag": "A"}]}
+
+
+def _nested(depth: int, width: int) -> dict:
+    """`width` conditions in a group, `depth` groups deep."""
+    leaf = {"field": "lead.email", "op": "exists"}
+    return leaf if depth == 0 else {"any": [_nested(depth - 1, width) for _ in range(width)]}
+
+
+@pytest.mark.parametrize("entry, expected", [
+    (_rule_if({"field": "lead.email", "op": "is", "value": [f"a{i}@x.com" for i in range(101)]}),
+     "rules[0] (id: r): if[0]: a value list has at most 100 items"),
+    (_rule_if({"field": "event.url", "op": "contains", "value": "x" * 1025}),
+     "rules[0] (id: r): if[0]: a text value has at most 1024 characters"),
+    (_rule_if({"field": "lead.properties." + "p" * 200, "op": "exists"}),
+     "rules[0] (id: r): if[0].field: String should have at most 128 characters"),
+    (_rule_if(*[_nested(2, 5)] * 10), "rules[0] (id: r): if: at most 200 conditions in all"),  # 10 x 31
+    ({"id": "r", "when": {"event": "pageview"}, "then": [{"set_property": {"name": "p", "value": "x" * 1025}}]},
+     "rules[0] (id: r): then[0].set_property.value: a text value has at most 1024 characters"),
+    ({"id": "r", "when": {"event": "pageview"}, "then": [{"set_property": {"name": "p", "from": "event." + "u" * 200}}]},
+     "rules[0] (id: r): then[0].set_property.from: String should have at most 128 characters"),
+])
+def test_a_rule_is_bounded_in_every_list_and_text(entry, expected):
+    found = problems(json.dumps({"rules": [entry]}), "defs.json")
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_a_rule_at_its_bounds_loads():
+    entry = _rule_if({"field": "lead.email", "op": "is", "value": ["x" * 1024] * 100}, *[_nested(2, 5)] * 6)
+    assert load_definitions(json.dumps({"rules": [entry]}), "defs.json").rules[0].if_[0].value[0] == "x" * 1024
+
+
+def test_site_limits_refuse_growth_past_them_only():
+    def rule(i: int, webhook: bool = False) -> Rule:
+        action = {"webhook": {"url": "https://crm.example/h", "secret_env": "S"}} if webhook else {"add_score": 1}
+        return Rule.model_validate({"id": f"r{i}", "when": {"event": "pageview"}, "then": [action]})
+
+    limits = DefinitionLimits(rules=3, boards=1, webhook_actions=1)
+    three = [rule(0), rule(1), rule(2, webhook=True)]
+    assert limit_problems(three, 1, three[:2], 1, limits) == []
+    assert limit_problems([*three, rule(3)], 2, three, 1, limits) == [
+        "a site has at most 3 rules (LEADSTREAM_MAX_RULES_PER_SITE); this would make 4",
+        "a site has at most 1 boards (LEADSTREAM_MAX_BOARDS_PER_SITE); this would make 2"]
+    assert limit_problems([*three[:2], rule(2, True), rule(3, True)][1:], 1, three, 1, limits) == [
+        "a site has at most 1 webhook actions (LEADSTREAM_MAX_WEBHOOK_ACTIONS_PER_SITE); this would make 2"]
+    lowered = DefinitionLimits(rules=1, boards=0, webhook_actions=0)
+    assert limit_problems(three, 1, three, 1, lowered) == []  # already over a lowered limit: editing stays possible

@@ -1,7 +1,7 @@
 """The deployment files, checked the way Compose and the servers will read them (no Docker here): every
 published port is on loopback, the servers get passwords from the env file and the LeadStream roles the
-same passwords, a missing password stops Compose, secrets stay out of the image, and the local stack's
-servers listen on 127.0.0.1 only."""
+same passwords, a missing password stops Compose, secrets stay out of the image, the image runs its roles
+as an unprivileged user, and the local stack's servers listen on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -101,6 +101,22 @@ def test_every_reference_in_compose_resolves():
 def test_secrets_stay_out_of_git_and_out_of_the_image():
     assert ENV_FILE in (ROOT / ".gitignore").read_text().splitlines()
     assert ENV_FILE in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_the_image_runs_the_roles_as_an_unprivileged_user():
+    """The last USER of the Dockerfile is a named, non-root user, and nothing runs after it as root; the
+    directory the roles write to (LEADSTREAM_STACK_DIR) is that user's."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")  # continued lines as one
+    lines = [line.split(None, 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    users = [i for i, (instruction, _) in enumerate(lines) if instruction == "USER"]
+    assert users, "the image must not run as root"
+    user = lines[users[-1]][1].split(":")[0].strip()
+    assert user not in ("root", "0") and not user.isdigit()
+    assert [instruction for instruction, _ in lines[users[-1] + 1:]] == ["ENTRYPOINT", "CMD"]
+    env = " ".join(rest for instruction, rest in lines if instruction == "ENV")
+    stack_dir = re.search(r"LEADSTREAM_STACK_DIR=(\S+)", env)[1]
+    setup = " ".join(rest for instruction, rest in lines if instruction == "RUN")
+    assert "useradd" in setup and f"chown {user}:{user} {stack_dir}" in setup
 
 
 def test_the_local_stack_servers_listen_on_loopback_only():

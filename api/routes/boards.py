@@ -120,6 +120,6 @@ async def put_board(grant: WriteGrant, board_id: str, response: Response, defini
     version = result.versions[f"board:{board.id}"]
     replaced = result.replaced.get(f"board:{board.id}")
     if isinstance(replaced, BoardDefinition):
-        await commands.move_out_of_deleted_stages(grant, replaced, board, version)
+        await commands.move_out_of_deleted_stages(grant.site, grant.actor, replaced, board, version)
     response.headers["ETag"] = etag(version)
     return BoardSummary.of(board, version)

@@ -75,7 +75,11 @@ def page(browser: Browser, dashboard: Dashboard) -> Iterator[Page]:
     page.route("**/*", only_same_origin)
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    refused: list[str] = []  # what the API's Content-Security-Policy blocked: the pages must need nothing it forbids
+    page.on("console", lambda message: refused.append(message.text)
+            if "Content Security Policy" in message.text else None)
     yield page
     context.close()
     assert foreign == [], f"the page made external requests: {foreign}"
     assert errors == [], f"uncaught script errors: {errors}"
+    assert refused == [], f"blocked by the Content-Security-Policy: {refused}"

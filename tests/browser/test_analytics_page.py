@@ -29,3 +29,13 @@ def test_the_key_comes_from_the_fragment_and_travels_only_in_a_header(page, dash
     assert api_requests and all(KEY not in r.url and r.headers["x-api-key"] == KEY for r in api_requests)
     page.locator("#leads a").click()
     expect(page.locator("#profile")).to_contain_text('"email": "ann@acme.com"')
+
+
+def test_hostile_values_render_as_text(page, dashboard):
+    domain = '<img src=x onerror="window.pwned=1">.com'
+    seed_account_click_stream(dashboard.settings, domain=domain)
+    page.goto(f"{dashboard.base_url}/#site={SITE}&key={KEY}")
+    expect(page.locator("#leads a")).to_have_text([f"ann@{domain}"])
+    expect(page.locator("#summary").get_by_text(domain, exact=True)).to_be_visible()  # top accounts
+    assert page.locator("#leads img, #summary img").count() == 0
+    assert page.evaluate("window.pwned") is None

@@ -185,3 +185,24 @@ def test_with_the_board_processor_running_moves_are_applied_and_shown(page, dash
     outcomes = [dashboard.http.get(f"/v1/sites/{SITE}/boards/pipeline/commands/{c.command_id}").json() for c in moves]
     assert [(o["ok"], o["code"]) for o in outcomes] == [(True, ""), (True, "")]
     assert all(o["stage_change_id"] for o in outcomes)
+
+
+HOSTILE_TITLE = '<img src=x onerror="window.pwned = 1">Evil Corp'
+HOSTILE_TAG = "<script>window.pwned = 2</script>"
+
+
+def test_hostile_card_titles_and_tags_render_as_text(page, dashboard):
+    dashboard.seeder.show(("account:evil.com", HOSTILE_TITLE, (HOSTILE_TAG, "Consideration"), 1))
+    page.goto(dashboard.url())
+    expect(page.locator("#live")).to_have_text("live")
+    evil = card(page, "account:evil.com", "consideration")
+    expect(evil.locator(".title")).to_have_text(HOSTILE_TITLE)
+    expect(evil.locator(".tag")).to_have_text([HOSTILE_TAG, "Consideration"])
+    dashboard.seeder.show(("account:evil2.com", "<b onmouseover=alert(1)>Bold</b>", ("<i>x</i>",), 1))  # live
+    expect(card(page, "account:evil2.com", "new").locator(".title")).to_have_text("<b onmouseover=alert(1)>Bold</b>")
+    evil.click()
+    expect(page.locator("#panel-title")).to_have_text(HOSTILE_TITLE)
+    expect(page.locator("#panel-body").get_by_text(f"{HOSTILE_TAG}, Consideration", exact=True)).to_be_visible()
+    expect(page.locator("#panel-body").get_by_text(HOSTILE_TITLE, exact=True)).to_be_visible()  # the company
+    assert page.locator("#board img, #board script, #board b, #board i, #panel img").count() == 0
+    assert page.evaluate("window.pwned") is None

@@ -1,4 +1,5 @@
-"""Operator commands on the real stack: IP-range table published to workers, accounts added by hand."""
+"""Operator commands on the real stack: IP-range table published to workers, accounts added by hand, a
+definitions file that deletes a stage (its cards' commands go to the board processor) or exceeds a site limit."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from leadstream.admin import add_account, load_ip_ranges
+from dataclasses import replace
+
+import yaml
+
+from leadstream.admin import CLI_ACTOR, add_account, apply_definitions, load_ip_ranges
 from processors.lookup_tables import load_ip_table
 from sinks.clickhouse import connect
+from tests.browser.board_seed import PIPELINE, SITE, BoardSeeder, read_commands
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +68,31 @@ def test_segments_apply_and_list(settings, tmp_path, capsys):
     assert "refused, nothing changed" in errors
     assert "segments[0] (id: dutch-pricing-viewers): if[1]: within: at most 366d" in errors
     assert "segments[1] (id: webinar-contacts): if[1]: unknown field 'lead.scor'" in errors
+
+
+def test_a_file_that_deletes_a_stage_sends_its_cards_to_the_board_processor(settings, tmp_path, capsys):
+    board = PIPELINE.model_dump(mode="json", exclude_unset=True)
+    path = tmp_path / "boards.yaml"
+    path.write_text(yaml.safe_dump({"boards": [board]}))
+    assert apply_definitions(settings, str(path), SITE, "boards") == 0
+    seeder = BoardSeeder(settings)
+    try:
+        seeder.show(("account:acme.com", "Acme", ("Decision",), 50), ("account:initech.com", "Initech", (), 5))
+    finally:
+        seeder.close()
+    path.write_text(yaml.safe_dump({"boards": [board | {"stages": [s for s in board["stages"] if s["id"] != "decision"]}]}))
+    assert apply_definitions(settings, str(path), SITE, "boards") == 0
+    assert "board pipeline: 1 cards of deleted stages sent" in capsys.readouterr().out
+    [(_, command)] = read_commands(settings, 1)
+    assert (command.kind, command.card_id, command.actor) == ("stage_deleted", "account:acme.com", CLI_ACTOR)
+    assert [s.id for s in type(PIPELINE).model_validate_json(command.board_before).stages] == [
+        "new", "consideration", "decision", "customer"]
+
+
+def test_a_file_over_a_site_limit_is_refused_whole(settings, tmp_path, capsys):
+    rules = [{"id": f"r{i}", "when": {"event": "pageview"}, "then": [{"add_score": 1}]} for i in range(3)]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"rules": rules}))
+    assert apply_definitions(replace(settings, max_rules_per_site=2), str(path), SITE, "rules") == 2
+    assert "a site has at most 2 rules (LEADSTREAM_MAX_RULES_PER_SITE)" in capsys.readouterr().err
+    assert apply_definitions(replace(settings, max_rules_per_site=3), str(path), SITE, "rules") == 0

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import replace
 
 import pytest
 from fastapi.testclient import TestClient
 
+from api.analytics import Analytics
 from api.app import create_app
+from api.lead_profile import account_panel
+from api.problems import Problem
 from schemas.settings import ApiKeyEntry, Settings
 from sinks.clickhouse import connect, insert_columnar
 from sinks.table_sink import TABLES
@@ -68,3 +73,29 @@ def test_api_key_config_is_validated():
     assert Settings(api_keys="a:1, b:2").api_key_entries() == [ApiKeyEntry("a", "1"), ApiKeyEntry("b", "2")]
     with pytest.raises(ValueError):
         Settings(api_keys="justakey").api_key_entries()
+
+
+def test_every_query_carries_the_apis_limits(settings):
+    tiny = TestClient(create_app(replace(settings, api_keys=f"acme:{ACME}", api_query_max_memory_bytes=1000)))
+    refused = tiny.get("/v1/sites/acme/summary", headers={"X-API-Key": ACME})
+    assert refused.status_code == 503 and refused.json()["title"] == "analytics query over its limits"
+    slow = "SELECT count() FROM (SELECT number FROM system.numbers LIMIT 20000000000) WHERE sipHash64(number) = 1"
+    analytics = Analytics(replace(settings, api_query_max_seconds=1))
+    started = time.monotonic()
+    with pytest.raises(Problem) as stopped:
+        asyncio.run(analytics.read(lambda client: client.execute(slow)))
+    assert stopped.value.title == "analytics query over its limits" and time.monotonic() - started < 10
+
+
+def test_an_accounts_lists_are_limited_and_its_counts_are_not(settings):
+    ch = connect(settings.clickhouse())
+    insert_columnar(ch, "leads", TABLES["leads"].columns, [
+        [f"lead_{i}", "acme", f"p{i}@globex.com" if i % 2 else "", [f"vg{i}"], "globex.com", "", 1000, 2000 + i,
+         f"e{i}", 1, 1] for i in range(5)])
+    api = TestClient(create_app(replace(settings, api_keys=f"acme:{ACME}", api_max_account_leads=3)))
+    leads = api.get("/v1/sites/acme/accounts/globex.com/leads", headers={"X-API-Key": ACME}).json()
+    assert [lead["lead_id"] for lead in leads] == ["lead_4", "lead_3", "lead_2"]  # the most recently active
+    assert len(api.get("/v1/sites/acme/accounts/globex.com/leads?limit=1", headers={"X-API-Key": ACME}).json()) == 1
+    panel = account_panel(ch, "acme", "globex.com", max_leads=3)
+    assert [lead.lead_id for lead in panel.leads] == ["lead_4", "lead_3", "lead_2"]
+    assert (panel.account.known_leads, panel.account.anonymous_leads, panel.account.last_seen_ms) == (2, 3, 2004)

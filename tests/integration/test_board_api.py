@@ -26,6 +26,7 @@ from api.commands import command_id_for
 from api.keys import STREAM_TOKEN_TTL_MS, ApiKeys
 from api.lead_profile import ProfileSession, merge_intervals, ownership, ownership_by_lead, session_owner
 from api.routes.cards import matches
+from api.routes.rules import REDACTED
 from processors.lookup_tables import publish_ip_ranges
 from schemas.boards import CommandResult
 from schemas.rules import RuleExecution
@@ -441,3 +442,86 @@ async def publish(settings, ip_ranges_csv: str) -> None:
         await publish_ip_ranges(client, settings.name("ls"), ip_ranges_csv)
     finally:
         await client.aclose()
+
+
+# ------------------------------------------------------------------------------------------------ limits
+
+
+def test_one_board_page_reads_at_most_the_board_cards_limit(settings, seeder):
+    seeder.show(*[(f"account:c{i:03d}.com", f"Company {i}", tags, 0) for i in range(60)
+                  for tags in [("Consideration",) if i % 2 else ()]])
+    with TestClient(create_app(replace(settings, api_keys=API_KEYS, api_max_board_cards=40))) as api:
+        api.headers["X-API-Key"] = KEY
+        assert api.put(BOARD, json=PIPELINE.model_dump(mode="json", exclude_unset=True)).status_code == 200
+        page = api.get(BOARD, params={"limit": 500}).json()  # 4 stages: 10 cards each at most
+        assert [(s["id"], s["count"], len(s["cards"]), s["next_cursor"]) for s in page["stages"]] == [
+            ("new", 30, 10, "10"), ("consideration", 30, 10, "10"), ("decision", 0, 0, None), ("customer", 0, 0, None)]
+        one = api.get(BOARD, params={"stage": "new", "cursor": "10", "limit": 500}).json()["stages"]
+        assert [(s["id"], len(s["cards"]), s["next_cursor"]) for s in one] == [("new", 20, None)]  # one stage: 40
+
+
+def test_site_limits_refuse_a_rule_a_board_or_a_webhook_too_many(settings):
+    limited = replace(settings, api_keys=API_KEYS, max_rules_per_site=2, max_boards_per_site=1,
+                      max_webhook_actions_per_site=1)
+    hook = {"webhook": {"url": "https://crm.example/hook", "secret_env": "CRM_SECRET"}}
+    with TestClient(create_app(limited)) as api:
+        api.headers["X-API-Key"] = KEY
+        assert api.put(BOARD, json=PIPELINE.model_dump(mode="json", exclude_unset=True)).status_code == 200
+        refused = problem(api.put(f"/v1/sites/{SITE}/boards/second", json={"name": "B", "stages": [
+            {"id": "a", "name": "A"}]}), 422)
+        assert (refused["code"], refused["title"]) == ("site_limit", "site limit reached")
+        assert "LEADSTREAM_MAX_BOARDS_PER_SITE" in refused["detail"]
+        rule = {"when": {"event": "pageview"}, "then": [{"add_tag": "A"}]}
+        assert api.put(f"/v1/sites/{SITE}/rules/r1", json=rule | {"then": [hook]}).status_code == 200
+        assert problem(api.put(f"/v1/sites/{SITE}/rules/r2", json=rule | {"then": [hook]}), 422)["code"] == "site_limit"
+        assert api.put(f"/v1/sites/{SITE}/rules/r2", json=rule).status_code == 200
+        assert "LEADSTREAM_MAX_RULES_PER_SITE" in problem(api.put(f"/v1/sites/{SITE}/rules/r3", json=rule), 422)["detail"]
+        edited = rule | {"then": [{"add_tag": "B"}, hook]}
+        assert api.put(f"/v1/sites/{SITE}/rules/r1", json=edited).status_code == 200  # at the limits, edits go on
+
+
+def test_read_only_keys_get_rules_with_webhook_urls_redacted(api):
+    hook = {"url": "https://hooks.example/T0/B0/s3cr3t-token", "secret_env": "CRM_SECRET"}
+    rule = {"when": {"score_at_least": 50}, "then": [{"add_tag": "Hot"}, {"webhook": hook}]}
+    assert api.put(f"/v1/sites/{SITE}/rules/hot", json=rule).json()["then"][1]["webhook"] == hook
+    read_only = {"X-API-Key": READ_ONLY_KEY}
+    for body in (api.get(f"/v1/sites/{SITE}/rules/hot", headers=read_only).json(),
+                 api.get(f"/v1/sites/{SITE}/rules", headers=read_only).json()["rules"][0]):
+        assert body["then"][1]["webhook"] == {"url": REDACTED, "secret_env": "CRM_SECRET"}
+    assert "s3cr3t" not in api.get(f"/v1/sites/{SITE}/rules", headers=read_only).text
+    assert api.get(f"/v1/sites/{SITE}/rules/hot").json()["then"][1]["webhook"] == hook
+
+
+def test_streams_are_limited_per_key_and_end_when_their_token_expires(settings, seeder, monkeypatch):
+    monkeypatch.setattr("api.keys.STREAM_TOKEN_TTL_MS", 3_000)
+    limited = replace(settings, api_keys=API_KEYS, api_max_streams_per_key=2, api_max_streams=3)
+    with TestClient(create_app(limited)) as api:  # the streams read Redis through a pool of their own, bounded
+        pool = api.app.state.services.live.streams.store.redis.connection_pool
+        assert isinstance(pool, aioredis.BlockingConnectionPool) and pool.max_connections == 3
+    with serve_api(limited) as base, httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=10) as http:
+        assert http.put(BOARD, json=PIPELINE.model_dump(mode="json", exclude_unset=True)).status_code == 200
+        url = f"{BOARD}/stream"
+        with http.stream("GET", url) as first, http.stream("GET", url) as second:
+            assert first.status_code == second.status_code == 200
+            assert first.headers["content-security-policy"].startswith("default-src 'self'")
+            third = problem(http.get(url), 429)
+            assert third["code"] == "too_many_streams"
+            with http.stream("GET", url, headers={"X-API-Key": READ_ONLY_KEY}) as other_key:
+                assert other_key.status_code == 200
+                assert problem(http.get(url, headers={"X-API-Key": READ_ONLY_KEY}), 503)["code"] == "too_many_streams"
+        with http.stream("GET", url) as again:  # the two closed: their places are free again
+            assert again.status_code == 200
+
+        token = http.get(f"{BOARD}/stream-token").json()
+        assert token["expires_ms"] - now_ms() <= 3_000
+        keyless = httpx.Client(base_url=base, timeout=10)
+        started = time.monotonic()
+        snapshot = http.get(BOARD).json()
+        with keyless.stream("GET", url, params={"token": token["token"], "last_event_id": snapshot["feed_id"]}) as stream:
+            seeder.show(("account:acme.com", "Acme", (), 10))
+            lines = list(stream.iter_lines())  # until the server ends the stream
+        assert 2.0 < time.monotonic() - started < 8  # it ended when the token expired
+        assert [line for line in lines if line.startswith("event:")][:2] == ["event: stage_change", "event: card"]
+        assert problem(keyless.get(url, params={"token": token["token"]}), 401)["title"] == (
+            "stream token invalid or expired")
+        keyless.close()
