@@ -182,7 +182,8 @@ def _nested(depth: int, width: int) -> dict:
     (_rule_if(*[_nested(2, 5)] * 10), "rules[0] (id: r): if: at most 200 conditions in all"),  # 10 x 31
     ({"id": "r", "when": {"event": "pageview"}, "then": [{"set_property": {"name": "p", "value": "x" * 1025}}]},
      "rules[0] (id: r): then[0].set_property.value: a text value has at most 1024 characters"),
-    ({"id": "r", "when": {"event": "pageview"}, "then": [{"set_property": {"name": "p", "from": "event." + "u" * 200}}]},
+    ({"id": "r", "when": {"event": "pageview"},
+      "then": [{"set_property": {"name": "p", "from": "event." + "u" * 200}}]},
      "rules[0] (id: r): then[0].set_property.from: String should have at most 128 characters"),
 ])
 def test_a_rule_is_bounded_in_every_list_and_text(entry, expected):

@@ -80,7 +80,8 @@ def test_a_file_that_deletes_a_stage_sends_its_cards_to_the_board_processor(sett
         seeder.show(("account:acme.com", "Acme", ("Decision",), 50), ("account:initech.com", "Initech", (), 5))
     finally:
         seeder.close()
-    path.write_text(yaml.safe_dump({"boards": [board | {"stages": [s for s in board["stages"] if s["id"] != "decision"]}]}))
+    edited = board | {"stages": [stage for stage in board["stages"] if stage["id"] != "decision"]}
+    path.write_text(yaml.safe_dump({"boards": [edited]}))
     assert apply_definitions(settings, str(path), SITE, "boards") == 0
     assert "board pipeline: 1 cards of deleted stages sent" in capsys.readouterr().out
     [(_, command)] = read_commands(settings, 1)

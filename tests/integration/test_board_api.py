@@ -475,7 +475,8 @@ def test_site_limits_refuse_a_rule_a_board_or_a_webhook_too_many(settings):
         assert api.put(f"/v1/sites/{SITE}/rules/r1", json=rule | {"then": [hook]}).status_code == 200
         assert problem(api.put(f"/v1/sites/{SITE}/rules/r2", json=rule | {"then": [hook]}), 422)["code"] == "site_limit"
         assert api.put(f"/v1/sites/{SITE}/rules/r2", json=rule).status_code == 200
-        assert "LEADSTREAM_MAX_RULES_PER_SITE" in problem(api.put(f"/v1/sites/{SITE}/rules/r3", json=rule), 422)["detail"]
+        too_many = problem(api.put(f"/v1/sites/{SITE}/rules/r3", json=rule), 422)
+        assert "LEADSTREAM_MAX_RULES_PER_SITE" in too_many["detail"]
         edited = rule | {"then": [{"add_tag": "B"}, hook]}
         assert api.put(f"/v1/sites/{SITE}/rules/r1", json=edited).status_code == 200  # at the limits, edits go on
 
@@ -517,7 +518,8 @@ def test_streams_are_limited_per_key_and_end_when_their_token_expires(settings, 
         keyless = httpx.Client(base_url=base, timeout=10)
         started = time.monotonic()
         snapshot = http.get(BOARD).json()
-        with keyless.stream("GET", url, params={"token": token["token"], "last_event_id": snapshot["feed_id"]}) as stream:
+        params = {"token": token["token"], "last_event_id": snapshot["feed_id"]}
+        with keyless.stream("GET", url, params=params) as stream:
             seeder.show(("account:acme.com", "Acme", (), 10))
             lines = list(stream.iter_lines())  # until the server ends the stream
         assert 2.0 < time.monotonic() - started < 8  # it ended when the token expired
