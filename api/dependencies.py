@@ -122,7 +122,7 @@ GRANT_CHECKS: tuple[Callable[[Request, str], SiteGrant], ...] = (read_grant, wri
 
 class SiteRoute(APIRoute):
     """A route that checks its grant dependency before FastAPI reads the request body (FastAPI reads the
-    body first, then solves dependencies, which check the grant again: a dictionary lookup)."""
+    body first, then solves dependencies, which check the grant again: one HMAC and a dictionary lookup)."""
 
     def get_route_handler(self) -> Callable:
         handle = super().get_route_handler()
