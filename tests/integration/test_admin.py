@@ -4,12 +4,10 @@ definitions file that deletes a stage (its cards' commands go to the board proce
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 import redis.asyncio as aioredis
-
-from dataclasses import replace
-
 import yaml
 
 from leadstream.admin import CLI_ACTOR, add_account, apply_definitions, load_ip_ranges
