@@ -31,6 +31,7 @@ from api.dependencies import (
 )
 from api.keys import SiteGrant
 from api.lead_profile import (
+    PAGE_SIZE,
     Account,
     AccountDetails,
     AccountLead,
@@ -204,7 +205,7 @@ async def _lead_panel(analytics: Analytics, site_id: str, lead_id: str, page: in
     if profile is not None:
         return dataclasses.asdict(profile)
     return {"identity": None, "account": None, "first_touch": None, "last_touch": None, "session_count": 0,
-            "page": page, "page_size": 5, "sessions": [], "has_more": False}
+            "page": page, "page_size": PAGE_SIZE, "sessions": [], "has_more": False}
 
 
 @router.post("/boards/{board_id}/cards/{card_id}/move", response_model=CommandOutcome, responses=COMMAND_ERRORS)
