@@ -10,9 +10,9 @@ import sys
 
 from schemas.settings import BatchConfig, Settings
 
-# The roles that read the servers' passwords (and, for `api`, the API keys and the server secret) from the
-# settings: they refuse to start with a weak one. The local stack, the demo and the benchmark make their own.
-SECRET_READERS = ("migrate", "worker", "sink", "api", "ip-ranges", "account", "rules", "boards", "webhooks")
+# Every other command reads the servers' passwords (and `api` the API keys and the server secret) from the
+# settings, and refuses to start with a weak one. These run on the local stack and make their own.
+LOCAL_STACK_COMMANDS = ("stack", "demo", "bench", "bench-profile")
 
 
 def _run_sink(settings: Settings, tables: list[str]) -> int:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command in SECRET_READERS:
+    if args.command not in LOCAL_STACK_COMMANDS:
         try:
             settings.refuse_weak_secrets(api=args.command == "api")
         except ValueError as refused:  # WeakSecret, or a malformed LEADSTREAM_API_KEYS
