@@ -25,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
+from processors.webhooks import WebhookTargets, definition_problems
 from schemas.boards import BoardDefinition
 from schemas.definitions import (
     KINDS,
@@ -32,13 +33,14 @@ from schemas.definitions import (
     DefinitionsError,
     DefinitionsFile,
     duplicate_problems,
+    entry_label,
     limit_problems,
     move_card_problems,
     segment_problems,
 )
 from schemas.rules import Rule
 from schemas.segments import Segment
-from schemas.settings import DefinitionLimits
+from schemas.settings import DefinitionLimits, Settings
 
 MAX_WRITE_ATTEMPTS = 20
 _VERSION = b"version"
@@ -117,10 +119,18 @@ def _decode(fields: dict[bytes, bytes]) -> SiteDefinitions:
 
 
 class DefinitionsStore:
-    def __init__(self, redis: aioredis.Redis, prefix: str, limits: DefinitionLimits = DefinitionLimits()):
+    """`limits`: the per-site caps on rules, boards and webhook actions. `webhook_targets`: the allowlist a
+    rule's webhook URL is checked against when it is written; None reads the process's setting
+    (LEADSTREAM_WEBHOOK_ALLOWED_TARGETS), the same one the webhooks processor reads."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, limits: DefinitionLimits = DefinitionLimits(),
+                 webhook_targets: WebhookTargets | None = None):
         self.redis = redis
         self.prefix = prefix
         self.limits = limits
+        if webhook_targets is None:
+            webhook_targets = WebhookTargets.parse(Settings.from_env().webhook_allowed_targets)
+        self.webhook_targets = webhook_targets
 
     def _site_key(self, site: str) -> str:
         return f"{self.prefix}:defs:site:{site}"
@@ -166,8 +176,11 @@ class DefinitionsStore:
     async def apply(self, site: str, definitions: DefinitionsFile) -> ApplyResult:
         """Upserts every rule, segment and board of the file (entries not in the file stay). Refuses the
         whole file with DefinitionsError if the site's definitions would then not hold together (see the
-        module docstring)."""
+        module docstring), or if a webhook of the file signs with a variable that is not one of the site's
+        secrets or posts to a target that is not allowed."""
         problems = duplicate_problems({kind: [{"id": e.id} for e in getattr(definitions, kind)] for kind in KINDS})
+        problems += definition_problems(site, ((entry_label("rules", i, {"id": rule.id}), rule)
+                                               for i, rule in enumerate(definitions.rules)), self.webhook_targets)
         if problems:
             raise DefinitionsError(problems)
         entries: dict[str, Definition] = {f"rule:{rule.id}": rule for rule in definitions.rules}

@@ -1,16 +1,27 @@
-"""Webhook delivery by the Standard Webhooks spec: signed, retried with backoff, durable, replayable.
+"""Webhook delivery by the Standard Webhooks spec: signed, retried with backoff, durable, replayable, and
+only ever to addresses the operator allows.
 
 Why the lead processor never waits for a delivery: it only queues one, with `WebhookQueue.queue_enqueue`, in
 the same Redis transaction that records the rule firing. The firing and its webhook are then committed
 together or not at all, and a replayed firing finds its `webhook_id` already queued and adds nothing.
-A separate loop (`WebhookDispatcher.run`, one or more per deployment) claims due deliveries with a lease,
-posts them and writes one delivery-log row per attempt to ClickHouse (`webhook_deliveries`).
+A separate loop (`WebhookDispatcher.run`, one or more per deployment) claims due deliveries with a lease and
+posts them. Each attempt's outcome and its delivery-log row are stored in one Redis step (`settle`), so
+neither exists without the other; `DeliveryLog` then moves the rows to the Kafka topic `webhooks.deliveries`,
+which the table sink writes to ClickHouse `webhook_deliveries` like every other table.
+
+Where a webhook may go: public addresses only, unless the operator's allowlist (setting
+`webhook_allowed_targets`) names the host or network. A rule's URL is checked when the rule is stored
+(`definition_problems`: credentials in the URL, a literal address) and again before every connection, after
+DNS: every address the host resolves to must pass, and the connection goes to an address that was checked
+(`GuardedNetworkBackend`), so a DNS answer that changes in between (rebinding) cannot redirect it.
 
 Redis keys, under the pipeline's prefix (`settings.name("ls")`):
-  {prefix}:wh:req       hash  webhook_id -> QueuedWebhook JSON (pending and finished ones)
-  {prefix}:wh:due       zset  webhook_id -> next attempt (epoch ms); while claimed: the lease expiry
-  {prefix}:wh:lease     hash  webhook_id -> token of the dispatcher that claimed it
-  {prefix}:wh:finished  zset  webhook_id -> when it was delivered or failed (for replay, then pruned)
+  {prefix}:wh:req       hash    webhook_id -> QueuedWebhook JSON (pending and finished ones)
+  {prefix}:wh:due       zset    webhook_id -> next attempt (epoch ms); while claimed: the lease expiry
+  {prefix}:wh:lease     hash    webhook_id -> token of the dispatcher that claimed it
+  {prefix}:wh:finished  zset    webhook_id -> when it was delivered or failed (for replay, then pruned)
+  {prefix}:wh:log       stream  delivery-log rows Kafka has not acknowledged yet (fields: key, row)
+  {prefix}:wh:log-turn  string  token of the dispatcher moving the log to Kafka now (expires)
 """
 
 from __future__ import annotations
@@ -20,27 +31,31 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import random
+import re
+import socket
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Literal, Mapping
+from typing import Iterable, Literal, Mapping, Protocol
 
+import httpcore
 import httpx
 import orjson
 import redis.asyncio as aioredis
-from clickhouse_driver import Client
 from redis.exceptions import RedisError
 
+from processors.runtime.producer import BatchProducer, Outputs
 from schemas.records import JsonRecord
-from schemas.rules import WebhookRequest, signing_secret_allowed
+from schemas.rules import (Rule, WebhookDelivery, WebhookOutcome, WebhookRequest, webhook_secret_problem)
 from schemas.settings import Settings
-from sinks import clickhouse
+from schemas.topics import WEBHOOK_DELIVERIES
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +63,6 @@ SECRET_PREFIX = "whsec_"
 SIGNATURE_TOLERANCE_S = 300
 USER_AGENT = "LeadStream-Webhooks/1"
 EVENT_TYPE = "rule.fired"
-DELIVERY_TABLE = "webhook_deliveries"
-
-Outcome = Literal["delivered", "retrying", "failed", "circuit_open"]
 
 
 # --- signing (pure) -------------------------------------------------------------------------------
@@ -129,6 +141,169 @@ def request_body(request: WebhookRequest, fired_ms: int) -> bytes:
     return orjson.dumps(envelope, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
+# --- where a webhook may go (pure) ---------------------------------------------------------------
+
+ALLOWED_TARGETS_SETTING = "LEADSTREAM_WEBHOOK_ALLOWED_TARGETS"
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(*cidrs: str) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)
+
+
+CLOUD_METADATA: frozenset[IPAddress] = frozenset(ipaddress.ip_address(address) for address in (
+    "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean, ...
+    "169.254.170.2",  # AWS ECS task metadata
+    "169.254.169.123",  # AWS time sync
+    "100.100.100.200",  # Alibaba Cloud
+    "192.0.0.192",  # Oracle Cloud
+    "fd00:ec2::254",  # AWS, over IPv6
+    "fd00:ec2::123",
+))
+"""Refused even inside an allowed network: only the exact address (a /32 or /128 entry) re-allows one."""
+
+_NOT_PUBLIC: tuple[tuple[str, tuple[IPNetwork, ...]], ...] = (
+    ("unspecified", _networks("0.0.0.0/8", "::/128")),
+    ("loopback", _networks("127.0.0.0/8", "::1/128")),
+    ("link-local", _networks("169.254.0.0/16", "fe80::/10")),
+    ("private, RFC 1918", _networks("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")),
+    ("shared address space, CGNAT", _networks("100.64.0.0/10")),
+    ("unique local, ULA", _networks("fc00::/7")),
+    ("multicast", _networks("224.0.0.0/4", "ff00::/8")),
+)
+_CARRY_IPV4 = _networks("::ffff:0:0/96", "::/96", "64:ff9b::/96", "64:ff9b:1::/48")  # mapped, compatible, NAT64
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOST_NAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+
+
+def embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (IPv4-mapped or -compatible, NAT64, 6to4): a connection to it may
+    end at that IPv4 address, so it is judged by it."""
+    if ip.version != 6:
+        return None
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if any(ip in network for network in _CARRY_IPV4):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def address_kind(ip: IPAddress) -> str | None:
+    """What makes `ip` no place for a webhook, or None for a public address."""
+    if ip in CLOUD_METADATA:
+        return "cloud metadata"
+    for kind, networks in _NOT_PUBLIC:
+        if any(ip in network for network in networks):
+            return kind
+    inner = embedded_ipv4(ip)
+    if inner is not None:
+        kind = address_kind(inner)
+        return f"{kind}, as {inner}" if kind else None
+    return None if ip.is_global else "reserved"
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address a URL's host spells out, in any form a resolver also reads as one (`127.1`,
+    `0x7f.0.0.1`, `2130706433`), or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class WebhookTargets:
+    """The operator's allowlist (setting `webhook_allowed_targets`): host names whose every address is allowed,
+    and networks whose addresses are. Without it only public addresses are webhook targets. A cloud
+    metadata address is allowed only by a network entry of exactly that address."""
+
+    hosts: frozenset[str] = frozenset()
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> WebhookTargets:
+        """`crm.internal, 10.1.0.0/16, 127.0.0.1` (comma-separated; no ports, no wildcards)."""
+        hosts, networks = set(), []
+        for entry in (part.strip() for part in text.split(",")):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+                continue
+            except ValueError:
+                pass
+            host = entry.lower().rstrip(".")
+            if not _HOST_NAME.fullmatch(host):
+                raise ValueError(f"{ALLOWED_TARGETS_SETTING}: {entry!r} is neither a host name nor an address or "
+                                 "network (CIDR)")
+            hosts.add(host)
+        return cls(frozenset(hosts), tuple(networks))
+
+    def _allows(self, host: str, ip: IPAddress, kind: str) -> bool:
+        if kind == "cloud metadata":
+            return any(network.num_addresses == 1 and ip in network for network in self.networks)
+        inner = embedded_ipv4(ip)
+        return (host in self.hosts or any(ip in network for network in self.networks)
+                or (inner is not None and any(inner in network for network in self.networks)))
+
+    def refusal(self, host: str, addresses: Iterable[IPAddress]) -> str | None:
+        """Why `host`, which resolved to `addresses`, is no webhook target; None when every address passes."""
+        host = host.lower().rstrip(".")
+        for ip in addresses:
+            kind = address_kind(ip)
+            if kind is None or self._allows(host, ip, kind):
+                continue
+            what = str(ip) if literal_address(host) == ip else f"{host} resolves to {ip}, which"
+            return (f"{what} is not a public address ({kind}): webhooks go only to public addresses unless "
+                    f"{ALLOWED_TARGETS_SETTING} allows it")
+        return None
+
+
+def url_problem(url: str, targets: WebhookTargets) -> str | None:
+    """What is wrong with a webhook URL before any DNS lookup, or None: not http(s), credentials in it, or a
+    literal address (or `localhost`) the allowlist does not allow. A name's addresses are checked when
+    connecting (GuardedNetworkBackend)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return f"not a valid URL: {exc}"
+    if parsed.scheme not in ("http", "https"):
+        return "only http:// and https:// URLs are webhook targets"
+    if parsed.userinfo:
+        return ("credentials in the URL (user:password@) are refused: a URL is shown and logged, and the "
+                "webhook's signature is what authenticates LeadStream to the endpoint")
+    host = parsed.raw_host.decode("ascii").lower().rstrip(".")
+    if not host:
+        return "the URL has no host"
+    ip = literal_address(host)
+    if ip is None and (host == "localhost" or host.endswith(".localhost")):
+        ip = ipaddress.ip_address("127.0.0.1")  # RFC 6761: always the loopback interface
+    return None if ip is None else targets.refusal(host, [ip])
+
+
+def definition_problems(site_id: str, rules: Iterable[tuple[str, Rule]], targets: WebhookTargets) -> list[str]:
+    """Each labelled rule's webhooks, as the site may use them: a secret variable of the site's own
+    (schemas.rules.webhook_secret_problem) and an allowed URL. The definitions store refuses a write with any."""
+    problems = []
+    for label, rule in rules:
+        for index, action in enumerate(rule.then):
+            hook = action.webhook
+            if hook is None:
+                continue
+            secret = webhook_secret_problem(site_id, hook.secret_env)
+            if secret:
+                problems.append(f"{label}: then[{index}].webhook.secret_env: {secret}")
+            target = url_problem(hook.url, targets)
+            if target:
+                problems.append(f"{label}: then[{index}].webhook.url: {target}")
+    return problems
+
+
 # --- what an attempt means (pure) -----------------------------------------------------------------
 
 
@@ -166,11 +341,18 @@ def classify_response(status_code: int, headers: Mapping[str, str], body_start: 
     return AttemptResult("permanent", status_code, error)
 
 
+class TargetRefused(Exception):
+    """The webhook's URL, or an address its host resolves to, is not an allowed target (WebhookTargets)."""
+
+
 def classify_exception(exc: BaseException) -> AttemptResult:
-    """Timeouts and network errors are retried; a URL httpx cannot send to at all fails for good."""
-    if isinstance(exc, (httpx.UnsupportedProtocol, httpx.InvalidURL)):
+    """Timeouts and network errors are retried; a refused target, or a URL that cannot be sent to at all,
+    fails for good: the same request would be refused again."""
+    if isinstance(exc, TargetRefused):
+        return AttemptResult("permanent", error=f"refused: {exc}")
+    if isinstance(exc, (httpcore.UnsupportedProtocol, httpx.InvalidURL)):
         return AttemptResult("permanent", error=f"invalid url: {exc}")
-    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+    if isinstance(exc, (TimeoutError, httpcore.TimeoutException)):
         return AttemptResult("retryable", error="timeout")
     return AttemptResult("retryable", error=f"{type(exc).__name__}: {exc}"[:500])
 
@@ -266,29 +448,8 @@ class QueuedWebhook(JsonRecord):
     last_error: str = ""
 
 
-@dataclass(slots=True, frozen=True)
-class WebhookDelivery(JsonRecord):
-    """One row of the delivery log (ClickHouse `webhook_deliveries`): an attempt, or a deferral while the
-    endpoint's circuit breaker was open (outcome circuit_open, no request sent, attempt = the one deferred)."""
-
-    webhook_id: str
-    site_id: str
-    rule_id: str
-    url: str
-    attempt: int
-    status_code: int  # 0: no HTTP response
-    outcome: Outcome
-    error: str
-    duration_ms: int
-    ts_ms: int  # when the attempt started
-    next_attempt_ms: int = 0  # with retrying / circuit_open: when it will be tried again
-
-
-DELIVERY_COLUMNS = tuple(f.name for f in fields(WebhookDelivery))
-
-
 def next_step(delivery: QueuedWebhook, result: AttemptResult, policy: RetryPolicy, now_ms: int,
-              rng: random.Random) -> tuple[QueuedWebhook, Outcome, int | None]:
+              rng: random.Random) -> tuple[QueuedWebhook, WebhookOutcome, int | None]:
     """After an attempt made at now_ms: the updated delivery, the outcome, and when to try next (None: done)."""
     round_started_ms = delivery.round_started_ms or now_ms
     attempted = replace(delivery, attempts=delivery.attempts + 1, round_attempts=delivery.round_attempts + 1,
@@ -339,7 +500,20 @@ if ARGV[4] == '' then
 else
   redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
 end
+if ARGV[6] ~= '' then
+  redis.call('XADD', KEYS[5], '*', 'key', ARGV[1], 'row', ARGV[6])
+end
 return 1
+"""
+_TAKE_TURN = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_END_TURN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
 """
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
@@ -376,10 +550,14 @@ class WebhookQueue:
         self.due_key = f"{prefix}:wh:due"
         self.leases_key = f"{prefix}:wh:lease"
         self.finished_key = f"{prefix}:wh:finished"
+        self.log_key = f"{prefix}:wh:log"
+        self.log_turn_key = f"{prefix}:wh:log-turn"
         self._claim = redis.register_script(_CLAIM)
         self._settle = redis.register_script(_SETTLE)
         self._requeue = redis.register_script(_REQUEUE)
         self._prune = redis.register_script(_PRUNE)
+        self._take_turn = redis.register_script(_TAKE_TURN)
+        self._end_turn = redis.register_script(_END_TURN)
 
     def queue_enqueue(self, pipe, request: WebhookRequest) -> None:
         """Queue the delivery on a pipeline (e.g. the lead processor's MULTI commit); sends nothing itself. A
@@ -410,13 +588,17 @@ class WebhookQueue:
                                 args=[now_ms, now_ms + lease_ms, token, limit])
         return [QueuedWebhook.from_json(record) for record in raw]
 
-    async def settle(self, token: str, delivery: QueuedWebhook, next_attempt_ms: int | None, now_ms: int) -> bool:
-        """Store the delivery after an attempt and schedule it (None: finished). False when the lease was
-        lost to another dispatcher, which then owns the delivery; nothing is written."""
+    async def settle(self, token: str, delivery: QueuedWebhook, next_attempt_ms: int | None, now_ms: int,
+                     log_row: WebhookDelivery | None = None) -> bool:
+        """Store the delivery after an attempt, schedule it (None: finished) and add the attempt's log row to
+        the log stream, all in one step: an outcome is never stored without its row, nor a row without its
+        outcome. False when the lease was lost to another dispatcher, which then owns the delivery (and
+        makes the attempt again); nothing is written."""
         done = await self._settle(
-            keys=[self.due_key, self.requests_key, self.leases_key, self.finished_key],
+            keys=[self.due_key, self.requests_key, self.leases_key, self.finished_key, self.log_key],
             args=[delivery.webhook_id, token, delivery.to_json(),
-                  "" if next_attempt_ms is None else next_attempt_ms, now_ms])
+                  "" if next_attempt_ms is None else next_attempt_ms, now_ms,
+                  b"" if log_row is None else log_row.to_json()])
         return bool(done)
 
     async def replay(self, webhook_id: str) -> Literal["requeued", "already_pending"]:
@@ -438,33 +620,121 @@ class WebhookQueue:
         """Forget up to 1,000 deliveries finished before `before_ms` (they can no longer be replayed)."""
         return int(await self._prune(keys=[self.finished_key, self.requests_key], args=[before_ms]))
 
+    async def log_rows(self, limit: int) -> list[tuple[bytes, bytes, bytes]]:
+        """The oldest log rows not yet acknowledged by Kafka: (stream entry id, webhook_id, row JSON)."""
+        entries = await self.redis.xrange(self.log_key, count=limit)
+        return [(entry_id, fields[b"key"], fields[b"row"]) for entry_id, fields in entries]
+
+    async def forget_log_rows(self, entry_ids: list[bytes]) -> None:
+        await self.redis.xdel(self.log_key, *entry_ids)
+
+    async def take_log_turn(self, token: str, ttl_ms: int) -> bool:
+        """Become (or stay, for `ttl_ms` more) the one dispatcher moving the log to Kafka."""
+        return bool(await self._take_turn(keys=[self.log_turn_key], args=[token, ttl_ms]))
+
+    async def end_log_turn(self, token: str) -> None:
+        await self._end_turn(keys=[self.log_turn_key], args=[token])
+
 
 # --- delivery log ---------------------------------------------------------------------------------
 
 
+class RecordProducer(Protocol):
+    """What the log needs of a Kafka producer (processors.runtime.producer.BatchProducer)."""
+
+    async def send(self, outputs: Outputs) -> None: ...
+
+
 class DeliveryLog:
-    """Buffers delivery-log rows and writes them to ClickHouse in columnar batches. A failed insert keeps
-    its rows for the next flush (up to `max_buffered` rows, oldest dropped first), so a ClickHouse outage
-    never stops deliveries."""
+    """Moves delivery-log rows from Redis to Kafka topic `webhooks.deliveries` (keyed by webhook_id), whose
+    sink writes ClickHouse `webhook_deliveries`.
 
-    def __init__(self, client: Client, max_buffered: int = 100_000):
-        self.client = client
-        self.max_buffered = max_buffered
-        self.rows: list[WebhookDelivery] = []
+    A row reaches Redis in the same step that stores its attempt's outcome (WebhookQueue.settle) and leaves
+    it only after Kafka acknowledged it, so neither a crash nor a Kafka or ClickHouse outage loses one: rows
+    wait in Redis while Kafka is down, and in the topic while ClickHouse is. One dispatcher at a time moves
+    them (a turn that expires if its holder dies), so two never send the same rows; a dispatcher that dies
+    between Kafka's ack and removing the rows leaves them to be sent again — the same rows, byte for byte,
+    which the table collapses (ReplacingMergeTree keyed by site, webhook, attempt and start time)."""
 
-    def add(self, row: WebhookDelivery) -> None:
-        self.rows.append(row)
+    TURN_MS = 30_000
 
-    async def flush(self) -> None:
-        batch, self.rows = self.rows, []
-        if not batch:
-            return
+    def __init__(self, queue: WebhookQueue, producer: RecordProducer, partitions: int, batch_size: int = 5000):
+        self.queue = queue
+        self.producer = producer
+        self.partitions = partitions
+        self.batch_size = batch_size
+
+    async def move_to_kafka(self, token: str) -> int:
+        """Send every waiting row (when it is this dispatcher's turn); returns how many were sent."""
+        moved = 0
+        if not await self.queue.take_log_turn(token, self.TURN_MS):
+            return moved
         try:
-            await asyncio.to_thread(clickhouse.insert_columnar, self.client, DELIVERY_TABLE, DELIVERY_COLUMNS,
-                                    [[getattr(row, column) for column in DELIVERY_COLUMNS] for row in batch])
-        except Exception as exc:  # noqa: BLE001 - any driver error: keep the rows and try again later
-            self.rows = (batch + self.rows)[-self.max_buffered:]
-            log.warning("webhook delivery log: insert of %d rows failed, will retry: %s", len(batch), exc)
+            while True:
+                rows = await self.queue.log_rows(self.batch_size)
+                if not rows:
+                    return moved
+                outputs = Outputs(self.partitions)
+                for _, webhook_id, row in rows:
+                    outputs.add(WEBHOOK_DELIVERIES, webhook_id, row)
+                await self.producer.send(outputs)
+                await self.queue.forget_log_rows([entry_id for entry_id, _, _ in rows])
+                moved += len(rows)
+                if len(rows) < self.batch_size or not await self.queue.take_log_turn(token, self.TURN_MS):
+                    return moved
+        finally:
+            await self.queue.end_log_turn(token)
+
+
+# --- connections ----------------------------------------------------------------------------------
+
+
+class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """The dispatcher's only way to open a connection: it resolves the host itself, refuses it unless every
+    address is an allowed target, and connects to one of exactly those addresses. What was checked is what is
+    connected to; the TLS handshake still verifies the certificate against the host name."""
+
+    def __init__(self, targets: WebhookTargets):
+        self.targets = targets
+        self.inner = httpcore.AnyIOBackend()
+
+    async def resolve(self, host: str, port: int, timeout_s: float | None) -> list[IPAddress]:
+        """Every address `host` resolves to, in the resolver's order: one lookup per connection."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                answers = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+        except socket.gaierror as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc.strerror}") from None
+        addresses: list[IPAddress] = []
+        for _, _, _, _, sockaddr in answers:
+            ip = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+            if ip not in addresses:
+                addresses.append(ip)
+        return addresses
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                          socket_options=None) -> httpcore.AsyncNetworkStream:
+        addresses = await self.resolve(host, port, timeout)
+        problem = self.targets.refusal(host, addresses)
+        if problem:
+            raise TargetRefused(problem)
+        failure: Exception = httpcore.ConnectError(f"{host} resolves to no address")
+        for ip in addresses:
+            try:
+                return await self.inner.connect_tcp(str(ip), port, timeout=timeout, local_address=local_address,
+                                                    socket_options=socket_options)
+            except httpcore.ConnectError as exc:
+                failure = exc
+        raise failure
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options=None) -> httpcore.AsyncNetworkStream:
+        raise TargetRefused("a unix socket is not a webhook target")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
 
 
 # --- dispatcher -----------------------------------------------------------------------------------
@@ -481,8 +751,7 @@ class DispatchOptions:
     request_timeout_s: float = 15.0
     lease_s: float = 60.0
     poll_s: float = 0.2
-    log_flush_s: float = 1.0
-    log_batch_size: int = 5000
+    log_flush_s: float = 1.0  # how often the delivery log moves on to Kafka
     breaker_failures: int = 5
     breaker_cooldown_s: float = 60.0
     finished_retention_s: float = 30 * 86400.0
@@ -497,11 +766,12 @@ class WebhookDispatcher:
     """Claims due deliveries and posts them, each attempt in its own task so a slow or dead endpoint only
     ever holds its own `per_endpoint` slots. Safe to run in several processes on one queue."""
 
-    def __init__(self, queue: WebhookQueue, delivery_log: DeliveryLog, *, policy: RetryPolicy = RetryPolicy(),
-                 options: DispatchOptions = DispatchOptions(), environ: Mapping[str, str] = os.environ,
-                 rng: random.Random | None = None):
+    def __init__(self, queue: WebhookQueue, delivery_log: DeliveryLog, *, targets: WebhookTargets = WebhookTargets(),
+                 policy: RetryPolicy = RetryPolicy(), options: DispatchOptions = DispatchOptions(),
+                 environ: Mapping[str, str] = os.environ, rng: random.Random | None = None):
         self.queue = queue
         self.delivery_log = delivery_log
+        self.targets = targets
         self.policy = policy
         self.options = options
         self.environ = environ
@@ -517,29 +787,28 @@ class WebhookDispatcher:
         return self.breakers[url]
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until `stop` is set, then let running attempts finish and flush the log. The log is
-        flushed in the background, so a slow or unreachable ClickHouse never holds up deliveries."""
-        timeout = httpx.Timeout(self.options.request_timeout_s, connect=self.options.connect_timeout_s)
-        limits = httpx.Limits(max_connections=self.options.max_in_flight)
-        flushing: asyncio.Task | None = None
-        last_flush = last_prune = 0.0
-        async with httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False) as http:
+        """Deliver until `stop` is set, then let running attempts finish and move the log on once more. The
+        log moves in the background, so a slow or unreachable Kafka never holds up deliveries (its rows wait
+        in Redis)."""
+        moving: asyncio.Task | None = None
+        last_move = last_prune = 0.0
+        async with httpcore.AsyncConnectionPool(
+                ssl_context=httpx.create_ssl_context(), max_connections=self.options.max_in_flight,
+                network_backend=GuardedNetworkBackend(self.targets)) as pool:
             try:
                 while not stop.is_set():
                     started, idle_s = 0, self.options.poll_s
                     try:
-                        started = await self._claim_and_start(http)
+                        started = await self._claim_and_start(pool)
                         if time.monotonic() - last_prune >= self.options.prune_every_s:
                             last_prune = time.monotonic()
                             await self.queue.prune_finished(_now_ms() - int(self.options.finished_retention_s * 1000))
                     except (RedisError, OSError) as exc:
                         idle_s = max(idle_s, 1.0)
                         log.warning("webhook dispatcher: Redis unavailable, retrying: %s", exc)
-                    flush_due = (time.monotonic() - last_flush >= self.options.log_flush_s
-                                 or len(self.delivery_log.rows) >= self.options.log_batch_size)
-                    if flush_due and (flushing is None or flushing.done()):
-                        last_flush = time.monotonic()
-                        flushing = asyncio.create_task(self.delivery_log.flush())
+                    if time.monotonic() - last_move >= self.options.log_flush_s and (moving is None or moving.done()):
+                        last_move = time.monotonic()
+                        moving = asyncio.create_task(self._move_log())
                     if not started:
                         try:
                             await asyncio.wait_for(stop.wait(), idle_s)
@@ -550,11 +819,19 @@ class WebhookDispatcher:
             finally:
                 for task in list(self._in_flight):
                     task.cancel()
-                if flushing is not None:
-                    await flushing
-                await self.delivery_log.flush()
+                if moving is not None:
+                    await moving
+                await self._move_log(timeout_s=self.options.request_timeout_s)
 
-    async def _claim_and_start(self, http: httpx.AsyncClient) -> int:
+    async def _move_log(self, timeout_s: float | None = None) -> None:
+        """One move of the delivery log to Kafka; a failure only delays it (the rows stay in Redis)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.delivery_log.move_to_kafka(self.token)
+        except Exception as exc:  # noqa: BLE001 - Kafka or Redis unavailable: the next move retries
+            log.warning("webhook delivery log: moving rows to Kafka failed, they wait in Redis: %s", exc)
+
+    async def _claim_and_start(self, pool: httpcore.AsyncConnectionPool) -> int:
         """Claim what this process has room for and start an attempt for each; returns how many started."""
         room = self.options.max_in_flight - len(self._in_flight)
         if room <= 0:
@@ -567,7 +844,7 @@ class WebhookDispatcher:
                 busy.append(delivery)
                 continue
             self._per_endpoint[delivery.url] += 1
-            task = asyncio.create_task(self._attempt(http, delivery))
+            task = asyncio.create_task(self._attempt(pool, delivery))
             self._in_flight.add(task)
             task.add_done_callback(lambda done, url=delivery.url: self._finished(done, url))
         # A busy endpoint's deliveries go back for a moment instead of waiting here: others come first.
@@ -586,9 +863,10 @@ class WebhookDispatcher:
 
     def _signing_key(self, delivery: QueuedWebhook) -> tuple[bytes | None, str]:
         """The endpoint's key from the environment, or why there is none (a permanent failure: fix the
-        variable, then replay)."""
-        if not signing_secret_allowed(delivery.secret_env):
-            return None, f"secret env var {delivery.secret_env} is one of LeadStream's own settings"
+        variable, then replay). Only the delivery's own site's secret variables are ever read."""
+        problem = webhook_secret_problem(delivery.site_id, delivery.secret_env)
+        if problem:
+            return None, problem
         secret = self.environ.get(delivery.secret_env)
         if not secret:
             return None, f"secret env var {delivery.secret_env} is not set"
@@ -597,26 +875,24 @@ class WebhookDispatcher:
         except InvalidSecret as exc:
             return None, f"secret env var {delivery.secret_env}: {exc}"
 
-    async def _attempt(self, http: httpx.AsyncClient, delivery: QueuedWebhook) -> None:
+    async def _attempt(self, pool: httpcore.AsyncConnectionPool, delivery: QueuedWebhook) -> None:
         now_s = time.time()
         now_ms = int(now_s * 1000)
         key, problem = self._signing_key(delivery)
         if key is None:
             await self._record(delivery, AttemptResult("permanent", error=problem), now_ms, 0)
             return
+        refused = url_problem(delivery.url, self.targets)
+        if refused:
+            await self._record(delivery, AttemptResult("permanent", error=f"refused: {refused}"), now_ms, 0)
+            return
         breaker = self.breaker(delivery.url)
         if not breaker.allow(now_s):
             await self._defer(delivery, int(breaker.retry_at_s(now_s) * 1000), now_ms)
             return
         started = time.monotonic()
-        body = delivery.body.encode()
-        headers = signed_headers(key, delivery.webhook_id, int(now_s), body)
-        headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
         try:
-            async with asyncio.timeout(self.options.request_timeout_s):
-                async with http.stream("POST", delivery.url, content=body, headers=headers) as response:
-                    body_start = await _read_start(response)
-            result = classify_response(response.status_code, response.headers, body_start, time.time())
+            result = await self._post(pool, delivery, key, int(now_s))
         except Exception as exc:  # noqa: BLE001 - every failure of the request is an outcome to log
             result = classify_exception(exc)
         if result.kind == "retryable":
@@ -625,14 +901,32 @@ class WebhookDispatcher:
             breaker.record_success()
         await self._record(delivery, result, now_ms, int((time.monotonic() - started) * 1000))
 
+    async def _post(self, pool: httpcore.AsyncConnectionPool, delivery: QueuedWebhook, key: bytes,
+                    timestamp: int) -> AttemptResult:
+        """One signed POST through the guarded pool, within the attempt's hard deadline."""
+        url = httpx.URL(delivery.url)
+        body = delivery.body.encode()
+        headers = {"host": url.netloc.decode("ascii"), "content-type": "application/json",
+                   "user-agent": USER_AGENT, **signed_headers(key, delivery.webhook_id, timestamp, body)}
+        limit = self.options.request_timeout_s
+        timeouts = {"connect": self.options.connect_timeout_s, "read": limit, "write": limit, "pool": limit}
+        target = httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path)
+        async with asyncio.timeout(limit):
+            async with pool.stream("POST", target, headers=headers, content=body,
+                                   extensions={"timeout": timeouts}) as response:
+                body_start = await _read_start(response)
+        answer = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers}
+        return classify_response(response.status, answer, body_start, time.time())
+
     async def _record(self, delivery: QueuedWebhook, result: AttemptResult, now_ms: int, duration_ms: int) -> None:
         updated, outcome, next_ms = next_step(delivery, result, self.policy, now_ms, self.rng)
-        self.delivery_log.add(WebhookDelivery(
+        row = WebhookDelivery(
             webhook_id=delivery.webhook_id, site_id=delivery.site_id, rule_id=delivery.rule_id, url=delivery.url,
             attempt=updated.attempts, status_code=result.status_code, outcome=outcome,
-            error=updated.last_error, duration_ms=duration_ms, ts_ms=now_ms, next_attempt_ms=next_ms or 0))
-        if not await self.queue.settle(self.token, updated, next_ms, _now_ms()):
-            log.warning("webhook %s: lease lost before the attempt was recorded", delivery.webhook_id)
+            error=updated.last_error, duration_ms=duration_ms, ts_ms=now_ms, next_attempt_ms=next_ms or 0)
+        if not await self.queue.settle(self.token, updated, next_ms, _now_ms(), row):
+            log.warning("webhook %s: lease lost before the attempt was recorded; its owner makes it again",
+                        delivery.webhook_id)
 
     async def _defer(self, delivery: QueuedWebhook, retry_at_ms: int, now_ms: int) -> None:
         """The endpoint's breaker is open: no request and no attempt used, but the retry budget runs (from
@@ -645,18 +939,18 @@ class WebhookDispatcher:
                 reason += f"; last error: {delivery.last_error}"
             await self._record(deferred, AttemptResult("permanent", error=reason), now_ms, 0)
             return
-        self.delivery_log.add(WebhookDelivery(
+        row = WebhookDelivery(
             webhook_id=delivery.webhook_id, site_id=delivery.site_id, rule_id=delivery.rule_id, url=delivery.url,
             attempt=delivery.attempts + 1, status_code=0, outcome="circuit_open",
             error="circuit breaker open for this endpoint", duration_ms=0, ts_ms=now_ms,
-            next_attempt_ms=retry_at_ms))
-        await self.queue.settle(self.token, deferred, retry_at_ms, now_ms)
+            next_attempt_ms=retry_at_ms)
+        await self.queue.settle(self.token, deferred, retry_at_ms, now_ms, row)
 
 
-async def _read_start(response: httpx.Response, limit: int = 512) -> str:
+async def _read_start(response: httpcore.Response, limit: int = 512) -> str:
     """The first bytes of a response, for the log: an endpoint's huge reply is never read whole."""
     chunk = b""
-    async for part in response.aiter_bytes():
+    async for part in response.aiter_stream():
         chunk += part
         if len(chunk) >= limit:
             break
@@ -668,13 +962,18 @@ async def _read_start(response: httpx.Response, limit: int = 512) -> str:
 
 async def run_dispatcher(settings: Settings, stop: asyncio.Event, *, policy: RetryPolicy = RetryPolicy(),
                          options: DispatchOptions = DispatchOptions()) -> None:
-    """The `webhooks` role: one dispatcher on the configured Redis and ClickHouse until `stop` is set."""
+    """The `webhooks` processor: one dispatcher on the configured Redis and Kafka until `stop` is set."""
+    targets = WebhookTargets.parse(settings.webhook_allowed_targets)
     redis = aioredis.from_url(settings.redis_url)
+    producer = BatchProducer(settings.kafka())
     try:
-        dispatcher = WebhookDispatcher(WebhookQueue(redis, settings.name("ls")),
-                                       DeliveryLog(clickhouse.connect(settings.clickhouse())), policy=policy, options=options)
+        await producer.start()
+        queue = WebhookQueue(redis, settings.name("ls"))
+        dispatcher = WebhookDispatcher(queue, DeliveryLog(queue, producer, settings.partitions), targets=targets,
+                                       policy=policy, options=options)
         await dispatcher.run(stop)
     finally:
+        await producer.stop()
         await redis.aclose()
 
 

@@ -13,6 +13,7 @@ See docs/rules.md for the user-facing description.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -191,23 +192,58 @@ class MoveCard(Definition):
 
 
 RESERVED_ENV_PREFIX = "LEADSTREAM_"
+WEBHOOK_SECRET_PREFIX = "LEADSTREAM_WEBHOOK_SECRET_"
+_SECRET_NAME = re.compile(r"[A-Z0-9]+(?:_[A-Z0-9]+)*")
+_NOT_NAME_CHARACTERS = re.compile(r"[^A-Z0-9]+")
 
 
-def signing_secret_allowed(env_name: str) -> bool:
-    """A rule names the variable holding its endpoint's secret; LeadStream's own settings (passwords among
-    them) are never signing secrets, or anyone who may write rules could have them used as one."""
-    return not env_name.upper().startswith(RESERVED_ENV_PREFIX)
+def site_secret_token(site_id: str) -> str:
+    """The site's part of its webhook-secret variable names: the id upper-cased, every run of characters other
+    than A-Z and 0-9 replaced by one '_', none at either end (`acme-eu.com` -> `ACME_EU_COM`). It never holds
+    '__', which is what separates it from the secret's own name."""
+    return _NOT_NAME_CHARACTERS.sub("_", site_id.upper()).strip("_")
+
+
+def webhook_secret_name(site_id: str, name: str) -> str:
+    """`LEADSTREAM_WEBHOOK_SECRET_<SITE>__<NAME>`: the only variables a site's webhooks may sign with. The
+    double underscore keeps sites apart: `ACME__EU_CRM` (site acme) is never `ACME_EU__CRM` (site acme-eu)."""
+    return f"{WEBHOOK_SECRET_PREFIX}{site_secret_token(site_id)}__{name}"
+
+
+def webhook_secret_problem(site_id: str, env_name: str) -> str | None:
+    """Why a rule of `site_id` may not sign with the variable `env_name`, naming the variable it should use;
+    None when it may. Checked when a rule is stored and again before every delivery, so one site's rule can
+    never sign with another site's secret or with one of LeadStream's own settings (passwords among them)."""
+    token = site_secret_token(site_id)
+    if not token:
+        return f"site {site_id!r} has no letter or digit to name its webhook secrets after"
+    own = webhook_secret_name(site_id, "")
+    if env_name.startswith(own) and _SECRET_NAME.fullmatch(env_name[len(own):]):
+        return None
+    if env_name.startswith(WEBHOOK_SECRET_PREFIX):
+        return f"{env_name} is not a webhook secret of site {site_id}: its secrets are named {own}<NAME>"
+    if env_name.startswith(RESERVED_ENV_PREFIX):
+        return f"{env_name} is one of LeadStream's own settings; site {site_id}'s webhook secrets are named {own}<NAME>"
+    suggested = _NOT_NAME_CHARACTERS.sub("_", env_name.upper()).strip("_") or "SECRET"
+    return (f"webhook secrets are per site: rename the variable {env_name} to {own}{suggested}, in the rule and in "
+            f"the environment of the webhooks processor")
 
 
 class Webhook(Definition):
+    """Where to post and which variable holds the signing secret. Whether the site may use that variable and
+    that address is checked when the rule is stored for a site (processors.webhooks.definition_problems)."""
+
     url: str = Field(pattern=HTTP_URL, max_length=2048)
     secret_env: str = Field(pattern=ENV_NAME)
 
     @field_validator("secret_env")
     @classmethod
     def _not_a_setting(cls, value: str) -> str:
-        if not signing_secret_allowed(value):
-            raise ValueError(f"must not name one of LeadStream's own settings ({RESERVED_ENV_PREFIX}*)")
+        """A site-independent first check: of LeadStream's own variables only the webhook secrets qualify."""
+        if value.startswith(RESERVED_ENV_PREFIX) and not (
+                value.startswith(WEBHOOK_SECRET_PREFIX) and "__" in value[len(WEBHOOK_SECRET_PREFIX):]):
+            raise ValueError(f"must not name one of LeadStream's own settings ({RESERVED_ENV_PREFIX}*); webhook "
+                             f"secrets are named {WEBHOOK_SECRET_PREFIX}<SITE>__<NAME>")
         return value
 
 
@@ -348,6 +384,29 @@ class WebhookRequest(JsonRecord):
     rule_version: int = 0
     lead_id: str = ""
     ts_ms: int = 0
+
+
+WebhookOutcome = Literal["delivered", "retrying", "failed", "circuit_open"]
+
+
+@dataclass(slots=True, frozen=True)
+class WebhookDelivery(JsonRecord):
+    """One row of the delivery log (topic `webhooks.deliveries` -> ClickHouse `webhook_deliveries`): an
+    attempt, or a deferral while the endpoint's circuit breaker was open (outcome circuit_open, no request
+    sent, attempt = the one deferred). (site_id, webhook_id, attempt, ts_ms) identifies it: a row sent twice
+    is the same row, and the table collapses the two."""
+
+    webhook_id: str
+    site_id: str
+    rule_id: str
+    url: str
+    attempt: int
+    status_code: int  # 0: no HTTP response
+    outcome: WebhookOutcome
+    error: str
+    duration_ms: int
+    ts_ms: int  # when the attempt started
+    next_attempt_ms: int = 0  # with retrying / circuit_open: when it will be tried again
 
 
 @dataclass(slots=True, frozen=True)

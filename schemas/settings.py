@@ -71,6 +71,9 @@ class Settings:
     company_provider_token: str = field(default="", repr=False)  # sent to it as "Authorization: Bearer <token>"
     company_provider_per_minute: int = 60  # look-ups a minute, per worker process with the raw processor
     company_provider_timeout_ms: int = 2000
+    # Webhooks go to public addresses only; these hosts and networks (comma-separated: crm.internal,
+    # 10.1.0.0/16, 127.0.0.1) are allowed besides. Read by the webhooks processor and wherever rules are stored.
+    webhook_allowed_targets: str = ""
 
     @classmethod
     def from_env(cls) -> "Settings":

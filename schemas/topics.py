@@ -26,7 +26,7 @@ from schemas.companies import Company
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
-from schemas.rules import LeadChange, LeadHandover, LeadSnapshot, RuleExecution
+from schemas.rules import LeadChange, LeadHandover, LeadSnapshot, RuleExecution, WebhookDelivery
 from schemas.session import Session
 
 Partitioner = Literal["input", "key", "client"]
@@ -59,10 +59,12 @@ RULE_EXECUTIONS = Topic("rules.executions", RuleExecution, "lead_id", "key")
 BOARD_COMMANDS = Topic("board.commands", (BoardCommand, CardUpdate), "card_id", "key")
 BOARD_STAGE_CHANGES = Topic("board.stage-changes", StageChange, "card_id", "key")
 COMPANIES = Topic("companies", Company, "domain", "key")  # company cards, for ClickHouse (Redis has the live copy)
+WEBHOOK_DELIVERIES = Topic("webhooks.deliveries", WebhookDelivery, "webhook_id", "key")
 
 CATALOG: tuple[Topic, ...] = (
     EVENTS_RAW, EVENTS_DLQ, EVENTS_ENRICHED, SESSIONS, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
     LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, BOARD_COMMANDS, BOARD_STAGE_CHANGES, COMPANIES,
+    WEBHOOK_DELIVERIES,
 )
 
 

@@ -38,11 +38,12 @@ from schemas.companies import Company
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
-from schemas.rules import LeadChange, LeadSnapshot, RuleExecution
+from schemas.rules import LeadChange, LeadSnapshot, RuleExecution, WebhookDelivery
 from schemas.session import Session
 from schemas.settings import BatchConfig, ClickHouseConfig, KafkaConfig
-from schemas.topics import (BOARD_STAGE_CHANGES, COMPANIES, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY, IDENTITY_LEADS,
-                            IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, SESSIONS, Topic)
+from schemas.topics import (BOARD_STAGE_CHANGES, COMPANIES, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY,
+                            IDENTITY_LEADS, IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, SESSIONS,
+                            WEBHOOK_DELIVERIES, Topic)
 from sinks import clickhouse
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ TABLES = {spec.table: spec for spec in (
     _spec("rule_executions", RULE_EXECUTIONS, RuleExecution),
     _spec("stage_changes", BOARD_STAGE_CHANGES, StageChange),
     _spec("companies", COMPANIES, Company),
+    _spec("webhook_deliveries", WEBHOOK_DELIVERIES, WebhookDelivery),
 )}
 
 Row = tuple[Message, list]  # a row with the message it came from (named by its dead letter if refused)

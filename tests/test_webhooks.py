@@ -1,15 +1,19 @@
 """Webhook delivery, the pure parts: Standard Webhooks signing and verification, what an attempt's result
-means, backoff bounds, the circuit breaker, the next step after an attempt, and the delivery-log DDL on a
-current ClickHouse (chdb). The Redis queue and the dispatcher are tested on the real servers in
-tests/integration/test_webhooks.py."""
+means, backoff bounds, the circuit breaker, the next step after an attempt, which secrets a site may sign
+with, which addresses a webhook may go to (and that a connection goes to a checked one), and the
+delivery-log DDL on a current ClickHouse (chdb). The Redis queue and the dispatcher are tested on the real
+servers in tests/integration/test_webhooks.py."""
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import random
 import re
+import socket
 import time
 
+import httpcore
 import httpx
 import orjson
 import pytest
@@ -17,9 +21,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from processors import webhooks as wh
-from schemas.rules import WebhookRequest
+from schemas.definitions import load_definitions
+from schemas.rules import WebhookRequest, site_secret_token, webhook_secret_name, webhook_secret_problem
 from schemas.settings import REPO_ROOT
 from sinks import clickhouse
+from sinks.table_sink import TABLES
 
 DOCS = (REPO_ROOT / "docs" / "webhooks.md").read_text()
 
@@ -116,13 +122,15 @@ def test_retry_after_is_read_as_seconds_or_http_date():
     assert wh.parse_retry_after(None, now) is None
 
 
-def test_network_errors_are_retried_and_unusable_urls_are_not():
-    request = httpx.Request("POST", "http://127.0.0.1:9/")
-    assert wh.classify_exception(httpx.ConnectError("refused", request=request)).kind == "retryable"
-    assert wh.classify_exception(httpx.ReadTimeout("slow", request=request)).error == "timeout"
+def test_network_errors_are_retried_and_unusable_or_refused_urls_are_not():
+    assert wh.classify_exception(httpcore.ConnectError("refused")).kind == "retryable"
+    assert wh.classify_exception(httpcore.ReadTimeout("slow")).error == "timeout"
+    assert wh.classify_exception(httpcore.ConnectTimeout("slow")).error == "timeout"
     assert wh.classify_exception(TimeoutError()).error == "timeout"
-    assert wh.classify_exception(httpx.RemoteProtocolError("hung up", request=request)).kind == "retryable"
-    assert wh.classify_exception(httpx.UnsupportedProtocol("ftp")).kind == "permanent"
+    assert wh.classify_exception(httpcore.RemoteProtocolError("hung up")).kind == "retryable"
+    assert wh.classify_exception(httpcore.UnsupportedProtocol("ftp")).kind == "permanent"
+    refused = wh.classify_exception(wh.TargetRefused("10.0.0.1 is not a public address"))
+    assert (refused.kind, refused.error) == ("permanent", "refused: 10.0.0.1 is not a public address")
 
 
 def test_backoff_ceilings_grow_then_cap():
@@ -231,7 +239,7 @@ def test_delivery_log_ddl_and_documented_queries_run_on_current_clickhouse():
         for statement in clickhouse.split_statements(migration.read_text()):
             sess.query(statement.rstrip(";"))
         described = orjson.loads(sess.query("DESCRIBE TABLE webhook_deliveries", "JSON").bytes())["data"]
-        assert [c["name"] for c in described if c["default_type"] == ""] == list(wh.DELIVERY_COLUMNS)
+        assert [c["name"] for c in described if c["default_type"] == ""] == list(TABLES["webhook_deliveries"].columns)
         now_ms = int(time.time() * 1000)
         sess.query("INSERT INTO webhook_deliveries (webhook_id, site_id, rule_id, url, attempt, status_code, outcome,"
                    " error, duration_ms, ts_ms, next_attempt_ms) VALUES"
@@ -245,3 +253,217 @@ def test_delivery_log_ddl_and_documented_queries_run_on_current_clickhouse():
         assert latest == '"wh_1","delivered",2,""'
     finally:
         sess.cleanup()
+
+
+# --- which secrets a site's webhooks may sign with --------------------------------------------------
+
+
+@pytest.mark.parametrize("site, token", [("acme", "ACME"), ("acme-eu.com", "ACME_EU_COM"), ("Acme__EU", "ACME_EU"),
+                                         ("-x.9-", "X_9"), ("shop_1", "SHOP_1")])
+def test_a_site_id_becomes_its_secret_token(site, token):
+    assert site_secret_token(site) == token
+    assert webhook_secret_name(site, "CRM") == f"LEADSTREAM_WEBHOOK_SECRET_{token}__CRM"
+
+
+def test_a_site_signs_only_with_its_own_secret_variables():
+    assert webhook_secret_problem("acme", "LEADSTREAM_WEBHOOK_SECRET_ACME__CRM") is None
+    assert webhook_secret_problem("acme", "LEADSTREAM_WEBHOOK_SECRET_ACME__CRM_PROD_2") is None
+    assert webhook_secret_problem("acme-eu", "LEADSTREAM_WEBHOOK_SECRET_ACME_EU__CRM") is None
+    assert webhook_secret_problem("acme", "LEADSTREAM_WEBHOOK_SECRET_GLOBEX__CRM") == (
+        "LEADSTREAM_WEBHOOK_SECRET_GLOBEX__CRM is not a webhook secret of site acme: its secrets are named "
+        "LEADSTREAM_WEBHOOK_SECRET_ACME__<NAME>")
+    # site acme may not reach into site acme-eu's namespace, nor acme-eu into acme's
+    assert webhook_secret_problem("acme", "LEADSTREAM_WEBHOOK_SECRET_ACME_EU__CRM") is not None
+    assert webhook_secret_problem("acme-eu", "LEADSTREAM_WEBHOOK_SECRET_ACME__EU_CRM") is not None
+    assert webhook_secret_problem("acme", "LEADSTREAM_WEBHOOK_SECRET_ACME___CRM") is not None
+    assert webhook_secret_problem("acme", "LEADSTREAM_REDIS_URL") == (
+        "LEADSTREAM_REDIS_URL is one of LeadStream's own settings; site acme's webhook secrets are named "
+        "LEADSTREAM_WEBHOOK_SECRET_ACME__<NAME>")
+
+
+def test_an_old_style_secret_name_is_refused_with_exactly_what_to_rename():
+    assert webhook_secret_problem("acme-site", "CRM_WEBHOOK_SECRET") == (
+        "webhook secrets are per site: rename the variable CRM_WEBHOOK_SECRET to "
+        "LEADSTREAM_WEBHOOK_SECRET_ACME_SITE__CRM_WEBHOOK_SECRET, in the rule and in the environment of the "
+        "webhooks processor")
+    suggested = webhook_secret_problem("acme", "__ODD__NAME_").split(" to ")[1].split(",")[0]
+    assert webhook_secret_problem("acme", suggested) is None  # the suggestion is itself accepted
+
+
+SITE_IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
+SECRET_NAMES = st.from_regex(r"[A-Z0-9]{1,4}(_[A-Z0-9]{1,4}){0,3}", fullmatch=True)
+
+
+@given(site=SITE_IDS, other=SITE_IDS, name=SECRET_NAMES)
+def test_no_variable_is_a_secret_of_two_sites_unless_their_ids_normalise_alike(site, other, name):
+    variable = webhook_secret_name(site, name)
+    assert webhook_secret_problem(site, variable) is None
+    shared = webhook_secret_problem(other, variable) is None
+    assert shared == (site_secret_token(site) == site_secret_token(other))
+
+
+def test_the_rule_format_refuses_leadstreams_own_settings_but_takes_webhook_secret_names():
+    rule = """
+rules:
+- id: hook
+  when: {score_at_least: 50}
+  then: [{webhook: {url: "https://crm.example/hook", secret_env: %s}}]
+"""
+    assert load_definitions(rule % "LEADSTREAM_WEBHOOK_SECRET_ACME__CRM", "r.yaml").rules[0].id == "hook"
+    for name in ("LEADSTREAM_CLICKHOUSE_PASSWORD", "LEADSTREAM_WEBHOOK_SECRET_ACME"):
+        with pytest.raises(ValueError, match="own settings"):
+            load_definitions(rule % name, "r.yaml")
+
+
+# --- where a webhook may go -------------------------------------------------------------------------
+
+NOBODY = wh.WebhookTargets()
+
+
+@pytest.mark.parametrize("address, kind", [
+    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"),
+    ("10.1.2.3", "private, RFC 1918"), ("172.31.255.255", "private, RFC 1918"), ("192.168.0.1", "private, RFC 1918"),
+    ("100.64.0.1", "shared address space, CGNAT"), ("169.254.1.1", "link-local"), ("fe80::1", "link-local"),
+    ("fd12:3456::1", "unique local, ULA"), ("224.0.0.251", "multicast"), ("ff02::1", "multicast"),
+    ("0.0.0.0", "unspecified"), ("::", "unspecified"), ("169.254.169.254", "cloud metadata"),
+    ("fd00:ec2::254", "cloud metadata"), ("100.100.100.200", "cloud metadata"), ("192.0.2.1", "reserved"),
+    ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"), ("2001:db8::1", "reserved"),
+    ("::ffff:127.0.0.1", "loopback, as 127.0.0.1"), ("::ffff:169.254.169.254", "cloud metadata, as 169.254.169.254"),
+    ("64:ff9b::a9fe:a9fe", "cloud metadata, as 169.254.169.254"), ("2002:0a00:0001::1", "private, RFC 1918, as 10.0.0.1"),
+    ("8.8.8.8", None), ("2001:4860:4860::8888", None), ("::ffff:8.8.8.8", None),
+])
+def test_address_kinds(address, kind):
+    assert wh.address_kind(ipaddress.ip_address(address)) == kind
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://127.0.0.1:8765/hook", "127.0.0.1 is not a public address (loopback)"),
+    ("http://127.1/hook", "127.0.0.1 is not a public address (loopback)"),
+    ("http://2130706433/hook", "127.0.0.1 is not a public address (loopback)"),
+    ("http://0x7f.0.0.1/hook", "127.0.0.1 is not a public address (loopback)"),
+    ("http://[::ffff:7f00:1]/hook", "::ffff:7f00:1 is not a public address (loopback, as 127.0.0.1)"),
+    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254 is not a public address (cloud metadata)"),
+    ("http://[fd00:ec2::254]/", "fd00:ec2::254 is not a public address (cloud metadata)"),
+    ("http://localhost:8000/", "localhost resolves to 127.0.0.1, which is not a public address (loopback)"),
+    ("http://api.LOCALHOST./", "api.localhost resolves to 127.0.0.1, which is not a public address (loopback)"),
+    ("https://user:pass@crm.example/hook", "credentials in the URL (user:password@) are refused"),
+    ("https://token@crm.example/hook", "credentials in the URL (user:password@) are refused"),
+    ("ftp://crm.example/hook", "only http:// and https:// URLs are webhook targets"),
+])
+def test_urls_refused_before_any_lookup(url, problem):
+    assert wh.url_problem(url, NOBODY).startswith(problem)
+
+
+def test_names_and_public_addresses_pass_before_the_lookup():
+    for url in ("https://crm.example/hook", "http://8.8.8.8/x", "https://[2001:4860:4860::8888]:8443/x"):
+        assert wh.url_problem(url, NOBODY) is None
+
+
+def test_the_allowlist_reallows_named_hosts_and_networks_but_metadata_only_by_exact_address():
+    targets = wh.WebhookTargets.parse("crm.internal, 10.0.0.0/8, 127.0.0.1, 169.254.0.0/16")
+    assert targets.refusal("crm.internal", [ipaddress.ip_address("192.168.1.5")]) is None  # the name is allowed
+    assert targets.refusal("x.example", [ipaddress.ip_address("10.9.9.9")]) is None
+    assert targets.refusal("x.example", [ipaddress.ip_address("::ffff:10.9.9.9")]) is None
+    assert wh.url_problem("http://127.0.0.1:8765/hook", targets) is None
+    assert "(loopback)" in wh.url_problem("http://127.0.0.2/hook", targets)
+    assert targets.refusal("x.example", [ipaddress.ip_address("169.254.1.1")]) is None
+    assert "(cloud metadata)" in targets.refusal("x.example", [ipaddress.ip_address("169.254.169.254")])
+    assert "(cloud metadata)" in targets.refusal("crm.internal", [ipaddress.ip_address("169.254.169.254")])
+    exact = wh.WebhookTargets.parse("169.254.169.254")
+    assert exact.refusal("x.example", [ipaddress.ip_address("169.254.169.254")]) is None
+
+
+def test_every_resolved_address_must_pass():
+    public, private = ipaddress.ip_address("8.8.8.8"), ipaddress.ip_address("10.0.0.1")
+    assert NOBODY.refusal("crm.example", [public]) is None
+    assert NOBODY.refusal("crm.example", [public, private]) == (
+        "crm.example resolves to 10.0.0.1, which is not a public address (private, RFC 1918): webhooks go only to "
+        "public addresses unless LEADSTREAM_WEBHOOK_ALLOWED_TARGETS allows it")
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "crm.internal:443", "*.example", "http://crm.internal"])
+def test_a_bad_allowlist_entry_is_refused_by_name(entry):
+    with pytest.raises(ValueError, match="LEADSTREAM_WEBHOOK_ALLOWED_TARGETS"):
+        wh.WebhookTargets.parse(f"crm.internal,{entry}")
+
+
+@given(st.ip_addresses(v=4))
+def test_an_ipv4_address_and_its_ipv6_mapped_form_get_the_same_verdict(ip):
+    mapped = ipaddress.ip_address(f"::ffff:{ip}")
+    assert (NOBODY.refusal("h.example", [ip]) is None) == (NOBODY.refusal("h.example", [mapped]) is None)
+
+
+@given(st.ip_addresses())
+def test_only_global_addresses_pass_without_an_allowlist(ip):
+    if NOBODY.refusal("h.example", [ip]) is None:
+        inner = wh.embedded_ipv4(ip)
+        assert ip.is_global and not ip.is_multicast and (inner is None or inner.is_global)
+
+
+def test_definition_problems_name_the_rule_the_field_and_the_fix():
+    definitions = load_definitions("""
+rules:
+- id: good
+  when: {score_at_least: 50}
+  then: [{webhook: {url: "https://crm.example/hook", secret_env: LEADSTREAM_WEBHOOK_SECRET_ACME__CRM}}]
+- id: old
+  when: {score_at_least: 60}
+  then: [{add_tag: Hot}, {webhook: {url: "http://10.0.0.5/hook", secret_env: CRM_WEBHOOK_SECRET}}]
+""", "r.yaml")
+    problems = wh.definition_problems("acme", [(f"rules[{i}] (id: {r.id})", r) for i, r in enumerate(definitions.rules)],
+                                      NOBODY)
+    assert problems == [
+        "rules[1] (id: old): then[1].webhook.secret_env: webhook secrets are per site: rename the variable "
+        "CRM_WEBHOOK_SECRET to LEADSTREAM_WEBHOOK_SECRET_ACME__CRM_WEBHOOK_SECRET, in the rule and in the environment "
+        "of the webhooks processor",
+        "rules[1] (id: old): then[1].webhook.url: 10.0.0.5 is not a public address (private, RFC 1918): webhooks go "
+        "only to public addresses unless LEADSTREAM_WEBHOOK_ALLOWED_TARGETS allows it",
+    ]
+    assert wh.definition_problems("globex", [("rule good", definitions.rules[0])], NOBODY)[0].startswith(
+        "rule good: then[0].webhook.secret_env: LEADSTREAM_WEBHOOK_SECRET_ACME__CRM is not a webhook secret of site "
+        "globex")
+
+
+class ScriptedDns(wh.GuardedNetworkBackend):
+    """The guarded backend with DNS answers scripted per lookup (a name's answer changing between lookups
+    is DNS rebinding); the connections it makes are real, to 127.0.0.1."""
+
+    def __init__(self, targets: wh.WebhookTargets, answers: list[list[str]]):
+        super().__init__(targets)
+        self.answers = answers
+        self.lookups = 0
+
+    async def resolve(self, host, port, timeout_s):
+        self.lookups += 1
+        return [ipaddress.ip_address(a) for a in self.answers.pop(0)]
+
+
+@pytest.fixture
+def listener():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+async def test_a_connection_goes_to_the_address_that_was_checked_and_a_rebound_name_is_refused(listener):
+    backend = ScriptedDns(wh.WebhookTargets.parse("127.0.0.1"), [["127.0.0.1"], ["10.0.0.7"]])
+    stream = await backend.connect_tcp("crm.example", listener, timeout=2)
+    assert stream.get_extra_info("server_addr")[0] == "127.0.0.1" and backend.lookups == 1
+    await stream.aclose()
+    with pytest.raises(wh.TargetRefused, match="crm.example resolves to 10.0.0.7"):
+        await backend.connect_tcp("crm.example", listener, timeout=2)  # the next connection looks up again
+
+
+async def test_a_name_with_one_forbidden_address_among_its_answers_is_refused_before_connecting(listener):
+    backend = ScriptedDns(wh.WebhookTargets.parse("127.0.0.1"), [["127.0.0.1", "169.254.169.254"]])
+    with pytest.raises(wh.TargetRefused, match="cloud metadata"):
+        await backend.connect_tcp("crm.example", listener, timeout=2)
+
+
+async def test_the_real_resolver_is_checked_after_the_lookup(listener):
+    with pytest.raises(wh.TargetRefused, match=r"localhost resolves to .*loopback"):
+        await wh.GuardedNetworkBackend(NOBODY).connect_tcp("localhost", listener, timeout=2)
+    allowed = wh.GuardedNetworkBackend(wh.WebhookTargets.parse("127.0.0.0/8, ::1"))
+    answers = await allowed.resolve("localhost", listener, 2)
+    stream = await allowed.connect_tcp("localhost", listener, timeout=2)
+    assert ipaddress.ip_address(stream.get_extra_info("server_addr")[0]) in answers
+    await stream.aclose()
