@@ -132,6 +132,11 @@ def apply_definitions(settings: Settings, path: str, site_id: str, expect: str) 
     except OSError as err:
         print(f"leadstream {expect} apply: cannot read {path}: {err.strerror}", file=sys.stderr)
         return 2
+    return apply_definitions_text(settings, text, path, site_id, expect)
+
+
+def apply_definitions_text(settings: Settings, text: str, path: str, site_id: str, expect: str) -> int:
+    """`apply_definitions` of a file's text (`path` names it in messages; its extension picks JSON or YAML)."""
     try:
         definitions = load_definitions(text, path)
     except DefinitionsError as err:
@@ -145,7 +150,8 @@ def apply_definitions(settings: Settings, path: str, site_id: str, expect: str) 
         redis = aioredis.from_url(settings.redis_url)
         commands = CommandBus(settings, BoardStore(redis, settings.name("ls")))
         try:
-            result = await DefinitionsStore(redis, settings.name("ls"), settings.definition_limits()).apply(
+            result = await DefinitionsStore(redis, settings.name("ls"), settings.definition_limits(),
+                                             webhooks.WebhookTargets.parse(settings.webhook_allowed_targets)).apply(
                 site_id, definitions)
             for board in definitions.boards:
                 before = result.replaced.get(f"board:{board.id}")

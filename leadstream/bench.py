@@ -41,12 +41,10 @@ import itertools
 import json
 import secrets
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import httpx
 import orjson
@@ -58,9 +56,9 @@ from confluent_kafka import Producer as ConfluentProducer
 from confluent_kafka import ConsumerGroupState
 from confluent_kafka.admin import AdminClient
 
-from leadstream.admin import apply_definitions
+from leadstream.admin import apply_definitions_text
 from leadstream.bench_profile import percentile
-from leadstream.demo import DEMO_DEFINITIONS
+from leadstream.demo import allowing_the_crm_stand_in, demo_definitions
 from leadstream.runner import Role, count, drop_namespace, forget_redis_keys, produce, start_workers, wait_for
 from leadstream.stack import servers
 from leadstream.topics import delete_topics, ensure_topics
@@ -336,12 +334,9 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
 def _apply_bench_rules(settings: Settings, site_id: str) -> list[dict]:
     """Store the bench rule set for a site the way an operator would (`leadstream rules apply FILE`);
     returns the rules. The command's per-rule listing is left out of the bench's output."""
-    definitions = bench_definitions(DEMO_DEFINITIONS.read_text())
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "bench-rules.json"
-        path.write_text(json.dumps(definitions))
-        with contextlib.redirect_stdout(io.StringIO()):
-            refused = apply_definitions(settings, str(path), site_id, "rules")
+    definitions = bench_definitions(demo_definitions(site_id))
+    with contextlib.redirect_stdout(io.StringIO()):
+        refused = apply_definitions_text(settings, json.dumps(definitions), "bench-rules.json", site_id, "rules")
     if refused:
         raise RuntimeError(f"the bench rule set was refused for site {site_id} (see above)")
     return definitions["rules"]
@@ -890,7 +885,8 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
               open_sessions: int = 100_000, board_latency_seconds: int = 15, workers: int = 2,
               layout: str = "split") -> int:
     uid = int(time.time())
-    s = replace(settings, topic_prefix=f"bench{uid}.", clickhouse_database=f"leadstream_bench{uid}")
+    s = replace(allowing_the_crm_stand_in(settings), topic_prefix=f"bench{uid}.",
+                clickhouse_database=f"leadstream_bench{uid}")
     print(f"LeadStream benchmark — {events:,} events, {s.partitions} partitions, namespace {s.topic_prefix}", flush=True)
     r = redis.Redis.from_url(s.redis_url)
     rules = _prepare_namespace(s)

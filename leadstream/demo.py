@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,12 +21,13 @@ import orjson
 import redis.asyncio as aioredis
 
 from api.site_summary import SUMMARY
-from leadstream.admin import apply_definitions, load_companies, publish_ip_table
+from leadstream.admin import apply_definitions_text, load_companies, publish_ip_table
 from leadstream.runner import Role, produce, start_workers, wait_drained, wait_for
 from leadstream.traffic import TrafficGenerator, company_card_rows, ip_range_table_lines
 from processors import webhooks
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
+from schemas.rules import webhook_secret_name
 from schemas.settings import Settings
 from sinks import clickhouse
 
@@ -68,6 +70,25 @@ async def _board_columns(settings: Settings, site_id: str) -> list[tuple]:
 
 DEMO_DEFINITIONS = Path(__file__).with_name("demo_assets") / "pipeline.yaml"
 WEBHOOK_PORT = 8765  # the demo's rules post to http://127.0.0.1:8765/crm-hook
+CRM_STAND_IN = "127.0.0.1"
+
+
+def allowing_the_crm_stand_in(settings: Settings) -> Settings:
+    """Webhooks go only to public addresses unless the operator allows more: the demo (and the bench, which runs
+    the demo's rules) allow their CRM stand-in's loopback address explicitly."""
+    return replace(settings, webhook_allowed_targets=",".join(filter(None, (settings.webhook_allowed_targets,
+                                                                            CRM_STAND_IN))))
+
+
+def demo_secret_env(site_id: str) -> str:
+    """The variable the demo's webhook signs with on `site_id`: webhook secrets are per site."""
+    return webhook_secret_name(site_id, "CRM")
+
+
+def demo_definitions(site_id: str) -> str:
+    """The demo's file for one site: the file's webhook names site `demo`'s secret variable, this names
+    `site_id`'s."""
+    return DEMO_DEFINITIONS.read_text().replace(demo_secret_env("demo"), demo_secret_env(site_id))
 
 
 class _WebhookReceiver(ThreadingHTTPServer):
@@ -115,6 +136,7 @@ def _start_api(settings: Settings, site_id: str) -> str:
 
 
 def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
+    settings = allowing_the_crm_stand_in(settings)
     site_id = f"demo-{int(time.time())}"
     since_ms = int(time.time() * 1000)
     print(f"\nLeadStream demo — site '{site_id}', {visitors:,} visitors", flush=True)
@@ -128,7 +150,7 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
         if load_companies(settings, str(cards)) != 0:
             return 2
     print("Applying the demo's rules and LeadBoard (leadstream/demo_assets/pipeline.yaml):", flush=True)
-    if apply_definitions(settings, str(DEMO_DEFINITIONS), site_id, "rules") != 0:
+    if apply_definitions_text(settings, demo_definitions(site_id), str(DEMO_DEFINITIONS), site_id, "rules") != 0:
         return 2
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     try:
@@ -136,7 +158,7 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
     except OSError as err:
         print(f"cannot start the demo's webhook receiver on 127.0.0.1:{WEBHOOK_PORT}: {err.strerror}", file=sys.stderr)
         return 2
-    roles = [*start_workers(settings, "demo-worker", env={"DEMO_WEBHOOK_SECRET": secret}),
+    roles = [*start_workers(settings, "demo-worker", env={demo_secret_env(site_id): secret}),
              Role(settings, "demo-sink", "sink").start()]
     try:
         now_ms = int(time.time() * 1000)  # traffic of the last ~2 weeks, whenever the demo runs

@@ -1,7 +1,8 @@
 """The deployment files, checked the way Compose and the servers will read them (no Docker here): every
 published port is on loopback, the servers get passwords from the env file and the LeadStream roles the
-same passwords, a missing password stops Compose, secrets stay out of the image, the image runs its roles
-as an unprivileged user, and the local stack's servers listen on 127.0.0.1 only."""
+same passwords, a missing password stops Compose, webhook secrets reach only the service that signs
+webhooks, secrets stay out of git and the image, the image runs its roles as an unprivileged user, and the
+local stack's servers listen on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import redis
 import yaml
 
 from processors.app import LAYOUTS
+from schemas.rules import WEBHOOK_SECRET_PREFIX, webhook_secret_problem
 from schemas.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +22,7 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 ROLES = [name for name, service in SERVICES.items() if service.get("build", {}).get("dockerfile") == "deploy/Dockerfile"]
 ENV_FILE = "deploy/leadstream.env"
+WEBHOOK_SECRETS_FILE = "deploy/webhook-secrets.env"
 VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?::(?P<op>[-?])(?P<arg>[^}]*))?\}")
 SETTINGS = {f"LEADSTREAM_{name.upper()}" for name in Settings.__dataclass_fields__}
 
@@ -29,6 +32,7 @@ def env_file(text: str) -> dict[str, str]:
 
 
 EXAMPLE = env_file((ROOT / "deploy" / "leadstream.env.example").read_text())
+SECRETS_EXAMPLE = env_file((ROOT / "deploy" / "webhook-secrets.env.example").read_text())
 CHOSEN = {"LEADSTREAM_CLICKHOUSE_PASSWORD": "c1ick", "REDIS_PASSWORD": "r3dis", "LEADSTREAM_API_KEYS": "s:k"}
 
 
@@ -65,12 +69,32 @@ def test_the_servers_and_the_roles_share_the_passwords_of_the_env_file():
     assert resolved["redis"]["command"][-2:] == ["--requirepass", "r3dis"]
     for role in ROLES:
         service = resolved[role]
-        assert service["env_file"] == ENV_FILE, role  # LEADSTREAM_CLICKHOUSE_PASSWORD and the API keys
+        assert env_files(service)[0] == ENV_FILE, role  # LEADSTREAM_CLICKHOUSE_PASSWORD and the API keys
         pool = redis.Redis.from_url(service["environment"]["LEADSTREAM_REDIS_URL"]).connection_pool
         assert (pool.connection_kwargs["password"], pool.connection_kwargs["host"]) == ("r3dis", "redis"), role
         assert {*service["environment"], *CHOSEN} & SETTINGS >= {"LEADSTREAM_CLICKHOUSE_PASSWORD",
                                                                  "LEADSTREAM_REDIS_URL", "LEADSTREAM_API_KEYS"}
     assert set(ROLES) == {"migrate", "worker", "automation", "sink", "api"}
+
+
+def env_files(service: dict) -> list[str]:
+    files = service.get("env_file", [])
+    return [files] if isinstance(files, str) else files
+
+
+def test_webhook_secrets_reach_only_the_service_that_signs_webhooks():
+    signing = [role for role in ROLES if "webhooks" in " ".join(SERVICES[role]["command"])]
+    assert signing == ["automation"]
+    assert {role: env_files(SERVICES[role]) for role in ROLES if WEBHOOK_SECRETS_FILE in env_files(SERVICES[role])} \
+        == {"automation": [ENV_FILE, WEBHOOK_SECRETS_FILE]}
+    assert all(not name.startswith(WEBHOOK_SECRET_PREFIX) for name in EXAMPLE)  # not in the file every role gets
+
+
+def test_the_webhook_secrets_example_holds_only_site_secrets_for_the_example_site():
+    site = EXAMPLE["LEADSTREAM_API_KEYS"].split(":")[0]
+    assert SECRETS_EXAMPLE and all(webhook_secret_problem(site, name) is None for name in SECRETS_EXAMPLE)
+    assert all(value == "change-me" for value in SECRETS_EXAMPLE.values())
+    assert not set(SECRETS_EXAMPLE) & SETTINGS
 
 
 def test_the_compose_workers_run_every_processor_once_the_way_the_demo_does():
@@ -99,8 +123,9 @@ def test_every_reference_in_compose_resolves():
 
 
 def test_secrets_stay_out_of_git_and_out_of_the_image():
-    assert ENV_FILE in (ROOT / ".gitignore").read_text().splitlines()
-    assert ENV_FILE in (ROOT / ".dockerignore").read_text().splitlines()
+    for secrets in (ENV_FILE, WEBHOOK_SECRETS_FILE):
+        assert secrets in (ROOT / ".gitignore").read_text().splitlines()
+        assert secrets in (ROOT / ".dockerignore").read_text().splitlines()
 
 
 def test_the_image_runs_the_roles_as_an_unprivileged_user():

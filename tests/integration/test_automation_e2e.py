@@ -1,5 +1,6 @@
 """Kafka in -> raw, lead and board processors -> ClickHouse, Redis and the board API out, on the real stack:
-a pageview fires a rule, the tag moves the account's card, and every move is one stage change."""
+a pageview fires a rule, the tag moves the account's card, and every move is one stage change; a demo
+request fires a webhook that reaches a receiver signed with the site's secret and is logged in ClickHouse."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from leadstream.runner import Role, count, produce, start_workers, wait_for
+from processors import webhooks
 from processors.app import LAYOUTS
 from processors.definitions_store import DefinitionsStore
 from schemas.definitions import load_definitions
 from sinks.clickhouse import connect
 from tests.api_keys import api_key
+from tests.integration.test_webhooks import SECRET, Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,6 +34,10 @@ rules:
   when: {event: form_submit}
   if: [{field: event.properties.form, op: is, value: demo-request}]
   then: [{add_tag: Decision}, {add_score: 30}, {add_tag: {tag: Demo requested, on: account}}]
+- id: tell-the-crm
+  when: {event: form_submit}
+  if: [{field: event.properties.form, op: is, value: demo-request}]
+  then: [{webhook: {url: "%(crm)s", secret_env: LEADSTREAM_WEBHOOK_SECRET_IT__CRM}}]
 boards:
 - id: pipeline
   name: Sales pipeline
@@ -54,17 +61,27 @@ def raw(i: int, visitor: str, kind: str = "pageview", path: str = "/", **extra) 
 
 async def _apply(settings, text: str) -> None:
     redis = aioredis.from_url(settings.redis_url)
+    targets = webhooks.WebhookTargets.parse(settings.webhook_allowed_targets)
     try:
-        await DefinitionsStore(redis, settings.name("ls")).apply("it", load_definitions(text, "pipeline.yaml"))
+        await DefinitionsStore(redis, settings.name("ls"), targets).apply("it", load_definitions(text, "pipeline.yaml"))
     finally:
         await redis.aclose()
 
 
+@pytest.fixture
+def crm():
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles, layout):
+def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles, crm, layout):
     """The same outcome whether one worker runs every processor or the raw processor and the automation run apart."""
-    asyncio.run(_apply(settings, DEFINITIONS))
-    roles += [*start_workers(settings, "worker", layout), Role(settings, "sink", "sink").start()]
+    settings = replace(settings, webhook_allowed_targets="127.0.0.1")  # the CRM stand-in's address
+    asyncio.run(_apply(settings, DEFINITIONS % {"crm": crm.url}))
+    roles += [*start_workers(settings, "worker", layout, env={"LEADSTREAM_WEBHOOK_SECRET_IT__CRM": SECRET}),
+              Role(settings, "sink", "sink").start()]
     asyncio.run(produce(settings, [
         raw(1, "v1"),
         raw(2, "v1", "form_submit", "/resources/guide", email="ann@acme.com", properties={"form": "guide"}),
@@ -101,3 +118,14 @@ def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles, lay
         assert [(t["tag"], t["source"], t["rule_id"]) for t in profile["tags"]] == \
             [("Consideration", "rule", "viewed-pricing")]
         assert profile["properties"] == {}
+
+    wait_for(settings, "SELECT count() FROM webhook_deliveries FINAL WHERE outcome = 'delivered'", 1, 60, roles)
+    ((webhook_id, rule_id, attempt, status_code),) = ch.execute(
+        "SELECT webhook_id, rule_id, attempt, status_code FROM webhook_deliveries FINAL WHERE site_id = 'it'")
+    assert (rule_id, attempt, status_code) == ("tell-the-crm", 1, 200)
+    assert crm.ids() == [webhook_id]  # one firing, one request
+    headers, body, _ = crm.requests[0]
+    webhooks.verify(SECRET, headers, body)
+    sent = orjson.loads(body)
+    assert (sent["site_id"], sent["rule_id"]) == ("it", "tell-the-crm")
+    assert sent["data"]["data"]["lead"]["email"] == "bob@globex.io"

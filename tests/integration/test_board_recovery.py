@@ -8,7 +8,6 @@ import asyncio
 import time
 from collections import defaultdict
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import redis
@@ -16,7 +15,8 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from leadstream.admin import apply_definitions, rebuild_boards
+from leadstream.admin import apply_definitions_text, rebuild_boards
+from leadstream.demo import DEMO_DEFINITIONS, allowing_the_crm_stand_in, demo_definitions
 from leadstream.runner import Role, produce, wait_drained, wait_for
 from leadstream.traffic import TrafficGenerator
 from processors.board_store import BoardStore
@@ -27,9 +27,14 @@ from tests.integration.conftest import namespace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-DEFINITIONS = Path(__file__).parents[2] / "leadstream" / "demo_assets" / "pipeline.yaml"
 SITE = "it"
 NOW_MS = int(time.time() * 1000)
+
+
+def apply_demo_rules(settings) -> int:
+    """The demo's file, applied as `leadstream demo` does for its site (the stand-in CRM on 127.0.0.1 allowed)."""
+    return apply_definitions_text(allowing_the_crm_stand_in(settings), demo_definitions(SITE), str(DEMO_DEFINITIONS),
+                                  SITE, "rules")
 
 
 def traffic_records() -> tuple[list, int]:
@@ -41,7 +46,7 @@ def traffic_records() -> tuple[list, int]:
 
 def run_pipeline(settings, roles: list, kills: int = 0) -> None:
     """Rules and board applied, traffic through worker + sink; `kills` SIGKILLs of the worker mid-stream."""
-    assert apply_definitions(settings, str(DEFINITIONS), SITE, "rules") == 0
+    assert apply_demo_rules(settings) == 0
     records, valid = traffic_records()
     worker = Role(settings, "worker", "worker").start()
     roles += [worker, Role(settings, "sink", "sink").start()]
@@ -144,7 +149,7 @@ def test_a_board_rebuilt_from_kafka_after_redis_is_lost_equals_the_live_one(sett
 
     r = redis.Redis.from_url(settings.redis_url)  # Redis is lost: every key of this namespace goes
     r.delete(*r.scan_iter(match=f"{settings.topic_prefix}*", count=10_000))
-    assert apply_definitions(settings, str(DEFINITIONS), SITE, "rules") == 0  # the rules file is re-applied
+    assert apply_demo_rules(settings) == 0  # the rules file is re-applied
     assert rebuild_boards(settings) == 0
 
     assert board_snapshot(settings) == live
