@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Iterable, Literal, Mapping, Protocol
+from typing import Iterable, Literal, Mapping
 
 import httpcore
 import httpx
@@ -53,7 +53,7 @@ from redis.exceptions import RedisError
 
 from processors.runtime.producer import BatchProducer, Outputs
 from schemas.records import JsonRecord
-from schemas.rules import (Rule, WebhookDelivery, WebhookOutcome, WebhookRequest, webhook_secret_problem)
+from schemas.rules import Rule, WebhookDelivery, WebhookOutcome, WebhookRequest, webhook_secret_problem
 from schemas.settings import Settings
 from schemas.topics import WEBHOOK_DELIVERIES
 
@@ -639,12 +639,6 @@ class WebhookQueue:
 # --- delivery log ---------------------------------------------------------------------------------
 
 
-class RecordProducer(Protocol):
-    """What the log needs of a Kafka producer (processors.runtime.producer.BatchProducer)."""
-
-    async def send(self, outputs: Outputs) -> None: ...
-
-
 class DeliveryLog:
     """Moves delivery-log rows from Redis to Kafka topic `webhooks.deliveries` (keyed by webhook_id), whose
     sink writes ClickHouse `webhook_deliveries`.
@@ -658,7 +652,7 @@ class DeliveryLog:
 
     TURN_MS = 30_000
 
-    def __init__(self, queue: WebhookQueue, producer: RecordProducer, partitions: int, batch_size: int = 5000):
+    def __init__(self, queue: WebhookQueue, producer: BatchProducer, partitions: int, batch_size: int = 5000):
         self.queue = queue
         self.producer = producer
         self.partitions = partitions
@@ -794,6 +788,7 @@ class WebhookDispatcher:
         last_move = last_prune = 0.0
         async with httpcore.AsyncConnectionPool(
                 ssl_context=httpx.create_ssl_context(), max_connections=self.options.max_in_flight,
+                max_keepalive_connections=20, keepalive_expiry=5.0,
                 network_backend=GuardedNetworkBackend(self.targets)) as pool:
             try:
                 while not stop.is_set():

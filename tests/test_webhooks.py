@@ -329,7 +329,8 @@ NOBODY = wh.WebhookTargets()
     ("fd00:ec2::254", "cloud metadata"), ("100.100.100.200", "cloud metadata"), ("192.0.2.1", "reserved"),
     ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"), ("2001:db8::1", "reserved"),
     ("::ffff:127.0.0.1", "loopback, as 127.0.0.1"), ("::ffff:169.254.169.254", "cloud metadata, as 169.254.169.254"),
-    ("64:ff9b::a9fe:a9fe", "cloud metadata, as 169.254.169.254"), ("2002:0a00:0001::1", "private, RFC 1918, as 10.0.0.1"),
+    ("64:ff9b::a9fe:a9fe", "cloud metadata, as 169.254.169.254"),
+    ("2002:0a00:0001::1", "private, RFC 1918, as 10.0.0.1"),
     ("8.8.8.8", None), ("2001:4860:4860::8888", None), ("::ffff:8.8.8.8", None),
 ])
 def test_address_kinds(address, kind):
@@ -410,8 +411,8 @@ rules:
   when: {score_at_least: 60}
   then: [{add_tag: Hot}, {webhook: {url: "http://10.0.0.5/hook", secret_env: CRM_WEBHOOK_SECRET}}]
 """, "r.yaml")
-    problems = wh.definition_problems("acme", [(f"rules[{i}] (id: {r.id})", r) for i, r in enumerate(definitions.rules)],
-                                      NOBODY)
+    labelled = [(f"rules[{i}] (id: {rule.id})", rule) for i, rule in enumerate(definitions.rules)]
+    problems = wh.definition_problems("acme", labelled, NOBODY)
     assert problems == [
         "rules[1] (id: old): then[1].webhook.secret_env: webhook secrets are per site: rename the variable "
         "CRM_WEBHOOK_SECRET to LEADSTREAM_WEBHOOK_SECRET_ACME__CRM_WEBHOOK_SECRET, in the rule and in the environment "

@@ -168,7 +168,7 @@ async def test_a_webhook_to_an_internal_address_is_refused_unless_the_allowlist_
 
     allowing = DefinitionsStore(store.redis, settings.name("ls"), WebhookTargets.parse("10.20.0.0/16"))
     assert (await allowing.apply(SITE, internal)).changed == ["rule:to-crm"]
-    monkeypatch.setenv("LEADSTREAM_WEBHOOK_ALLOWED_TARGETS", "10.20.30.40")  # a store built without one reads the setting
+    monkeypatch.setenv("LEADSTREAM_WEBHOOK_ALLOWED_TARGETS", "10.20.30.40")  # a store built without one: the setting
     assert (await DefinitionsStore(store.redis, settings.name("ls")).apply(SITE, internal)).changed == []
 
 
@@ -187,4 +187,5 @@ def test_the_api_refuses_the_same_webhooks_with_422(settings):
         assert answer.status_code == 422 and "(cloud metadata)" in answer.json()["detail"]
         good = dict(rule, then=[{"webhook": {"url": "https://crm.example/hook",
                                              "secret_env": "LEADSTREAM_WEBHOOK_SECRET_SITE_A__CRM"}}])
-        assert client.put(f"/v1/sites/{SITE}/rules/to-crm", json=good, headers={"X-API-Key": "k"}).status_code in (200, 201)
+        answer = client.put(f"/v1/sites/{SITE}/rules/to-crm", json=good, headers={"X-API-Key": "k"})
+        assert answer.status_code in (200, 201), answer.text

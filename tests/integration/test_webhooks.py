@@ -203,7 +203,8 @@ def count_rows(settings, where: str = "1", final: bool = True) -> int:
         f"SELECT count() FROM webhook_deliveries {'FINAL' if final else ''} WHERE {where}")[0][0]
 
 
-async def test_two_server_errors_then_success_is_delivered_once_with_one_id_and_valid_signatures(settings, queue, producer, sink, receivers):
+async def test_two_server_errors_then_success_is_delivered_once_with_one_id_and_valid_signatures(
+        settings, queue, producer, sink, receivers):
     receiver = receivers(lambda n: (500 if n < 2 else 200, 0.0))
     assert await queue.enqueue(request("wh_retry", receiver.url))
     async with dispatching(queue, producer, settings):
@@ -219,8 +220,8 @@ async def test_two_server_errors_then_success_is_delivered_once_with_one_id_and_
     assert orjson.loads(bodies.pop()) == {"type": "rule.fired", "timestamp": "2023-11-14T22:13:20.000Z",
                                           "site_id": "s1", "rule_id": "hot-lead",
                                           "data": {"lead_id": "lead-1", "score": 72}}
-    assert await log_rows(settings, "wh_retry", 3) == [(1, 500, "retrying", "HTTP 500"), (2, 500, "retrying", "HTTP 500"),
-                                              (3, 200, "delivered", "")]
+    assert await log_rows(settings, "wh_retry", 3) == [
+        (1, 500, "retrying", "HTTP 500"), (2, 500, "retrying", "HTTP 500"), (3, 200, "delivered", "")]
 
 
 async def test_dead_and_hanging_endpoints_do_not_delay_a_healthy_one(settings, queue, producer, sink, receivers):
@@ -265,7 +266,8 @@ async def test_an_open_circuit_breaker_defers_without_sending(settings, queue, p
     assert sum(d.attempts for d in deliveries) == 2
 
 
-async def test_a_crashed_dispatchers_claim_is_resumed_by_another_after_its_lease(settings, queue, producer, sink, receivers):
+async def test_a_crashed_dispatchers_claim_is_resumed_by_another_after_its_lease(
+        settings, queue, producer, sink, receivers):
     receiver = receivers(lambda n: (200, 5.0 if n == 0 else 0.0))  # the first answer never comes in time
     await queue.enqueue(request("wh_crash", receiver.url))
     crashed = asyncio.create_task(dispatcher(queue, producer, settings).run(asyncio.Event()))
@@ -292,7 +294,8 @@ async def test_two_dispatchers_never_send_the_same_delivery_twice(settings, queu
     assert sorted(receiver.ids()) == sorted(ids)
 
 
-async def test_enqueue_is_atomic_with_the_firing_idempotent_and_replay_resends_the_same_id(settings, queue, producer, sink, receivers):
+async def test_enqueue_is_atomic_with_the_firing_idempotent_and_replay_resends_the_same_id(
+        settings, queue, producer, sink, receivers):
     receiver = receivers()
     firing_key = f"{settings.name('ls')}:test-firing"
     async with queue.redis.pipeline(transaction=True) as pipe:  # the processor's commit, as it would queue it
@@ -372,8 +375,9 @@ async def test_a_receiver_on_a_private_address_gets_nothing_unless_the_operator_
 async def test_a_delivery_signs_only_with_a_secret_of_its_own_site(settings, queue, producer, sink, receivers):
     receiver = receivers()
     expected = {
-        "LEADSTREAM_WEBHOOK_SECRET_S2__TEST_HOOK": "LEADSTREAM_WEBHOOK_SECRET_S2__TEST_HOOK is not a webhook secret of "
-                                                   "site s1: its secrets are named LEADSTREAM_WEBHOOK_SECRET_S1__<NAME>",
+        "LEADSTREAM_WEBHOOK_SECRET_S2__TEST_HOOK":
+            "LEADSTREAM_WEBHOOK_SECRET_S2__TEST_HOOK is not a webhook secret of site s1: its secrets are named "
+            "LEADSTREAM_WEBHOOK_SECRET_S1__<NAME>",
         "LEADSTREAM_REDIS_URL": "LEADSTREAM_REDIS_URL is one of LeadStream's own settings; site s1's webhook secrets "
                                 "are named LEADSTREAM_WEBHOOK_SECRET_S1__<NAME>",
         "TEST_HOOK_SECRET": "webhook secrets are per site: rename the variable TEST_HOOK_SECRET to "
