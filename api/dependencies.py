@@ -33,6 +33,7 @@ from api.streams import Streams
 from processors.board_store import BoardStore
 from processors.companies import CompanyStore
 from processors.definitions_store import DefinitionsStore
+from processors.webhooks import WebhookTargets
 from schemas.boards import BoardDefinition
 from schemas.settings import Settings
 
@@ -59,8 +60,9 @@ class Live:
         commands = CommandBus(settings, boards)
         try:
             async with Streams.running(settings) as streams:
-                yield cls(redis, boards, DefinitionsStore(redis, prefix, settings.definition_limits()),
-                          CompanyStore(redis, prefix), commands, streams)
+                definitions = DefinitionsStore(redis, prefix, settings.definition_limits(),
+                                               webhook_targets=WebhookTargets.parse(settings.webhook_allowed_targets))
+                yield cls(redis, boards, definitions, CompanyStore(redis, prefix), commands, streams)
         finally:
             await commands.stop()
             await redis.aclose()

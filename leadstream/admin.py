@@ -151,7 +151,7 @@ def apply_definitions_text(settings: Settings, text: str, path: str, site_id: st
         commands = CommandBus(settings, BoardStore(redis, settings.name("ls")))
         try:
             result = await DefinitionsStore(redis, settings.name("ls"), settings.definition_limits(),
-                                             webhooks.WebhookTargets.parse(settings.webhook_allowed_targets)).apply(
+                                             webhook_targets=webhooks.WebhookTargets.parse(settings.webhook_allowed_targets)).apply(
                 site_id, definitions)
             for board in definitions.boards:
                 before = result.replaced.get(f"board:{board.id}")

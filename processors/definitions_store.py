@@ -123,7 +123,7 @@ class DefinitionsStore:
     rule's webhook URL is checked against when it is written; None reads the process's setting
     (LEADSTREAM_WEBHOOK_ALLOWED_TARGETS), the same one the webhooks processor reads."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, limits: DefinitionLimits = DefinitionLimits(),
+    def __init__(self, redis: aioredis.Redis, prefix: str, limits: DefinitionLimits = DefinitionLimits(), *,
                  webhook_targets: WebhookTargets | None = None):
         self.redis = redis
         self.prefix = prefix

@@ -53,7 +53,8 @@ from redis.exceptions import RedisError
 
 from processors.runtime.producer import BatchProducer, Outputs
 from schemas.records import JsonRecord
-from schemas.rules import Rule, WebhookDelivery, WebhookOutcome, WebhookRequest, webhook_secret_problem
+from schemas.rules import (Rule, WebhookDelivery, WebhookOutcome, WebhookRequest, webhook_secret_problem,
+                           webhook_secret_variable)
 from schemas.settings import Settings
 from schemas.topics import WEBHOOK_DELIVERIES
 
@@ -862,13 +863,14 @@ class WebhookDispatcher:
         problem = webhook_secret_problem(delivery.site_id, delivery.secret_env)
         if problem:
             return None, problem
-        secret = self.environ.get(delivery.secret_env)
+        variable = webhook_secret_variable(delivery.site_id, delivery.secret_env)
+        secret = self.environ.get(variable)
         if not secret:
-            return None, f"secret env var {delivery.secret_env} is not set"
+            return None, f"secret env var {variable} is not set"
         try:
             return secret_key(secret), ""
         except InvalidSecret as exc:
-            return None, f"secret env var {delivery.secret_env}: {exc}"
+            return None, f"secret env var {variable}: {exc}"
 
     async def _attempt(self, pool: httpcore.AsyncConnectionPool, delivery: QueuedWebhook) -> None:
         now_s = time.time()

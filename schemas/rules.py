@@ -210,23 +210,30 @@ def webhook_secret_name(site_id: str, name: str) -> str:
     return f"{WEBHOOK_SECRET_PREFIX}{site_secret_token(site_id)}__{name}"
 
 
-def webhook_secret_problem(site_id: str, env_name: str) -> str | None:
-    """Why a rule of `site_id` may not sign with the variable `env_name`, naming the variable it should use;
-    None when it may. Checked when a rule is stored and again before every delivery, so one site's rule can
-    never sign with another site's secret or with one of LeadStream's own settings (passwords among them)."""
+def webhook_secret_variable(site_id: str, secret_env: str) -> str:
+    """The variable a site's webhook is signed with. A rule names its secret (`secret_env: CRM_WEBHOOK_SECRET`,
+    as in the v1 contract) and the site's own variable holds it: `LEADSTREAM_WEBHOOK_SECRET_<SITE>__<NAME>`.
+    A rule may also give that full name. No other variable is ever read, so one site's rule can never sign
+    with another site's secret or with one of LeadStream's own settings (passwords among them)."""
+    if secret_env.startswith(WEBHOOK_SECRET_PREFIX):
+        return secret_env
+    return webhook_secret_name(site_id, _NOT_NAME_CHARACTERS.sub("_", secret_env.upper()).strip("_") or "SECRET")
+
+
+def webhook_secret_problem(site_id: str, secret_env: str) -> str | None:
+    """Why a rule of `site_id` may not name `secret_env`; None when it may. Checked when a rule is stored and
+    again before every delivery."""
     token = site_secret_token(site_id)
     if not token:
         return f"site {site_id!r} has no letter or digit to name its webhook secrets after"
     own = webhook_secret_name(site_id, "")
-    if env_name.startswith(own) and _SECRET_NAME.fullmatch(env_name[len(own):]):
+    if secret_env.startswith(own) and _SECRET_NAME.fullmatch(secret_env[len(own):]):
         return None
-    if env_name.startswith(WEBHOOK_SECRET_PREFIX):
-        return f"{env_name} is not a webhook secret of site {site_id}: its secrets are named {own}<NAME>"
-    if env_name.startswith(RESERVED_ENV_PREFIX):
-        return f"{env_name} is one of LeadStream's own settings; site {site_id}'s webhook secrets are named {own}<NAME>"
-    suggested = _NOT_NAME_CHARACTERS.sub("_", env_name.upper()).strip("_") or "SECRET"
-    return (f"webhook secrets are per site: rename the variable {env_name} to {own}{suggested}, in the rule and in "
-            f"the environment of the webhooks processor")
+    if secret_env.startswith(WEBHOOK_SECRET_PREFIX):
+        return f"{secret_env} is not a webhook secret of site {site_id}: its secrets are named {own}<NAME>"
+    if secret_env.startswith(RESERVED_ENV_PREFIX):
+        return f"{secret_env} is one of LeadStream's own settings; site {site_id}'s webhook secrets are named {own}<NAME>"
+    return None
 
 
 class Webhook(Definition):

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from processors import webhooks as wh
 from schemas.definitions import load_definitions
-from schemas.rules import WebhookRequest, site_secret_token, webhook_secret_name, webhook_secret_problem
+from schemas.rules import (WebhookRequest, site_secret_token, webhook_secret_name, webhook_secret_problem,
+                           webhook_secret_variable)
 from schemas.settings import REPO_ROOT
 from sinks import clickhouse
 from sinks.table_sink import TABLES
@@ -281,13 +282,20 @@ def test_a_site_signs_only_with_its_own_secret_variables():
         "LEADSTREAM_WEBHOOK_SECRET_ACME__<NAME>")
 
 
-def test_an_old_style_secret_name_is_refused_with_exactly_what_to_rename():
-    assert webhook_secret_problem("acme-site", "CRM_WEBHOOK_SECRET") == (
-        "webhook secrets are per site: rename the variable CRM_WEBHOOK_SECRET to "
-        "LEADSTREAM_WEBHOOK_SECRET_ACME_SITE__CRM_WEBHOOK_SECRET, in the rule and in the environment of the "
-        "webhooks processor")
-    suggested = webhook_secret_problem("acme", "__ODD__NAME_").split(" to ")[1].split(",")[0]
-    assert webhook_secret_problem("acme", suggested) is None  # the suggestion is itself accepted
+def test_a_bare_secret_name_is_read_from_the_sites_own_variable_never_from_itself():
+    assert webhook_secret_problem("acme-site", "CRM_WEBHOOK_SECRET") is None  # the v1 contract's spelling
+    assert webhook_secret_variable("acme-site", "CRM_WEBHOOK_SECRET") == \
+        "LEADSTREAM_WEBHOOK_SECRET_ACME_SITE__CRM_WEBHOOK_SECRET"
+    assert webhook_secret_variable("acme", "LEADSTREAM_WEBHOOK_SECRET_ACME__CRM") == "LEADSTREAM_WEBHOOK_SECRET_ACME__CRM"
+    assert webhook_secret_variable("acme", "__ODD__NAME_") == "LEADSTREAM_WEBHOOK_SECRET_ACME__ODD_NAME"
+    assert webhook_secret_problem("acme", webhook_secret_variable("acme", "__ODD__NAME_")) is None
+
+
+@given(site=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True),
+       name=st.from_regex(r"[A-Z_][A-Z0-9_]{0,30}", fullmatch=True).filter(lambda n: not n.startswith("LEADSTREAM_")))
+def test_a_bare_name_always_resolves_inside_its_own_sites_namespace(site, name):
+    variable = webhook_secret_variable(site, name)
+    assert variable.startswith(webhook_secret_name(site, "")) and webhook_secret_problem(site, variable) is None
 
 
 SITE_IDS = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)
@@ -414,9 +422,6 @@ rules:
     labelled = [(f"rules[{i}] (id: {rule.id})", rule) for i, rule in enumerate(definitions.rules)]
     problems = wh.definition_problems("acme", labelled, NOBODY)
     assert problems == [
-        "rules[1] (id: old): then[1].webhook.secret_env: webhook secrets are per site: rename the variable "
-        "CRM_WEBHOOK_SECRET to LEADSTREAM_WEBHOOK_SECRET_ACME__CRM_WEBHOOK_SECRET, in the rule and in the environment "
-        "of the webhooks processor",
         "rules[1] (id: old): then[1].webhook.url: 10.0.0.5 is not a public address (private, RFC 1918): webhooks go "
         "only to public addresses unless LEADSTREAM_WEBHOOK_ALLOWED_TARGETS allows it",
     ]

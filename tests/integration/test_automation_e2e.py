@@ -63,7 +63,7 @@ async def _apply(settings, text: str) -> None:
     redis = aioredis.from_url(settings.redis_url)
     targets = webhooks.WebhookTargets.parse(settings.webhook_allowed_targets)
     try:
-        await DefinitionsStore(redis, settings.name("ls"), targets).apply("it", load_definitions(text, "pipeline.yaml"))
+        await DefinitionsStore(redis, settings.name("ls"), webhook_targets=targets).apply("it", load_definitions(text, "pipeline.yaml"))
     finally:
         await redis.aclose()
 
