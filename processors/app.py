@@ -130,7 +130,7 @@ def create_app(settings: Settings, worker_name: str = "worker",
     raw_processor = RawEventsProcessor(
         RawProcessorConfig(kafka.topic(EVENTS_RAW.name), kafka.partitions, sessions,
                            Limits(max_payload_bytes=settings.max_payload_bytes), settings.lead_max_visitors,
-                           resolve_companies=bool(settings.company_provider_url)),
+                           resolve_companies=bool(settings.company_provider_url), privacy=settings.privacy()),
         store, IdentityGraphStore(store, prefix), prefix, tables,
     )
     runners: dict[str, tuple[ProcessorRunner, BatchIngest]] = {}

@@ -7,7 +7,14 @@ raises: one poison message must not stop a partition.
 
 The IP's facts (country, network, kind of network) are looked up here, before anything is stored, in one
 call (`NetworkDirectory.look_up`). A hosting network's traffic is flagged as a bot's, whatever its user
-agent says: people do not browse from cloud servers, scrapers do.
+agent says: people do not browse from cloud servers, scrapers do. That is the IP's last use: right after
+it, the address is cut to its network part (`schemas.privacy.stored_ip`), so no record made from the
+event (enriched event, lead feed, sessions, identity, dead letters of later processors) has the whole
+address unless the operator's setting keeps it.
+
+Consent is decided here too (`schemas.privacy.may_identify`): an event that may not identify its visitor
+is still enriched and stored for analytics, without what identifies a person (its email, an email in its
+URLs, the form fields of a form or identify), and identity leaves it out (processors/identity.py).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from processors.accounts import MAX_HOST_CHARS, registrable_domain
 from processors.networks import NO_NETWORKS, NetworkDirectory
 from schemas.dead_letter import Rejection
 from schemas.events import EMAIL_MAX_CHARS, TEXT_CONTROLS, EnrichedEvent, RawEvent, strip_controls
+from schemas.privacy import DEFAULT_PRIVACY, PrivacyPolicy, consent_purposes, may_identify, stored_ip
 
 CHANNELS: tuple[str, ...] = ("direct", "organic", "social", "email", "referral", "paid")
 DEVICES: tuple[str, ...] = ("desktop", "mobile", "tablet", "bot", "other")
@@ -40,6 +48,7 @@ CLICK_ID_PARAMS: tuple[str, ...] = (
 _EMAIL_PARAMS = ("email", "lb_email")
 _READ_PARAMS = frozenset(UTM_PARAMS + CLICK_ID_PARAMS + _EMAIL_PARAMS)
 _EMAIL_EVENT_TYPES = frozenset(("email_open", "email_click"))
+_FORM_TYPES = frozenset(("form_submit", "identify"))  # their properties are what a person typed into a form
 
 _MEDIUM_CHANNELS: dict[str, str] = {
     **dict.fromkeys(
@@ -216,7 +225,19 @@ def _json_text(mapping: dict[str, Any] | None) -> str:
     return orjson.dumps(mapping, option=orjson.OPT_SORT_KEYS).decode() if mapping else "{}"
 
 
-def _enrich(event: RawEvent, received_ms: int, networks: NetworkDirectory) -> EnrichedEvent | Rejection:
+def without_email_params(url: str) -> str:
+    """The URL without its `email` / `lb_email` query parameters (an event that may not identify anyone
+    keeps its page, not the address an email link carried)."""
+    base, question, query = url.partition("?")
+    if not question or "email=" not in query:
+        return url
+    query, hash_mark, fragment = query.partition("#")
+    kept = [pair for pair in query.split("&") if pair.partition("=")[0] not in _EMAIL_PARAMS]
+    return base + ("?" + "&".join(kept) if kept else "") + hash_mark + fragment
+
+
+def _enrich(event: RawEvent, received_ms: int, networks: NetworkDirectory,
+            privacy: PrivacyPolicy) -> EnrichedEvent | Rejection:
     """Derives every enriched column from a validated event; optional inputs become "" (never None)."""
     texts = (
         event.url or "", event.referrer or "", event.title or "", event.ip or "",
@@ -230,6 +251,8 @@ def _enrich(event: RawEvent, received_ms: int, networks: NetworkDirectory) -> En
         properties, extra = _json_text(event.properties), _json_text(event.model_extra)
     except orjson.JSONEncodeError as exc:
         return Rejection("invalid_value", f"extra fields cannot be stored as JSON: {exc}")
+    purposes = consent_purposes(event.consent)
+    identifiable = may_identify(event.site_id, purposes, privacy.consent)
 
     page = _url_facts(url) if url else _NO_URL
     referrer_facts = _url_facts(referrer) if referrer else _NO_URL
@@ -237,10 +260,15 @@ def _enrich(event: RawEvent, received_ms: int, networks: NetworkDirectory) -> En
     utm_source, utm_medium, utm_campaign, utm_term, utm_content = page.utm
     if not email and event.type == "email_click":
         email = page.email
-    email = email.strip().lower() if len(email) <= EMAIL_MAX_CHARS else ""
+    email = email.strip().lower() if len(email) <= EMAIL_MAX_CHARS and identifiable else ""
+    if not identifiable:
+        url, referrer = without_email_params(url), without_email_params(referrer)
+        if event.type in _FORM_TYPES:
+            properties = extra = "{}"
     browser, browser_version, os_family, device, is_bot = classify_user_agent(user_agent)
     ip = ip.strip()
     network = networks.look_up(ip)
+    ip = stored_ip(ip, privacy.ip, identifiable)  # the look-up above was the whole address's last use
 
     return EnrichedEvent(
         event_id=event.event_id,
@@ -286,6 +314,8 @@ def _enrich(event: RawEvent, received_ms: int, networks: NetworkDirectory) -> En
         network_org=network.org,
         network_kind=network.kind,
         network_domain=network.domain,
+        consent=",".join(purposes or ()),
+        may_identify=identifiable,
     )
 
 
@@ -309,7 +339,8 @@ def _decode(value: bytes | None, limits: Limits) -> dict[str, Any] | Rejection:
 
 
 def _validate_and_enrich(
-    value: bytes | None, received_ms: int, limits: Limits, oldest_ms: int, newest_ms: int, networks: NetworkDirectory
+    value: bytes | None, received_ms: int, limits: Limits, oldest_ms: int, newest_ms: int, networks: NetworkDirectory,
+    privacy: PrivacyPolicy,
 ) -> EnrichedEvent | Rejection:
     document = _decode(value, limits)
     if type(document) is Rejection:
@@ -324,12 +355,12 @@ def _validate_and_enrich(
     if event.ts < oldest_ms:
         days = limits.max_age_ms / 86_400_000
         return Rejection("ts_too_old", f"field 'ts' is more than {days:g} days before the event was received")
-    return _enrich(event, received_ms, networks)
+    return _enrich(event, received_ms, networks, privacy)
 
 
 def enrich_batch(
     values: Sequence[bytes | None], received_ms: int, limits: Limits = DEFAULT_LIMITS,
-    networks: NetworkDirectory = NO_NETWORKS,
+    networks: NetworkDirectory = NO_NETWORKS, privacy: PrivacyPolicy = DEFAULT_PRIVACY,
 ) -> list[EnrichedEvent | Rejection]:
     """One result per input, in order. The hot path: per-batch work (time bounds) is done once here."""
     oldest_ms = received_ms - limits.max_age_ms
@@ -337,7 +368,7 @@ def enrich_batch(
     results: list[EnrichedEvent | Rejection] = []
     for value in values:
         try:
-            results.append(_validate_and_enrich(value, received_ms, limits, oldest_ms, newest_ms, networks))
+            results.append(_validate_and_enrich(value, received_ms, limits, oldest_ms, newest_ms, networks, privacy))
         except Exception as exc:  # a bug here must park the message in the DLQ, not crash-loop the worker
             message = f"enrichment failed: {type(exc).__name__}: {exc}"[:1000]
             results.append(Rejection("internal_error", message))
@@ -345,7 +376,8 @@ def enrich_batch(
 
 
 def validate_and_enrich(
-    value: bytes | None, received_ms: int, limits: Limits = DEFAULT_LIMITS, networks: NetworkDirectory = NO_NETWORKS
+    value: bytes | None, received_ms: int, limits: Limits = DEFAULT_LIMITS, networks: NetworkDirectory = NO_NETWORKS,
+    privacy: PrivacyPolicy = DEFAULT_PRIVACY,
 ) -> EnrichedEvent | Rejection:
     """Single-event form of `enrich_batch` (same code path, so one-by-one equals batched)."""
-    return enrich_batch([value], received_ms, limits, networks)[0]
+    return enrich_batch([value], received_ms, limits, networks, privacy)[0]

@@ -26,6 +26,9 @@ Rules (see DESIGN.md, "Hard parts"):
   visitor id still reaches the email's lead, without linking the (shared, meaningless) visitor id.
 - Bot events and events from hosting networks (a datacenter row of the IP-range table, or a cloud or
   hosting provider's network: processors/networks.py) are excluded: no lead, no account, no identity event.
+  So are events that may not identify their visitor (no marketing consent: `may_identify`, decided at
+  enrichment by schemas.privacy): they never create, link, merge or touch a lead, and having no lead id
+  they never reach the lead feed (rules, cards, segments).
 
 State lives in an `IdentityStore`; the adapter backs `InMemoryIdentityStore` with a Redis reader
 (prefetched from `keys_needed`) and writes `changes()` back in one transaction.
@@ -102,6 +105,8 @@ class IdentityInput(Protocol):
     def network_org(self) -> str: ...
     @property
     def network_domain(self) -> str: ...
+    @property
+    def may_identify(self) -> bool: ...
 
 
 class IdentityReader(Protocol):
@@ -257,6 +262,8 @@ def _classify(event: IdentityInput) -> tuple[str, str, str, str]:
         return "datacenter", "", "", ""
     if event.is_bot:
         return "bot", "", "", ""
+    if not event.may_identify:
+        return "no_consent", "", "", ""
     visitor_problem = visitor_id_problem(event.visitor_id or "")
     if event.email and event.type in IDENTIFYING_TYPES:
         email, email_problem = normalise_email(event.email)
@@ -296,7 +303,7 @@ def keys_needed(events: Iterable[IdentityInput]) -> KeysNeeded:
 @dataclass(slots=True, frozen=True)
 class IdentityResult:
     """`lead_ids` and `exclusions` are aligned with the input events. A lead id is '' for excluded
-    events (`exclusions` says "bot" or "datacenter") and for events whose visitor id was refused without
+    events (`exclusions` says "bot", "datacenter" or "no_consent") and for events whose visitor id was refused without
     a usable email. `touched_leads` are the leads this call read or wrote, in first-use order."""
 
     lead_ids: list[str]

@@ -34,6 +34,7 @@ from processors.runtime.state import StateStore
 from schemas.dead_letter import DeadLetter, Rejection
 from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
+from schemas.privacy import DEFAULT_PRIVACY, PrivacyPolicy
 from schemas.topics import (EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
                             LEADS_ACTIVITY, SESSIONS)
 
@@ -48,6 +49,7 @@ class RawProcessorConfig:
     limits: Limits
     max_visitors_per_lead: int = identity.DEFAULT_MAX_VISITORS
     resolve_companies: bool = False  # queue new account domains without a company card for the provider
+    privacy: PrivacyPolicy = DEFAULT_PRIVACY  # IP truncation and consent, applied at enrichment
 
 
 class RawEventsProcessor:
@@ -68,7 +70,8 @@ class RawEventsProcessor:
     async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
         step = Step(Outputs(self.config.partitions))
         with METER.measure("enrich", len(messages)):
-            results = enrich_batch([m.value for m in messages], received_ms, self.config.limits, self.tables.networks)
+            results = enrich_batch([m.value for m in messages], received_ms, self.config.limits, self.tables.networks,
+                                   self.config.privacy)
         accepted: list[tuple[Message, EnrichedEvent]] = []
         rejected: dict[int, Rejection] = {}
         for i, (message, result) in enumerate(zip(messages, results)):

@@ -1,8 +1,11 @@
-"""Dead letters: why a record was refused, with its original bytes, so nothing is ever silently dropped.
+"""Dead letters: why a record was refused, with the start of its original bytes, so nothing is ever silently
+dropped and every refusal can be diagnosed.
 
-A dead letter is itself a Kafka record, so it must stay well under the broker's record limit whatever it
-carries: it keeps at most the first RAW_PREFIX_BYTES of the original bytes, plus their full size and
-SHA-256 (enough to tell whether a copy kept elsewhere is the same record), and says when it cut them.
+A dead letter keeps what diagnosis needs and no more (it is personal data too): the reason and message,
+where the record was (topic, partition, offset), the first RAW_PREFIX_BYTES of the original bytes with
+emails masked and any `"ip"` value blanked (schemas.privacy.minimise_payload), and the full size and
+SHA-256 of the whole original, so duplicates and a copy kept elsewhere (the Kafka topic, within its own
+retention) can be recognised. The rest of the original is dropped.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 
 import orjson
 from pydantic import ValidationError
+
+from schemas.privacy import minimise_message, minimise_payload
 
 REASONS: tuple[str, ...] = (
     "bad_json",
@@ -38,10 +43,10 @@ RUNTIME_REASONS: tuple[str, ...] = (
 )
 """Reasons the runtime and the sinks give, besides the input validation REASONS above."""
 
-RAW_PREFIX_BYTES = 64 * 1024
-"""At most this much of the original bytes travels in a dead letter (about 87 KB of base64 in its JSON):
-every event accepted by default (LEADSTREAM_MAX_PAYLOAD_BYTES) fits whole, and a letter stays far below
-any broker's record limit."""
+RAW_PREFIX_BYTES = 2048
+"""At most this much of the original bytes is kept in a dead letter: a whole typical event (a few hundred
+bytes), and enough of a larger one to see what it was and where it went wrong (the reason and message name
+the field). A letter stays far below any broker's record limit."""
 
 MESSAGE_CHARS = 4096
 """A dead letter's message is cut to this many characters (an exception text can quote a whole record)."""
@@ -86,8 +91,8 @@ class DeadLetter:
     """A refused record as published on events.dlq: the reason plus where and what it was.
 
     Built from the whole original bytes (`raw_size` left None), it measures and hashes them, then keeps
-    only their first RAW_PREFIX_BYTES. `offset` -1: the record never had an offset (an output that was
-    too large to be written)."""
+    only their first RAW_PREFIX_BYTES, minimised. `offset` -1: the record never had an offset (an output
+    that was too large to be written)."""
 
     reason: str
     message: str
@@ -98,17 +103,15 @@ class DeadLetter:
     received_ms: int
     raw_size: int | None = None  # size of the original bytes; None: `raw` is the whole of them
     raw_sha256: str = ""
+    raw_truncated: bool = False  # `raw` is only the first RAW_PREFIX_BYTES of the original
 
     def __post_init__(self) -> None:
         if self.raw_size is None:
             self.raw_size = len(self.raw)
             self.raw_sha256 = hashlib.sha256(self.raw).hexdigest()
-            self.raw = self.raw[:RAW_PREFIX_BYTES]
-        self.message = self.message[:MESSAGE_CHARS]
-
-    @property
-    def raw_truncated(self) -> bool:
-        return len(self.raw) < self.raw_size
+            self.raw_truncated = self.raw_size > RAW_PREFIX_BYTES
+            self.raw = minimise_payload(self.raw[:RAW_PREFIX_BYTES])
+            self.message = minimise_message(self.message[:MESSAGE_CHARS])
 
     def to_json(self) -> bytes:
         """JSON has no bytes type: `raw` travels as base64 so even invalid UTF-8 survives unchanged."""
@@ -129,8 +132,8 @@ class DeadLetter:
 
     @classmethod
     def from_json(cls, data: bytes) -> DeadLetter:
-        """Also reads letters written before the size and hash were recorded (their `raw` is whole)."""
+        """A letter as it was written. One written before the size and hash were recorded has its whole
+        original in `raw`: it is measured, cut and minimised now."""
         record = orjson.loads(data)
         record["raw"] = base64.b64decode(record["raw"])
-        record.pop("raw_truncated", None)  # derived from raw and raw_size
         return cls(**record)

@@ -132,6 +132,7 @@ class RawEvent(BaseModel):
     name: _text(NAME_MAX_CHARS) = None
     campaign: _text(CAMPAIGN_MAX_CHARS) = None
     properties: Annotated[dict[str, Scalar], PlainValidator(_clean_properties)] = Field(default_factory=dict)
+    consent: Any = None  # read by schemas.privacy.consent_purposes: any shape, never a reason to reject
 
 
 NETWORK_KINDS: tuple[str, ...] = ("isp", "hosting", "business", "education")
@@ -161,7 +162,7 @@ class EnrichedEvent:
     """A validated, enriched event. Field order and types are the ClickHouse `events` table's columns.
 
     Optional inputs are "" rather than None so every column is non-Nullable (cheaper in ClickHouse).
-    The geo and network fields come last, with defaults, so records written before them still decode.
+    The geo, network and consent fields come last, with defaults, so records written before them still decode.
     `properties` and `extra` are JSON text with sorted keys, so equal inputs give byte-equal rows.
     """
 
@@ -213,6 +214,8 @@ class EnrichedEvent:
     network_org: str = ""  # who runs the network: an ISP, a cloud, a company, a university
     network_kind: str = ""  # NETWORK_KINDS, or "" when unknown
     network_domain: str = ""  # the company whose own network this is (an account domain), or ""
+    consent: str = ""  # the purposes the event's `consent` granted, sorted, comma-separated ("" if none or absent)
+    may_identify: bool = True  # False: stored for analytics only (no lead, no email, not on the lead feed)
 
     def to_json(self) -> bytes:
         return orjson.dumps(self)

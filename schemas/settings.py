@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from schemas.privacy import ConsentPolicy, IpPolicy, PrivacyPolicy, RetentionPolicy
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MAX_RECORD_BYTES = 1_000_000  # just under Kafka's default 1 MiB message.max.bytes, with room for headers
 
@@ -74,6 +76,18 @@ class Settings:
     # Webhooks go to public addresses only; these hosts and networks (comma-separated: crm.internal,
     # 10.1.0.0/16, 127.0.0.1) are allowed besides. Read by the webhooks processor and wherever rules are stored.
     webhook_allowed_targets: str = ""
+    ip_keep_full: int = 0  # 1: store whole IP addresses; 0: only their network part (the prefixes below)
+    ipv4_prefix: int = 24  # bits of an IPv4 address kept (203.0.113.57 -> 203.0.113.0)
+    ipv6_prefix: int = 48  # bits of an IPv6 address kept (2001:db8:1:2::7 -> 2001:db8:1::)
+    consent_required_sites: str = ""  # sites whose events must state marketing consent to identify: ids, or *
+    retention_events_days: int = 395  # days each table keeps its rows (0: until erased); README "Retention"
+    retention_sessions_days: int = 395
+    retention_identity_events_days: int = 395
+    retention_lead_changes_days: int = 395
+    retention_rule_executions_days: int = 395
+    retention_webhook_deliveries_days: int = 90
+    retention_dlq_days: int = 30
+    retention_stage_changes_days: int = 0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -103,6 +117,18 @@ class Settings:
     def clickhouse(self) -> ClickHouseConfig:
         return ClickHouseConfig(self.clickhouse_host, self.clickhouse_port, self.clickhouse_database,
                                 self.clickhouse_user, self.clickhouse_password)
+
+    def privacy(self) -> PrivacyPolicy:
+        if self.ip_keep_full not in (0, 1):
+            raise ValueError(f"LEADSTREAM_IP_KEEP_FULL={self.ip_keep_full}: use 0 (network part only) or 1 (whole address)")
+        return PrivacyPolicy(IpPolicy(self.ipv4_prefix, self.ipv6_prefix, bool(self.ip_keep_full)),
+                             ConsentPolicy.parse(self.consent_required_sites))
+
+    def retention(self) -> RetentionPolicy:
+        """Days per table, from the retention_<table>_days settings."""
+        prefix, suffix = "retention_", "_days"
+        return RetentionPolicy({f.name[len(prefix):-len(suffix)]: getattr(self, f.name) for f in fields(self)
+                                if f.name.startswith(prefix) and f.name.endswith(suffix)})
 
     def batch(self) -> BatchConfig:
         return BatchConfig(self.worker_batch_size, self.worker_batch_ms)

@@ -268,7 +268,7 @@ def test_properties_and_extra_are_sorted_json_text():
 def test_enriched_event_carries_identity_time_and_receipt():
     result = accepted(ts="2024-05-01T09:59:59.250+02:00", ip=" 203.0.113.9 ")
     assert (result.event_id, result.site_id, result.visitor_id, result.type) == ("e-1", "site-1", "v-1", "pageview")
-    assert (result.ts_ms, result.received_ms, result.ip) == (NOW - 750, NOW, "203.0.113.9")
+    assert (result.ts_ms, result.received_ms, result.ip) == (NOW - 750, NOW, "203.0.113.0")  # its /24
     assert (result.raw_partition, result.raw_offset, result.session_id, result.lead_id) == (-1, -1, "", "")
 
 

@@ -57,6 +57,7 @@ class Ev:
     is_bot: bool = False
     site_id: str = SITE
     received_ms: int = 10**13  # long after every test event: none is dated in the future unless a test says so
+    may_identify: bool = True  # False: no marketing consent (schemas.privacy.may_identify)
 
     @property
     def network_kind(self) -> str:

@@ -25,7 +25,7 @@ ENRICHED_COLUMNS = [
     ("email_domain", str), ("name", str), ("campaign", str), ("properties", str), ("extra", str),
     ("raw_partition", int), ("raw_offset", int), ("session_id", str), ("is_late", bool), ("lead_id", str),
     ("geo_country", str), ("geo_region", str), ("geo_city", str), ("network_asn", int), ("network_org", str),
-    ("network_kind", str), ("network_domain", str),
+    ("network_kind", str), ("network_domain", str), ("consent", str), ("may_identify", bool),
 ]  # fmt: skip
 
 
@@ -47,7 +47,7 @@ def test_enriched_event_columns_are_exactly_the_agreed_list():
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     assert defaults == {"raw_partition": -1, "raw_offset": -1, "session_id": "", "is_late": False, "lead_id": "",
                         "geo_country": "", "geo_region": "", "geo_city": "", "network_asn": 0, "network_org": "",
-                        "network_kind": "", "network_domain": ""}
+                        "network_kind": "", "network_domain": "", "consent": "", "may_identify": True}
 
 
 def test_valid_minimal_event_keeps_unknown_fields_as_extra():
