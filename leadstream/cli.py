@@ -24,7 +24,8 @@ def _run_sink(settings: Settings, tables: list[str]) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await run_sinks(settings.kafka(), settings.clickhouse(),
-                        BatchConfig(settings.sink_batch_size, settings.sink_batch_ms), tables, stop)
+                        BatchConfig(settings.sink_batch_size, settings.sink_batch_ms), tables, stop,
+                        retention=settings.retention())
 
     asyncio.run(main())
     return 0
@@ -38,6 +39,33 @@ def _migrate(settings: Settings) -> int:
     asyncio.run(ensure_topics(settings.kafka()))
     print("ClickHouse schema:", flush=True)
     migrate(settings.clickhouse())
+    _retention(settings, ttl_only=True)
+    return 0
+
+
+def _retention(settings: Settings, ttl_only: bool = False) -> int:
+    """Apply the retention settings now: TTLs on a server that has them (also what `migrate` does), else
+    (`leadstream retention run`) drop and delete what is older."""
+    from sinks import clickhouse, retention
+
+    client = clickhouse.connect(settings.clickhouse())
+    try:
+        if ttl_only:
+            if not retention.supports_ttl(client.execute("SELECT version()")[0][0]):
+                print("  retention: this server has no table TTL; the sinks delete old rows once a day "
+                      "(`leadstream retention run` does it now)", flush=True)
+                return 0
+            rows = retention.reconcile_ttl(client, settings.retention())
+        else:
+            rows = retention.run_retention(client, settings.retention())
+    finally:
+        client.disconnect()
+    for row in rows:
+        detail = f", {row.rows:,} rows before {row.cutoff}" if row.rows else ""
+        partitions = f" ({', '.join(row.partitions)})" if row.partitions else ""
+        print(f"  retention: {row.table_name} keeps {row.days} days: {row.action}{partitions}{detail}", flush=True)
+    if ttl_only and not rows:
+        print("  retention: every table's TTL is as the settings say", flush=True)
     return 0
 
 
@@ -84,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         definitions.add_argument("action", choices=["apply", "list", *extra])
         definitions.add_argument("path", nargs="?", help="the YAML or JSON file (apply)")
         definitions.add_argument("--site", help="the site (apply, list)")
+    retention = sub.add_parser("retention", help="apply the retention settings now: set table TTLs, or (ClickHouse "
+                                                 "without TTL) drop and delete rows older than each table's days")
+    retention.add_argument("action", choices=["run"])
     hooks = sub.add_parser("webhooks", help="webhook deliveries: replay one with the same webhook-id")
     hooks.add_argument("action", choices=["replay"])
     hooks.add_argument("webhook_id")
@@ -117,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return main_stack(args.action, settings)
     if args.command == "migrate":
         return _migrate(settings)
+    if args.command == "retention":
+        return _retention(settings)
     if args.command == "worker":
         from processors.app import PROCESSORS, run_worker
 

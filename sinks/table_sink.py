@@ -38,6 +38,7 @@ from schemas.companies import Company
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
+from schemas.privacy import RetentionPolicy
 from schemas.rules import LeadChange, LeadSnapshot, RuleExecution, WebhookDelivery
 from schemas.session import Session
 from schemas.settings import BatchConfig, ClickHouseConfig, KafkaConfig
@@ -45,6 +46,7 @@ from schemas.topics import (BOARD_STAGE_CHANGES, COMPANIES, EVENTS_DLQ, EVENTS_E
                             IDENTITY_LEADS, IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, SESSIONS,
                             WEBHOOK_DELIVERIES, Topic)
 from sinks import clickhouse
+from sinks.retention import RetentionJob
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,10 @@ class TableSink:
 
 
 async def run_sinks(kafka: KafkaConfig, ch: ClickHouseConfig, batch: BatchConfig, tables: Sequence[str],
-                    stop: asyncio.Event) -> list[TableSink]:
+                    stop: asyncio.Event, retention: RetentionPolicy | None = None) -> list[TableSink]:
+    """Run the sinks of `tables` until `stop`; with a retention policy, also the daily retention run
+    (sinks/retention.py: on a server without table TTL, the sinks are what deletes old rows)."""
     sinks = [TableSink(TABLES[name], kafka, ch, batch) for name in tables]
-    await asyncio.gather(*(sink.run(stop) for sink in sinks))
+    jobs = [RetentionJob(ch, retention).run(stop)] if retention is not None else []
+    await asyncio.gather(*(sink.run(stop) for sink in sinks), *jobs)
     return sinks
