@@ -292,21 +292,24 @@ ALL INNER JOIN (SELECT visitor_id, since_ts_ms, until_ts_ms FROM {OWNED_TABLE}) 
 WHERE since_ts_ms <= latest_end_ms AND start_ms < until_ts_ms
 {_SHORT_QUERY}"""
 
+# Events stored for analytics only (no marketing consent: may_identify = 0) are not a lead's behaviour.
 EVENTS_SQL = f"""SELECT visitor_id, ts_ms, type, url, title, name
 FROM events
 PREWHERE site_id = %(site_id)s AND visitor_id IN %(visitors)s AND ts_ms >= %(from_ms)s AND ts_ms <= %(to_ms)s
+WHERE may_identify = 1
 ORDER BY ts_ms, event_id
 {_SHORT_QUERY}"""
 
 # Where an account's people browse from: the geo fields of its current leads' visitors' events, the
-# places with the most visitors first. Bots, and events whose address had no location, are left out.
+# places with the most visitors first. Bots, events whose address had no location and events without
+# marketing consent are left out.
 ACCOUNT_PLACES_SQL = f"""SELECT geo_country, geo_region, geo_city, uniqExact(visitor_id) AS visitors, count() AS events
 FROM events
 PREWHERE site_id = %(site_id)s AND visitor_id IN (
     SELECT visitor_id FROM visitors_by_lead
     WHERE site_id = %(site_id)s AND lead_id IN (
 {indent(_ACCOUNT_LEAD_IDS, ' ' * 8)}))
-WHERE geo_country != '' AND is_bot = 0
+WHERE geo_country != '' AND is_bot = 0 AND may_identify = 1
 GROUP BY geo_country, geo_region, geo_city
 ORDER BY visitors DESC, events DESC, geo_country, geo_region, geo_city
 LIMIT 5
