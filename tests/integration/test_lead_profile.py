@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -69,13 +70,14 @@ SESSION_SPECS = ADA_SESSIONS + SHARED_SESSIONS + [STRADDLING]
 
 EVENT_COLUMNS = ("event_id", "site_id", "type", "ts_ms", "visitor_id", "url", "url_path", "title", "name",
                  "channel", "email", "session_id", "referrer", "utm_source", "utm_medium", "utm_campaign",
-                 "geo_country", "geo_region", "geo_city", "network_org", "network_kind", "network_domain")
-# Where each visitor browses from: (geo_country, geo_region, geo_city, network_org, network_kind, network_domain)
+                 "geo_country", "geo_region", "geo_city", "network_org", "network_kind", "network_domain", "ip")
+# Where each visitor browses from: (geo_country, geo_region, geo_city, network_org, network_kind, network_domain,
+# ip: the address's network part, as stored)
 VISITOR_NETWORKS = {
-    "va1": ("NL", "North Holland", "Amsterdam", "Acme", "business", "acme.com"),  # Acme's office range
-    "va2": ("DE", "Berlin", "Berlin", "Deutsche Telekom AG", "isp", ""),
-    "vb": ("NL", "North Holland", "Amsterdam", "Acme", "business", "acme.com"),
-    "vs": ("GB", "England", "London", "GLOBEX", "business", ""),
+    "va1": ("NL", "North Holland", "Amsterdam", "Acme", "business", "acme.com", "198.51.100.0"),  # Acme's office range
+    "va2": ("DE", "Berlin", "Berlin", "Deutsche Telekom AG", "isp", "", "2001:db8:7::"),
+    "vb": ("NL", "North Holland", "Amsterdam", "Acme", "business", "acme.com", "198.51.100.0"),
+    "vs": ("GB", "England", "London", "GLOBEX", "business", "", "203.0.113.0"),
 }
 COMPANY_COLUMNS = ("domain", "name", "industry", "employees", "employees_min", "country", "website", "linkedin_url",
                    "logo_url", "source", "updated_ms")
@@ -115,7 +117,7 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
         for i, ((type_, path), ts, url) in enumerate(zip(steps, times, urls)):
             events.append((f"{session_id}-e{i}", SITE, type_, ts, visitor, url, path, f"Acme {path}",
                            "signup_click" if type_ == "custom" else "", channel, _email(visitor, type_), session_id,
-                           referrer, source, medium, campaign, *VISITOR_NETWORKS.get(visitor, ("",) * 6)))
+                           referrer, source, medium, campaign, *VISITOR_NETWORKS.get(visitor, ("",) * 7)))
         sessions.append(_session_row(
             session_id=session_id, visitor_id=visitor, start_ms=start, end_ms=times[-1],
             duration_ms=times[-1] - start,
@@ -148,7 +150,8 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
     ]
     dlq = [("bad_json", "Expecting value", "{not json", "events.raw", 0, 1, BASE_MS),
            ("bad_json", "Expecting value", "[", "events.raw", 0, 2, BASE_MS + 1),
-           ("missing_field", "event_id: field required", "{}", "events.raw", 1, 7, BASE_MS + 2)]
+           ("missing_field", "event_id: field required", "{}", "events.raw", 1, 7, BASE_MS + 2),
+           ("bad_json", "Expecting value", "{not json", "events.raw", 0, 3, BASE_MS + 3)]  # the same bytes again
     return {
         "events": (EVENT_COLUMNS, events),
         "sessions": (SESSION_COLUMNS, sessions),
@@ -156,6 +159,8 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
                    "last_ts_ms", "version"), leads),
         "visitor_leads": (("site_id", "visitor_id", "since_ts_ms", "lead_id", "version"), visitor_leads),
         "dlq": (("reason", "message", "raw", "topic", "raw_partition", "raw_offset", "received_ms"), dlq),
+        "retention_runs": (("table_name", "days", "cutoff", "action", "partitions", "rows", "ts_ms"),
+                           [("events", 395, date(2025, 1, 1), "nothing", [], 0, BASE_MS)]),
         "companies": (COMPANY_COLUMNS, [
             ("acme.com", "Acme", "Software", "51-200", 51, "NL", "https://acme.com/", "", "", "file", BASE_MS),
             ("acme.com", "Acme B.V.", "Software", "201-500", 201, "NL", "https://acme.com/", "", "", "file",
@@ -344,7 +349,7 @@ def load_big_lead(insert: Insert) -> list[str]:
         for session_id, visitor, start in starts + [late]])
     insert("events", EVENT_COLUMNS, [
         (f"{session_id}-e0", BIG_SITE, "pageview", start, visitor, "https://big.example/", "/", "Big", "", "direct",
-         "", session_id, "", "", "", "", *("",) * 6) for session_id, visitor, start in starts + [late]])
+         "", session_id, "", "", "", "", *("",) * 7) for session_id, visitor, start in starts + [late]])
     insert("visitor_leads", LINK_COLUMNS, [(BIG_SITE, visitor, 0, "lead-big", 1) for visitor in visitors]
            + [(BIG_SITE, visitors[0], HANDOVER_MS, "lead-other", 1)])
     insert("leads", LEAD_COLUMNS, [
