@@ -47,7 +47,8 @@ _EVENT_FIELDS = [f.name for f in dataclasses.fields(EnrichedEvent)]
 def event(event_id: str, type: str = "pageview", ts_ms: int = T0, **fields: Any) -> EnrichedEvent:
     values: dict[str, Any] = {name: "" for name in _EVENT_FIELDS}
     values.update(event_id=event_id, site_id=SITE, type=type, ts_ms=ts_ms, received_ms=ts_ms, is_bot=False,
-                  properties="{}", raw_partition=-1, raw_offset=-1, is_late=False, lead_id="lead-1", network_asn=0)
+                  properties="{}", raw_partition=-1, raw_offset=-1, is_late=False, lead_id="lead-1", network_asn=0,
+                  may_identify=True)
     if isinstance(fields.get("properties"), dict):
         fields["properties"] = orjson.dumps(fields["properties"]).decode()
     values.update(fields)

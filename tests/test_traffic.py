@@ -35,6 +35,7 @@ from processors.networks import NetworkDirectory
 from processors.enrich import CHANNELS, enrich_batch
 from schemas.dead_letter import REASONS, Rejection
 from schemas.events import EVENT_TYPES, EnrichedEvent
+from schemas.privacy import IpPolicy, PrivacyPolicy
 
 VISITORS = 3000
 NOW_MS = DEFAULT_START_MS + 12 * DAY  # the receiver's clock: after all of the generated history
@@ -49,7 +50,9 @@ class Run:
     def __init__(self, generator: TrafficGenerator) -> None:
         self.generator = generator
         self.messages = list(generator.events())
-        self.results = enrich_batch([value for _, value in self.messages], NOW_MS)
+        # whole addresses kept: these tests check where the generator's addresses resolve
+        self.results = enrich_batch([value for _, value in self.messages], NOW_MS,
+                                    privacy=PrivacyPolicy(ip=IpPolicy(keep_full=True)))
         self.accepted = [result for result in self.results if isinstance(result, EnrichedEvent)]
         self.documents = [orjson.loads(value) for (_, value), result in zip(self.messages, self.results)
                           if isinstance(result, EnrichedEvent)]  # fmt: skip
