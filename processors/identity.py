@@ -303,8 +303,8 @@ def keys_needed(events: Iterable[IdentityInput]) -> KeysNeeded:
 @dataclass(slots=True, frozen=True)
 class IdentityResult:
     """`lead_ids` and `exclusions` are aligned with the input events. A lead id is '' for excluded
-    events (`exclusions` says "bot", "datacenter" or "no_consent") and for events whose visitor id was refused without
-    a usable email. `touched_leads` are the leads this call read or wrote, in first-use order."""
+    events (`exclusions` says "bot", "datacenter" or "no_consent") and for events whose visitor id was
+    refused without a usable email. `touched_leads` are the leads this call read or wrote, in first-use order."""
 
     lead_ids: list[str]
     exclusions: list[str]

@@ -111,7 +111,7 @@ class DeadLetter:
             self.raw_sha256 = hashlib.sha256(self.raw).hexdigest()
             self.raw_truncated = self.raw_size > RAW_PREFIX_BYTES
             self.raw = minimise_payload(self.raw[:RAW_PREFIX_BYTES])
-            self.message = minimise_message(self.message[:MESSAGE_CHARS])
+        self.message = minimise_message(self.message[:MESSAGE_CHARS])
 
     def to_json(self) -> bytes:
         """JSON has no bytes type: `raw` travels as base64 so even invalid UTF-8 survives unchanged."""

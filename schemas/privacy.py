@@ -132,7 +132,8 @@ def _purposes_of(value: Any) -> list[str]:
 
 def consent_purposes(value: Any) -> tuple[str, ...] | None:
     """The purposes an event's `consent` grants, normalised (trimmed, lower-case, sorted, unique, at most
-    MAX_PURPOSES of at most MAX_PURPOSE_CHARS; one with control characters is dropped); None when the event states no consent (absent or null).
+    MAX_PURPOSES of at most MAX_PURPOSE_CHARS; one with control characters is dropped); None when the
+    event states no consent (absent or null).
 
     Accepted shapes: a list of purposes (`["analytics", "marketing"]`), one string (`"marketing"`, or
     several separated by commas or spaces), or an object of purpose -> true/"granted" (what consent

@@ -120,7 +120,8 @@ class Settings:
 
     def privacy(self) -> PrivacyPolicy:
         if self.ip_keep_full not in (0, 1):
-            raise ValueError(f"LEADSTREAM_IP_KEEP_FULL={self.ip_keep_full}: use 0 (network part only) or 1 (whole address)")
+            raise ValueError(f"LEADSTREAM_IP_KEEP_FULL={self.ip_keep_full}: use 0 (network part only) "
+                             "or 1 (whole address)")
         return PrivacyPolicy(IpPolicy(self.ipv4_prefix, self.ipv6_prefix, bool(self.ip_keep_full)),
                              ConsentPolicy.parse(self.consent_required_sites))
 

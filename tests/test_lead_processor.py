@@ -70,7 +70,7 @@ def event(i: int, lead: str = "lead_a", url: str = "https://acme.com/pricing") -
     record = {name: "" for name in fields} | {
         "event_id": f"e{i}", "site_id": "s", "type": "pageview", "ts_ms": NOW + i, "received_ms": NOW + i,
         "visitor_id": "v1", "url": url, "is_bot": False, "properties": "{}", "extra": "{}", "raw_partition": 0,
-        "raw_offset": i, "is_late": False, "lead_id": lead, "network_asn": 0}
+        "raw_offset": i, "is_late": False, "lead_id": lead, "network_asn": 0, "may_identify": True}
     return orjson.dumps(record)
 
 

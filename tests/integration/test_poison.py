@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from leadstream.runner import Role, count, produce, wait_drained, wait_for
 from processors.runtime.ingest import Message
+from schemas.dead_letter import RAW_PREFIX_BYTES
 from schemas.settings import BatchConfig
 from schemas.topics import EVENTS_ENRICHED, LEADS_ACTIVITY
 from sinks import clickhouse
@@ -75,11 +76,11 @@ def test_each_kind_of_poison_is_a_dead_letter_and_the_events_behind_it_all_arriv
                    "SELECT reason, topic, message, raw, raw_size, raw_sha256, raw_truncated, raw_offset FROM dlq")}
     raw_topic = settings.topic("events.raw")
     message, raw, raw_size, sha, truncated, _ = letters[("oversized", raw_topic)]
-    assert (len(raw), raw_size, sha, truncated) == (64 * 1024, len(huge), hashlib.sha256(huge).hexdigest(), 1)
-    assert raw.encode() == huge[:64 * 1024]
+    assert (len(raw), raw_size, sha, truncated) == (RAW_PREFIX_BYTES, len(huge), hashlib.sha256(huge).hexdigest(), 1)
+    assert raw.encode() == huge[:RAW_PREFIX_BYTES]
 
     message, _, raw_size, _, truncated, offset = letters[("output_too_large", settings.topic("events.enriched"))]
-    assert offset == -1 and raw_size > RECORD_LIMIT and not truncated and f"{RECORD_LIMIT:,}-byte" in message
+    assert offset == -1 and raw_size > RECORD_LIMIT and truncated and f"{RECORD_LIMIT:,}-byte" in message
 
     message, raw, *_ = letters[("sink_insert_error", settings.topic("events.enriched"))]
     assert orjson.loads(raw)["event_id"] == "forged" and "TypeMismatchError" in message and "Column ts_ms" in message

@@ -25,7 +25,8 @@ def _ms(day: date) -> int:
 
 def _wait_for_mutations(client, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while client.execute("SELECT count() FROM system.mutations WHERE database = currentDatabase() AND is_done = 0")[0][0]:
+    pending = "SELECT count() FROM system.mutations WHERE database = currentDatabase() AND is_done = 0"
+    while client.execute(pending)[0][0]:
         assert time.monotonic() < deadline, "a retention mutation did not finish"
         time.sleep(0.2)
 
