@@ -37,7 +37,7 @@ from processors.boards import (
 from processors.runtime.producer import BatchProducer, Outputs
 from schemas.boards import BoardCommand, BoardDefinition, CardView, CommandResult
 from schemas.settings import Settings
-from schemas.topics import BOARD_COMMANDS
+from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ
 
 COMMAND_WAIT_S = 5.0
 COMMAND_POLL_S = 0.05
@@ -92,7 +92,7 @@ class CommandBus:
     def __init__(self, settings: Settings, boards: BoardStore) -> None:
         self.partitions = settings.partitions
         self.boards = boards
-        self.producer = BatchProducer(settings.kafka())
+        self.producer = BatchProducer(settings.kafka(), EVENTS_DLQ)
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -108,7 +108,7 @@ class CommandBus:
                     self._started = True
             outputs = Outputs(self.partitions)
             for command in commands:
-                outputs.add(BOARD_COMMANDS, command.card_id.encode(), command.to_json())
+                outputs.add(BOARD_COMMANDS, command.card_id.encode(), command.to_json(), record_type=BoardCommand)
             await self.producer.send(outputs)
         except Exception as err:  # noqa: BLE001 - any broker error is an outage to the caller
             raise unavailable("command bus unavailable", err) from err

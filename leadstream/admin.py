@@ -30,8 +30,9 @@ from processors.lookup_tables import publish_ip_ranges
 from processors.runtime.producer import BatchProducer
 from schemas.boards import BoardDefinition
 from schemas.definitions import DefinitionsError, load_definitions
+from schemas.redis_keys import RedisKeys
 from schemas.settings import Settings
-from schemas.topics import BOARD_COMMANDS
+from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ
 from sinks import clickhouse
 
 
@@ -90,7 +91,7 @@ def load_companies(settings: Settings, path: str) -> int:
 
     async def publish() -> tuple[int, int]:
         redis = aioredis.from_url(settings.redis_url)
-        producer = BatchProducer(settings.kafka())
+        producer = BatchProducer(settings.kafka(), EVENTS_DLQ)
         try:
             store = CompanyStore(redis, settings.name("ls"))
             stored = await store.get_many([card.domain for card in cards])
@@ -265,17 +266,17 @@ async def _rebuild_boards(settings: Settings) -> int:
     redis = aioredis.from_url(settings.redis_url)
     consumer = kafka_consumer(kafka, group=None)
     try:
-        definitions, boards = DefinitionsStore(redis, prefix), BoardStore(redis, prefix)
+        definitions, boards, keys = DefinitionsStore(redis, prefix), BoardStore(redis, prefix), RedisKeys(prefix)
         for site in await definitions.sites():
             for stored in await definitions.list_boards(site):
                 await boards.clear_board(site, stored.board.id)
-        for pattern in (f"{prefix}:board-card:*", f"{prefix}:board-result:*", f"{prefix}:board:wm",
-                        f"{prefix}:board:due:*"):
+        for pattern in (keys.card_states_pattern(), keys.command_results_pattern(), keys.due_pattern("board")):
             async for key in redis.scan_iter(match=pattern, count=10_000):
                 await redis.delete(key)
-        store = RedisStateStore(redis, prefix, namespace="board:")
-        board = BoardProcessor(kafka.partitions, store, boards, SiteDefinitionsCache(definitions))
-        runner = ProcessorRunner(board, store, _Discard())
+        await redis.delete(keys.watermarks("board"))
+        store = RedisStateStore(redis, prefix, "board")
+        board = BoardProcessor(boards, SiteDefinitionsCache(definitions), prefix)
+        runner = ProcessorRunner(board, store, _Discard(), kafka.partitions, EVENTS_DLQ)
         await consumer.start()
         partitions = [TopicPartition(kafka.topic(BOARD_COMMANDS.name), p) for p in range(kafka.partitions)]
         consumer.assign(partitions)
@@ -285,7 +286,7 @@ async def _rebuild_boards(settings: Settings) -> int:
         print(f"replaying {total:,} board commands and card updates ...", flush=True)
         while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
             fetched = await consumer.getmany(timeout_ms=1000, max_records=settings.worker_batch_size)
-            messages = [Message(m.partition, m.offset, m.key, m.value) for tp, ms in fetched.items()
+            messages = [Message(m.partition, m.offset, m.key, m.value, m.headers) for tp, ms in fetched.items()
                         for m in ms if m.offset < ends[tp]]
             if messages:
                 await runner.process(messages)

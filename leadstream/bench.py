@@ -65,12 +65,14 @@ from leadstream.topics import delete_topics, ensure_topics
 from leadstream.traffic import TrafficGenerator
 from processors.app import LAYOUTS
 from processors.enrich import enrich_batch
-from processors.runtime.cost import PUBLISH_EVERY_S, cost_key
+from processors.runtime.cost import PUBLISH_EVERY_S
 from processors.runtime.ingest import consumer as kafka_consumer
 from processors.runtime.producer import BatchProducer, Outputs
 from schemas.events import EnrichedEvent
+from schemas.redis_keys import RedisKeys
+from schemas.rules import LeadHandover
 from schemas.settings import KafkaConfig, Settings
-from schemas.topics import BOARD_COMMANDS, EVENTS_ENRICHED, EVENTS_RAW, LEADS_ACTIVITY
+from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, LEADS_ACTIVITY
 from sinks import clickhouse
 
 RULES_PER_SITE = 100
@@ -151,8 +153,8 @@ def describe_rules(rules: Iterable[dict]) -> str:
 
 
 def processor_watermarks(fields: dict[bytes | str, bytes | str]) -> dict[int, int]:
-    """A processor's `{prefix}:{processor}:wm` hash (partition -> last applied offset, and st:P stream times) as
-    partition -> last applied offset."""
+    """A processor's watermarks hash (`RedisKeys.watermarks`: partition -> last applied offset, and st:P stream
+    times) as partition -> last applied offset."""
     marks = {}
     for key, value in fields.items():
         key = key.decode() if isinstance(key, bytes) else key
@@ -349,7 +351,7 @@ async def _end_offsets(consumer: AIOKafkaConsumer, topic: str, partitions: int) 
 
 
 def _watermarks(r: redis.Redis, settings: Settings, processor: str) -> dict[int, int]:
-    return processor_watermarks(r.hgetall(f"{settings.name('ls')}:{processor}:wm"))
+    return processor_watermarks(r.hgetall(RedisKeys.of(settings).watermarks(processor)))
 
 
 def _drain_automation(settings: Settings, r: redis.Redis, roles: list[Role], timeout_s: float = 600
@@ -400,9 +402,11 @@ async def _copy_lead_activity(source: Settings, target: Settings, until: dict[in
         while remaining:
             for tp, messages in (await consumer.getmany(timeout_ms=500, max_records=10_000)).items():
                 for message in messages:
-                    if message.offset < until[tp.partition] and not message.value.startswith(b'{"handover_id"'):
+                    handover = tuple(message.headers) == LEADS_ACTIVITY.headers(LeadHandover)
+                    if message.offset < until[tp.partition] and not handover:
                         pending.append(await producer.send(target.topic(LEADS_ACTIVITY.name), message.value,
-                                                           key=message.key, partition=tp.partition))
+                                                           key=message.key, partition=tp.partition,
+                                                           headers=list(message.headers)))
                 if messages and messages[-1].offset >= until[tp.partition] - 1:
                     remaining.discard(tp.partition)
             await asyncio.gather(*pending)
@@ -653,7 +657,7 @@ def _cpu_s(pid: int) -> float:
 def _worker_costs(settings: Settings, r: redis.Redis, workers: Iterable[Role]) -> dict:
     """The workers' published CPU cost (after one more publishing tick, so that it covers all done so far)."""
     time.sleep(2 * PUBLISH_EVERY_S)
-    blobs = [r.get(cost_key(settings.name("ls"), worker.name)) for worker in workers]
+    blobs = [r.get(RedisKeys.of(settings).cost(worker.name)) for worker in workers]
     return combine_costs(orjson.loads(blob) for blob in blobs if blob)
 
 
@@ -763,14 +767,14 @@ def output_batches(results: Iterable[object], partitions: int, batch_size: int) 
 async def _produce_with_aiokafka(kafka: KafkaConfig, batches: list[list[tuple[int, bytes, bytes]]]
                                  ) -> tuple[float, float]:
     """The worker's own BatchProducer, a batch at a time until acked: (wall s, CPU s)."""
-    producer = BatchProducer(kafka)
+    producer = BatchProducer(kafka, EVENTS_DLQ)
     await producer.start()
     try:
         started, cpu_started = time.perf_counter(), time.process_time()
         for batch in batches:
             outputs = Outputs(kafka.partitions)
             for partition, key, value in batch:
-                outputs.records[(EVENTS_ENRICHED.name, partition)].append((key, value))
+                outputs.add(EVENTS_ENRICHED, key, value, partition)
             await producer.send(outputs)
         return time.perf_counter() - started, time.process_time() - cpu_started
     finally:
@@ -929,7 +933,7 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         board = _board_latency(s, latency_rate, board_latency_seconds, uid)
         board_latencies, stream_latencies = board.latencies(board.on_board_ms), board.latencies(board.on_stream_ms)
 
-        state_keys = list(r.scan_iter(match=f"{s.name('ls')}:v:*", count=10_000))
+        state_keys = list(r.scan_iter(match=RedisKeys.of(s).visitor_states_pattern(), count=10_000))
         state_bytes = sum(r.memory_usage(k) or 0 for k in state_keys[:20_000])
         per_visitor = state_bytes / max(min(len(state_keys), 20_000), 1)
 
@@ -940,7 +944,7 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
                   "visitor_id": f"os{i}", "ts": now_ms, "url": "https://bench.example/"})) for i in range(open_sessions))
         asyncio.run(produce(s, fresh))
         wait_for(s, "SELECT count() FROM events WHERE startsWith(event_id, 'os')", open_sessions, 600, roles)
-        open_now = sum(r.zcard(f"{s.name('ls')}:due:{p}") for p in range(s.partitions))
+        open_now = sum(r.zcard(RedisKeys.of(s).due("raw", p)) for p in range(s.partitions))
         per_open_session = (r.info("memory")["used_memory"] - before_open) / max(open_sessions, 1)
 
         roles[1].stop()  # the worker with the raw processor

@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from leadstream.topics import delete_topics
 from processors.runtime.ingest import consumer as kafka_consumer
+from schemas.redis_keys import RedisKeys
 from schemas.settings import Settings
 from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
 from sinks import clickhouse
@@ -172,7 +173,7 @@ async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
     try:
         backlog = 0
         for processor, topic in PROCESSOR_INPUTS:
-            marks = await redis.hgetall(f"{settings.name('ls')}:{processor}:wm")
+            marks = await redis.hgetall(RedisKeys.of(settings).watermarks(processor))
             for tp, end in (await ends(topic)).items():
                 backlog += max(0, end - 1 - int(marks.get(str(tp.partition).encode(), -1)))
         for table in sink_tables:

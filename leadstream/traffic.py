@@ -465,8 +465,9 @@ def _arrival_times(rng: Random, count: int, start_ms: int) -> Iterator[int]:
 
 
 @lru_cache(maxsize=16)
-def _rfc3339_writer(offset_minutes: int, with_millis: bool) -> Callable[[int], str]:
-    """Epoch ms -> RFC 3339 in one fixed style, built once per style so that formatting only divides."""
+def rfc3339_writer(offset_minutes: int, with_millis: bool) -> Callable[[int], str]:
+    """Epoch ms -> RFC 3339 local time with its UTC offset, in one fixed style, built once per style so that
+    formatting only divides."""
     hours, minutes = divmod(abs(offset_minutes), 60)
     zone = f"{'-' if offset_minutes < 0 else '+'}{hours:02d}:{minutes:02d}" if offset_minutes else "Z"
     shift = offset_minutes * MINUTE
@@ -489,17 +490,12 @@ def _date_prefix(epoch_day: int) -> str:
 _HOURS_MINUTES = tuple(f"{hour:02d}:{minute:02d}:" for hour in range(24) for minute in range(60))
 
 
-def rfc3339(ms: int, offset_minutes: int = 0, with_millis: bool = True) -> str:
-    """Epoch ms as RFC 3339 local time with its UTC offset."""
-    return _rfc3339_writer(offset_minutes, with_millis)(ms)
-
-
 # How event times are written, per visitor (one tracker version per browser); None: epoch ms. Repeats are weights.
 _TS_WRITERS: tuple[Callable[[int], str] | None, ...] = (
-    None, None, None, None, None, _rfc3339_writer(0, True), _rfc3339_writer(0, True), _rfc3339_writer(60, True),
-    _rfc3339_writer(-300, True), _rfc3339_writer(330, False), _rfc3339_writer(0, False),
+    None, None, None, None, None, rfc3339_writer(0, True), rfc3339_writer(0, True), rfc3339_writer(60, True),
+    rfc3339_writer(-300, True), rfc3339_writer(330, False), rfc3339_writer(0, False),
 )  # fmt: skip
-_EMAIL_TOOL_TS_WRITER = _rfc3339_writer(0, True)
+_EMAIL_TOOL_TS_WRITER = rfc3339_writer(0, True)
 
 
 @lru_cache(maxsize=256)

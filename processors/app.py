@@ -8,7 +8,8 @@ path bypasses Faust's per-message stream machinery) and runs through a `Processo
 - lead: leads.activity -> workflow automation -> leads.changes, leads.state, rules.executions, cards;
 - board: board.commands -> the stage machine -> board.stage-changes and the board state in Redis;
 - webhooks: delivers what the lead processor queued.
-Each processor has its own watermarks and timers (a state-store namespace) and its own consumer group.
+Each processor has its own watermarks and timers (a state-store namespace) and its own consumer group;
+bad input of any of them goes to the catalog's dead-letter topic, which the app hands the runtime.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from processors.identity_store import IdentityGraphStore
 from processors.lead_processor import LeadProcessor
 from processors.lookup_tables import LookupTables
 from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
-from processors.runtime.cost import METER, PUBLISH_EVERY_S, PUBLISHED_FOR_S, cost_key
+from processors.runtime.cost import METER, PUBLISH_EVERY_S, PUBLISHED_FOR_S
 from processors.runtime.ingest import BatchIngest
 from processors.runtime.producer import BatchProducer
 from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache
 from processors.webhooks import WebhookQueue, run_dispatcher
+from schemas.redis_keys import RedisKeys
 from schemas.settings import KafkaSecurity, Settings
-from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
+from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, EVENTS_RAW, LEADS_ACTIVITY
 
 log = logging.getLogger(__name__)
 
@@ -121,40 +123,34 @@ def create_app(settings: Settings, worker_name: str = "worker",
     )
     kafka = settings.kafka()
     prefix = settings.name("ls")
-    producer = BatchProducer(kafka)
+    producer = BatchProducer(kafka, EVENTS_DLQ)
     redis = aioredis.from_url(settings.redis_url)
     sessions = session_policy(settings)
-    store = RedisStateStore(redis, prefix, state_ttl_ms=visitor_state_ttl_ms(settings, sessions))
     sites = SiteDefinitionsCache(DefinitionsStore(redis, prefix))
     tables = LookupTables()
+    raw_store = RedisStateStore(redis, prefix, "raw")
     raw_processor = RawEventsProcessor(
-        RawProcessorConfig(kafka.topic(EVENTS_RAW.name), kafka.partitions, sessions,
-                           Limits(max_payload_bytes=settings.max_payload_bytes), settings.lead_max_visitors,
+        RawProcessorConfig(kafka.topic(EVENTS_RAW.name), sessions, Limits(max_payload_bytes=settings.max_payload_bytes),
+                           visitor_state_ttl_ms(settings, sessions), settings.lead_max_visitors,
                            resolve_companies=bool(settings.company_provider_url), privacy=settings.privacy()),
-        store, IdentityGraphStore(store, prefix), prefix, tables,
+        IdentityGraphStore(raw_store, prefix), prefix, tables,
     )
     runners: dict[str, tuple[ProcessorRunner, BatchIngest]] = {}
 
-    def processor_store(name: str) -> RedisStateStore:
-        """Each processor's watermarks and timer index under a namespace of its own."""
-        return RedisStateStore(redis, prefix, namespace=f"{name}:")
-
-    def add_processor(name: str, processor, topic, group: str) -> None:
-        # the processor's own store: its watermarks and timers
-        runner = ProcessorRunner(processor, processor.store, producer, kafka.topic(topic.name))
+    def add_processor(name: str, processor, store: RedisStateStore, topic, group: str) -> None:
+        runner = ProcessorRunner(processor, store, producer, kafka.partitions, EVENTS_DLQ, kafka.topic(topic.name))
         ingest = BatchIngest(kafka, topic.name, group, settings.batch(), runner.process, isolate=runner.isolate)
         runners[name] = (runner, ingest)
         app.service(IngestService(ingest))
 
     if "raw" in processors:
-        add_processor("raw", raw_processor, EVENTS_RAW, "leadstream-worker")
+        add_processor("raw", raw_processor, raw_store, EVENTS_RAW, "leadstream-worker")
     if "lead" in processors:
-        webhooks = WebhookQueue(redis, prefix)
-        lead = LeadProcessor(kafka.partitions, processor_store("lead"), sites, webhooks, prefix, tables.companies)
-        add_processor("lead", lead, LEADS_ACTIVITY, "leadstream-lead-processor")
+        lead = LeadProcessor(sites, WebhookQueue(redis, prefix), prefix, tables.companies)
+        add_processor("lead", lead, RedisStateStore(redis, prefix, "lead"), LEADS_ACTIVITY, "leadstream-lead-processor")
     if "board" in processors:
-        board = BoardProcessor(kafka.partitions, processor_store("board"), BoardStore(redis, prefix), sites)
-        add_processor("board", board, BOARD_COMMANDS, BOARD_PROCESSOR_GROUP)
+        board = BoardProcessor(BoardStore(redis, prefix), sites, prefix)
+        add_processor("board", board, RedisStateStore(redis, prefix, "board"), BOARD_COMMANDS, BOARD_PROCESSOR_GROUP)
 
     @app.service
     class OutputProducer(faust.Service):
@@ -203,7 +199,7 @@ def create_app(settings: Settings, worker_name: str = "worker",
     async def publish_cost() -> None:
         """CPU per part of the work so far (processors/runtime/cost.py), for `leadstream bench` to read."""
         try:
-            await redis.set(cost_key(prefix, worker_name), orjson.dumps(METER.snapshot()), ex=PUBLISHED_FOR_S)
+            await redis.set(RedisKeys(prefix).cost(worker_name), orjson.dumps(METER.snapshot()), ex=PUBLISHED_FOR_S)
         except Exception:
             log.exception("publishing the CPU cost failed; next tick retries")
 

@@ -1,9 +1,10 @@
 """The board processor: LeadBoards on `board.commands`, one card at a time, in each card's order.
 
-A thin adapter around the pure stage machine (processors/boards.py) on the shared `ProcessorRunner`: state
-is one `CardState` blob per card (under the board store's card key), committed with the partition's
-watermark; the board views, the live feed, the board versions and command results are written by the
-board store in the same transaction. So a move is in Redis exactly when its card state is, and the stage
+A thin adapter around the pure stage machine (processors/boards.py) on the shared `ProcessorRunner`.
+Declared state: one `CardState` per card (`cards`), committed with the partition's watermark and kept
+decoded between batches (a busy account card with thousands of leads is decoded once, not in every batch);
+no timers (time triggers live in the lead processor's hourly pass). The board views, the live feed, the
+board versions and command results are queued by the board store in the same transaction. So a move is in Redis exactly when its card state is, and the stage
 change record on `board.stage-changes` (produced before the commit, deterministic ids) is collapsed by
 ClickHouse if a replay produces it again.
 
@@ -21,32 +22,40 @@ from typing import Sequence
 from processors.board_store import BoardStore
 from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveRequest, Shown, ViewChange,
                                apply_command, apply_move, fold_updates, merge_cards, view_changes)
-from processors.runtime.decoded import DecodedStates
+from processors.runtime.batch import Batch
 from processors.runtime.ingest import Message
-from processors.runtime.producer import Outputs
-from processors.runtime.runner import Step, decode_batch
-from processors.runtime.state import StateStore
+from processors.runtime.runner import decode_batch
+from processors.runtime.state import StateSpec
 from processors.site_definitions import SiteDefinitionsCache
 from schemas.boards import BoardCommand, CardUpdate, CommandResult, StageChange
 from schemas.records import digest
-from schemas.topics import BOARD_COMMANDS, BOARD_STAGE_CHANGES, decode_board_input
+from schemas.redis_keys import RedisKeys
+from schemas.topics import BOARD_COMMANDS, BOARD_STAGE_CHANGES
 
 UPDATE_IDS_KEPT = 64
 
 
 @dataclass
-class _Card:
-    key: str
-    partition: int
-    loaded: bytes | None
+class Card:
+    """A card as the board processor holds it: its stored state, and what its boards show of it (derived
+    from the state by the last facts update, kept with it for the next one; never stored)."""
+
     state: CardState
-    shown: Shown | None = None  # derived from `state` by the last facts update, kept for the next one
+    shown: Shown | None = None
+
+    def copy(self) -> Card:
+        return Card(self.state.copy(), self.shown)
+
+
+def card_spec(prefix: str) -> StateSpec[Card]:
+    return StateSpec("card", RedisKeys(prefix).card_state, lambda card: card.state.to_json(),
+                     lambda blob: Card(CardState.from_json(blob)), keep_decoded=True, copy=Card.copy)
 
 
 @dataclass
-class _Batch:
-    step: Step
-    cards: dict[tuple[str, str], _Card] = field(default_factory=dict)
+class _Effects:
+    """What a batch's records did to the boards, per site."""
+
     stage_changes: dict[str, list[StageChange]] = field(default_factory=lambda: defaultdict(list))
     views: dict[str, list[ViewChange]] = field(default_factory=lambda: defaultdict(list))
     results: list[CommandResult] = field(default_factory=list)
@@ -54,50 +63,47 @@ class _Batch:
 
 class BoardProcessor:
     name = "board"
+    timers = None  # cards move on facts and commands; time triggers live in the lead processor's hourly pass
 
-    def __init__(self, partitions: int, store: StateStore, boards: BoardStore, sites: SiteDefinitionsCache):
-        self.partitions = partitions
-        self.store = store
+    def __init__(self, boards: BoardStore, sites: SiteDefinitionsCache, prefix: str):
         self.board_store = boards
         self.sites = sites
-        self.decoded: DecodedStates[tuple[CardState, Shown | None]] = DecodedStates()  # large account cards
+        self.cards = card_spec(prefix)
 
-    async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
-        records = decode_batch(messages, decode_board_input, self.name)
+    async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
+        records = decode_batch(messages, BOARD_COMMANDS, self.name)
         await self.sites.prepare(record.site_id for _, record in records)
-        wanted: dict[str, int] = {}
-        for _, record in records:
+        definitions_wanted: dict[str, int] = {}
+        for _, record in records:  # a command made under newer definitions waits until this worker has them
             if isinstance(record, BoardCommand) and record.definitions_version:
-                wanted[record.site_id] = max(wanted.get(record.site_id, 0), record.definitions_version)
-        await self.sites.catch_up(wanted)
-        batch = _Batch(Step(Outputs(self.partitions)))
-        wanted = {(r.site_id, r.card_id): p for p, r in records}
-        keys = {self.board_store.card_state_key(site, card): (site, card) for site, card in wanted}
-        loaded = await self.store.load(list(keys))
-        for key, (site, card_id) in keys.items():
-            blob = loaded.get(key)
-            known = self.decoded.get(key, blob) if blob else None
-            if known is not None:
-                batch.cards[site, card_id] = _Card(key, wanted[site, card_id], blob, known[0].copy(), known[1])
-            else:
-                state = CardState.from_json(blob) if blob else CardState(card_id, site)
-                batch.cards[site, card_id] = _Card(key, wanted[site, card_id], blob, state)
+                definitions_wanted[record.site_id] = max(definitions_wanted.get(record.site_id, 0),
+                                                         record.definitions_version)
+        await self.sites.catch_up(definitions_wanted)
+        wanted = {self.cards.key(r.site_id, r.card_id): (p, r.site_id, r.card_id) for p, r in records}
+        await batch.load((self.cards, {key: partition for key, (partition, _, _) in wanted.items()}))
+        cards = {key: batch.get(self.cards, key) or Card(CardState(card_id, site))
+                 for key, (_, site, card_id) in wanted.items()}
+        effects = _Effects()
         for _, record in records:
-            self._apply(record, batch, received_ms)
-        self._finish(batch)
-        return batch.step
+            self._apply(record, cards[self.cards.key(record.site_id, record.card_id)], effects, batch)
+        for key, card in cards.items():
+            batch.put(self.cards, key, card)
+        for site_changes in effects.stage_changes.values():
+            for change in site_changes:
+                batch.outputs.add(BOARD_STAGE_CHANGES, change.card_id.encode(), change.to_json())
+        for site in effects.stage_changes.keys() | effects.views.keys():
+            self.board_store.queue_changes(batch.writes, site, effects.stage_changes.get(site, []),
+                                           effects.views.get(site, []))
+        for result in effects.results:
+            self.board_store.queue_command_result(batch.writes, result)
 
-    async def tick(self, clocks: dict[int, int]) -> Step | None:
-        return None  # cards move on facts and commands; time triggers live in the lead processor's hourly pass
-
-    def _apply(self, record: BoardCommand | CardUpdate, batch: _Batch, now_ms: int) -> None:
-        card = batch.cards[record.site_id, record.card_id]
+    def _apply(self, record: BoardCommand | CardUpdate, card: Card, effects: _Effects, batch: Batch) -> None:
         boards = self.sites[record.site_id].boards
         before = card.state
         if isinstance(record, BoardCommand):
             # the request's own time, not the time of this batch: a replay (or a rebuild) gives the same board
-            card.state, result, changes, views = apply_command(boards, before, record, record.ts_ms or now_ms)
-            batch.results.append(result)
+            card.state, result, changes, views = apply_command(boards, before, record, record.ts_ms or batch.now_ms)
+            effects.results.append(result)
         elif record.update_id in before.command_ids:
             return  # a re-sent update (its producer replayed a batch): acted on already
         elif record.kind == "facts":
@@ -123,10 +129,10 @@ class BoardProcessor:
             card.shown = None  # only a facts update derives the new state's
         if not isinstance(record, BoardCommand):
             card.state.command_ids = [*card.state.command_ids, record.update_id][-UPDATE_IDS_KEPT:]
-        batch.stage_changes[record.site_id] += changes
-        batch.views[record.site_id] += views
+        effects.stage_changes[record.site_id] += changes
+        effects.views[record.site_id] += views
 
-    def _retire(self, record: CardUpdate, card: CardState, boards, batch: _Batch):
+    def _retire(self, record: CardUpdate, card: CardState, boards, batch: Batch):
         """This card folds into `into_card_id`: it leaves the boards here, and its state goes there."""
         if card.merged_into or card.account_card_id == record.into_card_id:
             return card, [], []
@@ -135,7 +141,7 @@ class BoardProcessor:
         handover = CardUpdate("cu_" + digest(record.update_id, "handover"), card.site_id, record.into_card_id,
                               "handover", record.actor, card_state=card.to_json().decode(), event_id=record.event_id,
                               ts_ms=record.ts_ms)
-        batch.step.outputs.add(BOARD_COMMANDS, record.into_card_id.encode(), handover.to_json())
+        batch.outputs.add(BOARD_COMMANDS, record.into_card_id.encode(), handover.to_json(), record_type=CardUpdate)
         return retired, [], [v for v in views if v.card_id == card.card_id]
 
     @staticmethod
@@ -149,21 +155,3 @@ class BoardProcessor:
         survivor, _, changes, _ = merge_cards(boards, card, absorbed, cause)
         survivor.facts = dict(card.facts)  # merge_cards copied the card: these are the facts it had
         return survivor, changes, view_changes(boards, card, survivor)
-
-    def _finish(self, batch: _Batch) -> None:
-        for card in batch.cards.values():
-            blob = card.state.to_json()
-            if blob != card.loaded:
-                batch.step.partition(card.partition).states[card.key] = blob
-                self.decoded.put(card.key, blob, (card.state, card.shown))  # this batch is done with it
-        for changes in batch.stage_changes.values():
-            for change in changes:
-                batch.step.outputs.add(BOARD_STAGE_CHANGES, change.card_id.encode(), change.to_json())
-        store, stage_changes, views, results = self.board_store, dict(batch.stage_changes), dict(batch.views), batch.results
-        if stage_changes or views or results:
-            def write(pipe) -> None:
-                for site in stage_changes.keys() | views.keys():
-                    store.queue_changes(pipe, site, stage_changes.get(site, []), views.get(site, []))
-                for result in results:
-                    store.queue_command_result(pipe, result)
-            batch.step.also = write

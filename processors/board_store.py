@@ -1,21 +1,18 @@
 """Redis adapter for live board state: the read model of the board-state API and its live feed.
 
-Write side: `queue_changes` and `queue_command_result` only queue commands on the caller's MULTI pipeline,
-so the board writes of a batch commit in the same transaction as the card states and the partition
-watermark that guard them. Every write is an absolute value (a view, a column membership) except the
-feed append and the version bump, so a batch written twice leaves the same board, one version further.
+Write side: `queue_changes` and `queue_command_result` only queue `Writes` on the caller's commit (the
+board processor's batch), so the board writes of a batch commit in the same transaction as the card states
+and the partition watermark that guard them. Every write is an absolute value (a view, a column
+membership) except the feed append and the version bump, so a batch written twice leaves the same board,
+one version further.
 
 Read side: a board page is read by one Lua call, so its columns, counts, version (the ETag) and the feed
 position it corresponds to are one consistent snapshot; the API then streams the feed from that position.
 
-Key layout (every key carries the site, so no site can read another's board; \\x1f cannot occur in ids):
-  {prefix}:board:{site}\\x1f{board}:cards         hash   card_id -> CardView JSON
-  {prefix}:board:{site}\\x1f{board}:notes         hash   card_id -> JSON list of the latest CardNotes
-  {prefix}:board:{site}\\x1f{board}:col:{stage}   zset   card_id scored by entered_stage_ms
-  {prefix}:board:{site}\\x1f{board}:feed          stream entries {type, data}; about FEED_MAXLEN kept
-  {prefix}:board:{site}\\x1f{board}:version       int    bumped once per committed batch that changes the board
-  {prefix}:board-card:{site}\\x1f{card_id}        string CardState JSON (written by the board processor's CAS commit)
-  {prefix}:board-result:{site}\\x1f{command_id}   string CommandResult JSON, for COMMAND_RESULT_TTL_S
+Keys (schemas/redis_keys.py): per board its card views and notes (hashes), a column per stage (a zset of
+card ids scored by the time they entered it), the live feed (a stream of about FEED_MAXLEN entries
+{type, data}) and the version (bumped once per committed batch that changes the board); per card its state
+(written by the board processor's commit); per command its result, for COMMAND_RESULT_TTL_S.
 Feed entry types: `stage_change` (StageChange JSON), `card` (CardView JSON), `card_removed`
 ({"card_id"}), `reset` (the board was rebuilt: clients reload it).
 """
@@ -28,10 +25,11 @@ from dataclasses import dataclass
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 
 from processors.boards import CardState, ViewChange
+from processors.runtime.writes import RedisWrites, Writes
 from schemas.boards import BoardDefinition, CardNote, CardView, CommandResult, StageChange
+from schemas.redis_keys import RedisKeys
 
 FEED_MAXLEN = 10_000
 COMMAND_RESULT_TTL_S = 86_400
@@ -99,40 +97,24 @@ def parse_stream_id(stream_id: str) -> tuple[int, int]:
     return int(match[1]), int(match[2] or 0)
 
 
-def _glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
-
-
 class BoardStore:
     def __init__(self, redis: aioredis.Redis, prefix: str):
         self.redis = redis
-        self.prefix = prefix
+        self.keys = RedisKeys(prefix)
         self._read_board = redis.register_script(_READ_BOARD)
 
-    def _key(self, site_id: str, board_id: str, part: str) -> str:
-        return f"{self.prefix}:board:{site_id}\x1f{board_id}:{part}"
+    # -- write side: queued on the caller's commit ----------------------------------------------------------
 
-    def _column_key(self, site_id: str, board_id: str, stage_id: str) -> str:
-        return self._key(site_id, board_id, f"col:{stage_id}")
-
-    def card_state_key(self, site_id: str, card_id: str) -> str:
-        return f"{self.prefix}:board-card:{site_id}\x1f{card_id}"
-
-    def _result_key(self, site_id: str, command_id: str) -> str:
-        return f"{self.prefix}:board-result:{site_id}\x1f{command_id}"
-
-    # -- write side: queued on the caller's MULTI pipeline ------------------------------------------------
-
-    def queue_changes(self, pipe: Pipeline, site_id: str, stage_changes: Sequence[StageChange],
+    def queue_changes(self, writes: Writes, site_id: str, stage_changes: Sequence[StageChange],
                       views: Sequence[ViewChange]) -> None:
         """Queue one batch's board writes (views in the order produced, several per card allowed): column
         memberships, views, notes, feed entries, and one version bump per board touched."""
         boards = sorted({c.board_id for c in stage_changes} | {v.board_id for v in views})
         for board_id in boards:
-            self._queue_board(pipe, site_id, board_id, [c for c in stage_changes if c.board_id == board_id],
+            self._queue_board(writes, site_id, board_id, [c for c in stage_changes if c.board_id == board_id],
                               [v for v in views if v.board_id == board_id])
 
-    def _queue_board(self, pipe: Pipeline, site_id: str, board_id: str, stage_changes: list[StageChange],
+    def _queue_board(self, writes: Writes, site_id: str, board_id: str, stage_changes: list[StageChange],
                      views: list[ViewChange]) -> None:
         latest: dict[str, ViewChange] = {}
         columns_left: dict[str, set[str]] = {}
@@ -151,43 +133,46 @@ class BoardStore:
                 removals.setdefault(stage, []).append(card_id)
             if change.view is not None:
                 additions.setdefault(final_stage, {})[card_id] = change.view.entered_stage_ms
+        keys = self.keys
         for stage, card_ids in sorted(removals.items()):
-            pipe.zrem(self._column_key(site_id, board_id, stage), *card_ids)
+            writes.zset_remove(keys.board_column(site_id, board_id, stage), *card_ids)
         for stage, members in sorted(additions.items()):
-            pipe.zadd(self._column_key(site_id, board_id, stage), members)
-        cards_key, notes_key = self._key(site_id, board_id, "cards"), self._key(site_id, board_id, "notes")
+            writes.zset_add(keys.board_column(site_id, board_id, stage), members)
+        cards_key, notes_key = keys.board_cards(site_id, board_id), keys.board_notes(site_id, board_id)
         shown = {card_id: c.view.to_json() for card_id, c in latest.items() if c.view is not None}
         gone = [card_id for card_id, c in latest.items() if c.view is None]
         if shown:
-            pipe.hset(cards_key, mapping=shown)
+            writes.hash_set(cards_key, shown)
         notes_shown = {card_id: orjson.dumps(n) for card_id, n in notes.items() if card_id in shown}
         if notes_shown:
-            pipe.hset(notes_key, mapping=notes_shown)
+            writes.hash_set(notes_key, notes_shown)
         if gone:
-            pipe.hdel(cards_key, *gone)
-            pipe.hdel(notes_key, *gone)
-        feed = self._key(site_id, board_id, "feed")
+            writes.hash_delete(cards_key, *gone)
+            writes.hash_delete(notes_key, *gone)
+        feed = keys.board_feed(site_id, board_id)
         entries = [("stage_change", c.to_json()) for c in stage_changes]
         entries += [("card", c.view.to_json()) if c.view is not None
                     else ("card_removed", orjson.dumps({"card_id": c.card_id})) for c in latest.values()]
         for kind, data in entries:
-            pipe.xadd(feed, {"type": kind, "data": data}, maxlen=FEED_MAXLEN, approximate=True)
-        pipe.incr(self._key(site_id, board_id, "version"))
+            writes.stream_add(feed, {"type": kind, "data": data}, FEED_MAXLEN)
+        writes.increment(keys.board_version(site_id, board_id))
 
-    def queue_command_result(self, pipe: Pipeline, result: CommandResult, ttl_s: int = COMMAND_RESULT_TTL_S) -> None:
+    def queue_command_result(self, writes: Writes, result: CommandResult) -> None:
         """The first outcome of a command stays: a redelivered command cannot overwrite it."""
-        pipe.set(self._result_key(result.site_id, result.command_id), result.to_json(), ex=ttl_s, nx=True)
+        writes.set_if_absent(self.keys.command_result(result.site_id, result.command_id), result.to_json(),
+                             COMMAND_RESULT_TTL_S * 1000)
 
     async def clear_board(self, site_id: str, board_id: str) -> None:
         """Empty a board before a rebuild. The version goes on (a stale If-Match must never match again)
         and the feed restarts with a `reset` entry, so connected clients reload."""
-        pattern = _glob_escape(self._key(site_id, board_id, "col:")) + "*"
+        keys = self.keys
+        pattern = keys.board_columns_pattern(site_id, board_id)
         columns = [key async for key in self.redis.scan_iter(match=pattern, count=1000)]
         async with self.redis.pipeline(transaction=True) as pipe:
-            feed = self._key(site_id, board_id, "feed")
-            pipe.delete(self._key(site_id, board_id, "cards"), self._key(site_id, board_id, "notes"), feed, *columns)
-            pipe.xadd(feed, {"type": "reset", "data": b"{}"}, maxlen=FEED_MAXLEN, approximate=True)
-            pipe.incr(self._key(site_id, board_id, "version"))
+            writes, feed = RedisWrites(pipe), keys.board_feed(site_id, board_id)
+            writes.delete(keys.board_cards(site_id, board_id), keys.board_notes(site_id, board_id), feed, *columns)
+            writes.stream_add(feed, {"type": "reset", "data": b"{}"}, FEED_MAXLEN)
+            writes.increment(keys.board_version(site_id, board_id))
             await pipe.execute()
 
     # -- read side ----------------------------------------------------------------------------------------
@@ -195,7 +180,7 @@ class BoardStore:
     async def load_cards(self, site_id: str, card_ids: Sequence[str]) -> dict[str, CardState | None]:
         if not card_ids:
             return {}
-        blobs = await self.redis.mget([self.card_state_key(site_id, card_id) for card_id in card_ids])
+        blobs = await self.redis.mget([self.keys.card_state(site_id, card_id) for card_id in card_ids])
         return {card_id: CardState.from_json(blob) if blob else None for card_id, blob in zip(card_ids, blobs)}
 
     async def board(self, site_id: str, board: BoardDefinition, limit_per_stage: int = 50,
@@ -205,9 +190,9 @@ class BoardStore:
         limit = max(0, min(limit_per_stage, MAX_PAGE))
         offsets = offsets or {}
         starts = [max(0, int(offsets.get(stage.id, 0))) for stage in board.stages]
-        keys = [self._key(site_id, board.id, "version"), self._key(site_id, board.id, "cards"),
-                self._key(site_id, board.id, "feed")]
-        keys += [self._column_key(site_id, board.id, stage.id) for stage in board.stages]
+        keys = [self.keys.board_version(site_id, board.id), self.keys.board_cards(site_id, board.id),
+                self.keys.board_feed(site_id, board.id)]
+        keys += [self.keys.board_column(site_id, board.id, stage.id) for stage in board.stages]
         raw = await self._read_board(keys=keys, args=[limit, *starts])
         columns = [
             Column(stage.id, stage.name, int(raw[2 + 2 * i]), start,
@@ -223,18 +208,18 @@ class BoardStore:
             yield _text(card_id)
 
     async def card(self, site_id: str, board_id: str, card_id: str) -> CardView | None:
-        blob = await self.redis.hget(self._key(site_id, board_id, "cards"), card_id)
+        blob = await self.redis.hget(self.keys.board_cards(site_id, board_id), card_id)
         return CardView.from_json(blob) if blob else None
 
     async def card_notes(self, site_id: str, board_id: str, card_id: str) -> list[CardNote]:
-        blob = await self.redis.hget(self._key(site_id, board_id, "notes"), card_id)
+        blob = await self.redis.hget(self.keys.board_notes(site_id, board_id), card_id)
         return [CardNote.from_dict(note) for note in orjson.loads(blob)] if blob else []
 
     async def version(self, site_id: str, board_id: str) -> int:
-        return int(await self.redis.get(self._key(site_id, board_id, "version")) or 0)
+        return int(await self.redis.get(self.keys.board_version(site_id, board_id)) or 0)
 
     async def command_result(self, site_id: str, command_id: str) -> CommandResult | None:
-        blob = await self.redis.get(self._result_key(site_id, command_id))
+        blob = await self.redis.get(self.keys.command_result(site_id, command_id))
         return CommandResult.from_json(blob) if blob else None
 
     async def feed_after(self, site_id: str, board_id: str, last_id: str = START, count: int = 500) -> FeedPage:
@@ -242,7 +227,7 @@ class BoardStore:
         holds everything after it (entries trimmed, the board rebuilt, or an id this feed never issued):
         the client must reload the board instead of resuming."""
         after = parse_stream_id(last_id)
-        feed = self._key(site_id, board_id, "feed")
+        feed = self.keys.board_feed(site_id, board_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.xinfo_stream(feed)
             pipe.xrange(feed, f"({after[0]}-{after[1]}", "+", count=max(1, min(count, 10 * MAX_PAGE)))
@@ -257,7 +242,7 @@ class BoardStore:
     async def wait_feed(self, site_id: str, board_id: str, last_id: str, block_ms: int, count: int = 500) -> FeedPage:
         """Like feed_after, but waits up to block_ms for an entry after last_id (XREAD BLOCK)."""
         ms, seq = parse_stream_id(last_id)
-        woke = await self.redis.xread({self._key(site_id, board_id, "feed"): f"{ms}-{seq}"}, count=1, block=block_ms)
+        woke = await self.redis.xread({self.keys.board_feed(site_id, board_id): f"{ms}-{seq}"}, count=1, block=block_ms)
         if not woke:
             return FeedPage([], False)
         return await self.feed_after(site_id, board_id, last_id, count)

@@ -353,15 +353,6 @@ def _view(board: BoardDefinition, card: CardState, shown: Shown) -> CardView | N
     )
 
 
-def card_views(boards: Iterable[BoardDefinition], card: CardState) -> list[ViewChange]:
-    """The card on every board that shows it (what a rebuild writes)."""
-    shown = Shown(card)
-    return [
-        ViewChange(board.id, card.card_id, view, notes=tuple(card.places[board.id].notes))
-        for board in boards for view in (_view(board, card, shown),) if view is not None
-    ]
-
-
 def view_changes(boards: Iterable[BoardDefinition], before: CardState, after: CardState,
                  shown_before: Shown | None = None, shown_after: Shown | None = None) -> list[ViewChange]:
     """One ViewChange per board whose view of the card differs between two states of it."""
@@ -411,18 +402,12 @@ def _fold_facts(card: CardState, update: FactsUpdate) -> tuple[Facts | None, Fac
     return old, card.facts.get(key)
 
 
-def apply_updates(boards: Sequence[BoardDefinition], card: CardState, updates: Iterable[FactsUpdate]) -> Outcome:
-    """Folds facts updates into the card in order, moving it after each one as its facts now allow.
-    Evaluating after every update (not once per batch) is what makes the result, stage changes included,
-    independent of batch boundaries. A tombstone takes no updates: the caller routes them to the survivor."""
-    after, changes, views, _ = fold_updates(boards, card, updates)
-    return after, changes, views
-
-
 def fold_updates(boards: Sequence[BoardDefinition], card: CardState, updates: Iterable[FactsUpdate],
                  shown: Shown | None = None) -> tuple[CardState, list[StageChange], list[ViewChange], Shown]:
-    """`apply_updates` for a caller that keeps the card's `Shown` from one call to the next (`shown`: the
-    card's, if known): it gets the new state's back."""
+    """Folds facts updates into the card in order, moving it after each one as its facts now allow.
+    Evaluating after every update (not once per batch) is what makes the result, stage changes included,
+    independent of batch boundaries. A tombstone takes no updates: the caller routes them to the survivor.
+    `shown`: the card's `Shown`, if the caller kept it from the previous call; the new state's comes back."""
     shown_before = shown or Shown(card)
     after, shown = card.copy(), shown_before
     changes: list[StageChange] = []

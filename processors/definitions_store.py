@@ -38,6 +38,7 @@ from schemas.definitions import (
     move_card_problems,
     segment_problems,
 )
+from schemas.redis_keys import RedisKeys
 from schemas.rules import Rule
 from schemas.segments import Segment
 from schemas.settings import DefinitionLimits, Settings
@@ -126,18 +127,13 @@ class DefinitionsStore:
     def __init__(self, redis: aioredis.Redis, prefix: str, limits: DefinitionLimits = DefinitionLimits(), *,
                  webhook_targets: WebhookTargets | None = None):
         self.redis = redis
-        self.prefix = prefix
         self.limits = limits
         if webhook_targets is None:
             webhook_targets = WebhookTargets.parse(Settings.from_env().webhook_allowed_targets)
         self.webhook_targets = webhook_targets
-
-    def _site_key(self, site: str) -> str:
-        return f"{self.prefix}:defs:site:{site}"
-
-    @property
-    def _sites_key(self) -> str:
-        return f"{self.prefix}:defs:sites"
+        keys = RedisKeys(prefix)
+        self._site_key = keys.site_definitions
+        self._sites_key = keys.definitions_sites
 
     async def site_version(self, site: str) -> int:
         """The cheap poll: 0 for a site that never had definitions."""
@@ -216,10 +212,6 @@ class DefinitionsStore:
     async def delete_rule(self, site: str, rule_id: str) -> bool:
         """True if the rule existed (and is now deleted). Refused (DefinitionInUse) while it is referred to."""
         return await self._delete(site, f"rule:{rule_id}")
-
-    async def delete_board(self, site: str, board_id: str) -> bool:
-        """Refused (DefinitionInUse) while a rule still moves cards on the board."""
-        return await self._delete(site, f"board:{board_id}")
 
     async def delete_segment(self, site: str, segment_id: str) -> bool:
         """Refused (DefinitionInUse) while a board imports it, or a rule or segment names it in in_segment."""

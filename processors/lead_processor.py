@@ -1,8 +1,10 @@
 """The lead processor: workflow automation on `leads.activity`, one lead at a time, in each lead's order.
 
-A thin adapter around the pure rule engine (processors/rules.py) on the shared `ProcessorRunner`: state is
-one `LeadState` blob per lead, committed with the partition's watermark; the hourly pass is the runtime's
-timer over a due-index (each lead's next hour with something to do), never a scan of all leads.
+A thin adapter around the pure rule engine (processors/rules.py) on the shared `ProcessorRunner`. Declared
+state: one `LeadState` per lead (`leads`), committed with the partition's watermark; its timer is the
+hourly pass (each lead's next hour with something to do, run by the runtime on the partition's stream
+clock), never a scan of all leads. Records on the feed say what they are (`record-type`, see
+schemas/topics.py); each kind has its handler in `_apply_to`.
 
 Per record of the feed:
 - an event runs the site's rules (bots never get here: the raw processor keeps them off the feed);
@@ -17,26 +19,26 @@ transaction as the state (so a firing is enqueued exactly when it is committed).
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterable, Sequence
 
 import orjson
 
 from processors.rules import (NO_COMPANIES, CompanyCards, LeadState, Outcome, apply_event, hour_start, hourly_pass,
                               merge, next_due_ms, set_identity)
+from processors.runtime.batch import Batch
 from processors.runtime.ingest import Message
-from processors.runtime.producer import Outputs
-from processors.runtime.runner import Step, decode_batch
-from processors.runtime.state import StateStore
+from processors.runtime.runner import decode_batch
+from processors.runtime.state import StateSpec
 from processors.site_definitions import SiteDefinitionsCache, SiteSetup
 from processors.webhooks import WebhookQueue
 from schemas.boards import CardUpdate, account_card_id, lead_card_id
 from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent
 from schemas.records import digest
-from schemas.rules import LeadHandover, LeadSnapshot, WebhookRequest
-from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, decode_lead_activity
+from schemas.redis_keys import RedisKeys
+from schemas.rules import LeadHandover, LeadSnapshot
+from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS
 
 Record = EnrichedEvent | IdentityEvent | LeadHandover
 
@@ -66,11 +68,9 @@ def _subject(record: Record) -> tuple[str, str]:
 
 @dataclass
 class _Lead:
-    """One lead's state through a batch: as loaded, as now, and what the board should hear."""
+    """One lead's state through a batch, and what the board should hear of the record being applied."""
 
     key: str
-    partition: int
-    loaded: bytes | None
     state: LeadState
     cause_id: str = ""  # the record being applied: what a card update it causes is named after
     card_actor: str = "system"
@@ -79,88 +79,55 @@ class _Lead:
     card_ts_ms: int = 0
 
 
-@dataclass
-class _Batch:
-    step: Step
-    leads: dict[str, _Lead] = field(default_factory=dict)
-    webhooks: list[WebhookRequest] = field(default_factory=list)
-
-    @property
-    def outputs(self) -> Outputs:
-        return self.step.outputs
-
-
 class LeadProcessor:
     name = "lead"
 
-    def __init__(self, partitions: int, store: StateStore, sites: SiteDefinitionsCache, webhooks: WebhookQueue | None,
-                 prefix: str, companies: CompanyCards = NO_COMPANIES):
-        self.partitions = partitions
-        self.store = store
+    def __init__(self, sites: SiteDefinitionsCache, webhooks: WebhookQueue | None, prefix: str,
+                 companies: CompanyCards = NO_COMPANIES):
         self.sites = sites
         self.webhooks = webhooks
-        self.prefix = prefix
         self.companies = companies  # what `account.*` conditions read (updated in place by the worker)
+        self.leads = StateSpec("lead", RedisKeys(prefix).lead_state, LeadState.to_json, LeadState.from_json)
+        self.timers = self.leads  # the hourly pass, per lead: when it next has something to do
 
-    def lead_key(self, site_id: str, lead_id: str) -> str:
-        return f"{self.prefix}:lead:{site_id}\x1f{lead_id}"
-
-    async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
-        records = decode_batch(messages, decode_lead_activity, self.name)
+    async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
+        records = decode_batch(messages, LEADS_ACTIVITY, self.name)
         await self.sites.prepare(record.site_id for _, record in records)
-        batch = _Batch(Step(Outputs(self.partitions)))
-        subjects = {self.lead_key(site, lead): (partition, site, lead)
+        subjects = {self.leads.key(site, lead): (partition, site, lead)
                     for partition, record in records for site, lead in (_subject(record),)}
-        loaded = await self.store.load(list(subjects))
-        for key, (partition, site_id, lead_id) in subjects.items():
-            blob = loaded.get(key)
-            state = LeadState.from_json(blob) if blob else LeadState(lead_id, site_id)
-            batch.leads[key] = _Lead(key, partition, blob, state)
+        await batch.load((self.leads, {key: partition for key, (partition, _, _) in subjects.items()}))
+        leads = {key: _Lead(key, batch.get(self.leads, key) or LeadState(lead_id, site_id))
+                 for key, (_, site_id, lead_id) in subjects.items()}
         for partition, record in records:
-            self._apply(record, batch)
-            if isinstance(record, EnrichedEvent):  # the stream clock of the hourly pass: event time, capped
-                changes = batch.step.partition(partition)  # at arrival (one fast client clock must not run it)
-                changes.stream_time_ms = max(changes.stream_time_ms, min(record.ts_ms, received_ms))
-        self._finish(batch)
-        return batch.step
+            self._apply(record, leads, batch)
+            if isinstance(record, EnrichedEvent):  # the stream clock of the hourly pass: event time
+                batch.advance_clock(partition, record.ts_ms)
+        self._finish(leads.values(), batch)
 
-    async def tick(self, clocks: dict[int, int]) -> Step | None:
-        """The hourly pass for the leads that are due: time triggers and score decay."""
-        batch = _Batch(Step(Outputs(self.partitions)))
-        for partition, clock in clocks.items():
-            due = await self.store.due(partition, clock)
-            if not due:
-                continue
-            for key, blob in (await self.store.load(due)).items():
-                state = LeadState.from_json(blob) if blob else None
-                if state is None:
-                    batch.step.partition(partition).deadlines[key] = None
-                    continue
-                await self.sites.prepare([state.site_id])
-                lead = batch.leads[key] = _Lead(key, partition, blob, state, f"hour:{clock}")
-                self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, clock, self.companies), batch)
-                self._tell_boards(lead, state, batch)
-        if not batch.leads and not batch.step.changes:
-            return None
-        self._finish(batch)
-        return batch.step
+    async def on_timer(self, batch: Batch, partition: int, key: str, state: LeadState, now_ms: int) -> None:
+        """The hourly pass of a due lead: time triggers and score decay."""
+        await self.sites.prepare([state.site_id])
+        lead = _Lead(key, state, f"hour:{now_ms}")
+        self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, now_ms, self.companies), batch)
+        self._tell_boards(lead, state, batch)
+        self._finish([lead], batch)
 
-    def _apply(self, record: Record, batch: _Batch) -> None:
-        site_id, lead_id = _subject(record)
-        lead = batch.leads[self.lead_key(site_id, lead_id)]
+    def _apply(self, record: Record, leads: dict[str, _Lead], batch: Batch) -> None:
+        lead = leads[self.leads.key(*_subject(record))]
         before = lead.state
         lead.cause_id = _record_id(record)
         lead.card_actor, lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = "system", "", "", 0
         self._apply_to(lead, record, batch)
         self._tell_boards(lead, before, batch)
 
-    def _apply_to(self, lead: _Lead, record: Record, batch: _Batch) -> None:
+    def _apply_to(self, lead: _Lead, record: Record, batch: Batch) -> None:
         setup = self.sites[record.site_id]
         state = lead.state
         if isinstance(record, EnrichedEvent):
             if state.merged_into:  # in flight while its lead merged: the survivor's rules see it
                 record.lead_id = state.merged_into
-                batch.outputs.add(LEADS_ACTIVITY, state.merged_into.encode(), record.to_json())
+                batch.outputs.add(LEADS_ACTIVITY, state.merged_into.encode(), record.to_json(),
+                                  record_type=EnrichedEvent)
                 return
             self._take(lead, apply_event(setup.rules, state, record, self.companies), batch)
         elif isinstance(record, LeadHandover):
@@ -174,7 +141,7 @@ class LeadProcessor:
         elif record.kind == LEAD_MERGED and not state.merged_into:
             self._retire(lead, record, batch)
 
-    def _link_account(self, lead: _Lead, record: IdentityEvent, setup: SiteSetup, batch: _Batch) -> None:
+    def _link_account(self, lead: _Lead, record: IdentityEvent, setup: SiteSetup, batch: Batch) -> None:
         """The lead's card folds into its account's card (and leaves a previous account's card)."""
         before = lead.state
         self._take(lead, set_identity(setup.rules, before, record.ts_ms, account_domain=record.account_domain,
@@ -186,12 +153,12 @@ class LeadProcessor:
         self._card(batch, lead_card_id(before.lead_id), "merge", actor, record,
                    into_card_id=account_card_id(record.account_domain))
 
-    def _retire(self, lead: _Lead, record: IdentityEvent, batch: _Batch) -> None:
+    def _retire(self, lead: _Lead, record: IdentityEvent, batch: Batch) -> None:
         """This (anonymous) lead merged into `record.lead_id`: everything it had goes there, once."""
         absorbed = lead.state
         handover = LeadHandover("ho_" + digest(record.identity_event_id), absorbed.site_id, absorbed.lead_id,
                                 record.lead_id, absorbed.to_json().decode(), record.event_id, record.ts_ms)
-        batch.outputs.add(LEADS_ACTIVITY, record.lead_id.encode(), handover.to_json())
+        batch.outputs.add(LEADS_ACTIVITY, record.lead_id.encode(), handover.to_json(), record_type=LeadHandover)
         lead.state = LeadState(absorbed.lead_id, absorbed.site_id, merged_into=record.lead_id)
         if absorbed.account_domain:
             self._card(batch, account_card_id(absorbed.account_domain), "facts", "system", record,
@@ -199,7 +166,7 @@ class LeadProcessor:
         self._card(batch, lead_card_id(absorbed.lead_id), "merge", "system", record,
                    into_card_id=lead_card_id(record.lead_id))
 
-    def _take(self, lead: _Lead, outcome: Outcome, batch: _Batch) -> None:
+    def _take(self, lead: _Lead, outcome: Outcome, batch: Batch) -> None:
         lead.state = outcome.state
         for change in outcome.changes:
             batch.outputs.add(LEADS_CHANGES, change.lead_id.encode(), change.to_json())
@@ -209,13 +176,15 @@ class LeadProcessor:
                                     f"rule:{change.rule_id}@{change.rule_version}", tags=[change.name],
                                     left=change.kind == "tag_removed", rule_id=change.rule_id,
                                     event_id=change.event_id, ts_ms=change.ts_ms)
-                batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json())
+                batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
             if change.kind != "property_set":
                 lead.card_actor = f"rule:{change.rule_id}@{change.rule_version}" if change.rule_id else "system"
                 lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = change.rule_id, change.event_id, change.ts_ms
         for execution in outcome.executions:
             batch.outputs.add(RULE_EXECUTIONS, execution.lead_id.encode(), execution.to_json())
-        batch.webhooks.extend(outcome.webhooks)
+        if self.webhooks is not None:  # queued in the commit: a firing's webhook is enqueued exactly when it is
+            for request in outcome.webhooks:
+                self.webhooks.queue_enqueue(batch.writes, request, batch.now_ms)
         setup = self.sites[lead.state.site_id]
         for move in outcome.card_moves:
             board = setup.board(move.board)
@@ -226,35 +195,30 @@ class LeadProcessor:
                                 f"rule:{move.rule_id}@{move.rule_version}", lead_id=move.lead_id,
                                 board_id=move.board, to_stage=move.stage, rule_id=move.rule_id,
                                 event_id=move.event_id, ts_ms=move.ts_ms)
-            batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json())
+            batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
 
-    def _card(self, batch: _Batch, card_id: str, kind: str, actor: str, record: IdentityEvent, **fields) -> None:
+    def _card(self, batch: Batch, card_id: str, kind: str, actor: str, record: IdentityEvent, **fields) -> None:
         update = CardUpdate("cu_" + digest(record.identity_event_id, card_id, kind), record.site_id, card_id, kind,
                             actor, event_id=record.event_id, ts_ms=record.ts_ms, **fields)
-        batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json())
+        batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
 
-    def _finish(self, batch: _Batch) -> None:
-        """Per touched lead: its state and next due hour, its snapshot, and what its cards should show."""
-        version = time.time_ns() // 1000
-        for lead in batch.leads.values():
+    def _finish(self, leads: Iterable[_Lead], batch: Batch) -> None:
+        """Per lead whose state changed: its state, its next due hour and its snapshot."""
+        version = batch.version()
+        for lead in leads:
             state = lead.state
-            blob = state.to_json()
-            if blob == lead.loaded:
+            batch.put(self.leads, lead.key, state)
+            if not batch.changed(lead.key):
                 continue
-            changes = batch.step.partition(lead.partition)
-            changes.states[lead.key] = blob
-            changes.deadlines[lead.key] = next_due_ms(self.sites[state.site_id].rules, state)
+            batch.schedule(lead.key, next_due_ms(self.sites[state.site_id].rules, state))
             snapshot = LeadSnapshot(
                 state.site_id, state.lead_id, state.email, state.account_domain, sorted(state.tags),
                 orjson.dumps(state.tags).decode(), state.score, orjson.dumps(state.properties).decode(),
                 state.first_ts_ms, state.last_activity_ms, state.merged_into, version,
             )
             batch.outputs.add(LEADS_STATE, state.lead_id.encode(), snapshot.to_json())
-        if batch.webhooks and self.webhooks is not None:
-            queue, requests = self.webhooks, list(batch.webhooks)
-            batch.step.also = lambda pipe: [queue.queue_enqueue(pipe, request) for request in requests]
 
-    def _tell_boards(self, lead: _Lead, before: LeadState, batch: _Batch) -> None:
+    def _tell_boards(self, lead: _Lead, before: LeadState, batch: Batch) -> None:
         """After each record, not once per batch, so the cards hear the same updates however the feed was
         cut into batches (and a replay gives the same stage changes). They hear of a new lead, changed tags
         or score, and activity once an hour: every single pageview would only churn the board."""
@@ -267,7 +231,7 @@ class LeadProcessor:
             return
         self._facts(lead, batch)
 
-    def _facts(self, lead: _Lead, batch: _Batch) -> None:
+    def _facts(self, lead: _Lead, batch: Batch) -> None:
         state = lead.state
         cards = [(lead_card_id(state.lead_id), state.email or f"Anonymous lead {state.lead_id[-6:]}")]
         if state.account_domain:
@@ -279,4 +243,4 @@ class LeadProcessor:
                 score=state.score, title=title, activity_ms=state.last_activity_ms, rule_id=lead.card_rule_id,
                 event_id=lead.card_event_id, ts_ms=lead.card_ts_ms or state.last_activity_ms,
             )
-            batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json())
+            batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)

@@ -1,11 +1,11 @@
 """The raw processor: events.raw in; enriched events, dead letters, sessions, identity and the lead feed out.
 
 A pure step (enrich -> sessionize -> resolve identity) run by the shared `ProcessorRunner`, which owns the
-order of effects (skip applied offsets, produce, compare-and-set commit). State: one sessionizer blob per
-visitor (partition-owned, with its idle-close deadline; the store may expire idle ones) and the identity
-graph (global, written in the same transaction). Only identity takes the graph's lock — from resolving
-through produce and commit, fenced so that a holder whose lease ran out commits nothing — so several
-workers enrich and sessionize in parallel and take turns just for that part.
+order of effects (skip applied offsets, produce, compare-and-set commit). Declared state: one sessionizer
+state per visitor (`visitors`: partition-owned, expiring when idle, its timer the idle-close deadline) and
+the identity graph (global, written in the same transaction). Only identity takes the graph's lock — from
+resolving through produce and commit, fenced so that a holder whose lease ran out commits nothing — so
+several workers enrich and sessionize in parallel and take turns just for that part.
 
 Outputs keep per-key order: events, dead letters and sessions stay on the raw message's partition (the
 sinks deduplicate by raw offset); identity rows and the lead feed are keyed by visitor and lead.
@@ -13,7 +13,6 @@ sinks deduplicate by raw offset); identity rows and the lead feed are keyed by v
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,17 +23,18 @@ from processors.accounts import AccountsContext
 from processors.companies import queue_wanted
 from processors.enrich import Limits, enrich_batch
 from processors.identity import IdentityChanges, InMemoryIdentityStore
-from processors.identity_store import IdentityGraphStore, version_now
+from processors.identity_store import IdentityGraphStore
 from processors.lookup_tables import LookupTables
+from processors.runtime.batch import Batch
 from processors.runtime.cost import METER
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
-from processors.runtime.runner import Step
-from processors.runtime.state import StateStore
+from processors.runtime.state import StateSpec
 from schemas.dead_letter import DeadLetter, Rejection
 from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.privacy import DEFAULT_PRIVACY, PrivacyPolicy
+from schemas.redis_keys import RedisKeys
 from schemas.topics import (EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
                             LEADS_ACTIVITY, SESSIONS)
 
@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RawProcessorConfig:
     raw_topic: str  # full name, recorded in each dead letter
-    partitions: int
     session_policy: sessionize.SessionPolicy
     limits: Limits
+    visitor_state_ttl_ms: int | None = None  # idle visitors' state expires (None: never)
     max_visitors_per_lead: int = identity.DEFAULT_MAX_VISITORS
     resolve_companies: bool = False  # queue new account domains without a company card for the provider
     privacy: PrivacyPolicy = DEFAULT_PRIVACY  # IP truncation and consent, applied at enrichment
@@ -55,22 +55,19 @@ class RawProcessorConfig:
 class RawEventsProcessor:
     name = "raw-events"
 
-    def __init__(self, config: RawProcessorConfig, store: StateStore, identity_graph: IdentityGraphStore, prefix: str,
+    def __init__(self, config: RawProcessorConfig, identity_graph: IdentityGraphStore, prefix: str,
                  tables: LookupTables):
         self.config = config
-        self.store = store
         self.identity = identity_graph
         self.prefix = prefix
         self.tables = tables
+        self.visitors = StateSpec("visitor", RedisKeys(prefix).visitor_state, sessionize.dump_state,
+                                  sessionize.load_state, ttl_ms=config.visitor_state_ttl_ms)
+        self.timers = self.visitors  # the idle-close deadline of each visitor's earliest open session
 
-    def visitor_key(self, site_id: str, visitor_id: str) -> str:
-        # \x1f cannot occur in ids: validation rejects control characters.
-        return f"{self.prefix}:v:{site_id}\x1f{visitor_id}"
-
-    async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
-        step = Step(Outputs(self.config.partitions))
+    async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
         with METER.measure("enrich", len(messages)):
-            results = enrich_batch([m.value for m in messages], received_ms, self.config.limits, self.tables.networks,
+            results = enrich_batch([m.value for m in messages], batch.now_ms, self.config.limits, self.tables.networks,
                                    self.config.privacy)
         accepted: list[tuple[Message, EnrichedEvent]] = []
         rejected: dict[int, Rejection] = {}
@@ -81,27 +78,16 @@ class RawEventsProcessor:
                 result.raw_partition, result.raw_offset = message.partition, message.offset
                 accepted.append((message, result))
 
-        await METER.measured("sessionize", self._sessionize(accepted, messages, rejected, received_ms, step),
-                             len(accepted))
+        await METER.measured("sessionize", self._sessionize(batch, accepted, messages, rejected), len(accepted))
         accepted = [(m, e) for m, e in accepted if e.raw_offset >= 0]  # duplicates went to the DLQ
-        step.held = contextlib.AsyncExitStack()
-        step.fence = await step.held.enter_async_context(self.identity.locked())  # until the commit: global graph
-        try:
-            changes, feed = await METER.measured("identity", self._resolve_identity(accepted, step.outputs),
-                                                 len(accepted))
-            with METER.measure("serialize", len(messages)):
-                self._add_events_and_dead_letters(messages, accepted, rejected, received_ms, feed, step.outputs)
-        except BaseException:
-            await step.held.aclose()
-            raise
+        batch.fence = await batch.hold(self.identity.locked())  # until the commit: the global graph
+        changes, feed = await METER.measured("identity", self._resolve_identity(batch, accepted), len(accepted))
+        with METER.measure("serialize", len(messages)):
+            self._add_events_and_dead_letters(messages, accepted, rejected, batch.now_ms, feed, batch.outputs)
+        self.identity.write(batch, changes)
         wanted = self._companies_wanted(feed)
-
-        def also(pipe) -> None:
-            self.identity.write_commands(pipe, changes)
-            if wanted:
-                queue_wanted(pipe, self.prefix, wanted, received_ms)
-        step.also = also
-        return step
+        if wanted:
+            queue_wanted(batch.writes, self.prefix, wanted, batch.now_ms)
 
     def _companies_wanted(self, feed: dict[str, list[IdentityEvent]]) -> set[str]:
         """Accounts linked in this batch that have no company card yet, for the provider (if one is set)."""
@@ -111,51 +97,37 @@ class RawEventsProcessor:
         return {change.account_domain for changes in feed.values() for change in changes
                 if change.kind == ACCOUNT_LINKED and companies.get(change.account_domain) is None}
 
-    async def tick(self, clocks: dict[int, int]) -> Step | None:
-        """Close sessions whose idle deadline passed on the partition's stream clock."""
-        step = Step(Outputs(self.config.partitions))
+    async def on_timer(self, batch: Batch, partition: int, key: str, state: sessionize.VisitorState,
+                       now_ms: int) -> None:
+        """Close the sessions whose idle deadline passed on the partition's stream clock."""
         policy = self.config.session_policy
-        for p, clock in clocks.items():
-            due = await self.store.due(p, clock)
-            if not due:
-                continue
-            changes = step.partition(p)
-            for key, blob in (await self.store.load(due)).items():
-                if not blob:  # expired (idle past its time to live): nothing left to close
-                    changes.deadlines[key] = None
-                    continue
-                state, upserts = sessionize.close_idle(sessionize.load_state(blob), clock, policy)
-                changes.states[key] = sessionize.dump_state(state)
-                changes.deadlines[key] = sessionize.next_deadline(state, policy)
-                for session in upserts:
-                    step.outputs.add(SESSIONS, session.visitor_id.encode(), session.to_json(), p)
-        return step if step.changes else None
+        state, upserts = sessionize.close_idle(state, now_ms, policy)
+        batch.put(self.visitors, key, state)
+        batch.schedule(key, sessionize.next_deadline(state, policy))
+        for session in upserts:
+            batch.outputs.add(SESSIONS, session.visitor_id.encode(), session.to_json(), partition)
 
-    async def _sessionize(self, accepted, messages, rejected: dict[int, Rejection], received_ms: int,
-                          step: Step) -> None:
+    async def _sessionize(self, batch: Batch, accepted, messages, rejected: dict[int, Rejection]) -> None:
         by_visitor: dict[str, list[EnrichedEvent]] = defaultdict(list)
         partition_of: dict[str, int] = {}
         for message, event in accepted:
-            key = self.visitor_key(event.site_id, event.visitor_id)
+            key = self.visitors.key(event.site_id, event.visitor_id)
             by_visitor[key].append(event)
             partition_of[key] = message.partition
-        blobs = await self.store.load(list(by_visitor))
+        await batch.load((self.visitors, partition_of))
 
         policy = self.config.session_policy
         duplicate_ids: set[tuple[int, int]] = set()
         for key, events in by_visitor.items():
-            blob = blobs.get(key)
-            result = sessionize.apply(sessionize.load_state(blob) if blob else None, events, policy)
+            result = sessionize.apply(batch.get(self.visitors, key), events, policy)
             for event, session_id, late, duplicate in zip(events, result.session_ids, result.late, result.duplicate):
                 event.session_id, event.is_late = session_id, late
                 if duplicate:
                     duplicate_ids.add((event.raw_partition, event.raw_offset))
-            p = partition_of[key]
-            changes = step.partition(p)
-            changes.states[key] = sessionize.dump_state(result.state)
-            changes.deadlines[key] = sessionize.next_deadline(result.state, policy)
+            batch.put(self.visitors, key, result.state)
+            batch.schedule(key, sessionize.next_deadline(result.state, policy))
             for session in result.upserts:
-                step.outputs.add(SESSIONS, session.visitor_id.encode(), session.to_json(), p)
+                batch.outputs.add(SESSIONS, session.visitor_id.encode(), session.to_json(), partition_of[key])
 
         if duplicate_ids:
             index_of = {(m.partition, m.offset): i for i, m in enumerate(messages)}
@@ -167,21 +139,20 @@ class RawEventsProcessor:
 
         for _, event in accepted:
             if event.raw_offset >= 0 and not event.is_late:
-                # capped at arrival time: one client with a fast clock must not close a partition's sessions
-                changes = step.partition(event.raw_partition)
-                changes.stream_time_ms = max(changes.stream_time_ms, min(event.ts_ms, received_ms))
+                batch.advance_clock(event.raw_partition, event.ts_ms)
 
-    async def _resolve_identity(self, accepted, outputs: Outputs) -> tuple[IdentityChanges, dict[str, list[IdentityEvent]]]:
+    async def _resolve_identity(self, batch: Batch, accepted) -> tuple[IdentityChanges, dict[str, list[IdentityEvent]]]:
         """Stamp lead ids; emit identity events, lead upserts and visitor->lead rows. Returns the graph
         changes to commit and, per event id, the identity changes the lead feed must carry after it."""
+        outputs = batch.outputs
         events = [e for _, e in accepted]
-        graph = await self.identity.prefetch(events)
+        graph = await self.identity.prefetch(batch, events)
         view = InMemoryIdentityStore(graph)
         result = identity.resolve(events, view, AccountsContext(self.tables.companies), self.config.max_visitors_per_lead)
         for event, lead_id in zip(events, result.lead_ids):
             event.lead_id = lead_id
         changes = view.changes()
-        version = version_now()
+        version = batch.version()  # under the identity lock: rows of one lead are versioned in commit order
         feed: dict[str, list[IdentityEvent]] = defaultdict(list)
         for ev in result.identity_events:
             outputs.add(IDENTITY, ev.visitor_id.encode(), ev.to_json())
@@ -214,9 +185,9 @@ class RawEventsProcessor:
             value = event.to_json()
             outputs.add(EVENTS_ENRICHED, event.visitor_id.encode(), value, message.partition)
             for change in feed.get(event.event_id, ()):
-                outputs.add(LEADS_ACTIVITY, lead_feed_key(change), change.to_json())
+                outputs.add(LEADS_ACTIVITY, lead_feed_key(change), change.to_json(), record_type=IdentityEvent)
             if event.lead_id:  # humans only: bots and datacenter traffic never reach the automation processors
-                outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value)
+                outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value, record_type=EnrichedEvent)
 
 
 LEAD_FEED_KINDS = frozenset({"lead_created", "lead_merged", "visitor_linked", "account_linked", "merge_refused"})

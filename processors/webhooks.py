@@ -52,11 +52,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from processors.runtime.producer import BatchProducer, Outputs
+from processors.runtime.writes import RedisWrites, Writes
 from schemas.records import JsonRecord
+from schemas.redis_keys import RedisKeys
 from schemas.rules import (Rule, WebhookDelivery, WebhookOutcome, WebhookRequest, webhook_secret_problem,
                            webhook_secret_variable)
 from schemas.settings import Settings
-from schemas.topics import WEBHOOK_DELIVERIES
+from schemas.topics import EVENTS_DLQ, WEBHOOK_DELIVERIES
 
 log = logging.getLogger(__name__)
 
@@ -469,13 +471,6 @@ def next_step(delivery: QueuedWebhook, result: AttemptResult, policy: RetryPolic
 
 # --- Redis queue ----------------------------------------------------------------------------------
 
-_ENQUEUE = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-  return 1
-end
-return 0
-"""
 _CLAIM = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[4]))
 local claimed = {}
@@ -547,12 +542,13 @@ class WebhookQueue:
 
     def __init__(self, redis: aioredis.Redis, prefix: str):
         self.redis = redis
-        self.requests_key = f"{prefix}:wh:req"
-        self.due_key = f"{prefix}:wh:due"
-        self.leases_key = f"{prefix}:wh:lease"
-        self.finished_key = f"{prefix}:wh:finished"
-        self.log_key = f"{prefix}:wh:log"
-        self.log_turn_key = f"{prefix}:wh:log-turn"
+        keys = RedisKeys(prefix)
+        self.requests_key = keys.webhook_requests
+        self.due_key = keys.webhook_due
+        self.leases_key = keys.webhook_leases
+        self.finished_key = keys.webhook_finished
+        self.log_key = keys.webhook_log
+        self.log_turn_key = keys.webhook_log_turn
         self._claim = redis.register_script(_CLAIM)
         self._settle = redis.register_script(_SETTLE)
         self._requeue = redis.register_script(_REQUEUE)
@@ -560,22 +556,23 @@ class WebhookQueue:
         self._take_turn = redis.register_script(_TAKE_TURN)
         self._end_turn = redis.register_script(_END_TURN)
 
-    def queue_enqueue(self, pipe, request: WebhookRequest) -> None:
-        """Queue the delivery on a pipeline (e.g. the lead processor's MULTI commit); sends nothing itself. A
-        webhook_id already known (pending, or finished within retention) makes it a no-op: the queued
-        EVAL returns 1 when it queued a new delivery, 0 otherwise. The body's timestamp is the firing's
-        `ts_ms` (the time of enqueue when that is 0)."""
-        now_ms = _now_ms()
+    def queue_enqueue(self, writes: Writes, request: WebhookRequest, now_ms: int | None = None) -> None:
+        """Queue the delivery in a commit's writes (the lead processor's batch; a Redis pipeline through
+        `RedisWrites`); sends nothing itself. A webhook_id already known (pending, or finished within
+        retention) makes it a no-op: on Redis the queued call returns 1 when it queued a new delivery, 0
+        otherwise. `now_ms` is the time of enqueue (the caller's clock; the wall clock when not given); the
+        body's timestamp is the firing's `ts_ms` (the time of enqueue when that is 0)."""
+        now_ms = _now_ms() if now_ms is None else now_ms
         delivery = QueuedWebhook(
             webhook_id=request.webhook_id, site_id=request.site_id, rule_id=request.rule_id, url=request.url,
             secret_env=request.secret_env, body=request_body(request, request.ts_ms or now_ms).decode(),
             enqueued_ms=now_ms)
-        pipe.eval(_ENQUEUE, 2, self.requests_key, self.due_key, request.webhook_id, delivery.to_json(), now_ms)
+        writes.enqueue_once(self.requests_key, request.webhook_id, delivery.to_json(), self.due_key, now_ms)
 
     async def enqueue(self, request: WebhookRequest) -> bool:
         """Enqueue outside any other transaction; False when the webhook_id was already known."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            self.queue_enqueue(pipe, request)
+            self.queue_enqueue(RedisWrites(pipe), request)
             (queued,) = await pipe.execute()
         return bool(queued)
 
@@ -962,7 +959,7 @@ async def run_dispatcher(settings: Settings, stop: asyncio.Event, *, policy: Ret
     """The `webhooks` processor: one dispatcher on the configured Redis and Kafka until `stop` is set."""
     targets = WebhookTargets.parse(settings.webhook_allowed_targets)
     redis = aioredis.from_url(settings.redis_url)
-    producer = BatchProducer(settings.kafka())
+    producer = BatchProducer(settings.kafka(), EVENTS_DLQ)
     try:
         await producer.start()
         queue = WebhookQueue(redis, settings.name("ls"))

@@ -91,10 +91,6 @@ class LeadRecord(JsonRecord):
         if self.visitor_count < len(self.visitors):
             self.visitor_count = len(self.visitors)
 
-    @property
-    def visitors_capped(self) -> bool:
-        return self.visitor_count > len(self.visitors)
-
     def copy(self) -> LeadRecord:
         """Independent copy (own visitors list); explicit because dataclasses.replace is slow on the hot path."""
         return LeadRecord(

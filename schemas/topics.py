@@ -13,12 +13,15 @@ Partitioners:
 - `client`: chosen by the sending site's producer (events.raw is keyed by visitor_id; Kafka's default
   partitioner is fine).
 All topics have the same partition count (the `input` partitioner needs it).
+
+Shared topics (`leads.activity`, `board.commands`) carry records of several types: each record says which
+in its `record-type` header (`Topic.types`), so a reader dispatches on the header, never on the JSON.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from schemas.boards import BoardCommand, CardUpdate, StageChange
@@ -32,12 +35,51 @@ from schemas.session import Session
 Partitioner = Literal["input", "key", "client"]
 
 
+RECORD_TYPE_HEADER = "record-type"
+
+Headers = tuple[tuple[str, bytes], ...]
+
+
 @dataclass(frozen=True)
 class Topic:
+    """`record`: the record class, or on a shared topic the classes it carries, each named by the value of
+    its `record-type` header in `types` (same order)."""
+
     name: str
     record: type | tuple[type, ...]
     key: str
     partitioner: Partitioner
+    types: tuple[str, ...] = ()
+    _headers: dict[type, Headers] = field(init=False, repr=False, compare=False)
+    _classes: dict[bytes, type] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        records = self.record if isinstance(self.record, tuple) else (self.record,)
+        if self.types and len(self.types) != len(records):
+            raise ValueError(f"{self.name}: one record-type name per record class")
+        object.__setattr__(self, "_headers", {cls: ((RECORD_TYPE_HEADER, name.encode()),)
+                                              for cls, name in zip(records, self.types)})
+        object.__setattr__(self, "_classes", {name.encode(): cls for cls, name in zip(records, self.types)})
+
+    def headers(self, record_type: type | None) -> Headers:
+        """The headers of a record of `record_type` on this topic: its record type on a shared topic, none
+        on any other."""
+        if not self.types:
+            return ()
+        try:
+            return self._headers[record_type]
+        except KeyError:
+            raise ValueError(f"{self.name} carries {', '.join(self.types)} records, not {record_type}") from None
+
+    def decode(self, value: bytes | None, headers: Headers = ()):
+        """A record of this shared topic, of the type its `record-type` header names."""
+        for name, type_name in headers:
+            if name == RECORD_TYPE_HEADER:
+                cls = self._classes.get(type_name)
+                if cls is None:
+                    raise ValueError(f"{self.name}: unknown record type {type_name!r}")
+                return cls.from_json(value)
+        return _decode_untyped(self, value)
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:
@@ -52,11 +94,13 @@ SESSIONS = Topic("sessions", Session, "visitor_id", "input")
 IDENTITY = Topic("identity", IdentityEvent, "visitor_id", "key")
 IDENTITY_LEADS = Topic("identity.leads", LeadRow, "lead_id", "key")
 IDENTITY_VISITORS = Topic("identity.visitors", VisitorLeadRow, "visitor_id", "key")
-LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent, LeadHandover), "lead_id", "key")
+LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent, LeadHandover), "lead_id", "key",
+                       types=("event", "identity", "handover"))
 LEADS_CHANGES = Topic("leads.changes", LeadChange, "lead_id", "key")
 LEADS_STATE = Topic("leads.state", LeadSnapshot, "lead_id", "key")
 RULE_EXECUTIONS = Topic("rules.executions", RuleExecution, "lead_id", "key")
-BOARD_COMMANDS = Topic("board.commands", (BoardCommand, CardUpdate), "card_id", "key")
+BOARD_COMMANDS = Topic("board.commands", (BoardCommand, CardUpdate), "card_id", "key",
+                       types=("command", "card-update"))
 BOARD_STAGE_CHANGES = Topic("board.stage-changes", StageChange, "card_id", "key")
 COMPANIES = Topic("companies", Company, "domain", "key")  # company cards, for ClickHouse (Redis has the live copy)
 WEBHOOK_DELIVERIES = Topic("webhooks.deliveries", WebhookDelivery, "webhook_id", "key")
@@ -68,19 +112,17 @@ CATALOG: tuple[Topic, ...] = (
 )
 
 
-def decode_lead_activity(value: bytes) -> EnrichedEvent | IdentityEvent | LeadHandover:
-    """A leads.activity record is a lead's event, one of its identity changes (a merge, a visitor
-    re-pointed, an account linked) or a merged lead's handover. Each record's JSON starts with its first
-    field, which tells them apart without a second parse."""
-    if value.startswith(b'{"identity_event_id"'):
-        return IdentityEvent.from_json(value)
-    if value.startswith(b'{"handover_id"'):
-        return LeadHandover.from_json(value)
-    return EnrichedEvent.from_json(value)
-
-
-def decode_board_input(value: bytes) -> BoardCommand | CardUpdate:
-    """A board.commands record is a person's command (from the API) or the lead processor's card update."""
-    if value.startswith(b'{"update_id"'):
-        return CardUpdate.from_json(value)
-    return BoardCommand.from_json(value)
+def _decode_untyped(topic: Topic, value: bytes):
+    """Upgrade path: a record written before records carried their `record-type` header (a topic replayed
+    from before that release) is told apart by the field its writer put first, as readers did then."""
+    if topic is LEADS_ACTIVITY:
+        if value.startswith(b'{"identity_event_id"'):
+            return IdentityEvent.from_json(value)
+        if value.startswith(b'{"handover_id"'):
+            return LeadHandover.from_json(value)
+        return EnrichedEvent.from_json(value)
+    if topic is BOARD_COMMANDS:
+        if value.startswith(b'{"update_id"'):
+            return CardUpdate.from_json(value)
+        return BoardCommand.from_json(value)
+    raise ValueError(f"{topic.name}: a record without a record-type header")

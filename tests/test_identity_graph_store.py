@@ -13,16 +13,20 @@ import pytest
 
 from processors import identity, sessionize
 from processors.accounts import AccountsContext
-from processors.lookup_tables import LookupTables
 from processors.enrich import Limits, validate_and_enrich
 from processors.identity_store import IdentityGraphStore
+from processors.lookup_tables import LookupTables
 from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
+from processors.runtime.batch import Batch
 from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer, Outputs
 from processors.runtime.runner import ProcessorRunner, StaleBatch
 from processors.runtime.state import MemoryStateStore, PartitionCommit
+from processors.runtime.writes import WriteBatch
 from schemas.events import EnrichedEvent
 from schemas.identity import LeadRecord, VisitorLink
+from schemas.topics import EVENTS_DLQ
+from tests.twins import Clock, applied, states
 
 NOW = int(time.time() * 1000)
 POLICY = sessionize.SessionPolicy()
@@ -38,7 +42,7 @@ class SlowProducer(MemoryProducer):
     """A broker that takes `delay_s` to acknowledge: longer than the identity lock's lease."""
 
     def __init__(self, delay_s: float) -> None:
-        super().__init__()
+        super().__init__(EVENTS_DLQ)
         self.delay_s = delay_s
 
     async def send(self, outputs: Outputs) -> None:
@@ -46,14 +50,15 @@ class SlowProducer(MemoryProducer):
         await super().send(outputs)
 
 
-def worker(store: MemoryStateStore, producer: MemoryProducer, lease_ms: int = 30_000) -> ProcessorRunner:
-    processor = RawEventsProcessor(RawProcessorConfig("events.raw", 4, POLICY, Limits()), store,
+def worker(store: MemoryStateStore, producer: MemoryProducer, lease_ms: int = 30_000,
+           ttl_ms: int | None = None) -> ProcessorRunner:
+    processor = RawEventsProcessor(RawProcessorConfig("events.raw", POLICY, Limits(), ttl_ms),
                                    IdentityGraphStore(store, "ls", lease_ms), "ls", LookupTables())
-    return ProcessorRunner(processor, store, producer)
+    return ProcessorRunner(processor, store, producer, 4, EVENTS_DLQ, clock_us=Clock(NOW))
 
 
 def stored_lead(store: MemoryStateStore, lead_id: str) -> LeadRecord:
-    return LeadRecord.from_json(store.values[f"ls:id:l:s\x1f{lead_id}"])
+    return LeadRecord.from_json(store.redis.get(store.keys.identity_lead("s", lead_id)))
 
 
 async def test_a_worker_whose_lock_lease_expired_commits_nothing() -> None:
@@ -62,15 +67,15 @@ async def test_a_worker_whose_lock_lease_expired_commits_nothing() -> None:
     browser); fenced, A writes nothing at all, and its retry builds on B's graph."""
     store = MemoryStateStore()
     slow = worker(store, SlowProducer(0.3), lease_ms=50)
-    fast = worker(store, MemoryProducer(), lease_ms=50)
+    fast = worker(store, MemoryProducer(EVENTS_DLQ), lease_ms=50)
     slow_batch = [Message(0, 0, None, form("e-laptop", "laptop"))]
     stalled = asyncio.create_task(slow.process(slow_batch))
     await asyncio.sleep(0.1)  # A holds the lock, waiting for its broker; its lease has run out
     await fast.process([Message(1, 0, None, form("e-phone", "phone"))])
-    before = dict(store.values)
+    before = states(store)
     with pytest.raises(StaleBatch):
         await stalled
-    assert store.values == before and store.marks.get(0) is None
+    assert states(store) == before and await applied(store, 0) == -1
     assert stored_lead(store, ANN).visitors == ["phone"]
     slow.producer.delay_s = 0  # the broker recovers: the retry fits in the lease
     await slow.process(slow_batch)
@@ -86,11 +91,12 @@ async def test_fence_tokens_grow_and_a_stale_holder_can_neither_commit_nor_relea
     assert second is not None and int(second.token) > int(first.token)
     await store.release(first)  # the stale holder's release leaves the new holder's lock alone
     assert await store.acquire("id:lock", lease_ms=30_000) is None
-    commit = PartitionCommit(0, -1, 0, 0, {"k": b"v"})
-    assert not await store.commit([commit], also=lambda pipe: pipe.mset({"graph": b"x"}), fence=first)
-    assert store.values == {} and store.marks == {}
-    assert await store.commit([commit], also=lambda pipe: pipe.mset({"graph": b"x"}), fence=second)
-    assert store.values == {"k": b"v", "graph": b"x"}
+    writes = WriteBatch()
+    writes.set_many({"k": b"v", "graph": b"x"})
+    assert not await store.commit([PartitionCommit(0, -1, 0)], writes, fence=first)
+    assert states(store) == {} and await applied(store, 0) == -1
+    assert await store.commit([PartitionCommit(0, -1, 0)], writes, fence=second)
+    assert states(store) == {"k": b"v", "graph": b"x"} and await applied(store, 0) == 0
 
 
 async def test_prefetch_loads_the_lead_a_linked_lead_merged_into() -> None:
@@ -103,9 +109,12 @@ async def test_prefetch_loads_the_lead_a_linked_lead_merged_into() -> None:
         leads={("s", "lead_imported"): LeadRecord("lead_imported", "s", merged_into=ANN),
                ("s", ANN): LeadRecord(ANN, "s", "ann@initech.io", ["listed"], visitor_count=2)},
     )
-    graph.write_commands(store, changes)
+    writing = Batch(store, Outputs(4), NOW, Clock(NOW), {})
+    graph.write(writing, changes)
+    writing.finish()
+    assert await store.commit([PartitionCommit(0, -1, 0)], writing.writes)
     event = pageview_of("unlisted")
-    prefetched = await graph.prefetch([event])
+    prefetched = await graph.prefetch(Batch(store, Outputs(4), NOW, Clock(NOW), {}), [event])
     assert ("s", ANN) in prefetched.leads
     result = identity.resolve([event], identity.InMemoryIdentityStore(prefetched), AccountsContext())
     assert result.lead_ids == [ANN]
@@ -120,15 +129,16 @@ def pageview_of(visitor: str) -> EnrichedEvent:
 
 
 async def test_the_timer_forgets_a_visitor_whose_state_expired() -> None:
-    store = MemoryStateStore(state_ttl_ms=50)
-    run = worker(store, MemoryProducer())
+    store = MemoryStateStore()
+    run = worker(store, MemoryProducer(EVENTS_DLQ), ttl_ms=50)
     await run.process([Message(0, 0, None, form("e1", "v1"))])
-    key = "ls:v:s\x1fv1"
-    assert key in store.values and key in store.deadlines[0]
+    key, due = store.keys.visitor_state("s", "v1"), store.keys.due("raw", 0)
+    assert key in states(store) and key in store.redis.zset(due)
     await asyncio.sleep(0.1)
-    await run.tick([0], wall_now_ms=NOW)  # the first tick starts the partition's clock at its stream time
-    assert await run.tick([0], wall_now_ms=NOW + 3 * 3_600_000) is not None  # due: only the deadline changes
-    assert key not in store.values and key not in store.deadlines[0]
+    await run.tick([0])  # the first tick starts the partition's clock at its stream time
+    run.clock_us.now_ms = NOW + 3 * 3_600_000
+    assert await run.tick([0]) is not None  # due: only the deadline changes
+    assert key not in states(store) and key not in store.redis.zset(due)
 
 
 def test_the_leads_column_migration_runs_on_current_clickhouse() -> None:

@@ -1,5 +1,8 @@
-"""The lead processor on the shared runtime without servers: rules fire once per lead across replays and
-batch boundaries, merges hand state over once, and every change reaches the board processor's feed."""
+"""The lead processor on the shared runtime without servers (the in-memory store on the Redis twin, the
+memory producer, a clock the test holds): rules fire once per lead across replays and batch boundaries,
+merges hand state over once, every change reaches the board processor's feed, the hourly pass runs as the
+lead's declared timer, an unchanged lead is not written again, webhooks are queued in the commit, and
+versions come from the runtime's clock."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import redis.asyncio as aioredis
+
 from processors.lead_processor import LeadProcessor
 from processors.rules import RuleSet
 from processors.runtime.ingest import Message
@@ -17,12 +22,14 @@ from processors.runtime.producer import MemoryProducer, Outputs
 from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import MemoryStateStore
 from processors.site_definitions import SiteDefinitionsCache, SiteSetup
+from processors.webhooks import QueuedWebhook, WebhookQueue
 from schemas.boards import CardUpdate
 from schemas.definitions import load_definitions
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent
 from schemas.rules import LeadSnapshot, RuleExecution
-from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_STATE, RULE_EXECUTIONS
+from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, LEADS_ACTIVITY, LEADS_STATE, RULE_EXECUTIONS, Headers
+from tests.twins import Clock, produced, records, states, values
 
 NOW = int(time.time() * 1000)
 RULES = """
@@ -55,36 +62,41 @@ class NoDefinitionsStore:
         raise AssertionError(f"unexpected load of {site}")
 
 
-def processor_runner(store: MemoryStateStore | None = None
+def processor_runner(store: MemoryStateStore | None = None, webhooks: WebhookQueue | None = None
                      ) -> tuple[ProcessorRunner, MemoryStateStore, MemoryProducer]:
     definitions = load_definitions(RULES, "rules.yaml")
     cache = SiteDefinitionsCache(NoDefinitionsStore())  # type: ignore[arg-type]
     cache.sites["s"] = setup(definitions, 1)
-    store = store or MemoryStateStore()
-    producer = MemoryProducer()
-    return ProcessorRunner(LeadProcessor(4, store, cache, None, "ls"), store, producer), store, producer
+    store = store or MemoryStateStore(processor="lead")
+    producer = MemoryProducer(EVENTS_DLQ)
+    run = ProcessorRunner(LeadProcessor(cache, webhooks, "ls"), store, producer, 4, EVENTS_DLQ, clock_us=Clock(NOW))
+    return run, store, producer
 
 
-def event(i: int, lead: str = "lead_a", url: str = "https://acme.com/pricing") -> bytes:
+Record = tuple[bytes, Headers]  # a record of leads.activity as the lead processor reads it: value, headers
+
+
+def event(i: int, lead: str = "lead_a", url: str = "https://acme.com/pricing") -> Record:
     fields = dict.fromkeys(f for f in EnrichedEvent.__dataclass_fields__)
     record = {name: "" for name in fields} | {
         "event_id": f"e{i}", "site_id": "s", "type": "pageview", "ts_ms": NOW + i, "received_ms": NOW + i,
         "visitor_id": "v1", "url": url, "is_bot": False, "properties": "{}", "extra": "{}", "raw_partition": 0,
         "raw_offset": i, "is_late": False, "lead_id": lead, "network_asn": 0, "may_identify": True}
-    return orjson.dumps(record)
+    return orjson.dumps(record), LEADS_ACTIVITY.headers(EnrichedEvent)
 
 
-def identity(kind: str, lead: str, from_lead: str = "", **fields) -> bytes:
-    return IdentityEvent(f"ie-{kind}-{lead}-{from_lead}", "s", kind, "e0", NOW, visitor_id="v1", lead_id=lead,
-                         from_lead_id=from_lead, **fields).to_json()
+def identity(kind: str, lead: str, from_lead: str = "", **fields) -> Record:
+    change = IdentityEvent(f"ie-{kind}-{lead}-{from_lead}", "s", kind, "e0", NOW, visitor_id="v1", lead_id=lead,
+                           from_lead_id=from_lead, **fields)
+    return change.to_json(), LEADS_ACTIVITY.headers(IdentityEvent)
 
 
-def feed(values: list[bytes], first_offset: int = 0) -> list[Message]:
-    return [Message(0, first_offset + i, None, v) for i, v in enumerate(values)]
+def feed(records: list[Record], first_offset: int = 0) -> list[Message]:
+    return [Message(0, first_offset + i, None, value, headers) for i, (value, headers) in enumerate(records)]
 
 
 def executions(outputs: Outputs) -> list[str]:
-    return [RuleExecution.from_json(v).rule_id for v in outputs.values(RULE_EXECUTIONS)]
+    return [RuleExecution.from_json(v).rule_id for v in values(outputs, RULE_EXECUTIONS)]
 
 
 async def test_a_rule_fires_once_and_its_chain_runs_in_the_same_pass():
@@ -94,9 +106,10 @@ async def test_a_rule_fires_once_and_its_chain_runs_in_the_same_pass():
     assert executions(outputs) == ["viewed-pricing"]  # per_lead: the second pricing view fires nothing
     second = await run.process(feed([event(3), event(4)], first_offset=3))
     assert executions(second) == []
-    snapshot = LeadSnapshot.from_json(outputs.values(LEADS_STATE)[-1])
+    snapshot = LeadSnapshot.from_json(values(outputs, LEADS_STATE)[-1])
     assert snapshot.tags == ["Consideration"] and snapshot.score == 40 and snapshot.account_domain == "acme.com"
-    updates = [CardUpdate.from_json(v) for v in outputs.values(BOARD_COMMANDS)]
+    updates = records(outputs, BOARD_COMMANDS)
+    assert all(isinstance(u, CardUpdate) for u in updates)  # typed as card updates by their header
     assert {(u.card_id, u.kind) for u in updates} >= {("lead:lead_a", "merge"), ("account:acme.com", "facts")}
     facts = [u for u in updates if u.kind == "facts" and u.card_id == "account:acme.com"][-1]
     assert facts.tags == ["Consideration"] and facts.actor == "rule:viewed-pricing@1"
@@ -106,18 +119,18 @@ async def test_replaying_a_batch_changes_nothing():
     run, store, producer = processor_runner()
     batch = feed([event(1), event(2, url="https://acme.com/blog")])
     await run.process(batch)
-    before = dict(store.values)
-    assert await run.process(batch) is None and store.values == before
+    before = states(store)
+    assert await run.process(batch) is None and states(store) == before
 
 
 async def test_a_merge_hands_the_anonymous_leads_state_to_the_known_lead_once():
     run, store, producer = processor_runner()
     await run.process(feed([event(1, lead="lead_anon")]))
     merged = await run.process(feed([identity("lead_merged", "lead_known", from_lead="lead_anon")], first_offset=1))
-    handovers = [v for v in merged.values(LEADS_ACTIVITY)]
+    handovers = produced(merged, LEADS_ACTIVITY)
     assert len(handovers) == 1
     taken = await run.process(feed(handovers + handovers + [event(5, lead="lead_known")], first_offset=2))
-    snapshot = LeadSnapshot.from_json(taken.values(LEADS_STATE)[-1])
+    snapshot = LeadSnapshot.from_json(values(taken, LEADS_STATE)[-1])
     assert snapshot.lead_id == "lead_known" and snapshot.tags == ["Consideration"] and snapshot.score == 40
     assert executions(taken) == []  # the known lead inherited the firing: viewing pricing again fires nothing
 
@@ -127,8 +140,9 @@ async def test_an_event_in_flight_for_a_merged_lead_goes_to_the_survivor():
     await run.process(feed([event(1, lead="lead_anon", url="https://acme.com/blog")]))
     await run.process(feed([identity("lead_merged", "lead_known", from_lead="lead_anon")], first_offset=1))
     late = await run.process(feed([event(9, lead="lead_anon")], first_offset=2))
-    forwarded = [orjson.loads(v) for v in late.values(LEADS_ACTIVITY)]
-    assert [(r["event_id"], r["lead_id"]) for r in forwarded] == [("e9", "lead_known")]
+    forwarded = records(late, LEADS_ACTIVITY)
+    assert [(r.event_id, r.lead_id) for r in forwarded] == [("e9", "lead_known")]
+    assert all(isinstance(r, EnrichedEvent) for r in forwarded)
 
 
 async def test_score_reaching_the_threshold_chains_into_the_state_rule():
@@ -137,7 +151,7 @@ async def test_score_reaching_the_threshold_chains_into_the_state_rule():
     run.processor.sites.sites["s"] = setup(twice, 2)
     outputs = await run.process(feed([event(1)]))
     assert executions(outputs) == ["viewed-pricing", "hot"]
-    assert LeadSnapshot.from_json(outputs.values(LEADS_STATE)[-1]).tags == ["Consideration", "Decision"]
+    assert LeadSnapshot.from_json(values(outputs, LEADS_STATE)[-1]).tags == ["Consideration", "Decision"]
 
 
 @given(st.lists(st.tuples(st.sampled_from(["lead_a", "lead_b", "lead_c"]),
@@ -148,13 +162,14 @@ async def test_score_reaching_the_threshold_chains_into_the_state_rule():
 def test_the_same_feed_gives_the_same_outputs_whatever_the_batch_boundaries(events, cuts):
     """Rule firings, lead changes and every card update (what the board processor sees) do not depend on how
     the feed was cut into batches, nor on replays of a batch."""
-    def record(i: int, lead: str, what: str, offset: int) -> bytes:
+    def record(i: int, lead: str, what: str, offset: int) -> Record:
         """A pageview, or an identity change (the lead's email becomes known; it joins an account)."""
         if what == "known":
             return identity("lead_created", lead, email=f"{lead}@acme.com")
         if what == "account":
             return identity("account_linked", lead, account_domain=f"{lead}.example")
-        return orjson.dumps(orjson.loads(event(i, lead, f"https://acme.com{what}")) | {"ts_ms": NOW + offset})
+        value, headers = event(i, lead, f"https://acme.com{what}")
+        return orjson.dumps(orjson.loads(value) | {"ts_ms": NOW + offset}), headers
 
     records = [record(i, *e) for i, e in enumerate(events)]
 
@@ -172,8 +187,8 @@ def test_the_same_feed_gives_the_same_outputs_whatever_the_batch_boundaries(even
             per_topic: dict[str, list[bytes]] = {}
             for outputs in producer.sent:
                 for (topic, partition), items in sorted(outputs.records.items()):
-                    per_topic.setdefault(f"{topic}/{partition}", []).extend(v for _, v in items)
-            return {t: v for t, v in per_topic.items() if not t.startswith("leads.state")}  # wall-clock versions
+                    per_topic.setdefault(f"{topic}/{partition}", []).extend((v, h) for _, v, h in items)
+            return {t: v for t, v in per_topic.items() if not t.startswith("leads.state")}  # one per lead per batch
         return asyncio.run(go())
 
     assert run_in(cuts, replay=False) == run_in([len(records)], replay=False) == run_in(cuts, replay=True)
@@ -192,8 +207,70 @@ rules:
 """, "rules.yaml")
     run.processor.sites.sites["s"] = setup(quiet, 3)
     await run.process(feed([event(1)]))
-    assert await run.tick([0], wall_now_ms=NOW) is None  # the clock starts at the last event's time
-    outputs = await run.tick([0], wall_now_ms=NOW + 3 * 3_600_000)  # three quiet hours later
+    key = run.processor.leads.key("s", "lead_a")
+    due = store.redis.zset(store.keys.due("lead", 0))
+    assert list(due) == [key] and due[key] > NOW + 2 * 3_600_000  # the lead's declared timer: its next hour
+    assert await run.tick([0]) is None  # the clock starts at the last event's time
+    run.clock_us.now_ms = NOW + 3 * 3_600_000  # three quiet hours later
+    outputs = await run.tick([0])
     assert executions(outputs) == ["gone-quiet"]
-    assert LeadSnapshot.from_json(outputs.values(LEADS_STATE)[-1]).tags == []
-    assert await run.tick([0], wall_now_ms=NOW + 5 * 3_600_000) is None  # fired once: nothing due any more
+    assert LeadSnapshot.from_json(values(outputs, LEADS_STATE)[-1]).tags == []
+    run.clock_us.now_ms = NOW + 5 * 3_600_000
+    assert await run.tick([0]) is None  # fired once: nothing due any more
+    assert store.redis.zset(store.keys.due("lead", 0)) == {}
+
+
+async def test_a_record_that_changes_nothing_writes_no_state_and_no_snapshot():
+    run, store, producer = processor_runner()
+    await run.process(feed([event(1)]))
+    before = states(store)
+    # a visitor re-pointed to the lead it already had: nothing of the lead changes
+    outputs = await run.process(feed([identity("visitor_linked", "lead_a", from_lead="lead_a")], first_offset=1))
+    assert values(outputs, LEADS_STATE) == [] and states(store) == before
+    assert (await store.partition_marks([0]))[0][0] == 1
+
+
+async def test_snapshot_versions_come_from_the_runtimes_clock():
+    run, store, producer = processor_runner()
+    first = await run.process(feed([event(1)]))
+    run.clock_us.now_ms = NOW + 5_000
+    second = await run.process(feed([event(2, url="https://acme.com/blog")], first_offset=1))
+    versions = [LeadSnapshot.from_json(v).version for v in values(first, LEADS_STATE) + values(second, LEADS_STATE)]
+    assert versions == [NOW * 1000, (NOW + 5_000) * 1000]
+
+
+async def test_a_firings_webhook_is_queued_in_its_commit_once():
+    """The webhook goes into the batch's writes, so it lands with the firing's state — here in the twin —
+    and a replay of the firing from scratch adds nothing (webhook ids are deterministic)."""
+    hooked = load_definitions("""
+rules:
+- id: viewed-pricing
+  when: {event: pageview, url: "*/pricing*"}
+  then: [{add_tag: Consideration}, {webhook: {url: "https://crm.example/hook", secret_env: CRM_SECRET}}]
+""", "rules.yaml")
+    queue = WebhookQueue(aioredis.Redis(), "ls")  # never connects: the processor only queues into its writes
+    run, store, _ = processor_runner(webhooks=queue)
+    run.processor.sites.sites["s"] = setup(hooked, 2)
+    await run.process(feed([event(1), event(2)]))
+    [(webhook_id, raw)] = store.redis.hash(queue.requests_key).items()
+    delivery = QueuedWebhook.from_json(raw)
+    assert (delivery.rule_id, delivery.url, delivery.enqueued_ms) == ("viewed-pricing", "https://crm.example/hook", NOW)
+    assert store.redis.zset(queue.due_key) == {webhook_id: NOW}
+
+    store.redis.delete(store.keys.watermarks("lead"), run.processor.leads.key("s", "lead_a"))  # state lost
+    again, _, _ = processor_runner(store, webhooks=queue)
+    again.processor.sites.sites["s"] = setup(hooked, 2)
+    again.clock_us.now_ms = NOW + 60_000
+    assert executions(await again.process(feed([event(1), event(2)]))) == ["viewed-pricing"]  # fires again
+    assert store.redis.hash(queue.requests_key) == {webhook_id: raw}  # ... and queues nothing new
+    assert store.redis.zset(queue.due_key) == {webhook_id: NOW}
+
+
+async def test_records_written_before_record_types_still_decode():
+    """Upgrade path: a leads.activity record without a record-type header is read by its first field."""
+    run, _, _ = processor_runner()
+    untyped = [Message(0, i, None, value) for i, (value, _) in
+               enumerate([identity("account_linked", "lead_a", account_domain="acme.com"), event(1)])]
+    typed = feed([identity("account_linked", "lead_a", account_domain="acme.com"), event(1)])
+    fresh, _, _ = processor_runner()
+    assert (await run.process(untyped)).records == (await fresh.process(typed)).records

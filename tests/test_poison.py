@@ -27,6 +27,7 @@ from schemas.topics import EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY_LEADS, LEADS_AC
 from tests.test_lead_processor import event as lead_event
 from tests.test_lead_processor import processor_runner as lead_processor_runner
 from tests.test_raw_processor import event, messages, runner
+from tests.twins import applied, sent, values
 
 # ------------------------------------------------------------------------------------ bounded dead letters
 
@@ -69,27 +70,27 @@ def test_every_output_over_the_limit_becomes_a_dead_letter_on_its_partition(reco
         outputs.add(topic, f"k{i}".encode(), f"{i:08d}".encode().ljust(size, b"."), partition)
     before = {key: list(kept) for key, kept in outputs.records.items()}
 
-    letters = outputs.set_aside_oversized(limit, lambda name: f"pre.{name}")
+    letters = outputs.set_aside_oversized(limit, EVENTS_DLQ, lambda name: f"pre.{name}")
 
     for (topic, partition), kept in before.items():
-        small = [(k, v) for k, v in kept if len(k) + len(v) <= limit]
+        small = [(k, v, h) for k, v, h in kept if len(k) + len(v) <= limit]
         assert outputs.records[(topic, partition)] == small  # order kept
-        big = [(k, v) for k, v in kept if len(k) + len(v) > limit]
-        dlq = [DeadLetter.from_json(v) for _, v in outputs.records.get((EVENTS_DLQ.name, partition), [])]
+        big = [(k, v) for k, v, _ in kept if len(k) + len(v) > limit]
+        dlq = [DeadLetter.from_json(v) for _, v, _ in outputs.records.get((EVENTS_DLQ.name, partition), [])]
         mine = [d for d in dlq if d.topic == f"pre.{topic}"]
         assert [d.raw_size for d in mine] == [len(v) for _, v in big]
         assert all(d.reason == "output_too_large" and d.offset == -1 and d.partition == partition for d in mine)
-    assert len(letters) == sum(len(k) + len(v) > limit for kept in before.values() for k, v in kept)
+    assert len(letters) == sum(len(k) + len(v) > limit for kept in before.values() for k, v, _ in kept)
     assert all(len(v) <= 100_000 for (name, _), kept in outputs.records.items() if name == EVENTS_DLQ.name
-               for _, v in kept)
+               for _, v, _ in kept)
 
 
 def test_an_oversized_lead_row_names_its_topic_and_key():
     outputs = Outputs(4)
     outputs.add(IDENTITY_LEADS, b"lead_forged", orjson.dumps({"visitors": [f"v{i:0>130}" for i in range(8000)]}))
-    [letter] = outputs.set_aside_oversized(1_000_000, lambda name: f"pre.{name}")
+    [letter] = outputs.set_aside_oversized(1_000_000, EVENTS_DLQ, lambda name: f"pre.{name}")
     assert "pre.identity.leads" in letter.message and "lead_forged" in letter.message
-    assert letter.raw_size > 1_000_000 and len(letter.raw) == RAW_PREFIX_BYTES and outputs.count(IDENTITY_LEADS) == 0
+    assert letter.raw_size > 1_000_000 and len(letter.raw) == RAW_PREFIX_BYTES and values(outputs, IDENTITY_LEADS) == []
 
 
 # ------------------------------------------------------------------------------- outage versus poison
@@ -157,40 +158,33 @@ class _ChokesOn:
     """A processor that fails, every time, on any batch holding one of the `poison` values."""
 
     def __init__(self, processor, poison: set[bytes]):
-        self.processor, self.poison, self.name = processor, poison, processor.name
+        self.processor, self.poison, self.name, self.timers = processor, poison, processor.name, None
 
-    async def step(self, batch, received_ms):
-        for m in batch:
+    async def step(self, batch, messages):
+        for m in messages:
             if m.value in self.poison:
                 raise ValueError(f"cannot handle offset {m.offset}")
-        return await self.processor.step(batch, received_ms)
-
-    async def tick(self, clocks):
-        return await self.processor.tick(clocks)
-
-
-def _sent(producer, topic) -> list[bytes]:
-    return [v for outputs in producer.sent for v in outputs.values(topic)]
+        await self.processor.step(batch, messages)
 
 
 async def test_the_runner_parks_each_poison_message_and_the_rest_goes_through_in_order():
     plain, store, producer = runner()
     poison = {b"POISON-A", b"POISON-B"}
-    run = ProcessorRunner(_ChokesOn(plain.processor, poison), store, producer, "pre.events.raw")
+    run = ProcessorRunner(_ChokesOn(plain.processor, poison), store, producer, 4, EVENTS_DLQ, "pre.events.raw")
     batch = messages([event(0), event(1), b"POISON-A", event(3), event(4), event(5), b"POISON-B", event(7)])
     with pytest.raises(ValueError) as failed:
         await run.process(batch)
 
     await run.isolate(batch, failed.value)
 
-    events = [orjson.loads(v) for v in _sent(producer, EVENTS_ENRICHED)]
+    events = [orjson.loads(v) for v in sent(producer, EVENTS_ENRICHED)]
     assert [e["raw_offset"] for e in events] == [0, 1, 3, 4, 5, 7]
     assert [e["event_id"] for e in events] == ["e0", "e1", "e3", "e4", "e5", "e7"]
-    letters = [DeadLetter.from_json(v) for v in _sent(producer, EVENTS_DLQ)]
+    letters = [DeadLetter.from_json(v) for v in sent(producer, EVENTS_DLQ)]
     assert [(d.reason, d.offset, d.raw, d.topic) for d in letters] == [
         ("stage_error", 2, b"POISON-A", "pre.events.raw"), ("stage_error", 6, b"POISON-B", "pre.events.raw")]
     assert letters[0].message == "raw-events: ValueError: cannot handle offset 2"
-    assert store.marks[0][0] == 7
+    assert await applied(store, 0) == 7
     sent_before = len(producer.sent)
     await run.isolate(batch, failed.value)  # a replay of the whole batch: everything is applied already
     assert await run.process(batch) is None and len(producer.sent) == sent_before
@@ -198,31 +192,31 @@ async def test_the_runner_parks_each_poison_message_and_the_rest_goes_through_in
 
 async def test_an_outage_during_isolation_stops_it_and_a_retry_goes_on_from_there():
     plain, store, producer = runner()
-    run = ProcessorRunner(_ChokesOn(plain.processor, {b"POISON"}), store, producer, "events.raw")
+    run = ProcessorRunner(_ChokesOn(plain.processor, {b"POISON"}), store, producer, 4, EVENTS_DLQ, "events.raw")
     batch = messages([event(0), event(1), b"POISON", event(3)])
     producer.fail_next = 1  # the broker is down when the first half is sent
     with pytest.raises(ConnectionError):
         await run.isolate(batch, ValueError("cannot handle"))
-    assert store.marks == {}
+    assert await applied(store, 0) == -1
     await run.isolate(batch, ValueError("cannot handle"))
-    assert [orjson.loads(v)["raw_offset"] for v in _sent(producer, EVENTS_ENRICHED)] == [0, 1, 3]
-    assert [DeadLetter.from_json(v).offset for v in _sent(producer, EVENTS_DLQ)] == [2]
+    assert [orjson.loads(v)["raw_offset"] for v in sent(producer, EVENTS_ENRICHED)] == [0, 1, 3]
+    assert [DeadLetter.from_json(v).offset for v in sent(producer, EVENTS_DLQ)] == [2]
 
 
 async def test_an_undecodable_record_on_an_internal_topic_is_a_dead_letter_at_once():
     run, store, producer = lead_processor_runner()
     run.input_topic = "pre.leads.activity"
-    batch = [Message(1, 0, b"lead_a", lead_event(0)), Message(1, 1, b"lead_a", b"\x00garbage"),
-             Message(1, 2, b"lead_a", lead_event(2))]
+    batch = [Message(1, 0, b"lead_a", *lead_event(0)), Message(1, 1, b"lead_a", b"\x00garbage"),
+             Message(1, 2, b"lead_a", *lead_event(2))]
 
     assert await run.process(batch) is None  # went through in parts
 
-    [letter] = [DeadLetter.from_json(v) for v in _sent(producer, EVENTS_DLQ)]
+    [letter] = [DeadLetter.from_json(v) for v in sent(producer, EVENTS_DLQ)]
     assert (letter.reason, letter.topic, letter.partition, letter.offset, letter.raw) == (
         "undecodable_record", "pre.leads.activity", 1, 1, b"\x00garbage")
     assert "offset 1" in letter.message and "JSONDecodeError" in letter.message
-    assert store.marks[1][0] == 2
-    assert len(_sent(producer, LEADS_ACTIVITY)) == 0  # the lead processor reads leads.activity, never writes it
+    assert await applied(store, 1) == 2
+    assert len(sent(producer, LEADS_ACTIVITY)) == 0  # the lead processor reads leads.activity, never writes it
 
 
 async def test_an_oversized_output_of_a_processor_is_a_dead_letter_and_its_batch_commits():
@@ -230,8 +224,8 @@ async def test_an_oversized_output_of_a_processor_is_a_dead_letter_and_its_batch
     producer.max_record_bytes = 5000
     batch = messages([event(0), event(1, url="https://acme.com/" + "p" * 6000), event(2)])
     outputs = await run.process(batch)
-    assert [orjson.loads(v)["event_id"] for v in outputs.values(EVENTS_ENRICHED)] == ["e0", "e2"]
-    letters = [DeadLetter.from_json(v) for v in outputs.values(EVENTS_DLQ)]
+    assert [orjson.loads(v)["event_id"] for v in values(outputs, EVENTS_ENRICHED)] == ["e0", "e2"]
+    letters = [DeadLetter.from_json(v) for v in values(outputs, EVENTS_DLQ)]
     assert {d.topic for d in letters} >= {"events.enriched"} and {d.reason for d in letters} == {"output_too_large"}
-    assert store.marks[0][0] == 2
+    assert await applied(store, 0) == 2
 

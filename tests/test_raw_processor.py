@@ -1,8 +1,10 @@
-"""The raw processor on the shared runtime, without servers: an in-memory state store and producer.
+"""The raw processor on the shared runtime, without servers: the in-memory state store (on the Redis twin)
+and producer, and a clock the test holds.
 
 Proves the order of effects that makes at-least-once delivery safe: a replayed batch is skipped, a
 batch whose produce failed is replayed with the same outputs, a zombie that lost its partition writes
-nothing, and idle sessions close on the stream clock.
+nothing, and idle sessions close on the stream clock, by the declared timer. And what the runtime does for
+the processor: unchanged states are not written again, and its versions come from the clock it was given.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer
 from processors.runtime.runner import ProcessorRunner, StaleBatch
 from processors.runtime.state import MemoryStateStore
-from schemas.topics import EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, LEADS_ACTIVITY, SESSIONS, decode_lead_activity
+from schemas.identity import IdentityEvent, LeadRow
+from schemas.topics import EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, LEADS_ACTIVITY, SESSIONS
+from tests.twins import Clock, RecordingStore, applied, count, records, states, values
 
 NOW = int(time.time() * 1000)
 POLICY = sessionize.SessionPolicy(default=sessionize.SessionConfig(inactivity_ms=30 * 60_000, grace_ms=60 * 60_000))
@@ -36,33 +40,34 @@ def messages(values: list[bytes], partition: int = 0, first_offset: int = 0) -> 
     return [Message(partition, first_offset + i, None, v) for i, v in enumerate(values)]
 
 
-def runner(store: MemoryStateStore | None = None) -> tuple[ProcessorRunner, MemoryStateStore, MemoryProducer]:
+def runner(store: MemoryStateStore | None = None, ttl_ms: int | None = None
+           ) -> tuple[ProcessorRunner, MemoryStateStore, MemoryProducer]:
     store = store or MemoryStateStore()
-    producer = MemoryProducer()
-    processor = RawEventsProcessor(RawProcessorConfig("events.raw", 4, POLICY, Limits()), store,
+    producer = MemoryProducer(EVENTS_DLQ)
+    processor = RawEventsProcessor(RawProcessorConfig("events.raw", POLICY, Limits(), ttl_ms),
                                    IdentityGraphStore(store, "ls"), "ls", LookupTables())
-    return ProcessorRunner(processor, store, producer), store, producer
+    return ProcessorRunner(processor, store, producer, 4, EVENTS_DLQ, clock_us=Clock(NOW)), store, producer
 
 
 async def test_a_batch_produces_events_sessions_identity_and_the_lead_feed():
     run, store, producer = runner()
     batch = messages([event(1), event(2, email="ann@initech.io", type="form_submit"), b"{broken"])
     outputs = await run.process(batch)
-    assert outputs.count(EVENTS_ENRICHED) == 2 and outputs.count(EVENTS_DLQ) == 1
-    assert outputs.count(SESSIONS) >= 1 and outputs.count(IDENTITY) >= 1
-    feed = [decode_lead_activity(v) for v in outputs.values(LEADS_ACTIVITY)]
-    kinds = [getattr(r, "kind", "event") for r in feed]
+    assert count(outputs, EVENTS_ENRICHED) == 2 and count(outputs, EVENTS_DLQ) == 1
+    assert count(outputs, SESSIONS) >= 1 and count(outputs, IDENTITY) >= 1
+    feed = records(outputs, LEADS_ACTIVITY)  # each record typed by its header
+    kinds = [r.kind if isinstance(r, IdentityEvent) else "event" for r in feed]
     assert kinds.count("event") == 2 and "lead_merged" in kinds  # the anonymous lead merged into ann's
-    assert store.marks[0][0] == 2
+    assert await applied(store, 0) == 2
 
 
 async def test_a_replayed_batch_is_skipped_and_changes_nothing():
     run, store, producer = runner()
     batch = messages([event(i) for i in range(5)])
     await run.process(batch)
-    state_before = dict(store.values)
+    state_before = states(store)
     assert await run.process(batch) is None
-    assert store.values == state_before and len(producer.sent) == 1
+    assert states(store) == state_before and len(producer.sent) == 1
 
 
 async def test_a_failed_produce_replays_the_same_outputs_and_commits_nothing_before():
@@ -73,13 +78,13 @@ async def test_a_failed_produce_replays_the_same_outputs_and_commits_nothing_bef
         await run.process(batch)
     except ConnectionError:
         pass
-    assert store.marks == {} and store.values == {}  # nothing committed before the acks
+    assert await applied(store, 0) == -1 and states(store) == {}  # nothing committed before the acks
     outputs = await run.process(batch)
     fresh_run, _, _ = runner()
     expected = await fresh_run.process(batch)
-    assert outputs.values(EVENTS_ENRICHED) and len(outputs.values(EVENTS_ENRICHED)) == len(expected.values(EVENTS_ENRICHED))
-    assert [orjson.loads(v)["session_id"] for v in outputs.values(EVENTS_ENRICHED)] == \
-        [orjson.loads(v)["session_id"] for v in expected.values(EVENTS_ENRICHED)]
+    assert values(outputs, EVENTS_ENRICHED) and len(values(outputs, EVENTS_ENRICHED)) == len(values(expected, EVENTS_ENRICHED))
+    assert [orjson.loads(v)["session_id"] for v in values(outputs, EVENTS_ENRICHED)] == \
+        [orjson.loads(v)["session_id"] for v in values(expected, EVENTS_ENRICHED)]
 
 
 async def test_a_zombie_that_lost_its_partition_writes_nothing():
@@ -89,12 +94,12 @@ async def test_a_zombie_that_lost_its_partition_writes_nothing():
     await owner.process(messages([event(1)], first_offset=0))
     # both saw watermark 0; the new owner commits first, the zombie's compare-and-set must fail
     await owner.process(messages([event(2)], first_offset=1))
-    before = dict(store.values)
+    before = states(store)
     zombie_store_view = {0: (0, 0)}
     zombie.store.partition_marks = lambda partitions: _marks(zombie_store_view, partitions)
     with pytest.raises(StaleBatch):
         await zombie.process(messages([event(3, visitor="v9")], first_offset=1))
-    assert store.values == before and store.marks[0][0] == 1  # not even the identity graph was touched
+    assert states(store) == before and await applied(store, 0) == 1  # not even the identity graph was touched
 
 
 async def _marks(view, partitions):
@@ -105,9 +110,61 @@ async def test_idle_sessions_close_on_the_stream_clock():
     run, store, producer = runner()
     await run.process(messages([event(1)]))
     assert await run.process(messages([event(1)])) is None
-    closed = await run.tick([0], wall_now_ms=NOW)  # first tick: the clock starts at the stream time
-    later = await run.tick([0], wall_now_ms=NOW + 2 * 3_600_000)
-    upserts = [orjson.loads(v) for v in later.values(SESSIONS)]
-    assert closed is None or not closed.count(SESSIONS)
+    closed = await run.tick([0])  # first tick: the clock starts at the stream time
+    run.clock_us.now_ms = NOW + 2 * 3_600_000
+    later = await run.tick([0])
+    upserts = [orjson.loads(v) for v in values(later, SESSIONS)]
+    assert closed is None or not count(closed, SESSIONS)
     assert upserts and all(s["is_closed"] for s in upserts)
-    assert await run.tick([0], wall_now_ms=NOW + 3 * 3_600_000) is None  # nothing left to close
+    run.clock_us.now_ms = NOW + 3 * 3_600_000
+    assert await run.tick([0]) is None  # nothing left to close
+
+
+async def test_the_idle_close_timer_is_the_visitors_declared_deadline():
+    """The processor only names a deadline per visitor; the runtime keeps the due index, and the timer
+    takes a closed visitor off it."""
+    run, store, producer = runner()
+    await run.process(messages([event(1), event(2, visitor="v2")]))
+    key = run.processor.visitors.key("s", "v1")
+    last_event_ms = NOW - 3_600_000 + 2000
+    due = store.redis.zset(store.keys.due("raw", 0))
+    assert set(due) == {key, run.processor.visitors.key("s", "v2")}
+    assert due[key] == NOW - 3_600_000 + 1000 + POLICY.default.inactivity_ms + POLICY.default.grace_ms
+    assert await store.due(0, last_event_ms) == []
+    assert await run.tick([0]) is None  # the partition's stream clock starts at its last event: nothing due
+    run.clock_us.now_ms = NOW + 2 * 3_600_000
+    assert count(await run.tick([0]), SESSIONS) == 2  # it ran on with the wall clock: both sessions closed
+    assert store.redis.zset(store.keys.due("raw", 0)) == {}
+
+
+async def test_a_batch_that_changes_no_state_writes_none():
+    """Copies of events already received change nothing: the runtime drops the byte-identical write."""
+    store = RecordingStore()
+    run, _, producer = runner(store)
+    await run.process(messages([event(1), event(2)]))
+    key = run.processor.visitors.key("s", "v1")
+    assert key in store.written_keys()
+    outputs = await run.process(messages([event(1), event(2)], first_offset=2))  # re-sent copies
+    assert count(outputs, EVENTS_DLQ) == 2 and count(outputs, EVENTS_ENRICHED) == 0
+    assert key not in store.written_keys()
+    assert await applied(store, 0) == 3  # the watermark still moves on
+
+
+async def test_visitor_state_expires_as_declared():
+    run, store, _ = runner(ttl_ms=30 * 86_400_000)
+    await run.process(messages([event(1)]))
+    ttl = store.redis.ttl_ms(run.processor.visitors.key("s", "v1"))
+    assert 29 * 86_400_000 < ttl <= 30 * 86_400_000
+    lead_keys = [key for key in states(store) if key.startswith("ls:id:l:")]
+    assert lead_keys and all(store.redis.ttl_ms(key) is None for key in lead_keys)  # the graph never expires
+
+
+async def test_versions_come_from_the_clock_the_runtime_was_given():
+    """Lead rows are versioned by the runner's clock: with a fixed clock two runs agree byte for byte."""
+    batch = messages([event(1), event(2, email="ann@initech.io", type="form_submit")])
+    first, _, _ = runner()
+    second, _, _ = runner()
+    one, two = await first.process(batch), await second.process(batch)
+    rows = [LeadRow.from_json(v) for v in values(one, IDENTITY_LEADS)]
+    assert rows and {row.version for row in rows} == {NOW * 1000}
+    assert one.records == two.records

@@ -28,7 +28,7 @@ from leadstream.traffic import (
     generate,
     ip_range_table_lines,
     plan,
-    rfc3339,
+    rfc3339_writer,
 )
 from processors.accounts import IpRangeTable, is_personal_email_domain, registrable_domain
 from processors.networks import NetworkDirectory
@@ -301,7 +301,7 @@ def test_company_domains_are_registrable_business_domains() -> None:
     with_millis=st.booleans(),
 )
 def test_rfc3339_round_trips(ms: int, offset_minutes: int, with_millis: bool) -> None:
-    text = rfc3339(ms, offset_minutes, with_millis)
+    text = rfc3339_writer(offset_minutes, with_millis)(ms)
     parsed_ms = round(datetime.fromisoformat(text).timestamp() * 1000)
     assert parsed_ms == (ms if with_millis else ms - ms % 1000)
     assert text.endswith("Z") == (offset_minutes == 0)

@@ -48,9 +48,9 @@ from processors.accounts import AccountRefused, manual_account
 from processors.board_store import BoardStore
 from processors.boards import EMPTY_NOTE, WRONG_CARD_KIND, CardState, Cause, MoveRequest, decide
 from processors.companies import CompanyStore, queue_wanted
-from processors.lookup_tables import ip_ranges_key
 from schemas.boards import CARD_ID, BoardDefinition, CardNote, CardView, CommandResult, account_card_id
 from schemas.companies import Company
+from schemas.redis_keys import RedisKeys
 from schemas.settings import Settings
 
 router = APIRouter(prefix="/v1/sites/{site_id}", tags=["cards"], route_class=SiteRoute)
@@ -175,7 +175,7 @@ async def add_card(grant: WriteGrant, board: SiteBoard, body: AddCard, response:
     name = (body.name.strip() or (await analytics.read(hand_added_account, grant.site, domain))[0]
             or (card.name if card is not None else ""))
     if not name:
-        ranges = await redis.get(ip_ranges_key(settings.name("ls")))
+        ranges = await redis.get(RedisKeys.of(settings).ip_ranges)
         name = company_from_ip_ranges(ranges.decode(), domain) if ranges else ""
     command = person_command(grant, board.id, account_card_id(domain), "add", idempotency_key, text=name)
     return await commands.run(command, response)

@@ -1,6 +1,18 @@
-"""A partition's stream clock: event time, advanced by wall time while the partition is quiet."""
+"""Time in the runtime: the wall clock it reads, and each partition's stream clock that drives timers.
+
+Processors never read the wall clock themselves: the runner reads `clock_us` (this module's wall clock
+unless a test gives it a fixed one) and hands the time on through the batch, so a processor's outputs are
+a function of its inputs, its state and the clock it was given.
+"""
 
 from __future__ import annotations
+
+import time
+
+
+def wall_clock_us() -> int:
+    """Epoch microseconds."""
+    return time.time_ns() // 1000
 
 
 class StreamClock:

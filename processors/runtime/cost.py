@@ -92,12 +92,8 @@ class _StepTimer:
 
 PUBLISH_EVERY_S = 1.0
 PUBLISHED_FOR_S = 3600
-
-
-def cost_key(prefix: str, worker_name: str) -> str:
-    """The Redis key a worker publishes its meter's snapshot under (JSON, refreshed every PUBLISH_EVERY_S, gone
-    PUBLISHED_FOR_S after the worker stops)."""
-    return f"{prefix}:cost:{worker_name}"
+"""A worker publishes its meter's snapshot (JSON) under `RedisKeys.cost`, refreshed every PUBLISH_EVERY_S, gone
+PUBLISHED_FOR_S after the worker stops."""
 
 
 METER = CostMeter()

@@ -1,9 +1,10 @@
-"""What a processor last decoded or wrote per state key, reused while the stored bytes are exactly the same.
+"""What a processor last wrote per state key, kept decoded and reused while the stored bytes are exactly the same.
 
 A large state (an account card with thousands of leads) takes milliseconds to decode, and a busy one
 changes in every batch. Remembering the state this worker last wrote, keyed by its exact bytes, turns the
 next batch's decode into a byte comparison. Content-checked: another worker's write, or a commit that
-never happened, means other bytes in the store, which is simply a miss — an entry is never stale.
+never happened, means other bytes in the store, which is simply a miss — an entry is never stale. The
+runtime keeps one per kind of state a processor declares `keep_decoded` (see state.StateSpec).
 """
 
 from __future__ import annotations

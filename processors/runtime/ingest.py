@@ -31,12 +31,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """What a processor needs of a Kafka message."""
+    """What a processor needs of a Kafka message (`headers`: a shared topic's record type; see schemas/topics.py)."""
 
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def consumer(kafka: KafkaConfig, group: str | None) -> AIOKafkaConsumer:
@@ -88,7 +89,7 @@ class BatchIngest:
         """The loop: fetch a batch, hand it over until it goes through, commit its offsets."""
         while not stop() and not self.stopping:
             batches = await self._fetch(stop)
-            messages = [Message(m.partition, m.offset, m.key, m.value) for ms in batches.values() for m in ms]
+            messages = [Message(m.partition, m.offset, m.key, m.value, m.headers) for ms in batches.values() for m in ms]
             if not messages:
                 continue
             isolate = None if self.isolate is None else (lambda err: self.isolate(messages, err))

@@ -1,66 +1,49 @@
-"""`ProcessorRunner`: runs a processor's pure step on a batch in the order of effects that makes replays harmless.
+"""`ProcessorRunner`: runs a processor on batches in the order of effects that makes replays harmless.
 
 Per batch:
   1. skip messages at or below their partition's applied-offset watermark (already fully handled);
-  2. the processor computes outputs and new state from the stored state (deterministic);
+  2. the processor computes outputs, states, timers and further writes through a `Batch`, from the stored
+     states (deterministic, given the runtime's clock);
   3. produce every output and wait for the broker's acks;
-  4. commit the new states, deadlines and watermarks in one transaction that applies only if every
-     partition's watermark is unchanged (compare-and-set); otherwise raise StaleBatch, and the ingest
-     hands the batch over again;
+  4. commit the changed states, deadlines, watermarks and writes in one transaction that applies only if
+     every partition's watermark is unchanged (compare-and-set); otherwise raise StaleBatch, and the
+     ingest hands the batch over again;
   5. return, so the ingest commits the messages' Kafka offsets.
 A crash before 4 replays the batch from the same state and produces the same outputs again (the sinks
 drop them by raw offset or collapse them by version). A crash after 4 skips the batch in step 1: its
 outputs were acknowledged in step 3. A zombie that lost its partition fails the compare-and-set.
-Timer ticks follow the same order with the partition's stream clock instead of new messages.
+
+Timers follow the same order: each partition's stream clock (event time, advanced by wall time while the
+partition is quiet) decides which of the processor's keys are due; the runner loads their states and
+calls the processor's `on_timer` for each, then produces and commits as above.
 
 Poison: a batch that keeps failing for a reason other than an outage (or whose step refuses a record with
 `PoisonRecord`) is isolated by halves, in order: each half runs as a batch of its own, a failing half is
-split again, and a single message that still fails is parked — its dead letter produced, then its offset
-committed as applied with no state change, in the same order of effects. The messages around it go
-through as usual, so the partition moves on and a replay skips whatever was already done.
+split again, and a single message that still fails is parked — its dead letter produced on the caller's
+dead-letter topic, then its offset committed as applied with no state change, in the same order of
+effects. The messages around it go through as usual, so the partition moves on and a replay skips
+whatever was already done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from dataclasses import dataclass, field
+from collections import defaultdict
 from typing import Callable, Protocol, Sequence, TypeVar
 
 from processors.runtime.backoff import RetryLater, describe, is_transient
-from processors.runtime.clock import StreamClock
+from processors.runtime.batch import Batch
+from processors.runtime.clock import StreamClock, wall_clock_us
 from processors.runtime.cost import METER
+from processors.runtime.decoded import DecodedStates
 from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
-from processors.runtime.state import Fence, PartitionCommit, StateStore, Writes
+from processors.runtime.state import PartitionCommit, StateSpec, StateStore
 from schemas.dead_letter import DeadLetter
-from schemas.topics import EVENTS_DLQ
+from schemas.topics import Topic
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PartitionChanges:
-    """What a step changes in one partition's state: key -> state blob (b'' deletes), key -> deadline."""
-
-    states: dict[str, bytes] = field(default_factory=dict)
-    deadlines: dict[str, int | None] = field(default_factory=dict)
-    stream_time_ms: int = 0
-
-
-@dataclass
-class Step:
-    outputs: Outputs
-    changes: dict[int, PartitionChanges] = field(default_factory=dict)
-    also: Callable[[Writes], None] | None = None  # further writes in the same transaction
-    held: contextlib.AsyncExitStack | None = None  # locks the step took: released after its commit
-    fence: Fence | None = None  # the lock whose current holder the commit must still be (see state.Fence)
-
-    def partition(self, partition: int) -> PartitionChanges:
-        return self.changes.setdefault(partition, PartitionChanges())
-
 
 R = TypeVar("R")
 
@@ -74,13 +57,14 @@ class PoisonRecord(Exception):
         self.reason = reason
 
 
-def decode_batch(messages: Sequence[Message], decode: Callable[[bytes], R], processor: str) -> list[tuple[int, R]]:
-    """(partition, record) for every message of an internal topic. A record LeadStream did not write is
-    poison: the runner dead-letters it (`undecodable_record`) and the partition moves on."""
+def decode_batch(messages: Sequence[Message], topic: Topic, processor: str) -> list[tuple[int, object]]:
+    """(partition, record) for every message of an internal topic, by the topic's record types. A record
+    LeadStream did not write is poison: the runner dead-letters it (`undecodable_record`) and the partition
+    moves on."""
     records = []
     for message in messages:
         try:
-            records.append((message.partition, decode(message.value)))
+            records.append((message.partition, topic.decode(message.value, message.headers)))
         except Exception as err:  # noqa: BLE001 - whatever the decoder raised, the record is the cause
             raise PoisonRecord("undecodable_record", f"{processor}: undecodable record at partition "
                                f"{message.partition} offset {message.offset}: {describe(err)}") from err
@@ -95,12 +79,15 @@ class StaleBatch(RetryLater):
 
 class Processor(Protocol):
     name: str
+    timers: StateSpec | None
+    """The state whose keys the processor schedules (`Batch.schedule`); None: no timers."""
 
-    async def step(self, messages: Sequence[Message], received_ms: int) -> Step:
-        """A lock the step needs until its commit (the identity graph's) goes into `Step.held`."""
+    async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
+        """Handle new messages: read and write states, outputs and writes through `batch`."""
 
-    async def tick(self, clocks: dict[int, int]) -> Step | None:
-        """Timer work for owned partitions at their stream-clock times; None when nothing is due."""
+    async def on_timer(self, batch: Batch, partition: int, key: str, state, now_ms: int) -> None:
+        """A key of `timers` came due at `now_ms`, its partition's stream clock. A key whose state is gone
+        (expired) is taken off the timer by the runtime without a call."""
 
 
 class Producer(Protocol):
@@ -108,15 +95,25 @@ class Producer(Protocol):
 
 
 class ProcessorRunner:
-    """Runs a processor on batches of `input_topic` (its full name, which the processor's dead letters give)."""
+    """Runs a processor on batches of `input_topic` (its full name, which the processor's dead letters give);
+    messages set aside go to `dead_letters`. `clock_us` is the wall clock (epoch microseconds) the batch's
+    arrival time, the stream clocks and the processors' versions come from."""
 
-    def __init__(self, processor: Processor, store: StateStore, producer: Producer, input_topic: str = ""):
+    def __init__(self, processor: Processor, store: StateStore, producer: Producer, partitions: int,
+                 dead_letters: Topic, input_topic: str = "", clock_us: Callable[[], int] = wall_clock_us):
         self.processor = processor
         self.store = store
         self.producer = producer
+        self.partitions = partitions
+        self.dead_letters = dead_letters
         self.input_topic = input_topic
+        self.clock_us = clock_us
         self.clock = StreamClock()
+        self.decoded: dict[str, DecodedStates] = defaultdict(DecodedStates)  # per kept kind of state
         self.lock = asyncio.Lock()  # one batch or timer tick at a time per process
+
+    def _batch(self) -> Batch:
+        return Batch(self.store, Outputs(self.partitions), self.clock_us() // 1000, self.clock_us, self.decoded)
 
     async def process(self, messages: Sequence[Message]) -> Outputs | None:
         """The batch's outputs; None when it was all applied before, or when a poison record made it go
@@ -158,17 +155,16 @@ class ProcessorRunner:
             reason, detail = "stage_error", f"{self.processor.name}: {describe(error)}"
         letter = DeadLetter(reason=reason, message=detail, raw=message.value or b"",
                             topic=self.input_topic, partition=partition, offset=message.offset,
-                            received_ms=int(time.time() * 1000))
+                            received_ms=self.clock_us() // 1000)
         log.error("%s: %s[%d]@%d set aside as a dead letter (%s): %s", self.processor.name, self.input_topic,
                   partition, message.offset, reason, letter.message)
         outputs = Outputs(partitions=0)  # holds only the dead letter, placed on the input's partition
-        outputs.add(EVENTS_DLQ, None, letter.to_json(), partition)
+        outputs.add(self.dead_letters, None, letter.to_json(), partition)
         await self.producer.send(outputs)
-        if not await self.store.commit([self._commit(partition, applied, message.offset, None)]):
+        if not await self.store.commit([PartitionCommit(partition, applied, message.offset)]):
             raise StaleBatch(f"{self.processor.name}: partition {partition} moved on while a record was set aside")
 
     async def _process(self, messages: Sequence[Message]) -> Outputs | None:
-        received_ms = int(time.time() * 1000)
         partitions = sorted({m.partition for m in messages})
         marks = await self.store.partition_marks(partitions)
         fresh = [m for m in messages if m.offset > marks[m.partition][0]]
@@ -177,42 +173,57 @@ class ProcessorRunner:
                      self.processor.name, len(messages) - len(fresh))
         if not fresh:
             return None
-        applied = {}
+        applied: dict[int, int] = {}
         for m in fresh:
             applied[m.partition] = max(applied.get(m.partition, -1), m.offset)
-        step = await METER.measured(self.processor.name, self.processor.step(fresh, received_ms), len(fresh))
-        async with step.held or contextlib.nullcontext():
-            await METER.measured("produce", self.producer.send(step.outputs), len(step.outputs))
-            commits = [self._commit(p, marks[p][0], offset, step.changes.get(p)) for p, offset in applied.items()]
-            committed = self.store.commit(commits, also=step.also, fence=step.fence)
+        batch = self._batch()
+        async with batch.locks:
+            await METER.measured(self.processor.name, self._step(batch, fresh), len(fresh))
+            await METER.measured("produce", self.producer.send(batch.outputs), len(batch.outputs))
+            commits = [self._commit(batch, p, marks[p][0], offset) for p, offset in applied.items()]
+            committed = self.store.commit(commits, batch.writes, batch.fence)
             if not await METER.measured("commit", committed, len(fresh)):
                 raise StaleBatch(f"{self.processor.name}: a partition of this batch moved on under us "
                                  f"(rebalance?); nothing was written, the batch is recomputed")
-        return step.outputs
+        return batch.outputs
 
-    async def tick(self, partitions: Sequence[int], wall_now_ms: int | None = None) -> Outputs | None:
-        wall_now_ms = int(time.time() * 1000) if wall_now_ms is None else wall_now_ms
+    async def _step(self, batch: Batch, messages: Sequence[Message]) -> None:
+        await self.processor.step(batch, messages)
+        batch.finish()
+
+    async def tick(self, partitions: Sequence[int]) -> Outputs | None:
+        """Run the processor's due timers on these (owned) partitions; None when nothing was due or a
+        partition moved on meanwhile (the next tick redoes it)."""
+        spec = self.processor.timers
+        if spec is None:
+            return None
         async with self.lock:
+            batch = self._batch()
             marks = await self.store.partition_marks(sorted(partitions))
-            clocks = {p: self.clock.now(p, stream_time, wall_now_ms)
+            clocks = {p: self.clock.now(p, stream_time, batch.now_ms)
                       for p, (applied, stream_time) in marks.items() if applied >= 0}
-            if not clocks:
+            due = {p: keys for p, clock in clocks.items() if (keys := await self.store.due(p, clock))}
+            if not due:
                 return None
-            step = await self.processor.tick(clocks)
-            if step is None:
-                return None
-            async with step.held or contextlib.nullcontext():
-                await self.producer.send(step.outputs)
-                commits = [self._commit(p, marks[p][0], marks[p][0], changes) for p, changes in step.changes.items()]
-                if not await self.store.commit(commits, also=step.also, fence=step.fence):
+            async with batch.locks:
+                await batch.load((spec, {key: p for p, keys in due.items() for key in keys}))
+                for p, keys in due.items():
+                    for key in keys:
+                        state = batch.get(spec, key)
+                        if state is None:  # expired (idle past its time to live): nothing left to do
+                            batch.schedule(key, None)
+                        else:
+                            await self.processor.on_timer(batch, p, key, state, clocks[p])
+                batch.finish()
+                await self.producer.send(batch.outputs)
+                commits = [self._commit(batch, p, marks[p][0], marks[p][0]) for p in sorted(due)]
+                if not await self.store.commit(commits, batch.writes, batch.fence):
                     log.info("%s: a partition moved on during a timer tick; the next tick redoes it",
                              self.processor.name)
                     return None
-            return step.outputs
+            return batch.outputs
 
     @staticmethod
-    def _commit(partition: int, expected: int, applied: int, changes: PartitionChanges | None) -> PartitionCommit:
-        changes = changes or PartitionChanges()
-        return PartitionCommit(partition, expected, applied, changes.stream_time_ms, changes.states, changes.deadlines)
-
-
+    def _commit(batch: Batch, partition: int, expected: int, applied: int) -> PartitionCommit:
+        return PartitionCommit(partition, expected, applied, batch.stream_times.get(partition, 0),
+                               batch.deadlines.get(partition, {}))

@@ -1,46 +1,58 @@
-"""Per-partition processor state, committed with a compare-and-set on an applied-offset watermark.
+"""Per-partition processor state: what a processor declares (`StateSpec`) and where it lives (`StateStore`),
+committed with a compare-and-set on an applied-offset watermark.
 
 Why not Faust tables: a table's changelog write is not atomic with the source offset commit (exactly_once
 is unreliable in faust-streaming), so a crash could apply an event twice. Here everything one batch
 changes — the state of every key it touched, each partition's applied offset and stream time, the keys'
-timer deadlines and any further writes of the processor (the identity graph's) — is written in ONE
-transaction that applies only if every partition's watermark is still the one the batch was computed
-from (WATCH + check + MULTI/EXEC). A replayed batch finds its offsets applied and is skipped; a zombie
-worker that lost a partition in a rebalance writes nothing at all, not even the global writes. A commit
-made under a store lock (the identity graph's) is fenced too: it applies only while the lock still holds
-the token its holder got, so a holder whose lease expired writes nothing. Any worker can pick up any
-partition after a rebalance: the state lives outside the process.
+timer deadlines and every further write of the processor (the identity graph, the board views, queued
+webhooks) — is written in ONE transaction that applies only if every partition's watermark is still the
+one the batch was computed from (WATCH + check + MULTI/EXEC). A replayed batch finds its offsets applied
+and is skipped; a zombie worker that lost a partition in a rebalance writes nothing at all, not even the
+global writes. A commit made under a store lock (the identity graph's) is fenced too: it applies only while
+the lock still holds the token its holder got, so a holder whose lease expired writes nothing. Any worker
+can pick up any partition after a rebalance: the state lives outside the process.
 
-A store may give its states a time to live (idle visitors' sessionizer blobs): every write renews it.
-
-Two implementations of one interface: `RedisStateStore` (production) and `MemoryStateStore` (unit tests
-of a processor without servers).
+Two implementations of one interface: `RedisStateStore` (production) and `MemoryStateStore` (unit tests of
+a processor without servers, on the `MemoryRedis` twin). Both queue a commit through `Writes`, with the
+same code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Generic, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-_ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local token = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
-return token
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_SET_WITH_TTL = """
-for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1]) end
-return #KEYS
-"""
+from processors.runtime.writes import MemoryRedis, RedisWrites, WriteBatch, Writes
+from schemas.redis_keys import RedisKeys
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, eq=False)
+class StateSpec(Generic[V]):
+    """One kind of state a processor keeps per key: how it is keyed, stored and kept.
+
+    - `key`: the key of one state (a layout from schemas/redis_keys.py);
+    - `encode` / `decode`: the bytes in Redis; the runtime writes a state only when its bytes changed;
+    - `ttl_ms`: each write renews the key's time to live (None: it never expires);
+    - `keep_decoded`: keep the decoded value of what this worker last wrote, keyed by its exact bytes, so
+      the next batch of a busy key compares bytes instead of decoding them again (large states, such as an
+      account card with thousands of leads; see decoded.py). Such a value is handed out as `copy(value)`,
+      since the kept one must never change.
+    """
+
+    name: str
+    key: Callable[..., str]
+    encode: Callable[[V], bytes]
+    decode: Callable[[bytes], V]
+    ttl_ms: int | None = None
+    keep_decoded: bool = False
+    copy: Callable[[V], V] = lambda value: value
 
 
 @dataclass(frozen=True)
@@ -54,43 +66,67 @@ class Fence:
 
 @dataclass
 class PartitionCommit:
-    """What one batch changes for one partition: applied offset, stream time, key states, deadlines.
-    A state of b'' deletes the key; a deadline of None takes the key off the partition's timer."""
+    """What one batch changes for one partition besides its writes: applied offset, stream time, deadlines.
+    A deadline of None takes the key off the partition's timer."""
 
     partition: int
     expected_offset: int
     applied_offset: int
-    stream_time_ms: int
-    states: dict[str, bytes] = field(default_factory=dict)
+    stream_time_ms: int = 0
     deadlines: dict[str, int | None] = field(default_factory=dict)
-
-
-class Writes(Protocol):
-    """The part of a transaction that extra writes may use (a redis pipeline, or the in-memory one)."""
-
-    def mset(self, mapping: dict[str, bytes | str]) -> object: ...
 
 
 class StateStore(Protocol):
     async def load(self, keys: list[str]) -> dict[str, bytes | None]: ...
     async def partition_marks(self, partitions: list[int]) -> dict[int, tuple[int, int]]: ...
-    async def commit(self, commits: list[PartitionCommit], also: Callable[[Writes], None] | None = None,
+    async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
                      fence: Fence | None = None) -> bool: ...
     async def due(self, partition: int, until_ms: int, limit: int = 5000) -> list[str]: ...
     async def acquire(self, lock: str, lease_ms: int) -> Fence | None: ...
     async def release(self, fence: Fence) -> None: ...
 
 
-class RedisStateStore:
-    """State of one processor under `prefix`; `namespace` keeps each processor's watermarks and timers apart.
-    With `state_ttl_ms`, each state key expires that long after its last write."""
+def _queue_partition(target: Writes, keys: RedisKeys, processor: str, commit: PartitionCommit,
+                     stored_stream_time_ms: int) -> None:
+    """A partition's watermark, stream time (it only moves forward) and deadlines, queued on `target`."""
+    marks = {str(commit.partition): commit.applied_offset}
+    if commit.stream_time_ms > stored_stream_time_ms:
+        marks[f"st:{commit.partition}"] = commit.stream_time_ms
+    target.hash_set(keys.watermarks(processor), marks)
+    due = keys.due(processor, commit.partition)
+    target.zset_add(due, {key: deadline for key, deadline in commit.deadlines.items() if deadline is not None})
+    target.zset_remove(due, *(key for key, deadline in commit.deadlines.items() if deadline is None))
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, namespace: str = "", state_ttl_ms: int | None = None):
+
+def _marks(values: list, partitions: list[int]) -> dict[int, tuple[int, int]]:
+    """(applied offset, stream time ms) per partition from HMGET of [p, st:p, ...]; (-1, 0) when never seen."""
+    return {p: (int(values[2 * i] or -1), int(values[2 * i + 1] or 0)) for i, p in enumerate(partitions)}
+
+
+def _mark_fields(partitions: list[int]) -> list[str]:
+    return [f for p in partitions for f in (str(p), f"st:{p}")]
+
+
+_ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], token, 'PX', ARGV[1])
+return token
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStateStore:
+    """The state of `processor` (raw, lead or board: its own watermarks and timer index) under `prefix`."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, processor: str):
         self.redis = redis
-        self.prefix = prefix
-        self.state_ttl_ms = state_ttl_ms
-        self._marks_key = f"{prefix}:{namespace}wm"
-        self._due_prefix = f"{prefix}:{namespace}due:"
+        self.keys = RedisKeys(prefix)
+        self.processor = processor
+        self._marks_key = self.keys.watermarks(processor)
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
 
@@ -100,21 +136,19 @@ class RedisStateStore:
         return dict(zip(keys, await self.redis.mget(keys)))
 
     async def partition_marks(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
-        """(applied offset, stream time ms) per partition; (-1, 0) when never seen."""
-        fields = [f for p in partitions for f in (str(p), f"st:{p}")]
-        values = await self.redis.hmget(self._marks_key, fields) if fields else []
-        return {p: (int(values[2 * i] or -1), int(values[2 * i + 1] or 0)) for i, p in enumerate(partitions)}
+        fields = _mark_fields(partitions)
+        return _marks(await self.redis.hmget(self._marks_key, fields) if fields else [], partitions)
 
-    async def commit(self, commits: list[PartitionCommit], also: Callable[[Writes], None] | None = None,
+    async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
                      fence: Fence | None = None) -> bool:
         """All of the batch or nothing: False (and nothing written) when any partition's watermark moved,
-        or when `fence` is given and its lock no longer holds its token. `also` queues further writes into
-        the same transaction. A concurrent commit of other partitions only makes the transaction run again;
-        so does anyone taking the lock meanwhile (the lock key is watched), and then the token check fails."""
+        or when `fence` is given and its lock no longer holds its token. A concurrent commit of other
+        partitions only makes the transaction run again; so does anyone taking the lock meanwhile (the
+        lock key is watched), and then the token check fails."""
         if not commits:
             return True
-        fields = [f for c in commits for f in (str(c.partition), f"st:{c.partition}")]
-        watched = [self._marks_key] + ([self._lock_key(fence.lock)] if fence else [])
+        fields = _mark_fields([c.partition for c in commits])
+        watched = [self._marks_key] + ([self.keys.lock(fence.lock)] if fence else [])
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -125,124 +159,82 @@ class RedisStateStore:
                         await pipe.unwatch()
                         return False
                     pipe.multi()
-                    if also is not None:
-                        also(pipe)
+                    target = RedisWrites(pipe)
+                    if writes is not None:
+                        writes.replay(target)
                     for i, c in enumerate(commits):
-                        self._queue(pipe, c, int(current[2 * i + 1] or 0))
+                        _queue_partition(target, self.keys, self.processor, c, int(current[2 * i + 1] or 0))
                     await pipe.execute()
                     return True
                 except WatchError:
                     continue
 
-    def _queue(self, pipe, c: PartitionCommit, stream_time_ms: int) -> None:
-        marks = {str(c.partition): c.applied_offset}
-        if c.stream_time_ms > stream_time_ms:
-            marks[f"st:{c.partition}"] = c.stream_time_ms
-        pipe.hset(self._marks_key, mapping=marks)
-        written = {k: v for k, v in c.states.items() if v}
-        if written and self.state_ttl_ms:
-            pipe.eval(_SET_WITH_TTL, len(written), *written, self.state_ttl_ms, *written.values())
-        elif written:
-            pipe.mset(written)
-        deleted = [k for k, v in c.states.items() if not v]
-        if deleted:
-            pipe.delete(*deleted)
-        due_key = f"{self._due_prefix}{c.partition}"
-        timed = {k: d for k, d in c.deadlines.items() if d is not None}
-        if timed:
-            pipe.zadd(due_key, timed)
-        untimed = [k for k, d in c.deadlines.items() if d is None]
-        if untimed:
-            pipe.zrem(due_key, *untimed)
-
     async def due(self, partition: int, until_ms: int, limit: int = 5000) -> list[str]:
-        keys = await self.redis.zrangebyscore(f"{self._due_prefix}{partition}", "-inf", until_ms, start=0, num=limit)
+        keys = await self.redis.zrangebyscore(self.keys.due(self.processor, partition), "-inf", until_ms,
+                                              start=0, num=limit)
         return [k.decode() if isinstance(k, bytes) else k for k in keys]
 
-    def _lock_key(self, lock: str) -> str:
-        return f"{self.prefix}:{lock}"
-
     async def acquire(self, lock: str, lease_ms: int) -> Fence | None:
-        key = self._lock_key(lock)
-        token = await self._acquire(keys=[key, f"{key}:fence"], args=[lease_ms])
+        token = await self._acquire(keys=[self.keys.lock(lock), self.keys.lock_fence(lock)], args=[lease_ms])
         return None if token is None else Fence(lock, str(token))
 
     async def release(self, fence: Fence) -> None:
-        await self._release(keys=[self._lock_key(fence.lock)], args=[fence.token])
+        await self._release(keys=[self.keys.lock(fence.lock)], args=[fence.token])
 
 
 class MemoryStateStore:
-    """The same contract in a dict, for unit tests of a processor: same CAS, same deadlines, same fenced lock,
-    same time to live (on the monotonic clock)."""
+    """The same contract on the `MemoryRedis` twin (`redis`), for unit tests of a processor: same keys, same
+    CAS, same deadlines, same fenced lock, same time to live. Several stores may share one twin, as the
+    processors of one worker share one Redis."""
 
-    def __init__(self, state_ttl_ms: int | None = None) -> None:
-        self.state_ttl_ms = state_ttl_ms
-        self.values: dict[str, bytes] = {}
-        self.expiries: dict[str, float] = {}
-        self.marks: dict[int, tuple[int, int]] = {}
-        self.deadlines: dict[int, dict[str, int]] = {}
-        self.locks: dict[str, tuple[str, float]] = {}
-        self.fence_counters: dict[str, int] = {}
+    def __init__(self, redis: MemoryRedis | None = None, prefix: str = "ls", processor: str = "raw"):
+        self.redis = redis if redis is not None else MemoryRedis()
+        self.keys = RedisKeys(prefix)
+        self.processor = processor
 
     async def load(self, keys: list[str]) -> dict[str, bytes | None]:
-        now = time.monotonic()
-        for key in keys:
-            if self.expiries.get(key, now + 1) <= now:
-                del self.values[key], self.expiries[key]
-        return {k: self.values.get(k) for k in keys}
+        return dict(zip(keys, self.redis.mget(keys)))
 
     async def partition_marks(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
-        return {p: self.marks.get(p, (-1, 0)) for p in partitions}
+        return self._stored_marks(partitions)
+
+    def _stored_marks(self, partitions: list[int]) -> dict[int, tuple[int, int]]:
+        marks = self.redis.hash(self.keys.watermarks(self.processor))
+        return _marks([marks.get(f) for f in _mark_fields(partitions)], partitions)
 
     def holds(self, fence: Fence) -> bool:
-        holder = self.locks.get(fence.lock)
-        return holder is not None and holder[0] == fence.token and holder[1] > time.monotonic()
+        return self.redis.get(self.keys.lock(fence.lock)) == fence.token.encode()
 
-    async def commit(self, commits: list[PartitionCommit], also: Callable[[Writes], None] | None = None,
+    async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
                      fence: Fence | None = None) -> bool:
-        if any(self.marks.get(c.partition, (-1, 0))[0] != c.expected_offset for c in commits):
+        if not commits:
+            return True
+        current = self._stored_marks([c.partition for c in commits])
+        if any(current[c.partition][0] != c.expected_offset for c in commits):
             return False
         if fence is not None and not self.holds(fence):
             return False
-        if also is not None:
-            also(self)
+        if writes is not None:
+            writes.replay(self.redis)
         for c in commits:
-            applied, stream_time = self.marks.get(c.partition, (-1, 0))
-            self.marks[c.partition] = (c.applied_offset, max(stream_time, c.stream_time_ms))
-            due = self.deadlines.setdefault(c.partition, {})
-            for key, blob in c.states.items():
-                if blob:
-                    self.values[key] = blob
-                    if self.state_ttl_ms:
-                        self.expiries[key] = time.monotonic() + self.state_ttl_ms / 1000
-                else:
-                    self.values.pop(key, None)
-                    self.expiries.pop(key, None)
-            for key, deadline in c.deadlines.items():
-                if deadline is None:
-                    due.pop(key, None)
-                else:
-                    due[key] = deadline
+            _queue_partition(self.redis, self.keys, self.processor, c, current[c.partition][1])
         return True
 
-    def mset(self, mapping: dict[str, bytes | str]) -> None:
-        self.values.update({k: v.encode() if isinstance(v, str) else v for k, v in mapping.items()})
-
     async def due(self, partition: int, until_ms: int, limit: int = 5000) -> list[str]:
-        due = self.deadlines.get(partition, {})
-        return sorted((k for k, d in due.items() if d <= until_ms), key=lambda k: (due[k], k))[:limit]
+        due = self.redis.zset(self.keys.due(self.processor, partition))
+        return [key for key, deadline in due.items() if deadline <= until_ms][:limit]
 
     async def acquire(self, lock: str, lease_ms: int) -> Fence | None:
-        holder = self.locks.get(lock)
-        if holder is not None and holder[1] > time.monotonic():
+        if self.redis.get(self.keys.lock(lock)) is not None:
             return None
-        token = self.fence_counters[lock] = self.fence_counters.get(lock, 0) + 1
-        self.locks[lock] = (str(token), time.monotonic() + lease_ms / 1000)
-        return Fence(lock, str(token))
+        self.redis.increment(self.keys.lock_fence(lock))
+        token = self.redis.get(self.keys.lock_fence(lock)).decode()
+        self.redis.set_many({self.keys.lock(lock): token}, ttl_ms=lease_ms)
+        return Fence(lock, token)
 
     async def release(self, fence: Fence) -> None:
-        if self.locks.get(fence.lock, ("",))[0] == fence.token:
-            del self.locks[fence.lock]
+        if self.holds(fence):
+            self.redis.delete(self.keys.lock(fence.lock))
 
 
 async def hold_lock(store: StateStore, lock: str, lease_ms: int) -> Fence:

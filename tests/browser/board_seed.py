@@ -21,7 +21,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from api.app import create_app
 from processors.board_store import BoardStore
-from processors.boards import CardState, Cause, FactsUpdate, apply_command, apply_updates
+from processors.boards import CardState, Cause, FactsUpdate, apply_command, fold_updates
+from processors.runtime.writes import RedisWrites
 from schemas.boards import BoardCommand, BoardDefinition, CommandResult, StageDefinition
 from schemas.settings import Settings
 from sinks.clickhouse import connect, insert_columnar
@@ -56,12 +57,12 @@ class BoardSeeder:
 
     def _commit(self, cards, changes, views, results=()) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
-            for card in cards:
-                pipe.set(self.store.card_state_key(self.site_id, card.card_id), card.to_json())
-                self.cards[card.card_id] = card
-            self.store.queue_changes(pipe, self.site_id, changes, views)
+            writes = RedisWrites(pipe)
+            writes.set_many({self.store.keys.card_state(self.site_id, card.card_id): card.to_json() for card in cards})
+            self.cards.update((card.card_id, card) for card in cards)
+            self.store.queue_changes(writes, self.site_id, changes, views)
             for result in results:
-                self.store.queue_command_result(pipe, result)
+                self.store.queue_command_result(writes, result)
             pipe.execute()
 
     def show(self, *cards: tuple[str, str, tuple[str, ...], int], ts_ms: int = NOW_MS - 3 * HOUR_MS) -> None:
@@ -71,7 +72,7 @@ class BoardSeeder:
         for card_id, title, tags, score in cards:
             update = FactsUpdate(Cause("system", ts_ms), tags=list(tags), score=score, title=title, activity_ms=ts_ms)
             card = self.cards.get(card_id) or CardState(card_id, self.site_id)
-            after, card_changes, card_views = apply_updates(self.boards, card, [update])
+            after, card_changes, card_views, _ = fold_updates(self.boards, card, [update])
             states.append(after)
             changes += card_changes
             views += card_views

@@ -28,6 +28,7 @@ from api.lead_profile import ProfileSession, merge_intervals, ownership, ownersh
 from api.routes.cards import matches
 from api.routes.rules import REDACTED
 from processors.lookup_tables import publish_ip_ranges
+from processors.runtime.writes import RedisWrites
 from schemas.boards import CommandResult
 from schemas.rules import RuleExecution
 from schemas.settings import Settings
@@ -215,8 +216,8 @@ def test_a_refusal_stored_by_the_board_processor_is_answered_with_its_status(api
     seeder.show(("account:acme.com", "Acme", (), 0))
     command_id = command_id_for(SITE, "pipeline", "account:acme.com", "k-1")
     with seeder.redis.pipeline(transaction=True) as pipe:
-        seeder.store.queue_command_result(pipe, CommandResult(command_id, SITE, "pipeline", "account:acme.com", False,
-                                                              "archived", "the card is archived"))
+        seeder.store.queue_command_result(RedisWrites(pipe), CommandResult(
+            command_id, SITE, "pipeline", "account:acme.com", False, "archived", "the card is archived"))
         pipe.execute()
     refused = problem(api.post(f"{BOARD}/cards/account:acme.com/owner", json={"owner": "ann"},
                                headers={"Idempotency-Key": "k-1"}), 409)
@@ -336,7 +337,7 @@ def test_stream_tokens_resume_and_reset(settings, seeder, monkeypatch):
         with http.stream("GET", url) as stream:  # an idle stream gets heartbeat comments
             assert next(line for line in stream.iter_lines() if line).startswith(": ping")
 
-        feed = seeder.store._key(SITE, "pipeline", "feed")
+        feed = seeder.store.keys.board_feed(SITE, "pipeline")
         seeder.show(("account:initech.com", "Initech", (), 1))
         seeder.redis.xtrim(feed, maxlen=1, approximate=False)  # the feed no longer reaches back to card["id"]
         with http.stream("GET", url, headers={"Last-Event-ID": card["id"]}) as stream:

@@ -11,9 +11,11 @@ import redis.asyncio as aioredis
 
 from processors import board_store
 from processors.board_store import START, BoardStore
-from processors.boards import Cause, CardState, FactsUpdate, ViewChange, apply_command, apply_updates
+from processors.boards import Cause, CardState, FactsUpdate, ViewChange, apply_command
 from processors.runtime.state import PartitionCommit, RedisStateStore
+from processors.runtime.writes import RedisWrites, WriteBatch
 from schemas.boards import BoardCommand, BoardDefinition, CardView, CommandResult
+from tests.test_boards import apply_updates
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +41,7 @@ def store(redis, settings) -> BoardStore:
 
 async def commit(store: BoardStore, site: str, changes=(), views=()) -> None:
     async with store.redis.pipeline(transaction=True) as pipe:
-        store.queue_changes(pipe, site, list(changes), list(views))
+        store.queue_changes(RedisWrites(pipe), site, list(changes), list(views))
         await pipe.execute()
 
 
@@ -58,12 +60,16 @@ def stage_of(page, card_id: str) -> list[str]:
 
 async def test_moves_committed_with_the_card_state_show_on_the_board(store, settings):
     card, changes, views = apply_updates([PIPELINE], CardState("account:acme.com", "s1"), [update([], 1_000)])
-    state_store = RedisStateStore(store.redis, settings.name("ls"), "boards:")
-    key = store.card_state_key("s1", card.card_id)
-    partition = PartitionCommit(0, -1, 10, 1_000, {key: card.to_json()})
-    assert await state_store.commit([partition], also=lambda pipe: store.queue_changes(pipe, "s1", changes, views))
-    stale = PartitionCommit(0, -1, 11, 1_000, {key: b"{}"})  # a zombie's batch: nothing of it is written
-    assert not await state_store.commit([stale], also=lambda pipe: store.queue_changes(pipe, "s1", changes, views))
+    state_store = RedisStateStore(store.redis, settings.name("ls"), "board")
+    key = store.keys.card_state("s1", card.card_id)
+    writes = WriteBatch()
+    writes.set_many({key: card.to_json()})
+    store.queue_changes(writes, "s1", changes, views)
+    assert await state_store.commit([PartitionCommit(0, -1, 10, 1_000)], writes)
+    stale = WriteBatch()  # a zombie's batch: nothing of it is written
+    stale.set_many({key: b"{}"})
+    store.queue_changes(stale, "s1", changes, views)
+    assert not await state_store.commit([PartitionCommit(0, -1, 11, 1_000)], stale)
     assert (await store.load_cards("s1", [card.card_id, "account:none.com"])) == {
         card.card_id: card, "account:none.com": None}
     page = await store.board("s1", PIPELINE)
@@ -148,12 +154,13 @@ async def test_command_results_are_kept_once_and_expire(store):
     command = BoardCommand("cmd-1", "s1", "pipeline", card.card_id, "add", "user:ann")
     card, result, changes, views = apply_command([PIPELINE], card, command, 1_000)
     async with store.redis.pipeline(transaction=True) as pipe:
-        store.queue_changes(pipe, "s1", changes, views)
-        store.queue_command_result(pipe, result)
-        store.queue_command_result(pipe, CommandResult("cmd-1", "s1", "pipeline", card.card_id, False, "late"))
+        writes = RedisWrites(pipe)
+        store.queue_changes(writes, "s1", changes, views)
+        store.queue_command_result(writes, result)
+        store.queue_command_result(writes, CommandResult("cmd-1", "s1", "pipeline", card.card_id, False, "late"))
         await pipe.execute()
     assert await store.command_result("s1", "cmd-1") == result
-    ttl = await store.redis.ttl(store._result_key("s1", "cmd-1"))
+    ttl = await store.redis.ttl(store.keys.command_result("s1", "cmd-1"))
     assert 0 < ttl <= board_store.COMMAND_RESULT_TTL_S
 
 
@@ -174,7 +181,7 @@ async def test_notes_are_stored_with_the_card_and_removed_with_it(store):
 async def test_sites_never_see_each_others_boards(store):
     await commit(store, "s1", views=bulk_views(5))
     async with store.redis.pipeline(transaction=True) as pipe:
-        store.queue_command_result(pipe, CommandResult("cmd-1", "s1", "pipeline", "account:c1.com", True))
+        store.queue_command_result(RedisWrites(pipe), CommandResult("cmd-1", "s1", "pipeline", "account:c1.com", True))
         await pipe.execute()
     page = await store.board("s2", PIPELINE)
     assert (page.version, [c.count for c in page.columns], page.feed_id) == (0, [0, 0, 0], START)
@@ -194,5 +201,5 @@ async def test_clearing_a_board_keeps_its_version_growing_and_resets_the_feed(st
     assert page.version == 3 and [c.count for c in page.columns] == [0, 0, 0]
     resumed = await store.feed_after("s1", "pipeline", before.entries[-1].id)
     assert [e.type for e in resumed.entries] == ["reset"]
-    keys = [key async for key in store.redis.scan_iter(match=f"{store.prefix}:board:s1*")]
+    keys = [key async for key in store.redis.scan_iter(match=f"{store.keys.prefix}:board:s1*")]
     assert sorted(k.decode().rpartition(":")[2] for k in keys) == ["feed", "version"]

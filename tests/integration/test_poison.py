@@ -53,7 +53,7 @@ def test_each_kind_of_poison_is_a_dead_letter_and_the_events_behind_it_all_arriv
     normal = valid_events(600)
     huge = _event("huge", properties={"blob": "x" * 900_000})
     wide = _event("wide", url="https://acme.com/" + "p" * 8000)  # valid, but its enriched record is ~16 KB
-    wrong_type = orjson.loads(enriched_event(0)) | {"event_id": "forged", "ts_ms": "soon", "raw_offset": 2**40}
+    wrong_type = orjson.loads(enriched_event(0)[0]) | {"event_id": "forged", "ts_ms": "soon", "raw_offset": 2**40}
 
     asyncio.run(produce(settings, normal[:200] + [(b"v-poison", huge), (b"v-poison", wide)]))
     asyncio.run(_produce_to(settings, EVENTS_ENRICHED.name, 0, orjson.dumps(wrong_type)))
@@ -92,7 +92,7 @@ def test_each_kind_of_poison_is_a_dead_letter_and_the_events_behind_it_all_arriv
 async def test_the_sink_inserts_the_rows_clickhouse_takes_and_stores_each_refused_one_in_dlq(settings):
     """The sink's isolation by halves on the real ClickHouse: two refused rows among ten, the rest in order."""
     sink = TableSink(TABLES["events"], settings.kafka(), settings.clickhouse(), BatchConfig())
-    values = [orjson.loads(enriched_event(i)) for i in range(10)]
+    values = [orjson.loads(enriched_event(i)[0]) for i in range(10)]
     values[3]["is_late"] = "maybe"
     values[8]["ts_ms"] = "soon"
     batch = [Message(0, 100 + i, None, orjson.dumps(v)) for i, v in enumerate(values)]

@@ -67,7 +67,7 @@ async def test_a_skipped_row_is_counted_and_logged_when_it_happens(settings, sec
         return TableSink(TABLES["events"], pipeline.kafka(), pipeline.clickhouse(), BatchConfig())
 
     def batch(offsets) -> list[Message]:
-        return [Message(0, i, None, enriched_event(i)) for i in offsets]
+        return [Message(0, i, None, enriched_event(i)[0]) for i in offsets]
 
     first, second = sink(settings), sink(second_prefix)
     await first.insert(batch(range(10)))

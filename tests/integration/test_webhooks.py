@@ -27,9 +27,10 @@ import redis.asyncio as aioredis
 
 from processors import webhooks as wh
 from processors.runtime.producer import BatchProducer, Outputs
+from processors.runtime.writes import RedisWrites
 from schemas.rules import WebhookRequest
 from schemas.settings import REPO_ROOT, BatchConfig, Settings
-from schemas.topics import WEBHOOK_DELIVERIES
+from schemas.topics import EVENTS_DLQ, WEBHOOK_DELIVERIES
 from sinks import clickhouse
 from sinks.table_sink import TABLES, TableSink
 from tests.integration.test_clickhouse_outage import SwitchableProxy
@@ -109,7 +110,7 @@ async def queue(settings):
 
 @pytest.fixture
 async def producer(settings):
-    started = BatchProducer(settings.kafka())
+    started = BatchProducer(settings.kafka(), EVENTS_DLQ)
     await started.start()
     yield started
     await started.stop()
@@ -300,7 +301,7 @@ async def test_enqueue_is_atomic_with_the_firing_idempotent_and_replay_resends_t
     firing_key = f"{settings.name('ls')}:test-firing"
     async with queue.redis.pipeline(transaction=True) as pipe:  # the processor's commit, as it would queue it
         pipe.set(firing_key, "fired")
-        queue.queue_enqueue(pipe, request("wh_once", receiver.url))
+        queue.queue_enqueue(RedisWrites(pipe), request("wh_once", receiver.url))
         assert await pipe.execute() == [True, 1]
     assert not await queue.enqueue(request("wh_once", receiver.url))  # a replayed firing: no-op
 
@@ -396,7 +397,7 @@ async def test_a_delivery_signs_only_with_a_secret_of_its_own_site(settings, que
 async def test_log_rows_wait_in_redis_while_kafka_refuses_and_a_row_sent_twice_is_stored_once(
         settings, queue, producer, sink, receivers):
     receiver = receivers()
-    closed = BatchProducer(settings.kafka())
+    closed = BatchProducer(settings.kafka(), EVENTS_DLQ)
     await closed.start()
     await closed.stop()  # a producer that can no longer send: Kafka refuses every row
     ids = [f"wh_twice_{i}" for i in range(3)]
@@ -428,7 +429,7 @@ def dispatch_until_killed(settings: Settings) -> None:
     """A child process's dispatcher, for a test to SIGKILL."""
     async def run() -> None:
         redis = aioredis.from_url(settings.redis_url)
-        producer = BatchProducer(settings.kafka())
+        producer = BatchProducer(settings.kafka(), EVENTS_DLQ)
         await producer.start()
         queue = wh.WebhookQueue(redis, settings.name("ls"))
         await dispatcher(queue, producer, settings, CRASHY).run(asyncio.Event())

@@ -1,0 +1,132 @@
+"""`Batch`: what a processor works through while the runtime runs it on one batch (or one timer tick).
+
+The processor reads and writes its declared states (`load`, `get`, `put`), sets timers
+(`schedule`), tells the partition's stream clock the event time of what it handled (`advance_clock`), adds
+records to `outputs` and further writes to `writes` — and never touches Redis, Kafka or the wall clock:
+`now_ms` and `version()` come from the runtime's clock. When the step returns, the runtime (`finish`)
+turns what changed into the batch's commit: a state whose bytes did not change is not written, deadlines
+and stream times go with each partition's watermark, locks the step took are released after the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any, AsyncContextManager, TypeVar
+
+from processors.runtime.decoded import DecodedStates
+from processors.runtime.producer import Outputs
+from processors.runtime.state import Fence, StateSpec, StateStore
+from processors.runtime.writes import WriteBatch
+
+V = TypeVar("V")
+T = TypeVar("T")
+
+_UNKNOWN = object()  # a key written without being loaded: its stored bytes are not known, so it is written
+
+
+class _Entry:
+    __slots__ = ("spec", "partition", "loaded", "value", "blob", "put")
+
+    def __init__(self, spec: StateSpec, partition: int | None, loaded: Any, value: Any) -> None:
+        self.spec, self.partition, self.loaded, self.value = spec, partition, loaded, value
+        self.blob: bytes | None = None  # the encoded value put
+        self.put = False
+
+
+class Batch:
+    """One batch's (or timer tick's) reads, writes, timers, outputs and clock, as the runtime hands it to a
+    processor. Keys of partition-owned states carry their input partition (their timers and watermark);
+    global states (the identity graph) are loaded with partition None."""
+
+    def __init__(self, store: StateStore, outputs: Outputs, now_ms: int, clock_us: Callable[[], int],
+                 decoded: dict[str, DecodedStates]) -> None:
+        self._store = store
+        self.outputs = outputs
+        self.writes = WriteBatch()  # further writes, committed in the same transaction as the states
+        self.now_ms = now_ms  # when the batch arrived (a timer tick: when it started), from the runtime's clock
+        self.fence: Fence | None = None  # a lock the commit must still hold (see state.Fence)
+        self.locks = contextlib.AsyncExitStack()  # locks the step took: released after the commit
+        self._clock_us = clock_us
+        self._decoded = decoded
+        self._entries: dict[str, _Entry] = {}
+        self.deadlines: dict[int, dict[str, int | None]] = {}
+        self.stream_times: dict[int, int] = {}
+
+    # -- time ----------------------------------------------------------------------------------------
+
+    def version(self) -> int:
+        """An upsert version (microseconds on the runtime's clock), read now: taken under a lock, it orders
+        the writes of whoever holds the lock one after another."""
+        return self._clock_us()
+
+    def advance_clock(self, partition: int, event_ts_ms: int) -> None:
+        """A record of `partition` with this event time was handled: the partition's stream clock (which runs
+        its timers) moves to it — capped at the batch's arrival, so one client with a fast clock cannot
+        close a partition's sessions or run its hourly pass early."""
+        ts_ms = min(event_ts_ms, self.now_ms)
+        if ts_ms > self.stream_times.get(partition, 0):
+            self.stream_times[partition] = ts_ms
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    async def load(self, *wanted: tuple[StateSpec, Mapping[str, int | None]]) -> None:
+        """Load the states of these keys (key -> partition, None for a global state) in one round trip;
+        keys this batch already loaded are not read again."""
+        fresh = [(spec, key, partition) for spec, keys in wanted for key, partition in keys.items()
+                 if key not in self._entries]
+        if not fresh:
+            return
+        blobs = await self._store.load([key for _, key, _ in fresh])
+        for spec, key, partition in fresh:
+            blob = blobs.get(key)
+            value = None
+            if blob:
+                kept = self._decoded[spec.name].get(key, blob) if spec.keep_decoded else None
+                value = spec.copy(kept) if kept is not None else spec.decode(blob)
+            self._entries[key] = _Entry(spec, partition, blob or None, value)
+
+    def get(self, spec: StateSpec[V], key: str) -> V | None:
+        """The state of a loaded key as this batch left it (None: there is none)."""
+        entry = self._entries[key]
+        if entry.spec is not spec:
+            raise KeyError(f"{key!r} was loaded as {entry.spec.name}, not {spec.name}")
+        return entry.value
+
+    def put(self, spec: StateSpec[V], key: str, value: V) -> None:
+        """The key's new state (encoded now: a value put must not change afterwards unless put again)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(spec, None, _UNKNOWN, None)
+        entry.value, entry.blob, entry.put = value, spec.encode(value), True
+
+    def changed(self, key: str) -> bool:
+        """Whether the state put for `key` has other bytes than the stored one (so it will be written)."""
+        entry = self._entries[key]
+        return entry.put and entry.blob != entry.loaded
+
+    def schedule(self, key: str, deadline_ms: int | None) -> None:
+        """Run the processor's timer for `key` once its partition's stream clock reaches `deadline_ms`
+        (None: never). The key must have been loaded, with its partition."""
+        partition = self._entries[key].partition
+        if partition is None:
+            raise ValueError(f"{key!r} has no partition: only partition-owned states have timers")
+        self.deadlines.setdefault(partition, {})[key] = deadline_ms
+
+    async def hold(self, lock: AsyncContextManager[T]) -> T:
+        """Enter a lock (e.g. the identity graph's) until the batch is committed or abandoned."""
+        return await self.locks.enter_async_context(lock)
+
+    # -- the runtime's side --------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Queue the states whose bytes changed (one multi-key write per kind of state), remembering the
+        decoded values of kept ones for the next batch."""
+        written: dict[StateSpec, dict[str, bytes]] = {}
+        for key, entry in self._entries.items():
+            if entry.put and entry.blob != entry.loaded:
+                written.setdefault(entry.spec, {})[key] = entry.blob
+                if entry.spec.keep_decoded:  # this batch is done with the value: it is never changed again
+                    self._decoded[entry.spec.name].put(key, entry.blob, entry.value)
+        for spec, values in written.items():
+            self.writes.set_many(values, spec.ttl_ms)
