@@ -31,8 +31,10 @@ import redis.asyncio as aioredis
 
 from processors.accounts import AccountRefused, BadLine, manual_account
 from processors.runtime.producer import BatchProducer, Outputs
+from processors.runtime.writes import Writes
 from schemas.companies import COMPANY_FIELDS, Company
 from schemas.events import TEXT_CONTROLS
+from schemas.redis_keys import RedisKeys
 from schemas.topics import COMPANIES
 
 MAX_TEXT = {"name": 200, "industry": 100, "source": 64}
@@ -215,11 +217,12 @@ class CompanyStore:
 
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis
-        self.cards_key = f"{prefix}:companies"
-        self.changes_key = f"{prefix}:companies:changes"
-        self.version_key = f"{prefix}:companies:version"
-        self.wanted_key = wanted_key(prefix)
-        self.miss_prefix = f"{prefix}:companies:miss:"
+        keys = RedisKeys(prefix)
+        self.cards_key = keys.companies
+        self.changes_key = keys.companies_changes
+        self.version_key = keys.companies_version
+        self.wanted_key = keys.companies_wanted
+        self.miss_key = keys.company_miss
 
     async def publish(self, companies: list[Company]) -> int:
         """Write cards (in chunks of PUBLISH_CHUNK, each one atomic with its version); returns the version."""
@@ -266,13 +269,9 @@ async def publish_cards(companies: list[Company], store: CompanyStore, producer:
     return await store.publish(companies)
 
 
-def wanted_key(prefix: str) -> str:
-    """The queue of account domains waiting for the provider: a sorted set, domain -> when it is due."""
-    return f"{prefix}:companies:wanted"
-
-
-def queue_wanted(pipe: Any, prefix: str, domains: Iterable[str], now_ms: int) -> None:
-    """Ask the provider about these domains, in a caller's Redis transaction (a queued one keeps its place)."""
+def queue_wanted(writes: Writes, prefix: str, domains: Iterable[str], now_ms: int) -> None:
+    """Ask the provider about these domains (the queue: domain -> when it is due), in a caller's commit (a
+    processor's batch; a Redis pipeline through `RedisWrites`). A queued one keeps its place."""
     wanted = {domain: now_ms for domain in domains}
     if wanted:
-        pipe.zadd(wanted_key(prefix), wanted, nx=True)
+        writes.zset_add(RedisKeys(prefix).companies_wanted, wanted, only_new=True)

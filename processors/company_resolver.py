@@ -194,7 +194,7 @@ class CompanyResolver:
 
     async def resolve(self, domain: str) -> str:
         """Ask about one claimed domain; returns what happened (for the log and the tests)."""
-        if self.companies.get(domain) is not None or await self.redis.exists(self.store.miss_prefix + domain):
+        if self.companies.get(domain) is not None or await self.redis.exists(self.store.miss_key(domain)):
             return "skipped"
         while (wait := self.rate.wait_s(self.clock())) > 0:
             await asyncio.sleep(wait)
@@ -205,12 +205,12 @@ class CompanyResolver:
             card = await self.provider.look_up(domain)
         except ProviderError as error:
             self.breaker.record(False, self.clock())
-            await self.redis.set(self.store.miss_prefix + domain, b"failed", ex=FAILED_TTL_S)
+            await self.redis.set(self.store.miss_key(domain), b"failed", ex=FAILED_TTL_S)
             log.warning("company provider failed for %s: %s", domain, error)
             return "failed"
         self.breaker.record(True, self.clock())
         if card is None:
-            await self.redis.set(self.store.miss_prefix + domain, b"unknown", ex=NEGATIVE_TTL_S)
+            await self.redis.set(self.store.miss_key(domain), b"unknown", ex=NEGATIVE_TTL_S)
             return "unknown"
         await self.publish([card])
         return "found"

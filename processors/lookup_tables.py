@@ -14,26 +14,19 @@ import redis.asyncio as aioredis
 from processors.accounts import BadLine, IpRangeTable
 from processors.companies import CompanyDirectory, CompanyStore
 from processors.networks import NetworkDirectory
-
-
-def ip_ranges_key(prefix: str) -> str:
-    return f"{prefix}:ip-ranges"
-
-
-def ip_ranges_version_key(prefix: str) -> str:
-    return f"{prefix}:ip-ranges:version"
+from schemas.redis_keys import RedisKeys
 
 
 async def publish_ip_ranges(redis: aioredis.Redis, prefix: str, csv_text: str) -> None:
     """Replace the IP-range table; running workers pick it up within about a second."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(ip_ranges_key(prefix), csv_text)
-        pipe.incr(ip_ranges_version_key(prefix))
+        pipe.set(RedisKeys(prefix).ip_ranges, csv_text)
+        pipe.incr(RedisKeys(prefix).ip_ranges_version)
         await pipe.execute()
 
 
 async def load_ip_table(redis: aioredis.Redis, prefix: str) -> tuple[IpRangeTable, list[BadLine]]:
-    csv_text = await redis.get(ip_ranges_key(prefix))
+    csv_text = await redis.get(RedisKeys(prefix).ip_ranges)
     return IpRangeTable.from_lines(csv_text.decode().splitlines() if csv_text else [])
 
 
@@ -50,7 +43,7 @@ class LookupTables:
     async def refresh(self, redis: aioredis.Redis, prefix: str) -> None:
         """One round trip when nothing changed; a reload of what did."""
         company_store = CompanyStore(redis, prefix)
-        raw_ip_version, raw_company_version = await redis.mget(ip_ranges_version_key(prefix),
+        raw_ip_version, raw_company_version = await redis.mget(RedisKeys(prefix).ip_ranges_version,
                                                                company_store.version_key)
         ip_version = int(raw_ip_version or 0)
         if ip_version != self.ip_ranges_version:

@@ -22,6 +22,12 @@ Existing data lives under these exact bytes: extend the layouts, never respell o
   {prefix}:defs:site:{site}                        hash    a site's rules and boards (definitions store)
   {prefix}:defs:sites                              set     the sites that have definitions
   {prefix}:ip-ranges                               string  the IP-range table (CSV)
+  {prefix}:ip-ranges:version                       int     bumped by every load of the table
+  {prefix}:companies                               hash    domain -> company card JSON
+  {prefix}:companies:version                       int     bumped by every write of cards
+  {prefix}:companies:changes                       zset    domain -> the version that last wrote it
+  {prefix}:companies:wanted                        zset    domain -> when the enrichment provider is asked
+  {prefix}:companies:miss:{domain}                 string  the provider knew nothing (or failed), for a while
   {prefix}:{namespace}wm                           hash    a processor's watermarks: partition -> applied
                                                            offset, st:{partition} -> stream time
   {prefix}:{namespace}due:{partition}              zset    a processor's timer index: key -> deadline
@@ -132,6 +138,29 @@ class RedisKeys:
     @property
     def ip_ranges(self) -> str:
         return f"{self.prefix}:ip-ranges"
+
+    @property
+    def ip_ranges_version(self) -> str:
+        return f"{self.prefix}:ip-ranges:version"
+
+    @property
+    def companies(self) -> str:
+        return f"{self.prefix}:companies"
+
+    @property
+    def companies_version(self) -> str:
+        return f"{self.prefix}:companies:version"
+
+    @property
+    def companies_changes(self) -> str:
+        return f"{self.prefix}:companies:changes"
+
+    @property
+    def companies_wanted(self) -> str:
+        return f"{self.prefix}:companies:wanted"
+
+    def company_miss(self, domain: str) -> str:
+        return f"{self.prefix}:companies:miss:{domain}"
 
     # -- the processor runtime -------------------------------------------------------------------------
 

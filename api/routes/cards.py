@@ -48,6 +48,7 @@ from processors.accounts import AccountRefused, manual_account
 from processors.board_store import BoardStore
 from processors.boards import EMPTY_NOTE, WRONG_CARD_KIND, CardState, Cause, MoveRequest, decide
 from processors.companies import CompanyStore, queue_wanted
+from processors.runtime.writes import RedisWrites
 from schemas.boards import CARD_ID, BoardDefinition, CardNote, CardView, CommandResult, account_card_id
 from schemas.companies import Company
 from schemas.redis_keys import RedisKeys
@@ -145,7 +146,7 @@ async def company_card(companies: CompanyStore, redis: aioredis.Redis, settings:
     card = (await companies.get_many([domain])).get(domain)
     if card is None and settings.company_provider_url:
         async with redis.pipeline(transaction=False) as pipe:
-            queue_wanted(pipe, settings.name("ls"), [domain], now_ms())
+            queue_wanted(RedisWrites(pipe), settings.name("ls"), [domain], now_ms())
             await pipe.execute()
     return card
 

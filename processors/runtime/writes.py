@@ -44,8 +44,9 @@ class Writes(Protocol):
     def hash_delete(self, key: str, *fields: str) -> None:
         """HDEL."""
 
-    def zset_add(self, key: str, members: Mapping[str, int]) -> None:
-        """ZADD: each member with its score (a member already there takes the new score)."""
+    def zset_add(self, key: str, members: Mapping[str, int], only_new: bool = False) -> None:
+        """ZADD: each member with its score (a member already there takes the new score; with `only_new`
+        it keeps its own: ZADD NX)."""
 
     def zset_remove(self, key: str, *members: str) -> None:
         """ZREM."""
@@ -93,8 +94,8 @@ class WriteBatch:
     def hash_delete(self, key: str, *fields: str) -> None:
         self.calls.append(("hash_delete", (key, *fields)))
 
-    def zset_add(self, key: str, members: Mapping[str, int]) -> None:
-        self.calls.append(("zset_add", (key, members)))
+    def zset_add(self, key: str, members: Mapping[str, int], only_new: bool = False) -> None:
+        self.calls.append(("zset_add", (key, members, only_new)))
 
     def zset_remove(self, key: str, *members: str) -> None:
         self.calls.append(("zset_remove", (key, *members)))
@@ -153,9 +154,9 @@ class RedisWrites:
         if fields:
             self.pipe.hdel(key, *fields)
 
-    def zset_add(self, key: str, members: Mapping[str, int]) -> None:
+    def zset_add(self, key: str, members: Mapping[str, int], only_new: bool = False) -> None:
         if members:
-            self.pipe.zadd(key, dict(members))
+            self.pipe.zadd(key, dict(members), nx=only_new)
 
     def zset_remove(self, key: str, *members: str) -> None:
         if members:
@@ -227,8 +228,9 @@ class MemoryRedis:
         if not table:
             self.hashes.pop(key, None)
 
-    def zset_add(self, key: str, members: Mapping[str, int]) -> None:
-        self.zsets.setdefault(key, {}).update(members)
+    def zset_add(self, key: str, members: Mapping[str, int], only_new: bool = False) -> None:
+        zset = self.zsets.setdefault(key, {})
+        zset.update({member: score for member, score in members.items() if not (only_new and member in zset)})
 
     def zset_remove(self, key: str, *members: str) -> None:
         zset = self.zsets.get(key, {})

@@ -22,6 +22,7 @@ from processors.companies import CompanyStore, queue_wanted
 from processors.company_resolver import NEGATIVE_TTL_S, CompanyResolver, HttpJsonProvider
 from processors.lookup_tables import LookupTables
 from processors.definitions_store import DefinitionsStore
+from processors.runtime.writes import RedisWrites
 from schemas.definitions import load_definitions
 from sinks.clickhouse import connect
 
@@ -192,7 +193,7 @@ async def _resolve_all(settings, provider_url: str, domains: list[str], timeout_
     resolver = CompanyResolver(redis, prefix, provider, 6000, store.publish, tables.companies)
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            queue_wanted(pipe, prefix, domains, 0)
+            queue_wanted(RedisWrites(pipe), prefix, domains, 0)
             await pipe.execute()
         await tables.refresh(redis, prefix)  # as a worker's tables are, every second
         outcomes = []
@@ -200,7 +201,7 @@ async def _resolve_all(settings, provider_url: str, domains: list[str], timeout_
             outcomes.append(await resolver.resolve(domain))
         await tables.refresh(redis, prefix)
         outcomes.append(tables.companies.get("newco.io"))
-        outcomes.append(await redis.ttl(store.miss_prefix + "unknown-co.io"))
+        outcomes.append(await redis.ttl(store.miss_key("unknown-co.io")))
         outcomes.append(await redis.zcard(store.wanted_key))
         return outcomes
     finally:
@@ -233,7 +234,7 @@ async def _resolve_failing(settings, provider_url: str, domains: list[str]) -> l
                                LookupTables().companies)
     try:
         async with redis.pipeline(transaction=True) as pipe:
-            queue_wanted(pipe, prefix, domains, 0)
+            queue_wanted(RedisWrites(pipe), prefix, domains, 0)
             await pipe.execute()
         outcomes = [await resolver.resolve(domain) for domain in sorted(await resolver.claim(limit=100))]
         assert await redis.zcard(resolver.store.wanted_key) == 2  # the deferred ones wait in the queue
