@@ -402,7 +402,7 @@ async def _copy_lead_activity(source: Settings, target: Settings, until: dict[in
         while remaining:
             for tp, messages in (await consumer.getmany(timeout_ms=500, max_records=10_000)).items():
                 for message in messages:
-                    handover = tuple(message.headers) == LEADS_ACTIVITY.headers(LeadHandover)
+                    handover = list(message.headers) == LEADS_ACTIVITY.headers(LeadHandover)
                     if message.offset < until[tp.partition] and not handover:
                         pending.append(await producer.send(target.topic(LEADS_ACTIVITY.name), message.value,
                                                            key=message.key, partition=tp.partition,

@@ -37,7 +37,10 @@ Partitioner = Literal["input", "key", "client"]
 
 RECORD_TYPE_HEADER = "record-type"
 
-Headers = tuple[tuple[str, bytes], ...]
+Headers = list[tuple[str, bytes]]
+NO_HEADERS: Headers = []
+"""Shared by every record without headers, as the headers of each record type are shared by its records:
+producing allocates nothing per record for them. Never change one in place."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Topic:
         records = self.record if isinstance(self.record, tuple) else (self.record,)
         if self.types and len(self.types) != len(records):
             raise ValueError(f"{self.name}: one record-type name per record class")
-        object.__setattr__(self, "_headers", {cls: ((RECORD_TYPE_HEADER, name.encode()),)
+        object.__setattr__(self, "_headers", {cls: [(RECORD_TYPE_HEADER, name.encode())]
                                               for cls, name in zip(records, self.types)})
         object.__setattr__(self, "_classes", {name.encode(): cls for cls, name in zip(records, self.types)})
 
@@ -65,13 +68,13 @@ class Topic:
         """The headers of a record of `record_type` on this topic: its record type on a shared topic, none
         on any other."""
         if not self.types:
-            return ()
+            return NO_HEADERS
         try:
             return self._headers[record_type]
         except KeyError:
             raise ValueError(f"{self.name} carries {', '.join(self.types)} records, not {record_type}") from None
 
-    def decode(self, value: bytes | None, headers: Headers = ()):
+    def decode(self, value: bytes | None, headers: Headers = NO_HEADERS):
         """A record of this shared topic, of the type its `record-type` header names."""
         for name, type_name in headers:
             if name == RECORD_TYPE_HEADER:

@@ -25,19 +25,13 @@ T = TypeVar("T")
 _UNKNOWN = object()  # a key written without being loaded: its stored bytes are not known, so it is written
 
 
-class _Entry:
-    __slots__ = ("spec", "partition", "loaded", "value", "blob", "put")
-
-    def __init__(self, spec: StateSpec, partition: int | None, loaded: Any, value: Any) -> None:
-        self.spec, self.partition, self.loaded, self.value = spec, partition, loaded, value
-        self.blob: bytes | None = None  # the encoded value put
-        self.put = False
-
-
 class Batch:
     """One batch's (or timer tick's) reads, writes, timers, outputs and clock, as the runtime hands it to a
     processor. Keys of partition-owned states carry their input partition (their timers and watermark);
-    global states (the identity graph) are loaded with partition None."""
+    global states (the identity graph) are loaded with partition None.
+
+    What it knows per key is kept in parallel dicts, not in an object per key: a batch touches thousands of
+    keys, and every object the garbage collector tracks makes its collections come sooner."""
 
     def __init__(self, store: StateStore, outputs: Outputs, now_ms: int, clock_us: Callable[[], int],
                  decoded: dict[str, DecodedStates]) -> None:
@@ -49,7 +43,11 @@ class Batch:
         self.locks = contextlib.AsyncExitStack()  # locks the step took: released after the commit
         self._clock_us = clock_us
         self._decoded = decoded
-        self._entries: dict[str, _Entry] = {}
+        self._specs: dict[str, StateSpec] = {}  # key -> its kind of state
+        self._partitions: dict[str, int | None] = {}
+        self._loaded: dict[str, Any] = {}  # key -> the bytes stored (None: none; _UNKNOWN: not loaded)
+        self._values: dict[str, Any] = {}  # key -> its state as this batch left it
+        self._put: dict[str, bytes] = {}  # key -> the encoded state put
         self.deadlines: dict[int, dict[str, int | None]] = {}
         self.stream_times: dict[int, int] = {}
 
@@ -73,42 +71,45 @@ class Batch:
     async def load(self, *wanted: tuple[StateSpec, Mapping[str, int | None]]) -> None:
         """Load the states of these keys (key -> partition, None for a global state) in one round trip;
         keys this batch already loaded are not read again."""
-        fresh = [(spec, key, partition) for spec, keys in wanted for key, partition in keys.items()
-                 if key not in self._entries]
-        if not fresh:
+        specs = self._specs
+        keys = [key for _, wanted_keys in wanted for key in wanted_keys if key not in specs]
+        if not keys:
             return
-        blobs = await self._store.load([key for _, key, _ in fresh])
-        for spec, key, partition in fresh:
-            blob = blobs.get(key)
-            value = None
-            if blob:
-                kept = self._decoded[spec.name].get(key, blob) if spec.keep_decoded else None
-                value = spec.copy(kept) if kept is not None else spec.decode(blob)
-            self._entries[key] = _Entry(spec, partition, blob or None, value)
+        blobs = await self._store.load(keys)
+        for spec, wanted_keys in wanted:
+            kept = self._decoded[spec.name] if spec.keep_decoded else None
+            for key, partition in wanted_keys.items():
+                if key in specs:
+                    continue
+                blob = blobs.get(key) or None
+                value = None
+                if blob is not None:
+                    known = kept.get(key, blob) if kept is not None else None
+                    value = spec.copy(known) if known is not None else spec.decode(blob)
+                specs[key], self._partitions[key], self._loaded[key], self._values[key] = spec, partition, blob, value
 
     def get(self, spec: StateSpec[V], key: str) -> V | None:
         """The state of a loaded key as this batch left it (None: there is none)."""
-        entry = self._entries[key]
-        if entry.spec is not spec:
-            raise KeyError(f"{key!r} was loaded as {entry.spec.name}, not {spec.name}")
-        return entry.value
+        if self._specs[key] is not spec:
+            raise KeyError(f"{key!r} was loaded as {self._specs[key].name}, not {spec.name}")
+        return self._values[key]
 
     def put(self, spec: StateSpec[V], key: str, value: V) -> None:
         """The key's new state (encoded now: a value put must not change afterwards unless put again)."""
-        entry = self._entries.get(key)
-        if entry is None:
-            entry = self._entries[key] = _Entry(spec, None, _UNKNOWN, None)
-        entry.value, entry.blob, entry.put = value, spec.encode(value), True
+        if key not in self._specs:
+            self._specs[key], self._partitions[key], self._loaded[key] = spec, None, _UNKNOWN
+        self._values[key] = value
+        self._put[key] = spec.encode(value)
 
     def changed(self, key: str) -> bool:
         """Whether the state put for `key` has other bytes than the stored one (so it will be written)."""
-        entry = self._entries[key]
-        return entry.put and entry.blob != entry.loaded
+        blob = self._put.get(key)
+        return blob is not None and blob != self._loaded[key]
 
     def schedule(self, key: str, deadline_ms: int | None) -> None:
         """Run the processor's timer for `key` once its partition's stream clock reaches `deadline_ms`
         (None: never). The key must have been loaded, with its partition."""
-        partition = self._entries[key].partition
+        partition = self._partitions[key]
         if partition is None:
             raise ValueError(f"{key!r} has no partition: only partition-owned states have timers")
         self.deadlines.setdefault(partition, {})[key] = deadline_ms
@@ -123,10 +124,11 @@ class Batch:
         """Queue the states whose bytes changed (one multi-key write per kind of state), remembering the
         decoded values of kept ones for the next batch."""
         written: dict[StateSpec, dict[str, bytes]] = {}
-        for key, entry in self._entries.items():
-            if entry.put and entry.blob != entry.loaded:
-                written.setdefault(entry.spec, {})[key] = entry.blob
-                if entry.spec.keep_decoded:  # this batch is done with the value: it is never changed again
-                    self._decoded[entry.spec.name].put(key, entry.blob, entry.value)
+        for key, blob in self._put.items():
+            if blob != self._loaded[key]:
+                spec = self._specs[key]
+                written.setdefault(spec, {})[key] = blob
+                if spec.keep_decoded:  # this batch is done with the value: it is never changed again
+                    self._decoded[spec.name].put(key, blob, self._values[key])
         for spec, values in written.items():
             self.writes.set_many(values, spec.ttl_ms)

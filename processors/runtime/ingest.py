@@ -37,7 +37,7 @@ class Message:
     offset: int
     key: bytes | None
     value: bytes | None
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 def consumer(kafka: KafkaConfig, group: str | None) -> AIOKafkaConsumer:

@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.dead_letter import DeadLetter
 from schemas.settings import DEFAULT_MAX_RECORD_BYTES, KafkaConfig
-from schemas.topics import Headers, Topic, partition_for_key
+from schemas.topics import NO_HEADERS, Headers, Topic, partition_for_key
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Outputs:
                     message=f"a {size:,}-byte record for {full_name(topic)} (partition {partition}, key "
                             f"{(key or b'')[:200]!r}) is over the {max_record_bytes:,}-byte record limit",
                     received_ms=int(time.time() * 1000))
-                self.records[(dead_letters.name, partition)].append((None, letter.to_json(), ()))
+                self.records[(dead_letters.name, partition)].append((None, letter.to_json(), NO_HEADERS))
                 letters.append(letter)
             self.records[(topic, partition)] = kept
         return letters
@@ -101,8 +101,7 @@ class BatchProducer:
         for (topic, partition), records in outputs.records.items():
             full_topic = self.kafka.topic(topic)
             batch = self.producer.create_batch()
-            for key, value, headers in records:
-                headers = list(headers)  # aiokafka's record builder takes a list
+            for key, value, headers in records:  # headers: a list, as aiokafka's record builder takes them
                 if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
                     futures.append(await self.producer.send_batch(batch, full_topic, partition=partition))
                     batch = self.producer.create_batch()

@@ -137,7 +137,7 @@ class RedisWrites:
         if ttl_ms:
             self.pipe.eval(_SET_WITH_TTL, len(values), *values, ttl_ms, *values.values())
         else:
-            self.pipe.mset(dict(values))
+            self.pipe.mset(values)
 
     def set_if_absent(self, key: str, value: Value, ttl_ms: int) -> None:
         self.pipe.set(key, value, px=ttl_ms, nx=True)
@@ -148,7 +148,7 @@ class RedisWrites:
 
     def hash_set(self, key: str, fields: Mapping[str, Value]) -> None:
         if fields:
-            self.pipe.hset(key, mapping=dict(fields))
+            self.pipe.hset(key, mapping=fields)
 
     def hash_delete(self, key: str, *fields: str) -> None:
         if fields:
@@ -156,14 +156,14 @@ class RedisWrites:
 
     def zset_add(self, key: str, members: Mapping[str, int], only_new: bool = False) -> None:
         if members:
-            self.pipe.zadd(key, dict(members), nx=only_new)
+            self.pipe.zadd(key, members, nx=only_new)
 
     def zset_remove(self, key: str, *members: str) -> None:
         if members:
             self.pipe.zrem(key, *members)
 
     def stream_add(self, key: str, fields: Mapping[str, Value], maxlen: int) -> None:
-        self.pipe.xadd(key, dict(fields), maxlen=maxlen, approximate=True)
+        self.pipe.xadd(key, fields, maxlen=maxlen, approximate=True)
 
     def increment(self, key: str) -> None:
         self.pipe.incr(key)
