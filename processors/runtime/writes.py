@@ -18,7 +18,7 @@ The twin gives both the same semantics.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 from redis.asyncio.client import Pipeline
@@ -71,9 +71,6 @@ class WriteBatch:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple]] = []
-
-    def __len__(self) -> int:
-        return len(self.calls)
 
     def replay(self, target: Writes) -> None:
         for name, args in self.calls:
@@ -179,12 +176,12 @@ def _bytes(value: Value) -> bytes:
 
 
 class MemoryRedis:
-    """The in-memory twin of the Redis a processor writes: strings (with expiry on an injectable monotonic
-    clock), hashes, sorted sets and streams, with the same semantics for every `Writes` operation, and
-    plain reads for tests and for `MemoryStateStore`. Values are kept as bytes, as Redis returns them."""
+    """The in-memory twin of the Redis a processor writes: strings (with expiry on the monotonic clock),
+    hashes, sorted sets and streams, with the same semantics for every `Writes` operation (a test replays
+    one recording on both and compares), and plain reads for tests and for `MemoryStateStore`. Values are
+    kept as bytes, as Redis returns them."""
 
-    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.monotonic = monotonic
+    def __init__(self) -> None:
         self.strings: dict[str, bytes] = {}
         self.expires_at: dict[str, float] = {}
         self.hashes: dict[str, dict[str, bytes]] = {}
@@ -206,7 +203,7 @@ class MemoryRedis:
     def _set(self, key: str, value: bytes, ttl_ms: int | None) -> None:
         self.strings[key] = value
         if ttl_ms:
-            self.expires_at[key] = self.monotonic() + ttl_ms / 1000
+            self.expires_at[key] = time.monotonic() + ttl_ms / 1000
         else:
             self.expires_at.pop(key, None)
 
@@ -260,7 +257,7 @@ class MemoryRedis:
     # -- reads ---------------------------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        if self.expires_at.get(key, float("inf")) <= self.monotonic():
+        if self.expires_at.get(key, float("inf")) <= time.monotonic():
             self.delete(key)
         return self.strings.get(key)
 
@@ -270,7 +267,7 @@ class MemoryRedis:
     def ttl_ms(self, key: str) -> int | None:
         """Milliseconds left before `key` expires; None when it never does (or does not exist)."""
         expires_at = self.expires_at.get(key)
-        return None if expires_at is None or self.get(key) is None else int((expires_at - self.monotonic()) * 1000)
+        return None if expires_at is None or self.get(key) is None else int((expires_at - time.monotonic()) * 1000)
 
     def hash(self, key: str) -> dict[str, bytes]:
         return dict(self.hashes.get(key, {}))
