@@ -11,11 +11,6 @@ ROOT = Path(__file__).parents[1]
 LAYERS = ("schemas", "processors", "sinks", "api", "leadstream")
 RUNTIME = "processors.runtime"
 
-KNOWN_UPWARD = {("processors.webhooks", "sinks.clickhouse")}
-"""The webhook dispatcher still writes its delivery log to ClickHouse itself; it is to go through a topic and
-a sink instead. Remove the entry with the import (the test fails while an entry is no longer needed)."""
-
-
 def _module(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -43,8 +38,7 @@ def _layer(module: str) -> int:
 def test_no_package_imports_one_above_it():
     upward = {(module, name) for module, names in _imports().items() for name in names
               if _layer(name) > _layer(module)}
-    assert upward - KNOWN_UPWARD == set()
-    assert KNOWN_UPWARD <= upward, "an exemption is no longer needed: remove it from KNOWN_UPWARD"
+    assert upward == set()
 
 
 def test_nothing_below_the_operator_tools_imports_them():
@@ -71,7 +65,7 @@ def test_no_import_cycle_between_packages():
     graph: dict[str, set[str]] = {}
     for module, names in _imports().items():
         for name in names:
-            if package(name) != package(module) and (module, name) not in KNOWN_UPWARD:
+            if package(name) != package(module):
                 graph.setdefault(package(module), set()).add(package(name))
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:

@@ -22,7 +22,7 @@ from processors.identity_store import IdentityGraphStore
 from processors.lookup_tables import LookupTables
 from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
 from processors.runtime.ingest import Message
-from processors.runtime.producer import MemoryProducer
+from processors.runtime.producer import MemoryProducer, Outputs
 from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import MemoryStateStore
 from schemas.dead_letter import RAW_PREFIX_BYTES, DeadLetter
@@ -41,7 +41,8 @@ from schemas.privacy import (
     truncate_ip,
 )
 from schemas.settings import Settings
-from schemas.topics import EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, LEADS_ACTIVITY, decode_lead_activity
+from schemas.topics import EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, LEADS_ACTIVITY
+from tests.twins import Clock, records, values
 
 NOW = int(time.time() * 1000)
 SITE = "site-1"
@@ -222,16 +223,18 @@ def test_events_without_consent_never_change_the_identity_graph(specs, privacy: 
 def _raw_runner() -> ProcessorRunner:
     store = MemoryStateStore()
     policy = sessionize.SessionPolicy(default=sessionize.SessionConfig(inactivity_ms=30 * 60_000, grace_ms=3_600_000))
-    processor = RawEventsProcessor(RawProcessorConfig("events.raw", 4, policy, Limits(), privacy=REQUIRED), store,
+    processor = RawEventsProcessor(RawProcessorConfig("events.raw", policy, Limits(), privacy=REQUIRED),
                                    IdentityGraphStore(store, "ls"), "ls", LookupTables())
-    return ProcessorRunner(processor, store, MemoryProducer())
+    return ProcessorRunner(processor, store, MemoryProducer(EVENTS_DLQ), 4, EVENTS_DLQ, clock_us=Clock(NOW))
 
 
-def _outputs(values: list[bytes]):
-    """The records one batch of these values produces, by topic (a function: topic -> list of values)."""
-    outputs = asyncio.run(_raw_runner().process([Message(0, i, None, v) for i, v in enumerate(values)])) \
-        if values else None
-    return lambda topic: outputs.values(topic) if outputs is not None else []
+def _outputs(raw: list[bytes]) -> Outputs | None:
+    """What one batch of these raw values produces."""
+    return asyncio.run(_raw_runner().process([Message(0, i, None, v) for i, v in enumerate(raw)])) if raw else None
+
+
+def _values(outputs: Outputs | None, topic) -> list[bytes]:
+    return values(outputs, topic) if outputs is not None else []
 
 
 def _without_version(value: bytes) -> tuple:
@@ -250,17 +253,17 @@ def test_events_without_consent_never_reach_the_lead_feed_nor_identity(specs) ->
                                  "ip": f"198.51.100.{i + 1}"}))
     allowed = [value for value in raw if orjson.loads(value)["consent"] == ["marketing"]]
     everything, only_allowed = _outputs(raw), _outputs(allowed)
-    stored = [EnrichedEvent.from_json(v) for v in everything(EVENTS_ENRICHED)]
+    stored = [EnrichedEvent.from_json(v) for v in _values(everything, EVENTS_ENRICHED)]
     assert len(stored) == len(raw)  # every event is stored for analytics
     assert all(e.ip.endswith(".0") for e in stored)
     silent = {e.event_id for e in stored if not e.may_identify}
-    feed = [decode_lead_activity(v) for v in everything(LEADS_ACTIVITY)]
+    feed = records(everything, LEADS_ACTIVITY) if everything is not None else []
     assert not any(record.event_id in silent for record in feed if not hasattr(record, "handover_id"))
-    identity = [IdentityEvent.from_json(v) for v in everything(IDENTITY)]
+    identity = [IdentityEvent.from_json(v) for v in _values(everything, IDENTITY)]
     assert not any(change.event_id in silent for change in identity)
     # the lead records are the ones the consenting events alone make (same ids and times: same bytes)
-    assert sorted(map(_without_version, everything(IDENTITY_LEADS))) == \
-        sorted(map(_without_version, only_allowed(IDENTITY_LEADS)))
+    assert sorted(map(_without_version, _values(everything, IDENTITY_LEADS))) == \
+        sorted(map(_without_version, _values(only_allowed, IDENTITY_LEADS)))
 
 
 # --- dead letters --------------------------------------------------------------------------------------
