@@ -204,7 +204,7 @@ class BoardStore:
     async def column_card_ids(self, site_id: str, board_id: str, stage_id: str) -> AsyncIterator[str]:
         """Every card in a column, a few hundred per Redis call (SCAN: no call blocks Redis on a long column;
         a card that stays in the column throughout is listed at least once)."""
-        async for card_id, _ in self.redis.zscan_iter(self._column_key(site_id, board_id, stage_id), count=500):
+        async for card_id, _ in self.redis.zscan_iter(self.keys.board_column(site_id, board_id, stage_id), count=500):
             yield _text(card_id)
 
     async def card(self, site_id: str, board_id: str, card_id: str) -> CardView | None:

@@ -26,6 +26,8 @@ from processors.runtime.writes import RedisWrites
 from schemas.definitions import load_definitions
 from sinks.clickhouse import connect
 
+from tests.api_keys import api_key
+
 pytestmark = pytest.mark.integration
 
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
@@ -167,9 +169,9 @@ def test_tables_loaded_while_a_worker_runs_reach_it_within_a_second(settings, ro
         ("newco.io", "NewCo", "Robotics", "11-50", 11, "DE", "provider:127.0.0.1")]
     assert provider.asked == ["newco.io"]
 
-    client = TestClient(create_app(replace(settings, api_keys="it:k")))
+    client = TestClient(create_app(replace(settings, api_keys=f"it:{api_key('it')}")))
     with client:
-        key = {"X-API-Key": "k"}
+        key = {"X-API-Key": api_key("it")}
         panel = client.get("/v1/sites/it/boards/pipeline/cards/account:acme.com", headers=key)
         assert panel.status_code == 200, panel.text
         account = panel.json()["account"]
