@@ -19,7 +19,7 @@ from starlette.types import ASGIApp
 
 from api.analytics import Analytics
 from api.dependencies import Live, Services
-from api.keys import ApiKeys
+from api.keys import ApiKeys, server_secret
 from api.middleware import BodyLimit, SecurityHeaders
 from api.problems import install_handlers
 from api.routes import board_stream, boards, cards, leads, pages, rules, summary
@@ -37,7 +37,7 @@ class LeadStreamAPI(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
     settings.refuse_weak_secrets(api=True)
-    services = Services(settings, ApiKeys(settings.api_key_entries(), settings.server_secret), Analytics(settings))
+    services = Services(settings, ApiKeys(settings.api_key_entries(), server_secret(settings)), Analytics(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

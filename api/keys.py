@@ -15,12 +15,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
+import redis
 
-from schemas.settings import ApiKeyEntry
+from schemas.redis_keys import RedisKeys
+from schemas.settings import ApiKeyEntry, Settings
 
 STREAM_TOKEN_TTL_MS = 5 * 60_000
 KEY_ID_CHARS = 16
@@ -60,6 +63,22 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def server_secret(settings: Settings) -> str:
+    """LEADSTREAM_SERVER_SECRET when set (checked by Settings.refuse_weak_secrets); otherwise a random secret
+    made by the first API process and kept in Redis, so that every API process, before and after a restart,
+    names keys alike and accepts each other's stream tokens. Secure without configuration; set the setting to
+    rotate it (a rotation voids open stream tokens and changes the key ids recorded from then on)."""
+    if settings.server_secret:
+        return settings.server_secret
+    key = RedisKeys.of(settings).server_secret
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        client.set(key, secrets.token_hex(32), nx=True)
+        return client.get(key).decode()
+    finally:
+        client.close()
 
 
 class ApiKeys:

@@ -182,6 +182,11 @@ class RedisKeys:
     def cost(self, worker_name: str) -> str:
         return f"{self.prefix}:cost:{worker_name}"
 
+    @property
+    def server_secret(self) -> str:
+        """The API's generated server secret, when LEADSTREAM_SERVER_SECRET is not set (one for every API process)."""
+        return f"{self.prefix}:api:server-secret"
+
     # -- the webhook queue -----------------------------------------------------------------------------
 
     @property

@@ -58,7 +58,7 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: str = field(default="", repr=False)  # "site:key" (read-write), "site:key:ro" (read-only), ...
-    server_secret: str = field(default="", repr=False)  # signs stream tokens, names keys in actors; API: required
+    server_secret: str = field(default="", repr=False)  # signs stream tokens, names keys in actors; unset: generated once, kept in Redis
     api_max_body_bytes: int = 262_144  # larger request bodies are refused (413)
     api_max_board_cards: int = 2_000  # cards one board page may read: ?limit x stages is cut to this
     api_max_account_leads: int = 1_000  # leads an account's lists (and its panel's click-stream) cover
@@ -159,10 +159,8 @@ class Settings:
                 _refuse_weak(name, "its password", value, MIN_PASSWORD_CHARS)
         if not api:
             return
-        if not self.server_secret:
-            raise WeakSecret(f"LEADSTREAM_SERVER_SECRET is not set: the API needs a random secret of at least "
-                             f"{MIN_SERVER_SECRET_CHARS} characters (openssl rand -hex 32)")
-        _refuse_weak("LEADSTREAM_SERVER_SECRET", "the secret", self.server_secret, MIN_SERVER_SECRET_CHARS)
+        if self.server_secret:  # unset: the API makes a random one, kept in Redis (api/keys.py)
+            _refuse_weak("LEADSTREAM_SERVER_SECRET", "the secret", self.server_secret, MIN_SERVER_SECRET_CHARS)
         for number, entry in enumerate(self.api_key_entries(), 1):
             _refuse_weak("LEADSTREAM_API_KEYS", f"the key of entry {number} (site {entry.site!r})", entry.key,
                          MIN_API_KEY_CHARS)
@@ -176,7 +174,7 @@ class Settings:
         return int(self.redis_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
-MIN_API_KEY_CHARS = 24
+MIN_API_KEY_CHARS = 16
 MIN_SERVER_SECRET_CHARS = 32
 MIN_PASSWORD_CHARS = 16
 # Values that say "replace me" (compared without case, '-', '_' and spaces): example files and tutorials.

@@ -99,3 +99,12 @@ def test_an_accounts_lists_are_limited_and_its_counts_are_not(settings):
     panel = account_panel(ch, "acme", "globex.com", max_leads=3)
     assert [lead.lead_id for lead in panel.leads] == ["lead_4", "lead_3", "lead_2"]
     assert (panel.account.known_leads, panel.account.anonymous_leads, panel.account.last_seen_ms) == (2, 3, 2004)
+
+
+def test_without_a_configured_server_secret_every_api_process_shares_one_generated_in_redis(settings):
+    unset = replace(settings, server_secret="", api_keys=f"acme:{ACME}")
+    first, second = create_app(unset), create_app(unset)
+    keys = [app.state.services.keys for app in (first, second)]
+    assert keys[0].key_id(ACME) == keys[1].key_id(ACME)  # the same actor names, whichever process records them
+    configured = create_app(replace(unset, server_secret=api_key("a configured secret") * 2))
+    assert configured.state.services.keys.key_id(ACME) != keys[0].key_id(ACME)
