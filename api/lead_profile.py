@@ -25,9 +25,12 @@ The Account Panel (a LeadBoard card of an account) runs the same steps over the 
 `MANUAL_ACCOUNT_SQL` (the name it was added under by hand), `ACCOUNT_TOTALS_SQL` (how many leads, known and
 anonymous, and when they were active), `ACCOUNT_LEADS_SQL` (the most recently active ones, at most
 `max_leads`: an account of a large company may have tens of thousands), `ACCOUNT_LINKS_SQL` (the links of
-every visitor that ever pointed to one of those leads), then the same sessions and events queries.
-Its company card (schemas/companies.py) comes from Redis, passed in by the caller; where the account's
-people browse from is `account_places` (`ACCOUNT_PLACES_SQL`).
+every visitor that ever pointed to one of those leads), then the same sessions and events queries. Each
+listed lead's activity (first and last channel, sessions, events: `LEAD_ACTIVITY_SQL`, over the same
+ownership) and standing (score and tags: `LEAD_STANDINGS_SQL`) come with it, so that a salesperson sees
+who to open first. Its company card (schemas/companies.py) comes from Redis, passed in by the caller; where
+the account's people browse from is `account_places` (`ACCOUNT_PLACES_SQL`) and through which networks
+`account_networks` (`ACCOUNT_NETWORKS_SQL`).
 
 The profile collapses row versions with argMax(column, version) ... GROUP BY key, not FINAL: a point
 lookup reads a whole 8192-row granule per visitor, and ClickHouse 18.16 runs FINAL over every row read
@@ -156,6 +159,31 @@ class AccountLead:
 
 
 @dataclass(frozen=True, slots=True)
+class LeadActivity:
+    first_channel: str
+    last_channel: str
+    session_count: int
+    event_count: int
+
+
+NO_ACTIVITY = LeadActivity("", "", 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class PanelLead(AccountLead):
+    """A lead as the Account Panel lists it: who (AccountLead), what it did over its whole ownership (the
+    channel of its first and of its latest session, its sessions, the events in them) and where it stands
+    (its score, 0..100, and its tags, as its Lead Profile shows them)."""
+
+    first_channel: str = ""
+    last_channel: str = ""
+    session_count: int = 0
+    event_count: int = 0
+    score: int = 0
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class AccountSession(ProfileSession):
     """A session of an account's click-stream, with the lead it belongs to."""
 
@@ -164,22 +192,6 @@ class AccountSession(ProfileSession):
     @classmethod
     def of(cls, session: ProfileSession, lead_id: str) -> "AccountSession":
         return cls(**{f.name: getattr(session, f.name) for f in fields(session)}, lead_id=lead_id)
-
-
-@dataclass(frozen=True, slots=True)
-class AccountDetails:
-    """`added_ms` is when the account was last added by hand, 0 when it comes only from leads' evidence.
-    `company_name` is the name it was added under, else its company card's; `company` is the card (name,
-    industry, employees, country, website, LinkedIn and logo URLs), None when nobody loaded one."""
-
-    domain: str
-    company_name: str
-    added_ms: int
-    known_leads: int
-    anonymous_leads: int
-    first_seen_ms: int
-    last_seen_ms: int
-    company: Company | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,11 +206,42 @@ class Place:
 
 
 @dataclass(frozen=True, slots=True)
+class Network:
+    """A network some of an account's people browse from (their events' network fields: the organisation
+    that holds the address and its kind, `business`, `isp`, `education`, ...), and how many."""
+
+    org: str
+    kind: str
+    visitors: int
+    events: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccountDetails:
+    """`added_ms` is when the account was last added by hand, 0 when it comes only from leads' evidence.
+    `company_name` is the name it was added under, else its company card's; `company` is the card (name,
+    industry, employees, country, website, LinkedIn and logo URLs), None when nobody loaded one. `places`
+    and `networks`: where and through which networks its people browse (the most seen first); with the
+    card's country, its location."""
+
+    domain: str
+    company_name: str
+    added_ms: int
+    known_leads: int
+    anonymous_leads: int
+    first_seen_ms: int
+    last_seen_ms: int
+    company: Company | None = None
+    places: tuple[Place, ...] = ()
+    networks: tuple[Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class AccountPanel:
     """The Account Panel of a LeadBoard card; JSON-ready like LeadProfile."""
 
     account: AccountDetails
-    leads: tuple[AccountLead, ...]
+    leads: tuple[PanelLead, ...]
     session_count: int
     page: int
     page_size: int
@@ -247,8 +290,9 @@ GROUP BY visitor_id, since_ts_ms
 ORDER BY visitor_id, since_ts_ms
 {_SHORT_QUERY}"""
 
-OWNED_TABLE = "owned"  # the external table of ownership intervals: one row per (visitor, interval)
-OWNED_STRUCTURE = [("visitor_id", "String"), ("since_ts_ms", "UInt64"), ("until_ts_ms", "UInt64")]
+OWNED_TABLE = "owned"  # the external table of ownership intervals: one row per (lead, visitor, interval)
+OWNED_STRUCTURE = [("lead_id", "String"), ("visitor_id", "String"), ("since_ts_ms", "UInt64"),
+                   ("until_ts_ms", "UInt64")]
 
 SESSION_COLUMNS = tuple(f.name for f in fields(ProfileSession) if f.name != "events")
 _SESSION_KEY = ("session_id", "visitor_id", "start_ms")  # start_ms never changes for a session id
@@ -292,6 +336,38 @@ ALL INNER JOIN (SELECT visitor_id, since_ts_ms, until_ts_ms FROM {OWNED_TABLE}) 
 WHERE since_ts_ms <= latest_end_ms AND start_ms < until_ts_ms
 {_SHORT_QUERY}"""
 
+# Per lead of `owned`: its sessions (those that overlap one of its intervals), the events in them, and the
+# channel of its first and of its latest session. The inner GROUP BY counts a session once per lead however
+# many of the lead's intervals it overlaps (a shared computer that changed hands during it).
+LEAD_ACTIVITY_SQL = f"""SELECT lead_id, count() AS session_count, sum(events) AS event_count,
+       argMin(channel, (start_ms, session_id)) AS first_channel,
+       argMax(channel, (start_ms, session_id)) AS last_channel
+FROM (
+    SELECT lead_id, visitor_id, session_id, start_ms, any(latest_event_count) AS events,
+           any(latest_channel) AS channel
+    FROM (
+        SELECT session_id, visitor_id, start_ms, argMax(end_ms, version) AS latest_end_ms,
+               argMax(event_count, version) AS latest_event_count, argMax(channel, version) AS latest_channel
+        FROM sessions
+        PREWHERE site_id = %(site_id)s AND visitor_id IN (SELECT visitor_id FROM {OWNED_TABLE})
+        GROUP BY session_id, visitor_id, start_ms
+        HAVING argMax(merged_into, version) = ''
+    ) AS lead_sessions
+    ALL INNER JOIN (SELECT lead_id, visitor_id, since_ts_ms, until_ts_ms FROM {OWNED_TABLE}) AS ownership
+    USING visitor_id
+    WHERE since_ts_ms <= latest_end_ms AND start_ms < until_ts_ms
+    GROUP BY lead_id, visitor_id, session_id, start_ms
+)
+GROUP BY lead_id
+{_SHORT_QUERY}"""
+
+# The score and tags of leads %(lead_ids)s, as the Lead Profile shows them (api.automation_queries.lead_state).
+LEAD_STANDINGS_SQL = f"""SELECT lead_id, argMax(score, version), argMax(tags, version)
+FROM lead_state
+WHERE site_id = %(site_id)s AND lead_id IN %(lead_ids)s
+GROUP BY lead_id
+{_SHORT_QUERY}"""
+
 # Events stored for analytics only (no marketing consent: may_identify = 0) are not a lead's behaviour.
 EVENTS_SQL = f"""SELECT visitor_id, ts_ms, type, url, title, name
 FROM events
@@ -313,6 +389,20 @@ WHERE geo_country != '' AND is_bot = 0 AND may_identify = 1
 GROUP BY geo_country, geo_region, geo_city
 ORDER BY visitors DESC, events DESC, geo_country, geo_region, geo_city
 LIMIT 5
+{_SHORT_QUERY}"""
+
+# Through which networks an account's people browse: the organisation that holds their addresses and its
+# kind, the one with the most visitors first; the same events as ACCOUNT_PLACES_SQL.
+ACCOUNT_NETWORKS_SQL = f"""SELECT network_org, network_kind, uniqExact(visitor_id) AS visitors, count() AS events
+FROM events
+PREWHERE site_id = %(site_id)s AND visitor_id IN (
+    SELECT visitor_id FROM visitors_by_lead
+    WHERE site_id = %(site_id)s AND lead_id IN (
+{indent(_ACCOUNT_LEAD_IDS, ' ' * 8)}))
+WHERE network_org != '' AND is_bot = 0 AND may_identify = 1
+GROUP BY network_org, network_kind
+ORDER BY visitors DESC, events DESC, network_org, network_kind
+LIMIT 10
 {_SHORT_QUERY}"""
 
 ACCOUNT_LEADS_SQL = f"""SELECT lead_id, argMax(email, version), argMax(visitor_count, version),
@@ -420,9 +510,10 @@ def ownership_by_lead(links: Iterable[tuple[str, int, str]], lead_ids: Collectio
     return dict(owned)
 
 
-def owned_table(owned: Intervals) -> dict:
-    """The ownership intervals as the external table OWNED_TABLE, one row per (visitor, interval)."""
-    rows = [{"visitor_id": visitor_id, "since_ts_ms": since, "until_ts_ms": until}
+def owned_table(owned_by_lead: dict[str, Intervals]) -> dict:
+    """Leads' ownership intervals as the external table OWNED_TABLE, one row per (lead, visitor, interval)."""
+    rows = [{"lead_id": lead_id, "visitor_id": visitor_id, "since_ts_ms": since, "until_ts_ms": until}
+            for lead_id, owned in sorted(owned_by_lead.items())
             for visitor_id, intervals in sorted(owned.items()) for since, until in intervals]
     return {"name": OWNED_TABLE, "structure": OWNED_STRUCTURE, "data": rows}
 
@@ -464,12 +555,14 @@ class ClickStream:
 _NO_SESSIONS = ClickStream(0, None, None, ())
 
 
-def _click_stream(client: QueryClient, site_id: str, owned: Intervals, page: int, page_size: int) -> ClickStream:
+def _click_stream(client: QueryClient, site_id: str, owned_by_lead: dict[str, Intervals], page: int,
+                  page_size: int) -> ClickStream:
+    owned = merge_intervals(owned_by_lead)
     if not owned:
         return _NO_SESSIONS
     params = {"site_id": site_id, "offset": page * page_size, "page_size": page_size}
     count, oldest, newest, page_rows = client.execute(
-        SESSIONS_PAGE_SQL, params, external_tables=[owned_table(owned)])[0]
+        SESSIONS_PAGE_SQL, params, external_tables=[owned_table(owned_by_lead)])[0]
     if not count:
         return _NO_SESSIONS
     first_touch, last_touch = _touch(ProfileSession(*oldest)), _touch(ProfileSession(*newest))
@@ -502,7 +595,7 @@ def lead_profile(
     current_id, email, domain, first_seen_ms, last_seen_ms = lead_rows[0]
     account = Account(domain, max(account_size(client, site_id, domain) - 1, 0)) if domain else None
     owned = ownership(client.execute(LEAD_LINKS_SQL, {"site_id": site_id, "lead_id": current_id}), current_id)
-    stream = _click_stream(client, site_id, owned, page, page_size)
+    stream = _click_stream(client, site_id, {current_id: owned}, page, page_size)
     return LeadProfile(
         identity=Identity(current_id, email, bool(email), tuple(sorted(owned)),
                           lead_id if lead_id != current_id else "", first_seen_ms, last_seen_ms),
@@ -556,11 +649,14 @@ def account_panel(
     lead_ids = tuple(lead.lead_id for lead in leads)
     links = client.execute(ACCOUNT_LINKS_SQL, {"site_id": site_id, "lead_ids": lead_ids}) if leads else []
     owned_by_lead = ownership_by_lead(links, set(lead_ids))
-    stream = _click_stream(client, site_id, merge_intervals(owned_by_lead), page, page_size)
+    stream = _click_stream(client, site_id, owned_by_lead, page, page_size)
+    places, networks = (account_places(client, site_id, domain), account_networks(client, site_id, domain)
+                        ) if leads else ((), ())
     return AccountPanel(
         account=AccountDetails(domain, company_name, added_ms, known, anonymous, first_seen_ms, last_seen_ms,
-                               company),
-        leads=tuple(leads),
+                               company, places, networks),
+        leads=panel_leads(leads, lead_activity(client, site_id, owned_by_lead),
+                          lead_standings(client, site_id, lead_ids)),
         session_count=stream.session_count,
         page=page,
         page_size=page_size,
@@ -579,6 +675,40 @@ def account_places(client: QueryClient, site_id: str, domain: str) -> tuple[Plac
     """The (at most 5) places account `domain`'s people browse from, most visitors first; () when none of
     their addresses had a location. With the card's `country` this is the account's location."""
     return tuple(Place(*row) for row in client.execute(ACCOUNT_PLACES_SQL, {"site_id": site_id, "domain": domain}))
+
+
+def account_networks(client: QueryClient, site_id: str, domain: str) -> tuple[Network, ...]:
+    """The (at most 10) networks account `domain`'s people browse through, most visitors first."""
+    return tuple(Network(*row) for row in client.execute(ACCOUNT_NETWORKS_SQL, {"site_id": site_id, "domain": domain}))
+
+
+def lead_activity(client: QueryClient, site_id: str, owned_by_lead: dict[str, Intervals]) -> dict[str, LeadActivity]:
+    """Each lead's activity over its ownership; leads without a session are left out."""
+    if not merge_intervals(owned_by_lead):
+        return {}
+    rows = client.execute(LEAD_ACTIVITY_SQL, {"site_id": site_id}, external_tables=[owned_table(owned_by_lead)])
+    return {lead_id: LeadActivity(first, last, sessions, events) for lead_id, sessions, events, first, last in rows}
+
+
+def lead_standings(client: QueryClient, site_id: str, lead_ids: Collection[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """(score, tags) of each of `lead_ids` that a rule has touched."""
+    if not lead_ids:
+        return {}
+    rows = client.execute(LEAD_STANDINGS_SQL, {"site_id": site_id, "lead_ids": tuple(lead_ids)})
+    return {lead_id: (int(score), tuple(tags)) for lead_id, score, tags in rows}
+
+
+def panel_leads(leads: Iterable[AccountLead], activity: dict[str, LeadActivity],
+                standings: dict[str, tuple[int, tuple[str, ...]]]) -> tuple[PanelLead, ...]:
+    """The listed leads, in their order, each with its activity and standing (none yet: zeros and no tags)."""
+    listed = []
+    for lead in leads:
+        did = activity.get(lead.lead_id, NO_ACTIVITY)
+        score, tags = standings.get(lead.lead_id, (0, ()))
+        listed.append(PanelLead(**{f.name: getattr(lead, f.name) for f in fields(lead)},
+                                first_channel=did.first_channel, last_channel=did.last_channel,
+                                session_count=did.session_count, event_count=did.event_count, score=score, tags=tags))
+    return tuple(listed)
 
 
 def account_size(client: QueryClient, site_id: str, domain: str) -> int:

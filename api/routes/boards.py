@@ -1,4 +1,5 @@
-"""LeadBoards: `GET boards`, `GET boards/{board}` (the columns with their cards) and `PUT boards/{board}`.
+"""LeadBoards: `GET boards`, `GET boards/{board}` (the columns with their cards), `GET boards/{board}/lead-time`
+(per stage, the median and p90 of the cards' lead times: api.lead_time) and `PUT boards/{board}`.
 
 A board page is one consistent snapshot from the board store (cards, counts, version, feed position). One
 request reads at most `api_max_board_cards` cards: on a board with many stages the per-stage `limit` is
@@ -18,6 +19,7 @@ from pydantic import BaseModel, Field
 from api.commands import etag
 from api.definitions import stored, validated
 from api.dependencies import (
+    AnalyticsDep,
     BoardStoreDep,
     CommandsDep,
     DefinitionsDep,
@@ -27,6 +29,7 @@ from api.dependencies import (
     SiteRoute,
     WriteGrant,
 )
+from api.lead_time import BoardLeadTime, read_board_lead_time
 from api.problems import ERRORS, WRITE_ERRORS, Problem
 from schemas.boards import BoardDefinition, CardView
 from schemas.definitions import DefinitionsFile
@@ -110,6 +113,15 @@ async def get_board(grant: ReadGrant, board: SiteBoard, response: Response, stor
               for c in page.columns]
     return BoardView(board=BoardRef(id=board.id, name=board.name, card=board.card), version=page.version,
                      feed_id=page.feed_id, stages=stages)
+
+
+@router.get("/boards/{board_id}/lead-time", response_model=BoardLeadTime, responses=ERRORS)
+async def get_lead_time(grant: ReadGrant, board: SiteBoard, analytics: AnalyticsDep) -> BoardLeadTime:
+    """Per stage, in board order: how many of the board's cards arrived there, and the median and 90th
+    percentile of the time they took from first seen (milliseconds; null when no card arrived). `lead_time`
+    is the final stage's: the board's lead time. From the stage changes in ClickHouse, a moment behind the
+    board."""
+    return await analytics.read(read_board_lead_time, grant.site, board)
 
 
 @router.put("/boards/{board_id}", response_model=BoardSummary, responses=WRITE_ERRORS)

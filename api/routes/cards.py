@@ -1,5 +1,7 @@
-"""A board's cards: add an account by domain, the Account Panel, move, notes, owner, archive, and the
-outcome of a command (api.commands sends them to the board processor and waits for the outcome).
+"""A board's cards: add an account by domain, the Account Panel (an account card's; a lead card's shows its
+Lead Profile), move, notes, owner, archive, and the outcome of a command (api.commands sends them to the
+board processor and waits for the outcome). Both panels carry the card's lead time on the board
+(api.lead_time).
 
 A move is pre-checked here with the same pure stage machine the board processor applies (If-Match against
 the board version, a backward move without force, an unknown stage), so a person gets the refusal at once.
@@ -34,16 +36,17 @@ from api.lead_profile import (
     PAGE_SIZE,
     Account,
     AccountDetails,
-    AccountLead,
     AccountSession,
     Identity,
+    PanelLead,
     ProfileSession,
     Touch,
     account_panel,
     hand_added_account,
-    lead_profile,
 )
+from api.lead_time import CardLeadTime, read_card_lead_time
 from api.problems import COMMAND_ERRORS, ERRORS, Problem
+from api.routes.leads import full_lead_profile
 from processors.accounts import AccountRefused, manual_account
 from processors.board_store import BoardStore
 from processors.boards import EMPTY_NOTE, WRONG_CARD_KIND, CardState, Cause, MoveRequest, decide
@@ -81,12 +84,23 @@ class AccountCardPanel(BaseModel):
     card: CardView
     notes: list[CardNote]
     account: AccountDetails
-    leads: list[AccountLead]
+    leads: list[PanelLead] = Field(description="the most recently active current leads, at most the server's "
+                                               "api_max_account_leads, each with what it did and its score and tags")
     session_count: int
     page: int
     page_size: int
     sessions: list[AccountSession]
     has_more: bool
+    lead_time: CardLeadTime = Field(description="from first seen to each stage the card arrived in on this board")
+
+
+class LeadTag(BaseModel):
+    tag: str
+    source: str
+    rule_id: str
+    rule_version: int
+    event_id: str
+    ts_ms: int
 
 
 class LeadCardPanel(BaseModel):
@@ -102,6 +116,10 @@ class LeadCardPanel(BaseModel):
     page_size: int
     sessions: list[ProfileSession]
     has_more: bool
+    tags: list[LeadTag] = Field(description="the lead's tags, each with why it has it, as in its Lead Profile")
+    score: int
+    properties: dict[str, Any]
+    lead_time: CardLeadTime = Field(description="from first seen to each stage the card arrived in on this board")
 
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255,
@@ -195,18 +213,24 @@ async def get_card(grant: ReadGrant, board: SiteBoard, card_id: str, store: Boar
         panel = dataclasses.asdict(await analytics.read(account_panel, grant.site, ident, page=page,
                                                         max_leads=settings.api_max_account_leads, company=company))
         panel["account"]["company_name"] = panel["account"]["company_name"] or view.title
+        first_seen_ms = panel["account"]["first_seen_ms"]
     else:
         panel = await _lead_panel(analytics, grant.site, ident, page)
-    return {"kind": kind, "card": view, "notes": notes, **panel}
+        first_seen_ms = panel["identity"]["first_seen_ms"] if panel["identity"] else 0
+    lead_time = await analytics.read(read_card_lead_time, grant.site, board, card_id, first_seen_ms,
+                                     current=(view.stage_id, view.entered_stage_ms))
+    return {"kind": kind, "card": view, "notes": notes, **panel, "lead_time": lead_time}
 
 
 async def _lead_panel(analytics: Analytics, site_id: str, lead_id: str, page: int) -> dict[str, Any]:
-    """The Lead Profile; a lead ClickHouse has no rows for yet has an empty one."""
-    profile = await analytics.read(lead_profile, site_id, lead_id, page=page)
-    if profile is not None:
-        return dataclasses.asdict(profile)
-    return {"identity": None, "account": None, "first_touch": None, "last_touch": None, "session_count": 0,
-            "page": page, "page_size": PAGE_SIZE, "sessions": [], "has_more": False}
+    """The Lead Profile with the lead's tags, score and properties; a lead ClickHouse has no rows for yet has
+    an empty one."""
+    profile = await full_lead_profile(analytics, site_id, lead_id, page)
+    if profile is None:
+        return {"identity": None, "account": None, "first_touch": None, "last_touch": None, "session_count": 0,
+                "page": page, "page_size": PAGE_SIZE, "sessions": [], "has_more": False, "tags": [], "score": 0,
+                "properties": {}}
+    return profile
 
 
 @router.post("/boards/{board_id}/cards/{card_id}/move", response_model=CommandOutcome, responses=COMMAND_ERRORS)

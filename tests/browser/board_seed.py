@@ -1,8 +1,8 @@
 """Board state and click-stream data for the board API and dashboard tests, written the way production
 writes them: card moves decided by the pure stage machine and stored through the board store's write side
-on one MULTI pipeline (as the board processor does), ClickHouse rows through `insert_columnar` (as the sinks
-do), and the API served by uvicorn on an ephemeral port. Shared by tests/integration/test_board_api.py and the
-browser tests.
+on one MULTI pipeline (as the board processor does), their stage changes and the click-stream as ClickHouse
+rows through `insert_columnar` (as the sinks do), company cards through the company store, and the API
+served by uvicorn on an ephemeral port. Shared by tests/integration/test_board_api.py and the browser tests.
 """
 
 from __future__ import annotations
@@ -16,16 +16,20 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import redis
+import redis.asyncio as aioredis
 import uvicorn
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from api.app import create_app
 from processors.board_store import BoardStore
 from processors.boards import CardState, Cause, FactsUpdate, apply_command, fold_updates
+from processors.companies import CompanyStore
 from processors.runtime.writes import RedisWrites
-from schemas.boards import BoardCommand, BoardDefinition, CommandResult, StageDefinition
+from schemas.boards import BoardCommand, BoardDefinition, CommandResult, StageChange, StageDefinition
+from schemas.companies import Company
 from schemas.settings import Settings
 from sinks.clickhouse import connect, insert_columnar
+from sinks.table_sink import TABLES
 from tests.api_keys import api_key
 
 SITE = "acme"
@@ -46,16 +50,18 @@ PIPELINE = BoardDefinition(id="pipeline", name="Sales pipeline", card="account",
 
 
 class BoardSeeder:
-    """The one writer of a test's board state, standing in for the board processor's commit."""
+    """The one writer of a test's board state, standing in for the board processor's commit and for the sink
+    that records its stage changes in ClickHouse."""
 
     def __init__(self, settings: Settings, site_id: str = SITE, boards: tuple[BoardDefinition, ...] = (PIPELINE,)):
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.store = BoardStore(self.redis, settings.name("ls"))  # write side only: it queues on our pipeline
+        self.clickhouse = connect(settings.clickhouse())
         self.site_id = site_id
         self.boards = list(boards)
         self.cards: dict[str, CardState] = {}
 
-    def _commit(self, cards, changes, views, results=()) -> None:
+    def _commit(self, cards, changes: list[StageChange], views, results=()) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
             writes = RedisWrites(pipe)
             writes.set_many({self.store.keys.card_state(self.site_id, card.card_id): card.to_json() for card in cards})
@@ -64,6 +70,10 @@ class BoardSeeder:
             for result in results:
                 self.store.queue_command_result(writes, result)
             pipe.execute()
+        if changes:
+            spec = TABLES["stage_changes"]
+            insert_columnar(self.clickhouse, "stage_changes", spec.columns,
+                            [spec.to_row(change.to_json()) for change in changes])
 
     def show(self, *cards: tuple[str, str, tuple[str, ...], int], ts_ms: int = NOW_MS - 3 * HOUR_MS) -> None:
         """Cards' facts arrive, (card_id, title, tags, score) each, in one commit (one version bump) as one
@@ -85,12 +95,14 @@ class BoardSeeder:
         self._commit([after], changes, views, [result])
         return result
 
-    def move(self, card_id: str, to_stage: str, actor: str = "user:sales", **fields) -> CommandResult:
+    def move(self, card_id: str, to_stage: str, actor: str = "user:sales", now_ms: int | None = None,
+             **fields) -> CommandResult:
         return self.command(BoardCommand(f"seed-{card_id}-{to_stage}-{time.time_ns()}", self.site_id, PIPELINE.id,
-                                         card_id, "move", actor, to_stage=to_stage, **fields))
+                                         card_id, "move", actor, to_stage=to_stage, **fields), now_ms)
 
     def close(self) -> None:
         self.redis.close()
+        self.clickhouse.disconnect()
 
 
 # ------------------------------------------------------------------------------------ ClickHouse click-stream
@@ -102,14 +114,22 @@ SESSION_COLUMNS = ("session_id", "site_id", "visitor_id", "session_index", "star
                    "event_count", "pageview_count", "landing_url", "exit_url", "referrer", "channel", "device",
                    "browser", "os", "merged_into", "version")
 EVENT_COLUMNS = ("event_id", "site_id", "type", "ts_ms", "visitor_id", "url", "url_path", "title", "channel",
-                 "session_id", "referrer", "campaign")
+                 "session_id", "referrer", "campaign", "geo_country", "geo_region", "geo_city", "network_org",
+                 "network_kind")
+LEAD_STATE_COLUMNS = ("site_id", "lead_id", "email", "account_domain", "tags", "tag_sources", "score", "properties",
+                      "first_ts_ms", "last_activity_ms", "merged_into", "version")
 SESSION_STEPS = ("referrer", "pageview", "pageview", "email_open", "email_click", "exit")
+# Where each seeded visitor browses from: (country, region, city, network organisation, network kind)
+VISITOR_PLACES = {"v-ann": ("NL", "North Holland", "Amsterdam", "Acme Corporation", "business"),
+                  "v-anon": ("DE", "Berlin", "Berlin", "Deutsche Telekom AG", "isp")}
 
 
 def seed_account_click_stream(settings: Settings, domain: str = "acme.com", sessions: int = 7) -> list[str]:
-    """Two leads of `domain` (a known contact and an anonymous colleague) with `sessions` sessions between
-    them, one hour apart, each with a referrer, pageviews, an email open and click and an exit. Returns the
-    session ids, newest first. Also records the account as added by hand, with its company name."""
+    """Two leads of `domain` (a known contact, Ann, and an anonymous colleague) with `sessions` sessions
+    between them, one hour apart, each with a referrer, pageviews, an email open and click and an exit, Ann's
+    from the company's office network in Amsterdam, her colleague's from an ISP in Berlin. Ann has score 40
+    and the tag Consideration, her colleague 15 and Webinar. Returns the session ids, newest first. Also
+    records the account as added by hand, with its company name."""
     first_ms = NOW_MS - (sessions + 1) * HOUR_MS
     leads = [("lead-ann", SITE, f"ann@{domain}", ["v-ann"], domain, "", first_ms, NOW_MS, 1),
              ("lead-anon", SITE, "", ["v-anon"], domain, "", first_ms, NOW_MS, 1)]
@@ -126,15 +146,34 @@ def seed_account_click_stream(settings: Settings, domain: str = "acme.com", sess
         for step, (type_, url) in enumerate(zip(SESSION_STEPS, urls)):
             event_rows.append((f"{session_id}-e{step}", SITE, type_, start + step * MINUTE_MS, visitor, url,
                                url.split(domain, 1)[1], f"Page {i}.{step}", "referral", session_id,
-                               "https://news.example/", "spring" if type_.startswith("email") else ""))
+                               "https://news.example/", "spring" if type_.startswith("email") else "",
+                               *VISITOR_PLACES[visitor]))
     client = connect(settings.clickhouse())
     insert_columnar(client, "leads", LEAD_COLUMNS, leads)
     insert_columnar(client, "visitor_leads", VISITOR_LEAD_COLUMNS, links)
     insert_columnar(client, "sessions", SESSION_COLUMNS, session_rows)
     insert_columnar(client, "events", EVENT_COLUMNS, event_rows)
+    insert_columnar(client, "lead_state", LEAD_STATE_COLUMNS, [
+        (SITE, "lead-ann", f"ann@{domain}", domain, ["Consideration"], "{}", 40, "{}", first_ms, NOW_MS, "", 1),
+        (SITE, "lead-anon", "", domain, ["Webinar"], "{}", 15, "{}", first_ms, NOW_MS, "", 1)])
     insert_columnar(client, "manual_accounts", ("site_id", "domain", "company_name", "added_ms"),
                     [(SITE, domain, "Acme Corporation", first_ms)])
     return [f"s-{i}" for i in reversed(range(sessions))]
+
+
+def seed_company_card(settings: Settings, company: Company) -> None:
+    """A company card in Redis, as `leadstream companies load` stores it (from any thread: Playwright's sync
+    API keeps an event loop running in the test's)."""
+
+    async def publish() -> None:
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            await CompanyStore(client, settings.name("ls")).publish([company])
+        finally:
+            await client.aclose()
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, publish()).result()
 
 
 # ------------------------------------------------------------------------------------ the API and its commands

@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from api import automation_queries as aq
+from api import lead_time as lt
 from schemas.boards import StageChange
 from schemas.records import JsonRecord
 from schemas.rules import LeadChange, LeadSnapshot, RuleExecution
@@ -179,7 +180,8 @@ def ch_client(settings):
 # ------------------------------------------------------------------------------------- shared checks
 
 PARAMS = {"site_id": SITE, "board_id": "pipeline", "final_stage": "customer", "from_ms": BASE_MS,
-          "rule_id": "viewed-pricing", "lead_id": "lead-ada", "limit": 2, "offset": 1}
+          "rule_id": "viewed-pricing", "lead_id": "lead-ada", "limit": 2, "offset": 1, "card_id": "account:acme.com",
+          "account_board": 1}
 
 # The rows of docs/queries.md's analyst queries (by their `### ` heading) on the dataset, the same on both engines.
 EXPECTED_ROWS: dict[str, list[tuple]] = {
@@ -260,7 +262,7 @@ def check_analyst_queries(client) -> None:
 def check_docs_section(client) -> None:
     """Every query the section documents is either one the API runs (a module constant) or an analyst query
     with its expected rows, and gives rows."""
-    api_queries = {_normalised(getattr(aq, name)) for name in _constants()}
+    api_queries = {_normalised(getattr(module, name)) for module, name in _constants()}
     for heading, block in documented_queries().items():
         assert heading in EXPECTED_ROWS or _normalised(block) in api_queries, heading
         assert _rows(client, block), heading
@@ -279,8 +281,9 @@ def _normalised(sql: str) -> str:
     return " ".join(sql.split())
 
 
-def _constants() -> list[str]:
-    return [name for name in dir(aq) if name.endswith("_SQL")]
+def _constants() -> list[tuple[Any, str]]:
+    """The SQL the API runs over these tables: (module, constant name)."""
+    return [(module, name) for module in (aq, lt) for name in dir(module) if name.endswith("_SQL")]
 
 
 # ---------------------------------------------------------------------------------------------- tests
@@ -290,8 +293,9 @@ class TestPureCore:
     def test_docs_section_quotes_the_api_queries_and_an_expectation_for_every_other(self):
         documented = documented_queries()
         assert len(documented) == len(docs_sections()[AUTOMATION_SECTION])  # one query per heading
-        api_queries = {_normalised(getattr(aq, name)) for name in _constants()}
-        assert {"RULE_EXECUTIONS_SQL", "LEAD_STATE_SQL"} == set(_constants())
+        api_queries = {_normalised(getattr(module, name)) for module, name in _constants()}
+        assert {"RULE_EXECUTIONS_SQL", "LEAD_STATE_SQL", "CARD_ARRIVALS_SQL", "BOARD_LEAD_TIME_SQL"} == {
+            name for _, name in _constants()}
         assert api_queries <= {_normalised(block) for block in documented.values()}
         assert set(EXPECTED_ROWS) == {heading for heading, block in documented.items()
                                       if _normalised(block) not in api_queries}

@@ -30,13 +30,17 @@ from api.routes.rules import REDACTED
 from processors.lookup_tables import publish_ip_ranges
 from processors.runtime.writes import RedisWrites
 from schemas.boards import CommandResult
+from schemas.companies import Company
 from schemas.rules import RuleExecution
 from schemas.settings import Settings
 from sinks.clickhouse import connect, insert_columnar
 from tests.api_keys import SERVER_SECRET, api_key
 from tests.browser.board_seed import (
     API_KEYS,
+    HOUR_MS,
     KEY,
+    MINUTE_MS,
+    NOW_MS,
     OTHER_KEY,
     OTHER_SITE,
     PIPELINE,
@@ -46,11 +50,14 @@ from tests.browser.board_seed import (
     expected_partition,
     read_commands,
     seed_account_click_stream,
+    seed_company_card,
     serve_api,
 )
 
 pytestmark = pytest.mark.integration
 BOARD = f"/v1/sites/{SITE}/boards/pipeline"
+ACME_CARD = Company("acme.com", "Acme Corporation", industry="Software", employees="51-200", employees_min=51,
+                    country="NL", website="https://acme.com/", source="file")
 
 
 @pytest.fixture
@@ -91,7 +98,7 @@ def test_keys_are_site_scoped_and_read_only_keys_only_read(api, seeder):
     # the other site's own key sees nothing of this site's board, card or stream
     other = {"X-API-Key": OTHER_KEY}
     for path in ("boards/pipeline", "boards/pipeline/cards/account:acme.com", "boards/pipeline/stream",
-                 "boards/pipeline/stream-token"):
+                 "boards/pipeline/stream-token", "boards/pipeline/lead-time"):
         assert problem(api.get(f"/v1/sites/{OTHER_SITE}/{path}", headers=other), 404)["title"] == "no such board"
     assert api.get(f"/v1/sites/{OTHER_SITE}/boards", headers=other).json() == {"boards": []}
     in_url = problem(api.get(BOARD, params={"key": KEY}, headers={"X-API-Key": ""}), 401)
@@ -259,12 +266,29 @@ def test_an_accounts_ownership_is_its_leads_ownership():
 
 def test_account_panel_pages_the_accounts_click_stream(api, seeder, settings):
     sessions = seed_account_click_stream(settings, sessions=7)
+    seed_company_card(settings, ACME_CARD)
     seeder.show(("account:acme.com", "Acme", ("Consideration",), 30), ("lead:lead-solo", "Solo", (), 5))
     first = api.get(f"{BOARD}/cards/account:acme.com").json()
     assert first["kind"] == "account" and first["card"]["stage_id"] == "consideration"
-    assert first["account"]["company_name"] == "Acme Corporation"
-    assert (first["account"]["known_leads"], first["account"]["anonymous_leads"]) == (1, 1)
-    assert {lead["lead_id"] for lead in first["leads"]} == {"lead-ann", "lead-anon"}
+    account = first["account"]
+    assert account["company_name"] == "Acme Corporation"
+    assert (account["known_leads"], account["anonymous_leads"]) == (1, 1)
+    assert (account["first_seen_ms"], account["last_seen_ms"]) == (NOW_MS - 8 * HOUR_MS, NOW_MS)
+    assert {k: account["company"][k] for k in ("name", "industry", "employees", "country")} == {
+        "name": "Acme Corporation", "industry": "Software", "employees": "51-200", "country": "NL"}
+    assert account["places"] == [
+        {"country": "NL", "region": "North Holland", "city": "Amsterdam", "visitors": 1, "events": 24},
+        {"country": "DE", "region": "Berlin", "city": "Berlin", "visitors": 1, "events": 18}]
+    assert account["networks"] == [{"org": "Acme Corporation", "kind": "business", "visitors": 1, "events": 24},
+                                   {"org": "Deutsche Telekom AG", "kind": "isp", "visitors": 1, "events": 18}]
+    assert [(lead["lead_id"], lead["email"], lead["first_channel"], lead["last_channel"], lead["session_count"],
+             lead["event_count"], lead["score"], lead["tags"]) for lead in first["leads"]] == [
+        ("lead-ann", "ann@acme.com", "referral", "referral", 4, 24, 40, ["Consideration"]),
+        ("lead-anon", "", "referral", "referral", 3, 18, 15, ["Webinar"])]
+    # first seen 8 h ago, straight into Consideration 3 h ago; the final stage not reached
+    assert first["lead_time"] == {"start_ms": NOW_MS - 8 * HOUR_MS, "final_stage_id": "customer", "lead_time_ms": None,
+                                  "stages": [{"stage_id": "consideration", "name": "Consideration",
+                                              "entered_ms": NOW_MS - 3 * HOUR_MS, "lead_time_ms": 5 * HOUR_MS}]}
     assert [s["session_id"] for s in first["sessions"]] == sessions[:5]
     assert first["has_more"] and first["session_count"] == 7
     assert [e["type"] for e in first["sessions"][0]["events"]] == [
@@ -276,7 +300,48 @@ def test_account_panel_pages_the_accounts_click_stream(api, seeder, settings):
 
     lead = api.get(f"{BOARD}/cards/lead:lead-solo").json()  # no ClickHouse rows yet: an empty profile
     assert lead["kind"] == "lead" and lead["identity"] is None and lead["sessions"] == []
+    assert (lead["tags"], lead["score"], lead["properties"]) == ([], 0, {})
+    assert [(s["stage_id"], s["lead_time_ms"]) for s in lead["lead_time"]["stages"]] == [("new", 0)]  # from entry
+    ann = api.get(f"/v1/sites/{SITE}/leads/lead-ann").json()  # a lead of the panel opens as its Lead Profile
+    assert (ann["identity"]["email"], ann["session_count"], ann["has_more"]) == ("ann@acme.com", 4, False)
+    assert [t["tag"] for t in ann["tags"]] == ["Consideration"] and ann["score"] == 40
+    assert [s["session_id"] for s in ann["sessions"]] == ["s-6", "s-4", "s-2", "s-0"]
     assert problem(api.get(f"{BOARD}/cards/account:unknown.com"), 404)["title"] == "no such card on this board"
+
+
+def test_lead_time_per_card_and_per_board(api, seeder, settings):
+    """Stage changes from the stage machine, in Redis and in ClickHouse: acme.com (first seen 8 h ago) entered
+    Consideration 3 h ago and was won 1 h ago; globex.com (nobody from it seen) entered 3 h ago, reached
+    Decision 2 h ago, was forced back and moved on again: its first arrival counts; Solo's lead card entered."""
+    seed_account_click_stream(settings, sessions=7)
+    seeder.show(("account:acme.com", "Acme", ("Consideration",), 30), ("account:globex.com", "Globex", (), 5),
+                ("lead:lead-solo", "Solo", (), 5))
+    assert seeder.move("account:acme.com", "customer", now_ms=NOW_MS - HOUR_MS).ok
+    assert seeder.move("account:globex.com", "decision", now_ms=NOW_MS - 2 * HOUR_MS).ok
+    assert seeder.move("account:globex.com", "new", force=True, reason="wrong contact",
+                       now_ms=NOW_MS - 90 * MINUTE_MS).ok
+    assert seeder.move("account:globex.com", "decision", now_ms=NOW_MS - HOUR_MS).ok
+
+    board = api.get(f"{BOARD}/lead-time").json()
+    assert board["board_id"] == "pipeline" and board["final_stage_id"] == "customer"
+    assert [(s["stage_id"], s["name"], s["cards"], s["median_ms"], s["p90_ms"]) for s in board["stages"]] == [
+        ("new", "New", 2, 0, 0),
+        ("consideration", "Consideration", 1, 5 * HOUR_MS, 5 * HOUR_MS),
+        ("decision", "Decision", 1, HOUR_MS, HOUR_MS),
+        ("customer", "Customer", 1, 7 * HOUR_MS, 7 * HOUR_MS)]
+    assert board["lead_time"] == board["stages"][-1]
+    assert api.get(f"{BOARD}/lead-time", headers={"X-API-Key": READ_ONLY_KEY}).json() == board
+
+    acme = api.get(f"{BOARD}/cards/account:acme.com").json()["lead_time"]
+    assert (acme["lead_time_ms"], [s["stage_id"] for s in acme["stages"]]) == (7 * HOUR_MS, ["consideration",
+                                                                                           "customer"])
+    globex = api.get(f"{BOARD}/cards/account:globex.com").json()["lead_time"]
+    assert globex["start_ms"] == NOW_MS - 3 * HOUR_MS and globex["lead_time_ms"] is None
+    assert [(s["stage_id"], s["lead_time_ms"]) for s in globex["stages"]] == [("new", 0), ("decision", HOUR_MS)]
+
+    assert problem(api.get(f"/v1/sites/{SITE}/boards/nope/lead-time"), 404)["title"] == "no such board"
+    spec = api.get("/openapi.json").json()["paths"][f"/v1/sites/{{site_id}}/boards/{{board_id}}/lead-time"]["get"]
+    assert spec["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("BoardLeadTime")
 
 
 # ------------------------------------------------------------------------------------------------ stream

@@ -81,6 +81,8 @@ VISITOR_NETWORKS = {
 }
 COMPANY_COLUMNS = ("domain", "name", "industry", "employees", "employees_min", "country", "website", "linkedin_url",
                    "logo_url", "source", "updated_ms")
+LEAD_STATE_COLUMNS = ("site_id", "lead_id", "email", "account_domain", "tags", "tag_sources", "score", "properties",
+                      "first_ts_ms", "last_activity_ms", "merged_into", "version")
 SESSION_COLUMNS = ("session_id", "site_id", "visitor_id", "session_index", "start_ms", "end_ms", "duration_ms",
                    "event_count", "pageview_count", "landing_url", "exit_url", "referrer", "channel", "utm_source",
                    "utm_medium", "utm_campaign", "device", "browser", "os", "email", "merged_into", "version")
@@ -161,6 +163,11 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
         "dlq": (("reason", "message", "raw", "topic", "raw_partition", "raw_offset", "received_ms"), dlq),
         "retention_runs": (("table_name", "days", "cutoff", "action", "partitions", "rows", "ts_ms"),
                            [("events", 395, date(2025, 1, 1), "nothing", [], 0, BASE_MS)]),
+        "lead_state": (LEAD_STATE_COLUMNS, [
+            (SITE, "lead-ada", "ada@acme.com", "acme.com", ["Consideration"], "{}", 15, "{}", ada_first, ada_last, "", 1),
+            (SITE, "lead-ada", "ada@acme.com", "acme.com", ["Consideration", "Decision"], "{}", 70, "{}", ada_first,
+             ada_last, "", 2),  # the newer version
+            ("other-site", "lead-bob", "", "", ["Elsewhere"], "{}", 99, "{}", 0, 0, "", 1)]),
         "companies": (COMPANY_COLUMNS, [
             ("acme.com", "Acme", "Software", "51-200", 51, "NL", "https://acme.com/", "", "", "file", BASE_MS),
             ("acme.com", "Acme B.V.", "Software", "201-500", 201, "NL", "https://acme.com/", "", "", "file",
@@ -304,6 +311,33 @@ def check_helpers(client) -> None:
         lp.Place("NL", "North Holland", "Amsterdam", 2, 8), lp.Place("DE", "Berlin", "Berlin", 1, 8),
         lp.Place("GB", "England", "London", 1, 5))
     assert lp.account_places(client, SITE, "nobody.example") == ()
+    assert lp.account_networks(client, SITE, "acme.com") == (
+        lp.Network("Acme", "business", 2, 8), lp.Network("Deutsche Telekom AG", "isp", 1, 8),
+        lp.Network("GLOBEX", "business", 1, 5))
+    assert lp.account_networks(client, SITE, "nobody.example") == ()
+
+
+def check_account_panel(client) -> None:
+    """The Account Panel of acme.com: its details with places and networks, and each lead with what it did
+    (Bob's sessions on the shared computer until Cyd took it over: the one that straddles counts) and where
+    it stands (Ada's newest tags and score; no rule touched Bob)."""
+    panel = lp.account_panel(client, SITE, "acme.com")
+    account = panel.account
+    assert (account.known_leads, account.anonymous_leads, account.first_seen_ms) == (2, 0, BASE_MS)
+    assert [p.city for p in account.places] == ["Amsterdam", "Berlin", "London"]
+    assert [n.org for n in account.networks] == ["Acme", "Deutsche Telekom AG", "GLOBEX"]
+    bob_first, bob_last = BASE_MS + 20 * HOUR_MS, SHARED_MS - 10 * MINUTE_MS
+    assert panel.leads == (
+        lp.PanelLead("lead-bob", "bob@acme.com", True, 1, bob_first, bob_last, first_channel="direct",
+                     last_channel="organic", session_count=3, event_count=5, score=0, tags=()),
+        lp.PanelLead("lead-ada", "ada@acme.com", True, 2, BASE_MS, BASE_MS + 12 * HOUR_MS + 2 * MINUTE_MS,
+                     first_channel="organic", last_channel="paid", session_count=7, event_count=15, score=70,
+                     tags=("Consideration", "Decision")),
+    )
+    assert panel.session_count == 10 and len(panel.sessions) == lp.PAGE_SIZE
+    orjson.dumps(panel)
+    nobody = lp.account_panel(client, SITE, "nobody.example")
+    assert (nobody.leads, nobody.account.places, nobody.account.networks, nobody.sessions) == ((), (), (), ())
 
 
 LEAD_COLUMNS = ("lead_id", "site_id", "email", "visitors", "account_domain", "merged_into", "first_ts_ms",
@@ -386,7 +420,7 @@ def run_docs_queries(client) -> list[int]:
     counts = []
     for block in (b for title, blocks in docs_sections().items() if title != AUTOMATION_SECTION for b in blocks):
         params = DOC_PARAMS if "%(" in block else None
-        counts.append(len(client.execute(block, params, external_tables=[lp.owned_table(DOC_OWNED)])))
+        counts.append(len(client.execute(block, params, external_tables=[lp.owned_table({"lead-ada": DOC_OWNED})])))
     return counts
 
 
@@ -427,10 +461,11 @@ class TestPureCore:
         assert [[e.ts_ms for e in s.events] for s in filled] == [[900], [100, 150]]
 
 
-    def test_owned_table_has_a_row_per_interval(self):
-        table = lp.owned_table({"v2": [(5, lp.FOREVER_MS)], "v1": [(0, 3), (7, 9)]})
-        assert [(row["visitor_id"], row["since_ts_ms"], row["until_ts_ms"]) for row in table["data"]] == [
-            ("v1", 0, 3), ("v1", 7, 9), ("v2", 5, lp.FOREVER_MS)]
+    def test_owned_table_has_a_row_per_lead_and_interval(self):
+        table = lp.owned_table({"B": {"v3": [(0, 4)]}, "A": {"v2": [(5, lp.FOREVER_MS)], "v1": [(0, 3), (7, 9)]}})
+        assert [(row["lead_id"], row["visitor_id"], row["since_ts_ms"], row["until_ts_ms"])
+                for row in table["data"]] == [("A", "v1", 0, 3), ("A", "v1", 7, 9), ("A", "v2", 5, lp.FOREVER_MS),
+                                              ("B", "v3", 0, 4)]
         assert [name for name, _ in table["structure"]] == list(table["data"][0])
 
     def test_arguments_are_checked_before_any_query(self):
@@ -461,6 +496,9 @@ class TestOnChdb:
     def test_helpers(self, chdb_client):
         check_helpers(chdb_client)
 
+    def test_account_panel(self, chdb_client):
+        check_account_panel(chdb_client)
+
     def test_docs_queries(self, chdb_client):
         counts = run_docs_queries(chdb_client)
         assert len(counts) >= 12 and all(counts), counts
@@ -485,7 +523,8 @@ class TestOnChdb:
         pages agree with filtering and sorting every session in Python."""
         site = f"prop-{next(PROPERTY_SITES)}"
         rows = [(visitor, since, lead) for visitor in sorted(links) for since, lead in sorted(links[visitor])]
-        owned = lp.merge_intervals(lp.ownership_by_lead(rows, owners))
+        owned_by_lead = lp.ownership_by_lead(rows, owners)
+        owned = lp.merge_intervals(owned_by_lead)
         specs = [(f"s{i:02d}", visitor, start, start + length) for i, (visitor, start, length) in enumerate(sessions)]
         if specs:
             chdb_client.insert("sessions", SESSION_COLUMNS, [
@@ -500,7 +539,7 @@ class TestOnChdb:
         for page in range(len(expected) // page_size + 1):
             params = {"site_id": site, "offset": page * page_size, "page_size": page_size}
             count, oldest, newest, rows = chdb_client.execute(
-                lp.SESSIONS_PAGE_SQL, params, external_tables=[lp.owned_table(owned)])[0]
+                lp.SESSIONS_PAGE_SQL, params, external_tables=[lp.owned_table(owned_by_lead)])[0]
             assert count == len(expected)
             if expected:
                 assert (oldest[0], newest[0]) == (expected[-1][1], expected[0][1])
@@ -518,6 +557,9 @@ class TestOnClickHouse18:
 
     def test_helpers(self, ch_client):
         check_helpers(ch_client)
+
+    def test_account_panel(self, ch_client):
+        check_account_panel(ch_client)
 
     def test_docs_queries_match_chdb(self, ch_client, chdb_client):
         counts = run_docs_queries(ch_client)
