@@ -1,12 +1,17 @@
 // LeadBoard page: renders a board from the /v1 board API, moves cards by drag and drop, opens the Account
-// Panel, adds accounts by domain, and follows the board's live stream. No framework, no external requests.
+// Panel (and, from it, a lead's profile), shows lead times, adds accounts by domain, and follows the board's
+// live stream. No framework, no external requests.
+// Other views of the page open a panel by id: openCard(cardId) (a card of the board shown) and openLead(leadId).
 "use strict";
 
 const STORE = { site: "leadstream.site", key: "leadstream.key", board: "leadstream.board" };
+const LEADS_SHOWN = 20; // lead rows the Account Panel shows before "more leads"
+const LEAD_TIME_REFRESH_MS = 5000; // after a stage change: ClickHouse records it a moment after the stream
 const state = {
   site: "", key: "", board: null, version: 0, lastEventId: "", source: null, reconnectTimer: 0,
   cards: new Map(), // card_id -> card view as the API sent it
-  panel: { cardId: "", page: 0 },
+  panelTicket: 0, // the latest panel asked for: an answer to an earlier request is dropped
+  leadTimeTimer: 0,
 };
 
 // ---------------------------------------------------------------- small DOM helpers (no innerHTML: every value is text)
@@ -31,14 +36,16 @@ function say(message, isError = false) {
   status.classList.toggle("error", isError);
 }
 
-function ago(ms) {
-  if (!ms) return "";
-  const minutes = Math.max(0, Math.floor((Date.now() - ms) / 60000));
+/** A length of time, coarse: 42m, 5h, 3d. */
+function duration(ms) {
+  const minutes = Math.max(0, Math.floor(ms / 60000));
   if (minutes < 60) return `${minutes}m`;
   if (minutes < 48 * 60) return `${Math.floor(minutes / 60)}h`;
   return `${Math.floor(minutes / 1440)}d`;
 }
+const ago = (ms) => (ms ? duration(Date.now() - ms) : "");
 const when = (ms) => (ms ? new Date(ms).toLocaleString() : "");
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 
 function randomKey() {
   // crypto.randomUUID needs a secure context; getRandomValues works on plain http too.
@@ -138,6 +145,31 @@ async function loadBoard() {
   $("#board").replaceChildren(...data.stages.map(renderColumn));
   say(`${data.board.name}: ${data.stages.reduce((n, s) => n + s.count, 0)} cards`);
   connectStream();
+  loadLeadTime();
+}
+
+/** Each column's lead time figure: the median and p90 of the time its cards took from first seen to arrive
+ * there (the last column's is the board's lead time). From ClickHouse: a failure leaves the figures empty. */
+async function loadLeadTime() {
+  const boardId = state.board.id;
+  let data;
+  try { data = (await api(boardPath("/lead-time"))).data; } catch (err) { return; }
+  if (!state.board || state.board.id !== boardId) return;
+  for (const stage of data.stages) {
+    const figure = columnOf(stage.stage_id)?.querySelector(".stage-lead-time");
+    if (!figure) continue;
+    const final = stage.stage_id === data.final_stage_id;
+    figure.textContent = stage.cards
+      ? `${final ? "lead time" : "reached in"} ${duration(stage.median_ms)} median · ${duration(stage.p90_ms)} p90`
+      : "";
+    figure.title = stage.cards
+      ? `From first seen to arriving in ${stage.name}, over ${plural(stage.cards, "card")}` : "";
+  }
+}
+
+function refreshLeadTimeSoon() {
+  clearTimeout(state.leadTimeTimer);
+  state.leadTimeTimer = setTimeout(loadLeadTime, LEAD_TIME_REFRESH_MS);
 }
 
 function renderColumn(stage) {
@@ -145,6 +177,7 @@ function renderColumn(stage) {
   const column = h("section", { class: "column", dataset: { stage: stage.id }, "aria-labelledby": `stage-${stage.id}` },
     h("h2", { id: `stage-${stage.id}` }, h("span", {}, stage.name),
       h("span", { class: "count", "aria-label": "cards in this stage" }, String(stage.count))),
+    h("div", { class: "stage-lead-time" }),
     list);
   for (const card of stage.cards) list.append(renderCard(card));
   if (stage.next_cursor) column.append(moreButton(stage));
@@ -177,8 +210,8 @@ function renderCard(card) {
     class: card.archived ? "card archived" : "card", draggable: "true", tabindex: "0", dataset: { card: card.card_id },
     "aria-label": `${card.title || card.card_id}, score ${card.score}${card.archived ? ", archived" : ""}`,
     ondragstart: (e) => { e.dataTransfer.setData("text/plain", card.card_id); e.dataTransfer.effectAllowed = "move"; },
-    onclick: () => openPanel(card.card_id),
-    onkeydown: (e) => { if (e.key === "Enter") openPanel(card.card_id); },
+    onclick: () => openCard(card.card_id),
+    onkeydown: (e) => { if (e.key === "Enter") openCard(card.card_id); },
   },
   h("div", { class: "title" }, card.title || card.card_id),
   h("div", { class: "tags" }, (card.tags || []).map((t) => h("span", { class: "tag" }, t))),
@@ -227,6 +260,7 @@ function applyStageChange(change) {
   bumpCount(change.to_stage, +1);
   const title = state.cards.get(change.card_id)?.title || change.card_id;
   say(`${title}: ${change.from_stage || "(new)"} → ${change.to_stage} (${change.actor})`);
+  refreshLeadTimeSoon();
 }
 
 // ---------------------------------------------------------------- commands: move (with the 409 force flow), add, notes
@@ -333,90 +367,251 @@ function scheduleReconnect() {
 
 function closeStream() {
   clearTimeout(state.reconnectTimer);
+  clearTimeout(state.leadTimeTimer);
   if (state.source) state.source.close();
   state.source = null;
 }
 
-// ---------------------------------------------------------------- the Account Panel
+// ---------------------------------------------------------------- the Account Panel and the Lead Profile
 
-async function openPanel(cardId, page = 0) {
-  const panel = $("#panel");
-  state.panel = { cardId, page };
+const compact = (items) => items.flat(Infinity).filter((item) => item !== null && item !== undefined && item !== false);
+const leadName = (identity) => (identity ? identity.email || `Anonymous lead ${identity.lead_id}` : "Lead");
+const channels = (first, last) => (first === last ? first : `${first} → ${last}`);
+const stageName = (stageId) => (state.board?.stages || []).find((s) => s.id === stageId)?.name || stageId;
+
+/** Open the panel of a card of the board shown: an account card's Account Panel, a lead card's Lead Profile. */
+async function openCard(cardId) {
+  const ticket = ++state.panelTicket;
   let data;
-  try { data = (await api(cardPath(cardId, `?page=${page}`))).data; }
-  catch (err) { say(`Account panel: ${err.message}`, true); return; }
-  if (page === 0) {
-    $("#panel-title").textContent = data.card.title || cardId;
-    $("#panel-body").replaceChildren(...renderPanel(data));
-    panel.hidden = false;
-    panel.querySelector(".close").focus();
-  }
-  const sessions = $("#panel-body .sessions");
-  sessions.append(...data.sessions.map(renderSession));
-  const more = $("#panel-body .more");
-  more.hidden = !data.has_more;
-  more.onclick = () => openPanel(cardId, page + 1);
+  try { data = (await api(cardPath(cardId))).data; }
+  catch (err) { say(`Card ${cardId}: ${err.message}`, true); return; }
+  if (ticket !== state.panelTicket) return;  // another panel was asked for meanwhile
+  showPanel(data.card.title || cardId, renderCardPanel(data));
+}
+
+/** Open a lead's profile on its own, e.g. a lead listed by another view of the page. */
+async function openLead(leadId) {
+  const ticket = ++state.panelTicket;
+  let data;
+  try { data = (await api(`/leads/${enc(leadId)}`)).data; }
+  catch (err) { say(`Lead ${leadId}: ${err.message}`, true); return; }
+  if (ticket !== state.panelTicket) return;
+  showPanel(leadName(data.identity), [renderLeadDetails(data), renderLeadSessions(data)]);
+}
+
+function showPanel(title, children) {
+  const panel = $("#panel");
+  $("#panel-title").textContent = title;
+  $("#panel-body").replaceChildren(...compact(children));
+  panel.hidden = false;
+  panel.scrollTop = 0;
+  panel.querySelector(".close").focus();
 }
 
 function closePanel() {
   $("#panel").hidden = true;
-  state.panel = { cardId: "", page: 0 };
+  state.panelTicket += 1;
 }
 
-function renderPanel(data) {
+function facts(pairs) {
+  return h("dl", {}, pairs.filter(([, value]) => value !== "" && value !== null && value !== undefined)
+    .map(([name, value]) => [h("dt", {}, name), h("dd", {}, value instanceof Node ? value : String(value))]));
+}
+
+function renderCardPanel(data) {
   const card = data.card;
-  const facts = data.kind === "account"
-    ? [["Domain", data.account.domain], ["Company", data.account.company_name || card.title],
-       ["Known contacts", data.account.known_leads], ["Anonymous leads", data.account.anonymous_leads],
-       ["First seen", when(data.account.first_seen_ms)], ["Last seen", when(data.account.last_seen_ms)]]
-    : [["Email", data.identity.email || "(anonymous)"], ["Account", data.account ? data.account.domain : ""],
-       ["First seen", when(data.identity.first_seen_ms)], ["Last seen", when(data.identity.last_seen_ms)]];
-  facts.push(["Stage", card.stage_id], ["Score", card.score], ["Tags", (card.tags || []).join(", ")],
-    ["Owner", card.owner || "(nobody)"], ["Sessions", data.session_count]);
+  const details = data.kind === "account"
+    ? [h("h3", {}, "Account"), renderAccountDetails(data.account, card)]
+    : [h("h3", {}, "Lead"), renderLeadDetails(data)];
+  const notes = (data.notes || []).map((n) => h("li", {}, n.text, h("span", { class: "muted" }, ` · ${n.actor} · ${when(n.ts_ms)}`)));
+  return [
+    details,
+    h("h3", {}, "Card"),
+    facts([["Stage", stageName(card.stage_id)], ["In stage for", ago(card.entered_stage_ms)], ["Score", card.score],
+      ["Tags", (card.tags || []).join(", ")], ["Owner", card.owner || "(nobody)"]]),
+    renderLeadTime(data.lead_time),
+    data.kind === "account" ? renderLeads(data) : null,
+    notes.length ? [h("h3", {}, "Notes"), h("ul", { class: "notes" }, notes)] : null,
+    h("h3", {}, "Actions"),
+    renderActions(card),
+    data.kind === "account" ? renderAccountSessions(data) : renderLeadSessions(data),
+  ];
+}
+
+function renderAccountDetails(account, card) {
+  const company = account.company || {};
+  const places = (account.places || []).map((p) =>
+    h("li", {}, [...new Set([p.city, p.region, p.country].filter(Boolean))].join(", "),
+      h("span", { class: "muted" }, ` · ${plural(p.visitors, "visitor")}`)));
+  const networks = (account.networks || []).map((n) =>
+    h("li", {}, n.org, h("span", { class: "muted" }, ` · ${n.kind || "network"} · ${plural(n.visitors, "visitor")}`)));
+  return h("div", { class: "account-details" },
+    facts([["Domain", account.domain], ["Company", account.company_name || card.title],
+      ["Industry", company.industry], ["Employees", company.employees], ["Country", company.country],
+      ["Website", link(company.website)], ["LinkedIn", link(company.linkedin_url)],
+      ["Location", places.length ? h("ul", { class: "places" }, places) : ""],
+      ["Networks", networks.length ? h("ul", { class: "networks" }, networks) : ""],
+      ["Known contacts", account.known_leads], ["Anonymous leads", account.anonymous_leads],
+      ["First seen", when(account.first_seen_ms)], ["Last seen", when(account.last_seen_ms)]]));
+}
+
+/** A web address as a link, only when it is one (http or https); anything else stays text. */
+function link(url) {
+  if (!url) return "";
+  return /^https?:\/\//i.test(url) ? h("a", { href: url, rel: "noopener noreferrer", target: "_blank" }, url) : url;
+}
+
+function renderLeadTime(leadTime) {
+  if (!leadTime || !leadTime.stages.length) return null;
+  const final = stageName(leadTime.final_stage_id);
+  return [
+    h("h3", {}, "Lead time"),
+    h("ol", { class: "lead-time", "aria-label": `Time from first seen (${when(leadTime.start_ms)}) to each stage` },
+      leadTime.stages.map((s) => h("li", { dataset: { stage: s.stage_id } },
+        h("span", { class: "stage-name" }, s.name), " ", h("span", { class: "after" }, duration(s.lead_time_ms))))),
+    h("p", { class: "lead-time-total" }, leadTime.lead_time_ms === null
+      ? `Not in ${final} yet; first seen ${ago(leadTime.start_ms)} ago.`
+      : `Reached ${final} ${duration(leadTime.lead_time_ms)} after first seen.`),
+  ];
+}
+
+function renderActions(card) {
   const stages = state.board.stages || [];
   const moveSelect = h("select", { name: "to", "aria-label": "Move to stage" },
     stages.map((s) => h("option", { value: s.id, selected: s.id === card.stage_id }, s.name)));
-  const leads = data.kind === "account"
-    ? [h("h3", {}, `Leads (${data.leads.length})`),
-       h("ul", { class: "leads" }, data.leads.map((l) =>
-         h("li", {}, l.known ? l.email : `anonymous (${l.lead_id})`,
-           h("span", { class: "muted" }, ` · ${l.visitor_count} visitor(s) · last seen ${when(l.last_seen_ms)}`))))]
-    : [];
-  const notes = (data.notes || []).map((n) => h("li", {}, n.text, h("span", { class: "muted" }, ` · ${n.actor} · ${when(n.ts_ms)}`)));
-  return [
-    h("dl", {}, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, String(v ?? ""))])),
-    h("h3", {}, "Actions"),
-    h("div", { class: "actions" },
-      h("form", { class: "inline", onsubmit: (e) => { e.preventDefault(); moveCard(card.card_id, moveSelect.value); } },
-        h("label", {}, "Stage", moveSelect), h("button", { type: "submit" }, "Move")),
-      h("form", { class: "inline", onsubmit: (e) => {
-        e.preventDefault(); command(card.card_id, "/owner", { owner: e.target.elements.owner.value.trim() }, "Set owner");
-      } }, h("label", {}, "Owner", h("input", { name: "owner", value: card.owner || "", maxlength: "128" })),
-        h("button", { type: "submit" }, "Set owner")),
-      h("form", { class: "inline", onsubmit: (e) => {
-        e.preventDefault(); command(card.card_id, "/notes", { text: e.target.elements.text.value.trim() }, "Add note");
-        e.target.reset();
-      } }, h("label", {}, "Note", h("input", { name: "text", required: true, maxlength: "5000" })),
-        h("button", { type: "submit" }, "Add note")),
-      card.archived
-        ? h("button", { type: "button", class: "secondary", onclick: () => command(card.card_id, "/unarchive", {}, "Unarchive") },
-          "Unarchive card")
-        : h("button", { type: "button", class: "secondary", onclick: () => command(card.card_id, "/archive", {}, "Archive") },
-          "Archive card")),
-    notes.length ? [h("h3", {}, "Notes"), h("ul", { class: "leads" }, notes)] : null,
-    leads,
-    h("h3", {}, "Sessions"),
-    h("ol", { class: "sessions", "aria-label": "Sessions, newest first" }),
-    h("button", { type: "button", class: "more secondary" }, "5 more sessions"),
-  ].flat();
+  return h("div", { class: "actions" },
+    h("form", { class: "inline", onsubmit: (e) => { e.preventDefault(); moveCard(card.card_id, moveSelect.value); } },
+      h("label", {}, "Stage", moveSelect), h("button", { type: "submit" }, "Move")),
+    h("form", { class: "inline", onsubmit: (e) => {
+      e.preventDefault(); command(card.card_id, "/owner", { owner: e.target.elements.owner.value.trim() }, "Set owner");
+    } }, h("label", {}, "Owner", h("input", { name: "owner", value: card.owner || "", maxlength: "128" })),
+      h("button", { type: "submit" }, "Set owner")),
+    h("form", { class: "inline", onsubmit: (e) => {
+      e.preventDefault(); command(card.card_id, "/notes", { text: e.target.elements.text.value.trim() }, "Add note");
+      e.target.reset();
+    } }, h("label", {}, "Note", h("input", { name: "text", required: true, maxlength: "2000" })),
+      h("button", { type: "submit" }, "Add note")),
+    card.archived
+      ? h("button", { type: "button", class: "secondary", onclick: () => command(card.card_id, "/unarchive", {}, "Unarchive") },
+        "Unarchive card")
+      : h("button", { type: "button", class: "secondary", onclick: () => command(card.card_id, "/archive", {}, "Archive") },
+        "Archive card"));
 }
 
-function renderSession(s) {
+// ---- the account's leads: a row each; a lead opens in place with its own sessions
+
+function renderLeads(data) {
+  const total = data.account.known_leads + data.account.anonymous_leads;
+  const rows = h("tbody");
+  const more = h("button", { type: "button", class: "more secondary" }, "More leads");
+  let shown = 0;
+  const showMore = () => {
+    rows.append(...data.leads.slice(shown, shown + LEADS_SHOWN).map(leadRow));
+    shown = Math.min(data.leads.length, shown + LEADS_SHOWN);
+    more.hidden = shown >= data.leads.length;
+  };
+  more.onclick = showMore;
+  showMore();
+  return [
+    h("h3", {}, `Leads (${total})`),
+    data.leads.length < total ? h("p", { class: "muted" }, `The ${data.leads.length} most recently active.`) : null,
+    data.leads.length
+      ? h("table", { class: "lead-list", "aria-label": "Leads" },
+        h("thead", {}, h("tr", {}, [["Lead"], ["Channel"], ["Sessions", "num"], ["Events", "num"], ["Score", "num"],
+          ["Tags"]].map(([name, kind]) => h("th", { scope: "col", class: kind }, name)))),
+        rows)
+      : h("p", { class: "muted" }, "Nobody from this account has been seen yet."),
+    more,
+  ];
+}
+
+function leadRow(lead) {
+  const name = lead.known ? lead.email : "Anonymous lead";
+  const open = h("button", { type: "button", class: "lead-open", "aria-expanded": "false", title: lead.lead_id }, name);
+  const row = h("tr", { dataset: { lead: lead.lead_id } },
+    h("td", {}, open, h("div", { class: "muted" }, `seen ${ago(lead.last_seen_ms)} ago`)),
+    h("td", { class: "channel" }, lead.session_count ? channels(lead.first_channel, lead.last_channel) : ""),
+    h("td", { class: "num sessions-count" }, String(lead.session_count)),
+    h("td", { class: "num events-count" }, String(lead.event_count)),
+    h("td", { class: "num score" }, String(lead.score)),
+    h("td", {}, h("div", { class: "tags" }, lead.tags.map((t) => h("span", { class: "tag" }, t)))));
+  open.onclick = () => toggleLead(row, lead.lead_id, open);
+  return row;
+}
+
+/** Expand a lead in place (its profile: the last 5 sessions with their click-stream, 5 more on demand), or
+ * fold it again. */
+async function toggleLead(row, leadId, button) {
+  const open = () => row.nextElementSibling?.classList.contains("lead-detail") ? row.nextElementSibling : null;
+  if (open()) {
+    open().remove();
+    button.setAttribute("aria-expanded", "false");
+    return;
+  }
+  let data;
+  try { data = (await api(`/leads/${enc(leadId)}`)).data; }
+  catch (err) { say(`Lead ${leadId}: ${err.message}`, true); return; }
+  if (open() || !row.isConnected) return;
+  row.after(h("tr", { class: "lead-detail", dataset: { lead: leadId } }, h("td", { colspan: "6" },
+    h("section", { class: "lead-profile", "aria-label": `Lead ${leadName(data.identity)}` },
+      renderLeadDetails(data), renderLeadSessions(data)))));
+  button.setAttribute("aria-expanded", "true");
+}
+
+function renderLeadDetails(data) {
+  const identity = data.identity;
+  if (!identity) return h("p", { class: "muted" }, "No tracked activity yet.");
+  const touch = (t) => (t ? `${t.channel}${t.landing_url ? ` · ${t.landing_url}` : ""} · ${when(t.ts_ms)}` : "");
+  const tags = (data.tags || []).map((t) => (t.rule_id ? `${t.tag} (rule ${t.rule_id})` : t.tag)).join(", ");
+  const properties = Object.entries(data.properties || {}).map(([k, v]) => `${k}: ${v}`).join(", ");
+  return facts([["Email", identity.email || "(anonymous)"],
+    ["Account", data.account ? `${data.account.domain} (${plural(data.account.other_leads, "other lead")})` : ""],
+    ["First seen", when(identity.first_seen_ms)], ["Last seen", when(identity.last_seen_ms)],
+    ["First touch", touch(data.first_touch)], ["Last touch", touch(data.last_touch)],
+    ["Visitors", identity.visitors.length], ["Score", data.score ?? ""], ["Tags", tags], ["Properties", properties]]);
+}
+
+function renderLeadSessions(data) {
+  if (!data.identity) return null;
+  return sessionList(`Sessions (${data.session_count})`, data, "Lead sessions, newest first",
+    async (page) => (await api(`/leads/${enc(data.identity.lead_id)}?page=${page}`)).data, new Map());
+}
+
+function renderAccountSessions(data) {
+  const names = new Map(data.leads.map((l) => [l.lead_id, l.known ? l.email : "anonymous lead"]));
+  return sessionList(`Sessions of all its leads (${data.session_count})`, data, "Sessions, newest first",
+    async (page) => (await api(cardPath(data.card.card_id, `?page=${page}`))).data, names);
+}
+
+/** A click-stream 5 sessions at a time, newest first: `first` is page 0 as the API sent it, `fetchPage(n)`
+ * gets page n. `names`: lead id -> name, for a stream of several leads. */
+function sessionList(title, first, label, fetchPage, names) {
+  const list = h("ol", { class: "sessions", "aria-label": label });
+  const more = h("button", { type: "button", class: "more secondary" }, "5 more sessions");
+  let page = 0;
+  const add = (data) => {
+    list.append(...data.sessions.map((s) => renderSession(s, names)));
+    more.hidden = !data.has_more;
+  };
+  more.onclick = async () => {
+    more.disabled = true;
+    try { add(await fetchPage(page + 1)); page += 1; }
+    catch (err) { say(`Sessions: ${err.message}`, true); }
+    finally { more.disabled = false; }
+  };
+  add(first);
+  return h("div", { class: "click-stream" }, h("h4", {}, title),
+    first.sessions.length ? null : h("p", { class: "muted" }, "No sessions yet."), list, more);
+}
+
+function renderSession(s, names) {
+  const who = s.lead_id ? ` · ${names.get(s.lead_id) || s.lead_id}` : "";
   return h("li", { class: "session", dataset: { session: s.session_id } },
-    h("div", { class: "head" }, `${when(s.start_ms)} · ${s.channel}`, s.lead_id ? ` · ${s.lead_id}` : ""),
-    h("div", { class: "muted" }, `${s.event_count} events · ${Math.round(s.duration_ms / 60000)} min · ${s.landing_url}`),
-    h("ul", { class: "events" }, s.events.map((e) =>
-      h("li", {}, h("span", { class: "type" }, e.type), e.url || e.name || e.title))));
+    h("div", { class: "head" }, `${when(s.start_ms)} · ${s.channel}${who}`),
+    h("div", { class: "muted" }, `${plural(s.event_count, "event")} · ${duration(s.duration_ms)} · ${s.landing_url}`),
+    h("ol", { class: "events" }, s.events.map((e) =>
+      h("li", {}, h("span", { class: "type" }, e.type), h("span", { class: "at" }, new Date(e.ts_ms).toLocaleTimeString()),
+        e.url || e.name || e.title))));
 }
 
 // ---------------------------------------------------------------- start

@@ -119,6 +119,9 @@ EVENT_COLUMNS = ("event_id", "site_id", "type", "ts_ms", "visitor_id", "url", "u
 LEAD_STATE_COLUMNS = ("site_id", "lead_id", "email", "account_domain", "tags", "tag_sources", "score", "properties",
                       "first_ts_ms", "last_activity_ms", "merged_into", "version")
 SESSION_STEPS = ("referrer", "pageview", "pageview", "email_open", "email_click", "exit")
+SESSION_PAGES = (("/blog/lead-scoring", "Lead scoring, explained"), ("/pricing", "Pricing"),
+                 ("/docs/getting-started", "Getting started"), ("/newsletter/spring", "Spring newsletter"),
+                 ("/webinar/spring", "Spring webinar"), ("/signup", "Sign up"))  # one per step
 # Where each seeded visitor browses from: (country, region, city, network organisation, network kind)
 VISITOR_PLACES = {"v-ann": ("NL", "North Holland", "Amsterdam", "Acme Corporation", "business"),
                   "v-anon": ("DE", "Berlin", "Berlin", "Deutsche Telekom AG", "isp")}
@@ -139,13 +142,13 @@ def seed_account_click_stream(settings: Settings, domain: str = "acme.com", sess
         visitor = "v-ann" if i % 2 == 0 else "v-anon"
         start = first_ms + i * HOUR_MS
         session_id = f"s-{i}"
-        urls = [f"https://{domain}/page-{i}-{step}" for step in range(len(SESSION_STEPS))]
+        urls = [f"https://{domain}{path}" for path, _ in SESSION_PAGES]
         session_rows.append((session_id, SITE, visitor, i + 1, start, start + 5 * MINUTE_MS, 5 * MINUTE_MS,
                              len(SESSION_STEPS), 2, urls[0], urls[-1], "https://news.example/", "referral",
                              "desktop", "Chrome", "Linux", "", 1))
-        for step, (type_, url) in enumerate(zip(SESSION_STEPS, urls)):
+        for step, (type_, url, (path, title)) in enumerate(zip(SESSION_STEPS, urls, SESSION_PAGES)):
             event_rows.append((f"{session_id}-e{step}", SITE, type_, start + step * MINUTE_MS, visitor, url,
-                               url.split(domain, 1)[1], f"Page {i}.{step}", "referral", session_id,
+                               path, title, "referral", session_id,
                                "https://news.example/", "spring" if type_.startswith("email") else "",
                                *VISITOR_PLACES[visitor]))
     client = connect(settings.clickhouse())
@@ -161,7 +164,11 @@ def seed_account_click_stream(settings: Settings, domain: str = "acme.com", sess
     return [f"s-{i}" for i in reversed(range(sessions))]
 
 
-def seed_company_card(settings: Settings, company: Company) -> None:
+ACME_COMPANY = Company("acme.com", "Acme Corporation", industry="Software", employees="51-200", employees_min=51,
+                       country="NL", website="https://acme.com/", source="file")
+
+
+def seed_company_card(settings: Settings, company: Company = ACME_COMPANY) -> None:
     """A company card in Redis, as `leadstream companies load` stores it (from any thread: Playwright's sync
     API keeps an event loop running in the test's)."""
 

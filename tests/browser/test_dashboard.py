@@ -1,9 +1,10 @@
 """The LeadBoard page in a real browser: columns, cards and counts; live updates over the stream without a
 reload; drag to move (the command reaches Kafka; without the board processor running the API answers 202, and
 the test applies the command as the board processor does); a refused backward move shown and forced with a reason;
-the Account Panel and its "5 more sessions"; adding an account by domain; the key kept out of URLs. The last
-test runs the real board processor (`leadstream worker --processors board`): drag, processor, Redis, stream,
-page.
+the Account Panel (company, location, networks, lead time, its leads with their channel, sessions, events, score
+and tags; a lead opened with its own sessions, 5 at a time) and its "5 more sessions"; lead time per column;
+adding an account by domain; the key kept out of URLs. The last test runs the real board processor
+(`leadstream worker --processors board`): drag, processor, Redis, stream, page.
 """
 
 from __future__ import annotations
@@ -14,11 +15,22 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from leadstream.runner import Role
-from tests.browser.board_seed import KEY, SITE, expected_partition, read_commands, seed_account_click_stream
+from tests.browser.board_seed import (
+    HOUR_MS,
+    KEY,
+    NOW_MS,
+    SITE,
+    expected_partition,
+    read_commands,
+    seed_account_click_stream,
+    seed_company_card,
+)
 
 pytestmark = pytest.mark.integration
 
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+SCREENSHOT = DOCS / "dashboard.png"
+PANEL_SCREENSHOT = DOCS / "account-panel.png"
 CARDS = (
     ("account:acme.com", "Acme", ("Consideration",), 40),
     ("account:hooli.com", "Hooli", ("Consideration",), 35),
@@ -122,7 +134,7 @@ def test_the_account_panel_opens_and_pages_five_sessions_at_a_time(page, dashboa
     panel = page.get_by_role("complementary", name="Acme")
     expect(panel).to_be_visible()
     expect(panel.locator("dd").nth(1)).to_have_text("Acme Corporation")
-    expect(panel.locator(".leads li")).to_have_count(2)
+    expect(panel.locator(".lead-list tbody tr")).to_have_count(2)
     sessions = panel.locator(".session")
     expect(sessions).to_have_count(5)
     expect(sessions.first.locator(".events .type")).to_have_text(
@@ -132,8 +144,91 @@ def test_the_account_panel_opens_and_pages_five_sessions_at_a_time(page, dashboa
     expect(sessions).to_have_count(7)
     expect(more).to_be_hidden()
     expect(sessions.last).to_have_attribute("data-session", "s-0")
+    assert "null" not in panel.inner_text()
     panel.get_by_role("button", name="Close account panel").click()
     expect(panel).to_be_hidden()
+
+
+def test_the_account_panel_shows_the_company_its_leads_and_a_leads_own_click_stream(page, dashboard):
+    """Ann (known; sessions 0, 2, ... 10 from the office in Amsterdam) and an anonymous colleague (1, 3, ... 11
+    from an ISP in Berlin), first seen 13 h ago; the card entered Consideration 3 h ago."""
+    seed_account_click_stream(dashboard.settings, sessions=12)
+    seed_company_card(dashboard.settings)
+    open_board(page, dashboard)
+    # Consideration: acme.com after 10 h, Hooli at once (nobody from it seen: it counts from entering the board)
+    expect(page.locator('.column[data-stage="consideration"] .stage-lead-time')).to_have_text(
+        "reached in 0m median · 10h p90")
+    card(page, "account:acme.com").click()
+    panel = page.get_by_role("complementary", name="Acme")
+    details = panel.locator(".account-details")
+    for name, value in (("Company", "Acme Corporation"), ("Industry", "Software"), ("Employees", "51-200"),
+                        ("Country", "NL"), ("Website", "https://acme.com/"), ("Known contacts", "1"),
+                        ("Anonymous leads", "1")):
+        expect(details.locator(f'dt:text-is("{name}") + dd')).to_have_text(value)
+    expect(details.locator(".places li")).to_have_text(["Berlin, DE · 1 visitor",  # as many events: by country
+                                                        "Amsterdam, North Holland, NL · 1 visitor"])
+    expect(details.locator(".networks li")).to_have_text(["Acme Corporation · business · 1 visitor",
+                                                          "Deutsche Telekom AG · isp · 1 visitor"])
+    expect(panel.locator(".lead-time li")).to_have_text(["Consideration 10h"])
+    expect(panel.locator(".lead-time-total")).to_have_text("Not in Customer yet; first seen 13h ago.")
+
+    rows = panel.locator(".lead-list tbody tr")
+    expect(rows).to_have_count(2)
+    ann, colleague = rows.nth(0), rows.nth(1)
+    expect(ann.locator(".lead-open")).to_have_text("ann@acme.com")
+    expect(colleague.locator(".lead-open")).to_have_text("Anonymous lead")
+    for row, score, tag in ((ann, "40", "Consideration"), (colleague, "15", "Webinar")):
+        expect(row.locator(".channel")).to_have_text("referral")
+        expect(row.locator(".sessions-count")).to_have_text("6")
+        expect(row.locator(".events-count")).to_have_text("36")
+        expect(row.locator(".score")).to_have_text(score)
+        expect(row.locator(".tag")).to_have_text([tag])
+
+    ann.locator(".lead-open").click()
+    profile = panel.get_by_role("region", name="Lead ann@acme.com")
+    expect(profile).to_be_visible()
+    expect(profile.locator('dt:text-is("Tags") + dd')).to_have_text("Consideration")
+    lead_sessions = profile.locator(".session")
+    expect(lead_sessions).to_have_count(5)
+    assert lead_sessions.evaluate_all("nodes => nodes.map(n => n.dataset.session)") == ["s-10", "s-8", "s-6", "s-4",
+                                                                                        "s-2"]
+    expect(lead_sessions.first.locator(".events .type")).to_have_text(
+        ["referrer", "pageview", "pageview", "email_open", "email_click", "exit"])
+    expect(lead_sessions.first.locator(".events li").nth(1)).to_contain_text("https://acme.com/pricing")
+    assert "null" not in panel.inner_text()
+    page.set_viewport_size({"width": 1300, "height": 1500})  # the picture for the docs: a lead opened, from the top
+    panel.evaluate("node => { node.scrollTop = 0; }")
+    page.screenshot(path=str(PANEL_SCREENSHOT))
+
+    more = profile.get_by_role("button", name="5 more sessions")
+    more.click()
+    expect(lead_sessions).to_have_count(6)
+    expect(lead_sessions.last).to_have_attribute("data-session", "s-0")
+    expect(more).to_be_hidden()
+    ann.locator(".lead-open").click()  # folds it again
+    expect(profile).to_have_count(0)
+    assert "null" not in panel.inner_text()
+
+
+def test_other_views_open_a_card_or_a_lead_by_id_and_empty_panels_say_so(page, dashboard):
+    seed_account_click_stream(dashboard.settings, sessions=7)
+    dashboard.seeder.show(("lead:lead-solo", "Solo", (), 5))
+    open_board(page, dashboard)
+    page.evaluate("openLead('lead-anon')")
+    panel = page.locator("#panel")
+    expect(page.locator("#panel-title")).to_have_text("Anonymous lead lead-anon")
+    expect(panel.locator(".session")).to_have_count(3)
+    expect(panel.locator('dt:text-is("Tags") + dd')).to_have_text("Webinar")
+    page.evaluate("openCard('lead:lead-solo')")  # a lead card ClickHouse knows nothing of yet
+    expect(page.locator("#panel-title")).to_have_text("Solo")
+    expect(panel).to_contain_text("No tracked activity yet.")
+    expect(panel.locator(".lead-time li")).to_have_text(["New 0m"])
+    assert "null" not in panel.inner_text()
+    page.evaluate("openCard('account:initech.com')")  # on the board, nobody from it seen
+    expect(page.locator("#panel-title")).to_have_text("Initech")
+    expect(panel).to_contain_text("Nobody from this account has been seen yet.")
+    expect(panel).to_contain_text("No sessions yet.")
+    assert "null" not in panel.inner_text()
 
 
 def test_add_an_account_by_domain(page, dashboard):

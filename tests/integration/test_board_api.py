@@ -30,7 +30,6 @@ from api.routes.rules import REDACTED
 from processors.lookup_tables import publish_ip_ranges
 from processors.runtime.writes import RedisWrites
 from schemas.boards import CommandResult
-from schemas.companies import Company
 from schemas.rules import RuleExecution
 from schemas.settings import Settings
 from sinks.clickhouse import connect, insert_columnar
@@ -56,8 +55,6 @@ from tests.browser.board_seed import (
 
 pytestmark = pytest.mark.integration
 BOARD = f"/v1/sites/{SITE}/boards/pipeline"
-ACME_CARD = Company("acme.com", "Acme Corporation", industry="Software", employees="51-200", employees_min=51,
-                    country="NL", website="https://acme.com/", source="file")
 
 
 @pytest.fixture
@@ -266,7 +263,7 @@ def test_an_accounts_ownership_is_its_leads_ownership():
 
 def test_account_panel_pages_the_accounts_click_stream(api, seeder, settings):
     sessions = seed_account_click_stream(settings, sessions=7)
-    seed_company_card(settings, ACME_CARD)
+    seed_company_card(settings)
     seeder.show(("account:acme.com", "Acme", ("Consideration",), 30), ("lead:lead-solo", "Solo", (), 5))
     first = api.get(f"{BOARD}/cards/account:acme.com").json()
     assert first["kind"] == "account" and first["card"]["stage_id"] == "consideration"
