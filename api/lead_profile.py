@@ -158,15 +158,8 @@ class AccountLead:
     last_seen_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class LeadActivity:
-    first_channel: str
-    last_channel: str
-    session_count: int
-    event_count: int
-
-
-NO_ACTIVITY = LeadActivity("", "", 0, 0)
+Activity = tuple[str, str, int, int]  # a lead's first channel, last channel, sessions, events
+Standing = tuple[int, tuple[str, ...]]  # a lead's score and tags
 
 
 @dataclass(frozen=True, slots=True)
@@ -682,15 +675,15 @@ def account_networks(client: QueryClient, site_id: str, domain: str) -> tuple[Ne
     return tuple(Network(*row) for row in client.execute(ACCOUNT_NETWORKS_SQL, {"site_id": site_id, "domain": domain}))
 
 
-def lead_activity(client: QueryClient, site_id: str, owned_by_lead: dict[str, Intervals]) -> dict[str, LeadActivity]:
+def lead_activity(client: QueryClient, site_id: str, owned_by_lead: dict[str, Intervals]) -> dict[str, Activity]:
     """Each lead's activity over its ownership; leads without a session are left out."""
     if not merge_intervals(owned_by_lead):
         return {}
     rows = client.execute(LEAD_ACTIVITY_SQL, {"site_id": site_id}, external_tables=[owned_table(owned_by_lead)])
-    return {lead_id: LeadActivity(first, last, sessions, events) for lead_id, sessions, events, first, last in rows}
+    return {lead_id: (first, last, sessions, events) for lead_id, sessions, events, first, last in rows}
 
 
-def lead_standings(client: QueryClient, site_id: str, lead_ids: Collection[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
+def lead_standings(client: QueryClient, site_id: str, lead_ids: Collection[str]) -> dict[str, Standing]:
     """(score, tags) of each of `lead_ids` that a rule has touched."""
     if not lead_ids:
         return {}
@@ -698,17 +691,11 @@ def lead_standings(client: QueryClient, site_id: str, lead_ids: Collection[str])
     return {lead_id: (int(score), tuple(tags)) for lead_id, score, tags in rows}
 
 
-def panel_leads(leads: Iterable[AccountLead], activity: dict[str, LeadActivity],
-                standings: dict[str, tuple[int, tuple[str, ...]]]) -> tuple[PanelLead, ...]:
+def panel_leads(leads: Iterable[AccountLead], activity: dict[str, Activity], standings: dict[str, Standing]
+                ) -> tuple[PanelLead, ...]:
     """The listed leads, in their order, each with its activity and standing (none yet: zeros and no tags)."""
-    listed = []
-    for lead in leads:
-        did = activity.get(lead.lead_id, NO_ACTIVITY)
-        score, tags = standings.get(lead.lead_id, (0, ()))
-        listed.append(PanelLead(**{f.name: getattr(lead, f.name) for f in fields(lead)},
-                                first_channel=did.first_channel, last_channel=did.last_channel,
-                                session_count=did.session_count, event_count=did.event_count, score=score, tags=tags))
-    return tuple(listed)
+    return tuple(PanelLead(*(getattr(lead, f.name) for f in fields(lead)), *activity.get(lead.lead_id, ("", "", 0, 0)),
+                           *standings.get(lead.lead_id, (0, ()))) for lead in leads)
 
 
 def account_size(client: QueryClient, site_id: str, domain: str) -> int:

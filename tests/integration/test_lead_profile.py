@@ -164,7 +164,8 @@ def dataset_rows() -> dict[str, tuple[Sequence[str], list[tuple]]]:
         "retention_runs": (("table_name", "days", "cutoff", "action", "partitions", "rows", "ts_ms"),
                            [("events", 395, date(2025, 1, 1), "nothing", [], 0, BASE_MS)]),
         "lead_state": (LEAD_STATE_COLUMNS, [
-            (SITE, "lead-ada", "ada@acme.com", "acme.com", ["Consideration"], "{}", 15, "{}", ada_first, ada_last, "", 1),
+            (SITE, "lead-ada", "ada@acme.com", "acme.com", ["Consideration"], "{}", 15, "{}", ada_first, ada_last, "",
+             1),
             (SITE, "lead-ada", "ada@acme.com", "acme.com", ["Consideration", "Decision"], "{}", 70, "{}", ada_first,
              ada_last, "", 2),  # the newer version
             ("other-site", "lead-bob", "", "", ["Elsewhere"], "{}", 99, "{}", 0, 0, "", 1)]),

@@ -12,6 +12,9 @@ Dataset (site "lt"): on board "pipeline" (account cards; new -> consideration ->
 - lead:lead-anon (merged into Ada) and lead:lead-dan (joined acme.com) moved before they left the board.
 On board "people" (lead cards; new -> hot): Dan (first seen 20 h) new at 21 h, hot at 25 h; lead-anon new.
 Rows of another site and of another board must never count.
+
+The last test runs it end to end: commands through the API, the real board processor and the stage changes'
+sink, then the lead time the API reads back.
 """
 
 from __future__ import annotations
@@ -19,17 +22,24 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import replace
 from typing import Callable, Sequence
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api import lead_time as lt
+from leadstream.runner import Role
 from schemas.boards import BoardDefinition, StageChange, StageDefinition
 from sinks import clickhouse
 from sinks.table_sink import TABLES
+from tests.browser.board_seed import API_KEYS, KEY, serve_api
+from tests.browser.board_seed import PIPELINE as BOARD_PIPELINE
+from tests.browser.board_seed import SITE as BOARD_SITE
 from tests.integration.test_lead_profile import ChdbClient
+from tests.integration.test_stage_deletion import applied, eventually
 
 SITE = "lt"
 HOUR_MS = 3_600_000
@@ -226,7 +236,8 @@ class TestOnChdb:
                 expected.setdefault(stage, []).append(min(ts for s, ts in moves if s == stage) - start)
         figures = lt.read_board_lead_time(chdb_client, site, PIPELINE)
         assert {s.stage_id: (s.cards, s.median_ms, s.p90_ms) for s in figures.stages if s.cards} == {
-            stage: (len(times), nearest_rank(times, 0.5), nearest_rank(times, 0.9)) for stage, times in expected.items()}
+            stage: (len(times), nearest_rank(times, 0.5), nearest_rank(times, 0.9))
+            for stage, times in expected.items()}
 
 
 @pytest.mark.integration
@@ -234,3 +245,33 @@ class TestOnClickHouse18:
     def test_cards_and_boards(self, ch_client):
         check_cards(ch_client)
         check_boards(ch_client)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_lead_time_follows_moves_through_the_board_processor_and_the_sink(settings, roles):
+    """acme.com's first lead was seen 10 hours ago; the account is added by domain, then won: its lead time
+    is 10 hours, on the board's figures and in its panel. initech.com, nobody from it seen, is added too."""
+    roles += [Role(settings, "worker", "worker", "--processors", "board").start(),
+              Role(settings, "sink", "sink", "--tables", "stage_changes").start()]
+    seen_ms = int(time.time() * 1000) - 10 * HOUR_MS
+    clickhouse.insert_columnar(clickhouse.connect(settings.clickhouse()), "leads", LEAD_COLUMNS, [
+        ("lead-ann", BOARD_SITE, "ann@acme.com", ["v-ann"], "acme.com", "", seen_ms, seen_ms, 1)])
+    board = f"/v1/sites/{BOARD_SITE}/boards/{BOARD_PIPELINE.id}"
+    with serve_api(replace(settings, api_keys=API_KEYS)) as base, \
+            httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30) as http:
+        assert http.put(board, json=BOARD_PIPELINE.model_dump(mode="json", exclude_unset=True)).status_code == 200
+        for domain in ("acme.com", "initech.com"):
+            applied(http, f"{board}/cards", {"domain": domain}, f"add-{domain}")
+        applied(http, f"{board}/cards/account:acme.com/move", {"to": "customer"}, "won-acme")
+        won_ms = int(time.time() * 1000)
+
+        figures = eventually(lambda: (answer := http.get(f"{board}/lead-time").json())["lead_time"]["cards"] == 1
+                             and answer, timeout_s=60)
+        assert [(s["stage_id"], s["cards"]) for s in figures["stages"]] == [
+            ("new", 2), ("consideration", 0), ("decision", 0), ("customer", 1)]
+        assert 10 * HOUR_MS <= figures["lead_time"]["median_ms"] <= won_ms - seen_ms
+        assert figures["stages"][0]["median_ms"] <= 60_000  # initech.com counts from entering the board
+        panel = http.get(f"{board}/cards/account:acme.com").json()["lead_time"]
+        assert panel["start_ms"] == seen_ms and [s["stage_id"] for s in panel["stages"]] == ["new", "customer"]
+        assert panel["lead_time_ms"] == figures["lead_time"]["median_ms"]
