@@ -2,7 +2,7 @@
 `lead_state` (sinks/migrations/0005_*.sql):
 - `rule_executions`: a rule's latest firings, newest first, a page at a time (`GET rules/{id}/executions`).
 - `lead_state`: a lead's current tags (with why it has each), score and properties (the Lead Profile's
-  `tags`, `score`, `properties`).
+  `tags`, `score`, `properties`: `full_lead_profile` is the profile with them).
 
 Both tables are ReplacingMergeTree tables that a replay can write twice: the page reads with FINAL; the
 lead lookup uses argMax (a point lookup, where FINAL on 18.16 would merge whole granules). The SQL texts
@@ -12,12 +12,12 @@ tables), and its tests check they match.
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any
 
 import orjson
 
-from api.lead_profile import QueryClient
+from api.lead_profile import QueryClient, lead_profile
 from schemas.rules import RuleExecution
 
 MAX_EXECUTIONS_PAGE = 500
@@ -61,6 +61,15 @@ def lead_state(client: QueryClient, site_id: str, lead_id: str) -> dict[str, Any
         return {"tags": [], "score": 0, "properties": {}}
     tags, tag_sources, score, properties = rows[0]
     return {"tags": tag_list(tags, tag_sources), "score": int(score), "properties": orjson.loads(properties or "{}")}
+
+
+def full_lead_profile(client: QueryClient, site_id: str, lead_id: str, page: int = 0) -> dict[str, Any] | None:
+    """The Lead Profile (api.lead_profile) with the lead's `tags`, `score` and `properties`, JSON-ready; None if
+    the site has no such lead."""
+    found = lead_profile(client, site_id, lead_id, page=page)
+    if found is None:
+        return None
+    return asdict(found) | lead_state(client, site_id, found.identity.lead_id)
 
 
 def tag_list(tags: list[str], tag_sources: str) -> list[dict[str, Any]]:

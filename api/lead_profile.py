@@ -677,7 +677,7 @@ def account_networks(client: QueryClient, site_id: str, domain: str) -> tuple[Ne
 
 def lead_activity(client: QueryClient, site_id: str, owned_by_lead: dict[str, Intervals]) -> dict[str, Activity]:
     """Each lead's activity over its ownership; leads without a session are left out."""
-    if not merge_intervals(owned_by_lead):
+    if not any(owned_by_lead.values()):
         return {}
     rows = client.execute(LEAD_ACTIVITY_SQL, {"site_id": site_id}, external_tables=[owned_table(owned_by_lead)])
     return {lead_id: (first, last, sessions, events) for lead_id, sessions, events, first, last in rows}

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel, Field
 
 from api.analytics import Analytics
+from api.automation_queries import full_lead_profile
 from api.commands import REFUSAL_STATUS, STALE_VERSION, CommandBus, CommandOutcome, etag, now_ms, person_command
 from api.dependencies import (
     AnalyticsDep,
@@ -46,7 +47,6 @@ from api.lead_profile import (
 )
 from api.lead_time import CardLeadTime, read_card_lead_time
 from api.problems import COMMAND_ERRORS, ERRORS, Problem
-from api.routes.leads import full_lead_profile
 from processors.accounts import AccountRefused, manual_account
 from processors.board_store import BoardStore
 from processors.boards import EMPTY_NOTE, WRONG_CARD_KIND, CardState, Cause, MoveRequest, decide
@@ -225,7 +225,7 @@ async def get_card(grant: ReadGrant, board: SiteBoard, card_id: str, store: Boar
 async def _lead_panel(analytics: Analytics, site_id: str, lead_id: str, page: int) -> dict[str, Any]:
     """The Lead Profile with the lead's tags, score and properties; a lead ClickHouse has no rows for yet has
     an empty one."""
-    profile = await full_lead_profile(analytics, site_id, lead_id, page)
+    profile = await analytics.read(full_lead_profile, site_id, lead_id, page=page)
     if profile is None:
         return {"identity": None, "account": None, "first_touch": None, "last_touch": None, "session_count": 0,
                 "page": page, "page_size": PAGE_SIZE, "sessions": [], "has_more": False, "tags": [], "score": 0,

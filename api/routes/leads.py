@@ -8,10 +8,9 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 
-from api.analytics import Analytics
-from api.automation_queries import lead_state
+from api.automation_queries import full_lead_profile
 from api.dependencies import AnalyticsDep, ReadGrant, SettingsDep, SiteRoute
-from api.lead_profile import account_leads, lead_profile, leads_by_channel
+from api.lead_profile import account_leads, leads_by_channel
 from api.problems import ERRORS, Problem
 from processors.accounts import normalise_host
 
@@ -30,18 +29,10 @@ async def recent_leads(grant: ReadGrant, analytics: AnalyticsDep, limit: int = Q
     return [dict(zip(("lead_id", "email", "account", "visitors", "last_ts_ms"), row)) for row in rows]
 
 
-async def full_lead_profile(analytics: Analytics, site_id: str, lead_id: str, page: int) -> dict[str, Any] | None:
-    """The Lead Profile with the lead's `tags`, `score` and `properties`; None if the site has no such lead."""
-    found = await analytics.read(lead_profile, site_id, lead_id, page=page)
-    if found is None:
-        return None
-    return dataclasses.asdict(found) | await analytics.read(lead_state, site_id, found.identity.lead_id)
-
-
 @router.get("/leads/{lead_id}")
 async def profile(grant: ReadGrant, lead_id: str, analytics: AnalyticsDep,
                   page: int = Query(0, ge=0, le=10_000)) -> dict[str, Any]:
-    found = await full_lead_profile(analytics, grant.site, lead_id, page)
+    found = await analytics.read(full_lead_profile, grant.site, lead_id, page=page)
     if found is None:
         raise Problem(404, "no such lead", lead_id)
     return found
