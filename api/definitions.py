@@ -1,5 +1,7 @@
-"""Rules and boards written through the API: the PUT body as a definition, and the store's refusals, as
-problem answers (422 naming the field; 422 `site_limit` when the site would exceed one of its limits)."""
+"""Rules, segments and boards written through the API: the PUT body as a definition, and the store's
+refusals, as problem answers: 422 naming the field; 422 `site_limit` when the site would exceed one of its
+limits; 409 `in_use` for a delete while other definitions refer to the entry. A refusal's `detail` joins its
+problems with "; ", and its `problems` member lists them, one line each."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.problems import Problem
 from schemas.boards import DEFINITION_ID
-from schemas.definitions import DefinitionsError
+from schemas.definitions import DefinitionInUse, DefinitionsError
 
 VALID_ID = re.compile(DEFINITION_ID)
 M = TypeVar("M", bound=BaseModel)
@@ -32,7 +34,7 @@ def validated(model: type[M], data: dict[str, Any], path_id: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise Problem(422, "invalid definition", "; ".join(map(_field_problem, err.errors()))) from err
+        raise refused(422, "invalid definition", [_field_problem(error) for error in err.errors()]) from err
 
 
 def _field_problem(error: Mapping[str, Any]) -> str:
@@ -42,11 +44,18 @@ def _field_problem(error: Mapping[str, Any]) -> str:
     return f"{path}: {message}" if path else message
 
 
+def refused(status: int, title: str, problems: list[str], code: str = "") -> Problem:
+    return Problem(status, title, "; ".join(problems), code, problems=problems)
+
+
 async def stored(write: Awaitable[T]) -> T:
-    """A definitions write; refused whole (422, every problem named) when the site's set would not hold."""
+    """A definitions write; refused whole (422, every problem named) when the site's set would not hold, a
+    delete refused (409) while something refers to the entry."""
     try:
         return await write
+    except DefinitionInUse as err:
+        raise refused(409, "definition in use", err.problems, "in_use") from err
     except DefinitionsError as err:
         if err.limit:
-            raise Problem(422, "site limit reached", "; ".join(err.problems), "site_limit") from err
-        raise Problem(422, "invalid definition", "; ".join(err.problems)) from err
+            raise refused(422, "site limit reached", err.problems, "site_limit") from err
+        raise refused(422, "invalid definition", err.problems) from err

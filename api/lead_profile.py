@@ -465,7 +465,10 @@ FROM (
     ALL INNER JOIN (
 {indent(OWNERSHIP_SQL, ' ' * 8)}
     ) AS ownership USING visitor_id
-    WHERE start_ms >= since_ts_ms AND start_ms < until_ts_ms
+    WHERE start_ms >= since_ts_ms AND start_ms < until_ts_ms AND lead_id IN (
+        SELECT lead_id FROM leads FINAL
+        WHERE site_id = %(site_id)s AND merged_into = '' AND (email != '' OR account_domain != '')
+    )
     GROUP BY lead_id
 )
 ARRAY JOIN [first_channel, last_channel] AS channel, ['first', 'last'] AS touch
@@ -710,8 +713,8 @@ def account_leads(client: QueryClient, site_id: str, domain: str, limit: int = M
 
 
 def leads_by_channel(client: QueryClient, site_id: str, touch: Literal["first", "last"] = "first") -> dict[str, int]:
-    """How many current leads each channel brought, by the channel of their first (or latest) session,
-    largest first."""
+    """How many current leads (known, or with an account: other visitors are not leads) each channel brought,
+    by the channel of their first (or latest) session, largest first."""
     if touch not in ("first", "last"):
         raise ValueError("touch must be 'first' or 'last'")
     column = 1 if touch == "first" else 2

@@ -96,11 +96,13 @@ def _documented(*answers: tuple[int, str]) -> dict[int, dict]:
 
 # The problem answers of the OpenAPI description, per kind of operation.
 ERRORS = _documented((400, "malformed request"), (401, "API key required"),
-                     (403, "key not for this site, or read-only"), (404, "no such board, card or rule on this site"),
-                     (503, "a store is unavailable"))
+                     (403, "key not for this site, or read-only"),
+                     (404, "no such board, card, rule or segment on this site"), (503, "a store is unavailable"))
 WRITE_ERRORS = ERRORS | _documented((413, "request body too large"),
                                     (422, "invalid body, or a site limit reached"))
 COMMAND_ERRORS = WRITE_ERRORS | _documented((409, "refused by the stage machine (`code`: stage_regression, ...)"),
                                             (412, "If-Match is not the current board version"),
                                             (422, "invalid body, unknown stage, free-mail domain"))
+DELETE_ERRORS = ERRORS | _documented((409, "other definitions still refer to it (`code`: in_use; `problems`: "
+                                          "one line per reference)"))
 STREAM_ERRORS = ERRORS | _documented((429, "too many open streams for this key"))

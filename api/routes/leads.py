@@ -1,5 +1,6 @@
-"""The read API over ClickHouse: recent known leads, the Lead Profile, an account's leads and leads by
-acquisition channel (read models in api.lead_profile and api.automation_queries)."""
+"""The read API over ClickHouse: recent leads, the Lead Profile, an account's leads and leads by acquisition
+channel (read models in api.lead_profile and api.automation_queries). A lead is a known contact or an
+anonymous employee of a company (an account is known); lists and counts leave other visitors out."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from api.problems import ERRORS, Problem
 from processors.accounts import normalise_host
 
 # Sort and group by aliases, never by position: ClickHouse 18.16 reads `ORDER BY 2` as a constant.
+# Leads only: known contacts and anonymous employees of an account; other visitors are not leads.
 RECENT_LEADS_SQL = """SELECT lead_id, email, account_domain, length(visitors), last_ts_ms
-FROM leads FINAL WHERE site_id = %(site)s AND merged_into = '' AND email != ''
+FROM leads FINAL WHERE site_id = %(site)s AND merged_into = '' AND (email != '' OR account_domain != '')
 ORDER BY last_ts_ms DESC LIMIT %(limit)s"""
 
 router = APIRouter(prefix="/v1/sites/{site_id}", tags=["leads"], route_class=SiteRoute, responses=ERRORS)
@@ -25,8 +27,11 @@ router = APIRouter(prefix="/v1/sites/{site_id}", tags=["leads"], route_class=Sit
 @router.get("/leads")
 async def recent_leads(grant: ReadGrant, analytics: AnalyticsDep, limit: int = Query(20, ge=1, le=200)
                        ) -> list[dict]:
+    """The most recently active leads: known contacts and anonymous employees of an account (`known`: false,
+    `email`: ''). A visitor who is neither is not a lead."""
     rows = await analytics.read(lambda client: client.execute(RECENT_LEADS_SQL, {"site": grant.site, "limit": limit}))
-    return [dict(zip(("lead_id", "email", "account", "visitors", "last_ts_ms"), row)) for row in rows]
+    return [dict(zip(("lead_id", "email", "account", "visitors", "last_ts_ms"), row), known=bool(row[1]))
+            for row in rows]
 
 
 @router.get("/leads/{lead_id}")

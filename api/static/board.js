@@ -1,7 +1,8 @@
 // LeadBoard page: renders a board from the /v1 board API, moves cards by drag and drop, opens the Account
 // Panel (and, from it, a lead's profile), shows lead times, adds accounts by domain, and follows the board's
 // live stream. No framework, no external requests.
-// Other views of the page open a panel by id: openCard(cardId) (a card of the board shown) and openLead(leadId).
+// The page's other view (segments.js) uses its helpers through window.leadBoard: openCard(cardId) (a card of the
+// board shown), openLead(leadId), openPanel(what, path, render) for a panel of its own.
 "use strict";
 
 const STORE = { site: "leadstream.site", key: "leadstream.key", board: "leadstream.board" };
@@ -379,24 +380,27 @@ const leadName = (identity) => (identity ? identity.email || `Anonymous lead ${i
 const channels = (first, last) => (first === last ? first : `${first} → ${last}`);
 const stageName = (stageId) => (state.board?.stages || []).find((s) => s.id === stageId)?.name || stageId;
 
-/** Open the panel of a card of the board shown: an account card's Account Panel, a lead card's Lead Profile. */
-async function openCard(cardId) {
-  const ticket = ++state.panelTicket;
-  let data;
-  try { data = (await api(cardPath(cardId))).data; }
-  catch (err) { say(`Card ${cardId}: ${err.message}`, true); return; }
-  if (ticket !== state.panelTicket) return;  // another panel was asked for meanwhile
-  showPanel(data.card.title || cardId, renderCardPanel(data));
+/** Open the panel of a card of the board shown: an account card's Account Panel, a lead card's Lead Profile.
+ * Resolves to false when the card cannot be read (e.g. it is not on this board). */
+function openCard(cardId) {
+  return openPanel(`Card ${cardId}`, cardPath(cardId), (data) => [data.card.title || cardId, renderCardPanel(data)]);
 }
 
 /** Open a lead's profile on its own, e.g. a lead listed by another view of the page. */
-async function openLead(leadId) {
+function openLead(leadId) {
+  return openPanel(`Lead ${leadId}`, `/leads/${enc(leadId)}`,
+    (data) => [leadName(data.identity), [renderLeadDetails(data), renderLeadSessions(data)]]);
+}
+
+/** Read `path` and show the panel `render(data)` makes of it ([title, children]). Resolves to false when the read
+ * failed (the status line says why); an answer that arrives after another panel was asked for is dropped. */
+async function openPanel(what, path, render) {
   const ticket = ++state.panelTicket;
   let data;
-  try { data = (await api(`/leads/${enc(leadId)}`)).data; }
-  catch (err) { say(`Lead ${leadId}: ${err.message}`, true); return; }
-  if (ticket !== state.panelTicket) return;
-  showPanel(leadName(data.identity), [renderLeadDetails(data), renderLeadSessions(data)]);
+  try { data = (await api(path)).data; }
+  catch (err) { say(`${what}: ${err.message}`, true); return false; }
+  if (ticket === state.panelTicket) showPanel(...render(data));
+  return true;
 }
 
 function showPanel(title, children) {
@@ -613,6 +617,15 @@ function renderSession(s, names) {
       h("li", {}, h("span", { class: "type" }, e.type), h("span", { class: "at" }, new Date(e.ts_ms).toLocaleTimeString()),
         e.url || e.name || e.title))));
 }
+
+// ---------------------------------------------------------------- what the page's other view uses (segments.js)
+
+window.leadBoard = Object.freeze({
+  api, h, say, when, ago, facts, leadName, openCard, openLead, openPanel,
+  signedIn: () => Boolean(state.site && state.key),
+  credentials: () => ({ site: state.site, key: state.key }),
+  board: () => state.board,  // {id, name, card, stages} once a board is loaded
+});
 
 // ---------------------------------------------------------------- start
 

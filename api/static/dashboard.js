@@ -1,4 +1,4 @@
-// The analytics page at /: the site summary, the recent known leads and a lead's profile, read from the
+// The analytics page at /: the site summary, the recent leads and a lead's profile, read from the
 // /v1 API. Every value from the API becomes text in nodes made here (never HTML), so data cannot become markup.
 "use strict";
 
@@ -30,7 +30,7 @@ async function api(path) {
 }
 
 const titles = { events_by_type: "Events by type", events_by_channel: "Events by channel (humans)",
-  sessions_by_channel: "Sessions by channel", leads: "Leads", top_accounts: "Top accounts", bots: "Bots (flagged, kept)" };
+  sessions_by_channel: "Sessions by channel", leads: "Visitors and leads", top_accounts: "Top accounts", bots: "Bots (flagged, kept)" };
 
 function showError(where, message) {
   el(where).replaceChildren(h("span", { class: "err" }, message));
@@ -48,7 +48,8 @@ async function load() {
     const leads = await api("/leads?limit=25");
     el("leads").replaceChildren(...leads.map((lead) =>
       h("tr", {},
-        h("td", {}, h("a", { onclick: () => profile(lead.lead_id) }, String(lead.email))),
+        h("td", {}, h("a", { onclick: () => profile(lead.lead_id) },
+          lead.known ? String(lead.email) : `Anonymous lead ${String(lead.lead_id).slice(-6)}`)),
         h("td", {}, String(lead.account || "")),
         h("td", { class: "n" }, String(lead.visitors)))));
   } catch (e) { showError("site", e.message); }
