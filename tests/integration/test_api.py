@@ -28,9 +28,17 @@ def client(settings):
     ch = connect(settings.clickhouse())
     insert_columnar(ch, "leads", TABLES["leads"].columns, [
         ["lead_1", "acme", "ann@acme.com", ["v1"], "acme.com", "", 1000, 2000, "e1", 1, 1],
-        ["lead_2", "acme", "", ["v2"], "", "", 1000, 3000, "e2", 1, 1],
+        ["lead_2", "acme", "", ["v2"], "", "", 1000, 3000, "e2", 1, 1],  # a visitor: neither known nor of an account
+        ["lead_3", "acme", "", ["v3"], "initech.com", "", 1000, 2500, "e3", 1, 1],  # an anonymous employee
     ])
-    insert_columnar(ch, "visitor_leads", TABLES["visitor_leads"].columns, [["acme", "v1", 0, "lead_1", 1]])
+    insert_columnar(ch, "events", ("event_id", "site_id", "type", "ts_ms", "visitor_id", "is_bot"),
+                    [[f"e{v}", "acme", "pageview", 1000, f"v{v}", 0] for v in (1, 2, 3)]
+                    + [["e-bot", "acme", "pageview", 1000, "v-bot", 1]])
+    insert_columnar(ch, "visitor_leads", TABLES["visitor_leads"].columns,
+                    [["acme", f"v{n}", 0, f"lead_{n}", 1] for n in (1, 2, 3)])
+    insert_columnar(ch, "sessions", ("session_id", "site_id", "visitor_id", "start_ms", "channel", "version"),
+                    [[f"s{n}", "acme", f"v{n}", 1000, channel, 1] for n, channel in ((1, "email"), (2, "paid"),
+                                                                                     (3, "organic"))])
     return TestClient(create_app(replace(settings, api_keys=f"acme:{ACME},other:{OTHER}")))
 
 
@@ -42,7 +50,8 @@ def test_keys_are_scoped_to_one_site(client):
     assert forbidden.json()["title"] == "this API key is not for this site"
     ok = client.get("/v1/sites/acme/summary", headers={"X-API-Key": ACME})
     assert ok.status_code == 200
-    assert ok.json()["leads"] == [["anonymous", 1], ["known", 1]]
+    assert ok.json()["leads"] == [["visitors", 3], ["leads", 2], ["known", 1], ["anonymous, with an account", 1],
+                                  ["visitors who are not leads", 1]]
 
 
 def test_bad_input_is_4xx_with_a_problem_body(client):
@@ -55,7 +64,10 @@ def test_bad_input_is_4xx_with_a_problem_body(client):
 
 def test_recent_leads_and_profile(client):
     leads = client.get("/v1/sites/acme/leads", headers={"X-API-Key": ACME}).json()
-    assert [lead["email"] for lead in leads] == ["ann@acme.com"]
+    assert [(lead["lead_id"], lead["email"], lead["known"]) for lead in leads] == [
+        ("lead_3", "", False), ("lead_1", "ann@acme.com", True)]  # leads only: lead_2 is a visitor
+    by_channel = client.get("/v1/sites/acme/leads-by-channel", headers={"X-API-Key": ACME}).json()
+    assert by_channel == {"email": 1, "organic": 1}  # not lead_2's paid session
     profile = client.get("/v1/sites/acme/leads/lead_1", headers={"X-API-Key": ACME}).json()
     assert profile["identity"]["email"] == "ann@acme.com"
     assert profile["account"]["domain"] == "acme.com"

@@ -401,6 +401,7 @@ def docs_sql_blocks() -> list[str]:
 # Its queries run over automation and board tables this dataset leaves empty: test_automation_queries.py
 # runs them over a dataset of their own.
 AUTOMATION_SECTION = "Workflow automation and LeadBoards"
+SEGMENT_SECTIONS = ("Segments", "The segments API's queries")  # run over their own dataset (test_segment_queries.py)
 
 
 def docs_sections() -> dict[str, list[str]]:
@@ -416,10 +417,11 @@ DOC_OWNED = {"va1": [(0, lp.FOREVER_MS)], "va2": [(0, lp.FOREVER_MS)]}  # Ada's 
 
 
 def run_docs_queries(client) -> list[int]:
-    """Row count of every ```sql block of docs/queries.md outside AUTOMATION_SECTION; %(name)s parameters
-    get DOC_PARAMS, and the external table `owned` Ada's ownership."""
+    """Row count of every ```sql block of docs/queries.md outside AUTOMATION_SECTION and SEGMENT_SECTIONS;
+    %(name)s parameters get DOC_PARAMS, and the external table `owned` Ada's ownership."""
     counts = []
-    for block in (b for title, blocks in docs_sections().items() if title != AUTOMATION_SECTION for b in blocks):
+    skipped = (AUTOMATION_SECTION, *SEGMENT_SECTIONS)
+    for block in (b for title, blocks in docs_sections().items() if title not in skipped for b in blocks):
         params = DOC_PARAMS if "%(" in block else None
         counts.append(len(client.execute(block, params, external_tables=[lp.owned_table({"lead-ada": DOC_OWNED})])))
     return counts
