@@ -20,6 +20,7 @@ from pathlib import Path
 import orjson
 import redis.asyncio as aioredis
 
+from api.segment_members import member_counts
 from api.site_summary import SUMMARY
 from leadstream.admin import apply_definitions_text, load_companies, publish_ip_table
 from leadstream.runner import Role, produce, start_workers, wait_drained, wait_for
@@ -28,6 +29,7 @@ from processors import webhooks
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
 from schemas.rules import webhook_secret_name
+from schemas.segments import Segment
 from schemas.settings import Settings
 from sinks import clickhouse
 
@@ -46,23 +48,36 @@ def summary(settings: Settings, site_id: str, since_ms: int) -> str:
     ch = clickhouse.connect(settings.clickhouse())
     q = lambda sql: ch.execute(sql, {"site": site_id, "since": since_ms})  # noqa: E731
     out = [_table(query.title, q(query.sql), query.headers) for query in SUMMARY]
+    segments = asyncio.run(_segments(settings, site_id))
+    counts = member_counts(ch, site_id, [segment.id for segment in segments])
+    out.append(_table("Segments (members now; a lead segment counts leads only)",
+                      [(s.id, s.of, counts[s.id], s.name) for s in segments], ("segment", "of", "members", "name")))
     out.append(_table("The LeadBoard now (cards per stage, from the live board state)",
-                      asyncio.run(_board_columns(settings, site_id)), ("board", "stage", "cards")))
+                      asyncio.run(_board_columns(settings, site_id)), ("board", "imports", "stage", "cards")))
     out.append(_table("Dead letters of this run, by reason", q(
         "SELECT reason, count() AS n FROM dlq WHERE received_ms >= %(since)s GROUP BY reason ORDER BY n DESC"),
         ("reason", "messages")))
     return "\n".join(out)
 
 
+async def _segments(settings: Settings, site_id: str) -> list[Segment]:
+    redis = aioredis.from_url(settings.redis_url)
+    try:
+        return await DefinitionsStore(redis, settings.name("ls")).list_segments(site_id)
+    finally:
+        await redis.aclose()
+
+
 async def _board_columns(settings: Settings, site_id: str) -> list[tuple]:
     """Cards per stage as the board shows them (ClickHouse's stage changes also hold cards that later
-    folded into another card: a lead that joined its account)."""
+    folded into another card: a lead that joined its account), and the segment each board imports from."""
     redis = aioredis.from_url(settings.redis_url)
     try:
         rows = []
         for stored in await DefinitionsStore(redis, settings.name("ls")).list_boards(site_id):
             page = await BoardStore(redis, settings.name("ls")).board(site_id, stored.board, limit_per_stage=0)
-            rows += [(stored.board.id, column.name, column.count) for column in page.columns]
+            imports = stored.board.import_.segment if stored.board.import_ else "(every lead)"
+            rows += [(stored.board.id, imports, column.name, column.count) for column in page.columns]
         return rows
     finally:
         await redis.aclose()
@@ -149,7 +164,7 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
         cards.write_bytes(b"\n".join(orjson.dumps(row) for row in company_card_rows()))
         if load_companies(settings, str(cards)) != 0:
             return 2
-    print("Applying the demo's rules and LeadBoard (leadstream/demo_assets/pipeline.yaml):", flush=True)
+    print("Applying the demo's rules, segments and LeadBoard (leadstream/demo_assets/pipeline.yaml):", flush=True)
     if apply_definitions_text(settings, demo_definitions(site_id), str(DEMO_DEFINITIONS), site_id, "rules") != 0:
         return 2
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()

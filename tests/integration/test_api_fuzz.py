@@ -3,9 +3,9 @@ ClickHouse, Kafka) with a little data seeded: no input, valid or not, gets a 5xx
 site refuses another site's key.
 
 Schemathesis generates the requests (schema-valid ones, and ones that break the schema) per operation,
-with the site's key in the X-API-Key header; some cases are aimed at the seeded board, card and rule so
-the handlers behind the validation are reached too. Every 5xx found is collected, so one run shows them
-all.
+with the site's key in the X-API-Key header; some cases are aimed at the seeded board, card, rule and
+segment so the handlers behind the validation are reached too. Every 5xx found is collected, so one run shows
+them all.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from schemas.settings import Settings
+from sinks.clickhouse import connect, insert_columnar
+from tests import segment_seed
 from tests.browser.board_seed import (
     API_KEYS,
     KEY,
@@ -40,7 +42,8 @@ EXAMPLES_PER_STRATEGY = 15  # x up to 4 strategies per operation (valid and inva
 RULE = {"when": {"event": "pageview", "url": "*/pricing*"}, "then": [{"add_tag": "Consideration"}]}
 # Ids of things that exist, so that some cases get past "no such board" to the code behind it.
 SEEDED = {"site_id": SITE, "board_id": PIPELINE.id, "card_id": "account:acme.com", "rule_id": "viewed-pricing",
-          "lead_id": "lead-ann", "domain": "acme.com"}
+          "lead_id": "lead-ann", "domain": "acme.com", "segment_id": "engaged"}
+SEGMENT = {"name": "Score 10+", "if": [{"field": "lead.score", "op": "gt", "value": 9}]}
 REQUEST_TIMEOUT_S = 30
 
 
@@ -50,6 +53,10 @@ def api(settings: Settings, monkeypatch) -> Iterator[tuple[str, schemathesis.Bas
     processor is not running: a command's POST waits only briefly, then answers 202."""
     monkeypatch.setattr("api.commands.COMMAND_WAIT_S", 0.05)
     seed_account_click_stream(settings)
+    ch = connect(settings.clickhouse())
+    insert = lambda table, columns, rows: insert_columnar(ch, table, columns, rows)  # noqa: E731
+    segment_seed.insert_membership(insert, segment_seed.changes("engaged", [("lead-ann", "lead", False)]))
+    segment_seed.insert_snapshots(insert, [segment_seed.snapshot("lead-ann")])
     seeder = BoardSeeder(settings)
     with serve_api(replace(settings, api_keys=API_KEYS)) as base_url:
         session = requests.Session()
@@ -57,6 +64,7 @@ def api(settings: Settings, monkeypatch) -> Iterator[tuple[str, schemathesis.Bas
         assert session.put(f"{base_url}/v1/sites/{SITE}/boards/{PIPELINE.id}",
                            json=PIPELINE.model_dump(mode="json", exclude_unset=True)).status_code == 200
         assert session.put(f"{base_url}/v1/sites/{SITE}/rules/viewed-pricing", json=RULE).status_code == 200
+        assert session.put(f"{base_url}/v1/sites/{SITE}/segments/engaged", json=SEGMENT).status_code == 200
         seeder.show(("account:acme.com", "Acme", ("Consideration",), 40), ("account:globex.com", "Globex", (), 5))
         yield base_url, schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     seeder.close()
