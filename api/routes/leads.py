@@ -19,7 +19,7 @@ from processors.accounts import normalise_host
 # Leads only: known contacts and anonymous employees of an account; other visitors are not leads.
 RECENT_LEADS_SQL = """SELECT lead_id, email, account_domain, length(visitors), last_ts_ms
 FROM leads FINAL WHERE site_id = %(site)s AND merged_into = '' AND (email != '' OR account_domain != '')
-ORDER BY last_ts_ms DESC LIMIT %(limit)s"""
+ORDER BY last_ts_ms DESC, lead_id LIMIT %(limit)s"""
 
 router = APIRouter(prefix="/v1/sites/{site_id}", tags=["leads"], route_class=SiteRoute, responses=ERRORS)
 
