@@ -38,7 +38,8 @@ from schemas.segments import MemberKind
 
 Sort = Literal["score", "last_seen"]
 SORTS: tuple[Sort, ...] = ("score", "last_seen")
-MAX_PAGE = 500
+MAX_PAGE = 500  # members per page of the API's list
+EXPORT_PAGE = 2_000  # members per page of a CSV export: each page reads the whole segment, so fewer is faster
 MAX_SORT_VALUE = 2**64 - 1  # the first page starts "after" the largest UInt64: every value is below it
 MAX_CURSOR_CHARS = 400
 
@@ -254,8 +255,8 @@ def members_page(client: QueryClient, site_id: str, segment_id: str, of: MemberK
     are checked first: a bad limit, sort or cursor is a ValueError and never a query."""
     if sort not in SORTS:
         raise ValueError(f"sort must be one of {', '.join(SORTS)}")
-    if not 1 <= limit <= MAX_PAGE:
-        raise ValueError(f"limit must be 1..{MAX_PAGE}")
+    if not 1 <= limit <= EXPORT_PAGE:
+        raise ValueError(f"limit must be 1..{EXPORT_PAGE}")
     after_value, after_id = decode_cursor(cursor, sort)
     params = {"site_id": site_id, "segment_id": segment_id, "sort": sort, "after_value": after_value,
               "after_id": after_id, "limit": limit + 1}

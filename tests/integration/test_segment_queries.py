@@ -209,7 +209,7 @@ class TestPureCore:
             def execute(self, query, params=None, external_tables=None):
                 raise AssertionError("no query expected")
 
-        for kwargs in ({"limit": 0}, {"limit": sm.MAX_PAGE + 1}, {"sort": "name"}, {"cursor": "%%%"}):
+        for kwargs in ({"limit": 0}, {"limit": sm.EXPORT_PAGE + 1}, {"sort": "name"}, {"cursor": "%%%"}):
             with pytest.raises(ValueError):
                 sm.members_page(NoServer(), SITE, "s", "lead", **kwargs)  # type: ignore[arg-type]
 
