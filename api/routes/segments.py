@@ -62,10 +62,6 @@ class SegmentMembers(BaseModel):
                                                       "null after the last")
 
 
-def segment_json(segment: Segment) -> dict[str, Any]:
-    return {"id": segment.id, **segment.content(), "version": segment.version}
-
-
 async def find_segment(definitions: DefinitionsStore, site_id: str, segment_id: str) -> Segment:
     found = await definitions.get_segment(site_id, segment_id) if valid_id(segment_id) else None
     if found is None:
@@ -87,20 +83,24 @@ async def list_segments(grant: ReadGrant, definitions: DefinitionsDep, analytics
         for s in site.segments])
 
 
-@router.get("/segments/{segment_id}", responses=ERRORS)
-async def get_segment(grant: ReadGrant, segment_id: str, definitions: DefinitionsDep) -> dict[str, Any]:
-    return segment_json(await find_segment(definitions, grant.site, segment_id))
+# A segment comes back as written (what was left out stays out, no defaults filled in), with its version.
+AS_WRITTEN = {"response_model": Segment, "response_model_exclude_unset": True, "response_model_by_alias": True}
 
 
-@router.put("/segments/{segment_id}", responses=WRITE_ERRORS)
+@router.get("/segments/{segment_id}", responses=ERRORS, **AS_WRITTEN)
+async def get_segment(grant: ReadGrant, segment_id: str, definitions: DefinitionsDep) -> Segment:
+    return await find_segment(definitions, grant.site, segment_id)
+
+
+@router.put("/segments/{segment_id}", responses=WRITE_ERRORS, **AS_WRITTEN)
 async def put_segment(grant: WriteGrant, segment_id: str, response: Response, definitions: DefinitionsDep,
-                      definition: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+                      definition: Annotated[dict[str, Any], Body()]) -> Segment:
     """Creates or replaces the segment; refused whole, one line per problem, when it (or the site's set of
     definitions with it) does not hold. The same segment again changes nothing, its version included."""
     segment = validated(Segment, definition, segment_id)
     version = await stored(definitions.put_segment(grant.site, segment))
     response.headers["ETag"] = etag(version)
-    return segment_json(segment.model_copy(update={"version": version}))
+    return segment.model_copy(update={"version": version})
 
 
 @router.delete("/segments/{segment_id}", status_code=204, responses=DELETE_ERRORS)
