@@ -120,7 +120,7 @@ def test_a_member_opens_its_card_or_its_profile(page, dashboard, segments):
     segment_button(page, "pricing-viewers").click()
     page.get_by_role("button", name="ann@acme.com").click()  # a lead of an account: its Lead Profile
     expect(page.locator("#panel-title")).to_have_text("ann@acme.com")
-    expect(panel.locator("dd").nth(2)).to_have_text("40")
+    expect(panel.locator("dt:text-is('Score') + dd")).to_have_text("40")
     expect(panel.locator(".session")).to_have_count(3)  # newest first
     expect(panel.locator(".session .head").last).to_contain_text("referral")
     page.keyboard.press("Escape")
