@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import orjson
 
-from api.lead_profile import ACCOUNT_LINKS_SQL, QueryClient, ownership_by_lead
+from api.lead_profile import ACCOUNT_LINKS_SQL, OWNED_TABLE, QueryClient, owned_table, ownership_by_lead
 from schemas.segments import MemberKind
 
 Sort = Literal["score", "last_seen"]
@@ -143,24 +143,21 @@ WHERE sort_value < %(after_value)s OR (sort_value = %(after_value)s AND member_i
 ORDER BY sort_value DESC, member_id
 LIMIT %(limit)s"""
 
-MEMBER_VISITORS_TABLE = "member_visitors"  # external table: which lead owned which visitor when
-MEMBER_VISITORS_STRUCTURE = [("lead_id", "String"), ("visitor_id", "String"), ("since_ts_ms", "UInt64"),
-                             ("until_ts_ms", "UInt64")]
-
-# Per lead of the external table, the channel of its first and of its latest session (a session belongs to
-# the lead that owned its visitor when it started), bots and sessions merged away left out.
+# Per lead of the external table of ownership intervals (the Account Panel's, api.lead_profile.owned_table),
+# the channel of its first and of its latest session (a session belongs to the lead that owned its visitor
+# when it started), bots and sessions merged away left out.
 MEMBER_CHANNELS_SQL = f"""SELECT lead_id,
        argMin(session_channel, (start_ms, session_id)) AS first_channel,
        argMax(session_channel, (start_ms, session_id)) AS last_channel
 FROM (
     SELECT visitor_id, session_id, start_ms, argMax(channel, version) AS session_channel
     FROM sessions
-    PREWHERE site_id = %(site_id)s AND visitor_id IN (SELECT visitor_id FROM {MEMBER_VISITORS_TABLE})
+    PREWHERE site_id = %(site_id)s AND visitor_id IN (SELECT visitor_id FROM {OWNED_TABLE})
     GROUP BY visitor_id, session_id, start_ms
     HAVING argMax(merged_into, version) = '' AND argMax(is_bot, version) = 0
 ) AS member_sessions
 ALL INNER JOIN (
-    SELECT lead_id, visitor_id, since_ts_ms, until_ts_ms FROM {MEMBER_VISITORS_TABLE}
+    SELECT lead_id, visitor_id, since_ts_ms, until_ts_ms FROM {OWNED_TABLE}
 ) AS ownership USING visitor_id
 WHERE start_ms >= since_ts_ms AND start_ms < until_ts_ms
 GROUP BY lead_id"""
@@ -287,14 +284,10 @@ def member_channels(client: QueryClient, site_id: str, lead_ids: list[str]) -> d
         return {}
     links = client.execute(ACCOUNT_LINKS_SQL, {"site_id": site_id, "lead_ids": tuple(lead_ids)})
     owned = ownership_by_lead(links, set(lead_ids))
-    rows = [{"lead_id": lead_id, "visitor_id": visitor_id, "since_ts_ms": since, "until_ts_ms": until}
-            for lead_id, visitors in sorted(owned.items()) for visitor_id, intervals in sorted(visitors.items())
-            for since, until in intervals]
-    if not rows:
+    if not any(owned.values()):
         return {}
-    table = {"name": MEMBER_VISITORS_TABLE, "structure": MEMBER_VISITORS_STRUCTURE, "data": rows}
     return {lead_id: (first, last) for lead_id, first, last in
-            client.execute(MEMBER_CHANNELS_SQL, {"site_id": site_id}, external_tables=[table])}
+            client.execute(MEMBER_CHANNELS_SQL, {"site_id": site_id}, external_tables=[owned_table(owned)])}
 
 
 # ---------------------------------------------------------------------------------------------- CSV
