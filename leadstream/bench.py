@@ -76,7 +76,8 @@ from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_R
 from sinks import clickhouse
 
 RULES_PER_SITE = 100
-PROCESSOR_GROUPS = ("leadstream-worker", "leadstream-lead-processor", "leadstream-board-processor")  # processors/app.py
+PROCESSOR_GROUPS = ("leadstream-worker", "leadstream-lead-processor", "leadstream-account-processor",
+                    "leadstream-board-processor")  # processors/app.py
 PRODUCER_RECORDS = 100_000  # records each client produces in the producer comparison (fewer if the run has fewer)
 BOARD = "pipeline"  # the demo's board: account cards, Consideration when the lead has that tag
 PROBE_EVERY = 100  # one in this many events of the board-latency stream is a probe (20/s at 2,000/s)

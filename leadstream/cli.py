@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--name", default="worker", help="distinct name per worker process on one host")
     worker.add_argument("--loglevel", default="warning")
     worker.add_argument("--processors", default="",
-                        help="comma-separated subset of raw,lead,board,webhooks (default: all)")
+                        help="comma-separated subset of raw,lead,account,board,webhooks (default: all)")
     worker.add_argument("--stages", dest="processors", action=_DeprecatedAlias, default=argparse.SUPPRESS,
                         help="deprecated name of --processors")
     sub.add_parser("api", help="run the read API and dashboard (LEADSTREAM_API_KEYS=site:key,...)")
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--events", type=int, default=200_000)
     bench.add_argument("--open-sessions", type=int, default=100_000)
     bench.add_argument("--layout", choices=["split", "single"], default="split",
-                       help="worker processes of the main phase: split (raw processor | lead,board,webhooks) or"
+                       help="worker processes of the main phase: split (raw processor | lead,account,board,webhooks) or"
                             " single (every processor in one); with split, a phase with a single worker follows for"
                             " comparison")
     bench.add_argument("--workers", type=int, default=2,

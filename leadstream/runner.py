@@ -24,7 +24,7 @@ from leadstream.topics import delete_topics
 from processors.runtime.ingest import consumer as kafka_consumer
 from schemas.redis_keys import RedisKeys
 from schemas.settings import Settings
-from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY
+from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY, SEGMENTS_ACCOUNT_LEADS
 from sinks import clickhouse
 from sinks.table_sink import TABLES
 
@@ -154,12 +154,12 @@ def wait_for(settings: Settings, sql: str, expected: int, timeout_s: float, role
     raise TimeoutError(f"timed out waiting for {expected} {label}; have {value}")
 
 
-PROCESSOR_INPUTS = (("lead", LEADS_ACTIVITY), ("board", BOARD_COMMANDS))
+PROCESSOR_INPUTS = (("lead", LEADS_ACTIVITY), ("account", SEGMENTS_ACCOUNT_LEADS), ("board", BOARD_COMMANDS))
 
 
 async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
-    """Records the lead and board processors' watermarks do not yet cover, plus records of the given tables'
-    topics their sinks have not yet committed."""
+    """Records the lead, account and board processors' watermarks do not yet cover, plus records of the given
+    tables' topics their sinks have not yet committed."""
     kafka = settings.kafka()
     consumer = kafka_consumer(kafka, group=None)
     admin = AIOKafkaAdminClient(**kafka.client_options())
@@ -189,9 +189,9 @@ async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
 
 def wait_drained(settings: Settings, timeout_s: float, roles: Iterable[Role] = (), progress: bool = False,
                  sink_tables: Sequence[str] = ("lead_state", "rule_executions", "stage_changes")) -> None:
-    """Wait until the lead and board processors have applied every record of their inputs and the sinks of
-    `sink_tables` have stored theirs (the board processor feeds itself merge handovers, so the backlog must
-    stay at zero for two looks in a row)."""
+    """Wait until the lead, account and board processors have applied every record of their inputs and the
+    sinks of `sink_tables` have stored theirs (the processors feed each other and themselves, so the backlog
+    must stay at zero for two looks in a row)."""
     deadline = time.monotonic() + timeout_s
     quiet, last_print = 0, 0.0
     while time.monotonic() < deadline:
@@ -203,10 +203,10 @@ def wait_drained(settings: Settings, timeout_s: float, roles: Iterable[Role] = (
         if quiet >= 2:
             return
         if progress and backlog and time.monotonic() - last_print > 2:
-            print(f"  lead and board processors, sinks: {backlog:,} records to go", flush=True)
+            print(f"  lead, account and board processors, sinks: {backlog:,} records to go", flush=True)
             last_print = time.monotonic()
         time.sleep(0.5)
-    raise TimeoutError("timed out waiting for the lead and board processors to catch up")
+    raise TimeoutError("timed out waiting for the lead, account and board processors to catch up")
 
 
 def drop_namespace(settings: Settings) -> None:

@@ -5,7 +5,9 @@ through `BatchIngest` (a plain aiokafka consumer group; see processors/runtime/i
 path bypasses Faust's per-message stream machinery) and runs through a `ProcessorRunner`:
 - raw: events.raw -> enrich (geo and network too), sessionize, resolve identity -> events, sessions, identity,
   leads.activity; beside it, when a provider is set, the company resolver fills in company cards;
-- lead: leads.activity -> workflow automation -> leads.changes, leads.state, rules.executions, cards;
+- lead: leads.activity -> workflow automation and segment membership -> leads.changes, leads.state,
+  rules.executions, segments.changes, segments.account-leads, cards;
+- account: segments.account-leads -> account segments -> segments.changes, account cards' memberships;
 - board: board.commands -> the stage machine -> board.stage-changes and the board state in Redis;
 - webhooks: delivers what the lead processor queued.
 Each processor has its own watermarks and timers (a state-store namespace) and its own consumer group;
@@ -26,6 +28,7 @@ from processors import networks, sessionize
 from processors.companies import CompanyStore, publish_cards
 from processors.company_resolver import CompanyResolver, HttpJsonProvider
 from processors.enrich import Limits
+from processors.account_processor import AccountProcessor
 from processors.board_processor import BoardProcessor
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
@@ -42,7 +45,7 @@ from processors.site_definitions import SiteDefinitionsCache
 from processors.webhooks import WebhookQueue, run_dispatcher
 from schemas.redis_keys import RedisKeys
 from schemas.settings import KafkaSecurity, Settings
-from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, EVENTS_RAW, LEADS_ACTIVITY
+from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, EVENTS_RAW, LEADS_ACTIVITY, SEGMENTS_ACCOUNT_LEADS
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +85,19 @@ class IngestService(faust.Service):
         await self.ingest.run(lambda: self.should_stop)
 
 
-PROCESSORS = ("raw", "lead", "board", "webhooks")
+PROCESSORS = ("raw", "lead", "account", "board", "webhooks")
 """What `leadstream worker` runs by default: every processor in one process; `--processors` runs a subset."""
 BOARD_PROCESSOR_GROUP = "leadstream-board-processor"
+LEAD_PROCESSOR_GROUP = "leadstream-lead-processor"
+ACCOUNT_PROCESSOR_GROUP = "leadstream-account-processor"
 
 LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "single": {"": PROCESSORS},
-    "split": {"raw": ("raw",), "automation": ("lead", "board", "webhooks")},
+    "split": {"raw": ("raw",), "automation": ("lead", "account", "board", "webhooks")},
 }
 """How the demo, the benchmark and docker-compose spread the processors over worker processes (name suffix ->
-processors). `split`, their default, gives the raw processor and the automation (rules, cards, webhooks) a
-process each: two cores instead of one, and a burst of raw traffic no longer queues the cards behind it."""
+processors). `split`, their default, gives the raw processor and the automation (rules and segments, cards,
+webhooks) a process each: two cores instead of one, and a burst of raw traffic no longer queues the cards behind it."""
 
 
 def faust_credentials(security: KafkaSecurity) -> faust.SASLCredentials | faust.SSLCredentials | None:
@@ -147,7 +152,11 @@ def create_app(settings: Settings, worker_name: str = "worker",
         add_processor("raw", raw_processor, raw_store, EVENTS_RAW, "leadstream-worker")
     if "lead" in processors:
         lead = LeadProcessor(sites, WebhookQueue(redis, prefix), prefix, tables.companies)
-        add_processor("lead", lead, RedisStateStore(redis, prefix, "lead"), LEADS_ACTIVITY, "leadstream-lead-processor")
+        add_processor("lead", lead, RedisStateStore(redis, prefix, "lead"), LEADS_ACTIVITY, LEAD_PROCESSOR_GROUP)
+    if "account" in processors:
+        account = AccountProcessor(sites, prefix, tables.companies)
+        add_processor("account", account, RedisStateStore(redis, prefix, "account"), SEGMENTS_ACCOUNT_LEADS,
+                      ACCOUNT_PROCESSOR_GROUP)
     if "board" in processors:
         board = BoardProcessor(BoardStore(redis, prefix), sites, prefix)
         add_processor("board", board, RedisStateStore(redis, prefix, "board"), BOARD_COMMANDS, BOARD_PROCESSOR_GROUP)

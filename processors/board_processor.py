@@ -8,8 +8,9 @@ board versions and command results are queued by the board store in the same tra
 change record on `board.stage-changes` (produced before the commit, deterministic ids) is collapsed by
 ClickHouse if a replay produces it again.
 
-Inputs, all keyed by card: the lead processor's facts updates, rule moves and merges (`CardUpdate`), and
-people's commands from the API (`BoardCommand`). A merge is two hops, each in its card's own order: the
+Inputs, all keyed by card: the lead processor's facts updates (with the lead's memberships of imported
+segments), rule moves and merges, the account processor's account memberships (`CardUpdate`), and people's
+commands from the API (`BoardCommand`). A merge is two hops, each in its card's own order: the
 absorbed card retires (it leaves the boards) and hands its state over; the survivor merges it once.
 """
 
@@ -74,8 +75,8 @@ class BoardProcessor:
         records = decode_batch(messages, BOARD_COMMANDS, self.name)
         await self.sites.prepare(record.site_id for _, record in records)
         definitions_wanted: dict[str, int] = {}
-        for _, record in records:  # a command made under newer definitions waits until this worker has them
-            if isinstance(record, BoardCommand) and record.definitions_version:
+        for _, record in records:  # a record made under newer definitions waits until this worker has them
+            if record.definitions_version:
                 definitions_wanted[record.site_id] = max(definitions_wanted.get(record.site_id, 0),
                                                          record.definitions_version)
         await self.sites.catch_up(definitions_wanted)
@@ -106,10 +107,10 @@ class BoardProcessor:
             effects.results.append(result)
         elif record.update_id in before.command_ids:
             return  # a re-sent update (its producer replayed a batch): acted on already
-        elif record.kind == "facts":
+        elif record.kind in ("facts", "segment"):  # a lead's facts; an account's own segment memberships
             cause = Cause(record.actor, record.ts_ms, rule_id=record.rule_id, event_id=record.event_id)
             update = FactsUpdate(cause, record.lead_id, record.tags, record.score, record.title, record.activity_ms,
-                                 record.left)
+                                 record.left, record.segments)
             card.state, changes, views, card.shown = fold_updates(boards, before, [update], card.shown)
         elif record.kind == "account_tag":
             own = set(before.facts[OWN_FACTS]["tags"]) if OWN_FACTS in before.facts else set()
@@ -125,7 +126,7 @@ class BoardProcessor:
             card.state, changes, views = self._retire(record, before, boards, batch)
         else:
             card.state, changes, views = self._take_over(record, before, boards)
-        if isinstance(record, BoardCommand) or record.kind not in ("facts", "account_tag"):
+        if isinstance(record, BoardCommand) or record.kind not in ("facts", "segment", "account_tag"):
             card.shown = None  # only a facts update derives the new state's
         if not isinstance(record, BoardCommand):
             card.state.command_ids = [*card.state.command_ids, record.update_id][-UPDATE_IDS_KEPT:]

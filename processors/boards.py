@@ -11,6 +11,10 @@ move_card, the hourly pass, a person through the API, an import). Rules (DESIGN.
   into the entry stage (a board without an entry stage takes only cards that meet a stage, or by hand).
   Entering is one move ('' -> stage), like every other move: exactly one StageChange per move, its `seq`
   the card's move number on that board and its id a hash of (board, card, seq, cause).
+- A board that imports a segment (`import: {segment: id}`) takes only cards of its members: a card is a
+  member when one of its facts says so (a lead card's lead, an account card's leads, or the account itself
+  for an account segment). When the member leaves, its card stays and is marked `left_segment`, or, with
+  `on_leave: archive`, is archived; it comes back unmarked (and unarchived) when the member enters again.
 
 Card kinds: boards with `card: account` show `account:<domain>` cards plus `lead:<id>` cards of leads
 without an account; boards with `card: lead` show lead cards only. When a lead joins an account its lead
@@ -29,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
-from typing import Any, Self, TypedDict
+from typing import Any, NotRequired, Self, TypedDict
 
 from schemas.boards import (
     Actor,
@@ -63,11 +67,13 @@ ARCHIVED = "archived"
 
 class Facts(TypedDict):
     """What stage conditions read, for one lead (or for the card itself): its sorted, unique tags and its
-    score. A plain dict, so that decoding an account card with thousands of leads is orjson's work alone.
+    score, and what segment imports read: the imported segments it is a member of (only when there are
+    some). A plain dict, so that decoding an account card with thousands of leads is orjson's work alone.
     Replaced, never changed in place: card copies share them."""
 
     tags: list[str]
     score: int
+    segments: NotRequired[list[str]]
 
 
 NO_FACTS: Facts = {"tags": [], "score": 0}
@@ -85,6 +91,7 @@ class BoardPlace(JsonRecord):
     notes: list[CardNote] = field(default_factory=list)  # the latest NOTES_KEPT
     notes_count: int = 0
     archived: bool = False
+    left_segment: bool = False  # the board imports a segment and the card's member has left it
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Self:
@@ -133,6 +140,11 @@ class CardState(JsonRecord):
         return max([facts["score"] for facts in self.facts.values()], default=0)
 
     @property
+    def segments(self) -> frozenset[str]:
+        """The imported segments the card is a member of: its lead's, any of its leads', its account's."""
+        return frozenset().union(*[facts.get("segments", ()) for facts in self.facts.values()])
+
+    @property
     def lead_ids(self) -> list[str]:
         if self.is_account:
             return [key for key in self.facts if key != OWN_FACTS]
@@ -175,6 +187,7 @@ class FactsUpdate:
     title: str = ""
     activity_ms: int = 0
     left: bool = False
+    segments: Sequence[str] | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -230,16 +243,19 @@ def _stage_index(board: BoardDefinition, stage_id: str) -> int:
 
 
 class Shown:
-    """A card's facts as boards see them (its tags, score and the leads a view lists), derived once per
-    card state. On an account card they fold every lead's facts: `refolded` derives the next state's from
-    these when one lead's facts change, so a large account costs its size once per batch, not per update."""
+    """A card's facts as boards see them (its tags, score, imported segments and the leads a view lists),
+    derived once per card state. On an account card they fold every lead's facts: `refolded` derives the next
+    state's from these when one lead's facts change, so a large account costs its size once per batch, not
+    per update."""
 
-    __slots__ = ("tags", "tag_set", "score", "lead_count", "first_lead_ids")
+    __slots__ = ("tags", "tag_set", "score", "segments", "lead_count", "first_lead_ids")
 
-    def __init__(self, card: CardState, tags: list[str] | None = None, score: int | None = None) -> None:
+    def __init__(self, card: CardState, tags: list[str] | None = None, score: int | None = None,
+                 segments: frozenset[str] | None = None) -> None:
         self.tags = card.tags if tags is None else tags
         self.tag_set = frozenset(self.tags)
         self.score = card.score if score is None else score
+        self.segments = card.segments if segments is None else segments
         if card.is_account:
             self.lead_count = len(card.facts) - (OWN_FACTS in card.facts)
             self.first_lead_ids = list(islice((key for key in card.facts if key != OWN_FACTS), VIEW_LEAD_IDS))
@@ -251,8 +267,9 @@ class Shown:
         None: absent). Folds everything again only when that entry may have been what these came from."""
         old_tags, new_tags = (old or NO_FACTS)["tags"], (new or NO_FACTS)["tags"]
         old_score, new_score = (old or NO_FACTS)["score"], (new or NO_FACTS)["score"]
-        if not set(old_tags).issubset(new_tags):
-            return Shown(card)  # a tag left this entry: another may still have it
+        old_segments, new_segments = (old or NO_FACTS).get("segments", ()), (new or NO_FACTS).get("segments", ())
+        if not set(old_tags).issubset(new_tags) or not set(old_segments).issubset(new_segments):
+            return Shown(card)  # a tag (a segment) left this entry: another may still have it
         if new_score >= self.score:
             score = new_score
         elif old_score < self.score:
@@ -260,7 +277,7 @@ class Shown:
         else:
             return Shown(card)  # the highest score went down: the next highest is elsewhere
         tags = self.tags if self.tag_set.issuperset(new_tags) else sorted(self.tag_set.union(new_tags))
-        return Shown(card, tags, score)
+        return Shown(card, tags, score, self.segments.union(new_segments))
 
 
 def _met_index(board: BoardDefinition, shown: Shown) -> int:
@@ -298,6 +315,9 @@ def decide(board: BoardDefinition, card: CardState, request: MoveRequest, shown:
     place = card.places.get(board.id)
     current = _stage_index(board, place.stage_id if place else "")
     archived = place is not None and place.archived
+    if current < 0 and not request.by_person and board.import_ is not None and \
+            board.import_.segment not in (shown or Shown(card)).segments:
+        return Decision(code=NOOP, message=f"board {board.id} takes only members of segment {board.import_.segment}")
     if request.to_stage is None:
         if archived:
             return Decision(code=NOOP, message="archived cards do not move automatically")
@@ -350,6 +370,7 @@ def _view(board: BoardDefinition, card: CardState, shown: Shown) -> CardView | N
         tags=shown.tags, score=shown.score, last_activity_ms=card.last_activity_ms,
         entered_stage_ms=place.entered_stage_ms, owner=place.owner, notes_count=place.notes_count,
         archived=place.archived, lead_ids=shown.first_lead_ids, lead_count=shown.lead_count,
+        left_segment=place.left_segment,
     )
 
 
@@ -395,7 +416,9 @@ def _fold_facts(card: CardState, update: FactsUpdate) -> tuple[Facts | None, Fac
         current = old or NO_FACTS
         tags = sorted(set(update.tags)) if update.tags is not None else current["tags"]
         score = min(100, max(0, update.score)) if update.score is not None else current["score"]
-        card.set_facts(key, {"tags": tags, "score": score})
+        segments = sorted(set(update.segments)) if update.segments is not None else current.get("segments", [])
+        card.set_facts(key, {"tags": tags, "score": score, "segments": segments} if segments else
+                       {"tags": tags, "score": score})
     if update.title:
         card.title = update.title
     card.last_activity_ms = max(card.last_activity_ms, update.activity_ms)
@@ -414,9 +437,28 @@ def fold_updates(boards: Sequence[BoardDefinition], card: CardState, updates: It
     if not after.merged_into:
         for update in updates:
             old, new = _fold_facts(after, update)
-            shown = shown.refolded(after, old, new)
+            was, shown = shown, shown.refolded(after, old, new)
+            if was.segments != shown.segments:
+                _follow_imports(boards, after, was.segments, shown.segments)
             changes += _move_everywhere(boards, after, update.cause, shown)
     return after, changes, view_changes(boards, card, after, shown_before, shown), shown
+
+
+def _follow_imports(boards: Iterable[BoardDefinition], card: CardState, before: frozenset[str],
+                    after: frozenset[str]) -> None:
+    """The card's member left (entered) a segment some board imports: on each such board the card is on,
+    it is marked `left_segment` (and, with `on_leave: archive`, archived), or unmarked again (in place)."""
+    for board in boards:
+        place = card.places.get(board.id)
+        if board.import_ is None or place is None or not place.stage_id:
+            continue
+        segment = board.import_.segment
+        if segment in before and segment not in after:
+            place.left_segment = True
+            place.archived = place.archived or board.on_leave == "archive"
+        elif segment in after and segment not in before and place.left_segment:
+            place.left_segment = False
+            place.archived = place.archived and board.on_leave != "archive"
 
 
 def apply_move(boards: Sequence[BoardDefinition], card: CardState, board_id: str, request: MoveRequest

@@ -1,31 +1,43 @@
-"""The lead processor: workflow automation on `leads.activity`, one lead at a time, in each lead's order.
+"""The lead processor: workflow automation and segment membership on `leads.activity`, one lead at a time,
+in each lead's order.
 
-A thin adapter around the pure rule engine (processors/rules.py) on the shared `ProcessorRunner`. Declared
-state: one `LeadState` per lead (`leads`), committed with the partition's watermark; its timer is the
-hourly pass (each lead's next hour with something to do, run by the runtime on the partition's stream
-clock), never a scan of all leads. Records on the feed say what they are (`record-type`, see
-schemas/topics.py); each kind has its handler in `_apply_to`.
+A thin adapter around two pure cores, the rule engine (processors/rules.py) and segment membership
+(processors/segments.py), on the shared `ProcessorRunner`. Declared state: one `LeadState` per lead
+(`leads`; its segment state inside), committed with the partition's watermark; its timer is the hourly
+pass (each lead's next hour with something to do for its rules or its segments' windows, run by the
+runtime on the partition's stream clock), never a scan of all leads. Records on the feed say what they are
+(`record-type`, see schemas/topics.py); each kind has its handler in `_apply_to`.
 
-Per record of the feed:
-- an event runs the site's rules (bots never get here: the raw processor keeps them off the feed);
-- a known lead's creation or an account link tells the rules who the lead is;
-- a merge (arriving on the absorbed lead's feed, after its last event) retires the absorbed lead and
-  hands its state to the survivor as a `LeadHandover`, which the survivor's partition merges once;
-- an event for a retired lead (in flight during its merge) is forwarded to the survivor.
-Outputs: `leads.changes` (every tag/score/property change), `leads.state` (the lead's current state),
-`rules.executions`, card updates for the board processor on `board.commands`, and webhooks queued in the same
-transaction as the state (so a firing is enqueued exactly when it is committed).
+Per record of the feed, the rules first, then the segments (with the lead from before and after the rules):
+- an event runs the site's rules (bots never get here: the raw processor keeps them off the feed) and
+  counts in the segments' event counts;
+- a known lead's creation or an account link tells the rules and the segments who the lead is;
+- a merge (arriving on the absorbed lead's feed, after its last event) retires the absorbed lead (it leaves
+  its segments) and hands its state to the survivor as a `LeadHandover`, which the survivor's partition
+  merges once (the survivor takes its counted events and enters what it now qualifies for);
+- an event or a backfill for a retired lead (in flight during its merge) is forwarded to the survivor;
+- a `SegmentBackfill` (a segment or a board importing one was applied) brings history for new counts and
+  re-evaluates the lead; its cards hear its facts again (the import step, actor `import`);
+- a `DefinitionsMark`: the site's definitions are at least at its version from here on.
+When a record changes memberships and some state rule names a segment, the rules settle again (bounded like
+a rule chain), so such a rule sees the change in the same record.
+Outputs: `leads.changes` (every tag/score/property change), `leads.state` (the lead's current state and
+segments), `rules.executions`, `segments.changes` (every entry and exit), `segments.account-leads` (what
+its account's segments need of the lead, for the account processor), card updates for the board processor
+on `board.commands`, and webhooks queued in the same transaction as the state (so a firing is enqueued
+exactly when it is committed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
 import orjson
 
-from processors.rules import (NO_COMPANIES, CompanyCards, LeadState, Outcome, apply_event, hour_start, hourly_pass,
-                              merge, next_due_ms, set_identity)
+from processors import segments
+from processors.rules import (MAX_CHAIN_DEPTH, LeadState, Outcome, apply_event, hour_start, hourly_pass, merge,
+                              next_due_ms, set_identity, settle)
 from processors.runtime.batch import Batch
 from processors.runtime.ingest import Message
 from processors.runtime.runner import decode_batch
@@ -33,14 +45,18 @@ from processors.runtime.state import StateSpec
 from processors.site_definitions import SiteDefinitionsCache, SiteSetup
 from processors.webhooks import WebhookQueue
 from schemas.boards import CardUpdate, account_card_id, lead_card_id
+from schemas.companies import NO_COMPANIES, CompanyCards
 from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent
 from schemas.records import digest
 from schemas.redis_keys import RedisKeys
 from schemas.rules import LeadHandover, LeadSnapshot
-from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS
+from schemas.segments import DefinitionsMark, SegmentBackfill
+from schemas.topics import (BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS,
+                            SEGMENTS_ACCOUNT_LEADS, SEGMENTS_CHANGES)
 
-Record = EnrichedEvent | IdentityEvent | LeadHandover
+Record = EnrichedEvent | IdentityEvent | LeadHandover | SegmentBackfill
+IMPORT_ACTOR = "import"  # what a card entering a board by the import step (a backfill) records as its cause
 
 
 def _record_id(record: Record) -> str:
@@ -48,13 +64,16 @@ def _record_id(record: Record) -> str:
         return record.handover_id
     if isinstance(record, IdentityEvent):
         return record.identity_event_id
+    if isinstance(record, SegmentBackfill):
+        return record.backfill_id
     return record.event_id
 
 
 def _on_boards(state: LeadState) -> bool:
-    """Whether the lead's cards have heard of it: a function of its state alone, so that what the boards
-    hear does not depend on where a batch began."""
-    return bool(state.last_activity_ms or state.tags)
+    """Whether the lead's cards have heard of it: it is a lead (known, or an account is known: a bare
+    visitor never gets a card) and it has acted. A function of its state alone, so that what the boards hear
+    does not depend on where a batch began."""
+    return bool(state.last_activity_ms or state.tags) and segments.is_lead(state)
 
 
 def _subject(record: Record) -> tuple[str, str]:
@@ -64,6 +83,11 @@ def _subject(record: Record) -> tuple[str, str]:
     if isinstance(record, IdentityEvent):
         return record.site_id, record.from_lead_id if record.kind == LEAD_MERGED else record.lead_id
     return record.site_id, record.lead_id
+
+
+def _facts(state: LeadState) -> tuple:
+    """What the rules may change that segments read besides counts: tags, score, properties."""
+    return tuple(state.tags), state.score, state.properties
 
 
 @dataclass
@@ -77,6 +101,7 @@ class _Lead:
     card_rule_id: str = ""
     card_event_id: str = ""
     card_ts_ms: int = 0
+    tell_boards: bool = False  # the cards hear the lead's facts after this record, changed or not
 
 
 class LeadProcessor:
@@ -91,8 +116,14 @@ class LeadProcessor:
         self.timers = self.leads  # the hourly pass, per lead: when it next has something to do
 
     async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
-        records = decode_batch(messages, LEADS_ACTIVITY, self.name)
-        await self.sites.prepare(record.site_id for _, record in records)
+        decoded = decode_batch(messages, LEADS_ACTIVITY, self.name)
+        await self.sites.prepare(record.site_id for _, record in decoded)
+        wanted: dict[str, int] = {}  # what was written for newer definitions waits until this worker has them
+        for _, record in decoded:
+            if isinstance(record, (SegmentBackfill, DefinitionsMark)):
+                wanted[record.site_id] = max(wanted.get(record.site_id, 0), record.version)
+        await self.sites.catch_up(wanted)
+        records = [(partition, record) for partition, record in decoded if not isinstance(record, DefinitionsMark)]
         subjects = {self.leads.key(site, lead): (partition, site, lead)
                     for partition, record in records for site, lead in (_subject(record),)}
         await batch.load((self.leads, {key: partition for key, (partition, _, _) in subjects.items()}))
@@ -105,10 +136,19 @@ class LeadProcessor:
         self._finish(leads.values(), batch)
 
     async def on_timer(self, batch: Batch, partition: int, key: str, state: LeadState, now_ms: int) -> None:
-        """The hourly pass of a due lead: time triggers and score decay."""
+        """The hourly pass of a due lead: segment windows that ran out (evaluated with the facts from before
+        the pass), then time triggers and score decay, then the segments again if the pass changed facts."""
         await self.sites.prepare([state.site_id])
-        lead = _Lead(key, state, f"hour:{now_ms}")
-        self._take(lead, hourly_pass(self.sites[state.site_id].rules, state, now_ms, self.companies), batch)
+        setup = self.sites[state.site_id]
+        cause = f"hour:{now_ms}"
+        lead = _Lead(key, state, cause)
+        self._segments(lead, state, segments.on_hour(setup.segments, state, now_ms, self.companies), cause,
+                       now_ms, batch)
+        before_pass = lead.state
+        self._take(lead, hourly_pass(setup.rules, before_pass, now_ms, self.companies), batch)
+        if _facts(lead.state) != _facts(before_pass):
+            self._segments(lead, before_pass, segments.on_change(setup.segments, lead.state, cause, self.companies),
+                           cause, now_ms, batch)
         self._tell_boards(lead, state, batch)
         self._finish([lead], batch)
 
@@ -117,35 +157,61 @@ class LeadProcessor:
         before = lead.state
         lead.cause_id = _record_id(record)
         lead.card_actor, lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = "system", "", "", 0
+        lead.tell_boards = False
         self._apply_to(lead, record, batch)
         self._tell_boards(lead, before, batch)
 
     def _apply_to(self, lead: _Lead, record: Record, batch: Batch) -> None:
         setup = self.sites[record.site_id]
         state = lead.state
-        if isinstance(record, EnrichedEvent):
-            if state.merged_into:  # in flight while its lead merged: the survivor's rules see it
-                record.lead_id = state.merged_into
-                batch.outputs.add(LEADS_ACTIVITY, state.merged_into.encode(), record.to_json(),
-                                  record_type=EnrichedEvent)
-                return
-            self._take(lead, apply_event(setup.rules, state, record, self.companies), batch)
+        companies = self.companies
+        if isinstance(record, (EnrichedEvent, SegmentBackfill)) and state.merged_into:
+            self._forward(record, state.merged_into, batch)
+        elif isinstance(record, EnrichedEvent):
+            self._take(lead, apply_event(setup.rules, state, record, companies), batch)
+            self._segments(lead, state, segments.on_event(setup.segments, state, lead.state, record, companies),
+                           f"event:{record.event_id}", segments.event_time(record), batch)
+        elif isinstance(record, SegmentBackfill):
+            if state != LeadState(state.lead_id, state.site_id):  # a lead this processor never had: nothing to redo
+                lead.card_actor, lead.tell_boards = IMPORT_ACTOR, True
+                self._segments(lead, state, segments.on_backfill(setup.segments, state, record, companies),
+                               f"definitions:{record.version}", record.as_of_ms, batch, refresh=True)
         elif isinstance(record, LeadHandover):
             absorbed = LeadState.from_json(record.state)
-            self._take(lead, merge(setup.rules, state, absorbed, record.ts_ms, record.event_id, self.companies), batch)
+            self._take(lead, merge(setup.rules, state, absorbed, record.ts_ms, record.event_id, companies), batch)
+            cause = f"merge:{absorbed.lead_id}"
+            self._segments(lead, state, segments.on_merge(setup.segments, state, lead.state, absorbed, cause,
+                                                          companies), cause, record.ts_ms, batch)
         elif record.kind == LEAD_CREATED and record.email:
             self._take(lead, set_identity(setup.rules, state, record.ts_ms, email=record.email,
-                                          event_id=record.event_id, companies=self.companies), batch)
+                                          event_id=record.event_id, companies=companies), batch)
+            self._identity_changed(lead, state, record, setup, batch)
         elif record.kind == ACCOUNT_LINKED and record.account_domain != state.account_domain:
             self._link_account(lead, record, setup, batch)
         elif record.kind == LEAD_MERGED and not state.merged_into:
-            self._retire(lead, record, batch)
+            self._retire(lead, record, setup, batch)
+
+    @staticmethod
+    def _forward(record: EnrichedEvent | SegmentBackfill, survivor: str, batch: Batch) -> None:
+        """In flight while its lead merged: the survivor's rules and segments get it."""
+        if isinstance(record, SegmentBackfill):
+            record = replace(record, lead_id=survivor)
+        else:
+            record.lead_id = survivor
+        batch.outputs.add(LEADS_ACTIVITY, survivor.encode(), record.to_json(), record_type=type(record))
+
+    def _identity_changed(self, lead: _Lead, before: LeadState, record: IdentityEvent, setup: SiteSetup,
+                          batch: Batch) -> None:
+        cause = f"identity:{record.identity_event_id}"
+        self._segments(lead, before, segments.on_change(setup.segments, lead.state, cause, self.companies), cause,
+                       record.ts_ms, batch)
 
     def _link_account(self, lead: _Lead, record: IdentityEvent, setup: SiteSetup, batch: Batch) -> None:
         """The lead's card folds into its account's card (and leaves a previous account's card)."""
         before = lead.state
         self._take(lead, set_identity(setup.rules, before, record.ts_ms, account_domain=record.account_domain,
                                       event_id=record.event_id, companies=self.companies), batch)
+        self._identity_changed(lead, before, record, setup, batch)
         actor = "system"
         if before.account_domain:
             self._card(batch, account_card_id(before.account_domain), "facts", actor, record, lead_id=before.lead_id,
@@ -153,18 +219,55 @@ class LeadProcessor:
         self._card(batch, lead_card_id(before.lead_id), "merge", actor, record,
                    into_card_id=account_card_id(record.account_domain))
 
-    def _retire(self, lead: _Lead, record: IdentityEvent, batch: Batch) -> None:
-        """This (anonymous) lead merged into `record.lead_id`: everything it had goes there, once."""
+    def _retire(self, lead: _Lead, record: IdentityEvent, setup: SiteSetup, batch: Batch) -> None:
+        """This (anonymous) lead merged into `record.lead_id`: everything it had goes there, once. It leaves
+        its segments here; the survivor enters them when it takes the handover."""
         absorbed = lead.state
+        for change in segments.on_retire(setup.segments, absorbed, record.lead_id, record.ts_ms):
+            batch.outputs.add(SEGMENTS_CHANGES, change.member_id.encode(), change.to_json())
         handover = LeadHandover("ho_" + digest(record.identity_event_id), absorbed.site_id, absorbed.lead_id,
                                 record.lead_id, absorbed.to_json().decode(), record.event_id, record.ts_ms)
         batch.outputs.add(LEADS_ACTIVITY, record.lead_id.encode(), handover.to_json(), record_type=LeadHandover)
         lead.state = LeadState(absorbed.lead_id, absorbed.site_id, merged_into=record.lead_id)
+        self._tell_accounts(absorbed, lead.state, segments.SegmentOutcome(None), f"merged:{record.lead_id}",
+                            record.ts_ms, setup, batch)
         if absorbed.account_domain:
             self._card(batch, account_card_id(absorbed.account_domain), "facts", "system", record,
                        lead_id=absorbed.lead_id, left=True)
         self._card(batch, lead_card_id(absorbed.lead_id), "merge", "system", record,
                    into_card_id=lead_card_id(record.lead_id))
+
+    def _segments(self, lead: _Lead, before: LeadState, outcome: segments.SegmentOutcome, cause: str, ts_ms: int,
+                  batch: Batch, refresh: bool = False) -> None:
+        """Takes a segment outcome: the lead's new segment state, its entries and exits, what its account must
+        hear; then, if memberships changed and a state rule names a segment, the rules settle again (and the
+        segments follow what that changed), at most MAX_CHAIN_DEPTH times."""
+        setup = self.sites[lead.state.site_id]
+        for depth in range(1, MAX_CHAIN_DEPTH + 1):
+            if outcome.state is not lead.state.segments:
+                if lead.state is before:  # the rules changed nothing: the record's state is still `before`
+                    lead.state = before.copy()
+                lead.state.segments = outcome.state
+            for change in outcome.changes:
+                batch.outputs.add(SEGMENTS_CHANGES, change.member_id.encode(), change.to_json())
+            self._tell_accounts(before, lead.state, outcome, cause,
+                                outcome.state.clock_ms if outcome.state else ts_ms, setup, batch, refresh)
+            if not outcome.changes or not setup.rules.state_reads_segments:
+                return
+            before, refresh = lead.state, False
+            self._take(lead, settle(setup.rules, before, ts_ms, f"{cause}#{depth}", self.companies), batch)
+            if _facts(lead.state) == _facts(before):
+                return
+            outcome = segments.on_change(setup.segments, lead.state, cause, self.companies)
+
+    def _tell_accounts(self, before: LeadState, after: LeadState, outcome: segments.SegmentOutcome, cause: str,
+                       ts_ms: int, setup: SiteSetup, batch: Batch, refresh: bool = False) -> None:
+        """What the lead's accounts' segments need of it (only on a site with segments: the backfill that
+        follows a site's first segment tells every account then)."""
+        if setup.segments.empty:
+            return
+        for update in segments.account_facts(before, after, outcome, cause, ts_ms, setup.version, refresh):
+            batch.outputs.add(SEGMENTS_ACCOUNT_LEADS, update.account_domain.encode(), update.to_json())
 
     def _take(self, lead: _Lead, outcome: Outcome, batch: Batch) -> None:
         lead.state = outcome.state
@@ -203,44 +306,64 @@ class LeadProcessor:
         batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
 
     def _finish(self, leads: Iterable[_Lead], batch: Batch) -> None:
-        """Per lead whose state changed: its state, its next due hour and its snapshot."""
+        """Per lead whose state changed: its state, its next due hour (rules or segment windows) and its
+        snapshot."""
         version = batch.version()
         for lead in leads:
             state = lead.state
             batch.put(self.leads, lead.key, state)
             if not batch.changed(lead.key):
                 continue
-            batch.schedule(lead.key, next_due_ms(self.sites[state.site_id].rules, state))
+            setup = self.sites[state.site_id]
+            due = [d for d in (next_due_ms(setup.rules, state), segments.next_due_ms(setup.segments, state)) if d]
+            batch.schedule(lead.key, min(due, default=None))
             snapshot = LeadSnapshot(
                 state.site_id, state.lead_id, state.email, state.account_domain, sorted(state.tags),
                 orjson.dumps(state.tags).decode(), state.score, orjson.dumps(state.properties).decode(),
                 state.first_ts_ms, state.last_activity_ms, state.merged_into, version,
+                state.segments.member_of() if state.segments is not None else [],
             )
             batch.outputs.add(LEADS_STATE, state.lead_id.encode(), snapshot.to_json())
 
     def _tell_boards(self, lead: _Lead, before: LeadState, batch: Batch) -> None:
         """After each record, not once per batch, so the cards hear the same updates however the feed was
-        cut into batches (and a replay gives the same stage changes). They hear of a new lead, changed tags
-        or score, and activity once an hour: every single pageview would only churn the board."""
+        cut into batches (and a replay gives the same stage changes). They hear of a new lead, changed tags,
+        score or memberships of imported segments, activity once an hour (every single pageview would only
+        churn the board), and everything after a backfill (the import step)."""
         after = lead.state
         if after.merged_into or not _on_boards(after):
-            return  # retired, or not active yet (e.g. only its email is known so far): no card until it acts
-        if (_on_boards(before) and before.tags.keys() == after.tags.keys() and before.score == after.score
-                and before.account_domain == after.account_domain
-                and hour_start(before.last_activity_ms) == hour_start(after.last_activity_ms)):
+            return  # retired, not a lead, or not active yet (e.g. only its email is known so far): no card
+        imported = self.sites[after.site_id].imported_segments
+        if (not lead.tell_boards and _on_boards(before) and before.tags.keys() == after.tags.keys()
+                and before.score == after.score and before.account_domain == after.account_domain
+                and hour_start(before.last_activity_ms) == hour_start(after.last_activity_ms)
+                and _members(before, imported) == _members(after, imported)):
             return
-        self._facts(lead, batch)
+        self._facts(lead, _members(after, imported), batch)
 
-    def _facts(self, lead: _Lead, batch: Batch) -> None:
+    def _facts(self, lead: _Lead, members: list[str], batch: Batch) -> None:
         state = lead.state
-        cards = [(lead_card_id(state.lead_id), state.email or f"Anonymous lead {state.lead_id[-6:]}")]
+        if state.email:
+            title = state.email
+        else:  # an anonymous employee of its account (a bare visitor has no card)
+            title = f"Anonymous lead {state.lead_id[-6:]} at {state.account_domain}"
+        cards = [(lead_card_id(state.lead_id), title)]
         if state.account_domain:
             cards.append((account_card_id(state.account_domain), state.account_domain))
-        for card_id, title in cards:
+        version = self.sites[state.site_id].version
+        for card_id, card_title in cards:
             update = CardUpdate(
                 "cu_" + digest(card_id, state.lead_id, lead.cause_id),
                 state.site_id, card_id, "facts", lead.card_actor, lead_id=state.lead_id, tags=sorted(state.tags),
-                score=state.score, title=title, activity_ms=state.last_activity_ms, rule_id=lead.card_rule_id,
-                event_id=lead.card_event_id, ts_ms=lead.card_ts_ms or state.last_activity_ms,
+                score=state.score, title=card_title, activity_ms=state.last_activity_ms, rule_id=lead.card_rule_id,
+                event_id=lead.card_event_id, ts_ms=lead.card_ts_ms or state.last_activity_ms, segments=members,
+                definitions_version=version,
             )
             batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
+
+
+def _members(state: LeadState, imported: frozenset[str]) -> list[str]:
+    """The lead's memberships of the segments some board of its site imports."""
+    if state.segments is None or not imported:
+        return []
+    return [segment for segment in state.segments.member_of() if segment in imported]

@@ -27,12 +27,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from operator import attrgetter
-from types import MappingProxyType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Literal, Self
 
 from processors.conditions import Test, all_of, exact_matcher, field_test, has_value, url_matcher
 from processors.segments import SegmentState
-from schemas.companies import Company
+from schemas.companies import NO_COMPANIES, Company, CompanyCards
 from schemas.conditions import duration_ms
 from schemas.events import EVENT_TYPES, EnrichedEvent
 from schemas.records import JsonRecord, digest, event_digest
@@ -144,15 +143,6 @@ PER_LEAD_CAUSE = ("lead",)
 
 
 # ---- reading fields and testing conditions ----
-
-class CompanyCards(Protocol):
-    """The company cards by account domain (processors.companies.CompanyDirectory; a dict will do)."""
-
-    def get(self, domain: str, /) -> Company | None: ...
-
-
-NO_COMPANIES: CompanyCards = MappingProxyType({})
-
 
 class _Scope:
     """What conditions read: the lead's state, its account's company card and, for event triggers, the
@@ -440,6 +430,7 @@ class RuleSet:
     state_rules: tuple[_Compiled, ...]
     time_rules: tuple[_Compiled, ...]
     permanent_points: dict[str, int]
+    state_reads_segments: bool = False  # some state rule's conditions name a segment (see `settle`)
     by_page: dict[tuple[str, str], tuple[_Compiled, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -451,7 +442,8 @@ class RuleSet:
                    for t in EVENT_TYPES}
         return cls(version, by_type, tuple(c for _, c in compiled if c.kind == "state"),
                    tuple(c for _, c in compiled if c.kind == "time"),
-                   {c.rule_id: c.permanent_points for _, c in compiled})
+                   {c.rule_id: c.permanent_points for _, c in compiled},
+                   any(rule.when.kind == "state" and any(c.segments() for c in rule.if_) for rule in ordered))
 
     def event_rules(self, event: EnrichedEvent) -> tuple[_Compiled, ...]:
         """The event rules of the event's type whose URL glob matches its URL, in id order."""
@@ -503,6 +495,19 @@ def _settle(run: _Run, cause: tuple[str, ...]) -> None:
 
 def _passthrough(state: LeadState) -> Outcome:
     return Outcome(state)
+
+
+def settle(ruleset: RuleSet, state: LeadState, ts_ms: int, cause: str, companies: CompanyCards = NO_COMPANIES
+           ) -> Outcome:
+    """The lead's segment memberships changed (`state.segments` is new; `cause` says why, as the segment
+    change does): state rules that name a segment in their conditions may have become true. Fires them (and
+    their chains) as any pass does; without such rules, or when none became true, nothing changes."""
+    if state.merged_into or not ruleset.state_reads_segments:
+        return _passthrough(state)
+    new = state.copy()
+    run = _Run(ruleset, new, None, "", ts_ms, companies)
+    _settle(run, ("segments", cause))
+    return run.out
 
 
 def apply_event(ruleset: RuleSet, state: LeadState, event: EnrichedEvent, companies: CompanyCards = NO_COMPANIES

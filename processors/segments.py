@@ -10,11 +10,15 @@ A site's segments are compiled once (`SegmentSet`). Each lead keeps a `SegmentSt
   is older than every kept one, so it is not kept either. `distinct: session` counters keep sessions
   instead ([the session's newest event time, session digest]).
 - `first_touch` / `last_touch`: channel and utm source/campaign of the lead's earliest event and of its
-  latest event that did not come from its own site (not internal navigation).
+  latest event that did not come from its own site (not internal navigation); `geo`: the country of its
+  latest event that had one (the lead's last seen country).
 - `clock_ms`: the lead's segment clock: the newest event time of its records, or what the hourly pass
   moved it to. Every evaluation happens at the clock; changes carry that time.
 - `members`: segment id -> [seq, time of its last change]; a member while seq is odd.
 - `filters`: the lead filters of account segments the lead meets (its account's segments read these).
+
+Only leads are members: a lead is known (an email) or has an account; a visitor who is neither is in no
+segment, though its counters count (it may become a lead, and then its history counts).
 
 Time: an event counts at its event time (capped at its arrival, like the processors' stream clock), and
 is in a window of W while `time < event time + W`. Before an event is counted the clock moves to its time,
@@ -38,6 +42,7 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from processors.conditions import Test, all_of, compare, exact_matcher, field_test, url_matcher
+from schemas.companies import NO_COMPANIES, Company, CompanyCards
 from schemas.conditions import ConditionBase
 from schemas.events import EVENT_TYPES, EnrichedEvent
 from schemas.records import JsonRecord, digest, event_digest
@@ -65,6 +70,7 @@ WINDOW = "window"
 # A touch: [event time, event digest, channel, utm_source, utm_campaign]; [] while there is none.
 Touch = list
 NO_TOUCH: Touch = []
+UPDATE_IDS_KEPT = 64  # an account remembers its latest updates' ids: a re-sent one changes nothing
 
 
 @dataclass(slots=True)
@@ -81,15 +87,24 @@ class SegmentState(JsonRecord):
     last_touch: Touch = field(default_factory=list)
     members: dict[str, list[int]] = field(default_factory=dict)
     filters: list[str] = field(default_factory=list)
+    geo: list = field(default_factory=list)  # [event time, event digest, country]; [] while none had one
 
     def is_member(self, segment_id: str) -> bool:
         entry = self.members.get(segment_id)
         return entry is not None and entry[0] % 2 == 1
 
+    def member_of(self) -> list[str]:
+        """The segments the lead is a member of, sorted."""
+        return sorted(segment for segment, (seq, _) in self.members.items() if seq % 2)
+
     def copy(self) -> SegmentState:
         """Independent containers; their items are replaced whole, never changed in place."""
         return SegmentState(self.version, self.clock_ms, self.due_ms, dict(self.counters), self.first_touch,
-                            self.last_touch, dict(self.members), self.filters)
+                            self.last_touch, dict(self.members), self.filters, self.geo)
+
+    @property
+    def country(self) -> str:
+        return self.geo[2] if self.geo else ""
 
     # the touch fields as the field registry (schemas.segments.FIELDS) names them
     @property
@@ -135,16 +150,49 @@ class _Facts:
 
     __slots__ = ("lead", "segments", "account", "now", "results")
 
-    def __init__(self, lead: LeadState, segments: SegmentState, now: int) -> None:
+    def __init__(self, lead: LeadState, segments: SegmentState, now: int, companies: CompanyCards) -> None:
         self.lead = lead
         self.segments = segments
-        self.account = _Account(lead.account_domain)
+        self.account = _Account(lead.account_domain, companies)
         self.now = now
         self.results: dict[str, bool] = {}
 
 
-class _Account(NamedTuple):
-    domain: str
+class _Account:
+    """An account as the `account.*` fields read it: its domain and its company card's fields ('' and 0
+    without a card), the card looked up once, when a condition first reads it."""
+
+    __slots__ = ("domain", "_companies", "_card")
+
+    def __init__(self, domain: str, companies: CompanyCards) -> None:
+        self.domain = domain
+        self._companies = companies
+        self._card: Company | None | bool = False  # False: not looked up yet
+
+    def _company(self) -> Company | None:
+        if self._card is False:
+            self._card = self._companies.get(self.domain) if self.domain else None
+        return self._card  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        card = self._company()
+        return card.name if card else ""
+
+    @property
+    def industry(self) -> str:
+        card = self._company()
+        return card.industry if card else ""
+
+    @property
+    def employees(self) -> int | None:
+        card = self._company()
+        return card.employees_min or None if card else None
+
+    @property
+    def country(self) -> str:
+        card = self._company()
+        return card.country if card else ""
 
 
 class _AccountFacts:
@@ -153,8 +201,8 @@ class _AccountFacts:
 
     __slots__ = ("account", "counts", "leads", "results")
 
-    def __init__(self, state: AccountState) -> None:
-        self.account = _Account(state.domain)
+    def __init__(self, state: AccountState, companies: CompanyCards) -> None:
+        self.account = _Account(state.domain, companies)
         self.counts = state.counts
         self.leads = len(state.leads)
         self.results: dict[str, bool] = {}
@@ -226,8 +274,9 @@ class _Reads:
     counters: set[str] = field(default_factory=set)
     segments: set[str] = field(default_factory=set)  # in_segment
     facts: bool = False  # lead and account fields
-    touches: bool = False  # first/last touch fields
+    touches: bool = False  # first/last touch fields, the last seen country
     seen: bool = False  # lead.first_seen / lead.last_seen
+    company: bool = False  # the account's company card (it may be loaded or change between two records)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,16 +291,19 @@ class _Compiled:
     def affected(self, dirty: _Dirty, changed: set[str]) -> bool:
         reads = self.reads
         return bool((dirty.facts and reads.facts) or (dirty.touches and reads.touches)
+                    or (dirty.company and reads.company)
                     or (reads.counters and not reads.counters.isdisjoint(dirty.counters))
                     or (reads.segments and not reads.segments.isdisjoint(changed)))
 
 
 class _Dirty(NamedTuple):
-    """What a record changed: these counters, the lead's fields, its touches."""
+    """What a record changed: these counters, the lead's fields, its touches; `company`: the lead has an
+    account whose company card conditions read (a card is not part of the lead: it may have changed)."""
 
     counters: set[str]
     facts: bool
     touches: bool
+    company: bool = False
 
 
 class _Compiler:
@@ -282,6 +334,7 @@ class _Compiler:
         else:
             self.reads.facts = True
             self.reads.seen = self.reads.seen or source in ("lead.first_ts_ms", "lead.last_activity_ms")
+            self.reads.company = self.reads.company or (source.startswith("account.") and source != "account.domain")
         return field_test(_reader(condition.field or ""), condition.op or "", condition.value)
 
     def _count_test(self, count: CountOf, window_ms: int, op: str, value: Any) -> Test:
@@ -365,8 +418,9 @@ class SegmentSet:
     by_event_type: dict[str, tuple[_Counter, ...]]
     critical: tuple[_Critical, ...]
     grace_ms: int
-    reads_touches: bool  # some condition reads a first/last touch
+    reads_touches: bool  # some condition reads a first/last touch or the last seen country
     reads_seen: bool  # some condition reads lead.first_seen / lead.last_seen
+    reads_company: bool  # some lead segment reads the account's company card
     by_page: dict[tuple[str, str], tuple[_Counter, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -380,7 +434,8 @@ class SegmentSet:
         by_type = {t: tuple(c for c in counters.values() if c.event in (t, "any")) for t in EVENT_TYPES}
         compiled = lead + compiler.filters
         return cls(version, tuple(compiled), tuple(account), counters, by_type, tuple(sorted(compiler.critical)),
-                   grace_ms, any(c.reads.touches for c in compiled), any(c.reads.seen for c in compiled))
+                   grace_ms, any(c.reads.touches for c in compiled), any(c.reads.seen for c in compiled),
+                   any(c.reads.company for c in compiled))
 
     @property
     def empty(self) -> bool:
@@ -464,6 +519,14 @@ def _touch(state: SegmentState, first: Touch, last: Touch) -> bool:
     return changed
 
 
+def _locate(state: SegmentState, seen: list) -> bool:
+    """Keeps the latest [time, digest, country] (by time, then digest); True if it changed."""
+    if seen and (not state.geo or seen[:2] > state.geo[:2]):
+        state.geo = seen
+        return True
+    return False
+
+
 def _event_touches(event: EnrichedEvent, ts: int, ident: str) -> tuple[Touch, Touch]:
     """(first, last) touch candidates of an event: internal navigation is no last touch."""
     touch = [ts, ident, event.channel, event.utm_source, event.utm_campaign]
@@ -488,7 +551,8 @@ def _refresh_due(segset: SegmentSet, state: SegmentState) -> None:
     state.due_ms = points[0] if points else 0
 
 
-def _advance(segset: SegmentSet, lead: LeadState, state: SegmentState, until: int) -> list[SegmentChange]:
+def _advance(segset: SegmentSet, lead: LeadState, state: SegmentState, until: int, companies: CompanyCards
+             ) -> list[SegmentChange]:
     """Moves the clock to `until`, evaluating each moment a count crosses its threshold on the way."""
     if until <= state.clock_ms:
         return []
@@ -498,7 +562,7 @@ def _advance(segset: SegmentSet, lead: LeadState, state: SegmentState, until: in
     changes: list[SegmentChange] = []
     for point in _due_points(segset, state, state.clock_ms, until):
         state.clock_ms = point
-        changes += _evaluate(segset, lead, state, WINDOW)[0]
+        changes += _evaluate(segset, lead, state, WINDOW, companies)[0]
     state.clock_ms = until
     _refresh_due(segset, state)
     return changes
@@ -517,19 +581,31 @@ def _prune(segset: SegmentSet, state: SegmentState) -> None:
             state.counters[key] = kept
 
 
-def _evaluate(segset: SegmentSet, lead: LeadState, state: SegmentState, cause: str, dirty: _Dirty | None = None
-              ) -> tuple[list[SegmentChange], bool]:
+def is_lead(lead: LeadState) -> bool:
+    """A lead by the product's definition: a known contact (an email) or an anonymous employee of a
+    company (an account). A visitor who is neither is in no segment and on no board."""
+    return bool(lead.email or lead.account_domain)
+
+
+def _evaluate(segset: SegmentSet, lead: LeadState, state: SegmentState, cause: str, companies: CompanyCards,
+              dirty: _Dirty | None = None) -> tuple[list[SegmentChange], bool]:
     """Evaluates the lead segments at the clock (with `dirty`, only those reading what changed: the others
     keep their last result) and records the entries and exits (and the deletion of segments the lead was
     a member of). Returns the changes and whether the lead filters changed."""
-    facts = _Facts(lead, state, state.clock_ms)
+    facts = _Facts(lead, state, state.clock_ms, companies)
     results = facts.results
     flipped: set[str] = set()
+    eligible = is_lead(lead)
     for compiled in segset.lead:
         segment_id = compiled.segment_id
         was = state.is_member(segment_id) if compiled.public else segment_id in state.filters
-        now = results[segment_id] = (compiled.test(facts) if dirty is None or compiled.affected(dirty, flipped)
-                                     else was)
+        if not eligible:
+            now = False
+        elif dirty is None or compiled.affected(dirty, flipped):
+            now = compiled.test(facts)
+        else:
+            now = was
+        results[segment_id] = now
         if now != was:
             flipped.add(segment_id)
     changes = [_change(state, lead, compiled.segment_id, compiled.version, cause)
@@ -561,12 +637,12 @@ def _facts_key(segset: SegmentSet, lead: LeadState) -> tuple[Any, ...]:
 
 
 def _outcome(segset: SegmentSet, lead: LeadState, state: SegmentState, changes: list[SegmentChange],
-             cause: str, dirty: _Dirty | None) -> SegmentOutcome:
+             cause: str, dirty: _Dirty | None, companies: CompanyCards) -> SegmentOutcome:
     """Evaluates what `dirty` names (everything: None), or everything when the segments changed since."""
     filters_changed = False
     current = state.version == segset.version
-    if not current or dirty is None or dirty.counters or dirty.facts or dirty.touches:
-        more, filters_changed = _evaluate(segset, lead, state, cause, dirty if current else None)
+    if not current or dirty is None or dirty.counters or dirty.facts or dirty.touches or dirty.company:
+        more, filters_changed = _evaluate(segset, lead, state, cause, companies, dirty if current else None)
         changes += more
     return SegmentOutcome(state, changes, filters_changed)
 
@@ -587,42 +663,49 @@ def _start(segset: SegmentSet, lead: LeadState) -> SegmentState | None:
     return state
 
 
-def on_event(segset: SegmentSet, before: LeadState, after: LeadState, event: EnrichedEvent) -> SegmentOutcome:
+def on_event(segset: SegmentSet, before: LeadState, after: LeadState, event: EnrichedEvent,
+             companies: CompanyCards = NO_COMPANIES) -> SegmentOutcome:
     """One (non-bot) event of the lead. `before` / `after`: the lead around the rule engine's apply_event
-    (the moments before the event are evaluated with the facts from before it)."""
+    (the moments before the event are evaluated with the facts from before it). `companies`: the company
+    cards `account.*` fields read (here and in every entry point below)."""
     state = _start(segset, before)
     if state is None:
         return SegmentOutcome(None)
     ts, ident = event_time(event), event_digest(event.event_id)
-    changes = _advance(segset, before, state, ts)
+    changes = _advance(segset, before, state, ts, companies)
     session = event.session_id and session_digest(event.session_id)
     counted = _count(state, segset.event_counters(event),
                      lambda counter: [ts, session if counter.sessions else ident])
     if counted:
         _refresh_due(segset, state)
-    touched = _touch(state, *_event_touches(event, ts, ident)) and segset.reads_touches
+    touched = _touch(state, *_event_touches(event, ts, ident))
+    located = _locate(state, [ts, ident, event.geo_country] if event.geo_country else NO_TOUCH)
     moved = _facts_key(segset, before) != _facts_key(segset, after)
-    return _outcome(segset, after, state, changes, f"event:{event.event_id}", _Dirty(counted, moved, touched))
+    dirty = _Dirty(counted, moved, (touched or located) and segset.reads_touches,
+                   segset.reads_company and bool(after.account_domain))
+    return _outcome(segset, after, state, changes, f"event:{event.event_id}", dirty, companies)
 
 
-def on_change(segset: SegmentSet, lead: LeadState, cause: str) -> SegmentOutcome:
+def on_change(segset: SegmentSet, lead: LeadState, cause: str, companies: CompanyCards = NO_COMPANIES
+              ) -> SegmentOutcome:
     """The lead's facts changed without an event of its own (its identity, a tag by hand, the rules'
     hourly pass) or the segments did: evaluate at the lead's clock."""
     state = _start(segset, lead)
     if state is None:
         return SegmentOutcome(None)
-    return _outcome(segset, lead, state, [], cause, None)
+    return _outcome(segset, lead, state, [], cause, None, companies)
 
 
-def on_hour(segset: SegmentSet, lead: LeadState, now_ms: int) -> SegmentOutcome:
+def on_hour(segset: SegmentSet, lead: LeadState, now_ms: int, companies: CompanyCards = NO_COMPANIES
+            ) -> SegmentOutcome:
     """The hourly pass: counts whose windows ran out by `now_ms - grace` are evaluated at the moment they
     ran out, though no new event came."""
     state = _start(segset, lead)
     if state is None:
         return SegmentOutcome(None)
-    changes = _advance(segset, lead, state, now_ms - segset.grace_ms)
+    changes = _advance(segset, lead, state, now_ms - segset.grace_ms, companies)
     _prune(segset, state)
-    return _outcome(segset, lead, state, changes, f"hour:{now_ms}", NOTHING)
+    return _outcome(segset, lead, state, changes, f"hour:{now_ms}", NOTHING, companies)
 
 
 def next_due_ms(segset: SegmentSet, lead: LeadState) -> int | None:
@@ -633,18 +716,19 @@ def next_due_ms(segset: SegmentSet, lead: LeadState) -> int | None:
     return -(-(state.due_ms + segset.grace_ms) // HOUR_MS) * HOUR_MS
 
 
-def on_backfill(segset: SegmentSet, lead: LeadState, backfill: SegmentBackfill) -> SegmentOutcome:
+def on_backfill(segset: SegmentSet, lead: LeadState, backfill: SegmentBackfill,
+                companies: CompanyCards = NO_COMPANIES) -> SegmentOutcome:
     """History for counts a segment edit added (read from ClickHouse), then a re-evaluation."""
     state = _start(segset, lead)
     if state is None:
         return SegmentOutcome(None)
     _count_entries(segset, state, backfill.counters)
     _refresh_due(segset, state)
-    return _outcome(segset, lead, state, [], f"definitions:{backfill.version}", None)
+    return _outcome(segset, lead, state, [], f"definitions:{backfill.version}", None, companies)
 
 
-def on_merge(segset: SegmentSet, before: LeadState, after: LeadState, absorbed: LeadState, cause: str
-             ) -> SegmentOutcome:
+def on_merge(segset: SegmentSet, before: LeadState, after: LeadState, absorbed: LeadState, cause: str,
+             companies: CompanyCards = NO_COMPANIES) -> SegmentOutcome:
     """An anonymous lead merged into this one (`before` / `after`: the survivor around the rule engine's
     merge). Its counted events and touches come over once (an event both counted counts once), the clock
     moves to the later of the two, and the survivor is evaluated: it enters what it now qualifies for. The
@@ -655,11 +739,12 @@ def on_merge(segset: SegmentSet, before: LeadState, after: LeadState, absorbed: 
     if state is None:
         return SegmentOutcome(None)
     theirs = absorbed.segments or SegmentState()
-    changes = _advance(segset, before, state, theirs.clock_ms)
+    changes = _advance(segset, before, state, theirs.clock_ms, companies)
     _count_entries(segset, state, theirs.counters)
     _refresh_due(segset, state)
     _touch(state, theirs.first_touch, theirs.last_touch)
-    return _outcome(segset, after, state, changes, cause, None)
+    _locate(state, theirs.geo)
+    return _outcome(segset, after, state, changes, cause, None, companies)
 
 
 def _count_entries(segset: SegmentSet, state: SegmentState, counters: dict[str, list[list[Any]]]) -> None:
@@ -682,50 +767,66 @@ def on_retire(segset: SegmentSet, absorbed: LeadState, survivor_id: str, ts_ms: 
             for segment_id in sorted(state.members) if state.is_member(segment_id)]
 
 
-def account_facts(before: LeadState, after: LeadState, outcome: SegmentOutcome, cause: str, ts_ms: int
-                  ) -> list[AccountLeadFacts]:
+def account_facts(before: LeadState, after: LeadState, outcome: SegmentOutcome, cause: str, ts_ms: int,
+                  version: int = 0, refresh: bool = False) -> list[AccountLeadFacts]:
     """What the lead's accounts must hear after a record: its lead filters, when they changed or it joined
-    an account, and `left` for an account it no longer belongs to (or when it merged away)."""
+    an account (or, `refresh`, always), and `left` for an account it no longer belongs to (or when it merged
+    away). `version`: the definitions version the filters were evaluated with."""
     filters = outcome.state.filters if outcome.state is not None else []
     updates = []
     old, new = before.account_domain, "" if after.merged_into else after.account_domain
     if old and old != new:
-        updates.append(_account_update(after, old, [], True, cause, ts_ms))
-    if new and (old != new or outcome.filters_changed):
-        updates.append(_account_update(after, new, filters, False, cause, ts_ms))
+        updates.append(_account_update(after, old, [], True, cause, ts_ms, version, refresh))
+    if new and (old != new or outcome.filters_changed or refresh):
+        updates.append(_account_update(after, new, filters, False, cause, ts_ms, version, refresh))
     return updates
 
 
-def _account_update(lead: LeadState, domain: str, filters: list[str], left: bool, cause: str, ts_ms: int
-                    ) -> AccountLeadFacts:
-    return AccountLeadFacts("alf_" + digest(lead.site_id, domain, lead.lead_id, cause), lead.site_id, domain,
-                            lead.lead_id, list(filters), left, ts_ms, cause)
+def _account_update(lead: LeadState, domain: str, filters: list[str], left: bool, cause: str, ts_ms: int,
+                    version: int, refresh: bool) -> AccountLeadFacts:
+    """Its id names what it says, so a re-sent update (a replayed batch) is the same one, while two updates
+    of one record (a rule chain re-evaluating the lead) are two."""
+    update_id = "alf_" + digest(lead.site_id, domain, lead.lead_id, cause, ",".join(filters), str(left))
+    return AccountLeadFacts(update_id, lead.site_id, domain, lead.lead_id, list(filters), left, ts_ms, cause,
+                            version, refresh)
 
 
 # ---- one account ----
 
 @dataclass(slots=True)
 class AccountState(JsonRecord):
-    """What an account's segments need, kept by the processor that owns accounts: per lead of the account
-    the lead filters it meets (so a repeated or reordered update of one lead is absolute, not a delta),
-    per filter how many leads meet it, and the account's memberships ([seq, time], member while odd)."""
+    """What an account's segments need, kept by the account processor: per lead of the account the lead
+    filters it meets (so a repeated or reordered update of one lead is absolute, not a delta), per filter
+    how many leads meet it, the account's memberships ([seq, time], member while odd), the ids of its latest
+    updates (a re-sent update changes nothing) and the definitions version its cards last heard its
+    memberships at (`told_version`: the import step tells them once per version, not once per lead)."""
 
     site_id: str
     domain: str
     leads: dict[str, list[str]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     members: dict[str, list[int]] = field(default_factory=dict)
+    update_ids: list[str] = field(default_factory=list)
+    told_version: int = 0
 
     def is_member(self, segment_id: str) -> bool:
         entry = self.members.get(segment_id)
         return entry is not None and entry[0] % 2 == 1
 
+    def member_of(self) -> list[str]:
+        """The segments the account is a member of, sorted."""
+        return sorted(segment for segment, (seq, _) in self.members.items() if seq % 2)
 
-def on_lead_facts(segset: SegmentSet, account: AccountState, update: AccountLeadFacts
-                  ) -> tuple[AccountState, list[SegmentChange]]:
-    """One lead's filters (or its leaving) applied to its account, then the account's segments evaluated."""
+
+def on_lead_facts(segset: SegmentSet, account: AccountState, update: AccountLeadFacts,
+                  companies: CompanyCards = NO_COMPANIES) -> tuple[AccountState, list[SegmentChange]]:
+    """One lead's filters (or its leaving) applied to its account, then the account's segments evaluated.
+    An update the account has had already (a replay upstream sent it again) changes nothing."""
+    if update.update_id in account.update_ids:
+        return account, []
     new = AccountState(account.site_id, account.domain, dict(account.leads), dict(account.counts),
-                       dict(account.members))
+                       dict(account.members), [*account.update_ids, update.update_id][-UPDATE_IDS_KEPT:],
+                       account.told_version)
     for filter_id in new.leads.pop(update.lead_id, []):
         new.counts[filter_id] -= 1
         if not new.counts[filter_id]:
@@ -734,7 +835,7 @@ def on_lead_facts(segset: SegmentSet, account: AccountState, update: AccountLead
         new.leads[update.lead_id] = sorted(update.filters)
         for filter_id in update.filters:
             new.counts[filter_id] = new.counts.get(filter_id, 0) + 1
-    facts = _AccountFacts(new)
+    facts = _AccountFacts(new, companies)
     changes = []
     for compiled in segset.account:
         holds = facts.results[compiled.segment_id] = compiled.test(facts)
@@ -745,4 +846,12 @@ def on_lead_facts(segset: SegmentSet, account: AccountState, update: AccountLead
                 new.site_id, compiled.segment_id, new.domain, holds, update.ts_ms, f"lead:{update.lead_id}",
                 compiled.version, "account", seq,
                 change_id(new.site_id, compiled.segment_id, new.domain, seq, update.ts_ms), new.domain))
+    for segment_id in [s for s in new.members if s not in facts.results]:  # deleted segments
+        if new.is_member(segment_id):
+            seq = new.members[segment_id][0] + 1
+            changes.append(SegmentChange(
+                new.site_id, segment_id, new.domain, False, update.ts_ms, f"definitions:{segset.version}",
+                segset.version, "account", seq, change_id(new.site_id, segment_id, new.domain, seq, update.ts_ms),
+                new.domain))
+        del new.members[segment_id]
     return new, changes

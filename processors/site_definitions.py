@@ -8,6 +8,7 @@ whole, between batches: a batch never sees half old, half new definitions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable
 
 from processors.definitions_store import DefinitionsStore
@@ -26,6 +27,11 @@ class SiteSetup:
 
     def board(self, board_id: str) -> BoardDefinition | None:
         return next((b for b in self.boards if b.id == board_id), None)
+
+    @cached_property
+    def imported_segments(self) -> frozenset[str]:
+        """The segments some board imports: the memberships cards hear of."""
+        return frozenset(board.import_.segment for board in self.boards if board.import_ is not None)
 
 
 EMPTY = SiteSetup(0, RuleSet.compile([]), ())

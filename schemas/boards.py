@@ -107,6 +107,7 @@ class CardView(JsonRecord):
     archived: bool = False
     lead_ids: list[str] = field(default_factory=list)  # an account card lists its first leads only
     lead_count: int = 0  # all of the card's leads
+    left_segment: bool = False  # the board imports a segment and the card's member has left it since
 
 
 Actor = str  # "rule:<rule_id>@<version>" | "user:<name or key id>" | "import" | "system"
@@ -188,21 +189,25 @@ class CommandResult(JsonRecord):
     stage_change_id: str = ""  # the move this command made, if any
 
 
-CardUpdateKind = Literal["facts", "account_tag", "move", "merge", "handover"]
+CardUpdateKind = Literal["facts", "account_tag", "move", "merge", "handover", "segment"]
 
 
 @dataclass(slots=True, frozen=True)
 class CardUpdate(JsonRecord):
     """The lead processor's word to the board processor, on `board.commands` keyed by card_id.
 
-    - facts: lead `lead_id` of this card now has `tags` and `score` (absolute values); `left`: it no
-      longer belongs to this card.
+    - facts: lead `lead_id` of this card now has `tags` and `score` (absolute values) and is a member of
+      `segments` (of those some board of the site imports; None: not said); `left`: it no longer belongs
+      to this card.
     - account_tag: a rule tagged the account itself: `tags` holds the one tag, `left` means removed.
     - move: a rule's move_card to `to_stage` on `board_id` (forward only, decided by the stage machine).
     - merge: this card folds into `into_card_id` (its anonymous lead merged into a known one, or its
       lead joined an account); the board processor hands the card's state over to that card.
     - handover: `card_state` is the state of a card that folded into this one.
-    update_id is deterministic, so a re-sent update is recognised."""
+    - segment: the account of this card is a member of `segments` (the account segments some board of
+      the site imports), from the account processor.
+    update_id is deterministic, so a re-sent update is recognised. `definitions_version`: the site
+    definitions version the sender read (memberships depend on them): the board processor catches up first."""
 
     update_id: str
     site_id: str
@@ -222,3 +227,5 @@ class CardUpdate(JsonRecord):
     rule_id: str = ""
     event_id: str = ""
     ts_ms: int = 0
+    segments: list[str] | None = None
+    definitions_version: int = 0

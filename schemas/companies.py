@@ -8,6 +8,8 @@ in the ClickHouse `companies` table for analysts. Validation of loaded rows is i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
 
 from schemas.records import JsonRecord
 
@@ -38,3 +40,13 @@ class Company(JsonRecord):
     def same_card(self, other: Company) -> bool:
         """Equal but for when it was written: loading the same data again changes nothing."""
         return all(getattr(self, name) == getattr(other, name) for name in COMPANY_FIELDS)
+
+
+class CompanyCards(Protocol):
+    """The company cards by account domain, as rules and segments read them (`account.industry`, ...):
+    processors.companies.CompanyDirectory in a worker; a dict will do."""
+
+    def get(self, domain: str, /) -> Company | None: ...
+
+
+NO_COMPANIES: CompanyCards = MappingProxyType({})

@@ -11,7 +11,8 @@ Existing data lives under these exact bytes: extend the layouts, never respell o
   {prefix}:v:{site}\\x1f{visitor}                   string  sessionizer state of a visitor (raw processor)
   {prefix}:id:v:{site}\\x1f{visitor}                string  the visitor's lead link (identity graph)
   {prefix}:id:l:{site}\\x1f{lead}                   string  a lead record (identity graph)
-  {prefix}:lead:{site}\\x1f{lead}                   string  rule state of a lead (lead processor)
+  {prefix}:lead:{site}\\x1f{lead}                   string  rule and segment state of a lead (lead processor)
+  {prefix}:account:{site}\\x1f{domain}              string  segment state of an account (account processor)
   {prefix}:board-card:{site}\\x1f{card}             string  state of a card (board processor)
   {prefix}:board:{site}\\x1f{board}:cards           hash    card_id -> CardView JSON
   {prefix}:board:{site}\\x1f{board}:notes           hash    card_id -> JSON list of the latest CardNotes
@@ -21,6 +22,9 @@ Existing data lives under these exact bytes: extend the layouts, never respell o
   {prefix}:board-result:{site}\\x1f{command}        string  a board command's result
   {prefix}:defs:site:{site}                        hash    a site's rules and boards (definitions store)
   {prefix}:defs:sites                              set     the sites that have definitions
+  {prefix}:segments:backfill:since                 hash    site -> its segments before the first edit not yet backfilled
+  {prefix}:segments:backfill:wanted                hash    site -> the definitions version its backfill must reach
+  {prefix}:segments:backfill:done                  hash    site -> the last finished backfill (version, leads, time)
   {prefix}:ip-ranges                               string  the IP-range table (CSV)
   {prefix}:ip-ranges:version                       int     bumped by every load of the table
   {prefix}:companies                               hash    domain -> company card JSON
@@ -45,12 +49,15 @@ from typing import Protocol
 SEP = "\x1f"
 """Joins the ids inside a key: validation rejects control characters in every id, so keys never collide."""
 
-PROCESSOR_NAMESPACES = {"raw": "", "lead": "lead:", "board": "board:"}
+PROCESSOR_NAMESPACES = {"raw": "", "lead": "lead:", "board": "board:", "account": "account:"}
 """Each processor's watermarks and timer index live under a namespace of its own. The raw processor's is
 empty: it had its keys before there was a second processor."""
 
 IDENTITY_LOCK = "id:lock"
 """The identity graph's lock (one worker at a time resolves identities; see processors/identity_store.py)."""
+
+BACKFILL_LOCK = "segments:backfill:lock"
+"""The segment backfill job's lock (one job at a time; see sinks/segment_backfill.py)."""
 
 
 class _Named(Protocol):
@@ -89,6 +96,11 @@ class RedisKeys:
 
     def lead_state(self, site_id: str, lead_id: str) -> str:
         return f"{self.prefix}:lead:{site_id}{SEP}{lead_id}"
+
+    # -- account processor -----------------------------------------------------------------------------
+
+    def account_state(self, site_id: str, domain: str) -> str:
+        return f"{self.prefix}:account:{site_id}{SEP}{domain}"
 
     # -- board processor and the board API -------------------------------------------------------------
 
@@ -134,6 +146,18 @@ class RedisKeys:
     @property
     def definitions_sites(self) -> str:
         return f"{self.prefix}:defs:sites"
+
+    @property
+    def backfill_since(self) -> str:
+        return f"{self.prefix}:segments:backfill:since"
+
+    @property
+    def backfill_wanted(self) -> str:
+        return f"{self.prefix}:segments:backfill:wanted"
+
+    @property
+    def backfill_done(self) -> str:
+        return f"{self.prefix}:segments:backfill:done"
 
     @property
     def ip_ranges(self) -> str:

@@ -437,7 +437,8 @@ class CardMoveRequest(JsonRecord):
 class LeadSnapshot(JsonRecord):
     """A lead's current tags, score and properties on `leads.state`, written by the lead processor whenever
     they change (ClickHouse `lead_state`, rows collapsed by version). tags: sorted tag names;
-    tag_sources: tag -> provenance JSON; properties: JSON object text."""
+    tag_sources: tag -> provenance JSON; properties: JSON object text; segments: the lead segments it is a
+    member of now, sorted (a segment's members by score or last seen are one read of `lead_state`)."""
 
     site_id: str
     lead_id: str
@@ -451,6 +452,7 @@ class LeadSnapshot(JsonRecord):
     last_activity_ms: int
     merged_into: str
     version: int
+    segments: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True, frozen=True)

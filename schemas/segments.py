@@ -74,7 +74,12 @@ FIELDS: dict[str, FieldSpec] = {
     "lead.last_utm_source": FieldSpec("text", "segments.last_utm_source"),
     "lead.first_utm_campaign": FieldSpec("text", "segments.first_utm_campaign"),
     "lead.last_utm_campaign": FieldSpec("text", "segments.last_utm_campaign"),
+    "geo.country": FieldSpec("text", "segments.country"),  # of the lead's latest event that had one
     "account.domain": FieldSpec("text", "account.domain"),
+    "account.name": FieldSpec("text", "account.name"),  # the account's company card ('' without one)
+    "account.industry": FieldSpec("text", "account.industry"),
+    "account.employees": FieldSpec("number", "account.employees"),  # the card's lower bound: 51 for 51-200
+    "account.country": FieldSpec("text", "account.country"),
 }
 PROPERTY_PREFIX = "lead.properties."
 
@@ -273,7 +278,10 @@ def change_id(site_id: str, segment_id: str, member_id: str, seq: int, ts_ms: in
 class AccountLeadFacts(JsonRecord):
     """What an account's segments need of one of its leads: the lead filters of account segments it meets
     now (`filters`, absolute), or `left`: it is no longer the account's lead. From the lead processor to the
-    account segments' processor, keyed by account_domain; update_id is deterministic."""
+    account processor on `segments.account-leads`, keyed by account_domain; update_id is deterministic (a
+    re-sent update is recognised). version: the site definitions version the filters were evaluated with
+    (the account processor catches up to it first). refresh: a segment or a board importing one was applied:
+    the account's cards hear its memberships again (the import step)."""
 
     update_id: str
     site_id: str
@@ -283,6 +291,20 @@ class AccountLeadFacts(JsonRecord):
     left: bool
     ts_ms: int
     cause: str
+    version: int = 0
+    refresh: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class DefinitionsMark(JsonRecord):
+    """A site's definitions are at `version` (or later) from this point of a `leads.activity` partition on:
+    the lead processor loads them before it handles what follows. The segment backfill job puts one on every
+    partition and waits until the lead processor has passed them all: every event after a mark is counted
+    by the new segments' counters, every event before it is in ClickHouse for the history queries."""
+
+    mark_id: str
+    site_id: str
+    version: int
 
 
 @dataclass(slots=True, frozen=True)

@@ -30,6 +30,7 @@ from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.rules import LeadChange, LeadHandover, LeadSnapshot, RuleExecution, WebhookDelivery
+from schemas.segments import AccountLeadFacts, DefinitionsMark, SegmentBackfill, SegmentChange
 from schemas.session import Session
 
 Partitioner = Literal["input", "key", "client"]
@@ -97,8 +98,8 @@ SESSIONS = Topic("sessions", Session, "visitor_id", "input")
 IDENTITY = Topic("identity", IdentityEvent, "visitor_id", "key")
 IDENTITY_LEADS = Topic("identity.leads", LeadRow, "lead_id", "key")
 IDENTITY_VISITORS = Topic("identity.visitors", VisitorLeadRow, "visitor_id", "key")
-LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent, LeadHandover), "lead_id", "key",
-                       types=("event", "identity", "handover"))
+LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent, LeadHandover, SegmentBackfill, DefinitionsMark),
+                       "lead_id", "key", types=("event", "identity", "handover", "backfill", "definitions"))
 LEADS_CHANGES = Topic("leads.changes", LeadChange, "lead_id", "key")
 LEADS_STATE = Topic("leads.state", LeadSnapshot, "lead_id", "key")
 RULE_EXECUTIONS = Topic("rules.executions", RuleExecution, "lead_id", "key")
@@ -107,11 +108,13 @@ BOARD_COMMANDS = Topic("board.commands", (BoardCommand, CardUpdate), "card_id", 
 BOARD_STAGE_CHANGES = Topic("board.stage-changes", StageChange, "card_id", "key")
 COMPANIES = Topic("companies", Company, "domain", "key")  # company cards, for ClickHouse (Redis has the live copy)
 WEBHOOK_DELIVERIES = Topic("webhooks.deliveries", WebhookDelivery, "webhook_id", "key")
+SEGMENTS_CHANGES = Topic("segments.changes", SegmentChange, "member_id", "key")  # a lead id or an account domain
+SEGMENTS_ACCOUNT_LEADS = Topic("segments.account-leads", AccountLeadFacts, "account_domain", "key")
 
 CATALOG: tuple[Topic, ...] = (
     EVENTS_RAW, EVENTS_DLQ, EVENTS_ENRICHED, SESSIONS, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
     LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, BOARD_COMMANDS, BOARD_STAGE_CHANGES, COMPANIES,
-    WEBHOOK_DELIVERIES,
+    WEBHOOK_DELIVERIES, SEGMENTS_CHANGES, SEGMENTS_ACCOUNT_LEADS,
 )
 
 

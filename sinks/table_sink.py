@@ -40,11 +40,12 @@ from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.privacy import RetentionPolicy
 from schemas.rules import LeadChange, LeadSnapshot, RuleExecution, WebhookDelivery
+from schemas.segments import SegmentChange
 from schemas.session import Session
 from schemas.settings import BatchConfig, ClickHouseConfig, KafkaConfig
 from schemas.topics import (BOARD_STAGE_CHANGES, COMPANIES, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY,
-                            IDENTITY_LEADS, IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS, SESSIONS,
-                            WEBHOOK_DELIVERIES, Topic)
+                            IDENTITY_LEADS, IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS,
+                            SEGMENTS_CHANGES, SESSIONS, WEBHOOK_DELIVERIES, Topic)
 from sinks import clickhouse
 from sinks.retention import RetentionJob
 
@@ -110,6 +111,7 @@ TABLES = {spec.table: spec for spec in (
     _spec("stage_changes", BOARD_STAGE_CHANGES, StageChange),
     _spec("companies", COMPANIES, Company),
     _spec("webhook_deliveries", WEBHOOK_DELIVERIES, WebhookDelivery),
+    _spec("segment_membership", SEGMENTS_CHANGES, SegmentChange),
 )}
 
 Row = tuple[Message, list]  # a row with the message it came from (named by its dead letter if refused)

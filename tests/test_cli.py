@@ -13,7 +13,7 @@ def test_an_unknown_processor_is_refused_by_name(option, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["worker", option, "raw, nope,board"])
     assert exited.value.code == 2
-    assert "unknown processor(s) nope; known: raw, lead, board, webhooks" in capsys.readouterr().err
+    assert "unknown processor(s) nope; known: raw, lead, account, board, webhooks" in capsys.readouterr().err
 
 
 def test_the_old_option_name_warns_in_one_line(capsys):

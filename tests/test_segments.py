@@ -45,11 +45,12 @@ def segments(*definitions: dict[str, Any], version: int = 1) -> SegmentSet:
 
 
 class Lead:
-    """A lead as the lead processor will drive it: the rules, then the segments, after every record."""
+    """A lead as the lead processor drives it: the rules, then the segments, after every record. An
+    anonymous employee of acme.com unless `fields` say otherwise (only leads are members of segments)."""
 
     def __init__(self, segset: SegmentSet, ruleset: RuleSet | None = None, lead_id: str = "lead-1", **fields: Any):
         self.segset, self.rules = segset, ruleset or RuleSet.compile([])
-        self.state = LeadState(lead_id, SITE, **fields)
+        self.state = LeadState(lead_id, SITE, **({"account_domain": "acme.com"} | fields))
         self.changes: list[SegmentChange] = []
 
     def _take(self, outcome: SegmentOutcome) -> list[SegmentChange]:
