@@ -27,6 +27,7 @@ from processors.site_definitions import SiteDefinitionsCache
 from processors.accounts import AccountRefused, BadLine, IpRangeTable, manual_account
 from processors.companies import CompanyStore, publish_cards, read_company_file
 from processors.lookup_tables import publish_ip_ranges
+from processors.segment_backfill import backfill_status
 from processors.runtime.producer import BatchProducer
 from schemas.boards import BoardDefinition
 from schemas.definitions import DefinitionsError, load_definitions
@@ -146,8 +147,9 @@ def apply_definitions_text(settings: Settings, text: str, path: str, site_id: st
             print(f"  {problem}", file=sys.stderr)
         return 2
 
-    async def store() -> ApplyResult:
-        """Apply the file; then move the cards of any stage it deleted (as PUT boards/{board} does)."""
+    async def store() -> tuple[ApplyResult, int | None]:
+        """Apply the file; then move the cards of any stage it deleted (as PUT boards/{board} does). Also
+        returns the version a segment backfill is wanted for, if any (the store asks for it with the edit)."""
         redis = aioredis.from_url(settings.redis_url)
         commands = CommandBus(settings, BoardStore(redis, settings.name("ls")))
         try:
@@ -161,13 +163,13 @@ def apply_definitions_text(settings: Settings, text: str, path: str, site_id: st
                                                                       result.versions[f"board:{board.id}"])
                     if moved:
                         print(f"  board {board.id}: {moved} cards of deleted stages sent to the board processor")
-            return result
+            return result, (await backfill_status(redis, settings.name("ls"), site_id))[0]
         finally:
             await commands.stop()
             await redis.aclose()
 
     try:
-        result = asyncio.run(store())
+        result, backfill = asyncio.run(store())
     except DefinitionsError as err:
         print(f"leadstream {expect} apply: {path} refused, nothing changed:", file=sys.stderr)
         for problem in err.problems:
@@ -183,6 +185,10 @@ def apply_definitions_text(settings: Settings, text: str, path: str, site_id: st
     for entry in result.changed:
         print(f"  {entry} -> version {result.versions[entry]}")
     print("running workers pick the change up within about a second")
+    if backfill is not None:
+        print(f"segment backfill wanted up to version {backfill}: the sinks (`leadstream sink`) bring every lead up"
+              f" to date and boards that import a segment get its members (`leadstream segments list --site"
+              f" {site_id}` shows when it is done)")
     return 0
 
 
@@ -193,13 +199,19 @@ def list_definitions(settings: Settings, site_id: str, kind: str) -> int:
     async def load():
         redis = aioredis.from_url(settings.redis_url)
         try:
-            return await DefinitionsStore(redis, settings.name("ls")).load(site_id)
+            return (await DefinitionsStore(redis, settings.name("ls")).load(site_id),
+                    await backfill_status(redis, settings.name("ls"), site_id))
         finally:
             await redis.aclose()
 
-    site = asyncio.run(load())
+    site, (pending, done) = asyncio.run(load())
     print(f"site {site_id}, definitions version {site.version}")
     if kind == "segments":
+        if done is not None:
+            print(f"  last segment backfill: version {done.version}, {done.leads:,} leads, {done.history_rows:,} "
+                  f"history rows, {done.seconds:.1f} s")
+        if pending is not None:
+            print(f"  segment backfill pending up to version {pending} (run by the sinks)")
         for segment in site.segments:
             importers = [stored.board.id for stored in site.boards
                          if stored.board.import_ and stored.board.import_.segment == segment.id]

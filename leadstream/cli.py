@@ -31,6 +31,22 @@ def _run_sink(settings: Settings, tables: list[str]) -> int:
     return 0
 
 
+def _clickhouse_query(settings: Settings):
+    """A query function for the worker's segment backfill job (processors cannot import the sinks)."""
+    from sinks import clickhouse
+
+    config = settings.clickhouse()
+
+    def query(sql: str, params: dict) -> list[tuple]:
+        client = clickhouse.connect(config)
+        try:
+            return client.execute(sql, params)
+        finally:
+            client.disconnect()
+
+    return query
+
+
 def _migrate(settings: Settings) -> int:
     from leadstream.topics import ensure_topics
     from sinks.clickhouse import migrate
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown processor(s) {', '.join(unknown)}; known: {', '.join(PROCESSORS)}")
         sys.argv = [sys.argv[0]]  # Faust's Worker parses argv itself
-        run_worker(settings, args.name, args.loglevel, processors)
+        run_worker(settings, args.name, args.loglevel, processors, _clickhouse_query(settings))
         return 0
     if args.command == "sink":
         from sinks.table_sink import TABLES

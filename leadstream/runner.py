@@ -24,7 +24,7 @@ from leadstream.topics import delete_topics
 from processors.runtime.ingest import consumer as kafka_consumer
 from schemas.redis_keys import RedisKeys
 from schemas.settings import Settings
-from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY, SEGMENTS_ACCOUNT_LEADS
+from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY, SEGMENTS_ACCOUNT_LEADS, sink_group
 from sinks import clickhouse
 from sinks.table_sink import TABLES
 
@@ -177,7 +177,7 @@ async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
             for tp, end in (await ends(topic)).items():
                 backlog += max(0, end - 1 - int(marks.get(str(tp.partition).encode(), -1)))
         for table in sink_tables:
-            committed = await admin.list_consumer_group_offsets(kafka.group(f"leadstream-sink-{table}"))
+            committed = await admin.list_consumer_group_offsets(kafka.group(sink_group(table)))
             for tp, end in (await ends(TABLES[table].topic)).items():
                 backlog += max(0, end - (committed[tp].offset if tp in committed else 0))
         return backlog

@@ -10,6 +10,8 @@ path bypasses Faust's per-message stream machinery) and runs through a `Processo
 - account: segments.account-leads -> account segments -> segments.changes, account cards' memberships;
 - board: board.commands -> the stage machine -> board.stage-changes and the board state in Redis;
 - webhooks: delivers what the lead processor queued.
+Beside the lead processor runs the segment backfill job (processors/segment_backfill.py), when the worker
+is given a way to query ClickHouse.
 Each processor has its own watermarks and timers (a state-store namespace) and its own consumer group;
 bad input of any of them goes to the catalog's dead-letter topic, which the app hands the runtime.
 """
@@ -41,6 +43,7 @@ from processors.runtime.ingest import BatchIngest
 from processors.runtime.producer import BatchProducer
 from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import RedisStateStore
+from processors.segment_backfill import Query, SegmentBackfillJob
 from processors.site_definitions import SiteDefinitionsCache
 from processors.webhooks import WebhookQueue, run_dispatcher
 from schemas.redis_keys import RedisKeys
@@ -109,8 +112,9 @@ def faust_credentials(security: KafkaSecurity) -> faust.SASLCredentials | faust.
     return faust.SSLCredentials(ssl_context) if ssl_context else None
 
 
-def create_app(settings: Settings, worker_name: str = "worker",
-               processors: tuple[str, ...] = PROCESSORS) -> faust.App:
+def create_app(settings: Settings, worker_name: str = "worker", processors: tuple[str, ...] = PROCESSORS,
+               clickhouse_query: Query | None = None) -> faust.App:
+    """The worker's app; `clickhouse_query` (from the operator layer) lets it run segment backfills."""
     unknown = sorted(set(processors) - set(PROCESSORS))
     if unknown:
         raise ValueError(f"unknown processor(s) {', '.join(unknown)}; known: {', '.join(PROCESSORS)}")
@@ -178,6 +182,8 @@ def create_app(settings: Settings, worker_name: str = "worker",
 
     if "webhooks" in processors:
         app.service(WebhookService(settings))
+    if "lead" in processors and clickhouse_query is not None:
+        app.service(BackfillService(SegmentBackfillJob(kafka, redis, producer, prefix, clickhouse_query)))
     if "raw" in processors and settings.company_provider_url:
         provider = HttpJsonProvider(settings.company_provider_url, settings.company_provider_token,
                                     settings.company_provider_timeout_ms / 1000)
@@ -243,6 +249,22 @@ class CompanyResolverService(faust.Service):
         await self.resolver.run(self.stopped)
 
 
+class BackfillService(faust.Service):
+    """Runs segment backfills (after a segment edit) beside the lead processor."""
+
+    def __init__(self, job: SegmentBackfillJob, **kwargs):
+        super().__init__(**kwargs)
+        self.job = job
+        self.stopped = asyncio.Event()
+
+    async def on_stop(self) -> None:
+        self.stopped.set()
+
+    @faust.Service.task
+    async def _backfill(self) -> None:
+        await self.job.run(self.stopped)
+
+
 class WebhookService(faust.Service):
     """Delivers queued webhooks (Standard Webhooks) beside the processors; a slow endpoint delays none of them."""
 
@@ -260,7 +282,7 @@ class WebhookService(faust.Service):
 
 
 def run_worker(settings: Settings, worker_name: str = "worker", loglevel: str = "warning",
-               processors: tuple[str, ...] = PROCESSORS) -> None:
-    app = create_app(settings, worker_name, processors)
+               processors: tuple[str, ...] = PROCESSORS, clickhouse_query: Query | None = None) -> None:
+    app = create_app(settings, worker_name, processors, clickhouse_query)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -13,6 +13,12 @@ segment of the right kind; no cycles among segments; the site stays within its l
 webhook actions), then MULTI/EXEC; a concurrent writer makes EXEC fail and the write is recomputed. Nothing
 is written unless everything is valid. A delete that would leave a reference dangling (a board importing the
 segment, a rule moving cards on the board, ...) is refused with DefinitionInUse.
+
+A write that creates, edits or deletes a segment, or gives a board a new `import`, also asks for a segment
+backfill, in the same transaction (so no edit can be stored without it, whoever made it: the CLI, the API):
+`backfill:wanted` gets the new site version, and `backfill:since` keeps the site's segments from before the
+first edit not yet backfilled. The backfill job (sinks/segment_backfill.py) brings every lead up to date
+from there: history for new counts, and the import step for boards.
 """
 
 from __future__ import annotations
@@ -63,6 +69,11 @@ class SiteDefinitions:
     boards: list[StoredBoard]
     segments: list[Segment]
 
+    def segments_snapshot(self) -> bytes:
+        """The site's segments at this version, as a backfill request keeps them (`segments_at` reads it)."""
+        return orjson.dumps({"version": self.version, "segments": [
+            {"version": segment.version, "definition": segment.content()} for segment in self.segments]})
+
     def entries(self) -> dict[str, Definition]:
         """'rule:<id>' / 'segment:<id>' / 'board:<id>' -> the definition."""
         entries: dict[str, Definition] = {f"rule:{r.id}": r for r in self.rules}
@@ -103,6 +114,21 @@ def _versioned(model: type[Rule] | type[Segment], stored: dict[str, Any]) -> Any
     return model.model_validate({**stored["definition"], "version": stored["version"]})
 
 
+def segments_at(snapshot: bytes) -> tuple[int, list[Segment]]:
+    """(site version, segments) of a `SiteDefinitions.segments_snapshot`."""
+    stored = orjson.loads(snapshot)
+    return stored["version"], [_versioned(Segment, segment) for segment in stored["segments"]]
+
+
+def _wants_backfill(before: SiteDefinitions, writes: dict[str, Definition], deletes: list[str]) -> bool:
+    """Whether a write changes what segment memberships (or a board's import of them) rest on."""
+    if any(name.startswith("segment:") for name in [*writes, *deletes]):
+        return True
+    boards = {f"board:{stored.board.id}": stored.board for stored in before.boards}
+    return any(isinstance(entry, BoardDefinition) and entry.import_ is not None
+               and (name not in boards or boards[name].import_ != entry.import_) for name, entry in writes.items())
+
+
 def _decode(fields: dict[bytes, bytes]) -> SiteDefinitions:
     rules, boards, segments = [], [], []
     for name, raw in sorted(fields.items()):
@@ -131,7 +157,7 @@ class DefinitionsStore:
         if webhook_targets is None:
             webhook_targets = WebhookTargets.parse(Settings.from_env().webhook_allowed_targets)
         self.webhook_targets = webhook_targets
-        keys = RedisKeys(prefix)
+        self.keys = keys = RedisKeys(prefix)
         self._site_key = keys.site_definitions
         self._sites_key = keys.definitions_sites
 
@@ -267,6 +293,9 @@ class DefinitionsStore:
                         if deletes:
                             pipe.hdel(key, *deletes)
                         pipe.sadd(self._sites_key, site)
+                        if _wants_backfill(current, writes, deletes):
+                            pipe.hsetnx(self.keys.backfill_since, site, current.segments_snapshot())
+                            pipe.hset(self.keys.backfill_wanted, site, version)
                     await pipe.execute()
                 except WatchError:
                     continue

@@ -181,7 +181,7 @@ class LeadProcessor:
             self._take(lead, merge(setup.rules, state, absorbed, record.ts_ms, record.event_id, companies), batch)
             cause = f"merge:{absorbed.lead_id}"
             self._segments(lead, state, segments.on_merge(setup.segments, state, lead.state, absorbed, cause,
-                                                          companies), cause, record.ts_ms, batch)
+                                                          record.ts_ms, companies), cause, record.ts_ms, batch)
         elif record.kind == LEAD_CREATED and record.email:
             self._take(lead, set_identity(setup.rules, state, record.ts_ms, email=record.email,
                                           event_id=record.event_id, companies=companies), batch)
@@ -203,8 +203,8 @@ class LeadProcessor:
     def _identity_changed(self, lead: _Lead, before: LeadState, record: IdentityEvent, setup: SiteSetup,
                           batch: Batch) -> None:
         cause = f"identity:{record.identity_event_id}"
-        self._segments(lead, before, segments.on_change(setup.segments, lead.state, cause, self.companies), cause,
-                       record.ts_ms, batch)
+        outcome = segments.on_identity(setup.segments, before, lead.state, record.ts_ms, cause, self.companies)
+        self._segments(lead, before, outcome, cause, record.ts_ms, batch)
 
     def _link_account(self, lead: _Lead, record: IdentityEvent, setup: SiteSetup, batch: Batch) -> None:
         """The lead's card folds into its account's card (and leaves a previous account's card)."""
@@ -311,6 +311,8 @@ class LeadProcessor:
         version = batch.version()
         for lead in leads:
             state = lead.state
+            if state == LeadState(state.lead_id, state.site_id):
+                continue  # a lead this processor never had, and nothing happened to it
             batch.put(self.leads, lead.key, state)
             if not batch.changed(lead.key):
                 continue

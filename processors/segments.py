@@ -696,6 +696,19 @@ def on_change(segset: SegmentSet, lead: LeadState, cause: str, companies: Compan
     return _outcome(segset, lead, state, [], cause, None, companies)
 
 
+def on_identity(segset: SegmentSet, before: LeadState, after: LeadState, ts_ms: int, cause: str,
+                companies: CompanyCards = NO_COMPANIES) -> SegmentOutcome:
+    """The lead became known or joined an account at `ts_ms` (the identifying event's time): the clock moves
+    there first, as for an event (the moments before it are evaluated with the facts from before it, so a
+    window that ran out earlier leaves with the lead as it was then, whoever gets there first), then the lead
+    is evaluated in full."""
+    state = _start(segset, before)
+    if state is None:
+        return SegmentOutcome(None)
+    changes = _advance(segset, before, state, ts_ms, companies)
+    return _outcome(segset, after, state, changes, cause, None, companies)
+
+
 def on_hour(segset: SegmentSet, lead: LeadState, now_ms: int, companies: CompanyCards = NO_COMPANIES
             ) -> SegmentOutcome:
     """The hourly pass: counts whose windows ran out by `now_ms - grace` are evaluated at the moment they
@@ -728,18 +741,19 @@ def on_backfill(segset: SegmentSet, lead: LeadState, backfill: SegmentBackfill,
 
 
 def on_merge(segset: SegmentSet, before: LeadState, after: LeadState, absorbed: LeadState, cause: str,
-             companies: CompanyCards = NO_COMPANIES) -> SegmentOutcome:
-    """An anonymous lead merged into this one (`before` / `after`: the survivor around the rule engine's
-    merge). Its counted events and touches come over once (an event both counted counts once), the clock
-    moves to the later of the two, and the survivor is evaluated: it enters what it now qualifies for. The
-    absorbed lead's own memberships end with `on_retire`. Applying the same merge again changes nothing."""
+             ts_ms: int = 0, companies: CompanyCards = NO_COMPANIES) -> SegmentOutcome:
+    """An anonymous lead merged into this one at `ts_ms` (`before` / `after`: the survivor around the rule
+    engine's merge). Its counted events and touches come over once (an event both counted counts once), the
+    clock moves to the latest of the two clocks and the merge, and the survivor is evaluated: it enters what
+    it now qualifies for, when the absorbed lead leaves (`on_retire`). Applying the same merge again changes
+    nothing."""
     if absorbed.lead_id in before.merged_from or absorbed.lead_id == before.lead_id:
         return SegmentOutcome(before.segments)
     state = _start(segset, before)
     if state is None:
         return SegmentOutcome(None)
     theirs = absorbed.segments or SegmentState()
-    changes = _advance(segset, before, state, theirs.clock_ms, companies)
+    changes = _advance(segset, before, state, max(theirs.clock_ms, ts_ms), companies)
     _count_entries(segset, state, theirs.counters)
     _refresh_due(segset, state)
     _touch(state, theirs.first_touch, theirs.last_touch)
@@ -796,10 +810,11 @@ def _account_update(lead: LeadState, domain: str, filters: list[str], left: bool
 @dataclass(slots=True)
 class AccountState(JsonRecord):
     """What an account's segments need, kept by the account processor: per lead of the account the lead
-    filters it meets (so a repeated or reordered update of one lead is absolute, not a delta), per filter
-    how many leads meet it, the account's memberships ([seq, time], member while odd), the ids of its latest
-    updates (a re-sent update changes nothing) and the definitions version its cards last heard its
-    memberships at (`told_version`: the import step tells them once per version, not once per lead)."""
+    filters it meets (so a repeated or reordered update of one lead is absolute, not a delta) and the
+    definitions version they were evaluated with (`reported`), per filter how many leads meet it, the
+    account's memberships ([seq, time], member while odd), the ids of its latest updates (a re-sent update
+    changes nothing) and the definitions version its cards last heard its memberships at (`told_version`:
+    the import step tells them once per version, not once per lead)."""
 
     site_id: str
     domain: str
@@ -808,6 +823,7 @@ class AccountState(JsonRecord):
     members: dict[str, list[int]] = field(default_factory=dict)
     update_ids: list[str] = field(default_factory=list)
     told_version: int = 0
+    reported: dict[str, int] = field(default_factory=dict)
 
     def is_member(self, segment_id: str) -> bool:
         entry = self.members.get(segment_id)
@@ -821,23 +837,32 @@ class AccountState(JsonRecord):
 def on_lead_facts(segset: SegmentSet, account: AccountState, update: AccountLeadFacts,
                   companies: CompanyCards = NO_COMPANIES) -> tuple[AccountState, list[SegmentChange]]:
     """One lead's filters (or its leaving) applied to its account, then the account's segments evaluated.
-    An update the account has had already (a replay upstream sent it again) changes nothing."""
+    An update the account has had already (a replay upstream sent it again) changes nothing. A segment
+    edited after some lead of the account last reported keeps its membership until every lead has reported
+    with its new lead filters (the backfill that follows the edit asks each): an edit never makes an account
+    leave and enter again while its leads are counted anew."""
     if update.update_id in account.update_ids:
         return account, []
     new = AccountState(account.site_id, account.domain, dict(account.leads), dict(account.counts),
                        dict(account.members), [*account.update_ids, update.update_id][-UPDATE_IDS_KEPT:],
-                       account.told_version)
+                       account.told_version, dict(account.reported))
     for filter_id in new.leads.pop(update.lead_id, []):
         new.counts[filter_id] -= 1
         if not new.counts[filter_id]:
             del new.counts[filter_id]
+    new.reported.pop(update.lead_id, None)
     if not update.left:
         new.leads[update.lead_id] = sorted(update.filters)
+        new.reported[update.lead_id] = update.version
         for filter_id in update.filters:
             new.counts[filter_id] = new.counts.get(filter_id, 0) + 1
     facts = _AccountFacts(new, companies)
+    oldest = min(new.reported.values(), default=segset.version)
     changes = []
     for compiled in segset.account:
+        if compiled.version > oldest:  # some lead has not reported with this segment's filters yet
+            facts.results[compiled.segment_id] = new.is_member(compiled.segment_id)
+            continue
         holds = facts.results[compiled.segment_id] = compiled.test(facts)
         if holds != new.is_member(compiled.segment_id):
             seq = new.members.get(compiled.segment_id, [0])[0] + 1

@@ -76,7 +76,9 @@ class Topic:
             raise ValueError(f"{self.name} carries {', '.join(self.types)} records, not {record_type}") from None
 
     def decode(self, value: bytes | None, headers: Headers = NO_HEADERS):
-        """A record of this shared topic, of the type its `record-type` header names."""
+        """A record of this topic: on a shared topic, of the type its `record-type` header names."""
+        if not self.types:
+            return self.record.from_json(value)  # type: ignore[union-attr]
         for name, type_name in headers:
             if name == RECORD_TYPE_HEADER:
                 cls = self._classes.get(type_name)
@@ -84,6 +86,12 @@ class Topic:
                     raise ValueError(f"{self.name}: unknown record type {type_name!r}")
                 return cls.from_json(value)
         return _decode_untyped(self, value)
+
+
+def sink_group(table: str) -> str:
+    """The consumer group of a ClickHouse table's sink (sinks/table_sink.py): its committed offsets say how
+    much of the table's topic the table holds."""
+    return f"leadstream-sink-{table}"
 
 
 def partition_for_key(key: bytes, partitions: int) -> int:

@@ -45,7 +45,7 @@ from schemas.session import Session
 from schemas.settings import BatchConfig, ClickHouseConfig, KafkaConfig
 from schemas.topics import (BOARD_STAGE_CHANGES, COMPANIES, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, IDENTITY,
                             IDENTITY_LEADS, IDENTITY_VISITORS, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS,
-                            SEGMENTS_CHANGES, SESSIONS, WEBHOOK_DELIVERIES, Topic)
+                            SEGMENTS_CHANGES, SESSIONS, WEBHOOK_DELIVERIES, Topic, sink_group)
 from sinks import clickhouse
 from sinks.retention import RetentionJob
 
@@ -131,7 +131,7 @@ class TableSink:
         self.rows_written = 0
         self.rows_skipped = 0  # at or below their source's watermark: logged as they are skipped
         self.rows_refused = 0  # refused by ClickHouse (or undecodable): stored in dlq instead
-        self.ingest = BatchIngest(kafka, spec.topic.name, f"leadstream-sink-{spec.table}", batch, self.insert,
+        self.ingest = BatchIngest(kafka, spec.topic.name, sink_group(spec.table), batch, self.insert,
                                   fill=True, on_assigned=lambda partitions: self.forget_watermarks(),
                                   isolate=self.isolate)
 

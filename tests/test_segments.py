@@ -27,10 +27,12 @@ from processors.segments import (
     on_change,
     on_event,
     on_hour,
+    on_identity,
     on_lead_facts,
     on_merge,
     on_retire,
 )
+from schemas.companies import Company
 from schemas.records import event_digest
 from schemas.rules import Rule
 from schemas.segments import AccountLeadFacts, Segment, SegmentBackfill, SegmentChange
@@ -131,6 +133,52 @@ def test_fields_of_the_registry():
     assert lead.see(internal) == []  # internal navigation is no touch
     lead.see(event("e3", "email_click", ts_ms=T0 + 2, channel="email", utm_campaign="spring"))
     assert lead.members() == ["acme", "email-last", "old", "paid-first", "plan"]
+
+
+def test_the_last_seen_country_and_the_company_cards_fields():
+    cards = {"acme.com": Company("acme.com", "Acme", industry="Software", employees="51-200", employees_min=51,
+                                 country="NL")}
+    segset = segments(
+        {"id": "dutch-now", "if": [{"field": "geo.country", "op": "is", "value": "nl"}]},
+        {"id": "dutch-software", "if": [{"field": "account.industry", "op": "is", "value": "software"},
+                                        {"field": "account.country", "op": "is", "value": "NL"},
+                                        {"field": "account.employees", "op": "gt", "value": 50},
+                                        {"field": "account.name", "op": "contains", "value": "acm"}]},
+        {"id": "companies-nl", "of": "account", "if": [{"field": "account.country", "op": "is", "value": "NL"}]})
+    lead = Lead(segset)
+    lead.state.segments = on_event(segset, lead.state, lead.state, event("e1", geo_country="NL"), cards).state
+    assert lead.members() == ["dutch-now", "dutch-software"]
+    later, earlier = event("e2", ts_ms=T0 + 2, geo_country="DE"), event("e3", ts_ms=T0 + 1, geo_country="NL")
+    for e in (later, earlier, event("e4", ts_ms=T0 + 3)):  # the latest event with a country wins; none: no change
+        lead.state.segments = on_event(segset, lead.state, lead.state, e, cards).state
+    assert lead.members() == ["dutch-software"] and lead.state.segments.country == "DE"
+    cards.clear()  # the card is gone: the next record reads that
+    lead.state.segments = on_event(segset, lead.state, lead.state, event("e5", ts_ms=T0 + 4), cards).state
+    assert lead.members() == []
+    account, changes = on_lead_facts(segset, AccountState(SITE, "acme.com"), lead_facts("lead-1", [], left=False),
+                                     {"acme.com": Company("acme.com", "Acme", country="NL")})
+    assert [(c.segment_id, c.member_id, c.entered) for c in changes] == [("companies-nl", "acme.com", True)]
+
+
+def test_a_visitor_who_is_neither_known_nor_of_an_account_is_in_no_segment():
+    segset = segments({"id": "pricing-twice", "if": [PRICING]})
+    visitor = Lead(segset, account_domain="")
+    assert visitor.see(pricing("e1", T0), pricing("e2", T0 + HOUR_MS)) == []  # counted, but not a lead
+    joined = LeadState(visitor.state.lead_id, SITE, account_domain="acme.com", segments=visitor.state.segments)
+    outcome = on_identity(segset, visitor.state, joined, T0 + 2 * HOUR_MS, "identity:i1")
+    assert moves(outcome.changes) == [("pricing-twice", True, 2 * HOUR_MS, "identity:i1")]
+
+
+def test_a_window_that_ran_out_before_an_identity_change_is_evaluated_with_the_lead_as_it_was():
+    """The hourly pass or the identity change: whoever gets past the moment first, the same change."""
+    segset = segments({"id": "pricing-twice", "if": [PRICING]})
+    lead = Lead(segset)
+    lead.see(pricing("e1", T0), pricing("e2", T0 + HOUR_MS))
+    moved = LeadState(lead.state.lead_id, SITE, account_domain="beta.com", segments=lead.state.segments)
+    by_identity = on_identity(segset, lead.state, moved, T0 + 20 * DAY_MS, "identity:i1").changes
+    by_the_pass = on_hour(segset, lead.state, T0 + 20 * DAY_MS).changes
+    assert by_identity == by_the_pass and [c.account_domain for c in by_identity] == ["acme.com"]
+    assert moves(by_identity) == [("pricing-twice", False, 14 * DAY_MS, "window")]
 
 
 def test_in_segment_is_evaluated_after_its_dependency_in_the_same_pass():
@@ -234,7 +282,8 @@ def test_account_segments_aggregate_their_leads():
     for i in range(3):
         lead = Lead(segset, lead_id=f"lead-{i}", email=f"p{i}@acme.com", account_domain="acme.com", score=6 * i)
         lead.see(pricing(f"e{i}", T0 + i))
-        joined = account_facts(LeadState(f"lead-{i}", SITE), lead.state, SegmentOutcome(lead.state.segments), f"e{i}", 0)
+        joined = account_facts(LeadState(f"lead-{i}", SITE), lead.state, SegmentOutcome(lead.state.segments), f"e{i}", 0,
+                               version=1)
         assert [(u.account_domain, u.left) for u in joined] == [("acme.com", False)]
         account, more = on_lead_facts(segset, account, joined[0])
         changes += more
@@ -253,9 +302,41 @@ def test_account_segments_aggregate_their_leads():
         ("acme.com", True), ("other.com", False)]
 
 
-def lead_facts(lead_id: str, filters: list[str], left: bool) -> AccountLeadFacts:
-    return AccountLeadFacts(f"u-{lead_id}-{left}", SITE, "acme.com", lead_id, filters, left, T0 + DAY_MS,
-                            f"lead:{lead_id}")
+def test_an_account_segment_waits_for_every_lead_to_report_with_its_new_filters():
+    """An edit renames a lead filter (its id carries the segment's version): until every lead of the account
+    has reported with the new one, the account keeps its membership instead of leaving and entering again."""
+    def of(version: int) -> SegmentSet:
+        return segments({"id": "two-viewers", "of": "account", "if": [
+            {"count": {"leads": [{**PRICING, "value": 0}]}, "op": "gt", "value": 1}]}, version=version)
+
+    first, edited = of(1), of(2)
+    old_filter, new_filter = first.lead[0].segment_id, edited.lead[0].segment_id
+    assert old_filter != new_filter
+    account = AccountState(SITE, "acme.com")
+    for lead_id in ("a", "b"):
+        account, _ = on_lead_facts(first, account, lead_facts(lead_id, [old_filter], left=False))
+    assert account.member_of() == ["two-viewers"]
+    account, changes = on_lead_facts(edited, account, lead_facts("a", [new_filter], left=False, version=2))
+    assert changes == [] and account.member_of() == ["two-viewers"]  # b still counts the old filter
+    account, changes = on_lead_facts(edited, account, lead_facts("b", [new_filter], left=False, version=2))
+    assert changes == [] and account.member_of() == ["two-viewers"]
+    account, changes = on_lead_facts(edited, account, lead_facts("b", [], left=False, version=2, update="b2"))
+    assert [(c.entered, c.cause, c.version) for c in changes] == [(False, "lead:b", 2)]
+
+
+def test_a_deleted_account_segment_is_left():
+    segset = segments({"id": "any-lead", "of": "account", "if": [{"count": {"leads": []}, "op": "gt", "value": 0}]})
+    every_lead = segset.lead[0].segment_id  # the lead filter of `leads: []`: every lead meets it
+    account, changes = on_lead_facts(segset, AccountState(SITE, "acme.com"), lead_facts("a", [every_lead], left=False))
+    assert account.member_of() == ["any-lead"]
+    account, changes = on_lead_facts(SegmentSet.compile([], 2), account, lead_facts("a", [], left=True))
+    assert [(c.segment_id, c.entered, c.cause) for c in changes] == [("any-lead", False, "definitions:2")]
+    assert account.members == {}
+
+
+def lead_facts(lead_id: str, filters: list[str], left: bool, version: int = 1, update: str = "") -> AccountLeadFacts:
+    return AccountLeadFacts(update or f"u-{lead_id}-{left}-{version}", SITE, "acme.com", lead_id, filters, left,
+                            T0 + DAY_MS, f"lead:{lead_id}", version=version)
 
 
 def test_state_round_trips_through_json():
