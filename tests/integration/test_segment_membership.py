@@ -1,0 +1,280 @@
+"""Segments on the real stack (Kafka, ClickHouse 18.16, Redis; `leadstream worker` and `leadstream sink`
+processes): an event makes a lead enter a segment (a row in ClickHouse `segment_membership`, a change on
+`segments.changes`) and the hourly pass makes it leave with no new event of it; a board importing a segment
+gets exactly its members' cards, also a board created after they became members (the import step, through
+the backfill job, with history for a segment created after the events); a worker SIGKILLed mid-stream
+leaves the same membership history as an uninterrupted run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import TopicPartition
+
+from leadstream.admin import apply_definitions_text
+from leadstream.runner import Role, produce, start_workers, wait_drained, wait_for
+from leadstream.traffic import TrafficGenerator
+from processors.board_store import BoardStore
+from processors.definitions_store import DefinitionsStore
+from processors.runtime.ingest import consumer as kafka_consumer
+from processors.segment_backfill import backfill_status
+from schemas.segments import SegmentChange
+from schemas.topics import SEGMENTS_CHANGES
+from sinks.clickhouse import connect
+from tests.integration.conftest import namespace
+
+pytestmark = pytest.mark.integration
+
+SITE = "it"
+HOUR_MS = 3_600_000
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+SINK_TABLES = ("lead_state", "stage_changes", "segment_membership")
+MEMBERS_SQL = """
+SELECT member_id FROM segment_membership
+WHERE site_id = %(site)s AND segment_id = %(segment)s
+GROUP BY member_id HAVING argMax(entered, (ts_ms, seq)) = 1 ORDER BY member_id"""
+
+
+def raw(event_id: str, visitor: str, ts_ms: int, path: str = "/", kind: str = "pageview", **extra) -> tuple:
+    event = {"event_id": event_id, "site_id": SITE, "type": kind, "visitor_id": visitor, "ts": ts_ms,
+             "url": f"https://example.com{path}", "ip": "192.0.2.7", "user_agent": CHROME, **extra}
+    return visitor.encode(), orjson.dumps(event)
+
+
+def apply(settings, text: str) -> None:
+    assert apply_definitions_text(settings, text, "site.yaml", SITE, "segments") == 0
+
+
+def rows(settings, sql: str, **params) -> list[tuple]:
+    return connect(settings.clickhouse()).execute(sql, params)
+
+
+def segment_changes_on_the_topic(settings) -> list[SegmentChange]:
+    async def read() -> list[SegmentChange]:
+        consumer = kafka_consumer(settings.kafka(), group=None)
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(settings.topic(SEGMENTS_CHANGES.name), p) for p in range(settings.partitions)]
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+            ends, found = await consumer.end_offsets(partitions), []
+            while [tp for tp, end in ends.items() if await consumer.position(tp) < end]:
+                for messages in (await consumer.getmany(timeout_ms=1000)).values():
+                    found += [SegmentChange.from_json(m.value) for m in messages]
+            return sorted(found, key=lambda change: (change.ts_ms, change.seq))
+        finally:
+            await consumer.stop()
+    return asyncio.run(read())
+
+
+def wait_until(check, timeout_s: float, roles, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        for role in roles:
+            if not role.alive():
+                raise RuntimeError(f"{role.name} exited:\n{role.log_tail()}")
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+WINDOW = """
+segments:
+- id: pricing-lately
+  name: Viewed pricing in the last 2 hours
+  if: [{count: {event: pageview, url: "*/pricing*"}, within: 2h, op: gt, value: 0}]
+"""
+
+
+def test_an_event_makes_a_lead_enter_and_the_hourly_pass_makes_it_leave(settings, roles):
+    apply(settings, WINDOW)
+    roles += [*start_workers(settings, "worker"), Role(settings, "sink", "sink").start()]
+    now = int(time.time() * 1000)
+    old = now - 5 * HOUR_MS  # its window ran out 3 hours ago: the hourly pass is due
+    records = [raw("id-1", "ann", old, "/demo", "identify", email="ann@acme.io"),
+               raw("pricing-1", "ann", old + 1000, "/pricing")]
+    # other visitors' events of now, on every partition: the partitions' stream clocks are at the present
+    records += [raw(f"now-{i}", f"passer-by-{i}", now) for i in range(40)]
+    asyncio.run(produce(settings, records))
+
+    def left() -> list[tuple]:
+        found = rows(settings, "SELECT member_id, entered, ts_ms, cause, seq, version FROM segment_membership FINAL"
+                               " WHERE site_id = %(site)s ORDER BY seq", site=SITE)
+        return found if len(found) == 2 else []
+
+    entered, gone = wait_until(left, 180, roles, "the lead to enter and leave pricing-lately")
+    lead = entered[0]
+    assert entered == (lead, 1, old + 1000, "event:pricing-1", 1, 1)
+    assert gone == (lead, 0, old + 1000 + 2 * HOUR_MS, "window", 2, 1)  # when the 2 hours ran out, no event of its
+    on_topic = [c for c in segment_changes_on_the_topic(settings) if c.segment_id == "pricing-lately"]
+    assert [(c.member_id, c.entered, c.cause) for c in on_topic] == [(lead, True, "event:pricing-1"),
+                                                                      (lead, False, "window")]
+    assert rows(settings, MEMBERS_SQL, site=SITE, segment="pricing-lately") == []
+    state = rows(settings, "SELECT email, segments FROM lead_state FINAL WHERE lead_id = %(lead)s", lead=lead)
+    assert state == [("ann@acme.io", [])]
+
+
+BOARDS = """
+segments:
+- id: pricing-twice
+  name: Viewed pricing twice in 14 days
+  if: [{count: {event: pageview, url: "*/pricing*"}, within: 14d, op: gt, value: 1}]
+boards:
+- id: imported
+  name: Pricing viewers
+  card: lead
+  import: {segment: pricing-twice}
+  stages: [{id: new, name: New, entry: true}]
+- id: everyone
+  name: Every lead
+  card: lead
+  stages: [{id: new, name: New, entry: true}]
+"""
+LATER = """
+segments:
+- id: seen-pricing
+  name: Viewed the pricing page in 14 days (a count new to the leads' state when created)
+  if: [{count: {event: pageview, url: "*/pricing"}, within: 14d, op: gt, value: 0}]
+boards:
+- id: later
+  name: Created after its members
+  card: lead
+  import: {segment: pricing-twice}
+  stages: [{id: new, name: New, entry: true}]
+- id: history
+  name: Members found in the history
+  card: lead
+  import: {segment: seen-pricing}
+  stages: [{id: new, name: New, entry: true}]
+"""
+
+
+def cards(settings, board_id: str) -> dict[str, tuple]:
+    """card id -> (stage, left_segment) of a board, from its live state in Redis."""
+    async def read():
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            board = (await DefinitionsStore(client, settings.name("ls")).get_board(SITE, board_id)).board
+            page = await BoardStore(client, settings.name("ls")).board(SITE, board, limit_per_stage=500)
+        finally:
+            await client.aclose()
+        return {card.card_id: (column.stage_id, card.left_segment) for column in page.columns for card in column.cards}
+    return asyncio.run(read())
+
+
+def stage_change_actors(settings, board_id: str) -> set[str]:
+    return {actor for (actor,) in rows(settings, "SELECT actor FROM stage_changes WHERE board_id = %(board)s",
+                                       board=board_id)}
+
+
+def test_a_board_importing_a_segment_gets_exactly_its_members_also_when_created_after_them(settings, roles):
+    apply(settings, BOARDS)
+    roles += [*start_workers(settings, "worker"), Role(settings, "sink", "sink").start()]
+    now = int(time.time() * 1000)
+    records = []
+    for name, views in (("ann", 2), ("bob", 3), ("cid", 2), ("dee", 1)):  # four leads (known); dee viewed once
+        records.append(raw(f"{name}-id", name, now - 60_000, "/demo", "identify", email=f"{name}@acme.io"))
+        records += [raw(f"{name}-p{i}", name, now - 50_000 + i, "/pricing") for i in range(views)]
+    for name in ("eve", "fay"):  # visitors: neither known nor of an account, pricing twice all the same
+        records += [raw(f"{name}-p{i}", name, now - 40_000 + i, "/pricing") for i in range(2)]
+    asyncio.run(produce(settings, records))
+    wait_for(settings, "SELECT count() FROM events", len(records), 120, roles)
+    wait_drained(settings, 120, roles, sink_tables=SINK_TABLES)
+
+    members = {f"lead:{m}" for (m,) in rows(settings, MEMBERS_SQL, site=SITE, segment="pricing-twice")}
+    leads = dict(rows(settings, "SELECT lead_id, email FROM lead_state FINAL WHERE merged_into = '' AND email != ''"))
+    assert sorted(leads[card[len("lead:"):]] for card in members) == [
+        "ann@acme.io", "bob@acme.io", "cid@acme.io"]
+    assert set(cards(settings, "imported")) == members
+    assert set(cards(settings, "everyone")) == {f"lead:{lead}" for lead in leads}  # the four leads, no visitor
+
+    apply(settings, LATER)  # a board importing the members it already has, and a segment new to the history
+    version = asyncio.run(DefinitionsStore(aioredis.from_url(settings.redis_url), settings.name("ls"))
+                          .site_version(SITE))
+
+    def backfilled():
+        pending, done = asyncio.run(backfill_status(aioredis.from_url(settings.redis_url), settings.name("ls"), SITE))
+        return done if pending is None and done is not None and done.version >= version else None
+
+    done = wait_until(backfilled, 180, roles, "the segment backfill")
+    assert (done.leads, done.history_rows) == (6, 6)  # every lead of the site, each with its newest pricing view
+    wait_drained(settings, 120, roles, sink_tables=SINK_TABLES)
+    assert set(cards(settings, "later")) == members
+    assert stage_change_actors(settings, "later") == {"import"}
+    seen = {f"lead:{m}" for (m,) in rows(settings, MEMBERS_SQL, site=SITE, segment="seen-pricing")}
+    assert seen == set(cards(settings, "everyone"))  # the four leads; the visitors are in no segment
+    assert set(cards(settings, "history")) == seen and stage_change_actors(settings, "history") == {"import"}
+    causes = {cause for (cause,) in rows(settings, "SELECT cause FROM segment_membership WHERE segment_id ="
+                                                   " 'seen-pricing'")}
+    assert causes == {f"definitions:{version}"}
+
+
+DEMO_SEGMENTS = """
+segments:
+- id: pricing-twice
+  name: Viewed pricing twice in 14 days
+  if: [{count: {event: pageview, url: "*/pricing*"}, within: 14d, op: gt, value: 1}]
+- id: busy-week
+  name: Three sessions in 7 days
+  if: [{count: {event: any, distinct: session}, within: 7d, op: gt, value: 2}]
+- id: known-busy
+  name: Known and busy
+  if: [{in_segment: busy-week}, {field: lead.known, op: is, value: true}]
+- id: pricing-companies
+  name: Companies with two leads who viewed pricing
+  of: account
+  if: [{count: {leads: [{count: {event: pageview, url: "*/pricing*"}, within: 14d, op: gt, value: 0}]}, op: gt,
+        value: 1}]
+"""
+
+
+def run_traffic(settings, roles: list, kills: int) -> None:
+    apply(settings, DEMO_SEGMENTS)
+    now = int(time.time() * 1000)
+    traffic = TrafficGenerator(visitors=250, seed=3, site_ids=(SITE,), malformed_ratio=0.0, duplicate_ratio=0.0,
+                               start_ms=now - 14 * 86_400_000, now_ms=now)
+    records = list(traffic.events())
+    worker = Role(settings, "worker", "worker").start()
+    roles += [worker, Role(settings, "sink", "sink").start()]
+    asyncio.run(produce(settings, records))
+    for kill in range(kills):
+        wait_for(settings, "SELECT count() FROM events", traffic.valid * (kill + 1) // (kills + 2), 120, roles)
+        time.sleep(1.5)  # into the middle of the lead and account processors' work
+        worker.kill()
+        worker.start()
+    wait_for(settings, "SELECT count() FROM events", traffic.valid, 240, roles)
+    wait_drained(settings, timeout_s=240, roles=roles, sink_tables=SINK_TABLES)
+
+
+def membership(settings) -> tuple[set[tuple], set[tuple]]:
+    """Every lead's membership history as stored, and every account's current memberships."""
+    history = set(rows(settings, "SELECT segment_id, member_id, entered, ts_ms, cause, seq, version FROM"
+                                 " segment_membership FINAL WHERE of = 'lead'"))
+    accounts = set(rows(settings, "SELECT segment_id, member_id FROM segment_membership WHERE of = 'account'"
+                                  " GROUP BY segment_id, member_id HAVING argMax(entered, (ts_ms, seq)) = 1"))
+    return history, accounts
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_leaves_the_same_membership_history_as_an_uninterrupted_run(stack_settings, roles):
+    with namespace(stack_settings) as calm:
+        run_traffic(calm, roles, kills=0)
+        want_history, want_accounts = membership(calm)
+        for role in roles:
+            role.stop()
+        roles.clear()
+    assert len(want_history) > 20 and len({row[0] for row in want_history}) >= 2 and want_accounts
+
+    with namespace(stack_settings) as crashed:
+        run_traffic(crashed, roles, kills=2)
+        time.sleep(2)  # anything doubled would land now
+        history, accounts = membership(crashed)
+        assert history == want_history, (sorted(history - want_history)[:5], sorted(want_history - history)[:5])
+        assert accounts == want_accounts
+        assert rows(crashed, "SELECT count() FROM segment_membership FINAL WHERE of = 'lead'") == [(len(history),)]
