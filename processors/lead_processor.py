@@ -181,7 +181,8 @@ class LeadProcessor:
             self._take(lead, merge(setup.rules, state, absorbed, record.ts_ms, record.event_id, companies), batch)
             cause = f"merge:{absorbed.lead_id}"
             self._segments(lead, state, segments.on_merge(setup.segments, state, lead.state, absorbed, cause,
-                                                          record.ts_ms, companies), cause, record.ts_ms, batch)
+                                                          record.ts_ms, companies), cause, record.ts_ms, batch,
+                           absorbed=absorbed)
         elif record.kind == LEAD_CREATED and record.email:
             self._take(lead, set_identity(setup.rules, state, record.ts_ms, email=record.email,
                                           event_id=record.event_id, companies=companies), batch)
@@ -221,7 +222,8 @@ class LeadProcessor:
 
     def _retire(self, lead: _Lead, record: IdentityEvent, setup: SiteSetup, batch: Batch) -> None:
         """This (anonymous) lead merged into `record.lead_id`: everything it had goes there, once. It leaves
-        its segments here; the survivor enters them when it takes the handover."""
+        its segments here; the survivor enters them when it takes the handover, and tells the account this
+        lead belonged to in the same update (so the account does not hear of the merge twice)."""
         absorbed = lead.state
         for change in segments.on_retire(setup.segments, absorbed, record.lead_id, record.ts_ms):
             batch.outputs.add(SEGMENTS_CHANGES, change.member_id.encode(), change.to_json())
@@ -229,8 +231,6 @@ class LeadProcessor:
                                 record.lead_id, absorbed.to_json().decode(), record.event_id, record.ts_ms)
         batch.outputs.add(LEADS_ACTIVITY, record.lead_id.encode(), handover.to_json(), record_type=LeadHandover)
         lead.state = LeadState(absorbed.lead_id, absorbed.site_id, merged_into=record.lead_id)
-        self._tell_accounts(absorbed, lead.state, segments.SegmentOutcome(None), f"merged:{record.lead_id}",
-                            record.ts_ms, setup, batch)
         if absorbed.account_domain:
             self._card(batch, account_card_id(absorbed.account_domain), "facts", "system", record,
                        lead_id=absorbed.lead_id, left=True)
@@ -238,9 +238,9 @@ class LeadProcessor:
                    into_card_id=lead_card_id(record.lead_id))
 
     def _segments(self, lead: _Lead, before: LeadState, outcome: segments.SegmentOutcome, cause: str, ts_ms: int,
-                  batch: Batch, refresh: bool = False) -> None:
+                  batch: Batch, refresh: bool = False, absorbed: LeadState | None = None) -> None:
         """Takes a segment outcome: the lead's new segment state, its entries and exits, what its account must
-        hear; then, if memberships changed and a state rule names a segment, the rules settle again (and the
+        hear (`absorbed`: the lead it just merged, see segments.account_facts); then, if memberships changed and a state rule names a segment, the rules settle again (and the
         segments follow what that changed), at most MAX_CHAIN_DEPTH times."""
         setup = self.sites[lead.state.site_id]
         for depth in range(1, MAX_CHAIN_DEPTH + 1):
@@ -251,22 +251,24 @@ class LeadProcessor:
             for change in outcome.changes:
                 batch.outputs.add(SEGMENTS_CHANGES, change.member_id.encode(), change.to_json())
             self._tell_accounts(before, lead.state, outcome, cause,
-                                outcome.state.clock_ms if outcome.state else ts_ms, setup, batch, refresh)
+                                outcome.state.clock_ms if outcome.state else ts_ms, setup, batch, refresh, absorbed)
             if not outcome.changes or not setup.rules.state_reads_segments:
                 return
-            before, refresh = lead.state, False
+            before, refresh, absorbed = lead.state, False, None
             self._take(lead, settle(setup.rules, before, ts_ms, f"{cause}#{depth}", self.companies), batch)
             if _facts(lead.state) == _facts(before):
                 return
             outcome = segments.on_change(setup.segments, lead.state, cause, self.companies)
 
     def _tell_accounts(self, before: LeadState, after: LeadState, outcome: segments.SegmentOutcome, cause: str,
-                       ts_ms: int, setup: SiteSetup, batch: Batch, refresh: bool = False) -> None:
+                       ts_ms: int, setup: SiteSetup, batch: Batch, refresh: bool = False,
+                       absorbed: LeadState | None = None) -> None:
         """What the lead's accounts' segments need of it (only on a site with segments: the backfill that
         follows a site's first segment tells every account then)."""
         if setup.segments.empty:
             return
-        for update in segments.account_facts(before, after, outcome, cause, ts_ms, setup.version, refresh):
+        for update in segments.account_facts(before, after, outcome, cause, ts_ms, setup.version, refresh,
+                                             absorbed):
             batch.outputs.add(SEGMENTS_ACCOUNT_LEADS, update.account_domain.encode(), update.to_json())
 
     def _take(self, lead: _Lead, outcome: Outcome, batch: Batch) -> None:

@@ -782,27 +782,35 @@ def on_retire(segset: SegmentSet, absorbed: LeadState, survivor_id: str, ts_ms: 
 
 
 def account_facts(before: LeadState, after: LeadState, outcome: SegmentOutcome, cause: str, ts_ms: int,
-                  version: int = 0, refresh: bool = False) -> list[AccountLeadFacts]:
+                  version: int = 0, refresh: bool = False, absorbed: LeadState | None = None
+                  ) -> list[AccountLeadFacts]:
     """What the lead's accounts must hear after a record: its lead filters, when they changed or it joined
-    an account (or, `refresh`, always), and `left` for an account it no longer belongs to (or when it merged
-    away). `version`: the definitions version the filters were evaluated with."""
+    an account (or, `refresh`, always), and `left` for an account it no longer belongs to. `version`: the
+    definitions version the filters were evaluated with. On a merge (`absorbed`: the lead it took over,
+    which told its account nothing when it retired) the survivor's update replaces the absorbed lead in
+    one step, so an account both belong to never leaves and enters again in between; an account only the
+    absorbed lead belonged to hears that it left."""
     filters = outcome.state.filters if outcome.state is not None else []
     updates = []
     old, new = before.account_domain, "" if after.merged_into else after.account_domain
+    gone = absorbed.account_domain if absorbed is not None else ""
     if old and old != new:
         updates.append(_account_update(after, old, [], True, cause, ts_ms, version, refresh))
-    if new and (old != new or outcome.filters_changed or refresh):
-        updates.append(_account_update(after, new, filters, False, cause, ts_ms, version, refresh))
+    if gone and gone != new:
+        updates.append(_account_update(absorbed, gone, [], True, cause, ts_ms, version, refresh))
+    if new and (old != new or outcome.filters_changed or refresh or gone == new):
+        replaces = absorbed.lead_id if gone == new else ""
+        updates.append(_account_update(after, new, filters, False, cause, ts_ms, version, refresh, replaces))
     return updates
 
 
 def _account_update(lead: LeadState, domain: str, filters: list[str], left: bool, cause: str, ts_ms: int,
-                    version: int, refresh: bool) -> AccountLeadFacts:
+                    version: int, refresh: bool, replaces: str = "") -> AccountLeadFacts:
     """Its id names what it says, so a re-sent update (a replayed batch) is the same one, while two updates
     of one record (a rule chain re-evaluating the lead) are two."""
-    update_id = "alf_" + digest(lead.site_id, domain, lead.lead_id, cause, ",".join(filters), str(left))
+    update_id = "alf_" + digest(lead.site_id, domain, lead.lead_id, cause, ",".join(filters), str(left), replaces)
     return AccountLeadFacts(update_id, lead.site_id, domain, lead.lead_id, list(filters), left, ts_ms, cause,
-                            version, refresh)
+                            version, refresh, replaces)
 
 
 # ---- one account ----
@@ -846,11 +854,12 @@ def on_lead_facts(segset: SegmentSet, account: AccountState, update: AccountLead
     new = AccountState(account.site_id, account.domain, dict(account.leads), dict(account.counts),
                        dict(account.members), [*account.update_ids, update.update_id][-UPDATE_IDS_KEPT:],
                        account.told_version, dict(account.reported))
-    for filter_id in new.leads.pop(update.lead_id, []):
-        new.counts[filter_id] -= 1
-        if not new.counts[filter_id]:
-            del new.counts[filter_id]
-    new.reported.pop(update.lead_id, None)
+    for lead_id in {update.lead_id, update.replaces} - {""}:
+        for filter_id in new.leads.pop(lead_id, []):
+            new.counts[filter_id] -= 1
+            if not new.counts[filter_id]:
+                del new.counts[filter_id]
+        new.reported.pop(lead_id, None)
     if not update.left:
         new.leads[update.lead_id] = sorted(update.filters)
         new.reported[update.lead_id] = update.version

@@ -281,7 +281,9 @@ class AccountLeadFacts(JsonRecord):
     account processor on `segments.account-leads`, keyed by account_domain; update_id is deterministic (a
     re-sent update is recognised). version: the site definitions version the filters were evaluated with
     (the account processor catches up to it first). refresh: a segment or a board importing one was applied:
-    the account's cards hear its memberships again (the import step)."""
+    the account's cards hear its memberships again (the import step). replaces: a lead that merged into
+    this one, dropped from the account in the same update (its counts move over without a leave and an
+    enter in between)."""
 
     update_id: str
     site_id: str
@@ -293,6 +295,7 @@ class AccountLeadFacts(JsonRecord):
     cause: str
     version: int = 0
     refresh: bool = False
+    replaces: str = ""
 
 
 @dataclass(slots=True, frozen=True)

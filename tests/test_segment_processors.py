@@ -355,6 +355,26 @@ def test_the_account_processor_enters_and_leaves_account_segments():
     assert state is not None and b"lead-b" not in state
 
 
+def test_a_merge_within_an_account_moves_its_lead_without_the_account_leaving_and_entering_again():
+    worker = Worker(site())
+    run(worker.feed([employee("anon"), employee("lead-b"), employee("known"), pageview("e1", T0, "anon", PRICING),
+                     pageview("e2", T0 + 1, "lead-b", PRICING)]))
+    run(worker.pump())
+    run(worker.feed([identity("lead_merged", "known", T0 + 2, from_lead="anon")]))
+    run(worker.pump())
+    accounts = [(c.member_id, c.entered, c.cause) for c in worker.produced(SEGMENTS_CHANGES) if c.of == "account"]
+    assert accounts == [("acme.com", True, "lead:lead-b")]  # anon's pricing view now counts as known's
+    state = worker.store.redis.get(KEYS.account_state(SITE, "acme.com"))
+    assert b'"anon"' not in state and b'"known"' in state
+
+    run(worker.feed([employee("lead-c", "beta.com"), pageview("e3", T0 + 3, "lead-c", PRICING),
+                     identity("lead_merged", "lead-c", T0 + 4, from_lead="lead-b")]))
+    run(worker.pump())  # lead-b (acme.com) merged into beta.com's one lead: acme.com has one pricing lead left
+    accounts = [(c.member_id, c.entered) for c in worker.produced(SEGMENTS_CHANGES) if c.of == "account"]
+    assert accounts == [("acme.com", True), ("acme.com", False)]
+    assert b'"lead-b"' not in worker.store.redis.get(KEYS.account_state(SITE, "acme.com"))
+
+
 def test_an_account_update_sent_again_changes_nothing():
     worker = Worker(site())
     run(worker.feed([employee("lead-a"), employee("lead-b"), pageview("e1", T0, "lead-a", PRICING),
