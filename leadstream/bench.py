@@ -29,7 +29,8 @@ Workflow automation and LeadBoards, on the same run:
     being in the Consideration column of `GET /v1/sites/{site}/boards/pipeline` (polled) and to its
     `stage_change` arriving on the board's SSE stream. The API runs as its own `leadstream api` process;
   - lead processor alone: the run's leads.activity, copied to a fresh namespace, replayed by a separate
-    `leadstream worker --processors lead` with nothing else running; rate between its first and last commit.
+    `leadstream worker --processors lead` with nothing else running; rate and CPU per record between its
+    first and last commit; then the same with the bench's 20 segments (half with 14-day windows) added.
 """
 
 from __future__ import annotations
@@ -135,10 +136,40 @@ def filler_rules(count: int) -> list[dict]:
     return rules
 
 
-def bench_definitions(demo_yaml: str, total_rules: int = RULES_PER_SITE) -> dict:
-    """The demo's rules and board, topped up with filler rules to `total_rules`."""
+def bench_segments() -> list[dict]:
+    """20 lead segments of the kinds sites use: half count events in 14-day windows (pages, forms, sessions),
+    half read the lead's fields (known, score, tags, first channel) or another segment."""
+    windowed = [{"count": {"event": "pageview", "url": f"*{path}*"}, "within": "14d", "op": "gt", "value": n}
+                for path, n in (("/pricing", 0), ("/pricing", 1), ("/docs", 2), ("/blog", 0), ("/features", 1),
+                                ("/about", 0))]
+    windowed += [{"count": {"event": "form_submit"}, "within": "14d", "op": "gt", "value": 0},
+                 {"count": {"event": "any", "distinct": "session"}, "within": "14d", "op": "gt", "value": 2},
+                 {"count": {"event": "any"}, "within": "14d", "op": "between", "value": [5, 50]},
+                 {"count": {"event": "pageview", "channel": "organic"}, "within": "14d", "op": "gt", "value": 3}]
+    fields = [{"field": "lead.known", "op": "is", "value": True},
+              {"field": "lead.score", "op": "gt", "value": 20},
+              {"field": "lead.score", "op": "gt", "value": 60},
+              {"field": "lead.tags", "op": "contains", "value": "Consideration"},
+              {"field": "lead.tags", "op": "contains", "value": "Decision"},
+              {"field": "lead.first_channel", "op": "is", "value": "organic"},
+              {"field": "lead.last_channel", "op": "is", "value": "paid"},
+              {"field": "lead.email_domain", "op": "contains", "value": ".com"}]
+    segments = [{"id": f"bench-window-{n}", "name": f"Window {n}", "if": [condition]}
+                for n, condition in enumerate(windowed)]
+    segments += [{"id": f"bench-field-{n}", "name": f"Field {n}", "if": [condition]} for n, condition in enumerate(fields)]
+    segments += [{"id": "bench-known-pricing", "name": "Known, pricing", "if": [{"in_segment": "bench-window-0"},
+                                                                                  {"field": "lead.known", "op": "is", "value": True}]},
+                 {"id": "bench-hot", "name": "Hot", "if": [{"in_segment": "bench-field-2"}, {"in_segment": "bench-window-7"}]}]
+    return segments
+
+
+def bench_definitions(demo_yaml: str, total_rules: int = RULES_PER_SITE, segments: bool = False) -> dict:
+    """The demo's rules and board, topped up with filler rules to `total_rules`; with `segments`, the
+    bench's 20 segments too."""
     definitions = yaml.safe_load(demo_yaml)
     definitions["rules"] += filler_rules(total_rules - len(definitions["rules"]))
+    if segments:
+        definitions["segments"] = definitions.get("segments", []) + bench_segments()
     return definitions
 
 
@@ -334,10 +365,11 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
 # ------------------------------------------------------------------------------------- automation phases
 
 
-def _apply_bench_rules(settings: Settings, site_id: str) -> list[dict]:
-    """Store the bench rule set for a site the way an operator would (`leadstream rules apply FILE`);
-    returns the rules. The command's per-rule listing is left out of the bench's output."""
-    definitions = bench_definitions(demo_definitions(site_id))
+def _apply_bench_rules(settings: Settings, site_id: str, segments: bool = False) -> list[dict]:
+    """Store the bench rule set (with `segments`, and the bench's segments) for a site the way an operator
+    would (`leadstream rules apply FILE`); returns the rules. The command's per-rule listing is left out of
+    the bench's output."""
+    definitions = bench_definitions(demo_definitions(site_id), segments=segments)
     with contextlib.redirect_stdout(io.StringIO()):
         refused = apply_definitions_text(settings, json.dumps(definitions), "bench-rules.json", site_id, "rules")
     if refused:
@@ -418,18 +450,19 @@ async def _copy_lead_activity(source: Settings, target: Settings, until: dict[in
         await consumer.stop()
 
 
-def _lead_processor_alone(settings: Settings, r: redis.Redis, activity_ends: dict[int, int], uid: int
-                      ) -> tuple[int, float]:
-    """(records, records/s) of a lone `leadstream worker --processors lead` over a copy of the run's
-    leads.activity in a fresh namespace with the same rules: from its first committed batch to its last, so
-    neither process start-up nor the consumer-group join is counted."""
-    lone = replace(settings, topic_prefix=f"bench{uid}lead.")
+def _lead_processor_alone(settings: Settings, r: redis.Redis, activity_ends: dict[int, int], uid: int,
+                          segments: bool = False) -> tuple[int, float, float]:
+    """(records, records/s, CPU seconds) of a lone `leadstream worker --processors lead` over a copy of the
+    run's leads.activity in a fresh namespace with the same rules (with `segments`, and the bench's 20
+    segments): from its first committed batch to its last, so neither process start-up nor the
+    consumer-group join is counted."""
+    lone = replace(settings, topic_prefix=f"bench{uid}lead{'seg' if segments else ''}.")
     asyncio.run(ensure_topics(lone.kafka(), verbose=False))
-    _apply_bench_rules(lone, "bench")
+    _apply_bench_rules(lone, "bench", segments)
     ends = asyncio.run(_copy_lead_activity(settings, lone, activity_ends))
     total = sum(ends.values())
-    print(f"  lead processor alone: copied {total:,} leads.activity records;"
-          " starting `worker --processors lead` ...", flush=True)
+    print(f"  lead processor alone{' with 20 segments' if segments else ''}: copied {total:,} leads.activity"
+          " records; starting `worker --processors lead` ...", flush=True)
     worker = Role(lone, "bench-lead-processor", "worker", "--name", "bench-lead-processor", "--processors",
                   "lead").start()
     try:
@@ -438,8 +471,9 @@ def _lead_processor_alone(settings: Settings, r: redis.Redis, activity_ends: dic
         while True:
             marks, now = _watermarks(r, lone, "lead"), time.perf_counter()
             if first is None and marks:
-                first = (now, records_applied(marks))
+                first = (now, records_applied(marks), _cpu_s(worker))
             if caught_up(marks, ends):
+                cpu_s = _cpu_s(worker) - first[2]
                 break
             if not worker.alive():
                 raise RuntimeError(f"{worker.name} exited:\n{worker.log_tail()}")
@@ -450,8 +484,14 @@ def _lead_processor_alone(settings: Settings, r: redis.Redis, activity_ends: dic
         worker.stop()
         asyncio.run(delete_topics(lone.kafka()))
         forget_redis_keys(lone)
-    started, applied_at_start = first
-    return total, (total - applied_at_start) / max(now - started, 1e-6)
+    started, applied_at_start, _ = first
+    return total, (total - applied_at_start) / max(now - started, 1e-6), cpu_s / max(total - applied_at_start, 1)
+
+
+def _cpu_s(role: Role) -> float:
+    """User + system CPU seconds of a role's process so far."""
+    times = psutil.Process(role.proc.pid).cpu_times()
+    return times.user + times.system
 
 
 def _free_port() -> int:
@@ -962,7 +1002,8 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         for role in roles:
             role.stop()
 
-    lead_records, lead_alone_rate = _lead_processor_alone(s, r, run.activity_ends, uid)
+    lead_records, lead_alone_rate, lead_cpu_s = _lead_processor_alone(s, r, run.activity_ends, uid)
+    _, segments_rate, segments_cpu_s = _lead_processor_alone(s, r, run.activity_ends, uid, segments=True)
     comparisons = [("single", 1)] if layout != "single" else []  # the per-process figure
     if workers > 1:
         comparisons.append(("single", workers))
@@ -990,6 +1031,11 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         ("lead processor alone: own `worker --processors lead` replaying", f"{lead_alone_rate:,.0f} records/s"),
         ("  the run's leads.activity, first to last commit", f"({lead_records:,} records, nothing else running)"),
         ("lead processor alone / raw baseline", f"{100 * lead_alone_rate / baseline_rate:.1f} %"),
+        ("  its CPU per record", f"{1e6 * lead_cpu_s:,.1f} µs"),
+        ("lead processor alone with 20 segments (10 with 14-day windows)", f"{segments_rate:,.0f} records/s"
+                                                                             f"  ({1e6 * segments_cpu_s:,.1f} µs CPU"
+                                                                             " per record)"),
+        ("  rate with segments / without", f"{100 * segments_rate / lead_alone_rate:.1f} %"),
         *latency_rows(f"latency produce -> ClickHouse at {latency_rate:,}/s", latencies),
         *latency_rows(f"latency produce -> card in Consideration, board API polled every"
                       f" {BOARD_POLL_S * 1000:.0f} ms, at {latency_rate:,}/s", board_latencies,

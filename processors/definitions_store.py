@@ -17,7 +17,7 @@ segment, a rule moving cards on the board, ...) is refused with DefinitionInUse.
 A write that creates, edits or deletes a segment, or gives a board a new `import`, also asks for a segment
 backfill, in the same transaction (so no edit can be stored without it, whoever made it: the CLI, the API):
 `backfill:wanted` gets the new site version, and `backfill:since` keeps the site's segments from before the
-first edit not yet backfilled. The backfill job (sinks/segment_backfill.py) brings every lead up to date
+first edit not yet backfilled. The backfill job (processors/segment_backfill.py) brings every lead up to date
 from there: history for new counts, and the import step for boards.
 """
 
