@@ -471,9 +471,9 @@ def _lead_processor_alone(settings: Settings, r: redis.Redis, activity_ends: dic
         while True:
             marks, now = _watermarks(r, lone, "lead"), time.perf_counter()
             if first is None and marks:
-                first = (now, records_applied(marks), _cpu_s(worker))
+                first = (now, records_applied(marks), _cpu_s(worker.proc.pid))
             if caught_up(marks, ends):
-                cpu_s = _cpu_s(worker) - first[2]
+                cpu_s = _cpu_s(worker.proc.pid) - first[2]
                 break
             if not worker.alive():
                 raise RuntimeError(f"{worker.name} exited:\n{worker.log_tail()}")
@@ -486,12 +486,6 @@ def _lead_processor_alone(settings: Settings, r: redis.Redis, activity_ends: dic
         forget_redis_keys(lone)
     started, applied_at_start, _ = first
     return total, (total - applied_at_start) / max(now - started, 1e-6), cpu_s / max(total - applied_at_start, 1)
-
-
-def _cpu_s(role: Role) -> float:
-    """User + system CPU seconds of a role's process so far."""
-    times = psutil.Process(role.proc.pid).cpu_times()
-    return times.user + times.system
 
 
 def _free_port() -> int:
