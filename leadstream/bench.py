@@ -20,6 +20,9 @@ Cost and scale, on the same run:
     phase 3, and the rate the box's cores allow at that cost;
   - comparison and scale-out: phase 3 again in a fresh namespace with one single-layout worker (after a
     split run) and with `workers` single-layout workers.
+  - segments: phase 3 again, twice, in fresh namespaces with the run's layout: with the bench rule set, and
+    with it and 20 segments (`bench_segments`, half of them counting events in 14-day windows): rate,
+    worker CPU per event and the lead processor step's CPU per event, without and with.
 Workflow automation and LeadBoards, on the same run:
   - before any traffic the bench sites get the demo's rules and board plus generated filler rules, 100
     rules in all, so the lead processor evaluates a realistic rule set on every event;
@@ -737,11 +740,12 @@ def _run_pipeline(settings: Settings, r: redis.Redis, roles: list[Role], sent: i
         activity_ends=activity_ends, worker_cost=_worker_costs(settings, r, roles[1:]), machine_cpu_s=machine_cpu_s)
 
 
-def _prepare_namespace(settings: Settings, site_id: str = "bench") -> list[dict]:
-    """Topics, tables and the bench rule set of a fresh namespace; returns the rules."""
+def _prepare_namespace(settings: Settings, site_id: str = "bench", segments: bool = False) -> list[dict]:
+    """Topics, tables and the bench rule set (with `segments`, and the bench's segments) of a fresh
+    namespace; returns the rules."""
     asyncio.run(ensure_topics(settings.kafka(), verbose=False))
     clickhouse.migrate(settings.clickhouse(), verbose=False)
-    return _apply_bench_rules(settings, site_id)
+    return _apply_bench_rules(settings, site_id, segments)
 
 
 def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], timeout_s: float = 180) -> None:
@@ -761,14 +765,29 @@ def _wait_until_joined(settings: Settings, workers: int, roles: list[Role], time
     raise TimeoutError(f"{workers} workers did not all join their processors' consumer groups within {timeout_s:.0f}s")
 
 
+def segment_rows(plain: PipelineRun, segmented: PipelineRun, events: int) -> list[tuple[str, str]]:
+    """The pipeline without and with the bench's 20 segments: rate, worker CPU and the lead step's CPU."""
+    def lead_cpu(run: PipelineRun) -> float:
+        return run.worker_cost["parts"].get("lead", {}).get("cpu_s", 0.0)
+
+    return [
+        ("pipeline drained, without / with 20 segments", f"{plain.drained_rate:,.0f} / {segmented.drained_rate:,.0f}"
+                                                         f" events/s ({100 * segmented.drained_rate / plain.drained_rate:.1f} %)"),
+        ("  worker CPU per event, without / with", f"{1e6 * plain.worker_cost['process_cpu_s'] / events:,.1f} / "
+                                                   f"{1e6 * segmented.worker_cost['process_cpu_s'] / events:,.1f} µs"),
+        ("  lead processor step per event, without / with", f"{1e6 * lead_cpu(plain) / events:,.1f} / "
+                                                            f"{1e6 * lead_cpu(segmented) / events:,.1f} µs"),
+    ]
+
+
 def _rerun(settings: Settings, r: redis.Redis, records: list[tuple[bytes, bytes]], layout: str, copies: int,
-           uid: int) -> PipelineRun:
-    """The pipeline phase again with `copies` sets of the layout's worker processes, on the same events in a
-    fresh namespace; the events are produced once every worker has joined, so that the rates leave the
-    joins' rebalances out."""
-    scaled = replace(settings, topic_prefix=f"bench{uid}{layout}{copies}.",
-                     clickhouse_database=f"leadstream_bench{uid}{layout}{copies}")
-    _prepare_namespace(scaled)
+           uid: int, segments: bool = False) -> PipelineRun:
+    """The pipeline phase again with `copies` sets of the layout's worker processes (with `segments`, the
+    bench's 20 segments applied too), on the same events in a fresh namespace; the events are produced once
+    every worker has joined, so that the rates leave the joins' rebalances out."""
+    name = f"{uid}{layout}{copies}{'seg' if segments else ''}"
+    scaled = replace(settings, topic_prefix=f"bench{name}.", clickhouse_database=f"leadstream_bench{name}")
+    _prepare_namespace(scaled, segments=segments)
     try:
         roles = _start_pipeline(scaled, layout, copies)
         try:
@@ -1006,6 +1025,9 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         label = describe_layout(other, copies)
         print(f"  comparison phase: the same {sent:,} events, {label}, {s.partitions} partitions ...", flush=True)
         reruns.append((label, _rerun(s, r, records, other, copies, uid)))
+    print(f"  segments phase: the same {sent:,} events, {describe_layout(layout)}, without and with 20 segments ...",
+          flush=True)
+    plain, segmented = (_rerun(s, r, records, layout, 1, uid, segments) for segments in (False, True))
     one_worker = run if layout == "single" else (reruns[0][1] if reruns else None)
     load = ", ".join(f"{value:.2f}" for value in psutil.getloadavg())
 
@@ -1026,6 +1048,7 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         ("  the run's leads.activity, first to last commit", f"({lead_records:,} records, nothing else running)"),
         ("lead processor alone / raw baseline", f"{100 * lead_alone_rate / baseline_rate:.1f} %"),
         ("  its CPU per record", f"{1e6 * lead_cpu_s:,.1f} µs"),
+        *segment_rows(plain, segmented, sent),
         ("lead processor alone with 20 segments (10 with 14-day windows)", f"{segments_rate:,.0f} records/s"
                                                                              f"  ({1e6 * segments_cpu_s:,.1f} µs CPU"
                                                                              " per record)"),
