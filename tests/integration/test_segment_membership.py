@@ -244,6 +244,9 @@ def test_a_merge_moves_membership_to_the_surviving_lead_once_and_an_account_ente
     assert publish_ip_table(settings, OFFICE) == 0
     roles += [*start_workers(settings, "worker"), Role(settings, "sink", "sink").start()]
     now = int(time.time() * 1000)
+    asyncio.run(produce(settings, [raw("warm-up", "warm-up", now - 90_000)]))
+    wait_for(settings, "SELECT count() FROM events", 1, 120, roles)  # the worker runs ...
+    time.sleep(1.5)  # ... and has the IP ranges (it polls the tables' versions every second)
     office = "198.51.100.3"
     asyncio.run(produce(settings, [raw("gus-p1", "gus", now - 60_000, "/pricing", ip=office),
                                    raw("gus-p2", "gus", now - 59_000, "/pricing/teams", ip=office),
