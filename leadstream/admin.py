@@ -287,7 +287,7 @@ async def _rebuild_boards(settings: Settings) -> int:
                 await redis.delete(key)
         await redis.delete(keys.watermarks("board"))
         store = RedisStateStore(redis, prefix, "board")
-        board = BoardProcessor(boards, SiteDefinitionsCache(definitions), prefix)
+        board = BoardProcessor(boards, SiteDefinitionsCache(definitions), prefix, settings.erasure_key)
         runner = ProcessorRunner(board, store, _Discard(), kafka.partitions, EVENTS_DLQ)
         await consumer.start()
         partitions = [TopicPartition(kafka.topic(BOARD_COMMANDS.name), p) for p in range(kafka.partitions)]

@@ -14,8 +14,10 @@ import step: a board created after its members exist still gets their cards).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
+from processors.erasure_ledger import LedgerView
 from processors.runtime.batch import Batch
 from processors.runtime.ingest import Message
 from processors.runtime.runner import decode_batch
@@ -37,7 +39,9 @@ class AccountProcessor:
     name = "account"
     timers = None  # account segments have no windows of their own
 
-    def __init__(self, sites: SiteDefinitionsCache, prefix: str, companies: CompanyCards = NO_COMPANIES):
+    def __init__(self, sites: SiteDefinitionsCache, prefix: str, companies: CompanyCards = NO_COMPANIES,
+                 erasure_key: str = ""):
+        self.ledger = LedgerView(prefix, erasure_key)
         self.sites = sites
         self.companies = companies  # what `account.*` conditions read (updated in place by the worker)
         self.accounts = account_spec(prefix)
@@ -45,6 +49,13 @@ class AccountProcessor:
     async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
         updates: list[tuple[int, AccountLeadFacts]] = decode_batch(messages, SEGMENTS_ACCOUNT_LEADS, self.name)
         await self.sites.prepare(update.site_id for _, update in updates)
+        ledger = await self.ledger.of(batch)
+        if ledger:  # an erased lead's update only takes it out of its account (never adds it back)
+            erased = [i for i, (_, u) in enumerate(updates) if ledger.drops(u.site_id, lead_id=u.lead_id)]
+            for i in erased:
+                p, u = updates[i]
+                updates[i] = (p, replace(u, left=True, filters=[]))
+            self.ledger.count(self.name, len(erased))
         wanted: dict[str, int] = {}  # filters evaluated with newer definitions: this worker catches up first
         for _, update in updates:
             wanted[update.site_id] = max(wanted.get(update.site_id, 0), update.version)

@@ -141,7 +141,7 @@ def create_app(settings: Settings, worker_name: str = "worker", processors: tupl
     raw_processor = RawEventsProcessor(
         RawProcessorConfig(kafka.topic(EVENTS_RAW.name), sessions, Limits(max_payload_bytes=settings.max_payload_bytes),
                            visitor_state_ttl_ms(settings, sessions), settings.lead_max_visitors,
-                           resolve_companies=bool(settings.company_provider_url), privacy=settings.privacy()),
+                           resolve_companies=bool(settings.company_provider_url), privacy=settings.privacy(), erasure_key=settings.erasure_key),
         IdentityGraphStore(raw_store, prefix), prefix, tables,
     )
     runners: dict[str, tuple[ProcessorRunner, BatchIngest]] = {}
@@ -155,14 +155,14 @@ def create_app(settings: Settings, worker_name: str = "worker", processors: tupl
     if "raw" in processors:
         add_processor("raw", raw_processor, raw_store, EVENTS_RAW, "leadstream-worker")
     if "lead" in processors:
-        lead = LeadProcessor(sites, WebhookQueue(redis, prefix), prefix, tables.companies)
+        lead = LeadProcessor(sites, WebhookQueue(redis, prefix), prefix, tables.companies, settings.erasure_key)
         add_processor("lead", lead, RedisStateStore(redis, prefix, "lead"), LEADS_ACTIVITY, LEAD_PROCESSOR_GROUP)
     if "account" in processors:
-        account = AccountProcessor(sites, prefix, tables.companies)
+        account = AccountProcessor(sites, prefix, tables.companies, settings.erasure_key)
         add_processor("account", account, RedisStateStore(redis, prefix, "account"), SEGMENTS_ACCOUNT_LEADS,
                       ACCOUNT_PROCESSOR_GROUP)
     if "board" in processors:
-        board = BoardProcessor(BoardStore(redis, prefix), sites, prefix)
+        board = BoardProcessor(BoardStore(redis, prefix), sites, prefix, settings.erasure_key)
         add_processor("board", board, RedisStateStore(redis, prefix, "board"), BOARD_COMMANDS, BOARD_PROCESSOR_GROUP)
 
     @app.service

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from processors.board_store import BoardStore
+from processors.erasure_ledger import LedgerView
 from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveRequest, Shown, ViewChange,
                                apply_command, apply_move, fold_updates, merge_cards, view_changes)
 from processors.runtime.batch import Batch
@@ -62,17 +63,31 @@ class _Effects:
     results: list[CommandResult] = field(default_factory=list)
 
 
+def _erased(ledger, record: BoardCommand | CardUpdate) -> bool:
+    kind, _, lead_id = record.card_id.partition(":")
+    if kind == "lead" and ledger.drops(record.site_id, lead_id=lead_id):
+        return True
+    return isinstance(record, CardUpdate) and bool(record.lead_id) and ledger.drops(record.site_id,
+                                                                                     lead_id=record.lead_id)
+
+
 class BoardProcessor:
     name = "board"
     timers = None  # cards move on facts and commands; time triggers live in the lead processor's hourly pass
 
-    def __init__(self, boards: BoardStore, sites: SiteDefinitionsCache, prefix: str):
+    def __init__(self, boards: BoardStore, sites: SiteDefinitionsCache, prefix: str, erasure_key: str = ""):
+        self.ledger = LedgerView(prefix, erasure_key)
         self.board_store = boards
         self.sites = sites
         self.cards = card_spec(prefix)
 
     async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
         records = decode_batch(messages, BOARD_COMMANDS, self.name)
+        ledger = await self.ledger.of(batch)
+        if ledger:  # an erased person's card never comes back (a replay, a rebuild from board.commands)
+            kept = [(p, r) for p, r in records if not _erased(ledger, r)]
+            self.ledger.count(self.name, len(records) - len(kept))
+            records = kept
         await self.sites.prepare(record.site_id for _, record in records)
         definitions_wanted: dict[str, int] = {}
         for _, record in records:  # a record made under newer definitions waits until this worker has them

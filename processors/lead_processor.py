@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 import orjson
 
 from processors import segments
+from processors.erasure_ledger import LedgerView
 from processors.rules import (MAX_CHAIN_DEPTH, LeadState, Outcome, apply_event, hour_start, hourly_pass, merge,
                               next_due_ms, set_identity, settle)
 from processors.runtime.batch import Batch
@@ -46,6 +47,7 @@ from processors.site_definitions import SiteDefinitionsCache, SiteSetup
 from processors.webhooks import WebhookQueue
 from schemas.boards import CardUpdate, account_card_id, lead_card_id
 from schemas.companies import NO_COMPANIES, CompanyCards
+from schemas.erasure import Ledger
 from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent
 from schemas.records import digest
@@ -85,6 +87,19 @@ def _subject(record: Record) -> tuple[str, str]:
     return record.site_id, record.lead_id
 
 
+def _erased(ledger: Ledger, record: Record) -> bool:
+    site, lead = _subject(record)
+    if ledger.drops(site, lead_id=lead):
+        return True
+    if isinstance(record, IdentityEvent):
+        return ledger.drops(site, record.visitor_id, record.lead_id) or ledger.drops(site, lead_id=record.from_lead_id)
+    if isinstance(record, LeadHandover):
+        return ledger.drops(site, lead_id=record.from_lead_id)
+    if isinstance(record, EnrichedEvent):
+        return ledger.drops(site, record.visitor_id)
+    return False
+
+
 def _facts(state: LeadState) -> tuple:
     """What the rules may change that segments read besides counts: tags, score, properties."""
     return tuple(state.tags), state.score, state.properties
@@ -108,7 +123,8 @@ class LeadProcessor:
     name = "lead"
 
     def __init__(self, sites: SiteDefinitionsCache, webhooks: WebhookQueue | None, prefix: str,
-                 companies: CompanyCards = NO_COMPANIES):
+                 companies: CompanyCards = NO_COMPANIES, erasure_key: str = ""):
+        self.ledger = LedgerView(prefix, erasure_key)
         self.sites = sites
         self.webhooks = webhooks
         self.companies = companies  # what `account.*` conditions read (updated in place by the worker)
@@ -124,6 +140,11 @@ class LeadProcessor:
                 wanted[record.site_id] = max(wanted.get(record.site_id, 0), record.version)
         await self.sites.catch_up(wanted)
         records = [(partition, record) for partition, record in decoded if not isinstance(record, DefinitionsMark)]
+        ledger = await self.ledger.of(batch)
+        if ledger:  # an erased person's records (their lead, a lead merged into or out of theirs, their visitors)
+            kept = [(p, r) for p, r in records if not _erased(ledger, r)]
+            self.ledger.count(self.name, len(records) - len(kept))
+            records = kept
         subjects = {self.leads.key(site, lead): (partition, site, lead)
                     for partition, record in records for site, lead in (_subject(record),)}
         await batch.load((self.leads, {key: partition for key, (partition, _, _) in subjects.items()}))

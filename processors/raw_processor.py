@@ -18,10 +18,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
+import orjson
+
 from processors import identity, sessionize
 from processors.accounts import AccountsContext
 from processors.companies import queue_wanted
 from processors.enrich import Limits, enrich_batch
+from processors.erasure_ledger import LedgerView
 from processors.identity import IdentityChanges, InMemoryIdentityStore
 from processors.identity_store import IdentityGraphStore
 from processors.lookup_tables import LookupTables
@@ -31,6 +34,7 @@ from processors.runtime.ingest import Message
 from processors.runtime.producer import Outputs
 from processors.runtime.state import StateSpec
 from schemas.dead_letter import DeadLetter, Rejection
+from schemas.erasure import Ledger
 from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.privacy import DEFAULT_PRIVACY, PrivacyPolicy
@@ -50,6 +54,7 @@ class RawProcessorConfig:
     max_visitors_per_lead: int = identity.DEFAULT_MAX_VISITORS
     resolve_companies: bool = False  # queue new account domains without a company card for the provider
     privacy: PrivacyPolicy = DEFAULT_PRIVACY  # IP truncation and consent, applied at enrichment
+    erasure_key: str = ""  # LEADSTREAM_ERASURE_KEY (empty: the generated one in Redis)
 
 
 class RawEventsProcessor:
@@ -64,6 +69,7 @@ class RawEventsProcessor:
         self.visitors = StateSpec("visitor", RedisKeys(prefix).visitor_state, sessionize.dump_state,
                                   sessionize.load_state, ttl_ms=config.visitor_state_ttl_ms)
         self.timers = self.visitors  # the idle-close deadline of each visitor's earliest open session
+        self.ledger = LedgerView(prefix, config.erasure_key)
 
     async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
         with METER.measure("enrich", len(messages)):
@@ -71,13 +77,21 @@ class RawEventsProcessor:
                                    self.config.privacy)
         accepted: list[tuple[Message, EnrichedEvent]] = []
         rejected: dict[int, Rejection] = {}
+        ledger = await self.ledger.of(batch)
+        erased = 0
         for i, (message, result) in enumerate(zip(messages, results)):
             if isinstance(result, Rejection):
+                if ledger and _erased_raw(ledger, message.value):
+                    erased += 1  # not even a dead letter: it would keep what the person sent
+                    continue
                 rejected[i] = result
+            elif ledger and ledger.drops(result.site_id, result.visitor_id, email=result.email or ""):
+                erased += 1  # an erased person's event: dropped, not a dead letter (it would keep their data)
             else:
                 result.raw_partition, result.raw_offset = message.partition, message.offset
                 accepted.append((message, result))
 
+        self.ledger.count(self.name, erased)
         await METER.measured("sessionize", self._sessionize(batch, accepted, messages, rejected), len(accepted))
         accepted = [(m, e) for m, e in accepted if e.raw_offset >= 0]  # duplicates went to the DLQ
         batch.fence = await batch.hold(self.identity.locked())  # until the commit: the global graph
@@ -188,6 +202,19 @@ class RawEventsProcessor:
                 outputs.add(LEADS_ACTIVITY, lead_feed_key(change), change.to_json(), record_type=IdentityEvent)
             if event.lead_id:  # humans only: bots and datacenter traffic never reach the automation processors
                 outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value, record_type=EnrichedEvent)
+
+
+def _erased_raw(ledger: Ledger, raw: bytes | None) -> bool:
+    """Whether a message refused at validation names an erased person (site with visitor id or email)."""
+    try:
+        fields = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(fields, dict) or not isinstance(fields.get("site_id"), str):
+        return False
+    visitor, email = fields.get("visitor_id"), fields.get("email")
+    return ledger.drops(fields["site_id"], visitor if isinstance(visitor, str) else "",
+                        email=email if isinstance(email, str) else "")
 
 
 LEAD_FEED_KINDS = frozenset({"lead_created", "lead_merged", "visitor_linked", "account_linked", "merge_refused"})

@@ -37,6 +37,10 @@ Existing data lives under these exact bytes: extend the layouts, never respell o
   {prefix}:{namespace}due:{partition}              zset    a processor's timer index: key -> deadline
   {prefix}:{lock}, {prefix}:{lock}:fence           string  a store lock and its fencing counter
   {prefix}:cost:{worker}                           string  a worker's CPU meter snapshot
+  {prefix}:erasure:ledger                          hash    erased visitors, leads and email HMACs -> erasure id
+  {prefix}:erasure:version                         int     bumped by every erasure (a batch precondition)
+  {prefix}:erasure:key                             string  the generated HMAC key of the ledger's emails
+  {prefix}:erasure:job:{id}                        string  an erasure's status and counts (no personal data)
   {prefix}:wh:req | wh:due | wh:lease | wh:finished | wh:log | wh:log-turn   the webhook queue and its log (processors/webhooks.py)
 """
 
@@ -210,6 +214,24 @@ class RedisKeys:
     def server_secret(self) -> str:
         """The API's generated server secret, when LEADSTREAM_SERVER_SECRET is not set (one for every API process)."""
         return f"{self.prefix}:api:server-secret"
+
+    # -- erasure (schemas/erasure.py) -------------------------------------------------------------------
+
+    @property
+    def erasure_ledger(self) -> str:
+        return f"{self.prefix}:erasure:ledger"
+
+    @property
+    def erasure_version(self) -> str:
+        return f"{self.prefix}:erasure:version"
+
+    @property
+    def erasure_key(self) -> str:
+        """The ledger's HMAC key, when LEADSTREAM_ERASURE_KEY is not set (generated once, like the server secret)."""
+        return f"{self.prefix}:erasure:key"
+
+    def erasure_job(self, erasure_id: str) -> str:
+        return f"{self.prefix}:erasure:job:{erasure_id}"
 
     # -- the webhook queue -----------------------------------------------------------------------------
 

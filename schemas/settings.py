@@ -58,6 +58,7 @@ class Settings:
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_keys: str = field(default="", repr=False)  # "site:key" (read-write), "site:key:ro" (read-only), ...
+    erasure_key: str = field(default="", repr=False)  # HMAC key of the erasure ledger's emails; unset: generated once, kept in Redis
     server_secret: str = field(default="", repr=False)  # signs stream tokens, names keys in actors; unset: generated once, kept in Redis
     api_max_body_bytes: int = 262_144  # larger request bodies are refused (413)
     api_max_board_cards: int = 2_000  # cards one board page may read: ?limit x stages is cut to this
@@ -157,6 +158,8 @@ class Settings:
         for name, value in passwords.items():
             if value:  # empty: the server has no password (the local stack)
                 _refuse_weak(name, "its password", value, MIN_PASSWORD_CHARS)
+        if self.erasure_key:  # unset: generated once and kept in Redis (sinks/erasure.py)
+            _refuse_weak("LEADSTREAM_ERASURE_KEY", "the key", self.erasure_key, MIN_SERVER_SECRET_CHARS)
         if not api:
             return
         if self.server_secret:  # unset: the API makes a random one, kept in Redis (api/keys.py)

@@ -201,11 +201,11 @@ class CrashingStore(MemoryStateStore):
 
     crash_next = False
 
-    async def commit(self, commits, writes=None, fence=None) -> bool:
+    async def commit(self, commits, writes=None, fence=None, guards=None) -> bool:
         if self.crash_next:
             self.crash_next = False
             return False
-        return await super().commit(commits, writes, fence)
+        return await super().commit(commits, writes, fence, guards)
 
 
 @st.composite

@@ -66,9 +66,9 @@ class RecordingStore(MemoryStateStore):
         super().__init__(*args, **kwargs)
         self.commits: list[list[tuple[str, tuple]]] = []
 
-    async def commit(self, commits, writes=None, fence=None) -> bool:
+    async def commit(self, commits, writes=None, fence=None, guards=None) -> bool:
         self.commits.append(list(writes.calls) if writes is not None else [])
-        return await super().commit(commits, writes, fence)
+        return await super().commit(commits, writes, fence, guards)
 
     def written_keys(self, commit: int = -1) -> set[str]:
         """The keys the plain sets of one commit wrote (the last by default)."""

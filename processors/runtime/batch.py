@@ -40,6 +40,7 @@ class Batch:
         self.writes = WriteBatch()  # further writes, committed in the same transaction as the states
         self.now_ms = now_ms  # when the batch arrived (a timer tick: when it started), from the runtime's clock
         self.fence: Fence | None = None  # a lock the commit must still hold (see state.Fence)
+        self.guards: dict[str, bytes | None] = {}  # key -> bytes read: the commit applies only if still so
         self.locks = contextlib.AsyncExitStack()  # locks the step took: released after the commit
         self._clock_us = clock_us
         self._decoded = decoded
@@ -113,6 +114,18 @@ class Batch:
         if partition is None:
             raise ValueError(f"{key!r} has no partition: only partition-owned states have timers")
         self.deadlines.setdefault(partition, {})[key] = deadline_ms
+
+    async def guard(self, key: str) -> bytes | None:
+        """Read a small key (e.g. a version) and make this batch's commit conditional on it: if anyone writes
+        other bytes there before the commit, the commit writes nothing and the runtime computes the batch
+        again from what is stored then (StaleBatch). A key guarded twice keeps its first reading."""
+        if key not in self.guards:
+            self.guards[key] = await self._store.read(key)
+        return self.guards[key]
+
+    async def read_hash(self, key: str) -> dict[str, bytes]:
+        """A hash as stored now (field -> bytes), outside the batch's states: guard its version first."""
+        return await self._store.read_hash(key)
 
     async def hold(self, lock: AsyncContextManager[T]) -> T:
         """Enter a lock (e.g. the identity graph's) until the batch is committed or abandoned."""

@@ -181,7 +181,7 @@ class ProcessorRunner:
             await METER.measured(self.processor.name, self._step(batch, fresh), len(fresh))
             await METER.measured("produce", self.producer.send(batch.outputs), len(batch.outputs))
             commits = [self._commit(batch, p, marks[p][0], offset) for p, offset in applied.items()]
-            committed = self.store.commit(commits, batch.writes, batch.fence)
+            committed = self.store.commit(commits, batch.writes, batch.fence, batch.guards)
             if not await METER.measured("commit", committed, len(fresh)):
                 raise StaleBatch(f"{self.processor.name}: a partition of this batch moved on under us "
                                  f"(rebalance?); nothing was written, the batch is recomputed")
@@ -217,7 +217,7 @@ class ProcessorRunner:
                 batch.finish()
                 await self.producer.send(batch.outputs)
                 commits = [self._commit(batch, p, marks[p][0], marks[p][0]) for p in sorted(due)]
-                if not await self.store.commit(commits, batch.writes, batch.fence):
+                if not await self.store.commit(commits, batch.writes, batch.fence, batch.guards):
                     log.info("%s: a partition moved on during a timer tick; the next tick redoes it",
                              self.processor.name)
                     return None

@@ -80,7 +80,9 @@ class StateStore(Protocol):
     async def load(self, keys: list[str]) -> dict[str, bytes | None]: ...
     async def partition_marks(self, partitions: list[int]) -> dict[int, tuple[int, int]]: ...
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None) -> bool: ...
+                     fence: Fence | None = None, guards: dict[str, bytes | None] | None = None) -> bool: ...
+    async def read(self, key: str) -> bytes | None: ...
+    async def read_hash(self, key: str) -> dict[str, bytes]: ...
     async def due(self, partition: int, until_ms: int, limit: int = 5000) -> list[str]: ...
     async def acquire(self, lock: str, lease_ms: int) -> Fence | None: ...
     async def release(self, fence: Fence) -> None: ...
@@ -139,22 +141,33 @@ class RedisStateStore:
         fields = _mark_fields(partitions)
         return _marks(await self.redis.hmget(self._marks_key, fields) if fields else [], partitions)
 
+    async def read(self, key: str) -> bytes | None:
+        return await self.redis.get(key)
+
+    async def read_hash(self, key: str) -> dict[str, bytes]:
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in (await self.redis.hgetall(key)).items()}
+
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None) -> bool:
+                     fence: Fence | None = None, guards: dict[str, bytes | None] | None = None) -> bool:
         """All of the batch or nothing: False (and nothing written) when any partition's watermark moved,
-        or when `fence` is given and its lock no longer holds its token. A concurrent commit of other
-        partitions only makes the transaction run again; so does anyone taking the lock meanwhile (the
-        lock key is watched), and then the token check fails."""
+        when `fence` is given and its lock no longer holds its token, or when a guarded key (`guards`: key ->
+        the bytes the batch read, see Batch.guard) holds other bytes now. A concurrent commit of other
+        partitions only makes the transaction run again; so does anyone taking the lock or writing a guarded
+        key meanwhile (both are watched), and then their check fails."""
         if not commits:
             return True
         fields = _mark_fields([c.partition for c in commits])
-        watched = [self._marks_key] + ([self.keys.lock(fence.lock)] if fence else [])
+        guards = guards or {}
+        watched = [self._marks_key] + ([self.keys.lock(fence.lock)] if fence else []) + list(guards)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(*watched)
                     current = await pipe.hmget(self._marks_key, fields)
                     stale = any(int(current[2 * i] or -1) != c.expected_offset for i, c in enumerate(commits))
+                    if not stale and guards:
+                        now = await pipe.mget(list(guards))
+                        stale = any(value != expected for value, expected in zip(now, guards.values()))
                     if stale or (fence and await pipe.get(watched[1]) != fence.token.encode()):
                         await pipe.unwatch()
                         return False
@@ -205,12 +218,20 @@ class MemoryStateStore:
     def holds(self, fence: Fence) -> bool:
         return self.redis.get(self.keys.lock(fence.lock)) == fence.token.encode()
 
+    async def read(self, key: str) -> bytes | None:
+        return self.redis.get(key)
+
+    async def read_hash(self, key: str) -> dict[str, bytes]:
+        return self.redis.hash(key)
+
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None) -> bool:
+                     fence: Fence | None = None, guards: dict[str, bytes | None] | None = None) -> bool:
         if not commits:
             return True
         current = self._stored_marks([c.partition for c in commits])
         if any(current[c.partition][0] != c.expected_offset for c in commits):
+            return False
+        if any(self.redis.get(key) != expected for key, expected in (guards or {}).items()):
             return False
         if fence is not None and not self.holds(fence):
             return False
