@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import orjson
 import redis.asyncio as aioredis
 
 from aiokafka import TopicPartition
@@ -309,3 +310,58 @@ async def _rebuild_boards(settings: Settings) -> int:
     finally:
         await consumer.stop()
         await redis.aclose()
+
+
+def _erasures(settings: Settings, redis):
+    from api.erasure import Erasures
+
+    return Erasures(redis, settings.name("ls"), settings.clickhouse(), settings.erasure_key)
+
+
+def erase_person(settings: Settings, site: str, email: str, lead: str, wait: bool, status_of: str) -> int:
+    """`leadstream erase`: erase a person (or, with --status, show an erasure's status) and print it as JSON."""
+    from api.erasure import InvalidPerson
+
+    async def run() -> int:
+        redis = aioredis.from_url(settings.redis_url)
+        try:
+            erasures = _erasures(settings, redis)
+            if status_of:
+                job = await erasures.status(site, status_of)
+                if job is None:
+                    print(f"leadstream erase: no erasure {status_of!r} on site {site!r}", file=sys.stderr)
+                    return 1
+            else:
+                try:
+                    job = await erasures.erase(site, "cli", email, lead)
+                except InvalidPerson as err:
+                    print(f"leadstream erase: {err}", file=sys.stderr)
+                    return 2
+                if wait:
+                    job = await erasures.wait(site, job.erasure_id)
+            print(orjson.dumps(job.public(), option=orjson.OPT_INDENT_2).decode())
+            return 0
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
+
+
+def export_person(settings: Settings, site: str, email: str) -> int:
+    """`leadstream export-person`: everything stored on a person, as one JSON document on stdout."""
+    from api.erasure import InvalidPerson
+
+    async def run() -> int:
+        redis = aioredis.from_url(settings.redis_url)
+        try:
+            try:
+                doc = await _erasures(settings, redis).export(site, email)
+            except InvalidPerson as err:
+                print(f"leadstream export-person: {err}", file=sys.stderr)
+                return 2
+            print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())

@@ -134,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     hooks = sub.add_parser("webhooks", help="webhook deliveries: replay one with the same webhook-id")
     hooks.add_argument("action", choices=["replay"])
     hooks.add_argument("webhook_id")
+    erase = sub.add_parser("erase", help="erase a person everywhere and keep them erased (right to be forgotten); "
+                                         "--status ID: how an erasure is going")
+    erase.add_argument("--site", required=True)
+    erase.add_argument("--email", default="")
+    erase.add_argument("--lead", default="", help="a lead id (an anonymous lead, say)")
+    erase.add_argument("--wait", action="store_true", help="block until ClickHouse has deleted every row")
+    erase.add_argument("--status", default="", metavar="ID", help="the status of an earlier erasure")
+    export = sub.add_parser("export-person", help="everything stored on a person, as one JSON document (access request)")
+    export.add_argument("--site", required=True)
+    export.add_argument("--email", required=True)
     demo = sub.add_parser("demo", help="the whole pipeline on the local stack with synthetic traffic")
     demo.add_argument("--visitors", type=int, default=3000)
     demo.add_argument("--seed", type=int, default=7)
@@ -212,6 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         from leadstream.admin import replay_webhook
 
         return replay_webhook(settings, args.webhook_id)
+    if args.command == "erase":
+        from leadstream.admin import erase_person
+
+        if not (args.status or args.email or args.lead):
+            parser.error("erase needs --email, --lead or --status")
+        return erase_person(settings, args.site, args.email, args.lead, args.wait, args.status)
+    if args.command == "export-person":
+        from leadstream.admin import export_person
+
+        return export_person(settings, args.site, args.email)
     if args.command == "api":
         from api.app import run_api
 

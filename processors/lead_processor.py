@@ -159,6 +159,9 @@ class LeadProcessor:
     async def on_timer(self, batch: Batch, partition: int, key: str, state: LeadState, now_ms: int) -> None:
         """The hourly pass of a due lead: segment windows that ran out (evaluated with the facts from before
         the pass), then time triggers and score decay, then the segments again if the pass changed facts."""
+        if (await self.ledger.of(batch)).drops(state.site_id, lead_id=state.lead_id):
+            batch.schedule(key, None)  # erased (its state is being deleted): no pass, no output
+            return
         await self.sites.prepare([state.site_id])
         setup = self.sites[state.site_id]
         cause = f"hour:{now_ms}"

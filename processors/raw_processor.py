@@ -114,6 +114,9 @@ class RawEventsProcessor:
     async def on_timer(self, batch: Batch, partition: int, key: str, state: sessionize.VisitorState,
                        now_ms: int) -> None:
         """Close the sessions whose idle deadline passed on the partition's stream clock."""
+        if (await self.ledger.of(batch)).drops(state.site_id, state.visitor_id):
+            batch.schedule(key, None)  # erased (its state is being deleted): no session row
+            return
         policy = self.config.session_policy
         state, upserts = sessionize.close_idle(state, now_ms, policy)
         batch.put(self.visitors, key, state)
