@@ -27,3 +27,15 @@ def test_the_new_option_name_does_not_warn(capsys):
     with pytest.raises(SystemExit):
         main(["worker", "--processors", "nope"])
     assert "deprecated" not in capsys.readouterr().err
+
+
+def test_erase_needs_someone_or_a_status(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["erase", "--site", "acme"])
+    assert exited.value.code == 2 and "erase needs --email, --lead or --status" in capsys.readouterr().err
+
+
+def test_export_person_needs_an_email(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["export-person", "--site", "acme"])
+    assert exited.value.code == 2 and "--email" in capsys.readouterr().err

@@ -120,3 +120,36 @@ async def test_an_erasure_during_a_batch_fails_its_commit_and_the_batch_again_dr
     outputs = await run.process(batch)  # the ingest hands it over again
     assert count(outputs, EVENTS_ENRICHED) == 1
     assert not [k for k in store.redis.strings if "v-ann" in k] and [k for k in store.redis.strings if "v-bob" in k]
+
+
+# -- the lead and board processors -----------------------------------------------------------------------
+
+async def test_the_lead_processor_drops_an_erased_leads_records_and_its_hourly_pass():
+    from tests.test_lead_processor import event as lead_event
+    from tests.test_lead_processor import feed, identity, processor_runner
+
+    run, store, producer = processor_runner()
+    erase(store.redis, leads=["lead_a"])
+    outputs = await run.process(feed([lead_event(1, "lead_a"), lead_event(2, "lead_b"),
+                                      identity("lead_merged", "lead_b", "lead_a")]))  # a merge out of hers
+    produced = [v for records in outputs.records.values() for _, v, _ in records]
+    assert produced and not [v for v in produced if b"lead_a" in v]
+    assert not [k for k in store.redis.strings if "lead_a" in k] and run.processor.ledger.dropped == 2
+    assert (await store.partition_marks([0]))[0][0] == 2
+
+
+async def test_the_board_processor_drops_an_erased_leads_card_updates_and_commands():
+    from schemas.boards import BoardCommand
+    from tests.test_board_processor import board_runner, facts
+    from tests.test_board_processor import feed as board_feed
+
+    run, store, producer = board_runner()
+    erase(store.redis, leads=["lead_a"])
+    move = BoardCommand("cmd1", "s", "pipeline", "lead:lead_a", "move", "user:key-x", to_stage="new")
+    outputs = await run.process(board_feed(facts("u1", "lead:lead_a", "lead_a", ["Hot"]),
+                                           facts("u2", "lead:lead_b", "lead_b", ["Hot"]), move))
+    assert not [k for k in store.redis.strings if "lead_a" in k] and [k for k in store.redis.strings if "lead_b" in k]
+    ledger = RedisKeys("ls").erasure_ledger
+    assert not [f for key, h in store.redis.hashes.items() if key != ledger for f, v in h.items()
+                if "lead_a" in f or b"lead_a" in v]  # no board view
+    assert run.processor.ledger.dropped == 2 and outputs is not None
