@@ -289,3 +289,29 @@ def test_an_erased_person_stays_erased_through_a_crash_a_rebuild_and_a_replay(se
     assert others_after["rule_executions"] == others_before["rule_executions"]
     r.close()
     ch.disconnect()
+
+
+def test_a_guarded_commit_on_redis_writes_nothing_once_an_erasure_bumped_the_version(settings):
+    """The runtime's guard on the real Redis (WATCH + compare in the commit's transaction), as on the twin."""
+    from processors.runtime.state import PartitionCommit, RedisStateStore
+    from processors.runtime.writes import WriteBatch
+
+    async def run() -> tuple[bool, bool, object, int]:
+        redis = aioredis.from_url(settings.redis_url)
+        try:
+            keys = RedisKeys(settings.name("ls"))
+            store = RedisStateStore(redis, settings.name("ls"), "raw")
+            writes = WriteBatch()
+            writes.set_many({keys.visitor_state(SITE, "v-x"): b"state"})
+            read = await store.read(keys.erasure_version)
+            await redis.incr(keys.erasure_version)  # an erasure lands while the batch is held
+            stale = await store.commit([PartitionCommit(0, -1, 3)], writes, guards={keys.erasure_version: read})
+            written = await redis.get(keys.visitor_state(SITE, "v-x"))
+            fresh = await store.commit([PartitionCommit(0, -1, 3)], writes,
+                                       guards={keys.erasure_version: await store.read(keys.erasure_version)})
+            return stale, fresh, written, (await store.partition_marks([0]))[0][0]
+        finally:
+            await redis.aclose()
+
+    stale, fresh, written, applied = asyncio.run(run())
+    assert (stale, written) == (False, None) and fresh and applied == 3
