@@ -14,7 +14,9 @@ An erasure, in this order:
      mutation per table that has any (ClickHouse rewrites the parts in the background);
   5. records the job (Redis) and its audit row (`erasures`, migration 0016): ids, who asked, when,
      counts per table or store — never an email or a visitor id.
-It is `pending` until every mutation it started is done (system.mutations.is_done), then `done`.
+It is `pending` until every mutation it started is done (system.mutations.is_done) and a second look by the
+ids the ledger holds for it finds no row that landed meanwhile (else that look starts more mutations), then
+`done`.
 
 The mutations' text names visitor, lead, card and webhook ids, never the email: ClickHouse keeps the text of
 its last finished mutations (system.mutations) for a while.
@@ -35,11 +37,11 @@ from processors.definitions_store import DefinitionsStore
 from processors.identity import known_lead_id, normalise_email
 from processors.boards import CardState
 from schemas.boards import account_card_id, lead_card_id
-from schemas.erasure import (AUDIT_COLUMNS, DONE, PENDING, ErasureJob, audit_row, email_digest, ledger_fields,
-                             queue_ledger_entries)
+from schemas.erasure import (AUDIT_COLUMNS, DONE, LEAD, PENDING, VISITOR, ErasureJob, audit_row, email_digest,
+                             ledger_fields, queue_ledger_entries)
 from processors.runtime.writes import RedisWrites
 from schemas.identity import LeadRecord
-from schemas.redis_keys import RedisKeys
+from schemas.redis_keys import SEP, RedisKeys
 from schemas.settings import ClickHouseConfig
 from sinks import clickhouse
 
@@ -340,9 +342,31 @@ class Erasures:
         if job.site_id != site_id:
             return None
         if job.status == PENDING and await asyncio.to_thread(self._mutations_done, job):
-            job.status, job.finished_ms = DONE, int(time.time() * 1000)
+            # Rows produced before the erasure may have reached ClickHouse while its mutations ran: look
+            # again (by the ids the ledger holds for this erasure) and delete those too before saying done.
+            person = await self._from_ledger(job)
+            late, mutations = await asyncio.to_thread(self._erase_clickhouse, person, job.erasure_id)
+            if mutations:
+                for table, n in late.items():
+                    job.counts[table] = job.counts.get(table, 0) + n
+                job.mutations += [m for m in mutations if m not in job.mutations]
+            else:
+                job.status, job.finished_ms = DONE, int(time.time() * 1000)
             await self._save(job)
         return job
+
+    async def _from_ledger(self, job: ErasureJob) -> Person:
+        """The visitors and leads this erasure put in the ledger (its own entries: their value is its id)."""
+        person = Person(job.site_id)
+        async for name, value in self.redis.hscan_iter(self.keys.erasure_ledger, count=1000):
+            if value.decode() != job.erasure_id:
+                continue
+            kind, site, ident = (name.decode() if isinstance(name, bytes) else name).split(SEP, 2)
+            if site == job.site_id and kind == VISITOR:
+                person.visitors.add(ident)
+            elif site == job.site_id and kind == LEAD:
+                person.leads.add(ident)
+        return person
 
     def _mutations_done(self, job: ErasureJob) -> bool:
         client = clickhouse.connect(self.clickhouse_config)
