@@ -162,7 +162,7 @@ def create_app(settings: Settings, worker_name: str = "worker", processors: tupl
         add_processor("account", account, RedisStateStore(redis, prefix, "account"), SEGMENTS_ACCOUNT_LEADS,
                       ACCOUNT_PROCESSOR_GROUP)
     if "board" in processors:
-        board = BoardProcessor(BoardStore(redis, prefix), sites, prefix)
+        board = BoardProcessor(BoardStore(redis, prefix), sites, prefix, WebhookQueue(redis, prefix), tables.companies)
         add_processor("board", board, RedisStateStore(redis, prefix, "board"), BOARD_COMMANDS, BOARD_PROCESSOR_GROUP)
 
     @app.service
