@@ -193,7 +193,7 @@ def apply_definitions_text(settings: Settings, text: str, path: str, site_id: st
 
 
 def list_definitions(settings: Settings, site_id: str, kind: str) -> int:
-    """`leadstream rules|boards list --site S`: every rule, segment and board with its version;
+    """`leadstream rules|boards|owners list --site S`: every rule, segment, board and owner (with versions);
     `leadstream segments list --site S`: the segments, what they are of, and the boards importing them."""
 
     async def load():
@@ -230,8 +230,12 @@ def list_definitions(settings: Settings, site_id: str, kind: str) -> int:
         stages = " -> ".join(stage.name for stage in stored.board.stages)
         source = f", import {stored.board.import_.segment}" if stored.board.import_ else ""
         print(f"  board   {stored.board.id:<28} v{stored.version:<4} {stored.board.card} cards{source}: {stages}")
-    if not site.rules and not site.boards and not site.segments:
-        print("  (no rules, segments or boards yet: leadstream rules apply FILE --site SITE)")
+    for owner in site.owners:
+        print(f"  owner   {owner.id:<28} {owner.name} <{owner.email}>")
+    if kind == "owners" and not site.owners:
+        print("  (no owners yet: leadstream owners apply FILE --site SITE)")
+    if not site.rules and not site.boards and not site.segments and not site.owners:
+        print("  (no rules, segments, boards or owners yet: leadstream rules apply FILE --site SITE)")
     return 0
 
 
