@@ -26,7 +26,7 @@ from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache
 from processors.accounts import AccountRefused, BadLine, IpRangeTable, manual_account
 from processors.companies import CompanyStore, publish_cards, read_company_file
-from processors.lookup_tables import publish_ip_ranges
+from processors.lookup_tables import LookupTables, publish_ip_ranges
 from processors.segment_backfill import backfill_status
 from processors.runtime.producer import BatchProducer
 from schemas.boards import BoardDefinition
@@ -286,12 +286,17 @@ async def _rebuild_boards(settings: Settings) -> int:
         for site in await definitions.sites():
             for stored in await definitions.list_boards(site):
                 await boards.clear_board(site, stored.board.id)
-        for pattern in (keys.card_states_pattern(), keys.command_results_pattern(), keys.due_pattern("board")):
+        for pattern in (keys.card_states_pattern(), keys.board_turns_pattern(), keys.command_results_pattern(),
+                        keys.due_pattern("board")):
             async for key in redis.scan_iter(match=pattern, count=10_000):
                 await redis.delete(key)
         await redis.delete(keys.watermarks("board"))
         store = RedisStateStore(redis, prefix, "board")
-        board = BoardProcessor(boards, SiteDefinitionsCache(definitions), prefix)
+        tables = LookupTables()  # the company cards: an assignment by account.country reads them
+        await tables.refresh(redis, prefix)
+        # no webhook queue: a rebuild re-derives the moves (and their owners, from turns started afresh), it does
+        # not send their stage.changed webhooks again
+        board = BoardProcessor(boards, SiteDefinitionsCache(definitions), prefix, None, tables.companies)
         runner = ProcessorRunner(board, store, _Discard(), kafka.partitions, EVENTS_DLQ)
         await consumer.start()
         partitions = [TopicPartition(kafka.topic(BOARD_COMMANDS.name), p) for p in range(kafka.partitions)]

@@ -116,6 +116,9 @@ class RedisKeys:
         stage id -> assignments made; processors/handover.py)."""
         return f"{self.prefix}:board-turns:{site_id}{SEP}{board_id}{SEP}{partition}"
 
+    def board_turns_pattern(self) -> str:
+        return f"{glob_escape(self.prefix)}:board-turns:*"
+
     def _board(self, site_id: str, board_id: str, part: str) -> str:
         return f"{self.prefix}:board:{site_id}{SEP}{board_id}:{part}"
 
