@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -220,3 +221,27 @@ async def test_the_board_processor_assigns_and_queues_one_webhook_per_stage_chan
     assert await restarted.process(messages) is None  # skipped: nothing moved, assigned or queued twice
     assert len(store.redis.hash(KEYS.webhook_requests)) == 7
     assert sum(orjson.loads(v)["new"] for k, v in store.redis.strings.items() if ":board-turns:" in k) == 6
+
+
+async def test_a_tag_by_hand_on_the_lead_feed_reaches_rules_changes_and_cards_with_the_person_as_actor():
+    from schemas.boards import CardUpdate
+    from schemas.identity import ACCOUNT_LINKED
+    from schemas.rules import LeadChange, TagByHand
+    from schemas.topics import BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES
+    from tests.test_lead_processor import event, feed, identity
+    from tests.test_lead_processor import processor_runner as lead_runner
+
+    run, _, _ = lead_runner()
+    cache = run.processor.sites
+    cache.sites["s"] = replace(cache.sites["s"], rules=RuleSet.compile([Rule.model_validate({
+        "id": "hand-over", "version": 1, "when": {"tag": "Decision"}, "then": [{"assign_owner": "ann"}]})], 1))
+    await run.process(feed([event(1), identity(ACCOUNT_LINKED, "lead_a", account_domain="acme.com")]))
+    tag = TagByHand("tag_1", "s", "lead_a", "Decision", True, "user:key-k1", NOW + 5)
+    out = await run.process(feed([(tag.to_json(), LEADS_ACTIVITY.headers(TagByHand))] * 2, first_offset=2))
+    [change] = [LeadChange.from_json(v) for v in values(out, LEADS_CHANGES)]  # the retried record acts once
+    assert (change.kind, change.name, change.actor) == ("tag_added", "Decision", "user:key-k1")
+    updates = [CardUpdate.from_json(v) for v in values(out, BOARD_COMMANDS)]
+    facts = [u for u in updates if u.kind == "facts"]
+    assert facts and {u.actor for u in facts} == {"user:key-k1"} and all("Decision" in u.tags for u in facts)
+    assigned = sorted((u.card_id, u.owner) for u in updates if u.kind == "assign")
+    assert assigned == [("account:acme.com", "ann"), ("lead:lead_a", "ann")]
