@@ -231,7 +231,10 @@ class DefinitionsStore:
             self._check_references(merged)
             rules = [entry for entry in merged.values() if isinstance(entry, Rule)]
             boards = sum(isinstance(entry, BoardDefinition) for entry in merged.values())
-            problems = limit_problems(rules, boards, current.rules, len(current.boards), self.limits)
+            hooks = (sum(isinstance(entry, BoardDefinition) and entry.on_stage_change is not None
+                         for entry in merged.values()),
+                     sum(stored.board.on_stage_change is not None for stored in current.boards))
+            problems = limit_problems(rules, boards, current.rules, len(current.boards), self.limits, hooks)
             if problems:
                 raise DefinitionsError(problems, limit=True)
             changed = [name for name, entry in entries.items()

@@ -277,16 +277,18 @@ def labelled(kind: str, entries: Iterable[Any]) -> list[tuple[str, Any]]:
 
 
 def limit_problems(rules: list[Rule], boards: int, rules_before: list[Rule], boards_before: int,
-                   limits: DefinitionLimits) -> list[str]:
+                   limits: DefinitionLimits, board_webhooks: tuple[int, int] = (0, 0)) -> list[str]:
     """What a write that leaves a site with `rules` and `boards` (it had `rules_before`, `boards_before`) would
     take over the site's limits. Only growth past a limit is refused: a site already over a lowered limit can
-    still edit what it has."""
+    still edit what it has. `board_webhooks`: the boards with on_stage_change (after, before), which count as
+    webhook actions too."""
     def webhooks(of: list[Rule]) -> int:
         return sum(action.webhook is not None for rule in of for action in rule.then)
 
     counts = (("rules", len(rules), len(rules_before), limits.rules, "LEADSTREAM_MAX_RULES_PER_SITE"),
               ("boards", boards, boards_before, limits.boards, "LEADSTREAM_MAX_BOARDS_PER_SITE"),
-              ("webhook actions", webhooks(rules), webhooks(rules_before), limits.webhook_actions,
+              ("webhook actions", webhooks(rules) + board_webhooks[0], webhooks(rules_before) + board_webhooks[1],
+             limits.webhook_actions,
                "LEADSTREAM_MAX_WEBHOOK_ACTIONS_PER_SITE"))
     return [f"a site has at most {limit} {what} ({setting}); this would make {after}"
             for what, after, before, limit, setting in counts if after > limit and after > before]

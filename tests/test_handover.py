@@ -245,3 +245,13 @@ async def test_a_tag_by_hand_on_the_lead_feed_reaches_rules_changes_and_cards_wi
     assert facts and {u.actor for u in facts} == {"user:key-k1"} and all("Decision" in u.tags for u in facts)
     assigned = sorted((u.card_id, u.owner) for u in updates if u.kind == "assign")
     assert assigned == [("account:acme.com", "ann"), ("lead:lead_a", "ann")]
+
+
+def test_a_boards_stage_changed_webhook_counts_as_one_of_the_sites_webhook_actions():
+    from schemas.definitions import limit_problems
+    from schemas.settings import DefinitionLimits
+
+    limits = DefinitionLimits(rules=10, boards=10, webhook_actions=1)
+    assert limit_problems([], 1, [], 0, limits, (1, 0)) == []
+    assert limit_problems([], 2, [], 1, limits, (2, 1)) == [
+        "a site has at most 1 webhook actions (LEADSTREAM_MAX_WEBHOOK_ACTIONS_PER_SITE); this would make 2"]
