@@ -22,7 +22,8 @@ from api.dependencies import Live, Services
 from api.keys import ApiKeys, server_secret
 from api.middleware import BodyLimit, SecurityHeaders
 from api.problems import install_handlers
-from api.routes import board_stream, boards, cards, erasures, leads, pages, rules, segments, summary
+from api.routes import (board_stream, boards, cards, erasures, handover, leads, pages, rules, segments,
+                        summary)
 from api.routes.pages import STATIC
 from schemas.settings import Settings
 
@@ -53,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = LeadStreamAPI(title="LeadStream API", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
     install_handlers(app)
-    for module in (summary, leads, boards, cards, board_stream, rules, segments, erasures, pages):
+    for module in (summary, leads, boards, cards, board_stream, rules, segments, erasures, handover, pages):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=settings.api_max_body_bytes)

@@ -37,7 +37,8 @@ from processors.boards import (
 from processors.runtime.producer import BatchProducer, Outputs
 from schemas.boards import BoardCommand, BoardDefinition, CardView, CommandResult
 from schemas.settings import Settings
-from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ
+from schemas.rules import TagByHand
+from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, LEADS_ACTIVITY
 
 COMMAND_WAIT_S = 5.0
 COMMAND_POLL_S = 0.05
@@ -91,6 +92,7 @@ class CommandBus:
 
     def __init__(self, settings: Settings, boards: BoardStore) -> None:
         self.partitions = settings.partitions
+        self.prefix = settings.name("ls")
         self.boards = boards
         self.producer = BatchProducer(settings.kafka(), EVENTS_DLQ)
         self._started = False
@@ -101,14 +103,24 @@ class CommandBus:
             await self.producer.stop()
 
     async def send(self, commands: Iterable[BoardCommand]) -> None:
+        outputs = Outputs(self.partitions)
+        for command in commands:
+            outputs.add(BOARD_COMMANDS, command.card_id.encode(), command.to_json(), record_type=BoardCommand)
+        await self._produce(outputs)
+
+    async def send_lead_record(self, record: TagByHand) -> None:
+        """A person's change of a lead (a tag by hand) for the lead processor, on `leads.activity` keyed by
+        the lead (so it keeps its order with the lead's events)."""
+        outputs = Outputs(self.partitions)
+        outputs.add(LEADS_ACTIVITY, record.lead_id.encode(), record.to_json(), record_type=TagByHand)
+        await self._produce(outputs)
+
+    async def _produce(self, outputs: Outputs) -> None:
         try:
             async with self._lock:
                 if not self._started:
                     await self.producer.start()
                     self._started = True
-            outputs = Outputs(self.partitions)
-            for command in commands:
-                outputs.add(BOARD_COMMANDS, command.card_id.encode(), command.to_json(), record_type=BoardCommand)
             await self.producer.send(outputs)
         except Exception as err:  # noqa: BLE001 - any broker error is an outage to the caller
             raise unavailable("command bus unavailable", err) from err

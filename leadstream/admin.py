@@ -27,7 +27,7 @@ from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache
 from processors.accounts import AccountRefused, BadLine, IpRangeTable, manual_account
 from processors.companies import CompanyStore, publish_cards, read_company_file
-from processors.lookup_tables import publish_ip_ranges
+from processors.lookup_tables import LookupTables, publish_ip_ranges
 from processors.segment_backfill import backfill_status
 from processors.runtime.producer import BatchProducer
 from schemas.boards import BoardDefinition
@@ -194,7 +194,7 @@ def apply_definitions_text(settings: Settings, text: str, path: str, site_id: st
 
 
 def list_definitions(settings: Settings, site_id: str, kind: str) -> int:
-    """`leadstream rules|boards list --site S`: every rule, segment and board with its version;
+    """`leadstream rules|boards|owners list --site S`: every rule, segment, board and owner (with versions);
     `leadstream segments list --site S`: the segments, what they are of, and the boards importing them."""
 
     async def load():
@@ -231,8 +231,12 @@ def list_definitions(settings: Settings, site_id: str, kind: str) -> int:
         stages = " -> ".join(stage.name for stage in stored.board.stages)
         source = f", import {stored.board.import_.segment}" if stored.board.import_ else ""
         print(f"  board   {stored.board.id:<28} v{stored.version:<4} {stored.board.card} cards{source}: {stages}")
-    if not site.rules and not site.boards and not site.segments:
-        print("  (no rules, segments or boards yet: leadstream rules apply FILE --site SITE)")
+    for owner in site.owners:
+        print(f"  owner   {owner.id:<28} {owner.name} <{owner.email}>")
+    if kind == "owners" and not site.owners:
+        print("  (no owners yet: leadstream owners apply FILE --site SITE)")
+    if not site.rules and not site.boards and not site.segments and not site.owners:
+        print("  (no rules, segments, boards or owners yet: leadstream rules apply FILE --site SITE)")
     return 0
 
 
@@ -283,12 +287,18 @@ async def _rebuild_boards(settings: Settings) -> int:
         for site in await definitions.sites():
             for stored in await definitions.list_boards(site):
                 await boards.clear_board(site, stored.board.id)
-        for pattern in (keys.card_states_pattern(), keys.command_results_pattern(), keys.due_pattern("board")):
+        for pattern in (keys.card_states_pattern(), keys.board_turns_pattern(), keys.command_results_pattern(),
+                        keys.due_pattern("board")):
             async for key in redis.scan_iter(match=pattern, count=10_000):
                 await redis.delete(key)
         await redis.delete(keys.watermarks("board"))
         store = RedisStateStore(redis, prefix, "board")
-        board = BoardProcessor(boards, SiteDefinitionsCache(definitions), prefix, settings.erasure_key)
+        tables = LookupTables()  # the company cards: an assignment by account.country reads them
+        await tables.refresh(redis, prefix)
+        # no webhook queue: a rebuild re-derives the moves (and their owners, from turns started afresh), it does
+        # not send their stage.changed webhooks again
+        board = BoardProcessor(boards, SiteDefinitionsCache(definitions), prefix, None, tables.companies,
+                               settings.erasure_key)
         runner = ProcessorRunner(board, store, _Discard(), kafka.partitions, EVENTS_DLQ)
         await consumer.start()
         partitions = [TopicPartition(kafka.topic(BOARD_COMMANDS.name), p) for p in range(kafka.partitions)]

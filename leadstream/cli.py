@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     account.add_argument("domain")
     account.add_argument("--site", required=True)
     account.add_argument("--name", default="", help="company name")
-    for kind, extra in (("rules", []), ("segments", []), ("boards", ["rebuild"])):
-        definitions = sub.add_parser(kind, help=f"{kind}: apply a YAML/JSON file (rules, segments and boards), "
+    for kind, extra in (("rules", []), ("segments", []), ("boards", ["rebuild"]), ("owners", [])):
+        definitions = sub.add_parser(kind, help=f"{kind}: apply a YAML/JSON file (rules, segments, boards and owners), "
                                      "list them" + (", rebuild the board state from Kafka" if extra else ""))
         definitions.add_argument("action", choices=["apply", "list", *extra])
         definitions.add_argument("path", nargs="?", help="the YAML or JSON file (apply)")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         from leadstream.admin import add_account
 
         return add_account(settings, args.site, args.domain, args.name)
-    if args.command in ("rules", "segments", "boards"):
+    if args.command in ("rules", "segments", "boards", "owners"):
         from leadstream.admin import apply_definitions, list_definitions, rebuild_boards
 
         if args.action == "rebuild":

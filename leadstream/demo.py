@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -106,6 +107,13 @@ def demo_definitions(site_id: str) -> str:
     return DEMO_DEFINITIONS.read_text().replace(demo_secret_env("demo"), demo_secret_env(site_id))
 
 
+def hand_over_line(hand_overs: dict[str, str]) -> str:
+    """`Hand-over: 12 stage.changed webhooks delivered, owners ann 5 / bob 7` (each webhook's card owner)."""
+    owners = Counter(hand_overs.values())
+    return (f"Hand-over: {len(hand_overs):,} stage.changed webhooks delivered, owners "
+            + (" / ".join(f"{owner} {n}" for owner, n in sorted(owners.items())) or "none"))
+
+
 class _WebhookReceiver(ThreadingHTTPServer):
     """A stand-in CRM on 127.0.0.1 that checks each webhook's Standard Webhooks signature and counts them."""
 
@@ -113,6 +121,7 @@ class _WebhookReceiver(ThreadingHTTPServer):
         self.secret = secret
         self.valid: set[str] = set()
         self.invalid = 0
+        self.hand_overs: dict[str, str] = {}  # webhook-id -> the owner of each stage.changed webhook's card
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -121,6 +130,10 @@ class _WebhookReceiver(ThreadingHTTPServer):
                 try:
                     webhooks.verify(receiver.secret, dict(self.headers.items()), body)
                     receiver.valid.add(self.headers["webhook-id"])
+                    sent = orjson.loads(body)
+                    if sent.get("type") == "stage.changed":
+                        owner = sent["data"].get("owner") or {}
+                        receiver.hand_overs[self.headers["webhook-id"]] = owner.get("id") or "(nobody)"
                     self.send_response(204)
                 except webhooks.WebhookVerificationError:
                     receiver.invalid += 1
@@ -196,6 +209,7 @@ def run_demo(settings: Settings, visitors: int = 3000, seed: int = 7) -> int:
         print(summary(settings, site_id, since_ms))
         print(f"\nWebhooks received by the demo's CRM stand-in on 127.0.0.1:{WEBHOOK_PORT}: {len(receiver.valid):,}"
               f" with a valid signature, {receiver.invalid} refused")
+        print(hand_over_line(receiver.hand_overs))
         url = _start_api(settings, site_id)
         print(f"\nLeadBoard (API keeps running; ./dev down stops everything):\n  {url}")
         print(f"\nQuery it yourself: clickhouse-client --port {settings.clickhouse_port} -d {settings.clickhouse_database}"

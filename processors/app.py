@@ -162,7 +162,8 @@ def create_app(settings: Settings, worker_name: str = "worker", processors: tupl
         add_processor("account", account, RedisStateStore(redis, prefix, "account"), SEGMENTS_ACCOUNT_LEADS,
                       ACCOUNT_PROCESSOR_GROUP)
     if "board" in processors:
-        board = BoardProcessor(BoardStore(redis, prefix), sites, prefix, settings.erasure_key)
+        board = BoardProcessor(BoardStore(redis, prefix), sites, prefix, WebhookQueue(redis, prefix), tables.companies,
+                               settings.erasure_key)
         add_processor("board", board, RedisStateStore(redis, prefix, "board"), BOARD_COMMANDS, BOARD_PROCESSOR_GROUP)
 
     @app.service

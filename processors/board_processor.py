@@ -12,6 +12,12 @@ Inputs, all keyed by card: the lead processor's facts updates (with the lead's m
 segments), rule moves and merges, the account processor's account memberships (`CardUpdate`), and people's
 commands from the API (`BoardCommand`). A merge is two hops, each in its card's own order: the
 absorbed card retires (it leaves the boards) and hands its state over; the survivor merges it once.
+
+Hand-over (processors/handover.py): a card entering a stage with `assign` and no owner gets one (round-robin
+turns are declared state too, `turns`, per board and input partition, committed with the cards), a rule's
+assign_owner sets the card's owner, and every stage change of a board with `on_stage_change` queues one signed
+`stage.changed` webhook (id derived from the stage change) in the same commit, through the webhook queue that
+rule webhooks use: a move is committed exactly when its webhook is queued.
 """
 
 from __future__ import annotations
@@ -20,17 +26,24 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import orjson
+
 from processors.board_store import BoardStore
 from processors.erasure_ledger import LedgerView
 from processors.boards import (OWN_FACTS, CardState, Cause, FactsUpdate, MoveRequest, Shown, ViewChange,
                                apply_command, apply_move, fold_updates, merge_cards, view_changes)
+from processors.handover import (STAGE_CHANGED, CardAccount, Turns, assign_by_rule, assign_on_entry,
+                                 card_account_domain, stage_changed_payload, wants_webhook)
 from processors.runtime.batch import Batch
 from processors.runtime.ingest import Message
 from processors.runtime.runner import decode_batch
 from processors.runtime.state import StateSpec
 from processors.site_definitions import SiteDefinitionsCache
-from schemas.boards import BoardCommand, CardUpdate, CommandResult, StageChange
+from processors.webhooks import WebhookQueue
+from schemas.boards import BoardCommand, BoardDefinition, CardUpdate, CommandResult, StageChange
+from schemas.companies import NO_COMPANIES, CompanyCards
 from schemas.records import digest
+from schemas.rules import WebhookRequest
 from schemas.redis_keys import RedisKeys
 from schemas.topics import BOARD_COMMANDS, BOARD_STAGE_CHANGES
 
@@ -54,6 +67,14 @@ def card_spec(prefix: str) -> StateSpec[Card]:
                      lambda blob: Card(CardState.from_json(blob)), keep_decoded=True, copy=Card.copy)
 
 
+def turns_spec(prefix: str) -> StateSpec[Turns]:
+    return StateSpec("board-turns", RedisKeys(prefix).board_turns, orjson.dumps, orjson.loads)
+
+
+def _round_robin(board: BoardDefinition) -> bool:
+    return any(stage.assign is not None and stage.assign.round_robin for stage in board.stages)
+
+
 @dataclass
 class _Effects:
     """What a batch's records did to the boards, per site."""
@@ -75,11 +96,15 @@ class BoardProcessor:
     name = "board"
     timers = None  # cards move on facts and commands; time triggers live in the lead processor's hourly pass
 
-    def __init__(self, boards: BoardStore, sites: SiteDefinitionsCache, prefix: str, erasure_key: str = ""):
+    def __init__(self, boards: BoardStore, sites: SiteDefinitionsCache, prefix: str,
+                 webhooks: WebhookQueue | None = None, companies: CompanyCards = NO_COMPANIES, erasure_key: str = ""):
         self.ledger = LedgerView(prefix, erasure_key)
         self.board_store = boards
         self.sites = sites
         self.cards = card_spec(prefix)
+        self.turns = turns_spec(prefix)
+        self.webhooks = webhooks  # where stage.changed webhooks are queued (None: not sent, e.g. in unit tests)
+        self.companies = companies  # the company cards: account.country for assignment, the webhook's account
 
     async def step(self, batch: Batch, messages: Sequence[Message]) -> None:
         records = decode_batch(messages, BOARD_COMMANDS, self.name)
@@ -96,12 +121,16 @@ class BoardProcessor:
                                                          record.definitions_version)
         await self.sites.catch_up(definitions_wanted)
         wanted = {self.cards.key(r.site_id, r.card_id): (p, r.site_id, r.card_id) for p, r in records}
-        await batch.load((self.cards, {key: partition for key, (partition, _, _) in wanted.items()}))
+        turns_wanted = {self.turns.key(site, board.id, partition): partition
+                        for partition, site in {(p, r.site_id) for p, r in records}
+                        for board in self.sites[site].boards if _round_robin(board)}
+        await batch.load((self.cards, {key: partition for key, (partition, _, _) in wanted.items()}),
+                         (self.turns, turns_wanted))
         cards = {key: batch.get(self.cards, key) or Card(CardState(card_id, site))
                  for key, (_, site, card_id) in wanted.items()}
         effects = _Effects()
-        for _, record in records:
-            self._apply(record, cards[self.cards.key(record.site_id, record.card_id)], effects, batch)
+        for partition, record in records:
+            self._apply(record, cards[self.cards.key(record.site_id, record.card_id)], effects, batch, partition)
         for key, card in cards.items():
             batch.put(self.cards, key, card)
         for site_changes in effects.stage_changes.values():
@@ -113,7 +142,8 @@ class BoardProcessor:
         for result in effects.results:
             self.board_store.queue_command_result(batch.writes, result)
 
-    def _apply(self, record: BoardCommand | CardUpdate, card: Card, effects: _Effects, batch: Batch) -> None:
+    def _apply(self, record: BoardCommand | CardUpdate, card: Card, effects: _Effects, batch: Batch,
+               partition: int = 0) -> None:
         boards = self.sites[record.site_id].boards
         before = card.state
         if isinstance(record, BoardCommand):
@@ -139,14 +169,52 @@ class BoardProcessor:
                                                        MoveRequest(cause, record.to_stage))
         elif record.kind == "merge":
             card.state, changes, views = self._retire(record, before, boards, batch)
+        elif record.kind == "assign":
+            card.state, views = assign_by_rule(boards, before, record.owner)
+            changes = []
         else:
             card.state, changes, views = self._take_over(record, before, boards)
         if isinstance(record, BoardCommand) or record.kind not in ("facts", "segment", "account_tag"):
             card.shown = None  # only a facts update derives the new state's
         if not isinstance(record, BoardCommand):
             card.state.command_ids = [*card.state.command_ids, record.update_id][-UPDATE_IDS_KEPT:]
+        if changes:
+            views = self._hand_over(record.site_id, card, changes, views, batch, partition)
         effects.stage_changes[record.site_id] += changes
         effects.views[record.site_id] += views
+
+    def _hand_over(self, site: str, card: Card, changes: list[StageChange], views: list[ViewChange], batch: Batch,
+                   partition: int) -> list[ViewChange]:
+        """Owners for cards entering assigning stages (with this partition's turns), then one stage.changed
+        webhook per change on a board that asks for them; returns the views, showing new owners."""
+        setup = self.sites[site]
+        domain = card_account_domain(card.state)
+        company = self.companies.get(domain) if domain else None
+        keys = {board.id: self.turns.key(site, board.id, partition) for board in setup.boards if _round_robin(board)}
+        turns = {board: batch.get(self.turns, key) or {} for board, key in keys.items()}
+        state, new_turns, views, assigned = assign_on_entry(
+            setup.boards, card.state, changes, turns, CardAccount(domain, company.country if company else ""), views)
+        if assigned:
+            card.state = state
+            for board, key in keys.items():
+                if new_turns.get(board, {}) != turns[board]:
+                    batch.put(self.turns, key, new_turns[board])
+        if self.webhooks is None:
+            return views
+        owners = {owner.id: owner for owner in setup.owners}
+        shown = None
+        for change in changes:
+            board = setup.board(change.board_id)
+            if board is None or board.on_stage_change is None or not wants_webhook(board, change):
+                continue
+            shown = shown or card.shown or Shown(card.state)
+            hook = board.on_stage_change
+            request = WebhookRequest(
+                "wh_" + digest(change.stage_change_id, STAGE_CHANGED), site, hook.webhook, hook.secret_env,
+                stage_changed_payload(board, change, card.state, shown, owners, company), rule_id=change.rule_id,
+                ts_ms=change.ts_ms, event_type=STAGE_CHANGED, board_id=board.id)
+            self.webhooks.queue_enqueue(batch.writes, request, batch.now_ms)
+        return views
 
     def _retire(self, record: CardUpdate, card: CardState, boards, batch: Batch):
         """This card folds into `into_card_id`: it leaves the boards here, and its state goes there."""

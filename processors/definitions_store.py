@@ -2,7 +2,7 @@
 processor can poll.
 
 One hash per site holds everything: field `version` (the site's definitions version, bumped by every
-change), `rule:<id>`, `segment:<id>` and `board:<id>` (JSON `{"version", "definition"}`). A single HGETALL
+change), `rule:<id>`, `segment:<id>`, `board:<id>` and `owner:<id>` (JSON `{"version", "definition"}`). A single HGETALL
 is therefore an atomic snapshot, and HGET of `version` is the cheap poll. An entry's version is the site
 version at which it last changed: it only grows, and a deleted then re-created entry never reuses an old
 version.
@@ -23,6 +23,7 @@ from there: history for new counts, and the import step for boards.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +32,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from processors.webhooks import WebhookTargets, definition_problems
-from schemas.boards import BoardDefinition
+from processors.webhooks import WebhookTargets, board_webhook_problems, definition_problems
+from schemas.boards import BoardDefinition, Owner
 from schemas.definitions import (
     KINDS,
     DefinitionInUse,
@@ -42,6 +43,7 @@ from schemas.definitions import (
     entry_label,
     limit_problems,
     move_card_problems,
+    owner_problems,
     segment_problems,
 )
 from schemas.redis_keys import RedisKeys
@@ -68,6 +70,7 @@ class SiteDefinitions:
     rules: list[Rule]
     boards: list[StoredBoard]
     segments: list[Segment]
+    owners: list[Owner] = dataclasses.field(default_factory=list)
 
     def segments_snapshot(self) -> bytes:
         """The site's segments at this version, as a backfill request keeps them (`segments_at` reads it)."""
@@ -79,6 +82,7 @@ class SiteDefinitions:
         entries: dict[str, Definition] = {f"rule:{r.id}": r for r in self.rules}
         entries.update({f"segment:{s.id}": s for s in self.segments})
         entries.update({f"board:{b.board.id}": b.board for b in self.boards})
+        entries.update({f"owner:{o.id}": o for o in self.owners})
         return entries
 
 
@@ -95,7 +99,7 @@ class ApplyResult:
     replaced: dict[str, Definition]
 
 
-Definition = Rule | Segment | BoardDefinition
+Definition = Rule | Segment | BoardDefinition | Owner
 Plan = Callable[["SiteDefinitions"], tuple[dict[str, Definition], list[str]]]
 _VERSIONED = (Rule, Segment)  # models that carry the store's version
 
@@ -130,7 +134,7 @@ def _wants_backfill(before: SiteDefinitions, writes: dict[str, Definition], dele
 
 
 def _decode(fields: dict[bytes, bytes]) -> SiteDefinitions:
-    rules, boards, segments = [], [], []
+    rules, boards, segments, owners = [], [], [], []
     for name, raw in sorted(fields.items()):
         if name == _VERSION:
             continue
@@ -140,9 +144,11 @@ def _decode(fields: dict[bytes, bytes]) -> SiteDefinitions:
             rules.append(_versioned(Rule, stored))
         elif kind == "segment":
             segments.append(_versioned(Segment, stored))
+        elif kind == "owner":
+            owners.append(Owner.model_validate(stored["definition"]))
         else:
             boards.append(StoredBoard(BoardDefinition.model_validate(stored["definition"]), stored["version"]))
-    return SiteDefinitions(int(fields.get(_VERSION, 0)), rules, boards, segments)
+    return SiteDefinitions(int(fields.get(_VERSION, 0)), rules, boards, segments, owners)
 
 
 class DefinitionsStore:
@@ -186,6 +192,13 @@ class DefinitionsStore:
         stored = orjson.loads(raw)
         return StoredBoard(BoardDefinition.model_validate(stored["definition"]), stored["version"])
 
+    async def get_owner(self, site: str, owner_id: str) -> Owner | None:
+        raw = await self.redis.hget(self._site_key(site), f"owner:{owner_id}")
+        return None if raw is None else Owner.model_validate(orjson.loads(raw)["definition"])
+
+    async def list_owners(self, site: str) -> list[Owner]:
+        return (await self.load(site)).owners
+
     async def list_rules(self, site: str) -> list[Rule]:
         return (await self.load(site)).rules
 
@@ -203,11 +216,14 @@ class DefinitionsStore:
         problems = duplicate_problems({kind: [{"id": e.id} for e in getattr(definitions, kind)] for kind in KINDS})
         problems += definition_problems(site, ((entry_label("rules", i, {"id": rule.id}), rule)
                                                for i, rule in enumerate(definitions.rules)), self.webhook_targets)
+        problems += board_webhook_problems(site, ((entry_label("boards", i, {"id": board.id}), board)
+                                                  for i, board in enumerate(definitions.boards)), self.webhook_targets)
         if problems:
             raise DefinitionsError(problems)
         entries: dict[str, Definition] = {f"rule:{rule.id}": rule for rule in definitions.rules}
         entries.update({f"segment:{segment.id}": segment for segment in definitions.segments})
         entries.update({f"board:{board.id}": board for board in definitions.boards})
+        entries.update({f"owner:{owner.id}": owner for owner in definitions.owners})
 
         def plan(current: SiteDefinitions) -> tuple[dict[str, Definition], list[str]]:
             stored = current.entries()
@@ -215,7 +231,10 @@ class DefinitionsStore:
             self._check_references(merged)
             rules = [entry for entry in merged.values() if isinstance(entry, Rule)]
             boards = sum(isinstance(entry, BoardDefinition) for entry in merged.values())
-            problems = limit_problems(rules, boards, current.rules, len(current.boards), self.limits)
+            hooks = (sum(isinstance(entry, BoardDefinition) and entry.on_stage_change is not None
+                         for entry in merged.values()),
+                     sum(stored.board.on_stage_change is not None for stored in current.boards))
+            problems = limit_problems(rules, boards, current.rules, len(current.boards), self.limits, hooks)
             if problems:
                 raise DefinitionsError(problems, limit=True)
             changed = [name for name, entry in entries.items()
@@ -238,6 +257,14 @@ class DefinitionsStore:
     async def delete_rule(self, site: str, rule_id: str) -> bool:
         """True if the rule existed (and is now deleted). Refused (DefinitionInUse) while it is referred to."""
         return await self._delete(site, f"rule:{rule_id}")
+
+    async def put_owner(self, site: str, owner: Owner) -> int:
+        """Creates or replaces one owner; returns its version."""
+        return (await self.apply(site, DefinitionsFile(owners=[owner]))).versions[f"owner:{owner.id}"]
+
+    async def delete_owner(self, site: str, owner_id: str) -> bool:
+        """Refused (DefinitionInUse) while a board's assignment or a rule's assign_owner names the owner."""
+        return await self._delete(site, f"owner:{owner_id}")
 
     async def delete_segment(self, site: str, segment_id: str) -> bool:
         """Refused (DefinitionInUse) while a board imports it, or a rule or segment names it in in_segment."""
@@ -267,6 +294,7 @@ class DefinitionsStore:
         rules, boards = of(Rule), of(BoardDefinition)
         problems = move_card_problems(rules, {board.id: board for _, board in boards}, unknown_board_ok=False)
         problems += segment_problems(rules, of(Segment), boards, unknown_ok=False)
+        problems += owner_problems(rules, boards, [owner.id for _, owner in of(Owner)], unknown_ok=False)
         if problems:
             raise DefinitionsError(problems)
 

@@ -18,7 +18,9 @@ Per record of the feed, the rules first, then the segments (with the lead from b
 - an event or a backfill for a retired lead (in flight during its merge) is forwarded to the survivor;
 - a `SegmentBackfill` (a segment or a board importing one was applied) brings history for new counts and
   re-evaluates the lead; its cards hear its facts again (the import step, actor `import`);
-- a `DefinitionsMark`: the site's definitions are at least at its version from here on.
+- a `DefinitionsMark`: the site's definitions are at least at its version from here on;
+- a `TagByHand` (a person's tag through the API) adds or removes the tag (processors.rules.tag_by_hand): the
+  rules settle, the segments follow, and the cards hear of it with the person as the cause.
 When a record changes memberships and some state rule names a segment, the rules settle again (bounded like
 a rule chain), so such a rule sees the change in the same record.
 Outputs: `leads.changes` (every tag/score/property change), `leads.state` (the lead's current state and
@@ -38,7 +40,7 @@ import orjson
 from processors import segments
 from processors.erasure_ledger import LedgerView
 from processors.rules import (MAX_CHAIN_DEPTH, LeadState, Outcome, apply_event, hour_start, hourly_pass, merge,
-                              next_due_ms, set_identity, settle)
+                              next_due_ms, set_identity, settle, tag_by_hand)
 from processors.runtime.batch import Batch
 from processors.runtime.ingest import Message
 from processors.runtime.runner import decode_batch
@@ -52,12 +54,12 @@ from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent
 from schemas.records import digest
 from schemas.redis_keys import RedisKeys
-from schemas.rules import LeadHandover, LeadSnapshot
+from schemas.rules import LeadHandover, LeadSnapshot, TagByHand
 from schemas.segments import DefinitionsMark, SegmentBackfill
 from schemas.topics import (BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS,
                             SEGMENTS_ACCOUNT_LEADS, SEGMENTS_CHANGES)
 
-Record = EnrichedEvent | IdentityEvent | LeadHandover | SegmentBackfill
+Record = EnrichedEvent | IdentityEvent | LeadHandover | SegmentBackfill | TagByHand
 IMPORT_ACTOR = "import"  # what a card entering a board by the import step (a backfill) records as its cause
 
 
@@ -68,6 +70,8 @@ def _record_id(record: Record) -> str:
         return record.identity_event_id
     if isinstance(record, SegmentBackfill):
         return record.backfill_id
+    if isinstance(record, TagByHand):
+        return record.command_id
     return record.event_id
 
 
@@ -189,8 +193,15 @@ class LeadProcessor:
         setup = self.sites[record.site_id]
         state = lead.state
         companies = self.companies
-        if isinstance(record, (EnrichedEvent, SegmentBackfill)) and state.merged_into:
+        if isinstance(record, (EnrichedEvent, SegmentBackfill, TagByHand)) and state.merged_into:
             self._forward(record, state.merged_into, batch)
+        elif isinstance(record, TagByHand):
+            self._take(lead, tag_by_hand(setup.rules, state, record.tag, record.present, record.ts_ms,
+                                         record.command_id, companies, record.actor), batch)
+            if _facts(lead.state) != _facts(state):
+                cause = f"user:{record.command_id}"
+                self._segments(lead, state, segments.on_change(setup.segments, lead.state, cause, companies),
+                               cause, record.ts_ms, batch)
         elif isinstance(record, EnrichedEvent):
             self._take(lead, apply_event(setup.rules, state, record, companies), batch)
             self._segments(lead, state, segments.on_event(setup.segments, state, lead.state, record, companies),
@@ -217,9 +228,9 @@ class LeadProcessor:
             self._retire(lead, record, setup, batch)
 
     @staticmethod
-    def _forward(record: EnrichedEvent | SegmentBackfill, survivor: str, batch: Batch) -> None:
+    def _forward(record: EnrichedEvent | SegmentBackfill | TagByHand, survivor: str, batch: Batch) -> None:
         """In flight while its lead merged: the survivor's rules and segments get it."""
-        if isinstance(record, SegmentBackfill):
+        if isinstance(record, (SegmentBackfill, TagByHand)):
             record = replace(record, lead_id=survivor)
         else:
             record.lead_id = survivor
@@ -307,7 +318,8 @@ class LeadProcessor:
                                     event_id=change.event_id, ts_ms=change.ts_ms)
                 batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
             if change.kind != "property_set":
-                lead.card_actor = f"rule:{change.rule_id}@{change.rule_version}" if change.rule_id else "system"
+                lead.card_actor = (f"rule:{change.rule_id}@{change.rule_version}" if change.rule_id
+                                   else change.actor or "system")
                 lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = change.rule_id, change.event_id, change.ts_ms
         for execution in outcome.executions:
             batch.outputs.add(RULE_EXECUTIONS, execution.lead_id.encode(), execution.to_json())
@@ -325,6 +337,16 @@ class LeadProcessor:
                                 board_id=move.board, to_stage=move.stage, rule_id=move.rule_id,
                                 event_id=move.event_id, ts_ms=move.ts_ms)
             batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
+        for request in outcome.card_owners:  # the lead's cards, wherever boards show them
+            cards = [lead_card_id(request.lead_id)]
+            if request.account_domain:
+                cards.append(account_card_id(request.account_domain))
+            for card_id in cards:
+                update = CardUpdate("cu_" + digest(request.request_id, card_id), request.site_id, card_id, "assign",
+                                    f"rule:{request.rule_id}@{request.rule_version}", lead_id=request.lead_id,
+                                    rule_id=request.rule_id, event_id=request.event_id, ts_ms=request.ts_ms,
+                                    owner=request.owner)
+                batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
 
     def _card(self, batch: Batch, card_id: str, kind: str, actor: str, record: IdentityEvent, **fields) -> None:
         update = CardUpdate("cu_" + digest(record.identity_event_id, card_id, kind), record.site_id, card_id, kind,

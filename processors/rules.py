@@ -38,6 +38,7 @@ from schemas.records import JsonRecord, digest, event_digest
 from schemas.rules import (
     Action,
     CardMoveRequest,
+    CardOwnerRequest,
     ChangeKind,
     Condition,
     LeadChange,
@@ -132,6 +133,7 @@ class Outcome:
     executions: list[RuleExecution] = field(default_factory=list)
     webhooks: list[WebhookRequest] = field(default_factory=list)
     card_moves: list[CardMoveRequest] = field(default_factory=list)
+    card_owners: list[CardOwnerRequest] = field(default_factory=list)
     retired: LeadState | None = None
 
 
@@ -249,12 +251,12 @@ class _Run:
         self.fired_now: set[str] = set()
 
     def change(self, change_id: str, kind: ChangeKind, name: str, value: str = "", rule: _Compiled | None = None,
-               on: Literal["lead", "account"] = "lead") -> None:
+               on: Literal["lead", "account"] = "lead", actor: str = "") -> None:
         state = self.state
         self.out.changes.append(LeadChange(
             change_id, state.site_id, state.lead_id, kind, name, value, state.score,
             rule.rule_id if rule else "", rule.version if rule else 0, self.event_id, self.ts_ms,
-            state.account_domain, on))
+            state.account_domain, on, actor))
 
     def add_points(self, points: int) -> int:
         """Adds (clamped to 0..100) and returns the points actually added."""
@@ -341,6 +343,16 @@ def _move_action(board: str, stage: str) -> ActionFn:
     return run
 
 
+def _owner_action(owner: str) -> ActionFn:
+    def run(r: _Run, f: _Firing, index: int) -> tuple[str, bool]:
+        state, rule = r.state, f.rule
+        r.out.card_owners.append(CardOwnerRequest(
+            "ow_" + digest(f.firing_id, str(index)), state.site_id, state.lead_id, owner, rule.rule_id,
+            rule.version, r.event_id, state.account_domain, r.ts_ms))
+        return f"assign_owner {owner}", True
+    return run
+
+
 def _iso(ts_ms: int) -> str:
     return datetime.fromtimestamp(ts_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
@@ -377,6 +389,8 @@ def _compile_action(action: Action) -> ActionFn:
         return _property_action(prop.name, prop.value, prop.from_)
     if action.move_card is not None:
         return _move_action(action.move_card.board, action.move_card.stage)
+    if action.assign_owner is not None:
+        return _owner_action(action.assign_owner)
     assert action.webhook is not None
     return _webhook_action(action.webhook.url, action.webhook.secret_env)
 
@@ -598,8 +612,9 @@ def set_identity(ruleset: RuleSet, state: LeadState, ts_ms: int, *, email: str |
 
 
 def tag_by_hand(ruleset: RuleSet, state: LeadState, tag: str, present: bool, ts_ms: int, command_id: str,
-                companies: CompanyCards = NO_COMPANIES) -> Outcome:
-    """A person added or removed a tag (command_id: the request's idempotency id, kept as the cause)."""
+                companies: CompanyCards = NO_COMPANIES, actor: str = "") -> Outcome:
+    """A person added or removed a tag (command_id: the request's idempotency id, kept as the cause; actor:
+    who, "user:<key id>", recorded on the lead change)."""
     if state.merged_into or (tag in state.tags) == present:
         return _passthrough(state)
     new = state.copy()
@@ -609,7 +624,7 @@ def tag_by_hand(ruleset: RuleSet, state: LeadState, tag: str, present: bool, ts_
         del new.tags[tag]
     run = _Run(ruleset, new, None, command_id, ts_ms, companies)
     run.change("chg_" + digest(new.site_id, new.lead_id, "user", command_id), "tag_added" if present else
-               "tag_removed", tag)
+               "tag_removed", tag, actor=actor)
     _settle(run, ("user", command_id))
     return run.out
 

@@ -15,7 +15,7 @@ from processors.definitions_store import DefinitionsStore
 from processors.rules import RuleSet
 from processors.segments import EMPTY as NO_SEGMENTS
 from processors.segments import SegmentSet
-from schemas.boards import BoardDefinition
+from schemas.boards import BoardDefinition, Owner
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class SiteSetup:
     rules: RuleSet
     boards: tuple[BoardDefinition, ...]
     segments: SegmentSet = NO_SEGMENTS
+    owners: tuple[Owner, ...] = ()
+
+    def owner(self, owner_id: str) -> Owner | None:
+        return next((o for o in self.owners if o.id == owner_id), None)
 
     def board(self, board_id: str) -> BoardDefinition | None:
         return next((b for b in self.boards if b.id == board_id), None)
@@ -69,4 +73,4 @@ class SiteDefinitionsCache:
         loaded = await self.store.load(site)
         self.sites[site] = SiteSetup(loaded.version, RuleSet.compile(loaded.rules, loaded.version),
                                      tuple(stored.board for stored in loaded.boards),
-                                     SegmentSet.compile(loaded.segments, loaded.version))
+                                     SegmentSet.compile(loaded.segments, loaded.version), tuple(loaded.owners))

@@ -53,6 +53,7 @@ from redis.exceptions import RedisError
 
 from processors.runtime.producer import BatchProducer, Outputs
 from processors.runtime.writes import RedisWrites, Writes
+from schemas.boards import BoardDefinition
 from schemas.records import JsonRecord
 from schemas.redis_keys import RedisKeys
 from schemas.rules import (Rule, WebhookDelivery, WebhookOutcome, WebhookRequest, webhook_secret_problem,
@@ -136,11 +137,17 @@ def verify(secret: str | bytes, headers: Mapping[str, str], body: bytes, *,
 
 
 def request_body(request: WebhookRequest, fired_ms: int) -> bytes:
-    """The spec's recommended envelope (type, timestamp, data) around the rule's payload, plus the site and
-    rule so a receiver can route it. Built once, at enqueue: every attempt and replay sends these bytes."""
+    """The spec's recommended envelope (type, timestamp, data) around the payload, plus the site and the rule
+    (`rule.fired`) or the board (`stage.changed`) so a receiver can route it. Built once, at enqueue: every
+    attempt and replay sends these bytes."""
     fired_at = datetime.fromtimestamp(fired_ms / 1000, timezone.utc).isoformat(timespec="milliseconds")
-    envelope = {"type": EVENT_TYPE, "timestamp": fired_at.replace("+00:00", "Z"), "site_id": request.site_id,
-                "rule_id": request.rule_id, "data": request.payload}
+    envelope = {"type": request.event_type or EVENT_TYPE, "timestamp": fired_at.replace("+00:00", "Z"),
+                "site_id": request.site_id}
+    if request.board_id:
+        envelope["board_id"] = request.board_id
+    else:
+        envelope["rule_id"] = request.rule_id
+    envelope["data"] = request.payload
     return orjson.dumps(envelope, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
@@ -307,6 +314,24 @@ def definition_problems(site_id: str, rules: Iterable[tuple[str, Rule]], targets
     return problems
 
 
+def board_webhook_problems(site_id: str, boards: Iterable[tuple[str, BoardDefinition]],
+                           targets: WebhookTargets) -> list[str]:
+    """Each labelled board's on_stage_change webhook, checked exactly as a rule's webhook is: a secret variable
+    of the site's own and an allowed URL."""
+    problems = []
+    for label, board in boards:
+        hook = board.on_stage_change
+        if hook is None:
+            continue
+        secret = webhook_secret_problem(site_id, hook.secret_env)
+        if secret:
+            problems.append(f"{label}: on_stage_change.secret_env: {secret}")
+        target = url_problem(hook.webhook, targets)
+        if target:
+            problems.append(f"{label}: on_stage_change.webhook: {target}")
+    return problems
+
+
 # --- what an attempt means (pure) -----------------------------------------------------------------
 
 
@@ -449,6 +474,7 @@ class QueuedWebhook(JsonRecord):
     round_attempts: int = 0  # in the current round (a replay starts a new one, with a fresh retry budget)
     round_started_ms: int = 0  # first attempt of the current round; 0 before it
     last_error: str = ""
+    board_id: str = ""  # a board's stage.changed webhook
 
 
 def next_step(delivery: QueuedWebhook, result: AttemptResult, policy: RetryPolicy, now_ms: int,
@@ -566,7 +592,7 @@ class WebhookQueue:
         delivery = QueuedWebhook(
             webhook_id=request.webhook_id, site_id=request.site_id, rule_id=request.rule_id, url=request.url,
             secret_env=request.secret_env, body=request_body(request, request.ts_ms or now_ms).decode(),
-            enqueued_ms=now_ms)
+            enqueued_ms=now_ms, board_id=request.board_id)
         writes.enqueue_once(self.requests_key, request.webhook_id, delivery.to_json(), self.due_key, now_ms)
 
     async def enqueue(self, request: WebhookRequest) -> bool:
@@ -917,7 +943,8 @@ class WebhookDispatcher:
         row = WebhookDelivery(
             webhook_id=delivery.webhook_id, site_id=delivery.site_id, rule_id=delivery.rule_id, url=delivery.url,
             attempt=updated.attempts, status_code=result.status_code, outcome=outcome,
-            error=updated.last_error, duration_ms=duration_ms, ts_ms=now_ms, next_attempt_ms=next_ms or 0)
+            error=updated.last_error, duration_ms=duration_ms, ts_ms=now_ms, next_attempt_ms=next_ms or 0,
+            board_id=delivery.board_id)
         if not await self.queue.settle(self.token, updated, next_ms, _now_ms(), row):
             log.warning("webhook %s: lease lost before the attempt was recorded; its owner makes it again",
                         delivery.webhook_id)
@@ -937,7 +964,7 @@ class WebhookDispatcher:
             webhook_id=delivery.webhook_id, site_id=delivery.site_id, rule_id=delivery.rule_id, url=delivery.url,
             attempt=delivery.attempts + 1, status_code=0, outcome="circuit_open",
             error="circuit breaker open for this endpoint", duration_ms=0, ts_ms=now_ms,
-            next_attempt_ms=retry_at_ms)
+            next_attempt_ms=retry_at_ms, board_id=delivery.board_id)
         await self.queue.settle(self.token, deferred, retry_at_ms, now_ms, row)
 
 

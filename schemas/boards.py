@@ -19,13 +19,66 @@ from schemas.conditions import SEGMENT_ID
 from schemas.records import JsonRecord
 
 DEFINITION_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ENV_NAME = r"^[A-Z_][A-Z0-9_]{0,127}$"
+HTTP_URL = r"^https?://[^\s/$.?#][^\s]*$"
+EMAIL = r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]{1,253}$"
+MAX_ASSIGN_MAP = 500
+AssignBy = Literal["account.country", "account.domain"]
 CardKind = Literal["account", "lead"]
 OnLeave = Literal["keep", "archive"]
 
 
+class Owner(BaseModel):
+    """One of a site's users (definitions kind `owners`): who a card can be assigned to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=DEFINITION_ID)
+    name: str = Field(min_length=1, max_length=128)
+    email: str = Field(pattern=EMAIL, max_length=254)
+
+    def content(self) -> dict:
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class StageAssign(BaseModel):
+    """Who gets a card that enters the stage without an owner: `round_robin: [owner ids]` (each in turn, per
+    board), or `by: account.country | account.domain` with `map: {value: owner id}` and a `default` owner
+    for a value the map does not name (no default: such a card stays unassigned)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round_robin: list[str] | None = Field(default=None, min_length=1, max_length=50)
+    by: AssignBy | None = None
+    map: dict[str, str] | None = Field(default=None, max_length=MAX_ASSIGN_MAP)
+    default: str | None = Field(default=None, pattern=DEFINITION_ID)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "StageAssign":
+        if (self.round_robin is None) == (self.by is None):
+            raise ValueError("assign has exactly one of: round_robin, by")
+        if self.round_robin is not None and (self.map is not None or self.default is not None):
+            raise ValueError("map and default go with by, not with round_robin")
+        if self.by is not None and not self.map and self.default is None:
+            raise ValueError("assign by needs a map and/or a default")
+        for owner in [*(self.round_robin or ()), *(self.map or {}).values()]:
+            if not re.fullmatch(DEFINITION_ID, owner):
+                raise ValueError(f"{owner!r} is not an owner id (1-64 letters, digits, '.', '_' or '-')")
+        for key in self.map or {}:
+            if not key or len(key) > 253:
+                raise ValueError("a map key is 1-253 characters")
+        return self
+
+    def owner_ids(self) -> list[str]:
+        """Every owner the rule names (sorted, unique)."""
+        named = [*(self.round_robin or ()), *(self.map or {}).values()]
+        return sorted(set(named + ([self.default] if self.default else [])))
+
+
 class StageDefinition(BaseModel):
     """One column. Conditions are alternatives: a card meets the stage when any given condition holds.
-    A stage with no condition is reached only by hand (or by a rule's move_card action)."""
+    A stage with no condition is reached only by hand (or by a rule's move_card action). `assign`: who a card
+    entering the stage without an owner gets (StageAssign)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,6 +87,19 @@ class StageDefinition(BaseModel):
     entry: bool = False
     when_tag: str | None = Field(default=None, min_length=1, max_length=128)
     when_score_at_least: int | None = Field(default=None, ge=0, le=100)
+    assign: StageAssign | None = None
+
+
+class OnStageChange(BaseModel):
+    """A signed webhook (`stage.changed`) on every stage change of the board, by a rule or by a person;
+    `to`: only changes into these stages. The secret variable and the URL are checked like a rule's webhook
+    when the board is stored for a site (processors.webhooks.board_webhook_problems)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook: str = Field(pattern=HTTP_URL, max_length=2048)
+    secret_env: str = Field(pattern=ENV_NAME)
+    to: list[str] | None = Field(default=None, min_length=1, max_length=50)
 
 
 class SegmentImport(BaseModel):
@@ -54,6 +120,7 @@ class BoardDefinition(BaseModel):
     stages: list[StageDefinition] = Field(min_length=1, max_length=50)
     import_: SegmentImport | None = Field(default=None, alias="import")
     on_leave: OnLeave | None = None  # keep (the default) | archive; only with import
+    on_stage_change: OnStageChange | None = None
 
     @model_validator(mode="after")
     def _one_entry_unique_ids(self) -> "BoardDefinition":
@@ -67,7 +134,15 @@ class BoardDefinition(BaseModel):
         if self.on_leave is not None and self.import_ is None:
             raise ValueError("on_leave goes with import: {segment: ID} (it says what a card does when its "
                              "member leaves the segment)")
+        unknown = [stage for stage in (self.on_stage_change.to or ()) if stage not in ids] \
+            if self.on_stage_change is not None else []
+        if unknown:
+            raise ValueError(f"on_stage_change.to names no stage of this board: {', '.join(unknown)}")
         return self
+
+    def owner_ids(self) -> list[str]:
+        """Every owner the board's assignment rules name."""
+        return sorted({owner for stage in self.stages if stage.assign for owner in stage.assign.owner_ids()})
 
     def content(self) -> dict:
         """The board as written (what GET shows)."""
@@ -189,7 +264,7 @@ class CommandResult(JsonRecord):
     stage_change_id: str = ""  # the move this command made, if any
 
 
-CardUpdateKind = Literal["facts", "account_tag", "move", "merge", "handover", "segment"]
+CardUpdateKind = Literal["facts", "account_tag", "move", "merge", "handover", "segment", "assign"]
 
 
 @dataclass(slots=True, frozen=True)
@@ -206,6 +281,7 @@ class CardUpdate(JsonRecord):
     - handover: `card_state` is the state of a card that folded into this one.
     - segment: the account of this card is a member of `segments` (the account segments some board of
       the site imports), from the account processor.
+    - assign: a rule's assign_owner: the card gets `owner` on every board it is on.
     update_id is deterministic, so a re-sent update is recognised. `definitions_version`: the site
     definitions version the sender read (memberships depend on them): the board processor catches up first."""
 
@@ -229,3 +305,4 @@ class CardUpdate(JsonRecord):
     ts_ms: int = 0
     segments: list[str] | None = None
     definitions_version: int = 0
+    owner: str = ""

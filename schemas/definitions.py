@@ -1,11 +1,12 @@
-"""A definitions file (contract v1): `rules:`, `segments:` and/or `boards:` in YAML or JSON, validated whole.
+"""A definitions file (contract v1): `rules:`, `segments:`, `boards:` and/or `owners:` in YAML or JSON, validated
+whole.
 
 Every problem in a file is reported, each naming its entry and field (`rules[2] (id: hot-lead): when.url:
 ...`), and a file with any problem is refused whole: callers validate before they write anything.
 References between entries (a rule's move_card board and stage; in_segment, a board's import) are
 checked over the whole set: here within the file, in the definitions store over the file and what is
 stored. A segment referred to must exist and be of the right kind, and segments refer to each other
-without cycles.
+without cycles. An owner named by a rule's assign_owner or a stage's assign must be one of the site's owners.
 
 YAML is read with YAML 1.2 booleans (only true/false): in YAML 1.1 `on: account` would be the key True and
 `no` would be False. A key given twice in one mapping is an error rather than silently the last value.
@@ -21,13 +22,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from schemas.boards import BoardDefinition
+from schemas.boards import BoardDefinition, Owner
 from schemas.rules import PATTERN_MEANINGS, Rule
 from schemas.segments import MAX_COUNTS, MAX_SEGMENTS, Segment
 from schemas.settings import DefinitionLimits
 
 MAX_FILE_CHARS = 1_000_000
-KINDS = ("rules", "segments", "boards")
+MAX_OWNERS = 1000
+KINDS = ("rules", "segments", "boards", "owners")
 
 
 class DefinitionsError(ValueError):
@@ -50,6 +52,7 @@ class DefinitionsFile(BaseModel):
     rules: list[Rule] = Field(default_factory=list)
     segments: list[Segment] = Field(default_factory=list, max_length=MAX_SEGMENTS)
     boards: list[BoardDefinition] = Field(default_factory=list)
+    owners: list[Owner] = Field(default_factory=list, max_length=MAX_OWNERS)
 
 
 class _Loader(yaml.SafeLoader):
@@ -173,6 +176,25 @@ def move_card_problems(rules: Iterable[tuple[str, Rule]], boards: Mapping[str, B
 Labelled = Iterable[tuple[str, Any]]  # (how an entry is named in messages, the entry)
 
 
+def owner_problems(rules: Labelled, boards: Labelled, owners: Iterable[str], *, unknown_ok: bool) -> list[str]:
+    """Each labelled rule's assign_owner and each board stage's assign must name one of `owners` (the site's
+    owner ids). A file alone cannot know the stored owners, so it passes `unknown_ok` and leaves those to the
+    store."""
+    if unknown_ok:
+        return []
+    known, problems = set(owners), []
+    for label, rule in rules:
+        for index, action in enumerate(rule.then):
+            if action.assign_owner is not None and action.assign_owner not in known:
+                problems.append(f"{label}: then[{index}].assign_owner: no owner {action.assign_owner!r}")
+    for label, board in boards:
+        for index, stage in enumerate(board.stages):
+            missing = [owner for owner in (stage.assign.owner_ids() if stage.assign else ()) if owner not in known]
+            if missing:
+                problems.append(f"{label}: stages[{index}].assign: no owner {', '.join(map(repr, missing))}")
+    return problems
+
+
 def segment_problems(rules: Labelled, segments: Labelled, boards: Labelled, *, unknown_ok: bool) -> list[str]:
     """Each labelled entry's references to segments: in_segment (in rules, segments and the lead filters of
     account segments) and a board's import must name an existing segment of the right kind, and segments
@@ -255,16 +277,18 @@ def labelled(kind: str, entries: Iterable[Any]) -> list[tuple[str, Any]]:
 
 
 def limit_problems(rules: list[Rule], boards: int, rules_before: list[Rule], boards_before: int,
-                   limits: DefinitionLimits) -> list[str]:
+                   limits: DefinitionLimits, board_webhooks: tuple[int, int] = (0, 0)) -> list[str]:
     """What a write that leaves a site with `rules` and `boards` (it had `rules_before`, `boards_before`) would
     take over the site's limits. Only growth past a limit is refused: a site already over a lowered limit can
-    still edit what it has."""
+    still edit what it has. `board_webhooks`: the boards with on_stage_change (after, before), which count as
+    webhook actions too."""
     def webhooks(of: list[Rule]) -> int:
         return sum(action.webhook is not None for rule in of for action in rule.then)
 
     counts = (("rules", len(rules), len(rules_before), limits.rules, "LEADSTREAM_MAX_RULES_PER_SITE"),
               ("boards", boards, boards_before, limits.boards, "LEADSTREAM_MAX_BOARDS_PER_SITE"),
-              ("webhook actions", webhooks(rules), webhooks(rules_before), limits.webhook_actions,
+              ("webhook actions", webhooks(rules) + board_webhooks[0], webhooks(rules_before) + board_webhooks[1],
+             limits.webhook_actions,
                "LEADSTREAM_MAX_WEBHOOK_ACTIONS_PER_SITE"))
     return [f"a site has at most {limit} {what} ({setting}); this would make {after}"
             for what, after, before, limit, setting in counts if after > limit and after > before]
@@ -274,16 +298,16 @@ def load_definitions(text: str, source: str) -> DefinitionsFile:
     """Parses and validates a whole file; raises DefinitionsError listing every problem."""
     data = _parse(text, source)
     if data is None:
-        raise DefinitionsError([f"{source}: empty file: expected rules:, segments: and/or boards:"])
+        raise DefinitionsError([f"{source}: empty file: expected rules:, segments:, boards: and/or owners:"])
     if not isinstance(data, dict):
-        raise DefinitionsError([f"{source}: expected a mapping with rules:, segments: and/or boards:"])
+        raise DefinitionsError([f"{source}: expected a mapping with rules:, segments:, boards: and/or owners:"])
     duplicates = duplicate_problems(data)
     try:
         definitions = DefinitionsFile.model_validate(data)
     except ValidationError as error:
         raise DefinitionsError(_problems(error, data, source) + duplicates) from None
-    if not definitions.rules and not definitions.segments and not definitions.boards:
-        raise DefinitionsError([f"{source}: no rules, no segments and no boards"])
+    if not definitions.rules and not definitions.segments and not definitions.boards and not definitions.owners:
+        raise DefinitionsError([f"{source}: no rules, no segments, no boards and no owners"])
     rules = labelled("rules", definitions.rules)
     problems = duplicates + move_card_problems(rules, {board.id: board for board in definitions.boards},
                                                unknown_board_ok=True)

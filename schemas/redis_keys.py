@@ -14,6 +14,7 @@ Existing data lives under these exact bytes: extend the layouts, never respell o
   {prefix}:lead:{site}\\x1f{lead}                   string  rule and segment state of a lead (lead processor)
   {prefix}:account:{site}\\x1f{domain}              string  segment state of an account (account processor)
   {prefix}:board-card:{site}\\x1f{card}             string  state of a card (board processor)
+  {prefix}:board-turns:{site}\\x1f{board}\\x1f{partition}  string  round-robin turns of a board's stages (board processor)
   {prefix}:board:{site}\\x1f{board}:cards           hash    card_id -> CardView JSON
   {prefix}:board:{site}\\x1f{board}:notes           hash    card_id -> JSON list of the latest CardNotes
   {prefix}:board:{site}\\x1f{board}:col:{stage}     zset    card_id scored by entered_stage_ms
@@ -113,6 +114,14 @@ class RedisKeys:
 
     def card_states_pattern(self) -> str:
         return f"{glob_escape(self.prefix)}:board-card:*"
+
+    def board_turns(self, site_id: str, board_id: str, partition: int) -> str:
+        """The board processor's round-robin turns of one board's stages, for one input partition (JSON
+        stage id -> assignments made; processors/handover.py)."""
+        return f"{self.prefix}:board-turns:{site_id}{SEP}{board_id}{SEP}{partition}"
+
+    def board_turns_pattern(self) -> str:
+        return f"{glob_escape(self.prefix)}:board-turns:*"
 
     def _board(self, site_id: str, board_id: str, part: str) -> str:
         return f"{self.prefix}:board:{site_id}{SEP}{board_id}:{part}"

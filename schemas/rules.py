@@ -254,7 +254,7 @@ class Webhook(Definition):
         return value
 
 
-ACTION_KEYS = ("add_tag", "remove_tag", "add_score", "set_property", "move_card", "webhook")
+ACTION_KEYS = ("add_tag", "remove_tag", "add_score", "set_property", "move_card", "webhook", "assign_owner")
 
 
 class Action(Definition):
@@ -268,6 +268,7 @@ class Action(Definition):
     set_property: SetProperty | None = None
     move_card: MoveCard | None = None
     webhook: Webhook | None = None
+    assign_owner: str | None = Field(default=None, pattern=DEFINITION_ID)  # an owner id of the site
 
     _tags = field_validator("add_tag", "remove_tag", mode="before")(_tag_shorthand)
     _duration = field_validator("decays_after")(check_duration)
@@ -353,6 +354,7 @@ class LeadChange(JsonRecord):
     ts_ms: int = 0
     account_domain: str = ""
     on: TagTarget = "lead"
+    actor: str = ""  # who made a change by hand ("user:<key id>"); '' for rules and the system
 
 
 @dataclass(slots=True, frozen=True)
@@ -391,6 +393,8 @@ class WebhookRequest(JsonRecord):
     rule_version: int = 0
     lead_id: str = ""
     ts_ms: int = 0
+    event_type: str = "rule.fired"  # or "stage.changed" (a board's on_stage_change)
+    board_id: str = ""  # the board of a stage.changed webhook
 
 
 WebhookOutcome = Literal["delivered", "retrying", "failed", "circuit_open"]
@@ -414,6 +418,7 @@ class WebhookDelivery(JsonRecord):
     duration_ms: int
     ts_ms: int  # when the attempt started
     next_attempt_ms: int = 0  # with retrying / circuit_open: when it will be tried again
+    board_id: str = ""  # a board's stage.changed webhook ('' for a rule's)
 
 
 @dataclass(slots=True, frozen=True)
@@ -430,6 +435,38 @@ class CardMoveRequest(JsonRecord):
     rule_version: int
     event_id: str = ""
     account_domain: str = ""
+    ts_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class CardOwnerRequest(JsonRecord):
+    """A rule's assign_owner: the lead's cards (its lead card and, with an account, its account card) get
+    `owner` on every board they are on."""
+
+    request_id: str
+    site_id: str
+    lead_id: str
+    owner: str
+    rule_id: str
+    rule_version: int
+    event_id: str = ""
+    account_domain: str = ""
+    ts_ms: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class TagByHand(JsonRecord):
+    """A person added (present) or removed a tag of a lead through the API, on `leads.activity` keyed by the
+    lead: the lead processor applies it like any change (rules, score, segments and boards react).
+    `command_id` derives from the request's Idempotency-Key, so a retried request acts once; `actor` is
+    "user:<key id>"."""
+
+    command_id: str
+    site_id: str
+    lead_id: str
+    tag: str
+    present: bool
+    actor: str
     ts_ms: int = 0
 
 

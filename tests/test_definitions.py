@@ -139,7 +139,7 @@ def test_move_card_must_name_a_stage_of_a_board_in_the_same_file():
     ("rules: [", "defs.yaml: line 1, column 9: expected the node content"),
     ("", "defs.yaml: empty file"),
     ("- a\n- b\n", "defs.yaml: expected a mapping"),
-    ("rules: []\n", "defs.yaml: no rules, no segments and no boards"),
+    ("rules: []\n", "defs.yaml: no rules, no segments, no boards and no owners"),
     ("rule: []\n", "defs.yaml: rule: unknown field"),
     ("rules:\n- id: a\n  when: {event: pageview}\n  when: {event: exit}\n  then: [{add_tag: A}]\n",
      "defs.yaml: line 4, column 3: key 'when' given twice"),

@@ -25,6 +25,7 @@ from api.dependencies import (
     BoardStoreDep,
     CommandsDep,
     CompaniesDep,
+    DefinitionsDep,
     ReadGrant,
     RedisDep,
     SettingsDep,
@@ -270,8 +271,13 @@ async def add_note(grant: WriteGrant, board: SiteBoard, card_id: str, body: AddN
 
 @router.post("/boards/{board_id}/cards/{card_id}/owner", response_model=CommandOutcome, responses=COMMAND_ERRORS)
 async def set_owner(grant: WriteGrant, board: SiteBoard, card_id: str, body: SetOwner, response: Response,
-                    store: BoardStoreDep, commands: CommandsDep, idempotency_key: IdempotencyKey = None
-                    ) -> CommandOutcome:
+                    store: BoardStoreDep, commands: CommandsDep, definitions: DefinitionsDep,
+                    idempotency_key: IdempotencyKey = None) -> CommandOutcome:
+    """A site that declares owners (`owners:`) takes only their ids; without owners, any text (compatibility)."""
+    owners = [owner.id for owner in await definitions.list_owners(grant.site)]
+    if owners and body.owner.strip() and body.owner.strip() not in owners:
+        raise Problem(422, "unknown owner", f"owner: {body.owner.strip()!r} is not one of the site's owners "
+                      f"({', '.join(owners)})", "unknown_owner")
     return await _edit_card(grant, board, card_id, "owner", response, store, commands, idempotency_key, body.owner)
 
 

@@ -13,6 +13,7 @@ const state = {
   cards: new Map(), // card_id -> card view as the API sent it
   panelTicket: 0, // the latest panel asked for: an answer to an earlier request is dropped
   leadTimeTimer: 0,
+  owners: new Map(), // owner id -> { id, name, email }: the site's owners (empty: owners are free text)
 };
 
 // ---------------------------------------------------------------- small DOM helpers (no innerHTML: every value is text)
@@ -112,7 +113,20 @@ const cardPath = (cardId, suffix = "") => boardPath(`/cards/${enc(cardId)}${suff
 
 // ---------------------------------------------------------------- boards
 
+/** The site's owners, to show a card's owner by name (a failure leaves owners as the ids/text the card holds). */
+async function loadOwners() {
+  try {
+    const { data } = await api("/owners");
+    state.owners = new Map(data.owners.map((o) => [o.id, o]));
+  } catch (err) {
+    state.owners = new Map();
+  }
+}
+
+const ownerName = (owner) => (state.owners.get(owner) || { name: owner }).name;
+
 async function loadBoards() {
+  await loadOwners();
   const { data } = await api("/boards");
   const select = $("#board-select");
   select.replaceChildren(...data.boards.map((b) => h("option", { value: b.id }, b.name)));
@@ -220,7 +234,8 @@ function renderCard(card) {
     h("span", { class: "score", title: "score" }, `score ${card.score}`),
     h("span", { class: "in-stage", title: "time in stage", dataset: { since: card.entered_stage_ms } },
       ago(card.entered_stage_ms)),
-    card.owner ? h("span", { class: "owner" }, card.owner) : null));
+    card.owner ? h("span", { class: "owner", title: "owner", dataset: { owner: card.owner } }, ownerName(card.owner))
+      : null));
   return node;
 }
 
@@ -422,6 +437,18 @@ function facts(pairs) {
     .map(([name, value]) => [h("dt", {}, name), h("dd", {}, value instanceof Node ? value : String(value))]));
 }
 
+function ownerText(owner) {
+  if (!owner) return "(nobody)";
+  const known = state.owners.get(owner);
+  return known ? `${known.name} <${known.email}>` : owner;
+}
+
+function ownerInput(card) {
+  if (!state.owners.size) return h("input", { name: "owner", value: card.owner || "", maxlength: "128" });
+  return h("select", { name: "owner" }, h("option", { value: "", selected: !card.owner }, "(nobody)"),
+    [...state.owners.values()].map((o) => h("option", { value: o.id, selected: o.id === card.owner }, o.name)));
+}
+
 function renderCardPanel(data) {
   const card = data.card;
   const details = data.kind === "account"
@@ -432,7 +459,7 @@ function renderCardPanel(data) {
     details,
     h("h3", {}, "Card"),
     facts([["Stage", stageName(card.stage_id)], ["In stage for", ago(card.entered_stage_ms)], ["Score", card.score],
-      ["Tags", (card.tags || []).join(", ")], ["Owner", card.owner || "(nobody)"]]),
+      ["Tags", (card.tags || []).join(", ")], ["Owner", ownerText(card.owner)]]),
     renderLeadTime(data.lead_time),
     data.kind === "account" ? renderLeads(data) : null,
     notes.length ? [h("h3", {}, "Notes"), h("ul", { class: "notes" }, notes)] : null,
@@ -488,7 +515,7 @@ function renderActions(card) {
       h("label", {}, "Stage", moveSelect), h("button", { type: "submit" }, "Move")),
     h("form", { class: "inline", onsubmit: (e) => {
       e.preventDefault(); command(card.card_id, "/owner", { owner: e.target.elements.owner.value.trim() }, "Set owner");
-    } }, h("label", {}, "Owner", h("input", { name: "owner", value: card.owner || "", maxlength: "128" })),
+    } }, h("label", {}, "Owner", ownerInput(card)),
       h("button", { type: "submit" }, "Set owner")),
     h("form", { class: "inline", onsubmit: (e) => {
       e.preventDefault(); command(card.card_id, "/notes", { text: e.target.elements.text.value.trim() }, "Add note");

@@ -301,3 +301,22 @@ def test_hostile_card_titles_and_tags_render_as_text(page, dashboard):
     expect(page.locator("#panel-body").get_by_text(HOSTILE_TITLE, exact=True)).to_be_visible()  # the company
     assert page.locator("#board img, #board script, #board b, #board i, #panel img").count() == 0
     assert page.evaluate("window.pwned") is None
+
+
+def test_the_owner_shows_on_the_card_and_in_the_panel_by_name(page, dashboard):
+    """A site with owners: the card shows its owner's name, the panel the name and email, and the owner field
+    offers the site's owners."""
+    from schemas.boards import BoardCommand
+
+    assert dashboard.http.put(f"/v1/sites/{SITE}/owners/ann",
+                              json={"name": "Ann Example", "email": "ann@sales.example"}).status_code == 200
+    open_board(page, dashboard)
+    dashboard.seeder.command(BoardCommand("owner-ann", SITE, "pipeline", "account:acme.com", "owner", "user:sales",
+                                          text="ann"))
+    page.reload()
+    acme = card(page, "account:acme.com")
+    expect(acme.locator(".owner")).to_have_text("Ann Example")
+    acme.click()
+    panel = page.get_by_role("complementary", name="Acme")
+    expect(panel).to_contain_text("Ann Example <ann@sales.example>")
+    expect(panel.locator('select[name="owner"] option')).to_have_text(["(nobody)", "Ann Example"])
