@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Sequence, TypeVar, Union
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
@@ -64,6 +64,16 @@ class Fence:
     token: str
 
 
+Fences = Union[Fence, Sequence[Fence], None]
+"""What a commit must still hold: no lock, one, or several (a batch of several sites holds each site's)."""
+
+
+def _as_fences(fence: Fences) -> tuple[Fence, ...]:
+    if fence is None:
+        return ()
+    return (fence,) if isinstance(fence, Fence) else tuple(fence)
+
+
 @dataclass
 class PartitionCommit:
     """What one batch changes for one partition besides its writes: applied offset, stream time, deadlines.
@@ -80,7 +90,7 @@ class StateStore(Protocol):
     async def load(self, keys: list[str]) -> dict[str, bytes | None]: ...
     async def partition_marks(self, partitions: list[int]) -> dict[int, tuple[int, int]]: ...
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None) -> bool: ...
+                     fence: Fences = None) -> bool: ...
     async def due(self, partition: int, until_ms: int, limit: int = 5000) -> list[str]: ...
     async def acquire(self, lock: str, lease_ms: int) -> Fence | None: ...
     async def release(self, fence: Fence) -> None: ...
@@ -140,22 +150,25 @@ class RedisStateStore:
         return _marks(await self.redis.hmget(self._marks_key, fields) if fields else [], partitions)
 
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None) -> bool:
+                     fence: Fences = None) -> bool:
         """All of the batch or nothing: False (and nothing written) when any partition's watermark moved,
-        or when `fence` is given and its lock no longer holds its token. A concurrent commit of other
-        partitions only makes the transaction run again; so does anyone taking the lock meanwhile (the
-        lock key is watched), and then the token check fails."""
+        or when a lock of `fence` (one fence or several) no longer holds its token. A concurrent commit of
+        other partitions only makes the transaction run again; so does anyone taking a lock meanwhile (the
+        lock keys are watched), and then the token check fails."""
         if not commits:
             return True
+        fences = _as_fences(fence)
         fields = _mark_fields([c.partition for c in commits])
-        watched = [self._marks_key] + ([self.keys.lock(fence.lock)] if fence else [])
+        locks = [self.keys.lock(f.lock) for f in fences]
+        tokens = [f.token.encode() for f in fences]
+        watched = [self._marks_key, *locks]
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(*watched)
                     current = await pipe.hmget(self._marks_key, fields)
                     stale = any(int(current[2 * i] or -1) != c.expected_offset for i, c in enumerate(commits))
-                    if stale or (fence and await pipe.get(watched[1]) != fence.token.encode()):
+                    if stale or (locks and await pipe.mget(locks) != tokens):
                         await pipe.unwatch()
                         return False
                     pipe.multi()
@@ -206,13 +219,13 @@ class MemoryStateStore:
         return self.redis.get(self.keys.lock(fence.lock)) == fence.token.encode()
 
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None) -> bool:
+                     fence: Fences = None) -> bool:
         if not commits:
             return True
         current = self._stored_marks([c.partition for c in commits])
         if any(current[c.partition][0] != c.expected_offset for c in commits):
             return False
-        if fence is not None and not self.holds(fence):
+        if not all(self.holds(f) for f in _as_fences(fence)):
             return False
         if writes is not None:
             writes.replay(self.redis)
@@ -244,3 +257,18 @@ async def hold_lock(store: StateStore, lock: str, lease_ms: int) -> Fence:
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
     return fence
+
+
+async def hold_locks(store: StateStore, locks: Sequence[str], lease_ms: int) -> list[Fence]:
+    """Wait for several store locks, taken one by one in sorted order, so that two holders wanting
+    overlapping sets never wait on each other in a circle. On any failure the locks already taken are
+    released."""
+    fences: list[Fence] = []
+    try:
+        for lock in sorted(set(locks)):
+            fences.append(await hold_lock(store, lock, lease_ms))
+    except BaseException:
+        for taken in fences:
+            await store.release(taken)
+        raise
+    return fences
