@@ -76,7 +76,8 @@ from schemas.events import EnrichedEvent
 from schemas.redis_keys import RedisKeys
 from schemas.rules import LeadHandover
 from schemas.settings import KafkaConfig, Settings
-from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW, LEADS_ACTIVITY
+from schemas.topics import (BOARD_COMMANDS, BOARD_STAGE_CHANGES, CATALOG, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW,
+                            LEADS_ACTIVITY)
 from sinks import clickhouse
 
 RULES_PER_SITE = 100
@@ -637,6 +638,128 @@ def _board_latency(settings: Settings, rate: int, seconds: int, uid: int) -> Boa
     return result
 
 
+# ------------------------------------------------------------------------------- records and hops per event
+
+HOPS = (EVENTS_RAW, LEADS_ACTIVITY, BOARD_COMMANDS, BOARD_STAGE_CHANGES)
+"""The path of an event that moves a card, topic by topic; each record on it names the event (`event_id`)."""
+
+
+def records_per_topic(before: dict[str, dict[int, int]], after: dict[str, dict[int, int]]) -> dict[str, int]:
+    """Records written to each topic between two snapshots of end offsets (topic -> partition -> offset)."""
+    return {topic: sum(ends.values()) - sum(before.get(topic, {}).values()) for topic, ends in after.items()}
+
+
+def records_per_event_rows(written: dict[str, int], raw_events: int, raw_topic: str = EVENTS_RAW.name,
+                           top: int = 6) -> list[tuple[str, str]]:
+    """Kafka records the pipeline produced per raw event (every topic but the raw one), with the topics that
+    take most of them."""
+    produced = {topic: n for topic, n in written.items() if topic != raw_topic and n > 0}
+    total = sum(produced.values())
+    events = max(raw_events, 1)
+    ranked = sorted(produced.items(), key=lambda item: (-item[1], item[0]))
+    return [("Kafka records produced per raw event (all the pipeline's topics)", f"{total / events:.2f}"
+             f"  ({total:,} records for {raw_events:,} events)"),
+            ("  of which", ", ".join(f"{topic} {n / events:.2f}" for topic, n in ranked[:top]) or "none")]
+
+
+def event_id_of(value: bytes | None) -> str:
+    """The `event_id` a record names ('' when none: not JSON, not an object, or no such field)."""
+    if not value:
+        return ""
+    try:
+        decoded = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return ""
+    event_id = decoded.get("event_id") if isinstance(decoded, dict) else None
+    return event_id if isinstance(event_id, str) else ""
+
+
+def first_seen(records: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """event_id -> the earliest record timestamp (ms) naming it; records naming none are left out."""
+    seen: dict[str, int] = {}
+    for event_id, ts_ms in records:
+        if event_id and (event_id not in seen or ts_ms < seen[event_id]):
+            seen[event_id] = ts_ms
+    return seen
+
+
+def hop_latencies(chain: Sequence[tuple[str, dict[str, int]]]) -> list[tuple[str, list[float]]]:
+    """For each consecutive pair of topics on the chain (name, event_id -> first timestamp): the delays (ms)
+    between an event's first record on one and its first on the next, for the events on both."""
+    hops = []
+    for (upstream, ups), (downstream, downs) in zip(chain, chain[1:]):
+        hops.append((f"{upstream} -> {downstream}",
+                     [float(downs[e] - ups[e]) for e in downs.keys() & ups.keys()]))
+    return hops
+
+
+def hop_rows(hops: Sequence[tuple[str, list[float]]]) -> list[tuple[str, str]]:
+    """p50/p95/p99 per hop, or that no event made the hop."""
+    rows = []
+    for label, unsorted in hops:
+        delays = sorted(unsorted)
+        if not delays:
+            rows.append((f"  hop {label}", "no event made this hop"))
+            continue
+        rows.append((f"  hop {label}", f"p50 {percentile(delays, 0.50):,.0f} / p95 {percentile(delays, 0.95):,.0f} / "
+                                       f"p99 {percentile(delays, 0.99):,.0f} ms  ({len(delays):,} events)"))
+    return rows
+
+
+async def _all_end_offsets(settings: Settings) -> dict[str, dict[int, int]]:
+    """Every catalog topic's end offsets (topic -> partition -> offset)."""
+    kafka = settings.kafka()
+    consumer = kafka_consumer(kafka, group=None)
+    await consumer.start()
+    try:
+        return {topic.name: await _end_offsets(consumer, kafka.topic(topic.name), settings.partitions)
+                for topic in CATALOG}
+    finally:
+        await consumer.stop()
+
+
+def all_end_offsets(settings: Settings) -> dict[str, dict[int, int]]:
+    return asyncio.run(_all_end_offsets(settings))
+
+
+async def _first_seen_between(settings: Settings, topic: str, start: dict[int, int], end: dict[int, int]
+                              ) -> dict[str, int]:
+    """event_id -> first record timestamp among a topic's records from `start` up to `end` offsets."""
+    kafka = settings.kafka()
+    wanted = {TopicPartition(kafka.topic(topic), p): (start.get(p, 0), stop) for p, stop in end.items()
+              if stop > start.get(p, 0)}
+    if not wanted:  # (a consumer stopped before any assignment fails its stop)
+        return {}
+    consumer = kafka_consumer(kafka, group=None)
+    await consumer.start()
+    try:
+        consumer.assign(list(wanted))
+        for tp, (first, _) in wanted.items():
+            consumer.seek(tp, first)
+        seen: list[tuple[str, int]] = []
+        open_parts = set(wanted)
+        while open_parts:
+            batches = await consumer.getmany(*open_parts, timeout_ms=1000, max_records=10_000)
+            if not batches:
+                break  # nothing more within a second: what is left was compacted or deleted
+            for tp, messages in batches.items():
+                stop = wanted[tp][1]
+                seen.extend((event_id_of(m.value), m.timestamp) for m in messages if m.offset < stop)
+                if messages and messages[-1].offset >= stop - 1:
+                    open_parts.discard(tp)
+        return first_seen(seen)
+    finally:
+        await consumer.stop()
+
+
+def measure_hops(settings: Settings, before: dict[str, dict[int, int]], after: dict[str, dict[int, int]]
+                 ) -> list[tuple[str, list[float]]]:
+    """The hop latencies of the events produced between two snapshots of end offsets, from record timestamps."""
+    chain = [(topic.name, asyncio.run(_first_seen_between(settings, topic.name, before.get(topic.name, {}),
+                                                          after.get(topic.name, {})))) for topic in HOPS]
+    return hop_latencies(chain)
+
+
 # ------------------------------------------------------------------------------------- throughput phases
 
 
@@ -971,12 +1094,14 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
     producers = _compare_producers(s, records, uid)
 
     print(f"  pipeline phase: {describe_layout(layout)} ({layout} layout) and a sink", flush=True)
+    offsets_at_start = all_end_offsets(s)
     roles = _start_pipeline(s, layout)
     samplers = [_PeakRss(role.proc.pid) for role in roles[1:]]
     for sampler in samplers:
         sampler.start()
     try:
         run = _run_pipeline(s, r, roles, sent, "pipeline")
+        written = records_per_topic(offsets_at_start, all_end_offsets(s))
 
         print(f"  latency phase: {latency_rate:,} events/s for {latency_seconds}s ...", flush=True)
         latencies = _latency(s, latency_rate, latency_seconds)
@@ -984,7 +1109,10 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         _drain_automation(s, r, roles)
         print(f"  board latency phase: {latency_rate:,} events/s for {board_latency_seconds}s, one in {PROBE_EVERY}"
               " a probe (identify, then pricing) ...", flush=True)
+        offsets_before_board = all_end_offsets(s)
         board = _board_latency(s, latency_rate, board_latency_seconds, uid)
+        _drain_automation(s, r, roles)
+        hops = measure_hops(s, offsets_before_board, all_end_offsets(s))
         board_latencies, stream_latencies = board.latencies(board.on_board_ms), board.latencies(board.on_stream_ms)
 
         state_keys = list(r.scan_iter(match=RedisKeys.of(s).visitor_states_pattern(), count=10_000))
@@ -1039,6 +1167,7 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
                      one_worker if one_worker is not run else None, "1 worker"),
         ("  pipeline (every processor drained) / raw baseline", f"{100 * run.drained_rate / baseline_rate:.1f} %"),
         *machine_rows(run, sent),
+        *records_per_event_rows(written, sent),
         *cost_rows(run.worker_cost, sent),
         ("sink CPU per event (all its tables, first row until drained)", f"{1e6 * run.sink_cpu_s / sent:,.1f} µs"),
         *producer_rows(producers, s.partitions),
@@ -1059,6 +1188,8 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
                       f"of {len(board.sent_ms):,} probes"),
         *latency_rows(f"latency produce -> stage_change on the board's SSE stream at {latency_rate:,}/s",
                       stream_latencies, f"of {len(board.sent_ms):,} probes"),
+        ("hops of the board latency phase's events, from Kafka record timestamps", "(first record per event)"),
+        *hop_rows(hops),
         ("worker peak RSS", ", ".join(f"{role.name.removeprefix('bench-')} {sampler.peak / 2**20:,.0f} MiB"
                                       for role, sampler in zip(roles[1:], samplers))),
         ("visitors with sessionizer state in Redis", f"{len(state_keys):,}"),

@@ -38,6 +38,7 @@ from processors.identity_store import IdentityGraphStore
 from processors.lead_processor import LeadProcessor
 from processors.lookup_tables import LookupTables
 from processors.raw_processor import RawEventsProcessor, RawProcessorConfig
+from processors.runtime.gc_policy import tune_for_worker
 from processors.runtime.cost import METER, PUBLISH_EVERY_S, PUBLISHED_FOR_S
 from processors.runtime.ingest import BatchIngest
 from processors.runtime.producer import BatchProducer
@@ -285,5 +286,6 @@ class WebhookService(faust.Service):
 def run_worker(settings: Settings, worker_name: str = "worker", loglevel: str = "warning",
                processors: tuple[str, ...] = PROCESSORS, clickhouse_query: Query | None = None) -> None:
     app = create_app(settings, worker_name, processors, clickhouse_query)
+    tune_for_worker()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -1,10 +1,13 @@
 """The identity graph as declared state: batched prefetch, one fenced lock, writes inside the batch commit.
 
 The graph is global per site (an email's lead is shared by visitors on every partition), so unlike the
-sessionizer state it cannot be owned by one partition. Workers therefore take a short Redis lock
-around identity work for a batch: read -> resolve (pure core) -> produce -> commit -> release. One
-worker never waits on itself; several workers take turns only for this step, which the core does at
-tens of thousands of events per second. The lock has a lease, so a crashed holder blocks others for
+sessionizer state it cannot be owned by one partition. Workers therefore take a short Redis lock per
+site around identity work for a batch: read -> resolve (pure core) -> produce -> commit -> release. A
+batch holds the locks of the sites it carries (taken in sorted order, so two workers never wait on each
+other in a circle); workers busy with different sites never wait on each other. One worker never waits
+on itself; several workers of one site take turns only for this step, which the core does at tens of
+thousands of events per second. No site's graph references another's, so a site's lock covers all of
+what its identity work reads and writes. The lock has a lease, so a crashed holder blocks others for
 at most `LOCK_LEASE_MS`; its uncommitted batch is replayed from the same graph by whoever owns the
 partition next. The lock is fenced: each taking gets a new token, and the batch commit applies only
 while the lock still holds it, so a holder whose lease ran out (a slow broker, a long pause) writes
@@ -18,13 +21,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Iterable, Sequence
 
 from processors.identity import IdentityChanges, IdentityInput, keys_needed
 from processors.runtime.batch import Batch
-from processors.runtime.state import Fence, StateSpec, StateStore, hold_lock
+from processors.runtime.state import Fence, StateSpec, StateStore, hold_locks
 from schemas.identity import LeadRecord, VisitorLink
-from schemas.redis_keys import IDENTITY_LOCK, RedisKeys
+from schemas.redis_keys import RedisKeys, identity_lock
 
 LOCK_LEASE_MS = 30_000
 
@@ -88,12 +91,13 @@ class IdentityGraphStore:
             batch.put(self.leads, self.leads.key(site, lead_id), lead)
 
     @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[Fence]:
-        """The graph is global per site: one worker at a time reads, resolves, produces and commits it.
-        Yields the lock's fence, for the commit to check."""
-        fence = await hold_lock(self.store, IDENTITY_LOCK, self.lease_ms)
+    async def locked(self, sites: Iterable[str]) -> AsyncIterator[list[Fence]]:
+        """The graph is global per site: one worker at a time reads, resolves, produces and commits a
+        site's graph. Yields the fences of the sites' locks (none for no site), for the commit to check."""
+        fences = await hold_locks(self.store, [identity_lock(site) for site in set(sites)], self.lease_ms)
         try:
-            yield fence
+            yield fences
         finally:
-            await self.store.release(fence)
+            for fence in fences:
+                await self.store.release(fence)
 

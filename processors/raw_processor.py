@@ -94,7 +94,8 @@ class RawEventsProcessor:
         self.ledger.count(self.name, erased)
         await METER.measured("sessionize", self._sessionize(batch, accepted, messages, rejected), len(accepted))
         accepted = [(m, e) for m, e in accepted if e.raw_offset >= 0]  # duplicates went to the DLQ
-        batch.fence = await batch.hold(self.identity.locked())  # until the commit: the global graph
+        sites = {event.site_id for _, event in accepted}  # until the commit: each site's global graph
+        batch.fence = await batch.hold(self.identity.locked(sites))
         changes, feed = await METER.measured("identity", self._resolve_identity(batch, accepted), len(accepted))
         with METER.measure("serialize", len(messages)):
             self._add_events_and_dead_letters(messages, accepted, rejected, batch.now_ms, feed, batch.outputs)

@@ -36,6 +36,7 @@ changes to emit; the same records give the same changes, byte for byte, however 
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -403,6 +404,52 @@ def _dependency_order(segments: list[Segment]) -> list[Segment]:
     return ordered
 
 
+@dataclass(frozen=True, slots=True)
+class _ReadIndex:
+    """Which lead segments (positions in `SegmentSet.lead`, dependencies first) read what, built once per
+    definitions version, so that a record that changed one counter evaluates only the segments reading it
+    (and those naming a segment that flipped) without visiting the others."""
+
+    position: dict[str, int]  # segment id -> its position
+    by_counter: dict[str, tuple[int, ...]]
+    facts: tuple[int, ...]
+    touches: tuple[int, ...]
+    company: tuple[int, ...]
+    dependents: dict[str, tuple[int, ...]]  # segment id -> the segments whose in_segment names it
+    named: tuple[str, ...]  # the segments some in_segment names
+    filters: tuple[str, ...]  # the lead filters of account segments, in order
+
+    @classmethod
+    def of(cls, compiled: list[_Compiled]) -> _ReadIndex:
+        by_counter: dict[str, list[int]] = {}
+        dependents: dict[str, list[int]] = {}
+        for i, c in enumerate(compiled):
+            for key in c.reads.counters:
+                by_counter.setdefault(key, []).append(i)
+            for target in c.reads.segments:
+                dependents.setdefault(target, []).append(i)
+        return cls({c.segment_id: i for i, c in enumerate(compiled)},
+                   {key: tuple(found) for key, found in by_counter.items()},
+                   tuple(i for i, c in enumerate(compiled) if c.reads.facts),
+                   tuple(i for i, c in enumerate(compiled) if c.reads.touches),
+                   tuple(i for i, c in enumerate(compiled) if c.reads.company),
+                   {target: tuple(found) for target, found in dependents.items()},
+                   tuple(sorted(dependents)), tuple(c.segment_id for c in compiled if not c.public))
+
+    def reading(self, dirty: _Dirty) -> list[int]:
+        """The segments that read what `dirty` names (not yet those naming a segment that flips)."""
+        found: set[int] = set()
+        for key in dirty.counters:
+            found.update(self.by_counter.get(key, ()))
+        if dirty.facts:
+            found.update(self.facts)
+        if dirty.touches:
+            found.update(self.touches)
+        if dirty.company:
+            found.update(self.company)
+        return list(found)
+
+
 URL_CACHE_SIZE = 4096
 
 
@@ -422,6 +469,7 @@ class SegmentSet:
     reads_seen: bool  # some condition reads lead.first_seen / lead.last_seen
     reads_company: bool  # some lead segment reads the account's company card
     by_page: dict[tuple[str, str], tuple[_Counter, ...]] = field(default_factory=dict, compare=False, repr=False)
+    index: _ReadIndex = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @classmethod
     def compile(cls, segments: Iterable[Segment], version: int = 0, grace_ms: int = GRACE_MS) -> SegmentSet:
@@ -435,7 +483,7 @@ class SegmentSet:
         compiled = lead + compiler.filters
         return cls(version, tuple(compiled), tuple(account), counters, by_type, tuple(sorted(compiler.critical)),
                    grace_ms, any(c.reads.touches for c in compiled), any(c.reads.seen for c in compiled),
-                   any(c.reads.company for c in compiled))
+                   any(c.reads.company for c in compiled), index=_ReadIndex.of(compiled))
 
     @property
     def empty(self) -> bool:
@@ -547,8 +595,17 @@ def _due_points(segset: SegmentSet, state: SegmentState, after: int, until: int 
 
 
 def _refresh_due(segset: SegmentSet, state: SegmentState) -> None:
-    points = _due_points(segset, state, state.clock_ms, None)
-    state.due_ms = points[0] if points else 0
+    """The next moment after the clock at which a count may cross its threshold (0: none)."""
+    after = state.clock_ms
+    counters = state.counters
+    due = 0
+    for critical in segset.critical:
+        entries = counters.get(critical.counter)
+        if entries is not None and len(entries) > critical.index:
+            point = entries[critical.index][0] + critical.window_ms
+            if point > after and (not due or point < due):
+                due = point
+    state.due_ms = due
 
 
 def _advance(segset: SegmentSet, lead: LeadState, state: SegmentState, until: int, companies: CompanyCards
@@ -589,36 +646,93 @@ def is_lead(lead: LeadState) -> bool:
 
 def _evaluate(segset: SegmentSet, lead: LeadState, state: SegmentState, cause: str, companies: CompanyCards,
               dirty: _Dirty | None = None) -> tuple[list[SegmentChange], bool]:
-    """Evaluates the lead segments at the clock (with `dirty`, only those reading what changed: the others
-    keep their last result) and records the entries and exits (and the deletion of segments the lead was
-    a member of). Returns the changes and whether the lead filters changed."""
+    """Evaluates the lead segments at the clock (with `dirty`, only those reading what changed and those
+    naming a segment that flipped: the others keep their last result) and records the entries and exits
+    (and the deletion of segments the lead was a member of). Returns the changes and whether the lead
+    filters changed."""
+    if not is_lead(lead):
+        flipped = _leave_all(segset, state)
+    elif dirty is None:
+        flipped = _evaluate_all(segset, lead, state, companies)
+    else:
+        flipped = _evaluate_dirty(segset, lead, state, companies, dirty)
+    changes = []
+    if flipped:
+        position = segset.index.position
+        for i in sorted(position[segment_id] for segment_id in flipped):
+            compiled = segset.lead[i]
+            if compiled.public:
+                changes.append(_change(state, lead, compiled.segment_id, compiled.version, cause))
+    if state.version != segset.version:
+        position = segset.index.position
+        for segment_id in [s for s in state.members if s not in position]:  # deleted segments
+            if state.is_member(segment_id):
+                changes.append(_change(state, lead, segment_id, segset.version, f"definitions:{segset.version}"))
+            del state.members[segment_id]
+    filters_changed = False
+    if any(segment_id in flipped for segment_id in state.filters) or \
+            any(segment_id in flipped for segment_id in segset.index.filters) or state.version != segset.version:
+        was = set(state.filters)
+        filters = [f for f in segset.index.filters if (f in flipped) != (f in was)]
+        filters_changed = filters != state.filters
+        state.filters = filters
+    state.version = segset.version
+    return changes, filters_changed
+
+
+def _leave_all(segset: SegmentSet, state: SegmentState) -> set[str]:
+    """Not a lead (any more): it is in no segment and meets no lead filter."""
+    position = segset.index.position
+    flipped = {segment_id for segment_id, (seq, _) in state.members.items() if seq % 2 and segment_id in position}
+    flipped.update(f for f in state.filters if f in position)
+    return flipped
+
+
+def _evaluate_all(segset: SegmentSet, lead: LeadState, state: SegmentState, companies: CompanyCards) -> set[str]:
+    """Every lead segment, in dependency order; returns those whose result flipped."""
     facts = _Facts(lead, state, state.clock_ms, companies)
     results = facts.results
     flipped: set[str] = set()
-    eligible = is_lead(lead)
+    filters = set(state.filters)
     for compiled in segset.lead:
         segment_id = compiled.segment_id
-        was = state.is_member(segment_id) if compiled.public else segment_id in state.filters
-        if not eligible:
-            now = False
-        elif dirty is None or compiled.affected(dirty, flipped):
-            now = compiled.test(facts)
-        else:
-            now = was
-        results[segment_id] = now
+        was = state.is_member(segment_id) if compiled.public else segment_id in filters
+        now = results[segment_id] = compiled.test(facts)
         if now != was:
             flipped.add(segment_id)
-    changes = [_change(state, lead, compiled.segment_id, compiled.version, cause)
-               for compiled in segset.lead if compiled.public and compiled.segment_id in flipped]
-    for segment_id in [s for s in state.members if s not in results]:  # deleted segments
-        if state.is_member(segment_id):
-            changes.append(_change(state, lead, segment_id, segset.version, f"definitions:{segset.version}"))
-        del state.members[segment_id]
-    filters = [c.segment_id for c in segset.lead if not c.public and results[c.segment_id]]
-    filters_changed = filters != state.filters
-    state.filters = filters
-    state.version = segset.version
-    return changes, filters_changed
+    return flipped
+
+
+def _evaluate_dirty(segset: SegmentSet, lead: LeadState, state: SegmentState, companies: CompanyCards,
+                    dirty: _Dirty) -> set[str]:
+    """The segments reading what `dirty` names, then those naming one that flipped, in dependency order;
+    the others keep their last result (in_segment reads it). Returns those whose result flipped."""
+    index = segset.index
+    pending = index.reading(dirty)
+    flipped: set[str] = set()
+    if not pending:
+        return flipped
+    facts = _Facts(lead, state, state.clock_ms, companies)
+    results = facts.results
+    filters = set(state.filters)
+    for named in index.named:  # what an unevaluated segment's in_segment reads: its last result
+        results[named] = state.is_member(named)
+    heapq.heapify(pending)
+    done: set[int] = set()
+    while pending:
+        i = heapq.heappop(pending)
+        if i in done:
+            continue
+        done.add(i)
+        compiled = segset.lead[i]
+        segment_id = compiled.segment_id
+        was = state.is_member(segment_id) if compiled.public else segment_id in filters
+        now = results[segment_id] = compiled.test(facts)
+        if now != was:
+            flipped.add(segment_id)
+            for dependent in index.dependents.get(segment_id, ()):
+                heapq.heappush(pending, dependent)
+    return flipped
 
 
 def _change(state: SegmentState, lead: LeadState, segment_id: str, version: int, cause: str) -> SegmentChange:

@@ -37,6 +37,7 @@ Existing data lives under these exact bytes: extend the layouts, never respell o
                                                            offset, st:{partition} -> stream time
   {prefix}:{namespace}due:{partition}              zset    a processor's timer index: key -> deadline
   {prefix}:{lock}, {prefix}:{lock}:fence           string  a store lock and its fencing counter
+  {prefix}:id:lock:{site}\\x1f                    string  a site's identity-graph lock (a store lock)
   {prefix}:cost:{worker}                           string  a worker's CPU meter snapshot
   {prefix}:erasure:ledger                          hash    erased visitors, leads and email HMACs -> erasure id
   {prefix}:erasure:version                         int     bumped by every erasure (a batch precondition)
@@ -59,7 +60,14 @@ PROCESSOR_NAMESPACES = {"raw": "", "lead": "lead:", "board": "board:", "account"
 empty: it had its keys before there was a second processor."""
 
 IDENTITY_LOCK = "id:lock"
-"""The identity graph's lock (one worker at a time resolves identities; see processors/identity_store.py)."""
+"""The identity graph's locks' namespace: each site's graph has a lock of its own, `identity_lock(site)`
+(one worker at a time resolves one site's identities; see processors/identity_store.py)."""
+
+
+def identity_lock(site_id: str) -> str:
+    """The lock of one site's identity graph: `{prefix}:id:lock:{site}\\x1f` (and its fencing counter
+    `...\\x1f:fence`). The separator closes the site id, so no site's lock is another site's counter."""
+    return f"{IDENTITY_LOCK}:{site_id}{SEP}"
 
 BACKFILL_LOCK = "segments:backfill:lock"
 """The segment backfill job's lock (one job at a time; see sinks/segment_backfill.py)."""

@@ -16,6 +16,12 @@ from leadstream.bench import (
     cost_rows,
     describe_layout,
     describe_rules,
+    event_id_of,
+    first_seen,
+    hop_latencies,
+    hop_rows,
+    records_per_event_rows,
+    records_per_topic,
     filler_rules,
     format_table,
     latency_rows,
@@ -185,3 +191,46 @@ def test_format_table_pads_labels_to_one_column_between_rules():
     table = format_table([("short", "1"), ("a longer label", "2 µs")]).splitlines()
     assert table[0] == table[-1] == "=" * (len("a longer label") + 24)
     assert table[1:3] == ["short           1", "a longer label  2 µs"]
+
+
+def test_records_per_topic_counts_what_each_topic_gained_on_every_partition():
+    before = {"events.raw": {0: 10, 1: 5}, "sessions": {0: 3, 1: 0}}
+    after = {"events.raw": {0: 10, 1: 5}, "sessions": {0: 7, 1: 2}, "leads.activity": {0: 4, 1: 4}}
+    assert records_per_topic(before, after) == {"events.raw": 0, "sessions": 6, "leads.activity": 8}
+
+
+def test_records_per_event_leaves_the_raw_topic_out_and_ranks_the_topics():
+    written = {"events.raw": 1000, "events.enriched": 100, "sessions": 40, "leads.activity": 110, "companies": 0}
+    (total_label, total), (_, parts) = records_per_event_rows(written, 100)
+    assert total.startswith("2.50  (250 records for 100 events)")
+    assert parts == "leads.activity 1.10, events.enriched 1.00, sessions 0.40"
+    assert records_per_event_rows({}, 0)[1][1] == "none"
+
+
+def test_event_id_of_reads_the_field_or_nothing():
+    assert event_id_of(b'{"event_id": "e1", "site_id": "s"}') == "e1"
+    assert event_id_of(b'{"update_id": "u"}') == ""
+    assert event_id_of(b'{"event_id": 7}') == ""
+    assert event_id_of(b"[1, 2]") == "" and event_id_of(b"not json") == "" and event_id_of(None) == ""
+
+
+def test_first_seen_keeps_each_events_earliest_timestamp():
+    assert first_seen([("a", 50), ("b", 20), ("a", 30), ("", 1), ("a", 40)]) == {"a": 30, "b": 20}
+
+
+def test_hop_latencies_pair_consecutive_topics_on_the_events_both_saw():
+    raw = {"a": 100, "b": 200, "c": 300}
+    activity = {"a": 130, "b": 260}  # c was rejected: it never reached the lead processor
+    commands = {"b": 300, "z": 999}  # only b moved a card; z came from before the window
+    stages = {"b": 340}
+    hops = hop_latencies([("raw", raw), ("activity", activity), ("commands", commands), ("stages", stages)])
+    assert [label for label, _ in hops] == ["raw -> activity", "activity -> commands", "commands -> stages"]
+    assert sorted(hops[0][1]) == [30.0, 60.0]
+    assert hops[1][1] == [40.0] and hops[2][1] == [40.0]
+
+
+def test_hop_rows_give_percentiles_or_say_no_event_made_the_hop():
+    delays = [float(ms) for ms in range(100, 0, -1)]  # as hop_latencies gives them: in no order
+    rows = hop_rows([("raw -> activity", delays), ("activity -> commands", [])])
+    assert rows[0] == ("  hop raw -> activity", "p50 50 / p95 95 / p99 99 ms  (100 events)")
+    assert rows[1] == ("  hop activity -> commands", "no event made this hop")

@@ -473,3 +473,34 @@ def test_a_merge_counts_every_event_once(events, offsets, value):
         assert counted == expected
         assert len({ident for _, ident in counted}) == len(counted)
     assert {s for s in merged.members if merged.is_member(s)} == {s for s in final.members if final.is_member(s)}
+
+
+FILTERED_SEGMENTS = segments(
+    {"id": "pricing-twice", "if": [PRICING]},
+    {"id": "three-in-a-day", "if": [{"count": {"event": "any"}, "within": "1d", "op": "between", "value": [3, 5]}]},
+    {"id": "tagged-and-busy", "if": [{"in_segment": "three-in-a-day"}, {"field": "lead.tags", "op": "contains",
+                                                                         "value": "x"}]},
+    {"id": "pricing-accounts", "of": "account",
+     "if": [{"any_lead": [{"count": {"event": "pageview", "url": "*/pricing*"}, "within": "2d", "op": "gt",
+                           "value": 0}]},
+            {"count": {"leads": [{"in_segment": "three-in-a-day"}]}, "op": "gt", "value": 0}]},
+)
+
+
+@given(feeds(), st.lists(st.booleans(), min_size=40, max_size=40))
+def test_the_read_index_evaluates_lead_filters_and_non_leads_as_a_full_pass_would(feed, employed):
+    """The lead drifts in and out of being a lead (its account comes and goes) between records; after
+    every record, a full evaluation finds no membership change and no lead filter change."""
+    records, _, _ = feed
+    lead = Lead(FILTERED_SEGMENTS, TAGGER)
+    for record, works_there in zip(records, employed):
+        if bool(lead.state.account_domain) != works_there:
+            before = lead.state
+            lead.state = before.copy()
+            lead.state.account_domain = "acme.com" if works_there else ""
+            lead._take(on_identity(lead.segset, before, lead.state, record.ts_ms, "identity"))
+        lead.see(record)
+        check = on_change(lead.segset, lead.state, "check")
+        assert check.changes == [] and not check.filters_changed
+        if not works_there:
+            assert lead.members() == [] and lead.state.segments.filters == []

@@ -16,7 +16,7 @@ from typing import Any, AsyncContextManager, TypeVar
 
 from processors.runtime.decoded import DecodedStates
 from processors.runtime.producer import Outputs
-from processors.runtime.state import Fence, StateSpec, StateStore
+from processors.runtime.state import Fences, StateSpec, StateStore
 from processors.runtime.writes import WriteBatch
 
 V = TypeVar("V")
@@ -39,7 +39,7 @@ class Batch:
         self.outputs = outputs
         self.writes = WriteBatch()  # further writes, committed in the same transaction as the states
         self.now_ms = now_ms  # when the batch arrived (a timer tick: when it started), from the runtime's clock
-        self.fence: Fence | None = None  # a lock the commit must still hold (see state.Fence)
+        self.fence: Fences = None  # the lock(s) the commit must still hold (see state.Fence)
         self.guards: dict[str, bytes | None] = {}  # key -> bytes read: the commit applies only if still so
         self.locks = contextlib.AsyncExitStack()  # locks the step took: released after the commit
         self._clock_us = clock_us

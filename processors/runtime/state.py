@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Sequence, TypeVar, Union
 
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
@@ -64,6 +64,16 @@ class Fence:
     token: str
 
 
+Fences = Union[Fence, Sequence[Fence], None]
+"""What a commit must still hold: no lock, one, or several (a batch of several sites holds each site's)."""
+
+
+def _as_fences(fence: Fences) -> tuple[Fence, ...]:
+    if fence is None:
+        return ()
+    return (fence,) if isinstance(fence, Fence) else tuple(fence)
+
+
 @dataclass
 class PartitionCommit:
     """What one batch changes for one partition besides its writes: applied offset, stream time, deadlines.
@@ -80,7 +90,7 @@ class StateStore(Protocol):
     async def load(self, keys: list[str]) -> dict[str, bytes | None]: ...
     async def partition_marks(self, partitions: list[int]) -> dict[int, tuple[int, int]]: ...
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None, guards: dict[str, bytes | None] | None = None) -> bool: ...
+                     fence: Fences = None, guards: dict[str, bytes | None] | None = None) -> bool: ...
     async def read(self, key: str) -> bytes | None: ...
     async def read_hash(self, key: str) -> dict[str, bytes]: ...
     async def due(self, partition: int, until_ms: int, limit: int = 5000) -> list[str]: ...
@@ -148,17 +158,20 @@ class RedisStateStore:
         return {(k.decode() if isinstance(k, bytes) else k): v for k, v in (await self.redis.hgetall(key)).items()}
 
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None, guards: dict[str, bytes | None] | None = None) -> bool:
+                     fence: Fences = None, guards: dict[str, bytes | None] | None = None) -> bool:
         """All of the batch or nothing: False (and nothing written) when any partition's watermark moved,
-        when `fence` is given and its lock no longer holds its token, or when a guarded key (`guards`: key ->
-        the bytes the batch read, see Batch.guard) holds other bytes now. A concurrent commit of other
-        partitions only makes the transaction run again; so does anyone taking the lock or writing a guarded
-        key meanwhile (both are watched), and then their check fails."""
+        when a lock of `fence` (one fence or several) no longer holds its token, or when a guarded key
+        (`guards`: key -> the bytes the batch read, see Batch.guard) holds other bytes now. A concurrent commit
+        of other partitions only makes the transaction run again; so does anyone taking a lock or writing a
+        guarded key meanwhile (both are watched), and then their check fails."""
         if not commits:
             return True
+        fences = _as_fences(fence)
         fields = _mark_fields([c.partition for c in commits])
         guards = guards or {}
-        watched = [self._marks_key] + ([self.keys.lock(fence.lock)] if fence else []) + list(guards)
+        locks = [self.keys.lock(f.lock) for f in fences]
+        tokens = [f.token.encode() for f in fences]
+        watched = [self._marks_key, *locks, *guards]
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
@@ -168,7 +181,7 @@ class RedisStateStore:
                     if not stale and guards:
                         now = await pipe.mget(list(guards))
                         stale = any(value != expected for value, expected in zip(now, guards.values()))
-                    if stale or (fence and await pipe.get(watched[1]) != fence.token.encode()):
+                    if stale or (locks and await pipe.mget(locks) != tokens):
                         await pipe.unwatch()
                         return False
                     pipe.multi()
@@ -225,7 +238,7 @@ class MemoryStateStore:
         return self.redis.hash(key)
 
     async def commit(self, commits: list[PartitionCommit], writes: WriteBatch | None = None,
-                     fence: Fence | None = None, guards: dict[str, bytes | None] | None = None) -> bool:
+                     fence: Fences = None, guards: dict[str, bytes | None] | None = None) -> bool:
         if not commits:
             return True
         current = self._stored_marks([c.partition for c in commits])
@@ -233,7 +246,7 @@ class MemoryStateStore:
             return False
         if any(self.redis.get(key) != expected for key, expected in (guards or {}).items()):
             return False
-        if fence is not None and not self.holds(fence):
+        if not all(self.holds(f) for f in _as_fences(fence)):
             return False
         if writes is not None:
             writes.replay(self.redis)
@@ -265,3 +278,18 @@ async def hold_lock(store: StateStore, lock: str, lease_ms: int) -> Fence:
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.1)
     return fence
+
+
+async def hold_locks(store: StateStore, locks: Sequence[str], lease_ms: int) -> list[Fence]:
+    """Wait for several store locks, taken one by one in sorted order, so that two holders wanting
+    overlapping sets never wait on each other in a circle. On any failure the locks already taken are
+    released."""
+    fences: list[Fence] = []
+    try:
+        for lock in sorted(set(locks)):
+            fences.append(await hold_lock(store, lock, lease_ms))
+    except BaseException:
+        for taken in fences:
+            await store.release(taken)
+        raise
+    return fences
