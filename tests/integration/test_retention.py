@@ -16,7 +16,11 @@ from sinks.retention import RetentionJob, run_retention, supports_ttl
 
 pytestmark = pytest.mark.integration
 
-TODAY = datetime.now(timezone.utc).date()
+
+
+def _today() -> date:
+    """Today in UTC when the test runs (not when the module was collected: a suite can cross midnight)."""
+    return datetime.now(timezone.utc).date()
 
 
 def _ms(day: date) -> int:
@@ -35,9 +39,10 @@ def test_the_retention_run_drops_old_months_deletes_older_rows_and_keeps_the_res
     client = clickhouse.connect(settings.clickhouse())
     assert not supports_ttl(client.execute("SELECT version()")[0][0])  # the local server is 18.16
     days = 100
-    cutoff = TODAY - timedelta(days=days)
+    today = _today()
+    cutoff = today - timedelta(days=days)
     ages = {"ancient": 400, "month_old": days + 40, "just_older": days + 1, "just_newer": days - 1, "recent": 1}
-    rows = [(name, "s", _ms(TODAY - timedelta(days=age))) for name, age in ages.items()]
+    rows = [(name, "s", _ms(today - timedelta(days=age))) for name, age in ages.items()]
     clickhouse.insert_columnar(client, "events", ("event_id", "site_id", "ts_ms"), rows)
     clickhouse.insert_columnar(client, "dlq", ("reason", "received_ms"),
                                [("bad_json", ts) for _, _, ts in rows])
@@ -48,7 +53,7 @@ def test_the_retention_run_drops_old_months_deletes_older_rows_and_keeps_the_res
 
     assert set(done) == {"events", "dlq", "identity_events"}  # tables with days; identity_events is empty
     assert done["events"].rows == 3 and done["events"].cutoff == cutoff
-    old_months = sorted({f"{d.year}{d.month:02d}" for d in (TODAY - timedelta(days=400), TODAY - timedelta(days=days + 40))
+    old_months = sorted({f"{d.year}{d.month:02d}" for d in (today - timedelta(days=400), today - timedelta(days=days + 40))
                          if (d.year, d.month) < (cutoff.year, cutoff.month)})
     assert done["events"].partitions == old_months
     assert done["identity_events"].action == "nothing"
@@ -65,9 +70,10 @@ def test_the_retention_run_drops_old_months_deletes_older_rows_and_keeps_the_res
 
 async def test_the_sinks_daily_job_runs_at_start_and_logs_its_run(settings) -> None:
     client = clickhouse.connect(settings.clickhouse())
+    today = _today()
     clickhouse.insert_columnar(client, "sessions", ("session_id", "site_id", "visitor_id", "start_ms", "version"),
-                               [("old", "s", "v", _ms(TODAY - timedelta(days=90)), 1),
-                                ("new", "s", "v", _ms(TODAY), 1)])
+                               [("old", "s", "v", _ms(today - timedelta(days=90)), 1),
+                                ("new", "s", "v", _ms(today), 1)])
     stop = asyncio.Event()
     job = asyncio.create_task(RetentionJob(settings.clickhouse(), RetentionPolicy({"sessions": 30})).run(stop))
     deadline = time.monotonic() + 60
