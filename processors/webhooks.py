@@ -305,12 +305,22 @@ def definition_problems(site_id: str, rules: Iterable[tuple[str, Rule]], targets
             hook = action.webhook
             if hook is None:
                 continue
-            secret = webhook_secret_problem(site_id, hook.secret_env)
-            if secret:
-                problems.append(f"{label}: then[{index}].webhook.secret_env: {secret}")
-            target = url_problem(hook.url, targets)
-            if target:
-                problems.append(f"{label}: then[{index}].webhook.url: {target}")
+            problems += _hook_problems(site_id, f"{label}: then[{index}].webhook", hook.secret_env,
+                                       "url", hook.url, targets)
+    return problems
+
+
+def _hook_problems(site_id: str, where: str, secret_env: str, url_field: str, url: str,
+                   targets: WebhookTargets) -> list[str]:
+    """One webhook's problems, each named by its field under `where`: a secret variable that is not the
+    site's own, a URL not allowed."""
+    problems = []
+    secret = webhook_secret_problem(site_id, secret_env)
+    if secret:
+        problems.append(f"{where}.secret_env: {secret}")
+    target = url_problem(url, targets)
+    if target:
+        problems.append(f"{where}.{url_field}: {target}")
     return problems
 
 
@@ -323,12 +333,8 @@ def board_webhook_problems(site_id: str, boards: Iterable[tuple[str, BoardDefini
         hook = board.on_stage_change
         if hook is None:
             continue
-        secret = webhook_secret_problem(site_id, hook.secret_env)
-        if secret:
-            problems.append(f"{label}: on_stage_change.secret_env: {secret}")
-        target = url_problem(hook.webhook, targets)
-        if target:
-            problems.append(f"{label}: on_stage_change.webhook: {target}")
+        problems += _hook_problems(site_id, f"{label}: on_stage_change", hook.secret_env, "webhook", hook.webhook,
+                                   targets)
     return problems
 
 
