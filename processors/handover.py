@@ -9,7 +9,8 @@ SIGKILL can neither skip nor repeat a turn in the final state. Cards of one boar
 by at most the number of partitions.
 
 `assign_on_entry` looks at the stage changes one record made (in order): a card that entered a stage with
-`assign` and has no owner on that board gets one, and the board's view of the card shows it. Functions here
+`assign`, or moved forward past one, and has no owner on that board gets one, and the board's view of the card
+shows it. Functions here
 never modify their arguments.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from processors.boards import CardState, Shown, ViewChange, view_changes
-from schemas.boards import BoardDefinition, Owner, StageAssign, StageChange
+from schemas.boards import BoardDefinition, Owner, StageAssign, StageChange, StageDefinition
 from schemas.companies import Company
 
 Turns = dict[str, int]  # stage id -> assignments made by round robin on that stage (per board and partition)
@@ -60,18 +61,17 @@ def assign_on_entry(boards: Sequence[BoardDefinition], card: CardState, changes:
                     turns: Mapping[str, Turns], account: CardAccount, views: Sequence[ViewChange]
                     ) -> tuple[CardState, dict[str, Turns], list[ViewChange], list[tuple[str, str]]]:
     """After a record moved `card` (the stage changes it made, in order, and the views they wrote): on each
-    board where the card entered a stage with `assign` and has no owner, it gets one. Returns the card, the
-    turns (board id -> Turns) after, the views (those of boards that assigned show the owner) and the
-    assignments made as (board id, owner)."""
-    by_id = {board.id: board for board in boards}
+    board where the card entered or moved forward past a stage with `assign` and has no owner, it gets one.
+    Returns the card, the turns (board id -> Turns) after, the views (those of boards that assigned show the
+    owner) and the assignments made as (board id, owner)."""
     after, new_turns, assigned = card, {board: dict(t) for board, t in turns.items()}, []
-    for change in changes:
-        board = by_id.get(change.board_id)
-        if board is None or change.card_id != card.card_id:
+    for board in boards:
+        place = card.places.get(board.id)
+        if place is None or place.owner:
             continue
-        stage = next((s for s in board.stages if s.id == change.to_stage), None)
-        place = after.places.get(board.id)
-        if stage is None or stage.assign is None or place is None or place.owner or place.stage_id != stage.id:
+        stage = assigning_stage_reached(board, [c for c in changes if c.board_id == board.id
+                                                and c.card_id == card.card_id], place.stage_id)
+        if stage is None:
             continue
         owner, new_turns[board.id] = pick_owner(stage.assign, stage.id, new_turns.get(board.id, {}), account)
         if not owner:
@@ -83,6 +83,25 @@ def assign_on_entry(boards: Sequence[BoardDefinition], card: CardState, changes:
     if not assigned:
         return card, new_turns, list(views), []
     return after, new_turns, _with_owners(boards, card, after, views, {board for board, _ in assigned}), assigned
+
+
+def assigning_stage_reached(board: BoardDefinition, changes: Sequence[StageChange], now_on: str
+                            ) -> StageDefinition | None:
+    """The stage whose `assign` applies to a card's moves on `board`: the rightmost assigning stage that a
+    forward move entered or passed, and that the card (now on `now_on`) has not gone back before. A card may
+    jump several stages at once (its automatic stage is the rightmost it meets), and whether it stops on the
+    way depends on how its facts were cut into updates: the hottest leads, which jump, must not skip the
+    hand-over."""
+    ids = [stage.id for stage in board.stages]
+    if now_on not in ids:
+        return None
+    crossed: set[int] = set()
+    for change in changes:
+        if change.to_stage in ids:
+            start = ids.index(change.from_stage) if change.from_stage in ids else -1
+            crossed.update(range(start + 1, ids.index(change.to_stage) + 1))
+    assigning = [i for i in crossed if i <= ids.index(now_on) and board.stages[i].assign is not None]
+    return board.stages[max(assigning)] if assigning else None
 
 
 def assign_by_rule(boards: Sequence[BoardDefinition], card: CardState, owner: str
