@@ -97,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="leadstream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     stack = sub.add_parser("stack", help="local Kafka + ClickHouse + Redis as plain processes")
-    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("action", choices=["up", "down", "status", "env", "promote-redis"],
+                       help="env: the LEADSTREAM_* exports that point the other commands at this stack; "
+                            "promote-redis (--cluster): make the Redis replica the primary")
+    stack.add_argument("--cluster", action="store_true",
+                       help="the cluster stack (3 Kafka brokers, Redis primary + replica) on ports of its own")
     sub.add_parser("migrate", help="create Kafka topics and apply ClickHouse migrations")
     worker = sub.add_parser("worker", help="run a Faust stream-processing worker")
     worker.add_argument("--name", default="worker", help="distinct name per worker process on one host")
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stack":
         from leadstream.stack import main_stack
 
-        return main_stack(args.action, settings)
+        return main_stack(args.action, settings, args.cluster)
     if args.command == "migrate":
         return _migrate(settings)
     if args.command == "retention":

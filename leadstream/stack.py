@@ -4,6 +4,10 @@ No Docker needed. Kafka's jars come from Maven Central through `deploy/kafka/pom
 directory; ClickHouse and Redis are Debian's packages (installed with apt when missing). Every server
 keeps its data, config, log and pid file under the stack directory, so `down` stops only what `up`
 started and `up` is idempotent.
+
+`--cluster`: a second stack, on ports and in a directory of its own (`cluster_settings`), for the fault tests
+of tests/cluster: three Kafka nodes (replication factor 3, min.insync.replicas 2), a Redis primary with a
+replica (`promote-redis` fails over to it) and ClickHouse.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -106,10 +110,13 @@ class Server:
         return "down"
 
     def up(self) -> None:
+        self.wait_ready(self.start())
+
+    def start(self) -> float | None:
+        """Spawn the server unless it runs, without waiting for it: when it was spawned (None: it ran already).
+        A cluster's brokers start together, since none answers before a quorum of them is up."""
         if self.pid():
-            self._wait_ready()
-            print(f"  {self.name:<10} already up on 127.0.0.1:{self.port}", flush=True)
-            return
+            return None
         if _port_open(self.port):
             raise StackError(
                 f"port {self.port} for {self.name} is taken by another process; stop it or set the port via LEADSTREAM_* env vars"
@@ -122,14 +129,16 @@ class Server:
                 start_new_session=True, cwd=self.data_dir,
             )
         self.pid_file.write_text(str(proc.pid))
-        started = time.monotonic()
-        self._wait_ready()
-        print(f"  {self.name:<10} up on 127.0.0.1:{self.port} in {time.monotonic() - started:.1f}s", flush=True)
+        return time.monotonic()
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self, started: float | None) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.ready():
+                if started is None:
+                    print(f"  {self.name:<10} already up on 127.0.0.1:{self.port}", flush=True)
+                else:
+                    print(f"  {self.name:<10} up on 127.0.0.1:{self.port} in {time.monotonic() - started:.1f}s", flush=True)
                 return
             if not self.pid():
                 tail = self.log_file.read_text(errors="replace").strip().splitlines()[-3:] if self.log_file.exists() else []
@@ -158,13 +167,37 @@ LOCAL_SASL_USER, LOCAL_SASL_PASSWORD = "leadstream", "local-stack-only"
 
 def local_sasl_port(settings: Settings) -> int:
     """The local broker's SASL_PLAINTEXT listener: next to its PLAINTEXT one and its controller."""
-    return settings.kafka_port + 2
+    return _single_kafka_node(settings).sasl_port
 
 
-def _kafka(settings: Settings, root: Path) -> Server:
-    data = root / "kafka"
+def _single_kafka_node(settings: Settings) -> KafkaNode:
+    return KafkaNode(1, settings.kafka_port, f"1@127.0.0.1:{settings.kafka_port + 1}")
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """One KRaft node (broker and controller in one process): its id, ports and the quorum it votes in."""
+
+    node_id: int
+    port: int
+    voters: str  # controller.quorum.voters: id@host:controller_port, ...
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
+
+    @property
+    def controller_port(self) -> int:
+        return self.port + 1
+
+    @property
+    def sasl_port(self) -> int:
+        return self.port + 2
+
+
+def _kafka(settings: Settings, data: Path, node: KafkaNode, name: str = "kafka",
+           cluster_id: Callable[[], str] = lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+           ) -> Server:
+    """A Kafka node; `cluster_id`: the id its storage is formatted with (a cluster's nodes share one)."""
     libs = Path(settings.cache_dir) / f"kafka-{settings.kafka_version}" / "libs"
-    controller_port = settings.kafka_port + 1
 
     def install() -> None:
         if shutil.which("java") is None:
@@ -184,12 +217,13 @@ def _kafka(settings: Settings, root: Path) -> Server:
                 tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["no output"]
                 raise StackError(f"fetching Kafka jars with mvn failed: {tail[0]}")
         props = data / "server.properties"
-        _render(DEPLOY_LOCAL / "kafka-server.properties", props, data=data, port=settings.kafka_port,
-                controller_port=controller_port, partitions=settings.partitions, sasl_port=local_sasl_port(settings),
-                sasl_user=LOCAL_SASL_USER, sasl_password=LOCAL_SASL_PASSWORD)
+        _render(DEPLOY_LOCAL / "kafka-server.properties", props, data=data, port=node.port, node_id=node.node_id,
+                voters=node.voters, controller_port=node.controller_port, partitions=settings.partitions,
+                sasl_port=node.sasl_port, sasl_user=LOCAL_SASL_USER, sasl_password=LOCAL_SASL_PASSWORD,
+                replication_factor=node.replication_factor, min_insync_replicas=node.min_insync_replicas)
         shutil.copy(DEPLOY_LOCAL / "kafka-log4j.properties", data / "log4j.properties")
         if not (data / "kafka-logs" / "meta.properties").exists():
-            format_kafka_storage(libs, props, base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+            format_kafka_storage(libs, props, cluster_id())
 
     def command() -> list[str]:
         return [
@@ -199,10 +233,9 @@ def _kafka(settings: Settings, root: Path) -> Server:
         ]
 
     def ready() -> bool:
-        return _port_open(settings.kafka_port) and _kafka_answers(settings.kafka_bootstrap)
+        return _port_open(node.port) and _kafka_answers(f"127.0.0.1:{node.port}")
 
-    return Server("kafka", settings.kafka_port, install, command, ready, data, startup_timeout_s=120)
-
+    return Server(name, node.port, install, command, ready, data, startup_timeout_s=120)
 
 
 def format_kafka_storage(libs: Path, props: Path, cluster_id: str) -> None:
@@ -265,66 +298,169 @@ def _clickhouse(settings: Settings, root: Path) -> Server:
     return Server("clickhouse", settings.clickhouse_port, install, command, ready, data)
 
 
-def _redis(settings: Settings, root: Path) -> Server:
-    data = root / "redis"
+def _redis(data: Path, port: int, name: str = "redis", primary: Callable[[], int | None] = lambda: None) -> Server:
+    """A Redis server; `primary`: the port of the primary it follows (`replicaof`), None when it is one. Asked
+    at each start, so a former primary that comes back after a promotion follows the new one."""
 
     def install() -> None:
         if shutil.which("redis-server") is None:
             _apt_install("redis-server")
-        _render(DEPLOY_LOCAL / "redis.conf", data / "redis.conf", data=data, port=settings.redis_port)
+        config = data / "redis.conf"
+        _render(DEPLOY_LOCAL / "redis.conf", config, data=data, port=port)
+        if (primary_port := primary()) not in (None, port):
+            with config.open("a") as conf:
+                conf.write(f"replicaof 127.0.0.1 {primary_port}\n")
 
     def command() -> list[str]:
         return [shutil.which("redis-server") or "redis-server", str(data / "redis.conf")]
 
     def ready() -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", settings.redis_port), timeout=1) as sock:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
 
-    return Server("redis", settings.redis_port, install, command, ready, data)
+    return Server(name, port, install, command, ready, data)
 
 
-def servers(settings: Settings) -> list[Server]:
+def servers(settings: Settings, cluster: bool = False) -> list[Server]:
+    """The single-server stack's servers, or (`cluster`, with `cluster_settings`) the cluster stack's."""
+    if cluster:
+        return cluster_servers(settings)
     root = Path(settings.stack_dir)
-    return [_redis(settings, root), _clickhouse(settings, root), _kafka(settings, root)]
+    return [_redis(root / "redis", settings.redis_port), _clickhouse(settings, root),
+            _kafka(settings, root / "kafka", _single_kafka_node(settings))]
 
 
-def up(settings: Settings) -> None:
-    print(f"Starting the local stack in {settings.stack_dir}", flush=True)
-    for server in servers(settings):
-        server.up()
+CLUSTER_KAFKA_PORTS = (19092, 19192, 19292)  # each node's controller listens on port + 1, its SASL one on + 2
+CLUSTER_REDIS_PORTS = (16379, 16380)  # the first is the primary until `stack promote-redis --cluster`
+CLUSTER_CLICKHOUSE_PORT, CLUSTER_CLICKHOUSE_HTTP_PORT = 19000, 18123
+CLUSTER_REPLICATION_FACTOR, CLUSTER_MIN_INSYNC_REPLICAS = 3, 2
 
 
-def down(settings: Settings) -> None:
+def cluster_settings(settings: Settings) -> Settings:
+    """The cluster stack's settings: ports and a data dir of its own, so that it never meets the single-server
+    stack, and Redis at whichever of its two servers is the primary now."""
+    stack_dir = f"{settings.stack_dir}-cluster"
+    return replace(settings, kafka_bootstrap=",".join(f"127.0.0.1:{port}" for port in CLUSTER_KAFKA_PORTS),
+                   kafka_replication_factor=CLUSTER_REPLICATION_FACTOR,
+                   redis_url=f"redis://127.0.0.1:{redis_primary_port(Path(stack_dir))}/0",
+                   clickhouse_port=CLUSTER_CLICKHOUSE_PORT, clickhouse_http_port=CLUSTER_CLICKHOUSE_HTTP_PORT,
+                   stack_dir=stack_dir)
+
+
+def redis_primary_port(root: Path) -> int:
+    """The cluster's Redis primary, as the last promotion recorded it."""
+    try:
+        return int((root / "redis-primary").read_text())
+    except (OSError, ValueError):
+        return CLUSTER_REDIS_PORTS[0]
+
+
+def cluster_servers(settings: Settings) -> list[Server]:
+    """Three KRaft nodes (each a broker and one of three controller voters), a Redis primary and its replica,
+    one ClickHouse server."""
+    root = Path(settings.stack_dir)
+    voters = ",".join(f"{i}@127.0.0.1:{port + 1}" for i, port in enumerate(CLUSTER_KAFKA_PORTS, 1))
+    cluster_id_file = root / "kafka-cluster-id"
+
+    def cluster_id() -> str:
+        if not cluster_id_file.exists():
+            cluster_id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+        return cluster_id_file.read_text()
+
+    def primary() -> int:
+        return redis_primary_port(root)
+
+    kafka = [_kafka(settings, root / f"kafka-{i}", KafkaNode(i, port, voters, CLUSTER_REPLICATION_FACTOR,
+                                                             CLUSTER_MIN_INSYNC_REPLICAS), f"kafka-{i}", cluster_id)
+             for i, port in enumerate(CLUSTER_KAFKA_PORTS, 1)]
+    redis = [_redis(root / f"redis-{port}", port, f"redis-{port}", primary) for port in CLUSTER_REDIS_PORTS]
+    return [*redis, _clickhouse(settings, root), *kafka]
+
+
+def promote_redis(settings: Settings) -> int:
+    """Make the cluster's Redis replica the primary (`REPLICAOF NO ONE`) and record it, so that `stack env`
+    names it and the former primary, started again by `stack up`, follows it; a former primary still running
+    (a planned switch-over) follows it at once. Clients are repointed by restarting them with the new
+    LEADSTREAM_REDIS_URL: there is no Sentinel here. Returns the new primary's port."""
+    import redis
+
+    root = Path(settings.stack_dir)
+    old = redis_primary_port(root)
+    new = next(port for port in CLUSTER_REDIS_PORTS if port != old)
+    redis.Redis(host="127.0.0.1", port=new).replicaof("NO", "ONE")
+    (root / "redis-primary").write_text(str(new))
+    try:
+        redis.Redis(host="127.0.0.1", port=old, socket_connect_timeout=1).replicaof("127.0.0.1", new)
+    except redis.ConnectionError:
+        pass  # it is down; it follows the new primary when it starts again
+    print(f"  redis      primary is now 127.0.0.1:{new} (was {old}); restart clients with "
+          f"LEADSTREAM_REDIS_URL=redis://127.0.0.1:{new}/0", flush=True)
+    return new
+
+
+def up(settings: Settings, cluster: bool = False) -> None:
+    print(f"Starting the local {'cluster ' if cluster else ''}stack in {settings.stack_dir}", flush=True)
+    if not cluster:
+        for server in servers(settings):
+            server.up()
+        return
+    Path(settings.stack_dir).mkdir(parents=True, exist_ok=True)
+    stack = servers(settings, cluster)  # together: a broker answers only once a quorum of controllers is up
+    for server, started in [(server, server.start()) for server in stack]:
+        server.wait_ready(started)
+
+
+def down(settings: Settings, cluster: bool = False) -> None:
     from leadstream.runner import stop_detached
 
     for pid_file in sorted((Path(settings.stack_dir) / "roles").glob("*.pid")):
         stop_detached(pid_file)
         print(f"  {pid_file.stem:<10} stopped", flush=True)
-    for server in reversed(servers(settings)):
+    for server in reversed(servers(settings, cluster)):
         server.down()
 
 
-def status(settings: Settings) -> bool:
+def status(settings: Settings, cluster: bool = False) -> bool:
     all_up = True
-    for server in servers(settings):
+    for server in servers(settings, cluster):
         state = server.status()
         all_up &= state.startswith("up")
         print(f"  {server.name:<10} {state}")
+    if cluster:
+        print(f"  redis primary: 127.0.0.1:{redis_primary_port(Path(settings.stack_dir))}")
     return all_up
 
 
-def main_stack(action: str, settings: Settings) -> int:
+CLIENT_SETTINGS = ("kafka_bootstrap", "kafka_replication_factor", "redis_url", "clickhouse_port",
+                   "clickhouse_http_port", "stack_dir")
+"""What the other commands need to be told to run against a stack (`stack env`)."""
+
+
+def env(settings: Settings) -> None:
+    for name in CLIENT_SETTINGS:
+        print(f"export LEADSTREAM_{name.upper()}={getattr(settings, name)}")
+
+
+def main_stack(action: str, settings: Settings, cluster: bool = False) -> int:
+    if cluster:
+        settings = cluster_settings(settings)
     try:
         if action == "up":
-            up(settings)
+            up(settings, cluster)
         elif action == "down":
-            down(settings)
+            down(settings, cluster)
+        elif action == "env":
+            env(settings)
+        elif action == "promote-redis":
+            if not cluster:
+                raise StackError("the single-server stack has no Redis replica; use --cluster")
+            promote_redis(settings)
         else:
-            return 0 if status(settings) else 1
+            return 0 if status(settings, cluster) else 1
     except StackError as err:
         print(f"leadstream stack {action}: {err}", file=sys.stderr)
         return 2

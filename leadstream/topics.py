@@ -1,4 +1,6 @@
-"""Create LeadStream's Kafka topics (the catalog in schemas/topics.py) with the configured partition count.
+"""Create LeadStream's Kafka topics (the catalog in schemas/topics.py) with the configured partition count and
+replication factor (1 on one broker; 3 on a cluster, where the brokers' min.insync.replicas=2 and the producers'
+acks=all make an acknowledged record survive the loss of a broker).
 
 Every topic has as many partitions as events.raw: the worker writes the outputs of raw partition p to
 partition p of each `input`-partitioned topic, which is what lets the sinks deduplicate by raw offset.
@@ -22,10 +24,12 @@ async def ensure_topics(kafka: KafkaConfig, verbose: bool = True) -> dict[str, i
         missing = [n for n in names if n not in existing]
         if missing:
             await admin.create_topics(
-                [NewTopic(n, num_partitions=kafka.partitions, replication_factor=1) for n in missing]
+                [NewTopic(n, num_partitions=kafka.partitions, replication_factor=kafka.replication_factor)
+                 for n in missing]
             )
             if verbose:
-                print(f"  created topics {', '.join(missing)} ({kafka.partitions} partitions)", flush=True)
+                print(f"  created topics {', '.join(missing)} ({kafka.partitions} partitions, "
+                      f"{kafka.replication_factor} replicas each)", flush=True)
         described = await admin.describe_topics(names)
         counts = {d["topic"]: len(d["partitions"]) for d in described}
     finally:

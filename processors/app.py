@@ -123,7 +123,8 @@ def create_app(settings: Settings, worker_name: str = "worker", processors: tupl
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.name("leadstream"),
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        broker=[f"kafka://{broker}" for broker in settings.kafka_bootstrap.split(",")],  # one URL per broker
+        topic_replication_factor=settings.kafka_replication_factor,  # its assignor's topic
         store="memory://",
         datadir=str(datadir),
         topic_partitions=settings.partitions,
@@ -149,7 +150,8 @@ def create_app(settings: Settings, worker_name: str = "worker", processors: tupl
 
     def add_processor(name: str, processor, store: RedisStateStore, topic, group: str) -> None:
         runner = ProcessorRunner(processor, store, producer, kafka.partitions, EVENTS_DLQ, kafka.topic(topic.name))
-        ingest = BatchIngest(kafka, topic.name, group, settings.batch(), runner.process, isolate=runner.isolate)
+        ingest = BatchIngest(kafka, topic.name, group, settings.batch(), runner.process, isolate=runner.isolate,
+                             resume_at=runner.resume_offsets)
         runners[name] = (runner, ingest)
         app.service(IngestService(ingest))
 

@@ -25,7 +25,8 @@ def _env(name: str, default: str) -> str:
 class Settings:
     """Every setting, with its default. Env var = LEADSTREAM_ + the upper-cased field name."""
 
-    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_bootstrap: str = "127.0.0.1:9092"  # one broker, or a list: host1:9092,host2:9092,host3:9092
+    kafka_replication_factor: int = 1  # copies of each topic `migrate` creates (3 on a cluster; README "Scaling out")
     kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
     kafka_sasl_mechanism: str = "PLAIN"  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (with SASL_*)
     kafka_sasl_username: str = ""
@@ -113,7 +114,8 @@ class Settings:
     def kafka(self) -> KafkaConfig:
         security = KafkaSecurity(self.kafka_security_protocol, self.kafka_sasl_mechanism, self.kafka_sasl_username,
                                  self.kafka_sasl_password, self.kafka_ssl_cafile)
-        return KafkaConfig(self.kafka_bootstrap, self.topic_prefix, self.partitions, self.max_record_bytes, security)
+        return KafkaConfig(self.kafka_bootstrap, self.topic_prefix, self.partitions, self.max_record_bytes, security,
+                           self.kafka_replication_factor)
 
     def clickhouse(self) -> ClickHouseConfig:
         return ClickHouseConfig(self.clickhouse_host, self.clickhouse_port, self.clickhouse_database,
@@ -170,7 +172,8 @@ class Settings:
 
     @property
     def kafka_port(self) -> int:
-        return int(self.kafka_bootstrap.rsplit(":", 1)[1])
+        """The first broker's port (the local stack's only one)."""
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
 
     @property
     def redis_port(self) -> int:
@@ -268,6 +271,7 @@ class KafkaConfig:
     partitions: int = 4
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # key + value of one produced record, at most
     security: KafkaSecurity = KafkaSecurity()
+    replication_factor: int = 1  # of the topics `migrate` creates
 
     def client_options(self) -> dict:
         """What every aiokafka client is constructed with: where the broker is and how to connect."""
