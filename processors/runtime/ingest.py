@@ -10,6 +10,10 @@ handed over in a rebalance only after the batch in flight is done.
 
 A batch whose handler keeps failing for a reason other than an outage (see backoff.py) goes to the
 consumer's `isolate`, which sets the failing records aside as dead letters: the partition moves on.
+
+A processor's state store, not Kafka, says where a newly assigned partition resumes (`resume_at`): Kafka's
+committed offset can be ahead of the state when the store lost its last writes (a Redis replica promoted
+before it had them), and starting there would skip records the state never saw.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from processors.runtime.backoff import retry_until_done
@@ -51,20 +55,23 @@ def consumer(kafka: KafkaConfig, group: str | None) -> AIOKafkaConsumer:
 
 Handler = Callable[[Sequence[Message]], Awaitable[object]]
 Isolate = Callable[[Sequence[Message], BaseException], Awaitable[object]]
+ResumeAt = Callable[[list[int]], Awaitable[dict[int, int]]]
+"""The offset each of these partitions resumes at (the sinks have none: they resume at Kafka's commit)."""
 
 
 class BatchIngest:
     """Feeds batches of `topic` to `handler` until stopped. `fill`: keep fetching until the batch is full
     or its time window is over (sinks, which want big inserts) rather than handling whatever one fetch
     returned (processors, which want low latency). `isolate`: how to get a poison batch through record by record
-    (None: retry it forever)."""
+    (None: retry it forever). `resume_at`: where assigned partitions resume (None: Kafka's committed offset)."""
 
     def __init__(self, kafka: KafkaConfig, topic: str, group: str, batch: BatchConfig, handler: Handler,
                  fill: bool = False, on_assigned: Callable[[list[int]], None] = lambda partitions: None,
-                 isolate: Isolate | None = None):
+                 isolate: Isolate | None = None, resume_at: ResumeAt | None = None):
         self.kafka, self.topic, self.group, self.batch = kafka, topic, group, batch
         self.handler = handler
         self.isolate = isolate
+        self.resume_at = resume_at
         self.fill = fill
         self.on_assigned = on_assigned
         self.consumer: AIOKafkaConsumer | None = None
@@ -134,4 +141,18 @@ class _FinishBatchFirst(ConsumerRebalanceListener):
             pass
 
     async def on_partitions_assigned(self, assigned) -> None:
-        self.ingest.on_assigned(sorted(tp.partition for tp in assigned))
+        partitions = sorted(tp.partition for tp in assigned)
+        ingest = self.ingest
+        if ingest.resume_at is not None and partitions:
+            offsets: dict[int, int] = {}
+
+            async def read() -> None:
+                offsets.update(await ingest.resume_at(partitions))
+
+            # Seeking here is how aiokafka's docs keep offsets outside Kafka (their local-state example).
+            # Until the store answers, no batch may start from Kafka's offset: wait for it.
+            await retry_until_done(read, f"{ingest.group}: where partitions {partitions} resume", log)
+            topic = ingest.kafka.topic(ingest.topic)
+            for partition, offset in offsets.items():
+                ingest.consumer.seek(TopicPartition(topic, partition), offset)
+        ingest.on_assigned(partitions)

@@ -11,7 +11,9 @@ Per batch:
   5. return, so the ingest commits the messages' Kafka offsets.
 A crash before 4 replays the batch from the same state and produces the same outputs again (the sinks
 drop them by raw offset or collapse them by version). A crash after 4 skips the batch in step 1: its
-outputs were acknowledged in step 3. A zombie that lost its partition fails the compare-and-set.
+outputs were acknowledged in step 3. A zombie that lost its partition fails the compare-and-set. A state
+store that lost its last commits (a promoted Redis replica) has older watermarks than Kafka's committed
+offsets: a partition resumes right after its watermark (`resume_offsets`), so those batches run again.
 
 Timers follow the same order: each partition's stream clock (event time, advanced by wall time while the
 partition is quiet) decides which of the processor's keys are due; the runner loads their states and
@@ -124,6 +126,12 @@ class ProcessorRunner:
             except PoisonRecord as poison:
                 await self._isolate(messages, poison)
                 return None
+
+    async def resume_offsets(self, partitions: list[int]) -> dict[int, int]:
+        """Where each of these newly assigned partitions resumes: right after its applied-offset watermark
+        (at 0 when nothing was applied; beyond the topic's retention Kafka starts at its earliest)."""
+        marks = await self.store.partition_marks(sorted(partitions))
+        return {partition: applied + 1 for partition, (applied, _) in marks.items()}
 
     async def isolate(self, messages: Sequence[Message], error: BaseException) -> None:
         """The ingest's way through a batch that failed the same way again and again (see module docstring)."""
