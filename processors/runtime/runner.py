@@ -3,7 +3,8 @@
 Per batch:
   1. skip messages at or below their partition's applied-offset watermark (already fully handled);
   2. the processor computes outputs, states, timers and further writes through a `Batch`, from the stored
-     states (deterministic, given the runtime's clock);
+     states (deterministic, given the runtime's clock); if the watermarks moved meanwhile (another worker
+     committed), those states may not be one snapshot: StaleBatch, before anything is produced;
   3. produce every output and wait for the broker's acks;
   4. commit the changed states, deadlines, watermarks and writes in one transaction that applies only if
      every partition's watermark is unchanged (compare-and-set); otherwise raise StaleBatch, and the
@@ -187,6 +188,12 @@ class ProcessorRunner:
         batch = self._batch()
         async with batch.locks:
             await METER.measured(self.processor.name, self._step(batch, fresh), len(fresh))
+            if await self.store.partition_marks(partitions) != marks:
+                # Another worker (a zombie that lost the partition, or its new owner) committed while this batch
+                # read its states, so they may mix that commit's states with older ones: outputs computed from
+                # them are no replay (an event already in a state is a duplicate, a dead letter). Produce nothing.
+                raise StaleBatch(f"{self.processor.name}: a partition of this batch moved on while it read its "
+                                 f"states; nothing was produced, the batch is recomputed")
             await METER.measured("produce", self.producer.send(batch.outputs), len(batch.outputs))
             commits = [self._commit(batch, p, marks[p][0], offset) for p, offset in applied.items()]
             committed = self.store.commit(commits, batch.writes, batch.fence, batch.guards)
