@@ -37,8 +37,8 @@ def apply_demo_rules(settings) -> int:
                                   SITE, "rules")
 
 
-def traffic_records() -> tuple[list, int]:
-    traffic = TrafficGenerator(visitors=250, seed=3, site_ids=(SITE,), malformed_ratio=0.0, duplicate_ratio=0.0,
+def traffic_records(visitors: int = 250) -> tuple[list, int]:
+    traffic = TrafficGenerator(visitors=visitors, seed=3, site_ids=(SITE,), malformed_ratio=0.0, duplicate_ratio=0.0,
                                start_ms=NOW_MS - 14 * 86_400_000, now_ms=NOW_MS)
     records = list(traffic.events())
     return records, traffic.valid

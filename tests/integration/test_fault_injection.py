@@ -51,11 +51,13 @@ def start_roles(settings) -> dict[str, Role]:
     }
 
 
-def wait_complete(settings, sent: int, roles: list[Role]) -> None:
-    """Every raw message an event or a dead letter, then every table's sink caught up."""
+def wait_complete(settings, sent: int, roles: list[Role], more_tables: tuple[str, ...] = ()) -> None:
+    """Every raw message an event or a dead letter, then every table's sink caught up (these tables' and
+    `more_tables`')."""
     wait_for(settings, "SELECT (SELECT count() FROM events) + (SELECT count() FROM dlq WHERE topic = %(topic)s)",
              sent, 240, roles, {"topic": settings.topic(EVENTS_RAW.name)}, label="events + dead letters")
-    wait_drained(settings, timeout_s=240, roles=roles, sink_tables=(*RAW_TABLES.split(","), *GRAPH_TABLES.split(",")))
+    wait_drained(settings, timeout_s=240, roles=roles,
+                 sink_tables=(*RAW_TABLES.split(","), *GRAPH_TABLES.split(","), *more_tables))
 
 
 def snapshot(settings) -> dict[str, list[tuple]]:
@@ -94,16 +96,17 @@ def uninterrupted_run(settings, records, roles: list[Role]) -> dict[str, list[tu
 class PacedProducer(threading.Thread):
     """Sends the traffic in chunks, a pause between them, alongside the chaos loop."""
 
-    def __init__(self, settings, records):
+    def __init__(self, settings, records, chunks: int = PRODUCE_CHUNKS, pace_s: float = PRODUCE_PACE_S):
         super().__init__(daemon=True)
         self.settings, self.records, self.error = settings, records, None
+        self.chunks, self.pace_s = chunks, pace_s
 
     def run(self) -> None:
-        size = -(-len(self.records) // PRODUCE_CHUNKS)
+        size = -(-len(self.records) // self.chunks)
         try:
             for start in range(0, len(self.records), size):
                 asyncio.run(produce(self.settings, self.records[start:start + size]))
-                time.sleep(PRODUCE_PACE_S)
+                time.sleep(self.pace_s)
         except Exception as err:  # re-raised by the test after join
             self.error = err
 
