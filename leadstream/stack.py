@@ -170,10 +170,6 @@ def local_sasl_port(settings: Settings) -> int:
     return _single_kafka_node(settings).sasl_port
 
 
-def _single_kafka_node(settings: Settings) -> KafkaNode:
-    return KafkaNode(1, settings.kafka_port, f"1@127.0.0.1:{settings.kafka_port + 1}")
-
-
 @dataclass(frozen=True)
 class KafkaNode:
     """One KRaft node (broker and controller in one process): its id, ports and the quorum it votes in."""
@@ -191,6 +187,10 @@ class KafkaNode:
     @property
     def sasl_port(self) -> int:
         return self.port + 2
+
+
+def _single_kafka_node(settings: Settings) -> KafkaNode:
+    return KafkaNode(1, settings.kafka_port, f"1@127.0.0.1:{settings.kafka_port + 1}")
 
 
 def _kafka(settings: Settings, data: Path, node: KafkaNode, name: str = "kafka",

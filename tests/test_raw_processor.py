@@ -3,7 +3,8 @@ and producer, and a clock the test holds.
 
 Proves the order of effects that makes at-least-once delivery safe: a replayed batch is skipped, a
 batch whose produce failed is replayed with the same outputs, a zombie that lost its partition writes
-nothing, and idle sessions close on the stream clock, by the declared timer. And what the runtime does for
+nothing, a batch that read its states across another worker's commit produces nothing, a partition resumes
+after its watermark, and idle sessions close on the stream clock, by the declared timer. And what the runtime does for
 the processor: unchanged states are not written again, and its versions come from the clock it was given.
 """
 
@@ -100,6 +101,32 @@ async def test_a_zombie_that_lost_its_partition_writes_nothing():
     with pytest.raises(StaleBatch):
         await zombie.process(messages([event(3, visitor="v9")], first_offset=1))
     assert states(store) == before and await applied(store, 0) == 1  # not even the identity graph was touched
+
+
+async def test_a_batch_that_read_its_states_across_another_workers_commit_produces_nothing():
+    """Two workers on one partition (a zombie and the new owner): the other one commits the same record while
+    this batch reads its states, which then hold that record already. Computed from them, the record would be
+    a duplicate_event dead letter: nothing may be produced from such a mix."""
+    store = MemoryStateStore()
+    owner, _, _ = runner(store)
+    late, _, late_producer = runner(store)
+    await owner.process(messages([event(1)], first_offset=0))
+    step = late.processor.step
+
+    async def step_while_the_owner_commits(batch, fresh):
+        await owner.process(messages([event(2)], first_offset=1))
+        await step(batch, fresh)
+
+    late.processor.step = step_while_the_owner_commits
+    with pytest.raises(StaleBatch):
+        await late.process(messages([event(2)], first_offset=1))
+    assert late_producer.sent == [] and await applied(store, 0) == 1
+
+
+async def test_a_partition_resumes_right_after_its_watermark():
+    run, store, _ = runner()
+    await run.process(messages([event(i) for i in range(5)]))
+    assert await run.resume_offsets([0, 1]) == {0: 5, 1: 0}  # partition 1: nothing applied, from its start
 
 
 async def _marks(view, partitions):
