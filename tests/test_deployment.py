@@ -154,3 +154,38 @@ def test_the_local_stack_servers_listen_on_loopback_only():
     assert re.findall(r"<ip>(.*?)</ip>", (local / "clickhouse-users.xml").read_text()) == ["127.0.0.1", "::1"]
     redis_conf = [line.split() for line in (local / "redis.conf").read_text().splitlines() if line.strip()]
     assert ["bind", "127.0.0.1"] in redis_conf and ["protected-mode", "yes"] in redis_conf
+
+
+def rendered_kafka(node, tmp_path: Path) -> dict[str, str]:
+    from leadstream import stack
+
+    target = tmp_path / f"server-{node.node_id}.properties"
+    stack._render(ROOT / "deploy" / "local" / "kafka-server.properties", target, data=tmp_path, port=node.port,
+                  node_id=node.node_id, voters=node.voters, controller_port=node.controller_port, partitions=4,
+                  sasl_port=node.sasl_port, sasl_user="u", sasl_password="p",
+                  replication_factor=node.replication_factor, min_insync_replicas=node.min_insync_replicas)
+    return env_file(target.read_text())
+
+
+def test_the_cluster_stack_never_meets_the_single_server_one_and_replicates_each_write_twice(tmp_path):
+    from leadstream import stack
+
+    single = Settings()
+    cluster = stack.cluster_settings(single)
+    assert cluster.stack_dir != single.stack_dir and cluster.kafka_replication_factor == 3
+    single_ports = {server.port for server in stack.servers(single)} | {9093, 9094}  # + controller, SASL
+    cluster_servers = stack.servers(cluster, cluster=True)
+    cluster_ports = {server.port for server in cluster_servers} | {p + d for p in stack.CLUSTER_KAFKA_PORTS
+                                                                   for d in (1, 2)}
+    assert not single_ports & cluster_ports and len(cluster_servers) == 6
+    assert [f"127.0.0.1:{port}" for port in stack.CLUSTER_KAFKA_PORTS] == cluster.kafka_bootstrap.split(",")
+
+    voters = ",".join(f"{i}@127.0.0.1:{port + 1}" for i, port in enumerate(stack.CLUSTER_KAFKA_PORTS, 1))
+    for node_id, port in enumerate(stack.CLUSTER_KAFKA_PORTS, 1):
+        config = rendered_kafka(stack.KafkaNode(node_id, port, voters, 3, 2), tmp_path)
+        assert config["node.id"] == str(node_id) and config["controller.quorum.voters"] == voters
+        assert config["default.replication.factor"] == config["offsets.topic.replication.factor"] == "3"
+        assert config["min.insync.replicas"] == config["transaction.state.log.min.isr"] == "2"
+    lone = rendered_kafka(stack._single_kafka_node(single), tmp_path)  # the single broker: as before
+    assert lone["node.id"] == "1" and lone["controller.quorum.voters"] == "1@127.0.0.1:9093"
+    assert lone["default.replication.factor"] == lone["min.insync.replicas"] == "1"
