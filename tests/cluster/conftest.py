@@ -125,7 +125,8 @@ def assert_same_outcome(got: dict[str, list], want: dict[str, list]) -> None:
             f"{name}: {len(got_rows)} rows, want {len(want[name])}; {len(missing)} missing {sorted(missing)[:3]}, "
             f"{len(extra)} extra {sorted(extra)[:3]}")
     if refired:
-        pytest.xfail(f"everything else equal, but {len(refired)} rules fired again in a merged lead family: {refired[:3]}")
+        pytest.xfail(f"everything else equal, but {len(refired)} rules fired again in a merged lead family: "
+                     f"{refired[:3]}")
 
 
 @dataclass
@@ -139,7 +140,7 @@ def start_roles(settings: Settings, workers: tuple[str, ...] = ("worker",)) -> d
     return {**started, "sink": Role(settings, "sink", "sink").start()}
 
 
-def run_pipeline(settings: Settings, roles: list, fault: Callable[[dict[str, Role]], None] = lambda running: None,
+def run_with_fault(settings: Settings, roles: list, fault: Callable[[dict[str, Role]], None] = lambda running: None,
                  workers: tuple[str, ...] = ("worker",)) -> Run:
     """The demo's rules and board, paced traffic through the workers and a sink; `fault(running roles)` once a
     third of the events are stored."""
@@ -170,7 +171,7 @@ def uninterrupted() -> Run:
     started: list[Role] = []
     try:
         with namespace(settings) as calm:
-            run = run_pipeline(calm, started)
+            run = run_with_fault(calm, started)
     finally:
         for role in started:
             role.stop()

@@ -21,7 +21,7 @@ from leadstream import stack
 from leadstream.runner import Role
 from schemas.redis_keys import RedisKeys
 from schemas.topics import CATALOG
-from tests.cluster.conftest import assert_same_outcome, cluster_server, run_pipeline
+from tests.cluster.conftest import assert_same_outcome, cluster_server, run_with_fault
 from tests.integration.conftest import namespace
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -66,7 +66,7 @@ def test_a_broker_sigkilled_mid_stream_costs_a_stall_and_nothing_else(cluster, u
         killed["caught_up_s"] = time.monotonic() - started
 
     with namespace(cluster) as s:
-        run = run_pipeline(s, roles, kill_the_busiest_broker)
+        run = run_with_fault(s, roles, kill_the_busiest_broker)
         stop_roles(roles)
     print(f"\nbroker kafka-{killed['node']} (leader of {killed['led']} of {killed['of']} partitions) SIGKILLed: "
           f"stall {run.stall_s:.1f} s (uninterrupted run {uninterrupted.stall_s:.1f} s); restarted after "
@@ -131,7 +131,7 @@ def test_b_redis_primary_sigkilled_and_a_lagging_replica_promoted_ends_exact(clu
 
     with namespace(cluster) as s:
         try:
-            run = run_pipeline(s, roles, fail_over)
+            run = run_with_fault(s, roles, fail_over)
         finally:  # a planned switch-over back, so that the namespace is dropped where it was made
             stop_roles(roles)
             primary_now = stack.redis_primary_port(Path(s.stack_dir))
@@ -171,7 +171,7 @@ def test_c_a_worker_cut_off_past_its_session_timeout_is_fenced_and_nothing_doubl
         frozen["log"] = worker.log_path
 
     with namespace(cluster) as s:
-        run = run_pipeline(s, roles, partition_the_worker, workers=("worker-a", "worker-b"))
+        run = run_with_fault(s, roles, partition_the_worker, workers=("worker-a", "worker-b"))
         stop_roles(roles)
     refusals = LATE_COMMIT_REFUSED.findall(frozen["log"].read_text(errors="replace"))
     print(f"\nworker-a frozen {SESSION_TIMEOUT_S + 10} s: stall {run.stall_s:.1f} s (uninterrupted run "
