@@ -187,7 +187,7 @@ def apply_definitions_text(settings: Settings, text: str, path: str, site_id: st
         print(f"  {entry} -> version {result.versions[entry]}")
     print("running workers pick the change up within about a second")
     if backfill is not None:
-        print(f"segment backfill wanted up to version {backfill}: the sinks (`leadstream sink`) bring every lead up"
+        print(f"segment backfill wanted up to version {backfill}: the workers that run the lead processor bring every lead up"
               f" to date and boards that import a segment get its members (`leadstream segments list --site"
               f" {site_id}` shows when it is done)")
     return 0
@@ -212,7 +212,7 @@ def list_definitions(settings: Settings, site_id: str, kind: str) -> int:
             print(f"  last segment backfill: version {done.version}, {done.leads:,} leads, {done.history_rows:,} "
                   f"history rows, {done.seconds:.1f} s")
         if pending is not None:
-            print(f"  segment backfill pending up to version {pending} (run by the sinks)")
+            print(f"  segment backfill pending up to version {pending} (run by the workers that run the lead processor)")
         for segment in site.segments:
             importers = [stored.board.id for stored in site.boards
                          if stored.board.import_ and stored.board.import_.segment == segment.id]
