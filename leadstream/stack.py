@@ -193,9 +193,21 @@ def _single_kafka_node(settings: Settings) -> KafkaNode:
     return KafkaNode(1, settings.kafka_port, f"1@127.0.0.1:{settings.kafka_port + 1}")
 
 
+def _new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def render_kafka_config(node: KafkaNode, target: Path, data: Path, partitions: int) -> None:
+    """The node's server.properties, from deploy/local's template."""
+    _render(DEPLOY_LOCAL / "kafka-server.properties", target, data=data, port=node.port, node_id=node.node_id,
+            voters=node.voters, controller_port=node.controller_port, partitions=partitions,
+            sasl_port=node.sasl_port, sasl_user=LOCAL_SASL_USER, sasl_password=LOCAL_SASL_PASSWORD,
+            replication_factor=node.replication_factor, min_insync_replicas=node.min_insync_replicas)
+
+
 def _kafka(settings: Settings, data: Path, node: KafkaNode, name: str = "kafka",
-           cluster_id: Callable[[], str] = lambda: base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-           ) -> Server:
+           cluster_id: Callable[[], str] = _new_cluster_id) -> Server:
     """A Kafka node; `cluster_id`: the id its storage is formatted with (a cluster's nodes share one)."""
     libs = Path(settings.cache_dir) / f"kafka-{settings.kafka_version}" / "libs"
 
@@ -217,10 +229,7 @@ def _kafka(settings: Settings, data: Path, node: KafkaNode, name: str = "kafka",
                 tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or ["no output"]
                 raise StackError(f"fetching Kafka jars with mvn failed: {tail[0]}")
         props = data / "server.properties"
-        _render(DEPLOY_LOCAL / "kafka-server.properties", props, data=data, port=node.port, node_id=node.node_id,
-                voters=node.voters, controller_port=node.controller_port, partitions=settings.partitions,
-                sasl_port=node.sasl_port, sasl_user=LOCAL_SASL_USER, sasl_password=LOCAL_SASL_PASSWORD,
-                replication_factor=node.replication_factor, min_insync_replicas=node.min_insync_replicas)
+        render_kafka_config(node, props, data, settings.partitions)
         shutil.copy(DEPLOY_LOCAL / "kafka-log4j.properties", data / "log4j.properties")
         if not (data / "kafka-logs" / "meta.properties").exists():
             format_kafka_storage(libs, props, cluster_id())
@@ -368,7 +377,7 @@ def cluster_servers(settings: Settings) -> list[Server]:
 
     def cluster_id() -> str:
         if not cluster_id_file.exists():
-            cluster_id_file.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))
+            cluster_id_file.write_text(_new_cluster_id())
         return cluster_id_file.read_text()
 
     def primary() -> int:

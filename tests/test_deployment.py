@@ -160,10 +160,7 @@ def rendered_kafka(node, tmp_path: Path) -> dict[str, str]:
     from leadstream import stack
 
     target = tmp_path / f"server-{node.node_id}.properties"
-    stack._render(ROOT / "deploy" / "local" / "kafka-server.properties", target, data=tmp_path, port=node.port,
-                  node_id=node.node_id, voters=node.voters, controller_port=node.controller_port, partitions=4,
-                  sasl_port=node.sasl_port, sasl_user="u", sasl_password="p",
-                  replication_factor=node.replication_factor, min_insync_replicas=node.min_insync_replicas)
+    stack.render_kafka_config(node, target, tmp_path, partitions=4)
     return env_file(target.read_text())
 
 

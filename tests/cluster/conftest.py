@@ -31,12 +31,17 @@ VISITORS = 800  # about 6,000 events
 PRODUCE_CHUNKS, PRODUCE_PACE_S = 40, 1.0  # about a minute of traffic: a fault a third of the way in is mid-stream
 
 
-@pytest.fixture
-def cluster() -> Settings:
-    """The cluster stack's settings, read afresh for each test (a Redis failover moves the primary)."""
+def cluster_up() -> Settings:
+    """The cluster stack, started if it is not up, and its settings read afresh (a Redis failover moves the
+    primary)."""
     settings = stack.cluster_settings(replace(Settings.from_env(), server_secret=SERVER_SECRET))
     stack.up(settings, cluster=True)
     return settings
+
+
+@pytest.fixture
+def cluster() -> Settings:
+    return cluster_up()
 
 
 def cluster_server(settings: Settings, name: str) -> stack.Server:
@@ -172,8 +177,7 @@ def run_with_fault(settings: Settings, roles: list, fault: Callable[[dict[str, R
 
 @pytest.fixture(scope="session")
 def uninterrupted() -> Run:
-    settings = stack.cluster_settings(replace(Settings.from_env(), server_secret=SERVER_SECRET))
-    stack.up(settings, cluster=True)
+    settings = cluster_up()
     started: list[Role] = []
     try:
         with namespace(settings) as calm:

@@ -97,7 +97,7 @@ def wait_in_sync(replica_port: int, timeout_s: float = 60) -> None:
 
 def test_b_redis_primary_sigkilled_and_a_lagging_replica_promoted_ends_exact(cluster, uninterrupted, roles):
     """The replica is frozen (SIGSTOP) for a few seconds before the primary dies, so it lacks the last commits:
-    each stage's state and watermarks roll back together (one transaction), and the stages process again,
+    each processor's state and watermarks roll back together (one transaction), and the processors process again,
     from Kafka, every record after their watermark."""
     replay: dict = {}
 
