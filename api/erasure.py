@@ -312,7 +312,9 @@ class Erasures:
                 counts[table] = int(client.execute(f"SELECT count() FROM {table} WHERE {where}", params)[0][0])
                 if counts[table]:
                     where, params = condition(table, person, erasure_id)
-                    client.execute(f"ALTER TABLE {table} DELETE WHERE {where}", params)
+                    clickhouse.on_each_shard(self.clickhouse_config,
+                                             f"ALTER TABLE {clickhouse.local_table(self.clickhouse_config, table)} "
+                                             f"DELETE WHERE {where}", params)
                     mutations.append([table, erasure_id])
             return counts, mutations
         finally:
@@ -369,16 +371,16 @@ class Erasures:
         return person
 
     def _mutations_done(self, job: ErasureJob) -> bool:
-        client = clickhouse.connect(self.clickhouse_config)
-        try:
-            tables = tuple(sorted({table for table, _ in job.mutations}))
-            rows = client.execute("SELECT table, min(is_done) FROM system.mutations WHERE database = currentDatabase() "
-                                  "AND table IN %(tables)s AND position(command, %(tag)s) > 0 GROUP BY table",
-                                  {"tables": tables, "tag": job.erasure_id})
-            done = {table for table, is_done in rows if is_done}
-            return done >= set(tables)
-        finally:
-            client.disconnect()
+        """Every mutation it started is done, on every shard."""
+        config = self.clickhouse_config
+        tables = tuple(sorted({clickhouse.local_table(config, table) for table, _ in job.mutations}))
+        for rows in clickhouse.on_each_shard(
+                config, "SELECT table, min(is_done) FROM system.mutations WHERE database = currentDatabase() "
+                        "AND table IN %(tables)s AND position(command, %(tag)s) > 0 GROUP BY table",
+                {"tables": tables, "tag": job.erasure_id}):
+            if {table for table, is_done in rows if is_done} < set(tables):
+                return False
+        return True
 
     async def wait(self, site_id: str, erasure_id: str, timeout_s: float = 600, poll_s: float = 0.5) -> ErasureJob:
         deadline = time.monotonic() + timeout_s

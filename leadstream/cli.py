@@ -73,7 +73,7 @@ def _retention(settings: Settings, ttl_only: bool = False) -> int:
                 return 0
             rows = retention.reconcile_ttl(client, settings.retention())
         else:
-            rows = retention.run_retention(client, settings.retention())
+            rows = retention.run_retention(client, settings.retention(), sharded=settings.clickhouse())
     finally:
         client.disconnect()
     for row in rows:

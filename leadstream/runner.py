@@ -213,8 +213,7 @@ def drop_namespace(settings: Settings) -> None:
     """Remove everything a throwaway namespace (a test's, a benchmark's) created: its topics, its ClickHouse
     database and its Redis keys."""
     asyncio.run(delete_topics(settings.kafka()))
-    clickhouse.connect(settings.clickhouse(), database="default").execute(
-        f"DROP DATABASE IF EXISTS {settings.clickhouse_database}")
+    clickhouse.drop_database(settings.clickhouse())
     forget_redis_keys(settings)
 
 

@@ -7,7 +7,8 @@ started and `up` is idempotent.
 
 `--cluster`: a second stack, on ports and in a directory of its own (`cluster_settings`), for the fault tests
 of tests/cluster: three Kafka nodes (replication factor 3, min.insync.replicas 2), a Redis primary with a
-replica (`promote-redis` fails over to it) and ClickHouse.
+replica (`promote-redis` fails over to it) and two ClickHouse servers, the two shards of the cluster
+`leadstream` (clients get LEADSTREAM_CLICKHOUSE_CLUSTER=leadstream: sinks/clickhouse.py's sharded tables).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from schemas.settings import REPO_ROOT, Settings
 
@@ -278,16 +279,18 @@ def _kafka_answers(bootstrap: str) -> bool:
     return asyncio.run(probe())
 
 
-def _clickhouse(settings: Settings, root: Path) -> Server:
-    data = root / "clickhouse"
+def _clickhouse(data: Path, tcp_port: int, http_port: int, name: str = "clickhouse",
+                shards: Sequence[int] = ()) -> Server:
+    """A ClickHouse server; `shards`: the TCP ports of a cluster's shards (this one among them), which its
+    config names as the cluster `CLICKHOUSE_CLUSTER` for its Distributed tables."""
 
     def install() -> None:
         if shutil.which("clickhouse-server") is None and shutil.which("clickhouse") is None:
             _apt_install("clickhouse-server", "clickhouse-client")
         for sub in ("data", "tmp", "user_files", "format_schemas"):
             (data / sub).mkdir(parents=True, exist_ok=True)
-        _render(DEPLOY_LOCAL / "clickhouse-config.xml", data / "config.xml", data=data,
-                tcp_port=settings.clickhouse_port, http_port=settings.clickhouse_http_port)
+        _render(DEPLOY_LOCAL / "clickhouse-config.xml", data / "config.xml", data=data, tcp_port=tcp_port,
+                http_port=http_port, remote_servers=remote_servers(CLICKHOUSE_CLUSTER, shards) if shards else "")
         shutil.copy(DEPLOY_LOCAL / "clickhouse-users.xml", data / "users.xml")
 
     def command() -> list[str]:
@@ -299,12 +302,19 @@ def _clickhouse(settings: Settings, root: Path) -> Server:
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{settings.clickhouse_http_port}/?query=SELECT%201", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/?query=SELECT%201", timeout=2) as r:
                 return r.read().strip() == b"1"
         except OSError:
             return False
 
-    return Server("clickhouse", settings.clickhouse_port, install, command, ready, data)
+    return Server(name, tcp_port, install, command, ready, data)
+
+
+def remote_servers(cluster: str, shard_ports: Sequence[int]) -> str:
+    """A `remote_servers` config section: one shard of one replica per port, on 127.0.0.1."""
+    shards = "".join(f"<shard><replica><host>127.0.0.1</host><port>{port}</port></replica></shard>"
+                     for port in shard_ports)
+    return f"<remote_servers><{cluster}>{shards}</{cluster}></remote_servers>"
 
 
 def _redis(data: Path, port: int, name: str = "redis", primary: Callable[[], int | None] = lambda: None) -> Server:
@@ -339,13 +349,15 @@ def servers(settings: Settings, cluster: bool = False) -> list[Server]:
     if cluster:
         return cluster_servers(settings)
     root = Path(settings.stack_dir)
-    return [_redis(root / "redis", settings.redis_port), _clickhouse(settings, root),
+    return [_redis(root / "redis", settings.redis_port),
+            _clickhouse(root / "clickhouse", settings.clickhouse_port, settings.clickhouse_http_port),
             _kafka(settings, root / "kafka", _single_kafka_node(settings))]
 
 
 CLUSTER_KAFKA_PORTS = (19092, 19192, 19292)  # each node's controller listens on port + 1, its SASL one on + 2
 CLUSTER_REDIS_PORTS = (16379, 16380)  # the first is the primary until `stack promote-redis --cluster`
-CLUSTER_CLICKHOUSE_PORT, CLUSTER_CLICKHOUSE_HTTP_PORT = 19000, 18123
+CLUSTER_CLICKHOUSE_SHARDS = ((19000, 18123), (19010, 18133))  # (TCP, HTTP) of each shard; clients use the first
+CLICKHOUSE_CLUSTER = "leadstream"
 CLUSTER_REPLICATION_FACTOR, CLUSTER_MIN_INSYNC_REPLICAS = 3, 2
 
 
@@ -356,7 +368,8 @@ def cluster_settings(settings: Settings) -> Settings:
     return replace(settings, kafka_bootstrap=",".join(f"127.0.0.1:{port}" for port in CLUSTER_KAFKA_PORTS),
                    kafka_replication_factor=CLUSTER_REPLICATION_FACTOR,
                    redis_url=f"redis://127.0.0.1:{redis_primary_port(Path(stack_dir))}/0",
-                   clickhouse_port=CLUSTER_CLICKHOUSE_PORT, clickhouse_http_port=CLUSTER_CLICKHOUSE_HTTP_PORT,
+                   clickhouse_port=CLUSTER_CLICKHOUSE_SHARDS[0][0], clickhouse_http_port=CLUSTER_CLICKHOUSE_SHARDS[0][1],
+                   clickhouse_cluster=CLICKHOUSE_CLUSTER,
                    stack_dir=stack_dir)
 
 
@@ -370,7 +383,7 @@ def redis_primary_port(root: Path) -> int:
 
 def cluster_servers(settings: Settings) -> list[Server]:
     """Three KRaft nodes (each a broker and one of three controller voters), a Redis primary and its replica,
-    one ClickHouse server."""
+    two ClickHouse shards."""
     root = Path(settings.stack_dir)
     voters = ",".join(f"{i}@127.0.0.1:{port + 1}" for i, port in enumerate(CLUSTER_KAFKA_PORTS, 1))
     cluster_id_file = root / "kafka-cluster-id"
@@ -387,7 +400,10 @@ def cluster_servers(settings: Settings) -> list[Server]:
                                                              CLUSTER_MIN_INSYNC_REPLICAS), f"kafka-{i}", cluster_id)
              for i, port in enumerate(CLUSTER_KAFKA_PORTS, 1)]
     redis = [_redis(root / f"redis-{port}", port, f"redis-{port}", primary) for port in CLUSTER_REDIS_PORTS]
-    return [*redis, _clickhouse(settings, root), *kafka]
+    tcp_ports = [tcp for tcp, _ in CLUSTER_CLICKHOUSE_SHARDS]
+    clickhouse = [_clickhouse(root / f"clickhouse-{i}", tcp, http, f"clickhouse-{i}", tcp_ports)
+                  for i, (tcp, http) in enumerate(CLUSTER_CLICKHOUSE_SHARDS, 1)]
+    return [*redis, *clickhouse, *kafka]
 
 
 def promote_redis(settings: Settings) -> int:
@@ -445,7 +461,7 @@ def status(settings: Settings, cluster: bool = False) -> bool:
 
 
 CLIENT_SETTINGS = ("kafka_bootstrap", "kafka_replication_factor", "redis_url", "clickhouse_port",
-                   "clickhouse_http_port", "stack_dir")
+                   "clickhouse_http_port", "clickhouse_cluster", "stack_dir")
 """What the other commands need to be told to run against a stack (`stack env`)."""
 
 

@@ -40,6 +40,7 @@ class Settings:
     clickhouse_database: str = "leadstream"
     clickhouse_user: str = "default"
     clickhouse_password: str = field(default="", repr=False)
+    clickhouse_cluster: str = ""  # a cluster in the servers' remote_servers: sharded tables (README "Scaling out")
     redis_url: str = "redis://127.0.0.1:6379/0"
     stack_dir: str = str(REPO_ROOT / ".stack")
     cache_dir: str = str(Path.home() / ".cache" / "leadstream")
@@ -119,7 +120,7 @@ class Settings:
 
     def clickhouse(self) -> ClickHouseConfig:
         return ClickHouseConfig(self.clickhouse_host, self.clickhouse_port, self.clickhouse_database,
-                                self.clickhouse_user, self.clickhouse_password)
+                                self.clickhouse_user, self.clickhouse_password, self.clickhouse_cluster)
 
     def privacy(self) -> PrivacyPolicy:
         if self.ip_keep_full not in (0, 1):
@@ -291,6 +292,7 @@ class ClickHouseConfig:
     database: str
     user: str = "default"
     password: str = ""
+    cluster: str = ""  # '': one server; else each table is a `Distributed` table over its shards' `<table>_local`
 
 
 @dataclass(frozen=True)

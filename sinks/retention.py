@@ -147,10 +147,12 @@ def reconcile_ttl(client: Client, policy: RetentionPolicy, tables: Sequence[str]
     return done
 
 
-def _delete_old_rows(client: Client, table: str, days: int, today: date) -> RunRow:
-    """The 18.16 way: drop whole months older than the cutoff, then one mutation for the straddling month."""
+def _delete_old_rows(client: Client, table: str, days: int, today: date, name: str = "") -> RunRow:
+    """The 18.16 way: drop whole months older than the cutoff, then one mutation for the straddling month.
+    `name`: the table's name on this server, when it is not `table` (a shard's local table)."""
     spec, cutoff = RETAINED[table], cutoff_date(today, days)
-    params = {"table": table, "cutoff": cutoff.isoformat()}
+    params = {"table": name or table, "cutoff": cutoff.isoformat()}
+    table = name or table
     pending = client.execute("SELECT count() FROM system.mutations WHERE database = currentDatabase() "
                              "AND table = %(table)s AND is_done = 0", params)[0][0]
     if pending:
@@ -168,9 +170,34 @@ def _delete_old_rows(client: Client, table: str, days: int, today: date) -> RunR
     left = client.execute(old_sql, params)[0][0] if dropped else rows
     if left:
         client.execute(f"ALTER TABLE {table} DELETE WHERE {spec.date} < toDate(%(cutoff)s)", params)
-    action = {(False, False): "nothing", (True, False): "dropped", (False, True): "deleted",
-              (True, True): "dropped_and_deleted"}[(bool(dropped), bool(left))]
-    return RunRow(table, days, cutoff, action, dropped, rows, _now_ms())
+    return RunRow(spec_name(table), days, cutoff, _action(bool(dropped), bool(left)), dropped, rows, _now_ms())
+
+
+def spec_name(name: str) -> str:
+    """The retained table a shard's local table belongs to."""
+    return name.removesuffix("_local") if name.removesuffix("_local") in RETAINED else name
+
+
+def _action(dropped: bool, deleted: bool) -> str:
+    return {(False, False): "nothing", (True, False): "dropped", (False, True): "deleted",
+            (True, True): "dropped_and_deleted"}[(dropped, deleted)]
+
+
+def _delete_on_shards(config: ClickHouseConfig, table: str, days: int, today: date) -> RunRow:
+    """`_delete_old_rows` on each shard's local table, told as one run of the table."""
+    runs = []
+    for shard in clickhouse.shard_configs(config):
+        client = clickhouse.connect(shard)
+        try:
+            runs.append(_delete_old_rows(client, table, days, today, clickhouse.local_table(config, table)))
+        finally:
+            client.disconnect()
+    if any(run.action == "pending" for run in runs):
+        return RunRow(table, days, runs[0].cutoff, "pending", [], 0, _now_ms())
+    dropped = sorted({partition for run in runs for partition in run.partitions})
+    deleted = any(run.action in ("deleted", "dropped_and_deleted") for run in runs)
+    return RunRow(table, days, runs[0].cutoff, _action(bool(dropped), deleted), dropped,
+                  sum(run.rows for run in runs), _now_ms())
 
 
 def _recently_run(client: Client) -> set[str]:
@@ -180,9 +207,10 @@ def _recently_run(client: Client) -> set[str]:
 
 
 def run_retention(client: Client, policy: RetentionPolicy, tables: Sequence[str] | None = None,
-                  force: bool = True) -> list[RunRow]:
+                  force: bool = True, sharded: ClickHouseConfig | None = None) -> list[RunRow]:
     """One retention run over `tables` (default: every retained table), logged in `retention_runs`.
-    `force=False` skips the tables some process ran in the last 20 hours (the sinks' daily run)."""
+    `force=False` skips the tables some process ran in the last 20 hours (the sinks' daily run).
+    `sharded`: the config of sharded tables (the client's), whose rows are deleted on each shard."""
     wanted = [t for t in (RETAINED if tables is None else tables) if t in RETAINED]
     if not force:
         recent = _recently_run(client)
@@ -191,14 +219,18 @@ def run_retention(client: Client, policy: RetentionPolicy, tables: Sequence[str]
         return []
     version = client.execute("SELECT version()")[0][0]
     today = datetime.now(timezone.utc).date()
+    if sharded is not None and sharded.cluster and supports_ttl(version):
+        raise NotImplementedError("table TTL on sharded tables: set it on each shard's <table>_local by hand "
+                                  "(README, Scaling out); the 18.16 way (drop and delete) is what runs here")
     if supports_ttl(version):
         changed = {row.table_name: row for row in reconcile_ttl(client, policy, wanted)}
         done = [changed.get(t) or RunRow(t, policy.days.get(t, 0), cutoff_date(today, policy.days.get(t, 0)),
                                          "ttl_kept", [], 0, _now_ms()) for t in wanted]
     else:
         existing = _engines(client)
-        done = [_delete_old_rows(client, t, policy.days[t], today) for t in wanted
-                if policy.days.get(t, 0) and t in existing]
+        done = [_delete_on_shards(sharded, t, policy.days[t], today) if sharded is not None and sharded.cluster
+                else _delete_old_rows(client, t, policy.days[t], today)
+                for t in wanted if policy.days.get(t, 0) and t in existing]
     clickhouse.insert_columnar(client, "retention_runs", RUN_COLUMNS,
                                [[getattr(row, c) for c in RUN_COLUMNS] for row in done])
     return done
@@ -233,6 +265,6 @@ class RetentionJob:
     def _run_once(self) -> list[RunRow]:
         client = clickhouse.connect(self.config)
         try:
-            return run_retention(client, self.policy, force=False)
+            return run_retention(client, self.policy, force=False, sharded=self.config)
         finally:
             client.disconnect()

@@ -170,11 +170,12 @@ def test_the_cluster_stack_never_meets_the_single_server_one_and_replicates_each
     single = Settings()
     cluster = stack.cluster_settings(single)
     assert cluster.stack_dir != single.stack_dir and cluster.kafka_replication_factor == 3
-    single_ports = {server.port for server in stack.servers(single)} | {9093, 9094}  # + controller, SASL
-    cluster_servers = stack.servers(cluster, cluster=True)
+    single_ports = {server.port for server in stack.servers(single)} | {9093, 9094, single.clickhouse_http_port}
+    cluster_servers = stack.servers(cluster, cluster=True)  # 3 brokers, 2 Redis, 2 ClickHouse shards
     cluster_ports = {server.port for server in cluster_servers} | {p + d for p in stack.CLUSTER_KAFKA_PORTS
-                                                                   for d in (1, 2)}
-    assert not single_ports & cluster_ports and len(cluster_servers) == 6
+                                                                   for d in (1, 2)} | {
+        http for _, http in stack.CLUSTER_CLICKHOUSE_SHARDS}
+    assert not single_ports & cluster_ports and len(cluster_servers) == 7
     assert [f"127.0.0.1:{port}" for port in stack.CLUSTER_KAFKA_PORTS] == cluster.kafka_bootstrap.split(",")
 
     voters = ",".join(f"{i}@127.0.0.1:{port + 1}" for i, port in enumerate(stack.CLUSTER_KAFKA_PORTS, 1))

@@ -1,5 +1,6 @@
 """The pipeline survives the cluster's faults, not just its own process's: a broker SIGKILLed, the Redis primary
-SIGKILLed and its lagging replica promoted, a worker cut off from the brokers past its session timeout. Each
+SIGKILLed and its lagging replica promoted, a worker cut off from the brokers past its session timeout, a
+ClickHouse shard down for 30 s. Each
 run ends with exactly what the uninterrupted run stored, and prints what the fault cost."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from leadstream import stack
 from leadstream.runner import Role
 from schemas.redis_keys import RedisKeys
 from schemas.topics import CATALOG
+from sinks.clickhouse import connect, shard_configs
 from tests.cluster.conftest import assert_same_outcome, cluster_server, run_with_fault
 from tests.integration.conftest import namespace
 
@@ -28,6 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 BROKER_DOWN_S = 20
 REPLICA_BEHIND_S = 3
+SHARD_DOWN_S = 30
 SESSION_TIMEOUT_S = 10  # aiokafka's default session_timeout_ms, which the ingest keeps
 PROCESSORS = ("raw", "lead", "account", "board")  # the ones with state and watermarks
 
@@ -176,4 +179,39 @@ def test_c_a_worker_cut_off_past_its_session_timeout_is_fenced_and_nothing_doubl
     refusals = LATE_COMMIT_REFUSED.findall(frozen["log"].read_text(errors="replace"))
     print(f"\nworker-a frozen {SESSION_TIMEOUT_S + 10} s: stall {run.stall_s:.1f} s (uninterrupted run "
           f"{uninterrupted.stall_s:.1f} s); its late commits refused {len(refusals)} times ({Counter(refusals)})")
+    assert_same_outcome(run.outcome, uninterrupted.outcome)
+
+
+def rows_per_shard(settings, table: str) -> list[int]:
+    return [connect(shard).execute(f"SELECT count() FROM {table}_local")[0][0]
+            for shard in shard_configs(settings.clickhouse())]
+
+
+def test_d_a_clickhouse_shard_down_for_30_s_costs_a_stall_and_nothing_else(cluster, uninterrupted, roles):
+    """The second shard is SIGKILLed and started again 30 s later. Meanwhile every insert fails (they are
+    synchronous: no shard takes part of one) and the sinks retry them, while Kafka holds the rows; the workers
+    and the board never wait on ClickHouse."""
+    down: dict = {}
+
+    def stop_a_shard(running) -> None:
+        shard = cluster_server(s, "clickhouse-2")
+        pid = shard.pid()
+        os.killpg(pid, signal.SIGKILL)
+        while shard.pid() == pid:
+            time.sleep(0.05)
+        time.sleep(SHARD_DOWN_S)
+        started = time.monotonic()
+        shard.up()
+        down["restart_s"] = time.monotonic() - started
+
+    with namespace(cluster) as s:
+        run = run_with_fault(s, roles, stop_a_shard)
+        stop_roles(roles)
+        events_per_shard = rows_per_shard(s, "events")
+        retried = sum(len(re.findall(r": batch of \d+ failed", role.log_path.read_text(errors="replace"))) for role in roles if role.name == "sink")
+    print(f"\nClickHouse shard 2 SIGKILLed, started again {SHARD_DOWN_S} s later (up in {down['restart_s']:.1f} s): "
+          f"stall {run.stall_s:.1f} s (uninterrupted run {uninterrupted.stall_s:.1f} s); {retried} inserts retried; "
+          f"events per shard {events_per_shard}")
+    assert all(events_per_shard), "one shard holds every event: the fault did not test sharding"
+    assert run.stall_s >= SHARD_DOWN_S * 0.8, "the events were readable while a shard was down"
     assert_same_outcome(run.outcome, uninterrupted.outcome)
