@@ -15,6 +15,9 @@ Per record of the feed, the rules first, then the segments (with the lead from b
 - a merge (arriving on the absorbed lead's feed, after its last event) retires the absorbed lead (it leaves
   its segments) and hands its state to the survivor as a `LeadHandover`, which the survivor's partition
   merges once (the survivor takes its counted events and enters what it now qualifies for);
+- a `MergeNotice` (the raw processor's, on the survivor's feed with the merge) makes the survivor hold what
+  it hears next until the hand-over arrives, so that a rule the absorbed lead fired once is not fired again
+  however the partitions interleave (at most MAX_HELD records or HOLD_MS of stream time);
 - an event or a backfill for a retired lead (in flight during its merge) is forwarded to the survivor;
 - a `SegmentBackfill` (a segment or a board importing one was applied) brings history for new counts and
   re-evaluates the lead; its cards hear its facts again (the import step, actor `import`);
@@ -32,6 +35,7 @@ exactly when it is committed).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
@@ -54,18 +58,24 @@ from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent
 from schemas.records import digest
 from schemas.redis_keys import RedisKeys
-from schemas.rules import LeadHandover, LeadSnapshot, TagByHand
+from schemas.rules import LeadHandover, LeadSnapshot, MergeNotice, TagByHand
 from schemas.segments import DefinitionsMark, SegmentBackfill
-from schemas.topics import (BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS,
+from schemas.topics import (BOARD_COMMANDS, LEADS_ACTIVITY, RECORD_TYPE_HEADER, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS,
                             SEGMENTS_ACCOUNT_LEADS, SEGMENTS_CHANGES)
+
+log = logging.getLogger(__name__)
 
 Record = EnrichedEvent | IdentityEvent | LeadHandover | SegmentBackfill | TagByHand
 IMPORT_ACTOR = "import"  # what a card entering a board by the import step (a backfill) records as its cause
+MAX_HELD = 200  # records a lead holds for a hand-over at most; the next one ends the wait
+HOLD_MS = 15 * 60_000  # stream time a lead waits for a hand-over at most (it comes one hop after its notice)
 
 
 def _record_id(record: Record) -> str:
     if isinstance(record, LeadHandover):
         return record.handover_id
+    if isinstance(record, MergeNotice):
+        return record.notice_id
     if isinstance(record, IdentityEvent):
         return record.identity_event_id
     if isinstance(record, SegmentBackfill):
@@ -97,7 +107,7 @@ def _erased(ledger: Ledger, record: Record) -> bool:
         return True
     if isinstance(record, IdentityEvent):
         return ledger.drops(site, record.visitor_id, record.lead_id) or ledger.drops(site, lead_id=record.from_lead_id)
-    if isinstance(record, LeadHandover):
+    if isinstance(record, (LeadHandover, MergeNotice)):
         return ledger.drops(site, lead_id=record.from_lead_id)
     if isinstance(record, EnrichedEvent):
         return ledger.drops(site, record.visitor_id)
@@ -170,6 +180,12 @@ class LeadProcessor:
         setup = self.sites[state.site_id]
         cause = f"hour:{now_ms}"
         lead = _Lead(key, state, cause)
+        if state.awaiting and now_ms >= state.awaiting_until_ms:
+            log.warning("lead %s waited %d min for %s: it stops waiting", state.lead_id, HOLD_MS // 60_000,
+                        state.awaiting)
+            self._release(lead, {key: lead}, batch)
+            state = lead.state
+            lead.cause_id = cause
         self._segments(lead, state, segments.on_hour(setup.segments, state, now_ms, self.companies), cause,
                        now_ms, batch)
         before_pass = lead.state
@@ -180,8 +196,60 @@ class LeadProcessor:
         self._tell_boards(lead, state, batch)
         self._finish([lead], batch)
 
-    def _apply(self, record: Record, leads: dict[str, _Lead], batch: Batch) -> None:
+    def _apply(self, record: Record | MergeNotice, leads: dict[str, _Lead], batch: Batch) -> None:
+        """A record in its lead's order; while the lead awaits a merge's hand-over, held (see `_expect`)."""
         lead = leads[self.leads.key(*_subject(record))]
+        if isinstance(record, MergeNotice):
+            self._expect(lead, record)
+            return
+        awaited = isinstance(record, LeadHandover) and record.handover_id in lead.state.awaiting
+        if lead.state.awaiting and not awaited:
+            if len(lead.state.held) < MAX_HELD:
+                self._hold(lead, record)
+                return
+            log.warning("lead %s held %d records waiting for %s: it stops waiting", lead.state.lead_id,
+                        MAX_HELD, lead.state.awaiting)
+            self._release(lead, leads, batch)
+        self._apply_now(record, lead, batch)
+        if awaited:
+            state = lead.state.copy()
+            state.awaiting.remove(record.handover_id)
+            lead.state = state
+            if not state.awaiting:
+                self._release(lead, leads, batch)
+
+    @staticmethod
+    def _expect(lead: _Lead, notice: MergeNotice) -> None:
+        """A merge's notice: what the survivor hears from now on waits for the absorbed lead's hand-over, so
+        that it sees the absorbed lead's firings (a rule fired once per lead does not fire again) however the
+        lead feed's partitions interleave. Nothing to wait for when the hand-over came first, or when told
+        twice."""
+        state = lead.state
+        if notice.from_lead_id in state.merged_from or notice.handover_id in state.awaiting or state.merged_into:
+            return
+        state = state.copy()
+        state.awaiting.append(notice.handover_id)
+        state.awaiting_until_ms = max(state.awaiting_until_ms, notice.ts_ms + HOLD_MS)
+        lead.state = state
+
+    @staticmethod
+    def _hold(lead: _Lead, record: Record) -> None:
+        state = lead.state.copy()
+        type_name = LEADS_ACTIVITY.headers(type(record))[0][1].decode()
+        state.held.append([type_name, record.to_json().decode()])
+        lead.state = state
+
+    def _release(self, lead: _Lead, leads: dict[str, _Lead], batch: Batch) -> None:
+        """The wait is over (its hand-overs came, or it ran out): the held records, in their order."""
+        held = lead.state.held
+        state = lead.state.copy()
+        state.awaiting, state.awaiting_until_ms, state.held = [], 0, []
+        lead.state = state
+        for type_name, value in held:
+            self._apply(LEADS_ACTIVITY.decode(value.encode(), [(RECORD_TYPE_HEADER, type_name.encode())]), leads,
+                        batch)
+
+    def _apply_now(self, record: Record, lead: _Lead, batch: Batch) -> None:
         before = lead.state
         lead.cause_id = _record_id(record)
         lead.card_actor, lead.card_rule_id, lead.card_event_id, lead.card_ts_ms = "system", "", "", 0
@@ -365,7 +433,8 @@ class LeadProcessor:
             if not batch.changed(lead.key):
                 continue
             setup = self.sites[state.site_id]
-            due = [d for d in (next_due_ms(setup.rules, state), segments.next_due_ms(setup.segments, state)) if d]
+            due = [d for d in (next_due_ms(setup.rules, state), segments.next_due_ms(setup.segments, state),
+                               state.awaiting_until_ms if state.awaiting else 0) if d]
             batch.schedule(lead.key, min(due, default=None))
             snapshot = LeadSnapshot(
                 state.site_id, state.lead_id, state.email, state.account_domain, sorted(state.tags),

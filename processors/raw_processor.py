@@ -38,7 +38,9 @@ from schemas.erasure import Ledger
 from schemas.events import EnrichedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.privacy import DEFAULT_PRIVACY, PrivacyPolicy
+from schemas.records import digest
 from schemas.redis_keys import RedisKeys
+from schemas.rules import MergeNotice, handover_id
 from schemas.topics import (EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, IDENTITY_VISITORS,
                             LEADS_ACTIVITY, SESSIONS)
 
@@ -189,7 +191,8 @@ class RawEventsProcessor:
                                      feed: dict[str, list[IdentityEvent]], outputs: Outputs) -> None:
         """Enriched events and dead letters keep raw-offset order per partition: the sinks rely on it.
         The lead feed carries the identity changes each human event caused, then the event, keyed by lead
-        (so a form that identifies a lead is seen by the rules as coming from a known lead)."""
+        (so a form that identifies a lead is seen by the rules as coming from a known lead); a merge also
+        puts a `MergeNotice` on the survivor's feed, ahead of its records that follow the merge."""
         for i, message in enumerate(messages):
             rejection = rejected.get(i)
             if rejection is not None:
@@ -204,6 +207,9 @@ class RawEventsProcessor:
             outputs.add(EVENTS_ENRICHED, event.visitor_id.encode(), value, message.partition)
             for change in feed.get(event.event_id, ()):
                 outputs.add(LEADS_ACTIVITY, lead_feed_key(change), change.to_json(), record_type=IdentityEvent)
+                if change.kind == LEAD_MERGED:
+                    notice = merge_notice(change)
+                    outputs.add(LEADS_ACTIVITY, notice.lead_id.encode(), notice.to_json(), record_type=MergeNotice)
             if event.lead_id:  # humans only: bots and datacenter traffic never reach the automation processors
                 outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value, record_type=EnrichedEvent)
 
@@ -231,6 +237,12 @@ def lead_feed_key(change: IdentityEvent) -> bytes:
     """A merge travels with the absorbed lead's records (after its last event), everything else with the
     lead it names — so each lead's feed is in order."""
     return (change.from_lead_id if change.kind == LEAD_MERGED else change.lead_id).encode()
+
+
+def merge_notice(merge: IdentityEvent) -> MergeNotice:
+    """The survivor's notice of a merge (schemas.rules.MergeNotice): ahead of its records that follow it."""
+    return MergeNotice("mn_" + digest(merge.identity_event_id), merge.site_id, merge.lead_id, merge.from_lead_id,
+                       handover_id(merge.identity_event_id), merge.ts_ms)
 
 
 def _owner_since(graph, site_id: str, visitor_id: str, link) -> int | None:

@@ -79,6 +79,9 @@ class LeadState(JsonRecord):
     hourly pass has reached. merged_into / merged_from: the merge tombstone and the leads absorbed.
     segments: what segment membership needs (processors.segments), on a site with segments; the rule
     engine only reads it (in_segment), the segment core replaces it whole.
+    awaiting / awaiting_until_ms / held: the lead processor's, not the rule engine's: the hand-overs of
+    merges this lead has been told of (`MergeNotice`) and not yet taken, the stream time it stops waiting
+    for them, and the records it holds meanwhile ([record type, JSON]).
     """
 
     lead_id: str
@@ -98,6 +101,9 @@ class LeadState(JsonRecord):
     merged_into: str = ""
     merged_from: list[str] = field(default_factory=list)
     segments: SegmentState | None = None
+    awaiting: list[str] = field(default_factory=list)
+    awaiting_until_ms: int = 0
+    held: list[list[str]] = field(default_factory=list)
 
     @property
     def known(self) -> bool:
@@ -120,7 +126,7 @@ class LeadState(JsonRecord):
             self.lead_id, self.site_id, self.email, self.account_domain, dict(self.tags), self.score,
             list(self.decaying), dict(self.properties), list(self.fired), list(self.active), list(self.seen),
             self.first_ts_ms, self.last_activity_ms, self.checked_ms, self.merged_into, list(self.merged_from),
-            self.segments,
+            self.segments, list(self.awaiting), self.awaiting_until_ms, list(self.held),
         )
 
 

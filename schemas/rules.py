@@ -35,7 +35,7 @@ from schemas.conditions import (
     problem,
 )
 from schemas.events import EnrichedEvent
-from schemas.records import JsonRecord
+from schemas.records import JsonRecord, digest
 
 Once = Literal["per_lead", "per_event"]
 TriggerKind = Literal["event", "state", "time"]
@@ -490,6 +490,26 @@ class LeadSnapshot(JsonRecord):
     merged_into: str
     version: int
     segments: list[str] = field(default_factory=list)
+
+
+def handover_id(identity_event_id: str) -> str:
+    """The id of the hand-over a merge (its `lead_merged` identity event) causes."""
+    return "ho_" + digest(identity_event_id)
+
+
+@dataclass(slots=True, frozen=True)
+class MergeNotice(JsonRecord):
+    """On the survivor's feed (`leads.activity`, keyed by the survivor), written by the raw processor with the
+    merge and ahead of every record of the survivor that follows it: the absorbed lead's hand-over
+    (`handover_id`) is on its way, one hop behind. The survivor holds its records until it arrives, so that
+    what follows a merge always sees the absorbed lead's firings, however the partitions interleave."""
+
+    notice_id: str
+    site_id: str
+    lead_id: str  # the survivor
+    from_lead_id: str
+    handover_id: str
+    ts_ms: int
 
 
 @dataclass(slots=True, frozen=True)

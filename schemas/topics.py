@@ -29,7 +29,8 @@ from schemas.companies import Company
 from schemas.dead_letter import DeadLetter
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
-from schemas.rules import LeadChange, LeadHandover, LeadSnapshot, RuleExecution, TagByHand, WebhookDelivery
+from schemas.rules import (LeadChange, LeadHandover, LeadSnapshot, MergeNotice, RuleExecution, TagByHand,
+                           WebhookDelivery)
 from schemas.segments import AccountLeadFacts, DefinitionsMark, SegmentBackfill, SegmentChange
 from schemas.session import Session
 
@@ -107,8 +108,9 @@ IDENTITY = Topic("identity", IdentityEvent, "visitor_id", "key")
 IDENTITY_LEADS = Topic("identity.leads", LeadRow, "lead_id", "key")
 IDENTITY_VISITORS = Topic("identity.visitors", VisitorLeadRow, "visitor_id", "key")
 LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent, LeadHandover, SegmentBackfill, DefinitionsMark,
-                                          TagByHand),
-                       "lead_id", "key", types=("event", "identity", "handover", "backfill", "definitions", "tag"))
+                                          TagByHand, MergeNotice),
+                       "lead_id", "key",
+                       types=("event", "identity", "handover", "backfill", "definitions", "tag", "merge-notice"))
 LEADS_CHANGES = Topic("leads.changes", LeadChange, "lead_id", "key")
 LEADS_STATE = Topic("leads.state", LeadSnapshot, "lead_id", "key")
 RULE_EXECUTIONS = Topic("rules.executions", RuleExecution, "lead_id", "key")

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 
 import redis.asyncio as aioredis
 
+from processors import lead_processor
 from processors.lead_processor import LeadProcessor
-from processors.rules import RuleSet
+from processors.raw_processor import merge_notice
+from processors.rules import LeadState, RuleSet
 from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer, Outputs
 from processors.runtime.runner import ProcessorRunner
@@ -27,7 +29,7 @@ from schemas.boards import CardUpdate
 from schemas.definitions import load_definitions
 from schemas.events import EnrichedEvent
 from schemas.identity import IdentityEvent
-from schemas.rules import LeadSnapshot, RuleExecution
+from schemas.rules import LeadSnapshot, MergeNotice, RuleExecution
 from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, LEADS_ACTIVITY, LEADS_STATE, RULE_EXECUTIONS, Headers
 from tests.twins import Clock, produced, records, states, values
 
@@ -143,6 +145,75 @@ async def test_an_event_in_flight_for_a_merged_lead_goes_to_the_survivor():
     forwarded = records(late, LEADS_ACTIVITY)
     assert [(r.event_id, r.lead_id) for r in forwarded] == [("e9", "lead_known")]
     assert all(isinstance(r, EnrichedEvent) for r in forwarded)
+
+
+def notice(survivor: str = "lead_known", absorbed: str = "lead_anon") -> Record:
+    """The raw processor's notice of `identity("lead_merged", survivor, from_lead=absorbed)`."""
+    return merge_notice(IdentityEvent.from_json(identity("lead_merged", survivor, from_lead=absorbed)[0])).to_json(), \
+        LEADS_ACTIVITY.headers(MergeNotice)
+
+
+async def handover_of_an_anonymous_lead_that_viewed_pricing(run: ProcessorRunner) -> list[Record]:
+    await run.process(feed([event(1, lead="lead_anon")], first_offset=0))
+    merged = await run.process(feed([identity("lead_merged", "lead_known", from_lead="lead_anon")], first_offset=1))
+    return produced(merged, LEADS_ACTIVITY)
+
+
+@given(st.integers(0, 4), st.booleans(), st.lists(st.integers(1, 4), min_size=1, max_size=6))
+@settings(max_examples=40)
+def test_what_follows_a_merge_does_not_depend_on_when_the_handover_arrives(arrives_after, notice_first, cuts):
+    """The survivor's feed has the notice, then its own records (a pricing view among them); the hand-over
+    arrives somewhere among them (or, rarely, ahead of the notice). The survivor ends the same, and never
+    fires the rule the absorbed lead fired, wherever the hand-over fell and however the feed was cut."""
+    def run_with(position: int, first: bool) -> tuple[list[str], bytes, list]:
+        async def go():
+            run, store, producer = processor_runner()
+            handover = await handover_of_an_anonymous_lead_that_viewed_pricing(run)
+            own = [event(10 + i, lead="lead_known", url=url) for i, url in enumerate(
+                ["https://acme.com/blog", "https://acme.com/pricing", "https://acme.com/", "https://acme.com/pricing"])]
+            survivor_feed = ([notice()] + own[:position] + handover + own[position:] if first
+                             else handover + [notice()] + own)
+            fired, offset, cards = [], 2, []
+            for size in cuts + [len(survivor_feed)]:
+                chunk = feed(survivor_feed[offset - 2:offset - 2 + size], first_offset=offset)
+                if chunk:
+                    outputs = await run.process(chunk)
+                    fired += executions(outputs)
+                    cards += [(u.card_id, u.kind, u.tags, u.score) for u in records(outputs, BOARD_COMMANDS)]
+                offset += size
+            state = store.redis.get(run.processor.leads.key("s", "lead_known"))
+            return fired, state, cards
+        return asyncio.run(go())
+
+    fired, state, cards = run_with(arrives_after, notice_first)
+    assert fired == [] and "Consideration" in LeadState.from_json(state).tags
+    assert LeadState.from_json(state).awaiting == [] and LeadState.from_json(state).held == []
+    assert (fired, state, cards) == run_with(0, True)  # the hand-over first: nothing to hold
+
+
+async def test_a_lead_stops_waiting_after_max_held_records(monkeypatch):
+    monkeypatch.setattr(lead_processor, "MAX_HELD", 2)
+    run, store, producer = processor_runner()
+    held = await run.process(feed([notice(), event(1, lead="lead_known", url="https://acme.com/blog"),
+                                   event(2, lead="lead_known")]))
+    assert executions(held) == [] and len(LeadState.from_json(
+        store.redis.get(run.processor.leads.key("s", "lead_known"))).held) == 2
+    released = await run.process(feed([event(3, lead="lead_known", url="https://acme.com/blog")], first_offset=3))
+    assert executions(released) == ["viewed-pricing"]  # the held pricing view, in its turn
+    state = LeadState.from_json(store.redis.get(run.processor.leads.key("s", "lead_known")))
+    assert state.awaiting == [] and state.held == [] and state.score == 40
+
+
+async def test_a_lead_stops_waiting_when_the_stream_passes_its_hold_time():
+    run, store, producer = processor_runner()
+    assert executions(await run.process(feed([notice(), event(1, lead="lead_known")]))) == []
+    key = run.processor.leads.key("s", "lead_known")
+    assert LeadState.from_json(store.redis.get(key)).awaiting_until_ms == NOW + lead_processor.HOLD_MS
+    assert await run.tick([0]) is None  # the stream clock starts at the last event's time
+    run.clock_us.now_ms = NOW + lead_processor.HOLD_MS + 60_000  # the hand-over never came
+    outputs = await run.tick([0])
+    assert executions(outputs) == ["viewed-pricing"]
+    assert LeadState.from_json(store.redis.get(key)).held == []
 
 
 async def test_score_reaching_the_threshold_chains_into_the_state_rule():

@@ -25,6 +25,7 @@ from processors.runtime.producer import MemoryProducer
 from processors.runtime.runner import ProcessorRunner, StaleBatch
 from processors.runtime.state import MemoryStateStore
 from schemas.identity import IdentityEvent, LeadRow
+from schemas.rules import MergeNotice, handover_id
 from schemas.topics import EVENTS_DLQ, EVENTS_ENRICHED, IDENTITY, IDENTITY_LEADS, LEADS_ACTIVITY, SESSIONS
 from tests.twins import Clock, RecordingStore, applied, count, records, states, values
 
@@ -57,8 +58,14 @@ async def test_a_batch_produces_events_sessions_identity_and_the_lead_feed():
     assert count(outputs, EVENTS_ENRICHED) == 2 and count(outputs, EVENTS_DLQ) == 1
     assert count(outputs, SESSIONS) >= 1 and count(outputs, IDENTITY) >= 1
     feed = records(outputs, LEADS_ACTIVITY)  # each record typed by its header
-    kinds = [r.kind if isinstance(r, IdentityEvent) else "event" for r in feed]
+    kinds = [r.kind if isinstance(r, IdentityEvent) else "notice" if isinstance(r, MergeNotice) else "event"
+             for r in feed]
     assert kinds.count("event") == 2 and "lead_merged" in kinds  # the anonymous lead merged into ann's
+    merge = next(r for r in feed if isinstance(r, IdentityEvent) and r.kind == "lead_merged")
+    notice = next(r for r in feed if isinstance(r, MergeNotice))  # ann's lead is told, ahead of her event
+    assert (notice.lead_id, notice.from_lead_id, notice.handover_id) == (
+        merge.lead_id, merge.from_lead_id, handover_id(merge.identity_event_id))
+    assert kinds.index("notice") < len(kinds) - 1 - kinds[::-1].index("event")
     assert await applied(store, 0) == 2
 
 
