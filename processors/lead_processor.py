@@ -54,7 +54,7 @@ from processors.webhooks import WebhookQueue
 from schemas.boards import CardUpdate, account_card_id, lead_card_id
 from schemas.companies import NO_COMPANIES, CompanyCards
 from schemas.erasure import Ledger
-from schemas.events import EnrichedEvent
+from schemas.events import EnrichedEvent, ForwardedEvent
 from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent
 from schemas.records import digest
 from schemas.redis_keys import RedisKeys
@@ -114,6 +114,22 @@ def _erased(ledger: Ledger, record: Record) -> bool:
     return False
 
 
+def _redelivered(lead: _Lead, event: EnrichedEvent) -> bool:
+    """Whether the lead had this event already, by its raw offset: the raw processor writes a lead's events
+    of one raw partition in offset order, so one at or below the highest offset seen is a second delivery
+    (a replay of the raw processor, e.g. after a Redis failover lost its last commits; the lead's last few
+    event ids, `LeadState.seen`, may not reach back that far)."""
+    if event.raw_offset < 0:  # no raw position (an event not read from the raw topic): nothing to compare
+        return False
+    if lead.raw_marks is None:
+        lead.raw_marks = dict(lead.state.raw_marks)
+    partition = str(event.raw_partition)
+    if event.raw_offset <= lead.raw_marks.get(partition, -1):
+        return True
+    lead.raw_marks[partition] = event.raw_offset
+    return False
+
+
 def _facts(state: LeadState) -> tuple:
     """What the rules may change that segments read besides counts: tags, score, properties."""
     return tuple(state.tags), state.score, state.properties
@@ -131,6 +147,7 @@ class _Lead:
     card_event_id: str = ""
     card_ts_ms: int = 0
     tell_boards: bool = False  # the cards hear the lead's facts after this record, changed or not
+    raw_marks: dict[str, int] | None = None  # LeadState.raw_marks through the batch (None: not read yet)
 
 
 class LeadProcessor:
@@ -196,9 +213,12 @@ class LeadProcessor:
         self._tell_boards(lead, state, batch)
         self._finish([lead], batch)
 
-    def _apply(self, record: Record | MergeNotice, leads: dict[str, _Lead], batch: Batch) -> None:
-        """A record in its lead's order; while the lead awaits a merge's hand-over, held (see `_expect`)."""
+    def _apply(self, record: Record | MergeNotice, leads: dict[str, _Lead], batch: Batch, held: bool = False) -> None:
+        """A record in its lead's order (`held`: again, after its lead held it); an event delivered again is
+        dropped; while the lead awaits a merge's hand-over, the record is held (see `_expect`)."""
         lead = leads[self.leads.key(*_subject(record))]
+        if type(record) is EnrichedEvent and not held and _redelivered(lead, record):
+            return
         if isinstance(record, MergeNotice):
             self._expect(lead, record)
             return
@@ -247,7 +267,7 @@ class LeadProcessor:
         lead.state = state
         for type_name, value in held:
             self._apply(LEADS_ACTIVITY.decode(value.encode(), [(RECORD_TYPE_HEADER, type_name.encode())]), leads,
-                        batch)
+                        batch, held=True)
 
     def _apply_now(self, record: Record, lead: _Lead, batch: Batch) -> None:
         before = lead.state
@@ -302,7 +322,8 @@ class LeadProcessor:
             record = replace(record, lead_id=survivor)
         else:
             record.lead_id = survivor
-        batch.outputs.add(LEADS_ACTIVITY, survivor.encode(), record.to_json(), record_type=type(record))
+        record_type = ForwardedEvent if isinstance(record, EnrichedEvent) else type(record)
+        batch.outputs.add(LEADS_ACTIVITY, survivor.encode(), record.to_json(), record_type=record_type)
 
     def _identity_changed(self, lead: _Lead, before: LeadState, record: IdentityEvent, setup: SiteSetup,
                           batch: Batch) -> None:
@@ -426,6 +447,9 @@ class LeadProcessor:
         snapshot."""
         version = batch.version()
         for lead in leads:
+            if lead.raw_marks is not None and lead.raw_marks != lead.state.raw_marks:
+                lead.state = lead.state.copy()
+                lead.state.raw_marks = lead.raw_marks
             state = lead.state
             if state == LeadState(state.lead_id, state.site_id):
                 continue  # a lead this processor never had, and nothing happened to it

@@ -81,7 +81,9 @@ class LeadState(JsonRecord):
     engine only reads it (in_segment), the segment core replaces it whole.
     awaiting / awaiting_until_ms / held: the lead processor's, not the rule engine's: the hand-overs of
     merges this lead has been told of (`MergeNotice`) and not yet taken, the stream time it stops waiting
-    for them, and the records it holds meanwhile ([record type, JSON]).
+    for them, and the records it holds meanwhile ([record type, JSON]); raw_marks: per raw partition, the
+    highest raw offset of the events the lead had straight from the raw processor (a second delivery is
+    at or below it, however long ago the first was).
     """
 
     lead_id: str
@@ -104,6 +106,7 @@ class LeadState(JsonRecord):
     awaiting: list[str] = field(default_factory=list)
     awaiting_until_ms: int = 0
     held: list[list[str]] = field(default_factory=list)
+    raw_marks: dict[str, int] = field(default_factory=dict)
 
     @property
     def known(self) -> bool:
@@ -126,7 +129,7 @@ class LeadState(JsonRecord):
             self.lead_id, self.site_id, self.email, self.account_domain, dict(self.tags), self.score,
             list(self.decaying), dict(self.properties), list(self.fired), list(self.active), list(self.seen),
             self.first_ts_ms, self.last_activity_ms, self.checked_ms, self.merged_into, list(self.merged_from),
-            self.segments, list(self.awaiting), self.awaiting_until_ms, list(self.held),
+            self.segments, list(self.awaiting), self.awaiting_until_ms, list(self.held), dict(self.raw_marks),
         )
 
 

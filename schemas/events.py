@@ -223,3 +223,10 @@ class EnrichedEvent:
     @classmethod
     def from_json(cls, data: bytes) -> EnrichedEvent:
         return cls(**orjson.loads(data))
+
+
+@dataclass(slots=True)
+class ForwardedEvent(EnrichedEvent):
+    """An event of a lead merged away, passed on to the survivor by the lead processor (on `leads.activity`).
+    It may come after the survivor's own later events from the same raw partition, so the survivor tells a
+    second delivery of it by its id, not by its raw offset (processors/lead_processor.py)."""

@@ -27,7 +27,7 @@ from typing import Literal
 from schemas.boards import BoardCommand, CardUpdate, StageChange
 from schemas.companies import Company
 from schemas.dead_letter import DeadLetter
-from schemas.events import EnrichedEvent
+from schemas.events import EnrichedEvent, ForwardedEvent
 from schemas.identity import IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.rules import (LeadChange, LeadHandover, LeadSnapshot, MergeNotice, RuleExecution, TagByHand,
                            WebhookDelivery)
@@ -108,9 +108,9 @@ IDENTITY = Topic("identity", IdentityEvent, "visitor_id", "key")
 IDENTITY_LEADS = Topic("identity.leads", LeadRow, "lead_id", "key")
 IDENTITY_VISITORS = Topic("identity.visitors", VisitorLeadRow, "visitor_id", "key")
 LEADS_ACTIVITY = Topic("leads.activity", (EnrichedEvent, IdentityEvent, LeadHandover, SegmentBackfill, DefinitionsMark,
-                                          TagByHand, MergeNotice),
-                       "lead_id", "key",
-                       types=("event", "identity", "handover", "backfill", "definitions", "tag", "merge-notice"))
+                                          TagByHand, MergeNotice, ForwardedEvent),
+                       "lead_id", "key", types=("event", "identity", "handover", "backfill", "definitions", "tag",
+                                                "merge-notice", "forwarded-event"))
 LEADS_CHANGES = Topic("leads.changes", LeadChange, "lead_id", "key")
 LEADS_STATE = Topic("leads.state", LeadSnapshot, "lead_id", "key")
 RULE_EXECUTIONS = Topic("rules.executions", RuleExecution, "lead_id", "key")

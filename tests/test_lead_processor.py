@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from processors import lead_processor
 from processors.lead_processor import LeadProcessor
 from processors.raw_processor import merge_notice
-from processors.rules import LeadState, RuleSet
+from processors.rules import SEEN_EVENTS, LeadState, RuleSet
 from processors.runtime.ingest import Message
 from processors.runtime.producer import MemoryProducer, Outputs
 from processors.runtime.runner import ProcessorRunner
@@ -27,7 +27,7 @@ from processors.site_definitions import SiteDefinitionsCache, SiteSetup
 from processors.webhooks import QueuedWebhook, WebhookQueue
 from schemas.boards import CardUpdate
 from schemas.definitions import load_definitions
-from schemas.events import EnrichedEvent
+from schemas.events import EnrichedEvent, ForwardedEvent
 from schemas.identity import IdentityEvent
 from schemas.rules import LeadSnapshot, MergeNotice, RuleExecution
 from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, LEADS_ACTIVITY, LEADS_STATE, RULE_EXECUTIONS, Headers
@@ -214,6 +214,30 @@ async def test_a_lead_stops_waiting_when_the_stream_passes_its_hold_time():
     outputs = await run.tick([0])
     assert executions(outputs) == ["viewed-pricing"]
     assert LeadState.from_json(store.redis.get(key)).held == []
+
+
+async def test_a_replay_of_the_raw_processor_counts_nothing_twice_however_far_back_it_goes():
+    """After a Redis failover the raw processor replays what its lost commits covered, so a lead hears its
+    events again after many newer ones (more than the ids it remembers): the raw offsets tell them apart. An
+    event forwarded from a lead merged away may come below those offsets, and counts."""
+    run, store, producer = processor_runner()
+    each = load_definitions("""
+rules:
+- id: read-a-page
+  once: per_event
+  when: {event: pageview}
+  then: [{add_score: 1}]
+""", "rules.yaml")
+    run.processor.sites.sites["s"] = setup(each, 4)
+    first = [event(i, url="https://acme.com/blog") for i in range(SEEN_EVENTS + 8)]
+    assert len(executions(await run.process(feed(first)))) == SEEN_EVENTS + 8
+    again = await run.process(feed(first[2:], first_offset=len(first)))  # the raw processor's replay
+    assert executions(again) == []
+    forwarded = orjson.dumps(orjson.loads(event(1000)[0]) | {"raw_offset": 3}), LEADS_ACTIVITY.headers(ForwardedEvent)
+    late = await run.process(feed([forwarded], first_offset=2 * len(first)))
+    assert executions(late) == ["read-a-page"]
+    state = LeadState.from_json(store.redis.get(run.processor.leads.key("s", "lead_a")))
+    assert state.score == SEEN_EVENTS + 9 and state.raw_marks == {"0": SEEN_EVENTS + 7}
 
 
 async def test_score_reaching_the_threshold_chains_into_the_state_rule():
