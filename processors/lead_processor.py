@@ -60,8 +60,8 @@ from schemas.records import digest
 from schemas.redis_keys import RedisKeys
 from schemas.rules import LeadHandover, LeadSnapshot, MergeNotice, TagByHand
 from schemas.segments import DefinitionsMark, SegmentBackfill
-from schemas.topics import (BOARD_COMMANDS, LEADS_ACTIVITY, RECORD_TYPE_HEADER, LEADS_CHANGES, LEADS_STATE, RULE_EXECUTIONS,
-                            SEGMENTS_ACCOUNT_LEADS, SEGMENTS_CHANGES)
+from schemas.topics import (BOARD_COMMANDS, LEADS_ACTIVITY, LEADS_CHANGES, LEADS_STATE, RECORD_TYPE_HEADER,
+                            RULE_EXECUTIONS, SEGMENTS_ACCOUNT_LEADS, SEGMENTS_CHANGES)
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,8 @@ class LeadProcessor:
         self._tell_boards(lead, state, batch)
         self._finish([lead], batch)
 
-    def _apply(self, record: Record | MergeNotice, leads: dict[str, _Lead], batch: Batch, held: bool = False) -> None:
+    def _apply(self, record: Record | MergeNotice, leads: dict[str, _Lead], batch: Batch,
+               held: bool = False) -> None:
         """A record in its lead's order (`held`: again, after its lead held it); an event delivered again is
         dropped; while the lead awaits a merge's hand-over, the record is held (see `_expect`)."""
         lead = leads[self.leads.key(*_subject(record))]
@@ -354,7 +355,8 @@ class LeadProcessor:
         handover = LeadHandover("ho_" + digest(record.identity_event_id), absorbed.site_id, absorbed.lead_id,
                                 record.lead_id, absorbed.to_json().decode(), record.event_id, record.ts_ms)
         batch.outputs.add(LEADS_ACTIVITY, record.lead_id.encode(), handover.to_json(), record_type=LeadHandover)
-        lead.state = LeadState(absorbed.lead_id, absorbed.site_id, merged_into=record.lead_id)
+        lead.state = LeadState(absorbed.lead_id, absorbed.site_id, merged_into=record.lead_id,
+                               raw_marks=absorbed.raw_marks)  # a replayed event of it is not forwarded
         if absorbed.account_domain:
             self._card(batch, account_card_id(absorbed.account_domain), "facts", "system", record,
                        lead_id=absorbed.lead_id, left=True)

@@ -238,6 +238,10 @@ rules:
     assert executions(late) == ["read-a-page"]
     state = LeadState.from_json(store.redis.get(run.processor.leads.key("s", "lead_a")))
     assert state.score == SEEN_EVENTS + 9 and state.raw_marks == {"0": SEEN_EVENTS + 7}
+    offset = 2 * len(first) + 1
+    await run.process(feed([identity("lead_merged", "lead_known", from_lead="lead_a")], first_offset=offset))
+    replayed = await run.process(feed(first[:4] + [event(SEEN_EVENTS + 8)], first_offset=offset + 1))
+    assert [r.event_id for r in records(replayed, LEADS_ACTIVITY)] == [f"e{SEEN_EVENTS + 8}"]  # only the new one
 
 
 async def test_score_reaching_the_threshold_chains_into_the_state_rule():

@@ -208,7 +208,8 @@ def test_d_a_clickhouse_shard_down_for_30_s_costs_a_stall_and_nothing_else(clust
         run = run_with_fault(s, roles, stop_a_shard)
         stop_roles(roles)
         events_per_shard = rows_per_shard(s, "events")
-        retried = sum(len(re.findall(r": batch of \d+ failed", role.log_path.read_text(errors="replace"))) for role in roles if role.name == "sink")
+        retried = sum(len(re.findall(r": batch of \d+ failed", role.log_path.read_text(errors="replace")))
+                      for role in roles if role.name == "sink")
     print(f"\nClickHouse shard 2 SIGKILLed, started again {SHARD_DOWN_S} s later (up in {down['restart_s']:.1f} s): "
           f"stall {run.stall_s:.1f} s (uninterrupted run {uninterrupted.stall_s:.1f} s); {retried} inserts retried; "
           f"events per shard {events_per_shard}")
