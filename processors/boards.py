@@ -587,7 +587,8 @@ def merge_cards(boards: Sequence[BoardDefinition], survivor: CardState, absorbed
         target = max(_stage_index(board, absorbed_stage), automatic)
         if target > _stage_index(board, place.stage_id):
             changes.append(_move(board, new_survivor, board.stages[target].id, cause))
-    changes += _move_everywhere(boards, new_survivor, cause, shown)  # its merged facts may take it further
+    if absorbed.facts:  # its merged facts may take it further; without any, nothing about it changed
+        changes += _move_everywhere(boards, new_survivor, cause, shown)
     views = view_changes(boards, survivor, new_survivor, shown_after=shown) + view_changes(boards, absorbed,
                                                                                            new_absorbed)
     return new_survivor, new_absorbed, changes, views

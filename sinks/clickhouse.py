@@ -67,9 +67,12 @@ def shard_configs(config: ClickHouseConfig) -> list[ClickHouseConfig]:
     server."""
     if not config.cluster:
         return [config]
-    rows = connect(config, database="default").execute(
-        "SELECT host_address, port FROM system.clusters WHERE cluster = %(cluster)s AND replica_num = 1 "
-        "ORDER BY shard_num", {"cluster": config.cluster})
+    client = connect(config, database="default")
+    try:
+        rows = client.execute("SELECT host_address, port FROM system.clusters WHERE cluster = %(cluster)s "
+                              "AND replica_num = 1 ORDER BY shard_num", {"cluster": config.cluster})
+    finally:
+        client.disconnect()
     if not rows:
         raise ValueError(f"ClickHouse at {config.host}:{config.port} has no cluster {config.cluster!r} in its "
                          "remote_servers (LEADSTREAM_CLICKHOUSE_CLUSTER)")

@@ -259,6 +259,14 @@ def test_an_anonymous_lead_merged_into_a_known_one_becomes_a_tombstone():
     assert result.code == "card_merged"
 
 
+def test_a_hand_over_without_facts_does_not_put_a_card_with_none_on_a_board():
+    """The board processor hands a retired card's places over without its facts (the lead's own updates bring
+    those): reaching a known lead's card before its first update, it must not make that card enter a board."""
+    known, anonymous = lead("known"), lead("anon")
+    known, anonymous, changes, _ = merge_cards(BOARDS, known, anonymous, cause(2_000, "system"))
+    assert changes == [] and known.stage_on("pipeline") == "" and anonymous.merged_into == "lead:known"
+
+
 def test_deleting_a_stage_moves_its_cards_one_stage_left():
     card, _, _ = apply_updates(BOARDS, account(), [facts(["Decision"], lead_id="l1")])
     edited = PIPELINE.model_copy(update={"stages": [s for s in PIPELINE.stages if s.id != "decision"]})
