@@ -844,8 +844,9 @@ class WebhookDispatcher:
             finally:
                 for task in list(self._in_flight):
                     task.cancel()
-                if moving is not None:
-                    await moving
+                if moving is not None:  # a move stuck on Kafka must not hold the stop: the last move redoes it
+                    await asyncio.wait({moving}, timeout=self.options.request_timeout_s)
+                    moving.cancel()
                 await self._move_log(timeout_s=self.options.request_timeout_s)
 
     async def _move_log(self, timeout_s: float | None = None) -> None:
