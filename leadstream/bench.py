@@ -658,7 +658,7 @@ def records_per_topic(before: dict[str, dict[int, int]], after: dict[str, dict[i
 
 
 def records_per_event_rows(written: dict[str, int], raw_events: int, raw_topic: str = EVENTS_RAW.name,
-                           top: int = 6) -> list[tuple[str, str]]:
+                           top: int = 20) -> list[tuple[str, str]]:
     """Kafka records the pipeline produced per raw event (every topic but the raw one), with the topics that
     take most of them."""
     produced = {topic: n for topic, n in written.items() if topic != raw_topic and n > 0}

@@ -17,6 +17,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints
 from pydantic_core import PydanticCustomError
 
+from schemas.records import build
+
 EventType = Literal["pageview", "referrer", "exit", "email_open", "email_click", "form_submit", "identify", "custom"]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 
@@ -222,7 +224,7 @@ class EnrichedEvent:
 
     @classmethod
     def from_json(cls, data: bytes) -> EnrichedEvent:
-        return cls(**orjson.loads(data))
+        return build(cls, orjson.loads(data))
 
 
 @dataclass(slots=True)

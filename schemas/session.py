@@ -10,9 +10,11 @@ tables may partition or order by it and all versions of a session still land tog
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import orjson
+
+from schemas.records import build
 
 
 @dataclass(slots=True)
@@ -59,8 +61,4 @@ class Session:
     @classmethod
     def from_json(cls, data: bytes | str) -> Session:
         """Ignores unknown keys, so a consumer keeps working when a later producer extends the record."""
-        raw = orjson.loads(data)
-        return cls(**{name: raw[name] for name in _FIELD_NAMES if name in raw})
-
-
-_FIELD_NAMES = tuple(f.name for f in fields(Session))
+        return build(cls, orjson.loads(data))

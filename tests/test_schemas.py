@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -138,6 +139,21 @@ enriched_events = st.builds(
 @given(enriched_events)
 def test_enriched_event_json_round_trip(event):
     assert EnrichedEvent.from_json(event.to_json()) == event
+
+
+@given(enriched_events, st.dictionaries(st.text(min_size=1).filter(lambda k: k not in dict(ENRICHED_COLUMNS)),
+                                       st.integers(0, 2**31), max_size=3))
+def test_an_enriched_event_of_a_newer_writer_keeps_the_fields_this_reader_knows(event, newer_fields):
+    assert EnrichedEvent.from_json(orjson.dumps({**orjson.loads(event.to_json()), **newer_fields})) == event
+
+
+@given(enriched_events)
+def test_an_enriched_event_of_an_older_writer_takes_the_defaults_of_the_fields_added_since(event):
+    older = {name: value for name, value in orjson.loads(event.to_json()).items()
+             if name not in ("consent", "may_identify")}
+    decoded = EnrichedEvent.from_json(orjson.dumps(older))
+    assert (decoded.consent, decoded.may_identify) == ("", True)
+    assert dataclasses.replace(decoded, consent=event.consent, may_identify=event.may_identify) == event
 
 
 offsets = st.integers(0, 2**62)
