@@ -229,7 +229,9 @@ class SseParser:
 
 RAW_PARTS = (("enrich", "enrich (validate, parse, classify)"), ("sessionize", "sessionize (incl. state load)"),
              ("identity", "identity (incl. graph prefetch)"), ("serialize", "serialize events, dead letters, feed"))
-PROCESSOR_STEPS = (("lead", "lead processor step (rules)"), ("board", "board processor step (cards)"))
+PROCESSOR_STEPS = (("lead", "lead processor step (rules)"), ("board", "board processor step (cards)"),
+                   ("account", "account processor step (account segments)"),
+                   ("timers", "timers, every processor (sessions closing, hourly passes, merge holds)"))
 RUNTIME_PARTS = (("produce", "produce (every processor's outputs, until acked)"),
                  ("commit", "Redis commit (every processor's state, CAS)"))
 
@@ -248,7 +250,8 @@ def combine_costs(snapshots: Iterable[dict]) -> dict:
 
 def cost_rows(cost: dict, events: int) -> list[tuple[str, str]]:
     """Worker CPU (user+sys) in µs per event of the run, the whole process and each part of it; the parts
-    add up to the total, the rest being what no part covers (fetching, client I/O tasks, timers, the loop)."""
+    add up to the total, the rest being what no part covers (fetching, client I/O tasks, webhook dispatch, the
+    loop)."""
     parts = cost["parts"]
 
     def cpu(part: str) -> float:
@@ -270,7 +273,8 @@ def cost_rows(cost: dict, events: int) -> list[tuple[str, str]]:
     rows += [(f"  {label}", per_event(cpu(part)) + per_item(part, "record" if part == "produce" else "input"))
              for part, label in RUNTIME_PARTS]
     measured = raw + sum(cpu(p) for p, _ in PROCESSOR_STEPS + RUNTIME_PARTS)
-    rows.append(("  other: Kafka fetch, client I/O, timers, event loop", per_event(cost["process_cpu_s"] - measured)))
+    rows.append(("  other: Kafka fetch, client I/O, webhook dispatch, event loop",
+                 per_event(cost["process_cpu_s"] - measured)))
     return rows
 
 

@@ -36,7 +36,7 @@ from processors.runtime.state import StateSpec
 from schemas.dead_letter import DeadLetter, Rejection
 from schemas.erasure import Ledger
 from schemas.events import EnrichedEvent
-from schemas.identity import ACCOUNT_LINKED, LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
+from schemas.identity import ACCOUNT_LINKED, LEAD_CREATED, LEAD_MERGED, IdentityEvent, LeadRow, VisitorLeadRow
 from schemas.privacy import DEFAULT_PRIVACY, PrivacyPolicy
 from schemas.records import digest
 from schemas.redis_keys import RedisKeys
@@ -176,7 +176,7 @@ class RawEventsProcessor:
         feed: dict[str, list[IdentityEvent]] = defaultdict(list)
         for ev in result.identity_events:
             outputs.add(IDENTITY, ev.visitor_id.encode(), ev.to_json())
-            if ev.lead_id and ev.kind in LEAD_FEED_KINDS and ev.reason != identity.LINK_ON_KNOWN_VISITOR:
+            if on_lead_feed(ev):
                 feed[ev.event_id].append(ev)
         for (site_id, visitor_id), link in changes.visitors.items():
             since = _owner_since(graph, site_id, visitor_id, link)
@@ -227,10 +227,14 @@ def _erased_raw(ledger: Ledger, raw: bytes | None) -> bool:
                         email=email if isinstance(email, str) else "")
 
 
-LEAD_FEED_KINDS = frozenset({"lead_created", "lead_merged", "visitor_linked", "account_linked", "merge_refused"})
-"""Identity changes on the lead feed: a known lead's creation gives it its email, a merge moves a lead's
-state, an account link moves its card; re-pointed visitors are there for completeness. An email link
-refused on a known visitor changed nothing (and names a lead that may not exist): not on the feed."""
+def on_lead_feed(change: IdentityEvent) -> bool:
+    """Whether the lead processor acts on this identity change, which then goes on the lead feed: a known
+    lead's creation gives it its email, a merge moves a lead's state, an account link moves its card.
+    Everything else (an anonymous lead's creation, visitors linked or re-pointed, refused merges) changes
+    nothing there: the `identity` topic has it, and the feed would only carry it to be decoded and dropped."""
+    if not change.lead_id:
+        return False
+    return change.kind in (LEAD_MERGED, ACCOUNT_LINKED) or (change.kind == LEAD_CREATED and bool(change.email))
 
 
 def lead_feed_key(change: IdentityEvent) -> bytes:

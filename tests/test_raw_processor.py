@@ -67,6 +67,11 @@ async def test_a_batch_produces_events_sessions_identity_and_the_lead_feed():
         merge.lead_id, merge.from_lead_id, handover_id(merge.identity_event_id))
     assert kinds.index("notice") < len(kinds) - 1 - kinds[::-1].index("event")
     assert await applied(store, 0) == 2
+    # only what the lead processor acts on: the anonymous lead's creation and its visitor's link are not
+    identity_changes = {(r.kind, bool(r.email)) for r in records(outputs, IDENTITY)}
+    assert {("lead_created", False), ("visitor_linked", True)} <= identity_changes
+    assert {(r.kind, bool(r.email)) for r in feed if isinstance(r, IdentityEvent)} == {
+        ("lead_created", True), ("lead_merged", True), ("account_linked", True)}
 
 
 async def test_a_replayed_batch_is_skipped_and_changes_nothing():
