@@ -72,6 +72,7 @@ from processors.enrich import enrich_batch
 from processors.runtime.cost import PUBLISH_EVERY_S
 from processors.runtime.ingest import consumer as kafka_consumer
 from processors.runtime.producer import BatchProducer, Outputs
+from processors.runtime.runner import TIMERS_PART
 from schemas.events import EnrichedEvent
 from schemas.redis_keys import RedisKeys
 from schemas.rules import LeadHandover
@@ -230,8 +231,8 @@ class SseParser:
 RAW_PARTS = (("enrich", "enrich (validate, parse, classify)"), ("sessionize", "sessionize (incl. state load)"),
              ("identity", "identity (incl. graph prefetch)"), ("serialize", "serialize events, dead letters, feed"))
 PROCESSOR_STEPS = (("lead", "lead processor step (rules)"), ("board", "board processor step (cards)"),
-                   ("account", "account processor step (account segments)"),
-                   ("timers", "timers, every processor (sessions closing, hourly passes, merge holds)"))
+                   ("account", "account processor step (account segments)"))
+TIMER_LABELS = {"raw-events": "sessions closing", "lead": "hourly passes, merge holds"}
 RUNTIME_PARTS = (("produce", "produce (every processor's outputs, until acked)"),
                  ("commit", "Redis commit (every processor's state, CAS)"))
 
@@ -272,7 +273,13 @@ def cost_rows(cost: dict, events: int) -> list[tuple[str, str]]:
     rows += [(f"  {label}", per_event(cpu(part)) + per_item(part, "record")) for part, label in PROCESSOR_STEPS]
     rows += [(f"  {label}", per_event(cpu(part)) + per_item(part, "record" if part == "produce" else "input"))
              for part, label in RUNTIME_PARTS]
-    measured = raw + sum(cpu(p) for p, _ in PROCESSOR_STEPS + RUNTIME_PARTS)
+    timer_parts = sorted(part for part in parts if part.startswith(TIMERS_PART + " "))
+    timers = sum(cpu(part) for part in timer_parts)
+    rows.append(("  timers, every processor's due keys", per_event(timers)))
+    for part in timer_parts:
+        name = part.removeprefix(TIMERS_PART + " ")
+        rows.append((f"    {name} ({TIMER_LABELS.get(name, 'due keys')})", per_event(cpu(part))))
+    measured = raw + timers + sum(cpu(p) for p, _ in PROCESSOR_STEPS + RUNTIME_PARTS)
     rows.append(("  other: Kafka fetch, client I/O, webhook dispatch, event loop",
                  per_event(cost["process_cpu_s"] - measured)))
     return rows

@@ -295,6 +295,8 @@ class LeadProcessor:
             self._take(lead, apply_event(setup.rules, state, record, companies), batch)
             self._segments(lead, state, segments.on_event(setup.segments, state, lead.state, record, companies),
                            f"event:{record.event_id}", segments.event_time(record), batch)
+            if not lead.card_event_id:  # no rule acted: what the cards hear (a segment entered, activity) is still
+                lead.card_event_id = record.event_id  # this event's doing, and their stage changes say so
         elif isinstance(record, SegmentBackfill):
             if state != LeadState(state.lead_id, state.site_id):  # a lead this processor never had: nothing to redo
                 lead.card_actor, lead.tell_boards = IMPORT_ACTOR, True

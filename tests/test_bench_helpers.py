@@ -111,7 +111,7 @@ def test_workers_costs_add_up_part_by_part():
 def test_cost_rows_give_µs_per_event_for_every_part_and_the_unmeasured_rest():
     cost = _snapshot(10.0, **{"raw-events": (4.0, 1000), "enrich": (1.5, 1000), "sessionize": (1.0, 990),
                               "identity": (0.5, 990), "serialize": (0.25, 1000), "lead": (2.0, 1100),
-                              "board": (1.0, 500), "account": (0.25, 40), "timers": (0.25, 0),
+                              "board": (1.0, 500), "account": (0.25, 40), "timers lead": (0.25, 0),
                               "produce": (1.0, 4000), "commit": (0.5, 2600)})
     rows = dict(cost_rows(cost, events=1000))
     assert rows["worker CPU per event, all its processes (every processor)"] == "10,000.0 µs"
@@ -122,7 +122,8 @@ def test_cost_rows_give_µs_per_event_for_every_part_and_the_unmeasured_rest():
     assert rows["  produce (every processor's outputs, until acked)"] == ("1,000.0 µs  (250.0 µs per record,"
                                                                            " 4,000 records)")
     assert rows["  account processor step (account segments)"] == "250.0 µs  (6,250.0 µs per record, 40 records)"
-    assert rows["  timers, every processor (sessions closing, hourly passes, merge holds)"] == "250.0 µs"
+    assert rows["  timers, every processor's due keys"] == "250.0 µs"
+    assert rows["    lead (hourly passes, merge holds)"] == "250.0 µs"
     assert rows["  other: Kafka fetch, client I/O, webhook dispatch, event loop"] == "1,000.0 µs"
 
 

@@ -431,6 +431,8 @@ def test_a_board_importing_a_segment_gets_exactly_its_members_cards():
     assert sorted(worker.board("companies")) == ["account:acme.com"]  # two of its leads viewed pricing
     entered = {c.card_id: c for c in worker.produced(BOARD_STAGE_CHANGES) if c.board_id == "pricing"}
     assert {c.to_stage for c in entered.values()} == {"new"}
+    # no rule acted on the second view, yet it made the lead a member: the card's arrival names that event
+    assert {card: c.event_id for card, c in entered.items()} == {"lead:lead-a": "a2", "lead:lead-c": "c2"}
 
     run(worker.tick(15 * DAY_MS))  # their windows run out: both leave the segment
     pricing, archive = worker.board("pricing"), worker.board("archived-on-leave")

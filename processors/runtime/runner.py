@@ -48,6 +48,9 @@ from schemas.topics import Topic
 
 log = logging.getLogger(__name__)
 
+TIMERS_PART = "timers"
+"""The meter's parts for timer ticks are named `timers <processor>`."""
+
 R = TypeVar("R")
 
 
@@ -208,10 +211,10 @@ class ProcessorRunner:
 
     async def tick(self, partitions: Sequence[int]) -> Outputs | None:
         """Run the processor's due timers on these (owned) partitions; None when nothing was due or a
-        partition moved on meanwhile (the next tick redoes it). Its CPU is the meter's `timers` part."""
+        partition moved on meanwhile (the next tick redoes it). Its CPU is the meter's `timers <processor>` part."""
         if self.processor.timers is None:
             return None
-        return await METER.measured("timers", self._tick(partitions))
+        return await METER.measured(f"{TIMERS_PART} {self.processor.name}", self._tick(partitions))
 
     async def _tick(self, partitions: Sequence[int]) -> Outputs | None:
         spec = self.processor.timers
