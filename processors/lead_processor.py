@@ -68,7 +68,10 @@ log = logging.getLogger(__name__)
 Record = EnrichedEvent | IdentityEvent | LeadHandover | SegmentBackfill | TagByHand
 IMPORT_ACTOR = "import"  # what a card entering a board by the import step (a backfill) records as its cause
 MAX_HELD = 200  # records a lead holds for a hand-over at most; the next one ends the wait
-HOLD_MS = 15 * 60_000  # stream time a lead waits for a hand-over at most (it comes one hop after its notice)
+HOLD_MS = 15 * 60_000
+"""Stream time a lead waits for a hand-over at most (it comes one hop after its notice), counted from when the
+merge was received, not from the merging event's own time: a backlog, a replay or old traffic moves the
+stream clock through hours of event time in seconds, and the wait would end before the hop."""
 
 
 def _record_id(record: Record) -> str:
@@ -250,7 +253,7 @@ class LeadProcessor:
             return
         state = state.copy()
         state.awaiting.append(notice.handover_id)
-        state.awaiting_until_ms = max(state.awaiting_until_ms, notice.ts_ms + HOLD_MS)
+        state.awaiting_until_ms = max(state.awaiting_until_ms, max(notice.ts_ms, notice.received_ms) + HOLD_MS)
         lead.state = state
 
     @staticmethod

@@ -208,7 +208,7 @@ class RawEventsProcessor:
             for change in feed.get(event.event_id, ()):
                 outputs.add(LEADS_ACTIVITY, lead_feed_key(change), change.to_json(), record_type=IdentityEvent)
                 if change.kind == LEAD_MERGED:
-                    notice = merge_notice(change)
+                    notice = merge_notice(change, event.received_ms)
                     outputs.add(LEADS_ACTIVITY, notice.lead_id.encode(), notice.to_json(), record_type=MergeNotice)
             if event.lead_id:  # humans only: bots and datacenter traffic never reach the automation processors
                 outputs.add(LEADS_ACTIVITY, event.lead_id.encode(), value, record_type=EnrichedEvent)
@@ -243,10 +243,10 @@ def lead_feed_key(change: IdentityEvent) -> bytes:
     return (change.from_lead_id if change.kind == LEAD_MERGED else change.lead_id).encode()
 
 
-def merge_notice(merge: IdentityEvent) -> MergeNotice:
+def merge_notice(merge: IdentityEvent, received_ms: int) -> MergeNotice:
     """The survivor's notice of a merge (schemas.rules.MergeNotice): ahead of its records that follow it."""
     return MergeNotice("mn_" + digest(merge.identity_event_id), merge.site_id, merge.lead_id, merge.from_lead_id,
-                       handover_id(merge.identity_event_id), merge.ts_ms)
+                       handover_id(merge.identity_event_id), merge.ts_ms, received_ms)
 
 
 def _owner_since(graph, site_id: str, visitor_id: str, link) -> int | None:

@@ -502,7 +502,9 @@ class MergeNotice(JsonRecord):
     """On the survivor's feed (`leads.activity`, keyed by the survivor), written by the raw processor with the
     merge and ahead of every record of the survivor that follows it: the absorbed lead's hand-over
     (`handover_id`) is on its way, one hop behind. The survivor holds its records until it arrives, so that
-    what follows a merge always sees the absorbed lead's firings, however the partitions interleave."""
+    what follows a merge always sees the absorbed lead's firings, however the partitions interleave.
+    `received_ms`: when the raw processor received the merging event, where the hold's time starts (0 in
+    notices written before it was recorded: the event's own time then)."""
 
     notice_id: str
     site_id: str
@@ -510,6 +512,7 @@ class MergeNotice(JsonRecord):
     from_lead_id: str
     handover_id: str
     ts_ms: int
+    received_ms: int = 0
 
 
 @dataclass(slots=True, frozen=True)

@@ -7,6 +7,7 @@ versions come from the runtime's clock."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import time
 
 import orjson
@@ -147,10 +148,11 @@ async def test_an_event_in_flight_for_a_merged_lead_goes_to_the_survivor():
     assert all(isinstance(r, EnrichedEvent) for r in forwarded)
 
 
-def notice(survivor: str = "lead_known", absorbed: str = "lead_anon") -> Record:
-    """The raw processor's notice of `identity("lead_merged", survivor, from_lead=absorbed)`."""
-    return merge_notice(IdentityEvent.from_json(identity("lead_merged", survivor, from_lead=absorbed)[0])).to_json(), \
-        LEADS_ACTIVITY.headers(MergeNotice)
+def notice(survivor: str = "lead_known", absorbed: str = "lead_anon", merged_at_ms: int = NOW) -> Record:
+    """The raw processor's notice of `identity("lead_merged", survivor, from_lead=absorbed)`, received at NOW
+    (`merged_at_ms`: the merging event's own time)."""
+    merge = replace(IdentityEvent.from_json(identity("lead_merged", survivor, from_lead=absorbed)[0]), ts_ms=merged_at_ms)
+    return merge_notice(merge, NOW).to_json(), LEADS_ACTIVITY.headers(MergeNotice)
 
 
 async def handover_of_an_anonymous_lead_that_viewed_pricing(run: ProcessorRunner) -> list[Record]:
@@ -214,6 +216,22 @@ async def test_a_lead_stops_waiting_when_the_stream_passes_its_hold_time():
     outputs = await run.tick([0])
     assert executions(outputs) == ["viewed-pricing"]
     assert LeadState.from_json(store.redis.get(key)).held == []
+
+
+async def test_old_traffic_running_through_the_stream_clock_does_not_end_the_wait_before_the_hand_over():
+    """A backlog, a replay or old traffic moves the stream clock far past the merging event's own time within
+    seconds; the wait counts from when the merge was received, so it still ends with the hand-over, and the
+    rule the absorbed lead fired is not fired again."""
+    run, store, producer = processor_runner()
+    handover = await handover_of_an_anonymous_lead_that_viewed_pricing(run)
+    ten_days_ago = NOW - 10 * 24 * 3_600_000
+    held = await run.process(feed([notice(merged_at_ms=ten_days_ago), event(10, lead="lead_known")], first_offset=2))
+    assert executions(held) == []
+    assert await run.tick([0]) is None  # the stream clock (NOW + 10) is days past the merge's own time
+    released = await run.process(feed(handover, first_offset=4))
+    assert executions(released) == []
+    state = LeadState.from_json(store.redis.get(run.processor.leads.key("s", "lead_known")))
+    assert state.awaiting == [] and state.held == [] and "Consideration" in state.tags
 
 
 async def test_a_replay_of_the_raw_processor_counts_nothing_twice_however_far_back_it_goes():
