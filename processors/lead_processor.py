@@ -219,15 +219,17 @@ class LeadProcessor:
     def _apply(self, record: Record | MergeNotice, leads: dict[str, _Lead], batch: Batch,
                held: bool = False) -> None:
         """A record in its lead's order (`held`: again, after its lead held it); an event delivered again is
-        dropped; while the lead awaits a merge's hand-over, the record is held (see `_expect`)."""
+        dropped; while the lead awaits a merge's hand-over, the record is held (see `_expect`) — except a
+        hand-over, awaited or not: held, it would sit unseen behind a notice of its own merge that a replay
+        repeats after it, and the wait would never end."""
         lead = leads[self.leads.key(*_subject(record))]
         if type(record) is EnrichedEvent and not held and _redelivered(lead, record):
             return
         if isinstance(record, MergeNotice):
             self._expect(lead, record)
             return
-        awaited = isinstance(record, LeadHandover) and record.handover_id in lead.state.awaiting
-        if lead.state.awaiting and not awaited:
+        awaited = isinstance(record, LeadHandover) and _awaits(lead.state, record)
+        if lead.state.awaiting and not isinstance(record, LeadHandover):
             if len(lead.state.held) < MAX_HELD:
                 self._hold(lead, record)
                 return
@@ -237,7 +239,7 @@ class LeadProcessor:
         self._apply_now(record, lead, batch)
         if awaited:
             state = lead.state.copy()
-            state.awaiting.remove(record.handover_id)
+            state.awaiting = [w for w in state.awaiting if w not in (record.from_lead_id, record.handover_id)]
             lead.state = state
             if not state.awaiting:
                 self._release(lead, leads, batch)
@@ -249,10 +251,10 @@ class LeadProcessor:
         lead feed's partitions interleave. Nothing to wait for when the hand-over came first, or when told
         twice."""
         state = lead.state
-        if notice.from_lead_id in state.merged_from or notice.handover_id in state.awaiting or state.merged_into:
+        if notice.from_lead_id in state.merged_from or _awaits(state, notice) or state.merged_into:
             return
         state = state.copy()
-        state.awaiting.append(notice.handover_id)
+        state.awaiting.append(notice.from_lead_id)
         state.awaiting_until_ms = max(state.awaiting_until_ms, max(notice.ts_ms, notice.received_ms) + HOLD_MS)
         lead.state = state
 
@@ -510,6 +512,13 @@ class LeadProcessor:
                 definitions_version=version,
             )
             batch.outputs.add(BOARD_COMMANDS, card_id.encode(), update.to_json(), record_type=CardUpdate)
+
+
+def _awaits(state: LeadState, merge: MergeNotice | LeadHandover) -> bool:
+    """Whether the lead waits for this merge's hand-over. It waits for the absorbed lead, whichever merge id
+    brings it (a raw batch computed twice may name the same merge twice); states written before that hold
+    the hand-over's id."""
+    return merge.from_lead_id in state.awaiting or merge.handover_id in state.awaiting
 
 
 def _members(state: LeadState, imported: frozenset[str]) -> list[str]:

@@ -79,8 +79,9 @@ class LeadState(JsonRecord):
     hourly pass has reached. merged_into / merged_from: the merge tombstone and the leads absorbed.
     segments: what segment membership needs (processors.segments), on a site with segments; the rule
     engine only reads it (in_segment), the segment core replaces it whole.
-    awaiting / awaiting_until_ms / held: the lead processor's, not the rule engine's: the hand-overs of
-    merges this lead has been told of (`MergeNotice`) and not yet taken, the stream time it stops waiting
+    awaiting / awaiting_until_ms / held: the lead processor's, not the rule engine's: the absorbed leads of
+    merges this lead has been told of (`MergeNotice`) whose hand-overs it has not yet taken (hand-over ids in
+    states written before), the stream time it stops waiting
     for them, and the records it holds meanwhile ([record type, JSON]); raw_marks: per raw partition, the
     highest raw offset of the events the lead had straight from the raw processor (a second delivery is
     at or below it, however long ago the first was).

@@ -30,7 +30,7 @@ from schemas.boards import CardUpdate
 from schemas.definitions import load_definitions
 from schemas.events import EnrichedEvent, ForwardedEvent
 from schemas.identity import IdentityEvent
-from schemas.rules import LeadSnapshot, MergeNotice, RuleExecution
+from schemas.rules import LeadHandover, LeadSnapshot, MergeNotice, RuleExecution
 from schemas.topics import BOARD_COMMANDS, EVENTS_DLQ, LEADS_ACTIVITY, LEADS_STATE, RULE_EXECUTIONS, Headers
 from tests.twins import Clock, produced, records, states, values
 
@@ -191,6 +191,38 @@ def test_what_follows_a_merge_does_not_depend_on_when_the_handover_arrives(arriv
     assert fired == [] and "Consideration" in LeadState.from_json(state).tags
     assert LeadState.from_json(state).awaiting == [] and LeadState.from_json(state).held == []
     assert (fired, state, cards) == run_with(0, True)  # the hand-over first: nothing to hold
+
+
+async def test_a_hand_over_ahead_of_a_repeated_notice_does_not_leave_the_survivor_waiting():
+    """A replayed raw batch can put a merge's notice on the survivor's feed again, after that merge's hand-over.
+    The hand-over, which came while the survivor waited for another merge, was applied, not held: the repeated
+    notice finds that merge done, and the wait ends with the other hand-over."""
+    run, store, producer = processor_runner()
+    await run.process(feed([event(1, lead="anon_1"), event(2, lead="anon_2")]))
+    merges = await run.process(feed([identity("lead_merged", "lead_known", from_lead="anon_1"),
+                                     identity("lead_merged", "lead_known", from_lead="anon_2")], first_offset=2))
+    first, second = [(value, headers) for value, headers in produced(merges, LEADS_ACTIVITY)
+                     if headers == LEADS_ACTIVITY.headers(LeadHandover)]
+    survivor_feed = [notice(absorbed="anon_1"), second, notice(absorbed="anon_2"),
+                     event(10, lead="lead_known", url="https://acme.com/blog"), first]
+    outputs = await run.process(feed(survivor_feed, first_offset=4))
+    state = LeadState.from_json(store.redis.get(run.processor.leads.key("s", "lead_known")))
+    assert state.awaiting == [] and state.held == []
+    assert sorted(state.merged_from) == ["anon_1", "anon_2"] and state.last_activity_ms == NOW + 10
+    assert executions(outputs) == []  # both absorbed leads fired viewed-pricing: not again
+
+
+async def test_two_notices_naming_one_absorbed_lead_by_two_merge_ids_end_with_its_one_hand_over():
+    """A raw batch computed twice (a zombie's outputs, then its new owner's) may name one merge by two ids; the
+    survivor waits for the absorbed lead, not for an id, so that lead's one hand-over ends the wait."""
+    run, store, producer = processor_runner()
+    handover = await handover_of_an_anonymous_lead_that_viewed_pricing(run)
+    value, headers = notice()
+    renamed = replace(MergeNotice.from_json(value), notice_id="mn_other", handover_id="ho_other")
+    await run.process(feed([notice(), (renamed.to_json(), headers),
+                            event(10, lead="lead_known", url="https://acme.com/blog"), *handover], first_offset=2))
+    state = LeadState.from_json(store.redis.get(run.processor.leads.key("s", "lead_known")))
+    assert state.awaiting == [] and state.held == [] and state.last_activity_ms == NOW + 10
 
 
 async def test_a_lead_stops_waiting_after_max_held_records(monkeypatch):
