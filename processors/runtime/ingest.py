@@ -144,15 +144,21 @@ class _FinishBatchFirst(ConsumerRebalanceListener):
         partitions = sorted(tp.partition for tp in assigned)
         ingest = self.ingest
         if ingest.resume_at is not None and partitions:
+            # aiokafka starts fetching a new assignment from Kafka's committed offset before it calls this
+            # listener, and `getmany` hands those records out while the listener awaits (aio-libs/aiokafka#738).
+            # A batch from there would move the state's watermark past records the state never saw (a store
+            # behind Kafka: a promoted Redis replica), so the partitions stay paused until the seek. Pausing
+            # comes before the first await: nothing of this assignment can have been handed out yet.
+            ingest.consumer.pause(*assigned)
             offsets: dict[int, int] = {}
 
             async def read() -> None:
                 offsets.update(await ingest.resume_at(partitions))
 
             # Seeking here is how aiokafka's docs keep offsets outside Kafka (their local-state example).
-            # Until the store answers, no batch may start from Kafka's offset: wait for it.
             await retry_until_done(read, f"{ingest.group}: where partitions {partitions} resume", log)
             topic = ingest.kafka.topic(ingest.topic)
             for partition, offset in offsets.items():
                 ingest.consumer.seek(TopicPartition(topic, partition), offset)
+            ingest.consumer.resume(*assigned)
         ingest.on_assigned(partitions)
