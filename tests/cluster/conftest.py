@@ -23,7 +23,8 @@ from tests.api_keys import SERVER_SECRET
 from tests.integration.conftest import namespace, roles  # noqa: F401 - `roles` is a fixture used here
 from tests.integration.test_board_recovery import (apply_demo_rules, assert_each_move_recorded_once,
                                                    assert_owners_consistent, automation_snapshot, board_snapshot,
-                                                   comparable, stage_changes, traffic_records)
+                                                   comparable, moves_recorded_differently, stage_changes,
+                                                   traffic_records)
 from tests.integration.test_fault_injection import PacedProducer, snapshot, wait_complete
 
 AUTOMATION_TABLES = ("lead_state", "rule_executions", "stage_changes")
@@ -91,6 +92,7 @@ def outcome(settings: Settings) -> dict[str, list]:
     of an account card, which hears several leads' updates, follows how their partitions interleaved."""
     automation, board, changes = automation_snapshot(settings), board_snapshot(settings), stage_changes(settings)
     assert_each_move_recorded_once(changes, board)
+    assert moves_recorded_differently(settings) == []
     assert_owners_consistent(board, settings.partitions)
     merged_into = connect(settings.clickhouse()).execute(
         "SELECT lead_id, merged_into FROM lead_state FINAL WHERE merged_into != ''")
