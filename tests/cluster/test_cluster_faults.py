@@ -17,11 +17,12 @@ from pathlib import Path
 import orjson
 import pytest
 import redis
-from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from leadstream import stack
 from leadstream.runner import Role
+from processors.runtime.ingest import consumer
 from schemas.redis_keys import RedisKeys
 from schemas.topics import CATALOG, EVENTS_DLQ, EVENTS_ENRICHED, EVENTS_RAW
 from sinks.clickhouse import connect, shard_configs
@@ -88,20 +89,23 @@ def watermarks(url: str, settings) -> dict[tuple[str, int], int]:
 
 async def _raw_records_handled(settings) -> Counter:
     """How many times the raw processor produced its output (an enriched event or a dead letter) for each raw
-    record, as (raw partition, raw offset) -> count, read back from Kafka."""
+    record, as (raw partition, raw offset) -> count, read back from Kafka up to the topics' end offsets."""
     handled: Counter = Counter()
-    reader = AIOKafkaConsumer(settings.topic(EVENTS_ENRICHED.name), settings.topic(EVENTS_DLQ.name),
-                              **settings.kafka().client_options(), auto_offset_reset="earliest",
-                              enable_auto_commit=False)
+    kafka = settings.kafka()
+    reader = consumer(kafka, group=None)
     await reader.start()
     try:
-        while batches := await reader.getmany(timeout_ms=3000, max_records=20000):
-            for tp, messages in batches.items():
+        parts = [TopicPartition(kafka.topic(topic.name), p) for topic in (EVENTS_ENRICHED, EVENTS_DLQ)
+                 for p in range(kafka.partitions)]
+        reader.assign(parts)
+        ends = await reader.end_offsets(parts)
+        while unread := [tp for tp in parts if await reader.position(tp) < ends[tp]]:
+            for tp, messages in (await reader.getmany(*unread, timeout_ms=1000, max_records=20000)).items():
                 for message in messages:
                     record = orjson.loads(message.value)
-                    if tp.topic.endswith(EVENTS_ENRICHED.name):
+                    if tp.topic == kafka.topic(EVENTS_ENRICHED.name):
                         handled[record["raw_partition"], record["raw_offset"]] += 1
-                    elif record.get("topic", "").endswith(EVENTS_RAW.name):
+                    elif record.get("topic") == kafka.topic(EVENTS_RAW.name):
                         handled[record["partition"], record["offset"]] += 1
     finally:
         await reader.stop()
