@@ -33,6 +33,7 @@ from api.streams import Streams
 from processors.board_store import BoardStore
 from processors.companies import CompanyStore
 from processors.definitions_store import DefinitionsStore
+from processors.runtime.redis_client import redis_from_url
 from processors.webhooks import WebhookTargets
 from schemas.boards import BoardDefinition
 from schemas.settings import Settings
@@ -54,7 +55,7 @@ class Live:
     @classmethod
     @asynccontextmanager
     async def running(cls, settings: Settings) -> AsyncIterator[Live]:
-        redis = aioredis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         prefix = settings.name("ls")
         boards = BoardStore(redis, prefix)
         commands = CommandBus(settings, boards)

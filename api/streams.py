@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from api.problems import Problem
 from processors.board_store import BoardStore
+from processors.runtime.redis_client import blocking_pool_from_url
 from schemas.settings import Settings
 
 RETRY_AFTER_S = "5"
@@ -71,7 +72,7 @@ class Streams:
     @classmethod
     @asynccontextmanager
     async def running(cls, settings: Settings) -> AsyncIterator[Streams]:
-        pool = aioredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.api_max_streams,
+        pool = blocking_pool_from_url(settings.redis_url, max_connections=settings.api_max_streams,
                                                         timeout=5)
         redis = aioredis.Redis.from_pool(pool)  # closes the pool with it
         try:

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import orjson
-import redis.asyncio as aioredis
 
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -22,6 +21,7 @@ from processors.board_store import BoardStore
 from processors.definitions_store import ApplyResult, DefinitionsStore
 from processors.runtime.ingest import Message
 from processors.runtime.ingest import consumer as kafka_consumer
+from processors.runtime.redis_client import redis_from_url
 from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import RedisStateStore
 from processors.site_definitions import SiteDefinitionsCache
@@ -63,7 +63,7 @@ def publish_ip_table(settings: Settings, text: str) -> int:
     _print_bad_lines(bad)
 
     async def publish() -> None:
-        redis = aioredis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         try:
             await publish_ip_ranges(redis, settings.name("ls"), text)
         finally:
@@ -92,7 +92,7 @@ def load_companies(settings: Settings, path: str) -> int:
     _print_bad_lines(bad, "rows")
 
     async def publish() -> tuple[int, int]:
-        redis = aioredis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         producer = BatchProducer(settings.kafka(), EVENTS_DLQ)
         try:
             store = CompanyStore(redis, settings.name("ls"))
@@ -151,7 +151,7 @@ def apply_definitions_text(settings: Settings, text: str, path: str, site_id: st
     async def store() -> tuple[ApplyResult, int | None]:
         """Apply the file; then move the cards of any stage it deleted (as PUT boards/{board} does). Also
         returns the version a segment backfill is wanted for, if any (the store asks for it with the edit)."""
-        redis = aioredis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         commands = CommandBus(settings, BoardStore(redis, settings.name("ls")))
         try:
             result = await DefinitionsStore(redis, settings.name("ls"), settings.definition_limits(),
@@ -198,7 +198,7 @@ def list_definitions(settings: Settings, site_id: str, kind: str) -> int:
     `leadstream segments list --site S`: the segments, what they are of, and the boards importing them."""
 
     async def load():
-        redis = aioredis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         try:
             return (await DefinitionsStore(redis, settings.name("ls")).load(site_id),
                     await backfill_status(redis, settings.name("ls"), site_id))
@@ -280,7 +280,7 @@ async def _rebuild_boards(settings: Settings) -> int:
             return 2
     finally:
         await admin.close()
-    redis = aioredis.from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url)
     consumer = kafka_consumer(kafka, group=None)
     try:
         definitions, boards, keys = DefinitionsStore(redis, prefix), BoardStore(redis, prefix), RedisKeys(prefix)
@@ -333,7 +333,7 @@ def erase_person(settings: Settings, site: str, email: str, lead: str, wait: boo
     from api.erasure import InvalidPerson
 
     async def run() -> int:
-        redis = aioredis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         try:
             erasures = _erasures(settings, redis)
             if status_of:
@@ -362,7 +362,7 @@ def export_person(settings: Settings, site: str, email: str) -> int:
     from api.erasure import InvalidPerson
 
     async def run() -> int:
-        redis = aioredis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         try:
             try:
                 doc = await _erasures(settings, redis).export(site, email)

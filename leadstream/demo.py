@@ -19,7 +19,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
-import redis.asyncio as aioredis
 
 from api.segment_members import member_counts
 from api.site_summary import SUMMARY
@@ -29,6 +28,7 @@ from leadstream.traffic import TrafficGenerator, company_card_rows, ip_range_tab
 from processors import webhooks
 from processors.board_store import BoardStore
 from processors.definitions_store import DefinitionsStore
+from processors.runtime.redis_client import redis_from_url
 from schemas.rules import webhook_secret_name
 from schemas.segments import Segment
 from schemas.settings import Settings
@@ -62,7 +62,7 @@ def summary(settings: Settings, site_id: str, since_ms: int) -> str:
 
 
 async def _segments(settings: Settings, site_id: str) -> list[Segment]:
-    redis = aioredis.from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url)
     try:
         return await DefinitionsStore(redis, settings.name("ls")).list_segments(site_id)
     finally:
@@ -72,7 +72,7 @@ async def _segments(settings: Settings, site_id: str) -> list[Segment]:
 async def _board_columns(settings: Settings, site_id: str) -> list[tuple]:
     """Cards per stage as the board shows them (ClickHouse's stage changes also hold cards that later
     folded into another card: a lead that joined its account), and the segment each board imports from."""
-    redis = aioredis.from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url)
     try:
         rows = []
         for stored in await DefinitionsStore(redis, settings.name("ls")).list_boards(site_id):

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import redis
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from leadstream.topics import delete_topics
 from processors.runtime.ingest import consumer as kafka_consumer
+from processors.runtime.redis_client import redis_from_url
 from schemas.redis_keys import RedisKeys
 from schemas.settings import Settings
 from schemas.topics import BOARD_COMMANDS, EVENTS_RAW, LEADS_ACTIVITY, SEGMENTS_ACCOUNT_LEADS, sink_group
@@ -165,7 +165,7 @@ async def _backlog(settings: Settings, sink_tables: Sequence[str]) -> int:
     admin = AIOKafkaAdminClient(**kafka.client_options())
     await consumer.start()
     await admin.start()
-    redis = aioredis.from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url)
 
     async def ends(topic) -> dict[TopicPartition, int]:
         return await consumer.end_offsets([TopicPartition(kafka.topic(topic.name), p) for p in range(kafka.partitions)])

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import faust
 import orjson
-import redis.asyncio as aioredis
 
 from processors import networks, sessionize
 from processors.companies import CompanyStore, publish_cards
@@ -42,6 +41,7 @@ from processors.runtime.gc_policy import tune_for_worker
 from processors.runtime.cost import METER, PUBLISH_EVERY_S, PUBLISHED_FOR_S
 from processors.runtime.ingest import BatchIngest
 from processors.runtime.producer import BatchProducer
+from processors.runtime.redis_client import redis_from_url
 from processors.runtime.runner import ProcessorRunner
 from processors.runtime.state import RedisStateStore
 from processors.segment_backfill import Query, SegmentBackfillJob
@@ -135,7 +135,7 @@ def create_app(settings: Settings, worker_name: str = "worker", processors: tupl
     kafka = settings.kafka()
     prefix = settings.name("ls")
     producer = BatchProducer(kafka, EVENTS_DLQ)
-    redis = aioredis.from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url)
     sessions = session_policy(settings)
     sites = SiteDefinitionsCache(DefinitionsStore(redis, prefix))
     tables = LookupTables()

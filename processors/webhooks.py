@@ -52,6 +52,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from processors.runtime.producer import BatchProducer, Outputs
+from processors.runtime.redis_client import redis_from_url
 from processors.runtime.writes import RedisWrites, Writes
 from schemas.boards import BoardDefinition
 from schemas.records import JsonRecord
@@ -992,7 +993,7 @@ async def run_dispatcher(settings: Settings, stop: asyncio.Event, *, policy: Ret
                          options: DispatchOptions = DispatchOptions()) -> None:
     """The `webhooks` processor: one dispatcher on the configured Redis and Kafka until `stop` is set."""
     targets = WebhookTargets.parse(settings.webhook_allowed_targets)
-    redis = aioredis.from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url)
     producer = BatchProducer(settings.kafka(), EVENTS_DLQ)
     try:
         await producer.start()
@@ -1007,7 +1008,7 @@ async def run_dispatcher(settings: Settings, stop: asyncio.Event, *, policy: Ret
 
 async def replay(settings: Settings, webhook_id: str) -> Literal["requeued", "already_pending"]:
     """`leadstream webhooks replay ID`: raises UnknownWebhook when the id is not known."""
-    redis = aioredis.from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url)
     try:
         return await WebhookQueue(redis, settings.name("ls")).replay(webhook_id)
     finally:
