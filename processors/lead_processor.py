@@ -184,7 +184,7 @@ class LeadProcessor:
         await batch.load((self.leads, {key: partition for key, (partition, _, _) in subjects.items()}))
         leads = {key: _Lead(key, batch.get(self.leads, key) or LeadState(lead_id, site_id))
                  for key, (_, site_id, lead_id) in subjects.items()}
-        for partition, record in records:
+        async for partition, record in batch.paced(records):
             self._apply(record, leads, batch)
             if isinstance(record, EnrichedEvent):  # the stream clock of the hourly pass: event time
                 batch.advance_clock(partition, record.ts_ms)

@@ -10,8 +10,10 @@ and stream times go with each partition's watermark, locks the step took are rel
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, AsyncContextManager, TypeVar
 
 from processors.runtime.decoded import DecodedStates
@@ -21,6 +23,11 @@ from processors.runtime.writes import WriteBatch
 
 V = TypeVar("V")
 T = TypeVar("T")
+
+SLICE_S = 0.005
+"""How long a processor's loop over a batch runs before `paced` lets the event loop run the worker's other
+processors: a lead batch takes up to a few hundred ms of CPU, and a board processor in the same process
+whose reply from Redis or Kafka had arrived would wait that long to see it."""
 
 _UNKNOWN = object()  # a key written without being loaded: its stored bytes are not known, so it is written
 
@@ -126,6 +133,17 @@ class Batch:
     async def read_hash(self, key: str) -> dict[str, bytes]:
         """A hash as stored now (field -> bytes), outside the batch's states: guard its version first."""
         return await self._store.read_hash(key)
+
+    async def paced(self, items: Iterable[T]) -> AsyncIterator[T]:
+        """The items, with the event loop handed to other tasks every SLICE_S of work (the batch's states and
+        outputs are this processor's alone, and its runner runs one batch at a time: nothing can change
+        under it meanwhile)."""
+        deadline = time.perf_counter() + SLICE_S
+        for item in items:
+            yield item
+            if time.perf_counter() >= deadline:
+                await asyncio.sleep(0)
+                deadline = time.perf_counter() + SLICE_S
 
     async def hold(self, lock: AsyncContextManager[T]) -> T:
         """Enter a lock (e.g. the identity graph's) until the batch is committed or abandoned."""
