@@ -108,9 +108,11 @@ def stop_detached(pid_file: Path) -> None:
 
 async def produce(settings: Settings, records: Iterable[tuple[bytes | None, bytes]], progress_every: int = 0,
                   label: str = "sent") -> int:
-    """Send (key, value) records to events.raw as fast as the broker takes them; return the count."""
+    """Send (key, value) records to events.raw as fast as the broker takes them; return the count.
+    Idempotent: a retry after a lost acknowledgement (a broker killed mid-send) must not write a record
+    twice, or the pipeline rightly sets the second copy aside as a `duplicate_event` dead letter."""
     producer = AIOKafkaProducer(**settings.kafka().client_options(), linger_ms=10, max_batch_size=512 * 1024,
-                                max_request_size=4 * 1024 * 1024, acks="all")
+                                max_request_size=4 * 1024 * 1024, acks="all", enable_idempotence=True)
     await producer.start()
     sent, started, pending = 0, time.monotonic(), []
     try:

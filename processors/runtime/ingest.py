@@ -54,9 +54,9 @@ def consumer(kafka: KafkaConfig, group: str | None) -> AIOKafkaConsumer:
 
 
 PROCESSOR_COMMIT_EVERY_S = 1.0
-"""How often a processor commits its Kafka offsets: its state's watermarks, not Kafka, say where it resumes
-(`resume_at`), so a commit per batch (a write to the broker's offsets log each time) bought nothing but
-load. The sinks, which resume at Kafka's offsets, commit after every batch."""
+"""How often a processor commits its Kafka offsets (and once more on a clean stop): its state's watermarks,
+not Kafka, say where it resumes (`resume_at`), so a commit per batch (a write to the broker's offsets log
+each time) bought nothing but load. The sinks, which resume at Kafka's offsets, commit after every batch."""
 
 FRESH_FETCH_MS = 10
 """How long a processor's ingest waits for the records produced while its previous batch ran (see `_fetch`)."""
@@ -170,8 +170,10 @@ class _FinishBatchFirst(ConsumerRebalanceListener):
         self.ingest = ingest
 
     async def on_partitions_revoked(self, revoked) -> None:
+        # No offset commit here: a commit needs the group's coordinator, and with its broker gone it would hold
+        # the rebalance up; the offsets handled since the last commit are replayed as no-ops by their new owner.
         async with self.ingest.in_flight:
-            await self.ingest.commit_pending()  # while the partitions are still ours
+            pass
 
     async def on_partitions_assigned(self, assigned) -> None:
         partitions = sorted(tp.partition for tp in assigned)
