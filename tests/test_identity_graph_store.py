@@ -67,7 +67,7 @@ async def test_a_worker_whose_lock_lease_expired_commits_nothing() -> None:
     browser); fenced, A writes nothing at all, and its retry builds on B's graph."""
     store = MemoryStateStore()
     slow = worker(store, SlowProducer(0.3), lease_ms=50)
-    fast = worker(store, MemoryProducer(EVENTS_DLQ), lease_ms=50)
+    fast = worker(store, MemoryProducer(EVENTS_DLQ))  # takes the lock once A's lease ran out; its own is long
     slow_batch = [Message(0, 0, None, form("e-laptop", "laptop"))]
     stalled = asyncio.create_task(slow.process(slow_batch))
     await asyncio.sleep(0.1)  # A holds the lock, waiting for its broker; its lease has run out
