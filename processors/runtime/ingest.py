@@ -58,7 +58,7 @@ PROCESSOR_COMMIT_EVERY_S = 1.0
 not Kafka, say where it resumes (`resume_at`), so a commit per batch (a write to the broker's offsets log
 each time) bought nothing but load. The sinks, which resume at Kafka's offsets, commit after every batch."""
 
-FRESH_FETCH_MS = 10
+TOP_UP_MS = 10
 """How long a processor's ingest waits for the records produced while its previous batch ran (see `_fetch`)."""
 
 Handler = Callable[[Sequence[Message]], Awaitable[object]]
@@ -70,20 +70,20 @@ ResumeAt = Callable[[list[int]], Awaitable[dict[int, int]]]
 class BatchIngest:
     """Feeds batches of `topic` to `handler` until stopped. `fill`: keep fetching until the batch is full
     or its time window is over (sinks, which want big inserts) rather than handling whatever is there
-    (processors, which want low latency; `fresh_fetch_ms`: see `_fetch`). `isolate`: how to get a poison
+    (processors, which want low latency; `top_up_ms`: see `_fetch`). `isolate`: how to get a poison
     batch through record by record (None: retry it forever). `resume_at`: where assigned partitions resume
     (None: Kafka's committed offset)."""
 
     def __init__(self, kafka: KafkaConfig, topic: str, group: str, batch: BatchConfig, handler: Handler,
                  fill: bool = False, on_assigned: Callable[[list[int]], None] = lambda partitions: None,
                  isolate: Isolate | None = None, resume_at: ResumeAt | None = None,
-                 fresh_fetch_ms: int = FRESH_FETCH_MS):
+                 top_up_ms: int = TOP_UP_MS):
         self.kafka, self.topic, self.group, self.batch = kafka, topic, group, batch
         self.handler = handler
         self.isolate = isolate
         self.resume_at = resume_at
         self.fill = fill
-        self.fresh_fetch_ms = fresh_fetch_ms
+        self.top_up_ms = top_up_ms
         self.on_assigned = on_assigned
         self.consumer: AIOKafkaConsumer | None = None
         self.in_flight = asyncio.Lock()
@@ -145,9 +145,9 @@ class BatchIngest:
                 # whole batch old, and the ones produced meanwhile would wait for the batch after this one.
                 # Taking them now (the fetch they need went out when the first getmany drained the buffer)
                 # costs one round trip and saves a batch's duration of latency on every hop.
-                fresh = await self.consumer.getmany(timeout_ms=self.fresh_fetch_ms,
+                top_up = await self.consumer.getmany(timeout_ms=self.top_up_ms,
                                                     max_records=self.batch.size - count)
-                for tp, ms in fresh.items():
+                for tp, ms in top_up.items():
                     batches.setdefault(tp, []).extend(ms)
             return batches
         batches: dict = {}

@@ -49,9 +49,9 @@ async def _batches(settings) -> list[list[int]]:
 
     try:
         await burst(0)
-        # a generous wait for the fresh records: the test must not depend on this machine's load
-        ingest = BatchIngest(kafka, EVENTS_RAW.name, "freshness-test", BatchConfig(100, 50), handle,
-                             fresh_fetch_ms=5000)
+        # a generous wait for the top-up fetch: the test must not depend on this machine's load
+        ingest = BatchIngest(kafka, EVENTS_RAW.name, "top-up-test", BatchConfig(100, 50), handle,
+                             top_up_ms=5000)
         await ingest.start()
         runner = asyncio.create_task(ingest.run(lambda: done.is_set()))
         try:
