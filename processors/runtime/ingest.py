@@ -69,8 +69,8 @@ ResumeAt = Callable[[list[int]], Awaitable[dict[int, int]]]
 
 class BatchIngest:
     """Feeds batches of `topic` to `handler` until stopped. `fill`: keep fetching until the batch is full
-    or its time window is over (sinks, which want big inserts) rather than handling whatever is there
-    (processors, which want low latency; `top_up_ms`: see `_fetch`). `isolate`: how to get a poison
+    or its time window is over (sinks, which want big inserts; the window: see `fill_deadline`) rather than
+    handling whatever is there (processors, which want low latency; `top_up_ms`: see `_fetch`). `isolate`: how to get a poison
     batch through record by record (None: retry it forever). `resume_at`: where assigned partitions resume
     (None: Kafka's committed offset)."""
 
@@ -153,14 +153,33 @@ class BatchIngest:
         batches: dict = {}
         count = 0
         deadline = time.monotonic() + self.batch.wait_ms / 1000
+        windowed = False
         while count < self.batch.size and not stop():
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
-            for tp, ms in (await self.consumer.getmany(timeout_ms=left_ms, max_records=self.batch.size - count)).items():
+            fetched = await self.consumer.getmany(timeout_ms=left_ms, max_records=self.batch.size - count)
+            for tp, ms in fetched.items():
                 batches.setdefault(tp, []).extend(ms)
                 count += len(ms)
+            if fetched and not windowed:
+                windowed = True
+                deadline = fill_deadline(min(m[0].timestamp for m in fetched.values()), self.batch.wait_ms,
+                                         time.time(), time.monotonic())
         return batches
+
+
+def fill_deadline(oldest_ms: int, wait_ms: int, now_s: float, monotonic_s: float) -> float:
+    """When a sink's batch closes (on the monotonic clock), given the production time of its oldest record.
+
+    The window runs from that record's production, not from the fetch loop's start: records produced while
+    the previous batch was being inserted would otherwise wait that insert out on top of a whole window. A
+    record already older than the window is a backlog (a catch-up, a ClickHouse outage): the batch then
+    fills for a whole window from now, so that catching up takes big inserts, not many small ones.
+    A producer's clock ahead of ours counts as now."""
+    age_s = max(0.0, now_s - oldest_ms / 1000)
+    window_s = wait_ms / 1000
+    return monotonic_s + (window_s - age_s if age_s < window_s else window_s)
 
 
 class _FinishBatchFirst(ConsumerRebalanceListener):
