@@ -1,6 +1,6 @@
-"""A sink's batch window runs from the production of its oldest record (so a record produced while the
-previous batch was being inserted does not wait that insert out on top of a whole window), and a backlog
-fills whole windows (catching up takes big inserts)."""
+"""When a sink's batches close: every window on a cadence of its own, so a record produced while the previous
+batch was being inserted waits at most one window; sinks start at random phases (a dozen inserts at once
+slowed each other and the workers); an insert that outlasts its window starts a new cadence."""
 
 from __future__ import annotations
 
@@ -8,40 +8,44 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processors.runtime.ingest import fill_deadline
+from processors.runtime.ingest import FlushCadence
 
-NOW_S = 1_800_000_000.0  # the wall clock
-MONO_S = 5_000.0  # the monotonic clock at the same moment
+WINDOW_S = 0.5
 
 
 def approx(seconds: float):
-    return pytest.approx(seconds, abs=1e-6)  # microseconds: the clocks are floats
+    return pytest.approx(seconds, abs=1e-9)
 
 
-def deadline_after(age_ms: int, wait_ms: int = 500) -> float:
-    """Seconds from now until the batch closes, for an oldest record produced `age_ms` ago."""
-    return fill_deadline(int(NOW_S * 1000) - age_ms, wait_ms, NOW_S, MONO_S) - MONO_S
+def test_the_first_window_ends_at_a_random_phase_within_one_window():
+    assert FlushCadence(WINDOW_S, phase=lambda: 0.0).next(100.0) == approx(100.25)
+    assert FlushCadence(WINDOW_S, phase=lambda: 1.0).next(100.0) == approx(100.5)
 
 
-def test_a_record_produced_just_now_gets_the_whole_window():
-    assert deadline_after(0) == approx(0.5)
+def test_the_window_includes_the_insert_of_the_batch_before():
+    cadence = FlushCadence(WINDOW_S, phase=lambda: 1.0)
+    first = cadence.next(100.0)
+    assert first == approx(100.5)
+    assert cadence.next(first + 0.120) == approx(101.0)  # the insert took 120 ms: the next batch has 380 ms left
+    assert cadence.next(101.0 + 0.499) == approx(101.5)
 
 
-def test_a_record_that_waited_part_of_the_window_waits_only_the_rest():
-    assert deadline_after(300) == approx(0.2)
-    assert deadline_after(499) == approx(0.001)
+def test_an_insert_that_outlasts_its_window_starts_a_new_cadence_at_a_random_phase():
+    cadence = FlushCadence(WINDOW_S, phase=lambda: 0.0)
+    first = cadence.next(100.0)
+    assert cadence.next(first + 0.7) == approx(first + 0.7 + 0.25)
 
 
-@pytest.mark.parametrize("age_ms", [500, 501, 60_000, 86_400_000])
-def test_a_backlog_fills_a_whole_window_from_now(age_ms):
-    assert deadline_after(age_ms) == approx(0.5)
+def test_a_batch_that_filled_up_early_never_makes_the_next_wait_more_than_a_window():
+    cadence = FlushCadence(WINDOW_S, phase=lambda: 1.0)
+    cadence.next(100.0)  # due at 100.5, but the batch fills up by 100.1
+    assert cadence.next(100.15) == approx(100.65)
 
 
-def test_a_producer_clock_ahead_of_ours_counts_as_now():
-    assert deadline_after(-2_000) == approx(0.5)
-
-
-@given(age_ms=st.integers(-10**9, 10**10), wait_ms=st.integers(1, 60_000))
-def test_a_batch_closes_after_now_and_within_one_window(age_ms, wait_ms):
-    left = deadline_after(age_ms, wait_ms)
-    assert 0 < left <= wait_ms / 1000 + 1e-9
+@given(st.lists(st.floats(0.0, 2.0), min_size=1, max_size=30), st.floats(0.0, 1.0, exclude_max=True))
+def test_every_batch_closes_after_it_starts_and_within_one_window(gaps, phase):
+    cadence, now = FlushCadence(WINDOW_S, phase=lambda: phase), 1_000.0
+    for gap in gaps:
+        deadline = cadence.next(now)
+        assert now < deadline <= now + WINDOW_S + 1e-9
+        now = min(deadline, now + gap) + gap / 4  # closed at its deadline or earlier (full), then the insert

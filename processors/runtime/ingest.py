@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Sequence
@@ -69,7 +70,7 @@ ResumeAt = Callable[[list[int]], Awaitable[dict[int, int]]]
 
 class BatchIngest:
     """Feeds batches of `topic` to `handler` until stopped. `fill`: keep fetching until the batch is full
-    or its time window is over (sinks, which want big inserts; the window: see `fill_deadline`) rather than
+    or its time window is over (sinks, which want big inserts; when a window ends: see `FlushCadence`) rather than
     handling whatever is there (processors, which want low latency; `top_up_ms`: see `_fetch`). `isolate`: how to get a poison
     batch through record by record (None: retry it forever). `resume_at`: where assigned partitions resume
     (None: Kafka's committed offset)."""
@@ -89,6 +90,7 @@ class BatchIngest:
         self.in_flight = asyncio.Lock()
         self.stopping = False
         self.pending: dict[TopicPartition, int] = {}  # offsets handled but not yet committed to Kafka
+        self.flushes = FlushCadence(batch.wait_ms / 1000)  # when a fill batch closes
         self.committed_at = 0.0
 
     def assigned_partitions(self) -> list[int]:
@@ -152,34 +154,38 @@ class BatchIngest:
             return batches
         batches: dict = {}
         count = 0
-        deadline = time.monotonic() + self.batch.wait_ms / 1000
-        windowed = False
+        deadline = self.flushes.next(time.monotonic())
         while count < self.batch.size and not stop():
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
                 break
-            fetched = await self.consumer.getmany(timeout_ms=left_ms, max_records=self.batch.size - count)
-            for tp, ms in fetched.items():
+            for tp, ms in (await self.consumer.getmany(timeout_ms=left_ms, max_records=self.batch.size - count)).items():
                 batches.setdefault(tp, []).extend(ms)
                 count += len(ms)
-            if fetched and not windowed:
-                windowed = True
-                deadline = fill_deadline(min(m[0].timestamp for m in fetched.values()), self.batch.wait_ms,
-                                         time.time(), time.monotonic())
         return batches
 
 
-def fill_deadline(oldest_ms: int, wait_ms: int, now_s: float, monotonic_s: float) -> float:
-    """When a sink's batch closes (on the monotonic clock), given the production time of its oldest record.
+class FlushCadence:
+    """When a sink's batches close: every `window_s`, on a cadence of its own.
 
-    The window runs from that record's production, not from the fetch loop's start: records produced while
-    the previous batch was being inserted would otherwise wait that insert out on top of a whole window. A
-    record already older than the window is a backlog (a catch-up, a ClickHouse outage): the batch then
-    fills for a whole window from now, so that catching up takes big inserts, not many small ones.
-    A producer's clock ahead of ours counts as now."""
-    age_s = max(0.0, now_s - oldest_ms / 1000)
-    window_s = wait_ms / 1000
-    return monotonic_s + (window_s - age_s if age_s < window_s else window_s)
+    The window includes the insert of the batch before: a record produced while that insert ran waits at
+    most one window, not the insert and then a whole window. Each sink starts at a random phase, so the
+    sinks of a process (one per table, fed by the same worker batches) do not all insert at the same moment:
+    a dozen inserts at once slowed each other and the workers sharing the box. An insert that outlasts its
+    window starts a new cadence, at a random phase again."""
+
+    def __init__(self, window_s: float, phase: Callable[[], float] = random.random):
+        self.window_s, self.phase = window_s, phase
+        self.due: float | None = None
+
+    def next(self, now: float) -> float:
+        """The deadline of the batch starting now (never more than a window away: a batch that filled up
+        early moves the cadence)."""
+        if self.due is None or self.due <= now:
+            self.due = now + self.window_s * (0.5 + self.phase() / 2)
+        deadline = min(self.due, now + self.window_s)
+        self.due = deadline + self.window_s
+        return deadline
 
 
 class _FinishBatchFirst(ConsumerRebalanceListener):
