@@ -327,11 +327,11 @@ class _PeakRss(threading.Thread):
             time.sleep(0.2)
 
 
-def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
-    """Paced events carrying their send time; returns produce -> visible-in-ClickHouse latencies (ms)."""
+def _latency(settings: Settings, rate: int, seconds: int) -> dict[str, tuple[int, float]]:
+    """Paced events carrying their send time; returns event_id -> (sent, seen in ClickHouse), ms."""
     site = f"latency-{int(time.time())}"
     total = rate * seconds
-    latencies: list[float] = []
+    latencies: dict[str, tuple[int, float]] = {}
     done = threading.Event()
 
     def poll() -> None:
@@ -340,9 +340,8 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
         (This read every row of the run every 100 ms before: a growing load on ClickHouse, and up to
         100 ms of each figure was the poll's.)"""
         ch = clickhouse.connect(settings.clickhouse())
-        seen: set[str] = set()
         highest: dict[int, int] = {}
-        while not done.is_set() or len(seen) < total:
+        while not done.is_set() or len(latencies) < total:
             now = time.time() * 1000
             above = "".join(f"raw_partition = {p}, {o}, " for p, o in sorted(highest.items()))
             rows = ch.execute("SELECT event_id, raw_partition, raw_offset, visitParamExtractUInt(properties, 'sent_ms')"
@@ -350,10 +349,9 @@ def _latency(settings: Settings, rate: int, seconds: int) -> list[float]:
                               + (f"multiIf({above}-1)" if highest else "-1"), {"site": site})
             for event_id, partition, offset, sent_ms in rows:
                 highest[partition] = max(highest.get(partition, -1), offset)
-                if event_id not in seen:
-                    seen.add(event_id)
-                    latencies.append(now - sent_ms)
-            if done.is_set() and len(seen) >= total:
+                if event_id not in latencies:
+                    latencies[event_id] = (sent_ms, now)
+            if done.is_set() and len(latencies) >= total:
                 break
             time.sleep(0.025)
 
@@ -731,6 +729,15 @@ def hop_rows(hops: Sequence[tuple[str, list[float]]]) -> list[tuple[str, str]]:
         rows.append((f"  hop {label}", f"p50 {percentile(delays, 0.50):,.0f} / p95 {percentile(delays, 0.95):,.0f} / "
                                        f"p99 {percentile(delays, 0.99):,.0f} ms  ({len(delays):,} events)"))
     return rows
+
+
+def clickhouse_hops(latencies: dict[str, tuple[int, float]], enriched_at: dict[str, int]
+                    ) -> list[tuple[str, list[float]]]:
+    """The ClickHouse latency in two: from producing an event to its record on events.enriched (the raw
+    processor), and from there to its row being visible (the sink's window and insert)."""
+    both = [(sent, enriched_at[event_id], seen) for event_id, (sent, seen) in latencies.items() if event_id in enriched_at]
+    return [("produce -> events.enriched", [float(enriched - sent) for sent, enriched, _ in both]),
+            ("events.enriched -> row in ClickHouse", [seen - enriched for _, enriched, seen in both])]
 
 
 async def _all_end_offsets(settings: Settings) -> dict[str, dict[int, int]]:
@@ -1131,7 +1138,10 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         written = records_per_topic(offsets_at_start, all_end_offsets(s))
 
         print(f"  latency phase: {latency_rate:,} events/s for {latency_seconds}s ...", flush=True)
+        offsets_before_latency = all_end_offsets(s)
         latencies = _latency(s, latency_rate, latency_seconds)
+        enriched_at = asyncio.run(_first_seen_between(s, EVENTS_ENRICHED.name, offsets_before_latency[EVENTS_ENRICHED.name],
+                                                      all_end_offsets(s)[EVENTS_ENRICHED.name]))
 
         _drain_automation(s, r, roles)
         print(f"  board latency phase: {latency_rate:,} events/s for {board_latency_seconds}s, one in {PROBE_EVERY}"
@@ -1209,7 +1219,10 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
                                                                              f"  ({1e6 * segments_cpu_s:,.1f} µs CPU"
                                                                              " per record)"),
         ("  rate with segments / without", f"{100 * segments_rate / lead_alone_rate:.1f} %"),
-        *latency_rows(f"latency produce -> ClickHouse at {latency_rate:,}/s", latencies),
+        *latency_rows(f"latency produce -> ClickHouse at {latency_rate:,}/s",
+                      [seen - sent for sent, seen in latencies.values()]),
+        ("  split at each event's events.enriched record (its Kafka timestamp)", ""),
+        *hop_rows(clickhouse_hops(latencies, enriched_at)),
         *latency_rows(f"latency produce -> card in Consideration, board API polled every"
                       f" {BOARD_POLL_S * 1000:.0f} ms, at {latency_rate:,}/s", board_latencies,
                       f"of {len(board.sent_ms):,} probes"),

@@ -18,6 +18,7 @@ from leadstream.bench import (
     describe_rules,
     event_id_of,
     first_seen,
+    clickhouse_hops,
     hop_latencies,
     hop_rows,
     records_per_event_rows,
@@ -238,3 +239,12 @@ def test_hop_rows_give_percentiles_or_say_no_event_made_the_hop():
     rows = hop_rows([("raw -> activity", delays), ("activity -> commands", [])])
     assert rows[0] == ("  hop raw -> activity", "p50 50 / p95 95 / p99 99 ms  (100 events)")
     assert rows[1] == ("  hop activity -> commands", "no event made this hop")
+
+
+def test_clickhouse_hops_split_each_latency_at_the_events_enriched_record():
+    latencies = {"a": (1_000, 1_450.0), "b": (1_010, 1_900.0), "late": (1_020, 2_000.0)}
+    enriched_at = {"a": 1_050, "b": 1_400, "other": 5}  # no record read for "late"; "other" is no latency event
+    hops = clickhouse_hops(latencies, enriched_at)
+    assert [label for label, _ in hops] == ["produce -> events.enriched", "events.enriched -> row in ClickHouse"]
+    assert sorted(hops[0][1]) == [50.0, 390.0]
+    assert sorted(hops[1][1]) == [400.0, 500.0]
