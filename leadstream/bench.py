@@ -735,7 +735,8 @@ def clickhouse_hops(latencies: dict[str, tuple[int, float]], enriched_at: dict[s
                     ) -> list[tuple[str, list[float]]]:
     """The ClickHouse latency in two: from producing an event to its record on events.enriched (the raw
     processor), and from there to its row being visible (the sink's window and insert)."""
-    both = [(sent, enriched_at[event_id], seen) for event_id, (sent, seen) in latencies.items() if event_id in enriched_at]
+    both = [(sent, enriched_at[event_id], seen) for event_id, (sent, seen) in latencies.items()
+            if event_id in enriched_at]
     return [("produce -> events.enriched", [float(enriched - sent) for sent, enriched, _ in both]),
             ("events.enriched -> row in ClickHouse", [seen - enriched for _, enriched, seen in both])]
 
@@ -1138,9 +1139,9 @@ def run_bench(settings: Settings, events: int = 200_000, latency_rate: int = 200
         written = records_per_topic(offsets_at_start, all_end_offsets(s))
 
         print(f"  latency phase: {latency_rate:,} events/s for {latency_seconds}s ...", flush=True)
-        offsets_before_latency = all_end_offsets(s)
+        enriched_before = all_end_offsets(s)[EVENTS_ENRICHED.name]
         latencies = _latency(s, latency_rate, latency_seconds)
-        enriched_at = asyncio.run(_first_seen_between(s, EVENTS_ENRICHED.name, offsets_before_latency[EVENTS_ENRICHED.name],
+        enriched_at = asyncio.run(_first_seen_between(s, EVENTS_ENRICHED.name, enriched_before,
                                                       all_end_offsets(s)[EVENTS_ENRICHED.name]))
 
         _drain_automation(s, r, roles)

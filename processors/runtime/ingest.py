@@ -70,10 +70,10 @@ ResumeAt = Callable[[list[int]], Awaitable[dict[int, int]]]
 
 class BatchIngest:
     """Feeds batches of `topic` to `handler` until stopped. `fill`: keep fetching until the batch is full
-    or its time window is over (sinks, which want big inserts; when a window ends: see `FlushCadence`) rather than
-    handling whatever is there (processors, which want low latency; `top_up_ms`: see `_fetch`). `isolate`: how to get a poison
-    batch through record by record (None: retry it forever). `resume_at`: where assigned partitions resume
-    (None: Kafka's committed offset)."""
+    or its time window is over (sinks, which want big inserts; when a window ends: see `FlushCadence`)
+    rather than handling whatever is there (processors, which want low latency; `top_up_ms`: see `_fetch`).
+    `isolate`: how to get a poison batch through record by record (None: retry it forever). `resume_at`:
+    where assigned partitions resume (None: Kafka's committed offset)."""
 
     def __init__(self, kafka: KafkaConfig, topic: str, group: str, batch: BatchConfig, handler: Handler,
                  fill: bool = False, on_assigned: Callable[[list[int]], None] = lambda partitions: None,
