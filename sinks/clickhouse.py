@@ -193,7 +193,7 @@ def insert_columnar(client: Client, table: str, columns: Sequence[str], rows: Se
     """One INSERT of many rows, sent column by column (one block: atomic for a MergeTree insert)."""
     if not rows:
         return
-    data = [list(col) for col in zip(*rows)]
+    data = list(zip(*rows))  # the columns, as tuples (the driver takes lists or tuples)
     client.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES", data, columnar=True, types_check=False)
 
 

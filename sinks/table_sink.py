@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, fields
+from operator import itemgetter
 from typing import Callable, Sequence
 
 import orjson
@@ -72,11 +73,12 @@ def _columns(record_type) -> tuple[str, ...]:
 
 
 def _record_row(columns: tuple[str, ...]) -> Callable[[bytes], Sequence]:
-    def to_row(value: bytes) -> Sequence:
-        record = orjson.loads(value)
-        return [record[name] for name in columns]
-
-    return to_row
+    """A record's values in column order, picked in C (`itemgetter`): half the cost of a Python loop over the
+    50 columns of an event, the sink's commonest row."""
+    pick = itemgetter(*columns)
+    if len(columns) == 1:
+        return lambda value: (pick(orjson.loads(value)),)
+    return lambda value: pick(orjson.loads(value))
 
 
 DLQ_COLUMNS = ("reason", "message", "raw", "raw_size", "raw_sha256", "raw_truncated", "topic", "raw_partition",
@@ -114,7 +116,7 @@ TABLES = {spec.table: spec for spec in (
     _spec("segment_membership", SEGMENTS_CHANGES, SegmentChange),
 )}
 
-Row = tuple[Message, list]  # a row with the message it came from (named by its dead letter if refused)
+Row = tuple[Message, Sequence]  # a row with the message it came from (named by its dead letter if refused)
 
 
 class TableSink:
@@ -212,14 +214,14 @@ class TableSink:
         rows, letters = [], []
         for message in messages:
             try:
-                values = list(to_row(message.value))
+                values = to_row(message.value)
             except Exception as err:  # noqa: BLE001 - a record no LeadStream writer produced: keep it, don't crash-loop
                 log.error("undecodable record in %s[%s]@%s: %s", self.source_topic, message.partition,
                           message.offset, describe(err))
                 letters.append(self._letter("sink_decode_error", message, err))
                 continue
             if self.spec.stamps_raw_topic:
-                values.append(self.raw_topic)
+                values = (*values, self.raw_topic)
             rows.append((message, values))
         return rows, letters
 
