@@ -8,13 +8,16 @@ a merge carries state over once; chains end; bots never fire; the hourly pass is
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import re
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from processors.conditions import url_matcher
 from processors.enrich import CHANNELS as ENRICH_CHANNELS
 from processors.rules import (
     HOUR_MS,
@@ -116,6 +119,27 @@ def test_url_cache_gives_what_matching_every_glob_gives(paths, types):
         assert [rule.rule_id for rule in ruleset.event_rules(e)] == expected
         assert [rule.rule_id for rule in ruleset.event_rules(e)] == expected  # now from the cache
     assert len(ruleset.by_page) <= URL_CACHE_SIZE
+
+
+# Letters whose ignore-case matching differs between `re` and lower(): the Kelvin sign, the long s, dotted
+# and dotless i, sharp s; glob wildcards and a set; plain ASCII.
+_URL_TEXT = st.text(alphabet="aAkKsSiI/-.?*[]!\u212a\u017f\u0130\u0131\u00dfe\u00e9", max_size=12)
+
+
+@given(_URL_TEXT, _URL_TEXT)
+@example("*s*", "/\u017f")  # the regex's ignore-case takes the long s for s; lower() does not
+@example("*I/*", "/\u0131/")  # and the dotless i for i
+def test_url_glob_prefilter_never_changes_a_match(glob, url):
+    """The literal-part prefilter of a URL glob only spares the regex: a match is exactly the regex's."""
+    assert url_matcher(glob)(url) == (not glob or re.compile(fnmatch.translate(glob), re.IGNORECASE).match(url)
+                                      is not None)
+
+
+def test_url_glob_matches_case_insensitively_around_its_literal_part():
+    matches = url_matcher("*/kb/Topic-12/*")
+    assert matches("https://a.com/KB/topic-12/intro?x=1")
+    assert not matches("https://a.com/kb/topic-13/intro")
+    assert matches("https://a.com/kb/topic-12/\u00e9t\u00e9")  # a non-ASCII URL: the regex decides
 
 
 def test_url_cache_is_bounded():
