@@ -65,10 +65,14 @@ def _field_names(record_type: type) -> tuple[str, ...]:
     return tuple(f.name for f in fields(record_type))
 
 
-@cache
-def _field_values(record_type: type) -> Callable[[dict[str, Any]], tuple]:
-    """A decoded object's values in field order, picked in C (a third cheaper than a loop for an event)."""
-    names = _field_names(record_type)
+def picker(names: tuple[str, ...]) -> Callable[[dict[str, Any]], tuple]:
+    """A decoded object's values of these keys, in order, as a tuple, picked in C (`itemgetter`): a third
+    cheaper than a Python loop over an event's 50 fields. Raises KeyError for a missing key."""
     if len(names) > 1:
         return itemgetter(*names)
     return lambda raw: tuple(raw[name] for name in names)
+
+
+@cache
+def _field_values(record_type: type) -> Callable[[dict[str, Any]], tuple]:
+    return picker(_field_names(record_type))
