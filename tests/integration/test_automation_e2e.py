@@ -91,6 +91,10 @@ def test_a_pageview_fires_a_rule_and_the_tag_moves_the_card(settings, roles, crm
     ch = connect(settings.clickhouse())
     wait_for(settings, "SELECT count() FROM stage_changes FINAL WHERE to_stage = 'consideration'", 1, 120, roles)
     wait_for(settings, "SELECT count() FROM stage_changes FINAL WHERE to_stage = 'decision'", 1, 60, roles)
+    # Each table has its own sink, on its own cadence: the rows read below may land up to a window later.
+    wait_for(settings, "SELECT count() FROM rule_executions FINAL WHERE rule_id = 'viewed-pricing'", 1, 30, roles)
+    wait_for(settings, "SELECT count() FROM lead_state FINAL WHERE email = 'ann@acme.com' AND has(tags, 'Consideration')",
+             1, 30, roles)
 
     acme = ch.execute("SELECT from_stage, to_stage, actor, rule_id, seq FROM stage_changes FINAL"
                       " WHERE card_id = 'account:acme.com' ORDER BY seq")
